@@ -1,0 +1,56 @@
+/* Native hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block scan.
+ *
+ * Everything between CDEF-BEGIN and CDEF-END is also fed to cffi's cdef() by native/build_kernels.py,
+ * so that part must stay plain C declarations (no preprocessor lines, no macros).
+ */
+#ifndef REPLICATOR_KERNELS_H
+#define REPLICATOR_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+typedef struct rk_xxh3_state rk_xxh3_state;
+
+/* CRC-32C (Castagnoli). `crc` is a previous result (0 to start): rk_crc32c(rk_crc32c(0, a), b) == crc of a||b. */
+uint32_t rk_crc32c(uint32_t crc, const char *data, size_t len);
+
+/* XXH3-128, seed 0: out[0] = low64, out[1] = high64. */
+void rk_xxh3_128(const char *data, size_t len, uint64_t *out);
+
+/* XXH3-128 of each block_size chunk (the last one may be short) into out[2*i], out[2*i+1].
+ * Uses up to `threads` POSIX threads when the buffer is large enough to pay for them. */
+void rk_xxh3_128_blocks(const char *data, size_t len, size_t block_size, uint64_t *out, int threads);
+
+/* Same rows for bytes [offset, offset + len) of an open file, read with pread() by each thread into its
+ * own buffer (no mmap: mapping a file costs page-table work that can exceed the hashing itself).
+ * Returns 0, or the errno of the first failed read (ENODATA: the file ended before offset + len). */
+int rk_xxh3_128_fd_blocks(int fd, uint64_t offset, uint64_t len, uint64_t block_size, uint64_t *out,
+                          int threads);
+
+/* out[i] = 1 when block i holds only zero bytes, else 0. */
+void rk_zero_blocks(const char *data, size_t len, size_t block_size, uint8_t *out, int threads);
+
+/* Streaming XXH3-128 (seed 0). new() returns NULL when out of memory. */
+rk_xxh3_state *rk_xxh3_new(void);
+void rk_xxh3_free(rk_xxh3_state *state);
+void rk_xxh3_copy(rk_xxh3_state *dst, const rk_xxh3_state *src);
+void rk_xxh3_update(rk_xxh3_state *state, const char *data, size_t len);
+void rk_xxh3_digest(const rk_xxh3_state *state, uint64_t *out);
+
+/* Instruction sets: 0 portable, 1 SSE2 (+SSE4.2 crc32), 2 AVX2, 3 AVX-512F.
+ * rk_isa_max() is what the CPU offers, rk_isa_best() the fastest of those (AVX-512 is not always faster
+ * than AVX2: a short timing at load decides); rk_set_isa(level) switches, for tests (-1: back to best). */
+int rk_isa_max(void);
+int rk_isa_best(void);
+int rk_isa(void);
+int rk_set_isa(int level);
+int rk_crc32c_hw(void);
+int rk_min_bytes_per_thread(void);
+
+/* Test hook: sets flags[1] = 1, then waits up to timeout_ms for flags[0] != 0; returns 1 if it came.
+ * Only another Python thread can set flags[0], so 1 proves the call ran without the GIL. */
+int rk_debug_wait_flag(volatile uint32_t *flags, uint32_t timeout_ms);
+/* CDEF-END */
+
+#endif

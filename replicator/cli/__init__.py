@@ -1,0 +1,33 @@
+"""`replicator` command line: one sub-command module per area, one error handler for all."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import ReplicatorError
+from . import vhdx as vhdx_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replicator", description="Block replication for virtual disks.")
+    sub = parser.add_subparsers(dest="area", required=True)
+    vhdx_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ReplicatorError as e:
+        print(f"replicator: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        print("replicator: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""One exception class per failure, each with its message and process exit code.
+
+Every error the project raises on bad input derives from ReplicatorError, so callers (and fuzzers) can
+tell "the input was wrong" from "the program is wrong": anything else escaping a parser is a bug.
+"""
+from __future__ import annotations
+
+
+class ReplicatorError(Exception):
+    """Base of every error replicator reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(ReplicatorError):
+    """The command line or a request asked for something that makes no sense."""
+
+    exit_code = 2
+
+
+class FormatError(ReplicatorError):
+    """A file does not follow its format: names the structure and the file offset where it broke."""
+
+    exit_code = 3
+
+    def __init__(self, structure: str, offset: int | None, problem: str, path: str | None = None):
+        where = f" at offset {offset} (0x{offset:x})" if offset is not None else ""
+        file = f"{path}: " if path else ""
+        super().__init__(f"{file}{structure}{where}: {problem}")
+        self.structure = structure
+        self.offset = offset
+        self.problem = problem
+        self.path = path
+
+
+class UnsupportedFeature(FormatError):
+    """A well-formed file uses something this implementation does not understand (and must refuse)."""
+
+    exit_code = 4
+
+
+class LogReplayRequired(ReplicatorError):
+    """A VHDX log must be replayed before the file can be read, and the file was opened read-only."""
+
+    exit_code = 5
+
+
+class ParentError(ReplicatorError):
+    """A differencing disk's parent is missing, unreadable, or no longer the disk the child was made from."""
+
+    exit_code = 6
+
+
+class ConsistencyError(ReplicatorError):
+    """`check` found an inconsistency; the message lists what and where."""
+
+    exit_code = 7
+
+
+class DiskIOError(ReplicatorError):
+    """An operating-system I/O failure (disk full, permission, device error) while touching a disk."""
+
+    exit_code = 8
+
+
+class OutOfRange(ReplicatorError):
+    """A read, write or trim reaches past the end of the virtual disk."""
+
+    exit_code = 9
+
+
+class ReadOnlyError(ReplicatorError):
+    """A write was attempted on a disk opened read-only."""
+
+    exit_code = 10
+
+
+class KernelSelfTestError(ReplicatorError):
+    """The native kernels gave a wrong known answer at start-up: a bad build, refuse to run."""
+
+    exit_code = 70

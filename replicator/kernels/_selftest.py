@@ -1,0 +1,55 @@
+"""Known-answer self-test run at import: a miscompiled or mis-dispatched native build must not hash disks.
+
+The constants were checked against the `xxhash` PyPI package (xxh3_128_hexdigest) and `xxhsum -H2`;
+CRC-32C of "123456789" is the standard check value. It costs a few tens of microseconds.
+"""
+from __future__ import annotations
+
+from replicator.errors import KernelSelfTestError
+
+# Quadratic residues mod 251: no period matching a stripe (64), block (1 KiB) or SIMD lane width.
+PATTERN = bytes((i * i + 3 * i) % 251 for i in range(1024))
+
+CRC_CHECK = 0xE3069283                      # crc32c(b"123456789")
+CRC_PATTERN = 0xC34E52E9                    # crc32c(PATTERN): long enough for the 3-way hardware loop
+XXH_PATTERN = "3a2693b114177dc04ba17d07dc7aa376"      # xxh3_128(PATTERN): the SIMD long-input loop
+XXH_PATTERN_100 = "2a5983a491da4019a615c5f9c9b5e211"  # xxh3_128(PATTERN[:100]): a short-input path
+
+
+def _cases(k):
+    """(kernel, compute, expected) triples; compute is called lazily so one failure names its kernel."""
+    zeros = bytes(300) + b"\x01" + bytes(723) + bytes(1023) + b"\x02"
+    return [
+        ("crc32c", lambda: k.crc32c(b"123456789"), CRC_CHECK),
+        ("crc32c", lambda: k.crc32c(b"56789", k.crc32c(b"1234")), CRC_CHECK),
+        ("crc32c", lambda: k.crc32c(PATTERN), CRC_PATTERN),
+        ("xxh3_128", lambda: k.xxh3_128(PATTERN).hex(), XXH_PATTERN),
+        ("xxh3_128", lambda: k.xxh3_128(PATTERN[:100]).hex(), XXH_PATTERN_100),
+        ("xxh3_128_blocks",
+         lambda: [k.digest_bytes(r).hex() for r in k.xxh3_128_blocks(PATTERN + PATTERN[:100], 1024)],
+         [XXH_PATTERN, XXH_PATTERN_100]),
+        ("Xxh3Hasher", lambda: _streamed(k).hex(), XXH_PATTERN),
+        ("zero_blocks", lambda: k.zero_blocks(zeros, 256).tolist(),
+         [True, False, True, True, True, True, True, False]),
+    ]
+
+
+def _streamed(k) -> bytes:
+    hasher = k.Xxh3Hasher()
+    hasher.update(PATTERN[:300])
+    hasher.update(PATTERN[300:])
+    return hasher.digest()
+
+
+def run(kernels, label: str = "native") -> None:
+    """Raise KernelSelfTestError naming the first kernel whose known answer is wrong."""
+    for name, compute, expected in _cases(kernels):
+        got = compute()
+        if got != expected:
+            raise KernelSelfTestError(
+                f"{label} kernel {name} failed its known-answer self-test: expected {_show(expected)}, "
+                f"got {_show(got)} (bad build or wrong CPU dispatch; set REPLICATOR_KERNELS=python to bypass)")
+
+
+def _show(value) -> str:
+    return f"0x{value:08X}" if isinstance(value, int) else repr(value)
