@@ -91,10 +91,11 @@ def validate_bat(bat: np.ndarray, layout: BatLayout, *, block_size: int, has_par
     low = np.flatnonzero(p_off < np.uint64(MiB))
     if len(low):
         fail(int(p_idx[low[0]]), f"FileOffsetMB {int(p_off[low[0]]) // MiB} points into the header section")
-    beyond = np.flatnonzero(p_off + p_len > np.uint64(file_size))
+    fs = np.uint64(file_size)
+    beyond = np.flatnonzero((p_off > fs) | (p_len > fs - np.minimum(p_off, fs)))   # no uint64 wrap-around
     if len(beyond):
         i = int(beyond[0])
-        fail(int(p_idx[i]), f"block [{int(p_off[i])}, {int(p_off[i] + p_len[i])}) lies outside the file "
+        fail(int(p_idx[i]), f"block [{int(p_off[i])}, {int(p_off[i]) + int(p_len[i])}) lies outside the file "
                             f"of {file_size} bytes")
     for start, length, name in reserved:
         hit = np.flatnonzero((p_off < np.uint64(start + length)) & (np.uint64(start) < p_off + p_len))

@@ -16,7 +16,7 @@ from . import structures as S
 from .bat import BatLayout, PayloadState, validate_bat
 from .fileio import FileIO
 from .io_path import VhdxIOMixin
-from .log import LogWriter, replay
+from .log import LogWriter, ReplayOverlay, plan_replay, replay
 from .parent import check_linkage, resolve_parent
 
 
@@ -57,13 +57,24 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
         self.creator = S.parse_file_identifier(io.pread(S.HEADER_SECTION_SIZE // 16, 0), self.path)
         self.header, self.header_slot = self._read_headers()
         S.validate_header(self.header, S.HEADER_OFFSETS[self.header_slot], self.path)
+        if not self.read_only and self.header.sequence_number > S.MAX_SEQUENCE_FOR_WRITING:
+            raise FormatError("header", S.HEADER_OFFSETS[self.header_slot],
+                              f"SequenceNumber {self.header.sequence_number} is too close to 2^64 to be "
+                              "incremented safely; the file can only be opened read-only", self.path)
         self._session_guids_written = False
         self._data_guid_changed = False
-        if self.header.log_guid != S.ZERO_GUID:
-            self._replay_log()
-        self.regions = self._read_region_table()
-        self._read_metadata()
-        self._read_bat()
+        active = self._plan_replay() if self.header.log_guid != S.ZERO_GUID else None
+        if active:
+            self.io = ReplayOverlay(io, active)     # validate the file as it will be after the replay
+            self.file_size = self.io.size()
+        try:
+            self.regions = self._read_region_table()
+            self._read_metadata()
+            self._read_bat()
+        finally:
+            self.io = io
+        if active:
+            self._replay_log(active)
         self._init_write_state()
         if self.geometry.has_parent:
             self._open_parent(io_factory, depth)
@@ -80,18 +91,24 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
                               self.path)
         return max(found, key=lambda hs: hs[0].sequence_number)
 
-    def _replay_log(self) -> None:
+    def _plan_replay(self):
+        """Validate the pending log; a read-only open stops here (it may not write the replay)."""
         h = self.header
+        if h.log_offset + h.log_length > self.file_size:
+            raise FormatError("log", h.log_offset, f"log of {h.log_length} bytes extends past the end of the "
+                              f"file ({self.file_size} bytes)", self.path)
+        active = plan_replay(self.io, h, self.path)
         if self.read_only:
             raise LogReplayRequired(
                 f"{self.path}: the VHDX log (LogGuid {h.log_guid}) holds updates that were not applied; "
                 "open the file read-write once to replay it")
-        if h.log_offset + h.log_length > self.file_size:
-            raise FormatError("log", h.log_offset, f"log of {h.log_length} bytes extends past the end of the "
-                              f"file ({self.file_size} bytes)", self.path)
-        self._write_header(file_write_guid=uuid.uuid4())      # §2.2.2.1: headers change before anything else
+        return active
+
+    def _replay_log(self, active) -> None:
+        """Only after every structure validated: new FileWriteGuid (§2.2.2.1), replay, flush, clear LogGuid."""
+        self._write_header(file_write_guid=uuid.uuid4())
         self._session_guids_written = True
-        replay(self.io, self.header, self.path)
+        replay(self.io, active)
         self.io.fsync()
         self._write_header(log_guid=S.ZERO_GUID)
         self.file_size = self.io.size()

@@ -24,6 +24,8 @@ _ENTRY_HEADER = struct.Struct("<4sIIIQII16sQQ")  # 64 bytes
 _ZERO_DESC = struct.Struct("<4sIQQQ")           # 32 bytes
 _DATA_DESC = struct.Struct("<4s4s8sQQ")         # 32 bytes
 FIRST_SECTOR_DESCRIPTORS = (SECTOR - 64) // 32   # 126
+PROTECTED_PREFIX = 192 * 1024                    # file identifier and both headers: never via the log
+MAX_FILE_SIZE = 1 << 47                          # 128 TiB: a 64 TiB disk plus any metadata fits
 OTHER_SECTOR_DESCRIPTORS = SECTOR // 32          # 128
 
 
@@ -194,8 +196,8 @@ def find_active_sequence(raw_log: bytes, log_guid: uuid.UUID, log_offset: int) -
     return best[start:]
 
 
-def replay(io, header, path: str | None = None) -> LogEntry:
-    """Apply the active sequence to the file; returns its head entry. Caller flushes and clears LogGuid."""
+def plan_replay(io, header, path: str | None = None) -> list[LogEntry]:
+    """Find and validate the active sequence (§2.3.3) without writing anything."""
     raw = io.pread(header.log_length, header.log_offset)
     if len(raw) < header.log_length:
         raise FormatError("log", header.log_offset, "log region extends past the end of the file", path)
@@ -208,11 +210,54 @@ def replay(io, header, path: str | None = None) -> LogEntry:
         raise FormatError("log entry", header.log_offset + head.position,
                           f"file is {io.size()} bytes, shorter than FlushedFileOffset "
                           f"{head.flushed_file_offset}: the file was truncated", path)
+    log_span = (header.log_offset, header.log_offset + header.log_length)
+    if head.last_file_offset > MAX_FILE_SIZE:
+        raise FormatError("log entry", header.log_offset + head.position,
+                          f"LastFileOffset {head.last_file_offset} is beyond any possible VHDX file", path)
+    limit = max(io.size(), head.last_file_offset)
+    for entry in active:
+        for u in entry.updates:
+            start = u.file_offset
+            end = start + (len(u.data) if isinstance(u, DataUpdate) else u.length)
+            if end > limit:
+                raise FormatError("log entry", header.log_offset + entry.position,
+                                  f"descriptor targets [{start}, {end}), past LastFileOffset {limit}", path)
+            if start < PROTECTED_PREFIX or (start < log_span[1] and log_span[0] < end):
+                raise FormatError("log entry", header.log_offset + entry.position,
+                                  f"descriptor targets [{start}, {end}), inside the file identifier, headers "
+                                  "or the log itself, which the log must never update", path)
+    return active
+
+
+def replay(io, active: list[LogEntry]) -> None:
+    """Apply a validated active sequence; the caller flushes and clears the header's LogGuid."""
     for entry in active:
         apply_updates(io, entry.updates)
-    if io.size() < head.last_file_offset:
-        io.truncate(head.last_file_offset)
-    return head
+    if io.size() < active[-1].last_file_offset:
+        io.truncate(active[-1].last_file_offset)
+
+
+class ReplayOverlay:
+    """Reads of the file as it will be after replay, without writing: lets open validate every structure
+    before the first byte is written."""
+
+    def __init__(self, io, active: list[LogEntry]):
+        self.io = io
+        self.updates = [u for e in active for u in e.updates]
+        self.final_size = max(io.size(), active[-1].last_file_offset)
+
+    def size(self) -> int:
+        return self.final_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(self.io.pread(length, offset).ljust(min(length, max(0, self.final_size - offset)), b"\0"))
+        for u in self.updates:
+            data_len = len(u.data) if isinstance(u, DataUpdate) else u.length
+            lo, hi = max(offset, u.file_offset), min(offset + len(buf), u.file_offset + data_len)
+            if lo < hi:
+                src = u.data[lo - u.file_offset:hi - u.file_offset] if isinstance(u, DataUpdate) else bytes(hi - lo)
+                buf[lo - offset:hi - offset] = src
+        return bytes(buf)
 
 
 def apply_updates(io, updates) -> None:

@@ -48,6 +48,7 @@ METADATA_TABLE_SIZE = 64 * KiB
 MAX_TABLE_ENTRIES = 2047
 MAX_DISK_SIZE = 64 * TiB
 SECTORS_PER_BITMAP_BLOCK = 1 << 23  # §2.4: a 1 MiB sector bitmap block has 2^23 bits
+MAX_SEQUENCE_FOR_WRITING = (1 << 64) - (1 << 32)   # leaves room for every header update of a session
 
 
 def crc_valid(buf: bytes, checksum_offset: int = 4) -> bool:
@@ -133,6 +134,8 @@ def validate_header(h: Header, offset: int, path: str | None = None) -> None:
         raise UnsupportedFeature("header", offset, f"Version is {h.version}, only 1 is defined", path)
     if h.log_guid != ZERO_GUID and h.log_version != 0:
         raise UnsupportedFeature("header", offset, f"LogVersion is {h.log_version}, only 0 is defined", path)
+    if h.log_length == 0:
+        raise FormatError("header", offset, "LogLength is zero: every VHDX has a log", path)
     if h.log_length % MiB or h.log_offset % MiB:
         raise FormatError("header", offset, f"log at {h.log_offset} of {h.log_length} bytes is not 1 MiB aligned",
                           path)
@@ -232,7 +235,7 @@ def parse_metadata_table(buf: bytes, region_offset: int, region_length: int,
                 raise FormatError(where, region_offset + at, "duplicate metadata item", path)
             if length and other.length and off < other.offset + other.length and other.offset < off + length:
                 raise FormatError(where, region_offset + at, f"item overlaps item {other.item_id}", path)
-        if e.is_required and not e.is_user and e.item_id not in KNOWN_METADATA:
+        if e.is_required and (e.is_user or e.item_id not in KNOWN_METADATA):
             raise UnsupportedFeature(where, region_offset + at, "required metadata item is not understood", path)
         entries.append(e)
     if sum(e.is_user for e in entries) > 1024:
