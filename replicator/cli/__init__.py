@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import ReplicatorError
+from . import hrl as hrl_cmd
 from . import vhdx as vhdx_cmd
 
 
@@ -12,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replicator", description="Block replication for virtual disks.")
     sub = parser.add_subparsers(dest="area", required=True)
     vhdx_cmd.register(sub)
+    hrl_cmd.register(sub)
     return parser
 
 

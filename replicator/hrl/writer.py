@@ -1,0 +1,103 @@
+"""Writing a Hyper-V Replica Log the way Hyper-V lays it out.
+
+Layout: the header (EOLLocation 0 while the log is open), an empty first metadata block, then for each
+batch the data entries followed by the metadata block describing them. `commit()` closes the current
+batch (and with durable=True flushes it); `seal()` writes the final header with EOLLocation, which is
+what makes the log readable: an unsealed log is by definition not closed cleanly.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from ..disk.base import pwrite_all
+from ..errors import DiskIOError
+from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, MetadataEntry, checksum,
+                     entries_per_block, hrl_time, pack_metadata)
+
+
+class HrlWriter:
+    def __init__(self, path: str, *, previous_unique_id: uuid.UUID = uuid.UUID(int=0),
+                 vhd2_data_write_guid: uuid.UUID = uuid.UUID(int=0), metadata_size: int = DEFAULT_METADATA_SIZE,
+                 unique_id: uuid.UUID | None = None):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise DiskIOError(f"{path}: cannot create log: {e.strerror}") from None
+        now = hrl_time(time.time())
+        self.metadata_size = metadata_size
+        self.per_block = entries_per_block(metadata_size)
+        self.header = LogHeader(version=VERSION_2, timestamp=now, original_size=HEADER_SIZE + metadata_size,
+                                current_size=HEADER_SIZE + metadata_size, metadata_size=metadata_size,
+                                unique_id=unique_id or uuid.uuid4(), previous_unique_id=previous_unique_id,
+                                last_modified_timestamp=now, vhd2_data_write_guid=vhd2_data_write_guid)
+        self.pending: list[MetadataEntry] = []
+        self.total_entries = 0
+        self.data_bytes = 0
+        self.last_metadata = HEADER_SIZE
+        self._write(self.header.pack(), 0)
+        self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
+        self.cursor = HEADER_SIZE + metadata_size
+        self.sealed = False
+
+    @property
+    def unique_id(self) -> uuid.UUID:
+        return self.header.unique_id
+
+    @property
+    def size(self) -> int:
+        return self.cursor
+
+    def append(self, disk_offset: int, data) -> None:
+        """Record one write: its data now, its metadata entry with the batch."""
+        mv = memoryview(data).cast("B")
+        self._write(mv, self.cursor)
+        self.cursor += len(mv)
+        self.data_bytes += len(mv)
+        self.pending.append(MetadataEntry(disk_offset, len(mv), hrl_time(time.time()), 1, checksum(mv)))
+        if len(self.pending) == self.per_block:
+            self.commit()
+
+    def commit(self, durable: bool = False) -> None:
+        """Write the metadata block for the pending entries; durable=True also flushes the log."""
+        if self.pending:
+            block = pack_metadata(self.cursor - self.last_metadata, self.pending, self.metadata_size)
+            self._write(block, self.cursor)
+            self.last_metadata = self.cursor
+            self.cursor += self.metadata_size
+            self.total_entries += len(self.pending)
+            self.pending = []
+        if durable:
+            self._fsync()
+
+    def seal(self) -> LogHeader:
+        """Close the log cleanly: EOLLocation set, checksums written, flushed."""
+        self.commit()
+        self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
+                                         last_modified_timestamp=hrl_time(time.time()),
+                                         total_metadata_entries=self.total_entries)
+        self._fsync()                     # data and metadata before the header that vouches for them
+        self._write(self.header.pack(), 0)
+        self._fsync()
+        self.sealed = True
+        self.close()
+        return self.header
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _write(self, data, offset: int) -> None:
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise DiskIOError(f"{self.path}: log flush failed: {e.strerror}") from None
