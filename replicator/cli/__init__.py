@@ -6,6 +6,7 @@ import sys
 
 from ..errors import ReplicatorError
 from . import hrl as hrl_cmd
+from . import track as track_cmd
 from . import vhdx as vhdx_cmd
 
 
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="area", required=True)
     vhdx_cmd.register(sub)
     hrl_cmd.register(sub)
+    track_cmd.register(sub)
     return parser
 
 

@@ -17,6 +17,10 @@ from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, M
                      entries_per_block, hrl_time, pack_metadata)
 
 
+ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are logged in 1 GiB pieces
+ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
+
+
 class HrlWriter:
     def __init__(self, path: str, *, previous_unique_id: uuid.UUID = uuid.UUID(int=0),
                  vhd2_data_write_guid: uuid.UUID = uuid.UUID(int=0), metadata_size: int = DEFAULT_METADATA_SIZE,
@@ -60,6 +64,18 @@ class HrlWriter:
         if len(self.pending) == self.per_block:
             self.commit()
 
+    def append_zeroes(self, disk_offset: int, length: int) -> None:
+        """Record zeroing as writes of zeros (MS-HRL knows only writes). The zeros are a hole in the log
+        file: they cost no space and read back as zeros."""
+        while length:
+            n = min(length, ZERO_PIECE)
+            self.cursor += n
+            self.pending.append(MetadataEntry(disk_offset, n, hrl_time(time.time()), 1, ZERO_CHECKSUM))
+            if len(self.pending) == self.per_block:
+                self.commit()
+            disk_offset += n
+            length -= n
+
     def commit(self, durable: bool = False) -> None:
         """Write the metadata block for the pending entries; durable=True also flushes the log."""
         if self.pending:
@@ -72,9 +88,12 @@ class HrlWriter:
         if durable:
             self._fsync()
 
-    def seal(self) -> LogHeader:
-        """Close the log cleanly: EOLLocation set, checksums written, flushed."""
+    def seal(self, vhd2_data_write_guid: uuid.UUID | None = None) -> LogHeader:
+        """Close the log cleanly: EOLLocation set, checksums written, flushed. The disk's DataWriteGuid as
+        of the seal is recorded so that a later change made without tracking can be detected."""
         self.commit()
+        if vhd2_data_write_guid is not None:
+            self.header = self.header.evolve(vhd2_data_write_guid=vhd2_data_write_guid)
         self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
                                          last_modified_timestamp=hrl_time(time.time()),
                                          total_metadata_entries=self.total_entries)

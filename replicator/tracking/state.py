@@ -1,0 +1,139 @@
+"""The tracking sidecar (our own format, the job RCT does for Hyper-V; see docs/formats.md).
+
+Next to DISK lives DISK.rpl/ with:
+- state.json   tracking state, the reason resynchronization is required, the chain of sealed logs not yet
+               acknowledged by the replica (each with the regions it touched), the disk's DataWriteGuid at
+               the last clean stop; replaced atomically (temp file, fsync, rename, fsync of the directory).
+- dirty.bitmap one bit per tracking region: every region written since the oldest unacknowledged log.
+               A bit is made durable *before* the first write to its region, so after a crash the bitmap
+               is a superset of every change the replica may lack.
+- logs/        the active and sealed .hrl files.
+"""
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import DiskIOError, FormatError
+
+STATE_VERSION = 1
+DEFAULT_REGION_SIZE = 2 << 20
+
+
+class TrackingState(str, enum.Enum):
+    TRACKING = "tracking"
+    RESYNC_REQUIRED = "resync_required"
+
+
+@dataclass
+class SealedLogRecord:
+    name: str
+    unique_id: str
+    previous_unique_id: str
+    regions: str                 # zlib+base64 of the packed region bitmap of this log's writes
+    data_bytes: int
+
+
+@dataclass
+class SidecarState:
+    version: int = STATE_VERSION
+    state: str = TrackingState.TRACKING.value
+    reason: str | None = None
+    region_size: int = DEFAULT_REGION_SIZE
+    disk_size: int = 0
+    clean: bool = False
+    data_write_guid: str | None = None
+    active_log: str | None = None
+    last_unique_id: str = "00000000-0000-0000-0000-000000000000"
+    log_sequence: int = 0
+    sealed_logs: list[SealedLogRecord] = field(default_factory=list)
+
+
+def pack_regions(bits: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.packbits(bits, bitorder="little").tobytes())).decode()
+
+
+def unpack_regions(text: str, n: int) -> np.ndarray:
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(raw, bitorder="little")[:n].astype(bool)
+
+
+class Sidecar:
+    def __init__(self, disk_path: str):
+        self.dir = disk_path + ".rpl"
+        self.logs_dir = os.path.join(self.dir, "logs")
+        self.state_path = os.path.join(self.dir, "state.json")
+        self.bitmap_path = os.path.join(self.dir, "dirty.bitmap")
+        self._bitmap_fd = -1
+
+    def exists(self) -> bool:
+        return os.path.exists(self.state_path)
+
+    def create_dirs(self) -> None:
+        os.makedirs(self.logs_dir, exist_ok=True)
+
+    def load(self) -> SidecarState:
+        try:
+            with open(self.state_path, "rb") as f:
+                raw = json.loads(f.read())
+            logs = [SealedLogRecord(**r) for r in raw.pop("sealed_logs", [])]
+            state = SidecarState(**raw, sealed_logs=logs)
+        except (OSError, ValueError, TypeError) as e:
+            raise FormatError("tracking state", 0, f"unreadable: {e}", self.state_path) from None
+        if state.version != STATE_VERSION:
+            raise FormatError("tracking state", 0, f"version {state.version} is not {STATE_VERSION}",
+                              self.state_path)
+        return state
+
+    def save(self, state: SidecarState) -> None:
+        tmp = self.state_path + ".tmp"
+        data = json.dumps(asdict(state), indent=1).encode()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise DiskIOError(f"{self.state_path}: cannot save tracking state: {e.strerror}") from None
+
+    # ---- dirty bitmap: one byte per 8 regions, rewritten in place
+    def load_bitmap(self, n_regions: int) -> np.ndarray:
+        try:
+            with open(self.bitmap_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return np.zeros(n_regions, dtype=bool)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:n_regions]
+        return np.concatenate((bits, np.zeros(n_regions - len(bits), dtype=np.uint8))).astype(bool)
+
+    def persist_bitmap(self, bits: np.ndarray, regions: np.ndarray) -> None:
+        """Make the given regions' bits durable (rewrites only the bytes holding them)."""
+        if self._bitmap_fd < 0:
+            self._bitmap_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        packed = np.packbits(bits, bitorder="little").tobytes()
+        lo, hi = int(regions.min()) // 8, int(regions.max()) // 8 + 1
+        try:
+            os.pwrite(self._bitmap_fd, packed[lo:hi], lo)
+            os.fdatasync(self._bitmap_fd)
+        except OSError as e:
+            raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
+
+    def rewrite_bitmap(self, bits: np.ndarray) -> None:
+        self.persist_bitmap(bits, np.array([0, max(0, len(bits) - 1)]))
+
+    def close(self) -> None:
+        if self._bitmap_fd >= 0:
+            os.close(self._bitmap_fd)
+            self._bitmap_fd = -1

@@ -1,0 +1,299 @@
+"""Change tracking for one VHDX: every acknowledged write is in the disk, in the active HRL, and inside a
+durable dirty region; cuts seal the active log and chain the next one.
+
+On open the tracker looks for Hyper-V Replica's resynchronization triggers (a log not closed cleanly, a
+broken chain, a DataWriteGuid that changed while nobody tracked, a log that outgrew its share of the disk)
+and, when one fires, moves to RESYNC_REQUIRED with the reason recorded. In that state writes are still
+tracked in the dirty bitmap, so a resync knows which regions to compare; nothing is ever lost silently.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ReplicatorError
+from ..hrl import HrlReader, HrlWriter
+from ..hrl.reader import LogNotSealed
+from ..vhdx import VhdxDisk
+from .state import (DEFAULT_REGION_SIZE, SealedLogRecord, Sidecar, SidecarState, TrackingState, pack_regions,
+                    unpack_regions)
+
+ZERO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass(frozen=True)
+class SealedLog:
+    path: str
+    unique_id: uuid.UUID
+    previous_unique_id: uuid.UUID
+    data_bytes: int
+
+
+class TrackedDisk:
+    """A VHDX opened read-write with change tracking. Not thread-safe: one caller (the export's loop)."""
+
+    def __init__(self, path: str, *, region_size: int = DEFAULT_REGION_SIZE, max_log_share: float = 0.5):
+        self.path = path
+        self.max_log_share = max_log_share
+        self.sidecar = Sidecar(path)
+        self.disk = VhdxDisk.open(path, read_only=False)
+        self.size = self.disk.size
+        try:
+            self._open_state(region_size)
+        except BaseException:
+            self.disk.close()
+            raise
+
+    # ------------------------------------------------------------------ open
+    def _open_state(self, region_size: int) -> None:
+        sc = self.sidecar
+        if sc.exists():
+            self.state = sc.load()
+            reason = self._find_trigger()
+        else:
+            sc.create_dirs()
+            self.state = SidecarState(region_size=region_size, disk_size=self.size)
+            reason = "no tracking state yet: initial replication required"
+        self.n_regions = -(-self.size // self.state.region_size)
+        self.dirty = self.sidecar.load_bitmap(self.n_regions)
+        self.cycle = np.zeros(self.n_regions, dtype=bool)
+        if reason:
+            if self.state.state != TrackingState.RESYNC_REQUIRED.value and not self._bitmap_trustworthy(reason):
+                self.dirty[:] = True           # changes we never saw: every region must be compared
+            self._require_resync(reason, persist=False)
+        self.state.clean = False
+        self.sidecar.rewrite_bitmap(self.dirty)
+        self._start_log()
+
+    @staticmethod
+    def _bitmap_trustworthy(reason: str) -> bool:
+        """After a crash or a lost log the bitmap still covers every write we acknowledged; after an
+        untracked change or on first use it covers nothing."""
+        return not (reason.startswith("no tracking") or "changed while not tracked" in reason)
+
+    def _find_trigger(self) -> str | None:
+        st = self.state
+        if st.state == TrackingState.RESYNC_REQUIRED.value:
+            return st.reason
+        if st.disk_size != self.size:
+            return f"disk size changed from {st.disk_size} to {self.size} while not tracked"
+        if not st.clean:
+            return f"log {st.active_log} was not closed cleanly (the tracker stopped without a clean shutdown)"
+        if st.data_write_guid != str(self.disk.data_write_guid):
+            return (f"disk changed while not tracked: DataWriteGuid is {self.disk.data_write_guid}, the last log "
+                    f"recorded {st.data_write_guid}")
+        return self._check_chain()
+
+    def _check_chain(self) -> str | None:
+        previous = None
+        for rec in self.state.sealed_logs:
+            path = os.path.join(self.sidecar.logs_dir, rec.name)
+            try:
+                with HrlReader(path, self.size) as r:
+                    uid, prev = str(r.header.unique_id), str(r.header.previous_unique_id)
+                    guid = str(r.header.vhd2_data_write_guid)
+            except LogNotSealed:
+                return f"log {rec.name} was not closed cleanly"
+            except (ReplicatorError, OSError) as e:
+                return f"broken chain: log {rec.name} is unusable ({e})"
+            if uid != rec.unique_id or (previous is not None and prev != previous):
+                return f"broken chain: log {rec.name} does not follow its predecessor"
+            previous = uid
+        last = self.state.sealed_logs[-1] if self.state.sealed_logs else None
+        if last is not None and guid != self.state.data_write_guid:
+            return (f"disk changed while not tracked: DataWriteGuid {self.state.data_write_guid} differs from "
+                    f"the last log's Vhd2DataWriteGuid {guid}")
+        return None
+
+    # ------------------------------------------------------------------ logs
+    @property
+    def resync_required(self) -> bool:
+        return self.state.state == TrackingState.RESYNC_REQUIRED.value
+
+    @property
+    def reason(self) -> str | None:
+        return self.state.reason
+
+    def _start_log(self) -> None:
+        self.log: HrlWriter | None = None
+        if self.resync_required:
+            self.state.active_log = None
+        else:
+            self.state.log_sequence += 1
+            name = f"{self.state.log_sequence:08d}.hrl"
+            try:
+                self.log = HrlWriter(os.path.join(self.sidecar.logs_dir, name),
+                                     previous_unique_id=uuid.UUID(self.state.last_unique_id),
+                                     vhd2_data_write_guid=self.disk.data_write_guid)
+                self.state.active_log = name
+            except ReplicatorError as e:
+                self._require_resync(f"log write failed: {e.message}", persist=False)
+        self.sidecar.save(self.state)
+
+    def _require_resync(self, reason: str, persist: bool = True) -> None:
+        """Enter RESYNC_REQUIRED; the first reason is kept, it is the one that explains the others."""
+        if not self.resync_required:
+            self.state.state, self.state.reason = TrackingState.RESYNC_REQUIRED.value, reason
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+            self.log = None
+        if persist:
+            self.sidecar.save(self.state)
+
+    # ------------------------------------------------------------------ I/O
+    def read(self, offset: int, length: int) -> bytes:
+        return self.disk.read(offset, length)
+
+    def readinto(self, offset: int, buf) -> None:
+        self.disk.readinto(offset, buf)
+
+    def _mark(self, offset: int, length: int) -> None:
+        """Durably mark the regions a write touches before the write itself (see state.py)."""
+        rs = self.state.region_size
+        lo, hi = offset // rs, (offset + length - 1) // rs + 1
+        self.cycle[lo:hi] = True
+        fresh = np.flatnonzero(~self.dirty[lo:hi]) + lo
+        if len(fresh):
+            self.dirty[fresh] = True
+            self.sidecar.persist_bitmap(self.dirty, fresh)
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        if not len(data):
+            return
+        self._mark(offset, len(data))
+        self.disk.write(offset, data)
+        self._log(lambda log: log.append(offset, data))
+        if fua:
+            self.flush()
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        if not length:
+            return
+        self._mark(offset, length)
+        self.disk.write_zeroes(offset, length)
+        self._log(lambda log: log.append_zeroes(offset, length))
+        if fua:
+            self.flush()
+
+    trim = write_zeroes     # replicator disks read trimmed ranges as zeros, so the log says exactly that
+
+    def _log(self, record) -> None:
+        if self.log is None:
+            return
+        try:
+            record(self.log)
+        except ReplicatorError as e:
+            self._require_resync(f"log write failed: {e.message}")
+            return
+        if self.log.data_bytes > self.max_log_share * self.size:
+            self._require_resync(f"log {self.state.active_log} grew past {self.max_log_share:.0%} of the disk")
+
+    def flush(self) -> None:
+        self.disk.flush()
+        if self.log is not None:
+            try:
+                self.log.commit(durable=True)
+            except ReplicatorError as e:
+                self._require_resync(f"log write failed: {e.message}")
+
+    # ------------------------------------------------------------------ cuts
+    def cut(self) -> SealedLog | None:
+        """Seal the active log (the replica ships it) and chain a new one. None when resync is required."""
+        if self.log is None:
+            return None
+        self.disk.flush()
+        log, name = self.log, self.state.active_log
+        header = log.seal(self.disk.data_write_guid)
+        self._record_sealed(name, header, log.data_bytes)
+        self.cycle[:] = False
+        self._start_log()
+        return SealedLog(os.path.join(self.sidecar.logs_dir, name), header.unique_id, header.previous_unique_id,
+                         log.data_bytes)
+
+    def _record_sealed(self, name: str, header, data_bytes: int) -> None:
+        self.state.sealed_logs.append(SealedLogRecord(name, str(header.unique_id), str(header.previous_unique_id),
+                                                      pack_regions(self.cycle), data_bytes))
+        self.state.last_unique_id = str(header.unique_id)
+        self.state.data_write_guid = str(self.disk.data_write_guid)
+
+    def acknowledge(self, unique_id: uuid.UUID) -> None:
+        """The replica holds this log (and every earlier one) durably: forget them and their regions."""
+        names = [r.unique_id for r in self.state.sealed_logs]
+        if str(unique_id) not in names:
+            raise ReplicatorError(f"{self.path}: log {unique_id} is not pending")
+        keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
+        for rec in self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]:
+            path = os.path.join(self.sidecar.logs_dir, rec.name)
+            if os.path.exists(path):
+                os.unlink(path)
+        self.state.sealed_logs = keep
+        self.sidecar.save(self.state)
+        self._rebuild_dirty()
+
+    def _rebuild_dirty(self) -> None:
+        bits = self.cycle.copy()
+        for rec in self.state.sealed_logs:
+            bits |= unpack_regions(rec.regions, self.n_regions)
+        self.dirty = bits
+        self.sidecar.rewrite_bitmap(bits)
+
+    def resync_done(self) -> None:
+        """A resync made the replica equal to this disk as of now: restart a clean chain of logs."""
+        if self.log is not None:
+            self.log.close()
+        for rec in self.state.sealed_logs:
+            path = os.path.join(self.sidecar.logs_dir, rec.name)
+            if os.path.exists(path):
+                os.unlink(path)
+        self.state.sealed_logs = []
+        self.state.state, self.state.reason = TrackingState.TRACKING.value, None
+        self.state.last_unique_id = ZERO_UUID
+        self.cycle[:] = False
+        self._rebuild_dirty()
+        self._start_log()
+
+    def dirty_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of every region a resync must compare."""
+        rs, out = self.state.region_size, []
+        idx = np.flatnonzero(self.dirty)
+        if not len(idx):
+            return out
+        breaks = np.flatnonzero(np.diff(idx) != 1)
+        for a, b in zip(np.concatenate(([0], breaks + 1)), np.concatenate((breaks, [len(idx) - 1]))):
+            start = int(idx[a]) * rs
+            out.append((start, min(self.size, (int(idx[b]) + 1) * rs) - start))
+        return out
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Clean stop: the active log is sealed and kept pending, the state marked clean."""
+        if self.disk is None:
+            return
+        try:
+            if self.log is not None:
+                self.disk.flush()
+                header = self.log.seal(self.disk.data_write_guid)
+                self._record_sealed(self.state.active_log, header, self.log.data_bytes)
+                self.log = None
+            self.disk.close()
+            self.state.data_write_guid = str(self.disk.data_write_guid)
+            self.state.active_log = None
+            self.state.clean = True
+            self.sidecar.save(self.state)
+        finally:
+            self.sidecar.close()
+            self.disk = None
+
+
+class TrackingGroup:
+    """The disks of one protected machine: a cut covers all of them at one instant."""
+
+    def __init__(self, disks: list[TrackedDisk]):
+        self.disks = disks
+
+    def cut(self) -> list[SealedLog | None]:
+        # Callers run this between requests on the export's event loop, so no write is in flight.
+        return [d.cut() for d in self.disks]
