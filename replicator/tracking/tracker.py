@@ -60,6 +60,7 @@ class TrackedDisk:
         self.n_regions = -(-self.size // self.state.region_size)
         self.dirty = self.sidecar.load_bitmap(self.n_regions)
         self.cycle = np.zeros(self.n_regions, dtype=bool)
+        self._marked = [False] * self.n_regions      # plain list: cycle bits whose dirty bit is durable
         if reason:
             if self.state.state != TrackingState.RESYNC_REQUIRED.value and not self._bitmap_trustworthy(reason):
                 self.dirty[:] = True           # changes we never saw: every region must be compared
@@ -154,11 +155,18 @@ class TrackedDisk:
         """Durably mark the regions a write touches before the write itself (see state.py)."""
         rs = self.state.region_size
         lo, hi = offset // rs, (offset + length - 1) // rs + 1
+        if hi == lo + 1 and self._marked[lo]:       # the common case: a region already marked this cycle
+            return
         self.cycle[lo:hi] = True
         fresh = np.flatnonzero(~self.dirty[lo:hi]) + lo
         if len(fresh):
             self.dirty[fresh] = True
             self.sidecar.persist_bitmap(self.dirty, fresh)
+        self._marked[lo:hi] = [True] * (hi - lo)
+
+    def _new_cycle(self) -> None:
+        self.cycle[:] = False
+        self._marked = [False] * self.n_regions
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         if not len(data):
@@ -208,7 +216,7 @@ class TrackedDisk:
         log, name = self.log, self.state.active_log
         header = log.seal(self.disk.data_write_guid)
         self._record_sealed(name, header, log.data_bytes)
-        self.cycle[:] = False
+        self._new_cycle()
         self._start_log()
         return SealedLog(os.path.join(self.sidecar.logs_dir, name), header.unique_id, header.previous_unique_id,
                          log.data_bytes)
@@ -251,7 +259,7 @@ class TrackedDisk:
         self.state.sealed_logs = []
         self.state.state, self.state.reason = TrackingState.TRACKING.value, None
         self.state.last_unique_id = ZERO_UUID
-        self.cycle[:] = False
+        self._new_cycle()
         self._rebuild_dirty()
         self._start_log()
 
