@@ -18,7 +18,7 @@ from replicator.errors import KernelSelfTestError
 
 from . import _pure as pure
 from . import _selftest
-from ._pure import block_count, crc_arg, digest_bytes, file_range, open_fd
+from ._pure import block_count, crc_arg, default_threads, digest_bytes, file_range, open_fd, thread_arg
 
 __all__ = [
     "crc32c",
@@ -38,22 +38,6 @@ __all__ = [
 
 _ffi = None
 _lib = None
-
-
-def default_threads() -> int:
-    """CPUs this process may run on (affinity-aware, unlike os.cpu_count() in a restricted container)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _thread_arg(threads: int | None) -> int:
-    if threads is None:
-        return default_threads()
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    return threads
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +67,7 @@ def _native_xxh3_128(data) -> bytes:
 
 def _native_xxh3_128_blocks(buf, block_size: int, threads: int | None = None) -> np.ndarray:
     """(n, 2) uint64 (low64, high64) per block; the C loop runs without the GIL, on several threads."""
-    nthreads = _thread_arg(threads)
+    nthreads = thread_arg(threads)
     with _ffi.from_buffer(buf) as p:
         n = block_count(len(p), block_size)
         out = np.empty((n, 2), dtype=np.uint64)
@@ -96,7 +80,7 @@ def _native_xxh3_128_blocks(buf, block_size: int, threads: int | None = None) ->
 def _native_xxh3_128_file_blocks(file, block_size: int, threads: int | None = None, offset: int = 0,
                                  length: int | None = None) -> np.ndarray:
     """xxh3_128_blocks of a file's bytes, read with pread() by C threads: no mmap page-table cost."""
-    nthreads = _thread_arg(threads)
+    nthreads = thread_arg(threads)
     with open_fd(file) as fd:
         offset, length = file_range(fd, offset, length)
         n = block_count(length, block_size)
@@ -111,7 +95,7 @@ def _native_xxh3_128_file_blocks(file, block_size: int, threads: int | None = No
 
 def _native_zero_blocks(buf, block_size: int, threads: int | None = None) -> np.ndarray:
     """Boolean array: True where the block (last one may be short) is all zero bytes."""
-    nthreads = _thread_arg(threads)
+    nthreads = thread_arg(threads)
     with _ffi.from_buffer(buf) as p:
         n = block_count(len(p), block_size)
         out = np.empty(n, dtype=np.uint8)
@@ -196,6 +180,7 @@ def self_test(kernels=None) -> None:
 
 
 def _choose():
+    """(native namespace or None, active implementation), per REPLICATOR_KERNELS; native must pass its KAT."""
     mode = os.environ.get("REPLICATOR_KERNELS", "").strip().lower()
     if mode in ("python", "pure"):
         return None, pure

@@ -26,6 +26,8 @@ __all__ = [
     "block_count",
     "byte_view",
     "crc_arg",
+    "default_threads",
+    "thread_arg",
     "open_fd",
     "file_range",
 ]
@@ -33,6 +35,7 @@ __all__ = [
 name = "python"
 M64 = (1 << 64) - 1
 M32 = (1 << 32) - 1
+_CHUNK = 1 << 20  # bytes handled per step on large inputs, so memory stays bounded
 
 # ---------------------------------------------------------------------------------------------------
 # Shared helpers (the facade's native wrappers use these too, so both sides reject the same inputs).
@@ -53,6 +56,23 @@ def block_count(length: int, block_size: int) -> int:
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     return -(-length // int(block_size))
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (affinity-aware, unlike os.cpu_count() in a restricted container)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_arg(threads: int | None) -> int:
+    """Check a thread count (None: all CPUs); the pure kernels accept it for the same signature."""
+    if threads is None:
+        return default_threads()
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return min(int(threads), 1 << 16)  # the C side caps it lower anyway; keep it inside a C int
 
 
 def crc_arg(crc: int) -> int:
@@ -121,8 +141,10 @@ def crc32c(data, crc: int = 0) -> int:
     """CRC-32C of data; pass a previous result as crc to continue it over more bytes."""
     table = _CRC_TABLE
     reg = ~crc_arg(crc) & M32
-    for byte in byte_view(data).tobytes():
-        reg = table[(reg ^ byte) & 0xFF] ^ (reg >> 8)
+    view = byte_view(data)
+    for start in range(0, len(view), _CHUNK):  # bytes copies of bounded size iterate fastest
+        for byte in view[start:start + _CHUNK].tobytes():
+            reg = table[(reg ^ byte) & 0xFF] ^ (reg >> 8)
     return ~reg & M32
 
 
@@ -407,7 +429,8 @@ def xxh3_128(data) -> bytes:
 
 
 def xxh3_128_blocks(buf, block_size: int, threads: int | None = None) -> np.ndarray:
-    """(n, 2) uint64 array of (low64, high64) per block_size chunk; threads is accepted and ignored."""
+    """(n, 2) uint64 array of (low64, high64) per block_size chunk; threads is checked, then ignored."""
+    thread_arg(threads)
     view = byte_view(buf)
     n = block_count(len(view), block_size)
     out = np.empty((n, 2), dtype=np.uint64)
@@ -429,6 +452,7 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
 def xxh3_128_file_blocks(file, block_size: int, threads: int | None = None, offset: int = 0,
                          length: int | None = None) -> np.ndarray:
     """xxh3_128_blocks of bytes [offset, offset + length) of a file (path, fd or file object)."""
+    thread_arg(threads)
     with open_fd(file) as fd:
         offset, length = file_range(fd, offset, length)
         n = block_count(length, block_size)
@@ -448,14 +472,17 @@ def xxh3_128_file_blocks(file, block_size: int, threads: int | None = None, offs
 
 def zero_blocks(buf, block_size: int, threads: int | None = None) -> np.ndarray:
     """Boolean array: True where the block_size chunk (last one may be short) is all zero bytes."""
+    thread_arg(threads)
     view = byte_view(buf)
     n = block_count(len(view), block_size)
     out = np.empty(n, dtype=bool)
     if n:
         data = np.frombuffer(view, dtype=np.uint8)
         full = len(data) // block_size
-        if full:
-            out[:full] = ~data[:full * block_size].reshape(full, block_size).any(axis=1)
+        step = max(1, (64 * _CHUNK) // block_size)  # blocks per numpy call: bounds the temporaries
+        for first in range(0, full, step):
+            last = min(full, first + step)
+            out[first:last] = ~data[first * block_size:last * block_size].reshape(-1, block_size).any(axis=1)
         if full < n:
             out[full] = not data[full * block_size:].any()
     return out

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 import replicator.kernels as kernels
 
+NO_NATIVE = "native kernels not loaded (not built, or REPLICATOR_KERNELS=python)"
+
 native = kernels.native
 pure = kernels.pure
-pytestmark = pytest.mark.skipif(native is None, reason="native module not built")
+pytestmark = pytest.mark.skipif(native is None, reason=NO_NATIVE)
 
 # The isa fixture is set once per test, not per example: that is intended.
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
@@ -145,10 +147,14 @@ def test_bad_arguments(impl):
         impl.xxh3_128_blocks(strided, 2)
 
 
-def test_native_threads_argument_checked():
-    for bad in (0, -1, 1.0):
+@pytest.mark.parametrize("impl", [native, pure], ids=["native", "python"])
+def test_threads_argument_checked(impl):
+    for bad in (0, -1, 1.0, True):
         with pytest.raises(ValueError):
-            native.xxh3_128_blocks(b"abc", 1, threads=bad)
+            impl.xxh3_128_blocks(b"abc", 1, threads=bad)
+        with pytest.raises(ValueError):
+            impl.zero_blocks(b"abc", 1, threads=bad)
+    assert impl.xxh3_128_blocks(b"abc", 1, threads=np.int64(2)).shape == (3, 2)
 
 
 def test_empty_buffer():

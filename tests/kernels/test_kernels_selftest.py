@@ -13,9 +13,11 @@ import replicator.kernels as kernels
 from replicator.errors import KernelSelfTestError
 from replicator.kernels import _selftest
 
+NO_NATIVE = "native kernels not loaded (not built, or REPLICATOR_KERNELS=python)"
+
 IMPLS = [pytest.param(kernels.pure, id="python"),
          pytest.param(kernels.native, id="native",
-                      marks=pytest.mark.skipif(kernels.native is None, reason="native module not built"))]
+                      marks=pytest.mark.skipif(kernels.native is None, reason=NO_NATIVE))]
 
 
 def _child(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,21 +71,22 @@ def test_wrong_kernel_fails_self_test(k, name, fake):
     assert info.value.exit_code == 70
 
 
-@pytest.mark.skipif(kernels.native is None, reason="native module not built")
+@pytest.mark.skipif(kernels.native is None, reason=NO_NATIVE)
 def test_monkeypatched_native_kernel_fails_self_test(monkeypatch):
     monkeypatch.setattr(kernels.native, "crc32c", lambda data, crc=0: 0)
     with pytest.raises(KernelSelfTestError, match=r"crc32c.*expected 0xE3069283, got 0x00000000"):
         _selftest.run(kernels.native)
 
 
-@pytest.mark.skipif(kernels.native is None, reason="native module not built")
+@pytest.mark.skipif(kernels.native is None, reason=NO_NATIVE)
 def test_wrong_native_result_refused_at_import():
     """A build whose kernel gives a wrong answer makes `import replicator.kernels` raise."""
     # Load the compiled module by hand (importing it normally would run the package's self-test first),
     # swap one C function for a wrong one, then import the package on top of it.
     code = (
         "import importlib.util, sys, types\n"
-        f"spec = importlib.util.spec_from_file_location('replicator.kernels._native', {kernels._native.__file__!r})\n"
+        f"so = {kernels._native.__file__!r}\n"
+        "spec = importlib.util.spec_from_file_location('replicator.kernels._native', so)\n"
         "real = importlib.util.module_from_spec(spec); spec.loader.exec_module(real)\n"
         "class Lib:\n"
         "    def __getattr__(self, name): return getattr(real.lib, name)\n"
@@ -108,7 +111,8 @@ def test_missing_native_falls_back_with_warning():
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    import replicator.kernels as k\n"
-            "print(k.implementation, k.crc32c(b'123456789') == 0xE3069283, any('fallback' in str(x.message) for x in w))")
+            "warned = any('fallback' in str(x.message) for x in w)\n"
+            "print(k.implementation, k.crc32c(b'123456789') == 0xE3069283, warned)")
     proc = _child(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["python", "True", "True"]
@@ -123,7 +127,7 @@ def test_env_native_requires_the_module():
     assert "_native" in proc.stderr and ("ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr)
 
 
-@pytest.mark.skipif(kernels.native is None, reason="native module not built")
+@pytest.mark.skipif(kernels.native is None, reason=NO_NATIVE)
 def test_default_is_native():
     proc = _child("import replicator.kernels as k; print(k.implementation)")
     assert proc.returncode == 0, proc.stderr

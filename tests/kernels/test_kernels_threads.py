@@ -5,6 +5,8 @@ import errno
 import importlib.util
 import re
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ import pytest
 
 import replicator.kernels as kernels
 
+NO_NATIVE = "native kernels not loaded (not built, or REPLICATOR_KERNELS=python)"
+
 native = kernels.native
-pytestmark = pytest.mark.skipif(native is None, reason="native module not built")
+pytestmark = pytest.mark.skipif(native is None, reason=NO_NATIVE)
 
 BUILDER = Path(__file__).resolve().parents[2] / "native" / "build_kernels.py"
 
@@ -58,11 +62,21 @@ def test_native_call_runs_without_the_gil():
     result = []
     worker = threading.Thread(target=lambda: result.append(native.lib.rk_debug_wait_flag(ptr, 20_000)))
     worker.start()
-    while not flags[1]:          # spins in Python: needs the GIL while the worker is inside C
+    deadline = time.monotonic() + 60
+    while not flags[1] and time.monotonic() < deadline:  # Python code: needs the GIL while C runs
         pass
     flags[0] = 1
     worker.join()
     assert result == [1]
+
+
+def test_python_threads_hash_concurrently(big_buffer):
+    """Several Python threads in the kernels at once (the GIL is released) get the same answers."""
+    want = native.xxh3_128_blocks(big_buffer, 65536, threads=1)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: native.xxh3_128_blocks(big_buffer, 65536, threads=t), [1, 2, 1, 3]))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
 
 
 def _emitted_wrappers(tmp_path: Path) -> str:

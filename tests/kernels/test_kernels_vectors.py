@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 import replicator.kernels as kernels
 
+NO_NATIVE = "native kernels not loaded (not built, or REPLICATOR_KERNELS=python)"
+
 IMPLS = [pytest.param(kernels.pure, id="python"),
          pytest.param(kernels.native, id="native",
-                      marks=pytest.mark.skipif(kernels.native is None, reason="native module not built"))]
+                      marks=pytest.mark.skipif(kernels.native is None, reason=NO_NATIVE))]
 
 # Every XXH3 length class and the boundaries between them, plus stripe (64) and block (1 KiB) edges.
 EDGE_LENGTHS = sorted({*range(0, 20), 31, 32, 33, 63, 64, 65, 96, 97, 127, 128, 129, 130, 160, 191, 192,
@@ -66,6 +68,15 @@ def test_xxh3_128_edge_lengths_match_xxhash_package(k, n):
 def test_xxh3_128_matches_xxhash_package(k, data):
     assert k.xxh3_128(data) == xxhash.xxh3_128_digest(data)
     assert k.xxh3_128(data).hex() == xxhash.xxh3_128_hexdigest(data)
+
+
+@pytest.mark.parametrize("k", IMPLS)
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(241, 200_000), seed=st.integers(0, 2**32 - 1))
+def test_xxh3_128_long_inputs_match_xxhash_package(k, n, seed):
+    """Many 1 KiB blocks, scrambles and a ragged last stripe: the long-input loop."""
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert k.xxh3_128(data) == xxhash.xxh3_128_digest(data)
 
 
 @pytest.mark.parametrize("k", IMPLS)

@@ -1,0 +1,43 @@
+"""Typed interface of replicator.kernels (native cffi module or pure Python fallback, same behaviour)."""
+import mmap
+import os
+import types
+from typing import Literal, Protocol, SupportsIndex, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from replicator.errors import KernelSelfTestError as KernelSelfTestError
+
+
+# Anything exporting a C-contiguous buffer: bytes, bytearray, memoryview, mmap, numpy arrays.
+Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap | npt.NDArray[np.generic]
+FileArg: TypeAlias = "str | os.PathLike[str] | int | _HasFileno"
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+class Xxh3Hasher:
+    """Streaming XXH3-128 (seed 0)."""
+    def __init__(self, data: Buffer | None = None) -> None: ...
+    def update(self, data: Buffer) -> None: ...
+    def intdigest(self) -> tuple[int, int]:
+        """(low64, high64)."""
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
+    def copy(self) -> Xxh3Hasher: ...
+
+def crc32c(data: Buffer, crc: int = 0) -> int: ...
+def xxh3_128(data: Buffer) -> bytes: ...
+def xxh3_128_blocks(buf: Buffer, block_size: int, threads: int | None = None) -> npt.NDArray[np.uint64]:
+    """Shape (ceil(len / block_size), 2): column 0 low64, column 1 high64."""
+def xxh3_128_file_blocks(file: FileArg, block_size: int, threads: int | None = None, offset: int = 0,
+                         length: int | None = None) -> npt.NDArray[np.uint64]: ...
+def zero_blocks(buf: Buffer, block_size: int, threads: int | None = None) -> npt.NDArray[np.bool_]: ...
+def digest_bytes(row: npt.NDArray[np.uint64] | tuple[SupportsIndex, SupportsIndex]) -> bytes: ...
+def default_threads() -> int: ...
+def self_test(kernels: types.SimpleNamespace | types.ModuleType | None = None) -> None: ...
+
+implementation: Literal["native", "python"]
+native: types.SimpleNamespace | None
+pure: types.ModuleType
