@@ -612,3 +612,26 @@ int rk_debug_wait_flag(volatile uint32_t *flags, uint32_t timeout_ms)
     }
     return __atomic_load_n(&flags[0], __ATOMIC_SEQ_CST) != 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * Byte sum (MS-HRL checksums are the one's complement of the sum of all bytes). On x86-64 SSE2 is always
+ * present: psadbw adds 16 bytes into two 64-bit lanes per instruction. */
+uint64_t rk_byte_sum(const char *data, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    uint64_t total = 0;
+    size_t i = 0;
+#if RK_X86
+    __m128i zero = _mm_setzero_si128(), acc = _mm_setzero_si128();
+    for (; i + 64 <= len; i += 64) {
+        acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(p + i)), zero));
+        acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(p + i + 16)), zero));
+        acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(p + i + 32)), zero));
+        acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(p + i + 48)), zero));
+    }
+    total = (uint64_t)_mm_cvtsi128_si64(acc) + (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc));
+#endif
+    for (; i < len; i++)
+        total += p[i];
+    return total;
+}

@@ -31,6 +31,9 @@ int rk_xxh3_128_fd_blocks(int fd, uint64_t offset, uint64_t len, uint64_t block_
 /* out[i] = 1 when block i holds only zero bytes, else 0. */
 void rk_zero_blocks(const char *data, size_t len, size_t block_size, uint8_t *out, int threads);
 
+/* Sum of all bytes, as an unsigned 64-bit integer: the core of the MS-HRL one's-complement checksums. */
+uint64_t rk_byte_sum(const char *data, size_t len);
+
 /* Streaming XXH3-128 (seed 0). new() returns NULL when out of memory. */
 rk_xxh3_state *rk_xxh3_new(void);
 void rk_xxh3_free(rk_xxh3_state *state);

@@ -10,9 +10,8 @@ import struct
 import uuid
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from ..errors import FormatError
+from ..kernels import byte_sum
 
 COOKIE = b"msctlog"
 VERSION_1 = 0x00010000
@@ -40,10 +39,9 @@ def checksum(buf, ignore_at: int | None = None) -> int:
         raw = bytes(buf)
         total = sum(raw) - (sum(raw[ignore_at:ignore_at + 4]) if ignore_at is not None else 0)
         return ~total & 0xFFFFFFFF
-    a = np.frombuffer(buf, dtype=np.uint8)
-    total = int(a.sum(dtype=np.uint64))
+    total = byte_sum(buf)
     if ignore_at is not None:
-        total -= int(a[ignore_at:ignore_at + 4].sum(dtype=np.uint64))
+        total -= sum(bytes(memoryview(buf)[ignore_at:ignore_at + 4]))
     return ~total & 0xFFFFFFFF
 
 

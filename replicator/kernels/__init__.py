@@ -27,6 +27,7 @@ __all__ = [
     "xxh3_128_file_blocks",
     "Xxh3Hasher",
     "zero_blocks",
+    "byte_sum",
     "digest_bytes",
     "default_threads",
     "self_test",
@@ -105,6 +106,14 @@ def _native_zero_blocks(buf, block_size: int, threads: int | None = None) -> np.
     return out.view(bool)
 
 
+def _native_byte_sum(data) -> int:
+    """Sum of all bytes (MS-HRL checksums are its one's complement)."""
+    if type(data) is bytes:
+        return _lib.rk_byte_sum(data, len(data))
+    with _ffi.from_buffer(data) as p:
+        return _lib.rk_byte_sum(p, len(p))
+
+
 class _NativeXxh3Hasher:
     """Streaming XXH3-128 (seed 0) on xxHash's native state."""
 
@@ -169,7 +178,7 @@ def _load_native(required: bool) -> types.SimpleNamespace | None:
         name="native", crc32c=_native_crc32c, xxh3_128=_native_xxh3_128,
         xxh3_128_blocks=_native_xxh3_128_blocks, xxh3_128_file_blocks=_native_xxh3_128_file_blocks,
         Xxh3Hasher=_NativeXxh3Hasher,
-        zero_blocks=_native_zero_blocks, digest_bytes=digest_bytes, isa=_native_isa,
+        zero_blocks=_native_zero_blocks, byte_sum=_native_byte_sum, digest_bytes=digest_bytes, isa=_native_isa,
         ffi=_ffi, lib=_lib)
 
 
@@ -203,3 +212,4 @@ xxh3_128_blocks = _active.xxh3_128_blocks
 xxh3_128_file_blocks = _active.xxh3_128_file_blocks
 Xxh3Hasher = _active.Xxh3Hasher
 zero_blocks = _active.zero_blocks
+byte_sum = _active.byte_sum

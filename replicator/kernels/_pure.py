@@ -486,3 +486,9 @@ def zero_blocks(buf, block_size: int, threads: int | None = None) -> np.ndarray:
         if full < n:
             out[full] = not data[full * block_size:].any()
     return out
+
+
+def byte_sum(data) -> int:
+    """Sum of all bytes (MS-HRL checksums are its one's complement)."""
+    view = byte_view(data)
+    return int(np.frombuffer(view, dtype=np.uint8).sum(dtype=np.uint64)) if len(view) else 0

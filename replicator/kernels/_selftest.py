@@ -12,7 +12,8 @@ PATTERN = bytes((i * i + 3 * i) % 251 for i in range(1024))
 
 CRC_CHECK = 0xE3069283                      # crc32c(b"123456789")
 CRC_PATTERN = 0xC34E52E9                    # crc32c(PATTERN): long enough for the 3-way hardware loop
-XXH_PATTERN = "3a2693b114177dc04ba17d07dc7aa376"      # xxh3_128(PATTERN): the SIMD long-input loop
+XXH_PATTERN = "3a2693b114177dc04ba17d07dc7aa376"
+BYTE_SUM_PATTERN = None   # set below from a plain Python sum: the definition needs no magic number      # xxh3_128(PATTERN): the SIMD long-input loop
 XXH_PATTERN_100 = "2a5983a491da4019a615c5f9c9b5e211"  # xxh3_128(PATTERN[:100]): a short-input path
 
 
@@ -31,6 +32,7 @@ def _cases(k):
         ("Xxh3Hasher", lambda: _streamed(k).hex(), XXH_PATTERN),
         ("zero_blocks", lambda: k.zero_blocks(zeros, 256).tolist(),
          [True, False, True, True, True, True, True, False]),
+        ("byte_sum", lambda: k.byte_sum(PATTERN[:1000] + b"\xff" * 77), BYTE_SUM_PATTERN),
     ]
 
 
@@ -53,3 +55,6 @@ def run(kernels, label: str = "native") -> None:
 
 def _show(value) -> str:
     return f"0x{value:08X}" if isinstance(value, int) else repr(value)
+
+
+BYTE_SUM_PATTERN = sum(PATTERN[:1000]) + 255 * 77
