@@ -133,12 +133,12 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
                                          f"required region {e.guid} is not understood", self.path)
             if e.file_offset + e.length > self.file_size:
                 raise FormatError("region table", self.region_table_offset,
-                                  f"region {e.guid} [{e.file_offset}, {e.file_offset + e.length}) lies past the end "
-                                  f"of the file ({self.file_size} bytes)", self.path)
+                                  f"{region_name(e.guid)} [{e.file_offset}, {e.file_offset + e.length}) lies past "
+                                  f"the end of the file ({self.file_size} bytes): the file is truncated", self.path)
         for g, name in ((S.BAT_GUID, "BAT"), (S.METADATA_GUID, "metadata")):
             if g not in regions:
                 raise FormatError("region table", self.region_table_offset, f"no {name} region", self.path)
-        spans = [(e.file_offset, e.length, str(e.guid)) for e in tables]
+        spans = [(e.file_offset, e.length, region_name(e.guid)) for e in tables]
         if self.header.log_length:
             spans.append((self.header.log_offset, self.header.log_length, "log"))
         spans.sort()
@@ -190,9 +190,7 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
         self.layout = BatLayout(ratio, n_payload, n_entries)
         self.bat_offset = region.file_offset
         reserved = [(0, S.HEADER_SECTION_SIZE, "header section")]
-        reserved += [(e.file_offset, e.length, "BAT region" if e.guid == S.BAT_GUID else
-                      "metadata region" if e.guid == S.METADATA_GUID else f"region {e.guid}")
-                     for e in self.regions.values()]
+        reserved += [(e.file_offset, e.length, region_name(e.guid)) for e in self.regions.values()]
         if self.header.log_length:
             reserved.append((self.header.log_offset, self.header.log_length, "log"))
         self.reserved_spans = reserved
@@ -289,6 +287,10 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
 
     def _new_log_writer(self) -> LogWriter:
         return LogWriter(self.io, self.header.log_offset, self.header.log_length, uuid.uuid4())
+
+
+def region_name(guid: uuid.UUID) -> str:
+    return {S.BAT_GUID: "BAT region", S.METADATA_GUID: "metadata region"}.get(guid, f"region {guid}")
 
 
 def open_any_parent(path: str, io_factory, depth: int):
