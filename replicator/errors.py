@@ -79,6 +79,29 @@ class ReadOnlyError(ReplicatorError):
     exit_code = 10
 
 
+class SourceChanged(ReplicatorError):
+    """The source was written while it was being resynced: the target is not a consistent copy yet."""
+
+    exit_code = 11
+
+
+class SequenceError(ReplicatorError):
+    """A cycle does not follow what the replica holds (out of order, replayed, or for another disk)."""
+
+    exit_code = 12
+
+
+class ResyncCancelled(ReplicatorError):
+    """The run stopped on request; the checkpoint lets the next run resume where it stopped."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, blocks_done: int = 0, stats=None):
+        super().__init__(message)
+        self.blocks_done = blocks_done
+        self.stats = stats              # ResyncStats of the part that was done
+
+
 class KernelSelfTestError(ReplicatorError):
     """The native kernels gave a wrong known answer at start-up: a bad build, refuse to run."""
 

@@ -6,6 +6,8 @@ import sys
 
 from ..errors import ReplicatorError
 from . import hrl as hrl_cmd
+from . import points as points_cmd
+from . import resync as resync_cmd
 from . import track as track_cmd
 from . import vhdx as vhdx_cmd
 
@@ -16,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     vhdx_cmd.register(sub)
     hrl_cmd.register(sub)
     track_cmd.register(sub)
+    points_cmd.register(sub)
+    resync_cmd.register(sub)
     return parser
 
 

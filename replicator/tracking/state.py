@@ -29,6 +29,7 @@ DEFAULT_REGION_SIZE = 2 << 20
 class TrackingState(str, enum.Enum):
     TRACKING = "tracking"
     RESYNC_REQUIRED = "resync_required"
+    RESYNCHRONIZING = "resynchronizing"
 
 
 @dataclass

@@ -79,6 +79,8 @@ class TrackedDisk:
         st = self.state
         if st.state == TrackingState.RESYNC_REQUIRED.value:
             return st.reason
+        if st.state == TrackingState.RESYNCHRONIZING.value and not st.clean:
+            return "a resynchronization was interrupted before it completed"
         if st.disk_size != self.size:
             return f"disk size changed from {st.disk_size} to {self.size} while not tracked"
         if not st.clean:
@@ -214,7 +216,11 @@ class TrackedDisk:
             return None
         self.disk.flush()
         log, name = self.log, self.state.active_log
-        header = log.seal(self.disk.data_write_guid)
+        try:
+            header = log.seal(self.disk.data_write_guid)
+        except ReplicatorError as e:
+            self._require_resync(f"log write failed: {e.message}")
+            return None
         self._record_sealed(name, header, log.data_bytes)
         self._new_cycle()
         self._start_log()
@@ -239,7 +245,8 @@ class TrackedDisk:
                 os.unlink(path)
         self.state.sealed_logs = keep
         self.sidecar.save(self.state)
-        self._rebuild_dirty()
+        if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
+            self._rebuild_dirty()
 
     def _rebuild_dirty(self) -> None:
         bits = self.cycle.copy()
@@ -248,20 +255,37 @@ class TrackedDisk:
         self.dirty = bits
         self.sidecar.rewrite_bitmap(bits)
 
-    def resync_done(self) -> None:
-        """A resync made the replica equal to this disk as of now: restart a clean chain of logs."""
+    def begin_resync(self) -> list[tuple[int, int]]:
+        """Start bringing the replica level: returns the extents to compare or copy, and starts a fresh
+        chain of logs now, so writes made during the resync ship after it. The dirty bitmap is kept until
+        end_resync(): a resync cut short (crash, lost connection) leaves RESYNC_REQUIRED with the same regions."""
+        extents = self.dirty_extents()
         if self.log is not None:
             self.log.close()
+            self.log = None
         for rec in self.state.sealed_logs:
             path = os.path.join(self.sidecar.logs_dir, rec.name)
             if os.path.exists(path):
                 os.unlink(path)
         self.state.sealed_logs = []
-        self.state.state, self.state.reason = TrackingState.TRACKING.value, None
+        self.state.state = TrackingState.RESYNCHRONIZING.value
         self.state.last_unique_id = ZERO_UUID
         self._new_cycle()
-        self._rebuild_dirty()
         self._start_log()
+        return extents
+
+    def end_resync(self) -> None:
+        """The replica now holds everything up to the start of the resync: normal tracking resumes."""
+        if self.state.state != TrackingState.RESYNCHRONIZING.value:
+            raise ReplicatorError(f"{self.path}: no resynchronization is in progress")
+        self.state.state, self.state.reason = TrackingState.TRACKING.value, None
+        self._rebuild_dirty()
+        self.sidecar.save(self.state)
+
+    def resync_done(self) -> None:
+        """A resync made the replica equal to this disk as of now (begin and end at once)."""
+        self.begin_resync()
+        self.end_resync()
 
     def dirty_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of every region a resync must compare."""
@@ -283,8 +307,12 @@ class TrackedDisk:
         try:
             if self.log is not None:
                 self.disk.flush()
-                header = self.log.seal(self.disk.data_write_guid)
-                self._record_sealed(self.state.active_log, header, self.log.data_bytes)
+                try:
+                    header = self.log.seal(self.disk.data_write_guid)
+                except ReplicatorError as e:
+                    self._require_resync(f"log write failed: {e.message}", persist=False)
+                else:
+                    self._record_sealed(self.state.active_log, header, self.log.data_bytes)
                 self.log = None
             self.disk.close()
             self.state.data_write_guid = str(self.disk.data_write_guid)

@@ -1,0 +1,74 @@
+"""`replicator points list | export | test-failover | cleanup`: recovery points of a replica store."""
+from __future__ import annotations
+
+import json
+import time
+
+from ..replica import ReplicaStore
+
+
+def register(sub) -> None:
+    p = sub.add_parser("points", help="recovery points held by a replica store")
+    cmds = p.add_subparsers(dest="command", required=True)
+    ls = cmds.add_parser("list", help="disks and their recovery points")
+    ls.add_argument("--root", required=True, help="replica store root")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    for name, func, hlp in (("export", cmd_export, "write a recovery point as a standalone VHDX (failover)"),
+                            ("test-failover", cmd_test, "a differencing disk of a point; replication continues")):
+        c = cmds.add_parser(name, help=hlp)
+        c.add_argument("--root", required=True)
+        c.add_argument("disk", help="disk id")
+        c.add_argument("--generation", type=int, help="recovery point (default: the latest)")
+        if name == "export":
+            c.add_argument("--out", required=True, help="VHDX to create")
+        c.set_defaults(func=func)
+    cl = cmds.add_parser("cleanup", help="remove a test-failover disk")
+    cl.add_argument("--root", required=True)
+    cl.add_argument("disk")
+    cl.add_argument("test_disk")
+    cl.set_defaults(func=cmd_cleanup)
+
+
+def _point(rd, generation):
+    return generation if generation is not None else rd.generation
+
+
+def cmd_list(args) -> int:
+    store = ReplicaStore(args.root)
+    out = []
+    for disk_id in store.disk_ids():
+        rd = store.disk(disk_id)
+        out.append({"disk": disk_id, "name": rd.state.name, "size": rd.state.size, "generation": rd.generation,
+                    "additional_points": rd.state.additional_points, "tests": rd.state.tests,
+                    "points": [{"generation": p.generation, "time": p.time, "consistency": p.consistency}
+                               for p in rd.points]})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for d in out:
+        print(f"{d['disk']} {d['name']} generation {d['generation']}")
+        for p in d["points"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p["time"]))
+            print(f"   point {p['generation']:>6}  {when} UTC  {p['consistency']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    rd = ReplicaStore(args.root).disk(args.disk)
+    path = rd.materialize(_point(rd, args.generation), args.out)
+    print(f"exported point {_point(rd, args.generation)} of {args.disk} to {path}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    rd = ReplicaStore(args.root).disk(args.disk)
+    path = rd.test_failover(_point(rd, args.generation))
+    print(f"test failover disk: {path}")
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    ReplicaStore(args.root).disk(args.disk).cleanup_test_failover(args.test_disk)
+    print(f"removed {args.test_disk}")
+    return 0

@@ -1,0 +1,370 @@
+"""The replica store: incoming cycles are spooled, verified, and applied crash-safely; recovery points are
+kept as undo logs (Hyper-V Replica since 2012 R2: the replica disk is always the latest point).
+
+Layout under ROOT/disks/DISK_ID/:
+  state.json        generation, recovery points, retention, the apply journal, counters (atomic replace)
+  chain/            the replica images: base.vhdx, then one differencing child per test failover taken
+                    (replication always writes the top of the chain; a test failover freezes it)
+  spool/ID.delta    an upload in progress or awaiting apply (append-only; durable length = resume point)
+  undo/G.hrl        undo log from point G back to the previous kept point
+  tests/            test-failover disks (differencing children of a frozen image)
+
+Applying generation G: (1) verify the spooled stream completely; (2) journal "undo" and capture the old
+contents of every range G touches into undo/G.hrl; (3) journal "apply" and write G; (4) record the point
+and clear the journal. On open, a journal in phase "undo" restarts the cycle, one in phase "apply"
+re-applies it from the spool (writes are absolute, so repeating them is harmless). A cycle is never
+visible half-applied, and a failure while applying rolls the disk back with the undo log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from .. import delta
+from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
+from ..vhdx import VhdxDisk, create_vhdx
+from . import undo
+
+
+COMMITTED_KEPT = 64
+
+
+@dataclass
+class RecoveryPoint:
+    generation: int
+    time: float
+    consistency: str = "crash"
+    undo: str | None = None        # undo log that leads from this point to the previous kept one
+
+
+@dataclass
+class DiskState:
+    disk_id: str
+    name: str
+    size: int
+    block_size: int
+    generation: int = 0
+    additional_points: int = 0
+    points: list[RecoveryPoint] = field(default_factory=list)
+    chain: list[str] = field(default_factory=lambda: ["base.vhdx"])
+    journal: dict | None = None
+    tests: list[str] = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
+    committed: list[list] = field(default_factory=list)   # recent [stream id, generation]: commits are idempotent
+
+
+class ReplicaStore:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(os.path.join(self.root, "disks"), exist_ok=True)
+        self._disks: dict[str, ReplicaDisk] = {}
+
+    def disk(self, disk_id: uuid.UUID | str) -> "ReplicaDisk":
+        key = str(disk_id)
+        if key not in self._disks:
+            path = os.path.join(self.root, "disks", key)
+            if not os.path.exists(os.path.join(path, "state.json")):
+                raise UsageError(f"replica store {self.root} holds no disk {key}")
+            self._disks[key] = ReplicaDisk(path)
+        return self._disks[key]
+
+    def ensure_disk(self, disk_id: uuid.UUID | str, size: int, *, name: str = "", block_size: int = 2 << 20,
+                    logical_sector_size: int = 512) -> "ReplicaDisk":
+        key = str(disk_id)
+        path = os.path.join(self.root, "disks", key)
+        if not os.path.exists(os.path.join(path, "state.json")):
+            for sub in ("chain", "spool", "undo", "tests"):
+                os.makedirs(os.path.join(path, sub), exist_ok=True)
+            image = os.path.join(path, "chain", "base.vhdx")
+            if os.path.exists(image):
+                os.unlink(image)
+            create_vhdx(image, size, block_size=block_size, logical_sector_size=logical_sector_size).close()
+            _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size))
+        d = self.disk(key)
+        if d.state.size != size:
+            raise SequenceError(f"replica of {key} is {d.state.size} bytes, the primary disk {size}")
+        return d
+
+    def disk_ids(self) -> list[str]:
+        base = os.path.join(self.root, "disks")
+        return sorted(d for d in os.listdir(base) if os.path.exists(os.path.join(base, d, "state.json")))
+
+
+class Upload:
+    """An append-only spool file; its durable length is what a resuming sender continues from."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.durable = self.size
+
+    def write(self, offset: int, data) -> None:
+        if offset != self.size:
+            raise SequenceError(f"{self.path}: upload continues at {self.size}, not at {offset}")
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise DiskIOError(f"{self.path}: spool write failed: {e.strerror}") from None
+        self.size += len(data)
+
+    def sync(self) -> int:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise DiskIOError(f"{self.path}: spool flush failed: {e.strerror}") from None
+        self.durable = self.size
+        return self.durable
+
+    def prefix_digest(self, length: int | None = None) -> bytes:
+        from ..kernels import Xxh3Hasher
+        length = self.durable if length is None else length
+        h = Xxh3Hasher()
+        pos = 0
+        while pos < length:
+            chunk = os.pread(self.fd, min(4 << 20, length - pos), pos)
+            if not chunk:
+                break
+            h.update(chunk)
+            pos += len(chunk)
+        return h.digest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ReplicaDisk:
+    def __init__(self, path: str):
+        self.path = path
+        self.state_path = os.path.join(path, "state.json")
+        self.state = _load(self.state_path)
+        if self.state.journal:
+            self._recover()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def generation(self) -> int:
+        return self.state.generation
+
+    @property
+    def points(self) -> list[RecoveryPoint]:
+        return list(self.state.points)
+
+    @property
+    def image_path(self) -> str:
+        return os.path.join(self.path, "chain", self.state.chain[-1])
+
+    def open_image(self, read_only: bool = True) -> VhdxDisk:
+        return VhdxDisk.open(self.image_path, read_only=read_only)
+
+    def count(self, what: str) -> None:
+        self.state.counters[what] = self.state.counters.get(what, 0) + 1
+        self._save()
+
+    # ------------------------------------------------------------------ uploads
+    def spool_path(self, stream_id: str) -> str:
+        if not stream_id or any(c not in "0123456789abcdefABCDEF-" for c in stream_id) or len(stream_id) > 64:
+            raise UsageError(f"invalid stream id {stream_id!r}")
+        return os.path.join(self.path, "spool", f"{stream_id}.delta")
+
+    def open_upload(self, stream_id: str) -> Upload:
+        return Upload(self.spool_path(stream_id))
+
+    def abort(self, stream_id: str) -> None:
+        path = self.spool_path(stream_id)
+        if os.path.exists(path):
+            os.unlink(path)
+
+    # ------------------------------------------------------------------ apply
+    def commit(self, stream_id: str) -> RecoveryPoint:
+        """Verify the spooled stream, then apply it crash-safely and record the recovery point."""
+        spool = self.spool_path(stream_id)
+        for sid, generation in self.state.committed:
+            if sid == stream_id:          # the sender lost our answer and asks again: same point, applied once
+                self.abort(stream_id)
+                return self.state.points[self._point_index(generation)] if any(
+                    p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
+        try:
+            with open(spool, "rb") as f:
+                header, _ = delta.verify_stream(f)
+            self._check_sequence(header)
+        except ReplicatorError:
+            self.count("rejected_streams")
+            self.abort(stream_id)
+            raise
+        except FileNotFoundError:
+            raise UsageError(f"no upload {stream_id} to commit") from None
+        self.state.journal = {"stream": stream_id, "phase": "undo", "generation": header.generation,
+                              "time": header.created, "consistency": header.consistency}
+        self._save()
+        return self._run_journal()
+
+    def _check_sequence(self, header) -> None:
+        if str(header.disk_id) != self.state.disk_id:
+            raise SequenceError(f"stream is for disk {header.disk_id}, this replica is {self.state.disk_id}")
+        if header.base_generation != self.state.generation:
+            raise SequenceError(f"stream applies on generation {header.base_generation}, the replica holds "
+                                f"{self.state.generation} (a cycle is missing or was already applied)")
+        if header.generation <= self.state.generation:
+            raise SequenceError(f"stream generation {header.generation} is not newer than {self.state.generation}")
+
+    def _run_journal(self) -> RecoveryPoint:
+        j = self.state.journal
+        spool = self.spool_path(j["stream"])
+        undo_path = os.path.join(self.path, "undo", f"{j['generation']}.hrl")
+        if j["phase"] == "undo":
+            if os.path.exists(undo_path):
+                os.unlink(undo_path)
+            with open(spool, "rb") as f, self.open_image() as disk:
+                undo.capture(disk, [(fr.offset, fr.length) for fr in delta.DeltaDecoder(f)], undo_path)
+            j["phase"] = "apply"
+            self._save()
+        try:
+            with open(spool, "rb") as f, self.open_image(read_only=False) as disk:
+                delta.apply_stream(f, disk)
+        except ReplicatorError:
+            self._roll_back(undo_path)
+            raise
+        point = RecoveryPoint(j["generation"], j["time"], j["consistency"], f"{j['generation']}.hrl")
+        self.state.generation = j["generation"]
+        self.state.points.append(point)
+        self.state.committed = (self.state.committed + [[j["stream"], j["generation"]]])[-COMMITTED_KEPT:]
+        self.state.journal = None
+        self._save()
+        os.unlink(spool)
+        self._retain()
+        return point
+
+    def _roll_back(self, undo_path: str) -> None:
+        with self.open_image(read_only=False) as disk:
+            undo.apply_undo(undo_path, disk)
+        os.unlink(undo_path)
+        self.abort(self.state.journal["stream"])
+        self.state.journal = None
+        self.state.counters["failed_applies"] = self.state.counters.get("failed_applies", 0) + 1
+        self._save()
+
+    def _recover(self) -> None:
+        """Finish (or restart) a cycle interrupted by a crash before anything else sees the disk."""
+        if not os.path.exists(self.spool_path(self.state.journal["stream"])):
+            self.state.journal = None       # the spool vanished before apply began: nothing was written
+            self._save()
+            return
+        self._run_journal()
+
+    # ------------------------------------------------------------------ recovery points
+    def set_retention(self, additional_points: int) -> None:
+        if not 0 <= additional_points <= 24:
+            raise UsageError("additional recovery points must be between 0 and 24")
+        self.state.additional_points = additional_points
+        self._save()
+        self._retain()
+
+    def _retain(self) -> None:
+        """Keep the latest point and, for the N most recent earlier hours, the last point of each."""
+        pts = self.state.points
+        keep = {len(pts) - 1}
+        hours = []
+        for i in range(len(pts) - 2, -1, -1):
+            hour = int(pts[i].time // 3600)
+            if hour != int(pts[i + 1].time // 3600) and len(hours) < self.state.additional_points:
+                hours.append(hour)
+                keep.add(i)
+        for i in sorted(set(range(len(pts))) - keep, reverse=True):
+            self._drop_point(i)
+
+    def _drop_point(self, i: int) -> None:
+        """Remove point i (never the latest). pts[k].undo leads from point k to point k-1, so the next newer
+        point's undo log absorbs point i's; the oldest point needs none."""
+        pts, undo_dir = self.state.points, os.path.join(self.path, "undo")
+        dropped, newer = pts[i], pts[i + 1]
+        stale = [name for name in (dropped.undo, newer.undo) if name]
+        if i == 0:
+            newer.undo = None
+        elif newer.undo and dropped.undo:
+            merged = f"{newer.generation}-to-{pts[i - 1].generation}.hrl"
+            undo.merge(os.path.join(undo_dir, newer.undo), os.path.join(undo_dir, dropped.undo),
+                       os.path.join(undo_dir, merged))
+            newer.undo = merged
+        del pts[i]
+        self._save()                       # the state names the new log before the old ones disappear
+        for name in stale:
+            path = os.path.join(undo_dir, name)
+            if name != newer.undo and os.path.exists(path):
+                os.unlink(path)
+
+    def _point_index(self, generation: int) -> int:
+        for i, p in enumerate(self.state.points):
+            if p.generation == generation:
+                return i
+        raise UsageError(f"no recovery point at generation {generation} (have "
+                         f"{[p.generation for p in self.state.points]})")
+
+    def _rewind(self, disk, generation: int) -> None:
+        """Apply undo logs from the latest point back to `generation` onto `disk`."""
+        i = self._point_index(generation)
+        for p in reversed(self.state.points[i + 1:]):
+            undo.apply_undo(os.path.join(self.path, "undo", p.undo), disk)
+
+    def materialize(self, generation: int, out_path: str) -> str:
+        """A standalone VHDX of a recovery point (failover)."""
+        from ..disk.copy import copy_disk
+        with self.open_image() as src, create_vhdx(out_path, src.size, block_size=self.state.block_size,
+                                                   logical_sector_size=src.logical_sector_size) as dst:
+            copy_disk(src, dst)
+            self._rewind(dst, generation)
+        return out_path
+
+    def test_failover(self, generation: int) -> str:
+        """A differencing disk showing the point, over a frozen replica image: no copy, and replication
+        carries on into a new top of the chain."""
+        frozen = self.image_path
+        n = len(self.state.chain)
+        live = f"live-{n}.vhdx"
+        create_vhdx(os.path.join(self.path, "chain", live), 0, parent=frozen,
+                    block_size=self.state.block_size).close()
+        test = os.path.join(self.path, "tests", f"test-{generation}-{n}.vhdx")
+        with create_vhdx(test, 0, parent=frozen, block_size=self.state.block_size) as child:
+            self._rewind(child, generation)
+        self.state.chain.append(live)
+        self.state.tests.append(os.path.basename(test))
+        self._save()
+        return test
+
+    def cleanup_test_failover(self, path: str) -> None:
+        name = os.path.basename(path)
+        if name not in self.state.tests:
+            raise UsageError(f"{path} is not a test failover of this replica")
+        os.unlink(os.path.join(self.path, "tests", name))
+        self.state.tests.remove(name)
+        self._save()
+
+    def _save(self) -> None:
+        _save(self.state_path, self.state)
+
+
+def _save(path: str, state: DiskState) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(state), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load(path: str) -> DiskState:
+    with open(path) as f:
+        raw = json.load(f)
+    raw["points"] = [RecoveryPoint(**p) for p in raw.get("points", [])]
+    return DiskState(**raw)
+
+

@@ -1,0 +1,120 @@
+"""One replication cycle of one disk, primary side: resync if required, cut, ship every sealed log.
+
+Each sealed log becomes one delta stream in the outbox (DISK.rpl/outbox/STREAM.delta), is sent resumably,
+committed, and only then acknowledged to the tracker, which forgets the log. A crash anywhere leaves either
+the log pending (it is sent again; the target's commit is idempotent by stream id) or acknowledged.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .. import delta
+from ..errors import ReplicatorError, SequenceError
+from ..hrl import HrlReader
+from ..targets import ReplicaTarget
+from ..tracking import TrackedDisk
+
+STREAM_BLOCK = 1 << 20
+
+
+@dataclass
+class CycleResult:
+    kind: str = "delta"              # "initial", "resync" or "delta"
+    streams: int = 0
+    bytes_sent: int = 0              # on the wire (stream bytes actually uploaded, after resume)
+    stream_bytes: int = 0            # encoded size of the streams
+    plain_bytes: int = 0             # changed bytes the streams carry
+    generation: int = 0
+    seconds: float = 0.0
+    points: list = field(default_factory=list)
+
+
+class DiskReplicator:
+    def __init__(self, tracker: TrackedDisk, target: ReplicaTarget, *, compress: bool = True, name: str = ""):
+        self.tracker, self.target, self.compress = tracker, target, compress
+        self.name = name or os.path.basename(tracker.path)
+        self.disk_id = tracker.disk.virtual_disk_id
+        self.outbox = os.path.join(tracker.sidecar.dir, "outbox")
+        os.makedirs(self.outbox, exist_ok=True)
+
+    async def run_cycle(self, consistency: str = "crash", cut: bool = True) -> CycleResult:
+        start = time.monotonic()
+        result = CycleResult()
+        info = await self.target.ensure_disk(self.disk_id, self.tracker.size, self.name)
+        generation = info.generation
+        resyncing = self.tracker.resync_required or self.tracker.state.state == "resynchronizing"
+        if generation == 0 and not resyncing:
+            raise SequenceError(f"the replica of {self.name} has no initial copy: import the offline seed "
+                                "(replicator seed import) or resynchronize before replicating")
+        if resyncing:
+            result.kind = "initial" if generation == 0 else "resync"
+            generation = await self._resync(generation, consistency, result)
+        if cut:
+            self.tracker.cut()
+        for rec in list(self.tracker.state.sealed_logs):
+            generation = await self._ship_log(rec, generation, consistency, info.committed, result)
+        result.generation = generation
+        result.seconds = time.monotonic() - start
+        return result
+
+    def _header(self, generation: int, kind: str, consistency: str, source_logs) -> delta.StreamHeader:
+        return delta.StreamHeader(disk_id=self.disk_id, disk_size=self.tracker.size, block_size=STREAM_BLOCK,
+                                  generation=generation + 1, base_generation=generation, consistency=consistency,
+                                  source_logs=list(source_logs), created=time.time(), kind=kind, extra={})
+
+    async def _resync(self, generation: int, consistency: str, result: CycleResult) -> int:
+        """Send every region that may differ (all of it on first use), then resume normal tracking."""
+        extents = self.tracker.begin_resync()
+        stream_id = uuid.uuid4().hex
+        path = os.path.join(self.outbox, f"{stream_id}.delta")
+        header = self._header(generation, "full" if result.kind == "initial" else "resync", consistency, [])
+        with open(path, "wb") as sink:
+            if result.kind == "initial":     # the new replica reads as zeros: only allocated data travels
+                stats = delta.encode_disk(self.tracker.disk, header, sink, compress=self.compress)
+            else:
+                stats = delta.encode_extents(self.tracker.disk, extents, header, sink, compress=self.compress)
+        point = await self._send(stream_id, path, result, stats)
+        self.tracker.end_resync()
+        return point.generation
+
+    async def _ship_log(self, rec, generation, consistency, committed, result) -> int:
+        stream_id = uuid.UUID(rec.unique_id).hex
+        if stream_id in committed:            # applied before, but our acknowledgement was lost
+            self.tracker.acknowledge(uuid.UUID(rec.unique_id))
+            return generation
+        path = os.path.join(self.outbox, f"{stream_id}.delta")
+        stats = None
+        if not self._complete(path):          # a stream from an interrupted run is resent byte for byte
+            log_path = os.path.join(self.tracker.sidecar.logs_dir, rec.name)
+            with HrlReader(log_path, self.tracker.size) as reader, open(path, "wb") as sink:
+                header = self._header(generation, "delta", consistency, [uuid.UUID(rec.unique_id)])
+                stats = delta.encode_log(reader, header, sink, compress=self.compress)
+        point = await self._send(stream_id, path, result, stats)
+        self.tracker.acknowledge(uuid.UUID(rec.unique_id))
+        return point.generation
+
+    @staticmethod
+    def _complete(path: str) -> bool:
+        if not os.path.exists(path):
+            return False
+        try:
+            with open(path, "rb") as f:
+                delta.verify_stream(f)
+            return True
+        except ReplicatorError:
+            os.unlink(path)
+            return False
+
+    async def _send(self, stream_id: str, path: str, result: CycleResult, stats):
+        result.bytes_sent += await self.target.send(self.disk_id, stream_id, path)
+        point = await self.target.commit(self.disk_id, stream_id)
+        result.streams += 1
+        result.stream_bytes += os.path.getsize(path)
+        if stats is not None:
+            result.plain_bytes += getattr(stats, "plain_bytes", 0)
+        result.points.append(point)
+        os.unlink(path)
+        return point

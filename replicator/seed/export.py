@@ -1,0 +1,123 @@
+"""`replicator seed export`: the initial copy of a machine's disks onto removable media.
+
+Tracking starts at the cut (begin_resync): writes made during and after the export go into the logs that
+replication ships once the seed is imported. The export reads the disk after the cut, so a block may
+already hold a newer write; the logs rewrite it in order, and the replica converges to the primary.
+A clean interruption (Ctrl-C, SIGTERM) leaves the tracker resynchronizing and the manifest listing the
+finished volumes: running the export again continues with the next volume.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+from .. import delta
+from ..disk.base import ExtentKind
+from ..errors import ResyncCancelled, UsageError
+from ..kernels import Xxh3Hasher
+from ..tracking import TrackedDisk
+from . import media
+
+CHUNK = 1 << 20
+
+
+class _VolumeSink:
+    """A volume file that hashes what it writes."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "wb")
+        self.hasher = Xxh3Hasher()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def close(self) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.hasher.hexdigest()
+
+
+def export_machine(machine: str, disks: dict[str, TrackedDisk], out_dir: str, *, volume_size: int,
+                   compress: bool = True, cancel: threading.Event | None = None, progress=None) -> media.SeedManifest:
+    """Export (or continue exporting) every disk; returns the manifest."""
+    if volume_size < 4 * CHUNK:
+        raise UsageError("volume size must be at least 4 MiB")
+    machine_dir = os.path.join(out_dir, machine)
+    os.makedirs(machine_dir, exist_ok=True)
+    if os.path.exists(media.manifest_path(machine_dir)):         # continue an interrupted export
+        manifest = media.load(machine_dir)
+        if manifest.machine != machine:
+            raise UsageError(f"{machine_dir} holds a seed of machine {manifest.machine}")
+    else:
+        manifest = media.SeedManifest(machine, volume_size=volume_size, compress=compress)
+    for name, tracker in disks.items():
+        _export_disk(manifest, machine_dir, name, tracker, cancel, progress)
+    return manifest
+
+
+def _export_disk(manifest, machine_dir, name, tracker: TrackedDisk, cancel, progress) -> None:
+    disk_id = str(tracker.disk.virtual_disk_id)
+    entry = manifest.disk(disk_id)
+    if entry is None:
+        tracker.begin_resync()                     # the cut: tracking of later writes starts here
+        entry = media.SeedDisk(disk_id, name, tracker.size, tracker.disk.logical_sector_size, time.time())
+        manifest.disks.append(entry)
+        media.save(machine_dir, manifest)
+    elif entry.complete:
+        return
+    elif tracker.state.state != "resynchronizing":
+        raise UsageError(f"disk {name} is no longer at the seed's cut ({tracker.reason or tracker.state.state}): "
+                         "start a new export in an empty folder")
+    os.makedirs(os.path.join(machine_dir, disk_id), exist_ok=True)
+    pos = entry.volumes[-1].end if entry.volumes else 0
+    while pos < tracker.size:
+        if cancel is not None and cancel.is_set():
+            raise ResyncCancelled(f"seed export of {name} stopped at {pos} bytes; run it again to continue")
+        pos = _write_volume(manifest, machine_dir, entry, tracker, pos)
+        media.save(machine_dir, manifest)
+        if progress:
+            progress(name, pos, tracker.size)
+    entry.complete = True
+    media.save(machine_dir, manifest)
+    tracker.end_resync()
+
+
+def _write_volume(manifest, machine_dir, entry, tracker, start: int) -> int:
+    """One self-contained stream from `start` until the volume is nearly full; returns where it ended."""
+    k = len(entry.volumes)
+    rel = os.path.join(entry.disk_id, f"{k + 1:04d}.delta")
+    stream_id = uuid.uuid4().hex
+    header = delta.StreamHeader(disk_id=uuid.UUID(entry.disk_id), disk_size=entry.size, block_size=CHUNK,
+                                generation=k + 1, base_generation=k, consistency="crash", source_logs=[],
+                                created=entry.created, kind="full", extra={"seed": manifest.machine,
+                                                                           "volume": k + 1})
+    sink = _VolumeSink(os.path.join(machine_dir, rel))
+    enc = delta.DeltaEncoder(header, sink, compress=manifest.compress)
+    limit = manifest.volume_size - 4 * CHUNK      # room for what the encoder still holds, and the trailer
+    pos = start
+    buf = bytearray(CHUNK)
+    for ext in tracker.disk.extents(start, tracker.size - start):
+        if ext.kind is ExtentKind.ZERO:            # the new replica reads as zeros already
+            pos = ext.end
+            continue
+        for at in range(ext.offset, ext.end, CHUNK):
+            n = min(CHUNK, ext.end - at)
+            view = memoryview(buf)[:n]
+            tracker.disk.readinto(at, view)
+            enc.add_data(at, view)
+            pos = at + n
+            if sink.size >= limit:
+                break
+        else:
+            continue
+        break
+    enc.finish()
+    digest = sink.close()
+    entry.volumes.append(media.Volume(rel, stream_id, k + 1, start, pos, sink.size, digest))
+    return pos if pos > start else tracker.size

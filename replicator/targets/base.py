@@ -1,0 +1,165 @@
+"""Where replicated disks go: one small interface for every replica target (restic's idea for stores).
+
+A target holds disks by id; a cycle is one delta stream, uploaded resumably under a stream id and then
+committed. Retry and bandwidth limits are decorators stacked around any target, so the local store, a peer
+replica host and Azure page blobs all get them the same way and pass the same conformance suite.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import DiskIOError, ReplicatorError
+
+
+class TargetUnavailable(ReplicatorError):
+    """The target could not be reached or answered with a temporary failure; retrying may succeed."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    disk_id: str
+    size: int
+    generation: int
+    committed: tuple[str, ...] = ()      # recent stream ids the target has applied (commits are idempotent)
+
+
+@dataclass(frozen=True)
+class PointInfo:
+    generation: int
+    time: float
+    consistency: str
+
+
+class ReplicaTarget:
+    """The interface. Streams are files on the primary (the outbox), read from any offset on resume."""
+
+    name = "target"
+
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
+        raise NotImplementedError
+
+    async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
+        raise NotImplementedError
+
+    async def send(self, disk_id: uuid.UUID, stream_id: str, path: str, throttle=None) -> int:
+        """Upload the stream file, resuming after what the target already holds; returns bytes sent.
+        `throttle(n)`, when given, is awaited before each chunk of n bytes goes out."""
+        raise NotImplementedError
+
+    async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class Decorator(ReplicaTarget):
+    def __init__(self, inner: ReplicaTarget):
+        self.inner = inner
+        self.name = inner.name
+
+    async def ensure_disk(self, disk_id, size, name=""):
+        return await self.inner.ensure_disk(disk_id, size, name)
+
+    async def disk_info(self, disk_id):
+        return await self.inner.disk_info(disk_id)
+
+    async def send(self, disk_id, stream_id, path, throttle=None):
+        return await self.inner.send(disk_id, stream_id, path, throttle)
+
+    async def commit(self, disk_id, stream_id):
+        return await self.inner.commit(disk_id, stream_id)
+
+    async def close(self):
+        await self.inner.close()
+
+
+class Retry(Decorator):
+    """Retry temporary failures with exponential backoff and jitter; a resumed send continues, never restarts."""
+
+    def __init__(self, inner: ReplicaTarget, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0):
+        super().__init__(inner)
+        self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
+        self.retries = 0
+
+    async def _with_retry(self, call):
+        for attempt in range(self.attempts):
+            try:
+                return await call()
+            except (TargetUnavailable, ConnectionError, asyncio.TimeoutError):
+                if attempt == self.attempts - 1:
+                    raise
+                self.retries += 1
+                delay = min(self.max_delay, self.base_delay * 2 ** attempt)
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def ensure_disk(self, disk_id, size, name=""):
+        return await self._with_retry(lambda: self.inner.ensure_disk(disk_id, size, name))
+
+    async def disk_info(self, disk_id):
+        return await self._with_retry(lambda: self.inner.disk_info(disk_id))
+
+    async def send(self, disk_id, stream_id, path, throttle=None):
+        return await self._with_retry(lambda: self.inner.send(disk_id, stream_id, path, throttle))
+
+    async def commit(self, disk_id, stream_id):
+        return await self._with_retry(lambda: self.inner.commit(disk_id, stream_id))
+
+
+class TokenBucket:
+    """Bytes per second with a burst of one second; shared by everything a bandwidth limit covers."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n or n > self.rate and self.tokens >= self.rate:
+                self.tokens -= n
+                return
+            await asyncio.sleep((min(n, self.rate) - self.tokens) / self.rate)
+
+
+class BandwidthLimit(Decorator):
+    """Caps the bytes per second of every send through it (one bucket for all disks of a protection)."""
+
+    def __init__(self, inner: ReplicaTarget, bytes_per_second: float):
+        super().__init__(inner)
+        self.bucket = TokenBucket(bytes_per_second)
+
+    async def send(self, disk_id, stream_id, path, throttle=None):
+        async def both(n):
+            await self.bucket.take(n)
+            if throttle is not None:
+                await throttle(n)
+        return await self.inner.send(disk_id, stream_id, path, both)
+
+
+def read_stream_file(path: str, offset: int, chunk: int = 1 << 20):
+    """Chunks of an outbox stream from `offset` on (the resume point)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    return
+                yield data
+    except OSError as e:
+        raise DiskIOError(f"{path}: cannot read the outbox stream: {e.strerror}") from None
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)

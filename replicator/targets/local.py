@@ -1,0 +1,44 @@
+"""A replica store on this host as a target (tests, demos, and replicating to a locally mounted volume)."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from ..replica import ReplicaStore
+from .base import DiskInfo, PointInfo, ReplicaTarget, read_stream_file
+
+
+class LocalTarget(ReplicaTarget):
+    name = "local"
+
+    def __init__(self, root: str):
+        self.store = ReplicaStore(root)
+
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
+        rd = await asyncio.to_thread(self.store.ensure_disk, disk_id, size, name=name)
+        return _info(disk_id, rd)
+
+    async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
+        return _info(disk_id, self.store.disk(disk_id))
+
+    async def send(self, disk_id: uuid.UUID, stream_id: str, path: str, throttle=None) -> int:
+        up = self.store.disk(disk_id).open_upload(stream_id)
+        sent = 0
+        try:
+            for chunk in read_stream_file(path, up.durable):
+                if throttle is not None:
+                    await throttle(len(chunk))
+                await asyncio.to_thread(up.write, up.size, chunk)
+                sent += len(chunk)
+            await asyncio.to_thread(up.sync)
+        finally:
+            up.close()
+        return sent
+
+    async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
+        p = await asyncio.to_thread(self.store.disk(disk_id).commit, stream_id)
+        return PointInfo(p.generation, p.time, p.consistency)
+
+
+def _info(disk_id, rd) -> DiskInfo:
+    return DiskInfo(str(disk_id), rd.state.size, rd.generation, tuple(sid for sid, _ in rd.state.committed))
