@@ -8,6 +8,7 @@ from ..errors import ReplicatorError
 from . import hrl as hrl_cmd
 from . import points as points_cmd
 from . import resync as resync_cmd
+from . import seed as seed_cmd
 from . import track as track_cmd
 from . import vhdx as vhdx_cmd
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     track_cmd.register(sub)
     points_cmd.register(sub)
     resync_cmd.register(sub)
+    seed_cmd.register(sub)
     return parser
 
 

@@ -53,6 +53,7 @@ class DiskState:
     tests: list[str] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     committed: list[list] = field(default_factory=list)   # recent [stream id, generation]: commits are idempotent
+    adopted: bool = False          # the base image came from an existing disk: a checksum resync levels it
 
 
 class ReplicaStore:
@@ -86,6 +87,28 @@ class ReplicaStore:
         if d.state.size != size:
             raise SequenceError(f"replica of {key} is {d.state.size} bytes, the primary disk {size}")
         return d
+
+    def adopt(self, disk_id: uuid.UUID | str, existing: str, *, name: str = "", block_size: int = 2 << 20):
+        """Use a disk already on this host (a restored backup, an old replica) as the replica's starting
+        point: it is copied into the store, and the primary's first cycle sends only the blocks that differ."""
+        from ..disk.copy import copy_disk
+        from ..disk.probe import open_disk
+        key = str(disk_id)
+        path = os.path.join(self.root, "disks", key)
+        if os.path.exists(os.path.join(path, "state.json")) and self.disk(key).generation > 0:
+            raise SequenceError(f"the replica of {key} already holds generation {self.disk(key).generation}")
+        with open_disk(existing) as src:
+            size = src.size
+            for sub in ("chain", "spool", "undo", "tests"):
+                os.makedirs(os.path.join(path, sub), exist_ok=True)
+            image = os.path.join(path, "chain", "base.vhdx")
+            if os.path.exists(image):
+                os.unlink(image)
+            with create_vhdx(image, size, block_size=block_size, logical_sector_size=src.logical_sector_size) as dst:
+                copy_disk(src, dst)
+        _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size, adopted=True))
+        self._disks.pop(key, None)
+        return self.disk(key)
 
     def disk_ids(self) -> list[str]:
         base = os.path.join(self.root, "disks")

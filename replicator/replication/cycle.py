@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .. import delta
 from ..errors import ReplicatorError, SequenceError
 from ..hrl import HrlReader
@@ -18,6 +20,7 @@ from ..targets import ReplicaTarget
 from ..tracking import TrackedDisk
 
 STREAM_BLOCK = 1 << 20
+RESYNC_BLOCK = 64 << 10
 
 
 @dataclass
@@ -71,8 +74,13 @@ class DiskReplicator:
         stream_id = uuid.uuid4().hex
         path = os.path.join(self.outbox, f"{stream_id}.delta")
         header = self._header(generation, "full" if result.kind == "initial" else "resync", consistency, [])
+        theirs = await self.target.digests(self.disk_id, RESYNC_BLOCK)
+        if theirs is not None:               # checksum resync: only blocks that differ travel
+            extents = self._differing(theirs, extents)   # on the loop: the export must not write meanwhile
+            header = self._header(generation, "resync", consistency, [])
+            result.kind = "resync"
         with open(path, "wb") as sink:
-            if result.kind == "initial":     # the new replica reads as zeros: only allocated data travels
+            if header.kind == "full":        # the new replica reads as zeros: only allocated data travels
                 stats = delta.encode_disk(self.tracker.disk, header, sink, compress=self.compress)
             else:
                 stats = delta.encode_extents(self.tracker.disk, extents, header, sink, compress=self.compress)
@@ -95,6 +103,24 @@ class DiskReplicator:
         point = await self._send(stream_id, path, result, stats)
         self.tracker.acknowledge(uuid.UUID(rec.unique_id))
         return point.generation
+
+    def _differing(self, theirs, dirty) -> list[tuple[int, int]]:
+        """Blocks inside the dirty extents whose digest differs from the replica's."""
+        from ..resync.scan import digest_disk
+        ours, _ = digest_disk(self.tracker.disk, RESYNC_BLOCK)
+        differ = np.any(ours != theirs, axis=1) if len(ours) == len(theirs) else np.ones(len(ours), bool)
+        inside = np.zeros(len(ours), bool)
+        for off, n in dirty:
+            inside[off // RESYNC_BLOCK:-(-(off + n) // RESYNC_BLOCK)] = True
+        out: list[tuple[int, int]] = []
+        for b in np.flatnonzero(differ & inside):
+            start = int(b) * RESYNC_BLOCK
+            n = min(RESYNC_BLOCK, self.tracker.size - start)
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((start, n))
+        return out
 
     @staticmethod
     def _complete(path: str) -> bool:

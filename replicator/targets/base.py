@@ -56,6 +56,11 @@ class ReplicaTarget:
     async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
         raise NotImplementedError
 
+    async def digests(self, disk_id: uuid.UUID, block_size: int):
+        """XXH3-128 of every block of the replica ((n, 2) uint64), for a checksum resync; None when the
+        target holds no comparable copy or cannot compute them (then resync sends every dirty region)."""
+        return None
+
     async def close(self) -> None:
         pass
 
@@ -76,6 +81,9 @@ class Decorator(ReplicaTarget):
 
     async def commit(self, disk_id, stream_id):
         return await self.inner.commit(disk_id, stream_id)
+
+    async def digests(self, disk_id, block_size):
+        return await self.inner.digests(disk_id, block_size)
 
     async def close(self):
         await self.inner.close()

@@ -35,6 +35,17 @@ class LocalTarget(ReplicaTarget):
             up.close()
         return sent
 
+    async def digests(self, disk_id: uuid.UUID, block_size: int):
+        rd = self.store.disk(disk_id)
+        if rd.generation == 0 and not rd.state.adopted:
+            return None
+
+        def compute():
+            from ..resync.scan import digest_disk
+            with rd.open_image() as img:
+                return digest_disk(img, block_size)[0]
+        return await asyncio.to_thread(compute)
+
     async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
         p = await asyncio.to_thread(self.store.disk(disk_id).commit, stream_id)
         return PointInfo(p.generation, p.time, p.consistency)

@@ -142,3 +142,30 @@ def test_seed_of_another_machine_or_older_than_the_replica_is_refused(tmp_path):
     rd._save()
     with pytest.raises(SequenceError, match="older"):
         asyncio.run(import_seed(machine_dir, LocalTarget(root)))
+
+
+def test_from_existing_disk_sends_only_the_differences(tmp_path):
+    """A disk already on the replica host (here: an older copy of the primary) becomes the replica; the
+    first cycle is a checksum resync that moves only the blocks changed since that copy."""
+    primary = str(tmp_path / "vm.vhdx")
+    make_primary(primary)
+    old_copy = str(tmp_path / "restored-backup.vhdx")
+    shutil.copy(primary, old_copy)
+    with VhdxDisk.open(primary, read_only=False) as d:          # the primary moved on since the backup
+        d.write(7 * MiB, b"\x77" * (3 * 65536))
+        d.write(60 * MiB + 100, b"\x78" * 1000)
+        disk_id = d.virtual_disk_id
+    root = str(tmp_path / "replica")
+    from replicator.cli import main
+    assert main(["seed", "import", "--replica-root", root, "--from-existing", old_copy,
+                 "--disk-id", str(disk_id)]) == 0
+    tracker = TrackedDisk(primary)
+    try:
+        result = asyncio.run(DiskReplicator(tracker, LocalTarget(root)).run_cycle())
+    finally:
+        tracker.close()
+    assert result.kind == "resync"
+    assert result.plain_bytes == 4 * 65536                      # three changed blocks, and one more
+    with VhdxDisk.open(primary) as d:
+        expected = d.read(0, SIZE)
+    assert ReplicaStore(root).disk(disk_id).open_image().read(0, SIZE) == expected
