@@ -60,7 +60,7 @@ class TrackedDisk:
         self.n_regions = -(-self.size // self.state.region_size)
         self.dirty = self.sidecar.load_bitmap(self.n_regions)
         self.cycle = np.zeros(self.n_regions, dtype=bool)
-        self._marked = [False] * self.n_regions      # plain list: cycle bits whose dirty bit is durable
+        self._marked = bytearray(self.n_regions)     # cycle bits whose dirty bit is durable (cheap to test)
         if reason:
             if self.state.state != TrackingState.RESYNC_REQUIRED.value and not self._bitmap_trustworthy(reason):
                 self.dirty[:] = True           # changes we never saw: every region must be compared
@@ -164,11 +164,11 @@ class TrackedDisk:
         if len(fresh):
             self.dirty[fresh] = True
             self.sidecar.persist_bitmap(self.dirty, fresh)
-        self._marked[lo:hi] = [True] * (hi - lo)
+        self._marked[lo:hi] = b"\x01" * (hi - lo)
 
     def _new_cycle(self) -> None:
         self.cycle[:] = False
-        self._marked = [False] * self.n_regions
+        self._marked = bytearray(self.n_regions)
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         if not len(data):
@@ -263,15 +263,14 @@ class TrackedDisk:
         if self.log is not None:
             self.log.close()
             self.log = None
-        for rec in self.state.sealed_logs:
-            path = os.path.join(self.sidecar.logs_dir, rec.name)
-            if os.path.exists(path):
-                os.unlink(path)
         self.state.sealed_logs = []
         self.state.state = TrackingState.RESYNCHRONIZING.value
         self.state.last_unique_id = ZERO_UUID
         self._new_cycle()
         self._start_log()
+        for name in os.listdir(self.sidecar.logs_dir):   # every older log, sealed or left open by a crash
+            if name != self.state.active_log:
+                os.unlink(os.path.join(self.sidecar.logs_dir, name))
         return extents
 
     def end_resync(self) -> None:
