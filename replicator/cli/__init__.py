@@ -7,6 +7,7 @@ import sys
 from ..errors import ReplicatorError
 from . import hrl as hrl_cmd
 from . import points as points_cmd
+from . import replicate as replicate_cmd
 from . import resync as resync_cmd
 from . import seed as seed_cmd
 from . import track as track_cmd
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     points_cmd.register(sub)
     resync_cmd.register(sub)
     seed_cmd.register(sub)
+    replicate_cmd.register(sub)
     return parser
 
 

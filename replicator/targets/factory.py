@@ -1,0 +1,30 @@
+"""A target from its URL: local:///path, https://host:8084 (certificates), http://host:8083 (Kerberos),
+azure://account/container. Retry and bandwidth limits are stacked on whichever it is."""
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from ..errors import UsageError
+from .base import BandwidthLimit, ReplicaTarget, Retry
+
+
+def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca: str | None = None,
+                kerberos: bool = False, bandwidth_limit: float | None = None, retries: int = 5) -> ReplicaTarget:
+    parsed = urlparse(url)
+    target: ReplicaTarget
+    if parsed.scheme == "local":
+        from .local import LocalTarget
+        target = LocalTarget(parsed.path)
+    elif parsed.scheme in ("https", "http"):
+        from .peer import PeerTarget
+        target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos)
+    elif parsed.scheme == "azure":
+        from ..azure import AzureTarget
+        target = AzureTarget.from_url(url)
+    else:
+        raise UsageError(f"unknown target {url!r}: use local:///PATH, https://HOST:8084, http://HOST:8083 "
+                         "(Kerberos) or azure://ACCOUNT/CONTAINER")
+    target = Retry(target, attempts=retries)
+    if bandwidth_limit:
+        target = BandwidthLimit(target, bandwidth_limit)
+    return target
