@@ -1,0 +1,571 @@
+"""`replicatord.toml`: the daemon's roles and the protection settings of every machine, refused at load when
+anything is wrong -- every problem at once, each with its dotted field path, so one edit fixes them all.
+
+Settings follow Hyper-V Replica and ASR: frequency 30 s / 5 min / 15 min, 0-24 additional hourly points,
+application-consistent points every 1-12 h (fewer hours than additional points), compression, certificate
+or Kerberos authentication, initial replication over the network, at a set time, from an offline seed or
+from an existing disk. A group's settings are defaults for its machines; a machine's own keys override them.
+
+Relative paths are taken from the directory of the configuration file. File checks: a disk file that does
+not exist is a *warning*, not an error (storage can mount after the daemon starts, and one machine's missing
+disk must not stop the protection of the others; that machine fails its cycles and shows Critical). A path
+that exists but is not a file is an error. `strict=True` turns warnings into errors (`--check-config`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+
+FREQUENCIES = (30, 300, 900)
+AUTH_MODES = ("certificate", "kerberos")
+DEFAULT_PORTS = {"certificate": 8084, "kerberos": 8083}
+INITIAL_MODES = {"network": (), "scheduled": ("at",), "offline": ("seed_dir",), "existing": ("path",)}
+RESYNC_MODES = ("auto", "manual")
+QUIESCE_PROVIDERS = {"script": ("pre_freeze", "post_thaw"), "qga": ("socket",)}
+DEFAULT_ADMIN = "127.0.0.1:8085"
+PROTECTION_KEYS = frozenset({
+    "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
+    "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "resync", "resync_window",
+    "target", "quiesce"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
+_BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I)
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+
+class ConfigError(UsageError):
+    """The configuration is refused; `problems` holds (field path, reason) for every problem found."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "replicatord.toml"):
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        super().__init__(f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:\n{lines}")
+        self.problems = list(problems)
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class InitialReplication:
+    mode: str = "network"
+    at: dt.datetime | dt.time | None = None     # scheduled: a moment, or a time of day (the next one)
+    seed_dir: str | None = None                 # offline: where the seed is written
+    path: str | None = None                     # existing: the disk (or a folder of disks) on the replica
+
+
+@dataclass(frozen=True)
+class QuiesceSettings:
+    provider: str                               # "script" or "qga"
+    pre_freeze: str | None = None
+    post_thaw: str | None = None
+    socket: str | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Protection:
+    frequency: int = 300
+    additional_points: int = 0
+    app_consistent_hours: int = 0               # 0: crash-consistent points only
+    compression: bool = True
+    auth: str = "certificate"
+    port: int | None = None                     # None: the target URL's, else the auth mode's default
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    initial_replication: InitialReplication = InitialReplication()
+    delete_replica_on_remove: bool = False
+    bandwidth_limit: int | None = None          # bytes per second; None = unlimited
+    resync: str = "auto"
+    resync_window: tuple[dt.time, dt.time] | None = None
+    target: str | None = None
+    quiesce: QuiesceSettings | None = None
+
+    @property
+    def replica_port(self) -> int | None:
+        """The port the replica listens on, for http(s) targets."""
+        if not self.target or urlsplit(self.target).scheme not in ("http", "https"):
+            return None
+        return urlsplit(self.target).port or self.port or DEFAULT_PORTS[self.auth]
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    disks: tuple[str, ...]                      # the protected disks (listed minus excluded)
+    excluded: tuple[str, ...] = ()
+    group: str | None = None
+    protection: Protection = Protection()
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    state_dir: str
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8085
+    admin_token_file: str = ""
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    principal: str
+    storage: str
+    trust_group: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    listen: str = "0.0.0.0"
+    port: int = 8084
+    auth: str = "certificate"
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    keytab: str | None = None
+    allow: tuple[AllowEntry, ...] = ()
+
+
+@dataclass
+class Config:
+    daemon: DaemonSettings
+    replica: ReplicaSettings | None = None
+    groups: dict[str, Protection] = field(default_factory=dict)
+    machines: list[Machine] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    path: str | None = None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(r for r, on in (("primary", bool(self.machines)), ("replica", self.replica is not None)) if on)
+
+    def machine(self, name: str) -> Machine:
+        for m in self.machines:
+            if m.name == name:
+                return m
+        raise UsageError(f"no machine {name!r} in the configuration")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class _Report:
+    def __init__(self):
+        self.errors: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
+        self.error = lambda path, reason: self.errors.append((path, reason))
+        self.warn = lambda path, reason: self.warnings.append((path, reason))
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+class _Table:
+    """One TOML table being read: refuses unknown keys and wrong types, naming the dotted path."""
+
+    def __init__(self, data: dict, path: str, rep: _Report, allowed, base: str):
+        self.data, self.path, self.rep, self.base = data, path, rep, base
+        for k in data:
+            if k not in allowed:
+                rep.error(self.at(k), f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, types: tuple, what: str, default=None):
+        v = self.data.get(key, default)
+        if key in self.data and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            self.rep.error(self.at(key), f"must be {what}, not {_kind(v)}")
+            return default
+        return v
+
+    def str(self, key: str, default=None):
+        v = self.get(key, (str,), "a string", default)
+        if key in self.data and v == "":
+            self.rep.error(self.at(key), "must not be empty")
+            return default
+        return v
+
+    def int(self, key: str, lo: int, hi: int, default=None):
+        v = self.get(key, (int,), "an integer", default)
+        if key in self.data and v is not None and not lo <= v <= hi:
+            self.rep.error(self.at(key), f"must be between {lo} and {hi}, not {v}")
+            return default
+        return v
+
+    def file(self, key: str, default=None, check: bool = False):
+        v = self.str(key, default)
+        v = None if v is None else os.path.normpath(os.path.join(self.base, os.path.expanduser(v)))
+        if check and v and not os.path.isfile(v):
+            self.rep.warn(self.at(key), f"{v} does not exist (yet)")
+        return v
+
+    def table(self, key: str) -> dict | None:
+        return self.get(key, (dict,), "a table", None)
+
+    def items(self, key: str, kind: type) -> list:
+        """An array's good items; each bad one reported as KEY[i]."""
+        good, name = [], {dict: "table", str: "string"}[kind]
+        for i, item in enumerate(self.get(key, (list,), f"an array of {name}s", []) or []):
+            if isinstance(item, kind) and item != "":
+                good.append(item)
+            else:
+                self.rep.error(f"{self.at(key)}[{i}]", f"must be a non-empty {name}, not {_kind(item)}")
+        return good
+
+
+# ---------------------------------------------------------------------------------------------- values
+def parse_frequency(v) -> int:
+    """30s / 5m / 15m, or 30 / 300 / 900 seconds: the only cadences Hyper-V Replica offers."""
+    m = _FREQ.match(v) if isinstance(v, str) else None
+    seconds = v if isinstance(v, int) and not isinstance(v, bool) else None
+    if m:
+        seconds = int(m.group(1)) * (60 if (m.group(2) or "s").lower() in ("m", "min") else 1)
+    if seconds not in FREQUENCIES:
+        raise ValueError(f"must be 30s, 5m or 15m (30, 300 or 900 seconds), not {v!r}")
+    return seconds
+
+
+def parse_bandwidth(v) -> int | None:
+    """Bytes per second: 100M = 100 MiB/s (K, M, G, T are powers of 1024); 0, "0" or "none" = unlimited."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"must be bytes per second like \"100M\", or \"none\", not {_kind(v)}")
+    if isinstance(v, str) and v.strip().lower() in ("none", "unlimited", "off"):
+        return None
+    m = _BW.match(v) if isinstance(v, str) else None
+    if isinstance(v, str) and not m:
+        raise ValueError(f"must be bytes per second like \"100M\" or \"512K\", or \"none\", not {v!r}")
+    rate = v if isinstance(v, int) else float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    if rate < 0:
+        raise ValueError(f"must not be negative, not {v!r}")
+    return int(rate) or None
+
+
+def parse_window(v: str) -> tuple[dt.time, dt.time]:
+    m = _WINDOW.match(v)
+    if not m or int(m.group(1)) > 23 or int(m.group(3)) > 23 or int(m.group(2)) > 59 or int(m.group(4)) > 59:
+        raise ValueError(f"must be \"HH:MM-HH:MM\" (e.g. \"22:00-06:00\"), not {v!r}")
+    start, end = dt.time(int(m.group(1)), int(m.group(2))), dt.time(int(m.group(3)), int(m.group(4)))
+    if start == end:
+        raise ValueError("is empty: start and end are the same")
+    return start, end
+
+
+def parse_target(v: str) -> str:
+    """https://HOST[:PORT] (certificates), http://HOST[:PORT] (Kerberos), local:///PATH, azure://ACCOUNT/CONTAINER."""
+    parts = urlsplit(v)
+    if parts.scheme in ("http", "https"):
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"has a bad port: {v!r}") from None
+        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"must be {parts.scheme}://HOST[:PORT], not {v!r}")
+    elif parts.scheme == "local":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError(f"must be local:///ABSOLUTE/PATH, not {v!r}")
+    elif parts.scheme == "azure":
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ValueError(f"must be azure://ACCOUNT/CONTAINER[/PREFIX], not {v!r}")
+    else:
+        raise ValueError(f"must be https://HOST:8084, http://HOST:8083, local:///PATH or azure://ACCOUNT/"
+                         f"CONTAINER, not {v!r}")
+    return v
+
+
+def _moment(v):
+    if isinstance(v, str):
+        for parse in (dt.datetime.fromisoformat, dt.time.fromisoformat):
+            try:
+                return parse(v)
+            except ValueError:
+                pass
+    if isinstance(v, (dt.datetime, dt.time)):
+        return v
+    raise ValueError(f"must be a date-time (2025-06-01T22:00:00) or a time of day (22:00:00), not {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def _checked(t: _Table, key: str, parse, out: dict) -> None:
+    if key in t.data:
+        try:
+            out[key] = parse(t.data[key])
+        except ValueError as e:
+            t.rep.error(t.at(key), str(e))
+
+
+def _initial(v, path: str, rep: _Report, base: str) -> InitialReplication | None:
+    if isinstance(v, str):
+        v = {"mode": v}
+    if not isinstance(v, dict):
+        rep.error(path, f"must be a mode string or a table, not {_kind(v)}")
+        return None
+    t = _Table(v, path, rep, {"mode", "at", "seed_dir", "path"}, base)
+    mode = t.str("mode")
+    if mode not in INITIAL_MODES:
+        rep.error(t.at("mode"), f"must be one of {', '.join(INITIAL_MODES)}, not {mode!r}")
+        return None
+    for k in ("at", "seed_dir", "path"):
+        if k in v and k not in INITIAL_MODES[mode]:
+            rep.error(t.at(k), f"only applies to mode {[m for m, ks in INITIAL_MODES.items() if k in ks][0]!r}")
+        elif k not in v and k in INITIAL_MODES[mode]:
+            rep.error(t.at(k), f"missing: mode {mode!r} needs it")
+    out: dict = {}
+    _checked(t, "at", _moment, out)
+    if isinstance(out.get("at"), dt.datetime) and out["at"].tzinfo is None and out["at"] < dt.datetime.now():
+        rep.warn(t.at("at"), "is in the past: initial replication starts at once")
+    return InitialReplication(mode, out.get("at"), t.file("seed_dir"), t.file("path"))
+
+
+def _quiesce(v, path: str, rep: _Report, base: str) -> QuiesceSettings | None:
+    if not isinstance(v, dict):
+        rep.error(path, f"must be a table, not {_kind(v)}")
+        return None
+    t = _Table(v, path, rep, {"provider", "pre_freeze", "post_thaw", "socket", "timeout"}, base)
+    provider = t.str("provider")
+    if provider not in QUIESCE_PROVIDERS:
+        rep.error(t.at("provider"), f"must be \"script\" or \"qga\", not {provider!r}")
+        return None
+    for k in ("pre_freeze", "post_thaw", "socket"):
+        if k in v and k not in QUIESCE_PROVIDERS[provider]:
+            rep.error(t.at(k), f"does not apply to provider {provider!r}")
+    if provider == "qga" and "socket" not in v:
+        rep.error(t.at("socket"), "missing: the QEMU guest agent's Unix socket")
+    if provider == "script" and not ({"pre_freeze", "post_thaw"} & set(v)):
+        rep.error(path, "a script provider needs pre_freeze, post_thaw or both")
+    timeout = t.get("timeout", (int, float), "a number of seconds", 30.0)
+    if timeout is not None and not 0 < timeout <= 3600:
+        rep.error(t.at("timeout"), f"must be between 0 and 3600 seconds, not {timeout}")
+    return QuiesceSettings(provider, t.str("pre_freeze"), t.str("post_thaw"), t.file("socket"), float(timeout or 30))
+
+
+def _protection(t: _Table) -> dict:
+    """The protection keys present in a group or a machine, each parsed (bad ones reported and left out)."""
+    out: dict = {}
+    _checked(t, "frequency", parse_frequency, out)
+    _checked(t, "bandwidth_limit", parse_bandwidth, out)
+    for key, lo, hi in (("additional_points", 0, 24), ("app_consistent_hours", 1, 12), ("port", 1, 65535)):
+        if key in t.data and t.int(key, lo, hi) is not None:
+            out[key] = t.data[key]
+    for key in ("compression", "delete_replica_on_remove"):
+        if t.get(key, (bool,), "true or false") is not None:
+            out[key] = t.data[key]
+    for key, allowed in (("auth", AUTH_MODES), ("resync", RESYNC_MODES)):
+        v = t.str(key)
+        if v is not None and v not in allowed:
+            t.rep.error(t.at(key), f"must be {' or '.join(repr(a) for a in allowed)}, not {v!r}")
+        elif v is not None:
+            out[key] = v
+    for key in ("cert", "key", "ca"):
+        if t.str(key) is not None:
+            out[key] = t.file(key, check=True)
+    if t.str("resync_window") is not None:
+        _checked(t, "resync_window", parse_window, out)
+    if t.str("target") is not None:
+        _checked(t, "target", parse_target, out)
+    if "initial_replication" in t.data:
+        out["initial_replication"] = _initial(t.data["initial_replication"], t.at("initial_replication"), t.rep,
+                                              t.base) or InitialReplication()
+    if "quiesce" in t.data and (q := _quiesce(t.data["quiesce"], t.at("quiesce"), t.rep, t.base)):
+        out["quiesce"] = q
+    return out
+
+
+def _contradictions(p: Protection, final: bool) -> list[tuple[str, str]]:
+    """Problems between fields; `final` adds those that only a machine's complete settings can show."""
+    found = []
+    if p.app_consistent_hours and not p.additional_points:
+        found.append(("app_consistent_hours", "needs additional_points >= 1: application-consistent points are "
+                      "kept among the additional recovery points"))
+    elif p.app_consistent_hours and p.app_consistent_hours >= p.additional_points:
+        found.append(("app_consistent_hours", f"must be less than additional_points ({p.additional_points})"))
+    if p.auth == "kerberos" and (p.cert or p.key or p.ca):
+        found.append(("auth", "kerberos authentication uses no certificate files: remove cert, key and ca"))
+    if p.resync == "manual" and p.resync_window:
+        found.append(("resync_window", "only applies to resync = \"auto\""))
+    parts = urlsplit(p.target or "")
+    if parts.scheme in ("http", "https") and (parts.scheme == "https") != (p.auth == "certificate"):
+        found.append(("target", f"auth {p.auth!r} needs {'https' if p.auth == 'certificate' else 'http'}://"))
+    if parts.scheme in ("http", "https") and p.port and parts.port and parts.port != p.port:
+        found.append(("port", f"contradicts the target URL's port {parts.port}"))
+    if final and p.app_consistent_hours and p.quiesce is None:
+        found.append(("quiesce", "missing: application-consistent points need a quiesce provider"))
+    if final and p.target is None:
+        found.append(("target", "missing: where to replicate (https://HOST:8084, http://HOST:8083, "
+                      "local:///PATH or azure://ACCOUNT/CONTAINER)"))
+    if final and p.auth == "certificate" and parts.scheme == "https" and not (p.cert and p.key and p.ca):
+        found.append(("cert", "certificate authentication needs cert, key and ca"))
+    return found
+
+
+def _daemon(t: _Table) -> DaemonSettings:
+    state_dir = t.file("state_dir", "/var/lib/replicator")
+    listen = t.str("admin_listen", DEFAULT_ADMIN)
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        if not 1 <= (port := int(port)) <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        t.rep.error(t.at("admin_listen"), f"must be HOST:PORT on loopback (e.g. {DEFAULT_ADMIN}), not {listen!r}")
+        host, port, loopback = "127.0.0.1", 8085, True
+    if not loopback:
+        t.rep.error(t.at("admin_listen"), f"the admin API listens on loopback only (127.0.0.1, ::1), not {host}")
+    token = t.file("admin_token_file") or os.path.join(state_dir, "admin.token")
+    return DaemonSettings(state_dir, host, port, token)
+
+
+def _allow(t: _Table) -> tuple[AllowEntry, ...]:
+    entries, seen = [], set()
+    for i, raw in enumerate(t.items("allow", dict)):
+        a = _Table(raw, f"{t.at('allow')}[{i}]", t.rep, {"principal", "storage", "trust_group"}, t.base)
+        principal, storage = a.str("principal"), a.file("storage")
+        for key, value in (("principal", principal), ("storage", storage)):
+            if value is None and key not in raw:
+                t.rep.error(a.at(key), "missing")
+        if principal and principal.count("*") > 1:
+            t.rep.error(a.at("principal"), f"has more than one '*': {principal!r}")
+        elif principal in seen:
+            t.rep.error(a.at("principal"), f"{principal!r} is listed twice")
+        elif principal and storage:
+            seen.add(principal)
+            entries.append(AllowEntry(principal, storage, a.str("trust_group")))
+    return tuple(entries)
+
+
+def _replica(t: _Table) -> ReplicaSettings:
+    auth = t.str("auth", "certificate")
+    if auth not in AUTH_MODES:
+        t.rep.error(t.at("auth"), f"must be 'certificate' or 'kerberos', not {auth!r}")
+        auth = "certificate"
+    listen = t.str("listen", "0.0.0.0")
+    try:
+        ipaddress.ip_address(listen.strip("[]"))
+    except ValueError:
+        if not _HOST.match(listen):
+            t.rep.error(t.at("listen"), f"must be an address or a host name, not {listen!r}")
+    files = {k: t.file(k, check=True) for k in ("cert", "key", "ca", "keytab")}
+    if auth == "kerberos" and (files["cert"] or files["key"] or files["ca"]):
+        t.rep.error(t.at("auth"), "kerberos authentication uses no certificate files: remove cert, key and ca")
+    if auth == "certificate" and files["keytab"]:
+        t.rep.error(t.at("keytab"), "only applies to auth = \"kerberos\"")
+    if auth == "certificate":
+        for k in ("cert", "key", "ca"):
+            if not files[k]:
+                t.rep.error(t.at(k), "missing: certificate authentication needs cert, key and ca")
+    allow = _allow(t)
+    if not allow and "allow" not in t.data:
+        t.rep.error(t.at("allow"), "missing: without [[replica.allow]] entries no primary may replicate here")
+    return ReplicaSettings(listen, t.int("port", 1, 65535, None) or DEFAULT_PORTS[auth], auth, allow=allow,
+                           **files)
+
+
+def _groups(root: _Table) -> tuple[dict[str, Protection], dict[str, dict]]:
+    groups, partials = {}, {}
+    for i, raw in enumerate(root.items("group", dict)):
+        name = raw.get("name")
+        t = _Table(raw, f"group[{name if isinstance(name, str) and name else i}]", root.rep,
+                   PROTECTION_KEYS | {"name"}, root.base)
+        if not isinstance(name, str) or not _NAME.match(name):
+            root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
+            continue
+        if name in partials:
+            root.rep.error(t.at("name"), f"group {name!r} is defined twice")
+            continue
+        partials[name] = _protection(t)
+        groups[name] = Protection(**partials[name])
+        for key, reason in _contradictions(groups[name], final=False):
+            root.rep.error(t.at(key), reason)
+    return groups, partials
+
+
+def _disks(t: _Table, owners: dict[str, str], name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    listed = [os.path.normpath(os.path.join(t.base, d)) for d in t.items("disks", str)]
+    if "disks" not in t.data:
+        t.rep.error(t.at("disks"), "missing: the machine's disk files")
+    excluded = [os.path.normpath(os.path.join(t.base, d)) for d in t.items("exclude", str)]
+    for i, d in enumerate(listed):
+        where = f"{t.at('disks')}[{i}]"
+        real = os.path.realpath(d)
+        if listed.index(d) != i:
+            t.rep.error(where, f"{d} is listed twice")
+        elif real in owners and owners[real] != name:
+            t.rep.error(where, f"{d} is also a disk of machine {owners[real]!r}")
+        elif os.path.exists(d) and not os.path.isfile(d):
+            t.rep.error(where, f"{d} is not a file")
+        elif not os.path.exists(d):
+            t.rep.warn(where, f"{d} does not exist (yet): the machine cannot replicate until it does")
+        owners.setdefault(real, name)
+    for i, d in enumerate(excluded):
+        if d not in listed:
+            t.rep.error(f"{t.at('exclude')}[{i}]", f"{d} is not one of the machine's disks")
+    disks = tuple(d for d in dict.fromkeys(listed) if d not in excluded)
+    if listed and not disks:
+        t.rep.error(t.at("exclude"), "excludes every disk: nothing left to protect")
+    return disks, tuple(excluded)
+
+
+def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, dict]) -> list[Machine]:
+    machines, names, owners = [], set(), {}
+    for i, raw in enumerate(root.items("machine", dict)):
+        name = raw.get("name")
+        t = _Table(raw, f"machine[{name if isinstance(name, str) and name else i}]", root.rep,
+                   PROTECTION_KEYS | {"name", "disks", "exclude", "group"}, root.base)
+        if not isinstance(name, str) or not _NAME.match(name):
+            root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
+        elif name in names:
+            root.rep.error(t.at("name"), f"machine {name!r} is defined twice")
+        names.add(name)
+        group = t.str("group")
+        if group is not None and group not in partials:
+            root.rep.error(t.at("group"), f"no group named {group!r}")
+        disks, excluded = _disks(t, owners, name)
+        own = _protection(t)
+        p = Protection(**{**partials.get(group, {}), **own})
+        inherited = set(_contradictions(groups[group], final=False)) if group in groups else set()
+        for key, reason in _contradictions(p, final=True):
+            if (key, reason) not in inherited:
+                root.rep.error(t.at(key), reason)
+        if p.quiesce and not p.app_consistent_hours:
+            root.rep.warn(t.at("quiesce"), "is never used: app_consistent_hours is not set")
+        machines.append(Machine(str(name), disks, excluded, group, p))
+    return machines
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.toml", strict: bool = False) -> Config:
+    """Parse and validate; ConfigError lists every problem. Warnings are kept in Config.warnings."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("(syntax)", str(e))], source) from None
+    rep = _Report()
+    root = _Table(data, "", rep, {"daemon", "replica", "group", "machine"}, os.path.abspath(base_dir))
+    sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
+        ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
+        ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow"}))}
+    daemon = _daemon(sub["daemon"])
+    replica = _replica(sub["replica"]) if isinstance(data.get("replica"), dict) else None
+    groups, partials = _groups(root)
+    machines = _machines(root, groups, partials)
+    if replica is None and not machines and not rep.errors:
+        rep.error("(top)", "nothing to run: add [[machine]] entries (primary role), a [replica] table, or both")
+    problems = rep.errors + (rep.warnings if strict else [])
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(daemon, replica, groups, machines, [f"{p}: {r}" for p, r in rep.warnings], source)
+
+
+def load_config(path: str, *, strict: bool = False) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([("(file)", f"cannot read {path}: {e}")], path) from None
+    return parse_config(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path, strict=strict)
