@@ -10,6 +10,7 @@ from . import points as points_cmd
 from . import replicate as replicate_cmd
 from . import resync as resync_cmd
 from . import seed as seed_cmd
+from . import status as status_cmd
 from . import track as track_cmd
 from . import vhdx as vhdx_cmd
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     resync_cmd.register(sub)
     seed_cmd.register(sub)
     replicate_cmd.register(sub)
+    status_cmd.register(sub)
     return parser
 
 

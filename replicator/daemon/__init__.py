@@ -1,0 +1,1 @@
+"""replicatord: the long-running daemon (primary and replica roles, scheduler, admin API)."""

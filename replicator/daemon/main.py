@@ -1,0 +1,177 @@
+"""`replicatord --config replicatord.toml`: the primary role (protected machines), the replica role
+(listener with authorization entries and storage locations), or both; an admin API on loopback.
+
+Admin API (127.0.0.1 only, `Authorization: Bearer TOKEN` with the token from the token file):
+  GET  /v1/status                          every machine: state, reason, health, statistics, disks
+  GET  /metrics                            Prometheus text format
+  POST /v1/machines/NAME/pause|resume|resync|cycle
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import signal
+import sys
+
+from aiohttp import web
+
+from ..errors import ReplicatorError
+from ..orchestration import Scheduler, load_config, provider_from_settings, render_prometheus
+from .primary import PrimaryMachine
+
+log = logging.getLogger("replicatord")
+
+
+def ensure_token(path: str) -> str:
+    """The admin token; created (mode 0600) on first start."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    with open(path) as f:
+        return f.read().strip()
+
+
+class Daemon:
+    def __init__(self, config):
+        self.config = config
+        self.state_dir = config.daemon.state_dir
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.machines: dict[str, PrimaryMachine] = {}
+        self.replica_server = None
+        self.scheduler = Scheduler(self._run_cycle, cut=self._cut, on_missed=self._missed,
+                                   on_warning=lambda m, text: log.warning("%s: %s", m, text))
+        self.stopping = asyncio.Event()
+
+    async def _run_cycle(self, name: str, consistency: str):
+        return await self.machines[name].run_cycle(consistency)
+
+    async def _cut(self, name: str) -> None:
+        await self.machines[name].cut()
+
+    def _missed(self, name: str, scheduled: float) -> None:
+        self.machines[name].stats.record_missed()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for m in self.config.machines:
+            pm = PrimaryMachine(m, self.state_dir)
+            pm.start()
+            self.machines[m.name] = pm
+            q = m.protection.quiesce
+            self.scheduler.add(m.name, m.protection.frequency,
+                               app_consistent_hours=m.protection.app_consistent_hours,
+                               quiesce=provider_from_settings(q) if q else None)
+            log.info("%s: protecting %d disk(s), %s, every %d s", m.name, len(pm.disks), pm.state.state.name,
+                     m.protection.frequency)
+        if self.config.replica is not None:
+            from .replica_role import start_replica_role
+            self.replica_server = await start_replica_role(self.config.replica)
+        self.scheduler.start()
+        self.token = ensure_token(self.config.daemon.admin_token_file or os.path.join(self.state_dir, "admin.token"))
+        self.admin = web.AppRunner(self._admin_app(), access_log=None)
+        await self.admin.setup()
+        site = web.TCPSite(self.admin, self.config.daemon.admin_host, self.config.daemon.admin_port)
+        await site.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop(wait=True)
+        for pm in self.machines.values():
+            pm.stop()
+        if self.replica_server is not None:
+            await self.replica_server.stop()
+        await self.admin.cleanup()
+
+    # ------------------------------------------------------------------ admin API
+    def _admin_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/machines/{name}/{op}", self._operation)
+        return app
+
+    @web.middleware
+    async def _auth(self, request, handler):
+        header = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {self.token}"):
+            return web.json_response({"error": "missing or wrong admin token"}, status=401)
+        return await handler(request)
+
+    async def _status(self, request):
+        return web.json_response({"machines": [pm.status() for pm in self.machines.values()],
+                                  "replica": self.replica_server.status() if self.replica_server else None})
+
+    async def _metrics(self, request):
+        text = render_prometheus([pm.stats for pm in self.machines.values()],
+                                 states={n: pm.state.state.name for n, pm in self.machines.items()})
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _operation(self, request):
+        pm = self.machines.get(request.match_info["name"])
+        if pm is None:
+            return web.json_response({"error": "no such machine"}, status=404)
+        op = request.match_info["op"]
+        try:
+            if op == "pause":
+                pm.pause()
+                self.scheduler.pause(pm.name)
+            elif op == "resume":
+                pm.resume()
+                self.scheduler.resume(pm.name)
+            elif op == "resync":
+                pm.request_resync()
+            elif op == "cycle":
+                await pm.cycle_now()
+            else:
+                return web.json_response({"error": f"unknown operation {op}"}, status=404)
+        except ReplicatorError as e:
+            return web.json_response({"error": e.message}, status=409)
+        return web.json_response(pm.status())
+
+
+async def serve(config) -> None:
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    await daemon.start()
+    print(f"replicatord: {', '.join(config.roles)} role(s); admin API on "
+          f"http://{config.daemon.admin_host}:{config.daemon.admin_port}", flush=True)
+    await daemon.stopping.wait()
+    await daemon.stop()
+    print("replicatord: stopped cleanly", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="replicatord", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config)
+    except ReplicatorError as e:
+        print(f"replicatord: {e.message}", file=sys.stderr)
+        return e.exit_code
+    for w in config.warnings:
+        print(f"replicatord: warning: {w}", file=sys.stderr)
+    if args.check_config:
+        print(f"{args.config}: valid; roles: {', '.join(config.roles)}; machines: "
+              f"{', '.join(m.name for m in config.machines) or 'none'}")
+        return 0
+    try:
+        import uvloop
+        uvloop.run(serve(config))
+    except ReplicatorError as e:
+        print(f"replicatord: {e.message}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""replicatord as an operator runs it: a config, the daemon in the background, a VM's writes over NBD,
+status and operations through the CLI and the admin API, kill -9 and restart."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from replicator.replica import ReplicaStore
+from replicator.vhdx import VhdxDisk, create_vhdx
+
+from ..externals import qemu_compare, tool
+
+MiB = 1 << 20
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Site:
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.port = free_port()
+        for name, size in (("d0.vhdx", 64), ("d1.vhdx", 32)):
+            with create_vhdx(str(tmp_path / name), size * MiB, block_size=2 * MiB) as d:
+                d.write(0, bytes([size]) * MiB)
+        self.config = str(tmp_path / "replicatord.toml")
+        with open(self.config, "w") as f:
+            f.write(f'''[daemon]
+state_dir = "state"
+admin_listen = "127.0.0.1:{self.port}"
+
+[[machine]]
+name = "vm01"
+disks = ["d0.vhdx", "d1.vhdx"]
+target = "local://{tmp_path}/replica"
+frequency = "15m"
+additional_points = 2
+''')
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.dir / "daemon.log", "ab")
+        self.proc = subprocess.Popen([os.path.join(BIN, "replicatord"), "--config", self.config],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if self.status()["machines"][0]["state"] == "Replicating":
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(open(self.dir / "daemon.log").read())
+
+    def cli(self, *args) -> str:
+        return subprocess.run([os.path.join(BIN, "replicator"), *args, "--config", self.config], check=True,
+                              capture_output=True, text=True).stdout
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json"))
+
+    def qemu_io(self, disk: str, *cmds: str) -> None:
+        sock = self.dir / "state" / "nbd" / "vm01.sock"
+        args = [tool("qemu-io"), "-f", "raw"] + [x for c in cmds for x in ("-c", c)]
+        subprocess.run(args + [f"nbd+unix:///{disk}?socket={sock}"], check=True, capture_output=True)
+
+    def snapshot(self, disk: str) -> str:
+        out = str(self.dir / f"snap-{disk}")
+        shutil.copy(self.dir / disk, out)
+        VhdxDisk.open(out, read_only=False).close()
+        return out
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        self.proc.wait(60)
+        self.log.close()
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    s.start()
+    yield s
+    if s.proc.poll() is None:
+        s.stop()
+
+
+def replica_equals(site, disk_file: str, snap: str) -> bool:
+    disk_id = site.status()["machines"][0]["disks"][disk_file]["disk_id"]
+    rd = ReplicaStore(str(site.dir / "replica")).disk(disk_id)
+    return qemu_compare(rd.image_path, snap, "vhdx", "vhdx").returncode == 0
+
+
+def test_daemon_replicates_reports_and_survives_kill9(site):
+    st = site.status()["machines"][0]
+    assert st["state"] == "Replicating" and st["stats"]["health"] == "Normal"
+    site.qemu_io("d0.vhdx", "write -P 0x71 3M 2M", "write -z 10M 1M")
+    site.qemu_io("d1.vhdx", "write -P 0x72 0 512k")
+    out = site.cli("machine", "vm01", "cycle")
+    assert "Replicating" in out
+    # the daemon holds the disks; their bytes are flushed after each cycle's cut, so a copy now is the cut
+    for disk in ("d0.vhdx", "d1.vhdx"):
+        assert replica_equals(site, disk, site.snapshot(disk))
+    site.cli("machine", "vm01", "pause")
+    assert site.status()["machines"][0]["state"] == "Suspended"
+    site.cli("machine", "vm01", "resume")
+    assert site.status()["machines"][0]["state"] == "Replicating"
+    text = site.cli("status")
+    assert "vm01: Replicating" in text and "health Normal" in text
+    # wrong token: refused; right token: Prometheus metrics
+    base = f"http://127.0.0.1:{site.port}"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer x"}))
+    assert e.value.code == 401
+    token = open(site.dir / "state" / "admin.token").read().strip()
+    metrics = urllib.request.urlopen(urllib.request.Request(
+        base + "/metrics", headers={"Authorization": f"Bearer {token}"})).read().decode()
+    assert 'machine="vm01"' in metrics and "# TYPE" in metrics
+    # kill -9 while the VM writes; the restarted daemon resynchronizes and the replica levels
+    site.qemu_io("d0.vhdx", "write -P 0x73 20M 4M")
+    site.stop(signal.SIGKILL)
+    site.start()                                     # waits until the machine is Replicating again
+    site.cli("machine", "vm01", "cycle")
+    st = site.status()["machines"][0]
+    assert st["state"] == "Replicating", st
+    for disk in ("d0.vhdx", "d1.vhdx"):
+        assert replica_equals(site, disk, site.snapshot(disk)), disk
+    states = [h["to"] for h in json.load(open(site.dir / "state" / "machines" / "vm01.json"))["history"]]
+    assert "Replicating" in states
