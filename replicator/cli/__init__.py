@@ -5,8 +5,10 @@ import argparse
 import sys
 
 from ..errors import ReplicatorError
+from . import certs as certs_cmd
 from . import hrl as hrl_cmd
 from . import points as points_cmd
+from . import replica as replica_cmd
 from . import replicate as replicate_cmd
 from . import resync as resync_cmd
 from . import seed as seed_cmd
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     vhdx_cmd.register(sub)
     hrl_cmd.register(sub)
     track_cmd.register(sub)
+    certs_cmd.register(sub)
+    replica_cmd.register(sub)
     points_cmd.register(sub)
     resync_cmd.register(sub)
     seed_cmd.register(sub)

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from .. import delta
+from ..disk.base import pwrite_all
 from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
 from ..vhdx import VhdxDisk, create_vhdx
 from . import undo
@@ -128,7 +129,7 @@ class Upload:
         if offset != self.size:
             raise SequenceError(f"{self.path}: upload continues at {self.size}, not at {offset}")
         try:
-            os.pwrite(self.fd, data, offset)
+            pwrite_all(self.fd, data, offset)          # a short write (disk nearly full) must not pass unseen
         except OSError as e:
             raise DiskIOError(f"{self.path}: spool write failed: {e.strerror}") from None
         self.size += len(data)

@@ -17,7 +17,8 @@ def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca
         target = LocalTarget(parsed.path)
     elif parsed.scheme in ("https", "http"):
         from .peer import PeerTarget
-        target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos)
+        target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos, bandwidth_limit=bandwidth_limit)
+        bandwidth_limit = None                  # the client's own token bucket covers the whole link
     elif parsed.scheme == "azure":
         from ..azure import AzureTarget
         target = AzureTarget.from_url(url)

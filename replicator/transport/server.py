@@ -1,0 +1,498 @@
+"""The replica side of the transport: an aiohttp application on uvloop in front of ReplicaStores.
+
+Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and is counted):
+  PUT    /v1/disks/{disk}                          create or check a replica disk  {size, name, block_size}
+  GET    /v1/disks/{disk}                          generation, recovery points, spooled uploads
+  GET    /v1/disks/{disk}/uploads/{stream}         resume token {durable, digest}
+  PUT    /v1/disks/{disk}/uploads/{stream}?offset=N  body: stream bytes from N (streamed, synced) -> {durable}
+  DELETE /v1/disks/{disk}/uploads/{stream}         drop a spooled upload
+  POST   /v1/disks/{disk}/uploads/{stream}/commit  verify and apply -> {point, generation}
+  GET    /v1/health                                server counters and this primary's disks' counters
+Refusals: 400 refused, 401 unauthenticated, 403 forbidden, 404 not_found, 409 busy|sequence, 422 format,
+500 io, 507 disk_full. The resume token is {durable: bytes held after fsync, digest: hex XXH3-128 of them}.
+
+Certificate mode is HTTPS with a required client certificate from our CA (no certificate, another CA,
+an expired one or one without clientAuth fails the TLS handshake itself, counted as tls_refused).
+Kerberos mode is HTTP with SPNEGO: each request carries `Authorization: Negotiate`, and each answer to an
+authenticated request carries the acceptor's token so the client can check the server (mutual auth).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import threading
+import uuid
+from dataclasses import asdict
+
+from aiohttp import web
+
+from ..errors import DiskIOError, FormatError, ReplicatorError, UsageError
+from ..replica import ReplicaStore, SequenceError
+from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, Ownership, acceptor_credentials,
+                   authorize, certificate_principal, counting_sslobject, kerberos_accept)
+
+log = logging.getLogger("replicator.transport")
+
+MiB = 1 << 20
+DEFAULT_PORTS = {"cert": 8084, "kerberos": 8083}
+WRITE_SIZE, WRITE_DEPTH = MiB, 4     # spool writes of 1 MiB, up to 4 of them buffered per upload
+PRINCIPAL = web.RequestKey("principal", str)
+
+
+class NotFound(ReplicatorError):
+    """The request names a disk or upload the replica does not hold."""
+
+
+class Busy(ReplicatorError):
+    """Another request (often the torn-down half of a dropped connection) still holds this upload."""
+
+
+_REFUSALS = [(AuthenticationError, 401, "unauthenticated"), (AuthorizationError, 403, "forbidden"),
+             (NotFound, 404, "not_found"), (Busy, 409, "busy"), (SequenceError, 409, "sequence"),
+             (FormatError, 422, "format")]
+
+
+def _status_of(e: ReplicatorError) -> tuple[int, str]:
+    """HTTP status and error code of a refusal (the client maps them back to its errors)."""
+    for cls, status, code in _REFUSALS:
+        if isinstance(e, cls):
+            return status, code
+    if isinstance(e, DiskIOError):
+        full = "No space left" in e.message or "disk full" in e.message
+        return (507, "disk_full") if full else (500, "io")
+    return 400, "refused"
+
+
+class _SpoolWriter:
+    """Appends a request body to an Upload through WRITE_DEPTH buffers of WRITE_SIZE: the loop fills one
+    while a thread of this upload's own writes the others in order (syncing every `interval` bytes), so
+    network, disk writes and fsync overlap; with every buffer in flight the loop stops reading, so
+    backpressure reaches the sender and memory stays bounded. After a failed write nothing more is
+    written, so the spool never holds a gap."""
+
+    def __init__(self, upload, interval: int):
+        self.upload, self.interval, self.unsynced, self.received = upload, interval, 0, 0
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self.free = [bytearray(WRITE_SIZE) for _ in range(WRITE_DEPTH)]
+        self.buf, self.fill = self.free.pop(), 0
+        self.pending: collections.deque = collections.deque()
+        self.failed = False
+
+    async def feed(self, chunk: bytes) -> None:
+        mv = memoryview(chunk)
+        while mv:
+            n = min(len(mv), WRITE_SIZE - self.fill)
+            self.buf[self.fill:self.fill + n] = mv[:n]
+            self.fill, mv = self.fill + n, mv[n:]
+            if self.fill == WRITE_SIZE:
+                self.pending.append((self.thread.submit(self._put, self.buf), self.buf))
+                if not self.free:
+                    await self._oldest()
+                self.buf, self.fill = self.free.pop(), 0
+
+    async def finish(self) -> int:
+        last = self.thread.submit(self._finish, memoryview(self.buf)[:self.fill])
+        while self.pending:
+            await self._oldest()
+        return await asyncio.wrap_future(last)
+
+    def wait(self) -> None:
+        """Block until no write is in flight: none may outlive the upload's file descriptor."""
+        self.thread.shutdown(wait=True)
+
+    async def _oldest(self) -> None:
+        done, buf = self.pending.popleft()
+        await asyncio.wrap_future(done)
+        self.free.append(buf)
+
+    def _put(self, data) -> None:
+        if self.failed:
+            return
+        try:
+            self.upload.write(self.upload.size, data)
+            self.unsynced += len(data)
+            if self.unsynced >= self.interval:
+                self.upload.sync()
+                self.unsynced = 0
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _finish(self, data) -> int:
+        if self.failed:
+            raise DiskIOError(f"{self.upload.path}: an earlier spool write failed")
+        if len(data):
+            self._put(data)
+        return self.upload.sync()
+
+
+class ReplicaServer:
+    """Serves one or more storage roots to the primaries its authorization entries admit."""
+
+    def __init__(self, entries: list[AuthorizationEntry], *, mode: str = "cert", host: str = "127.0.0.1",
+                 port: int | None = None, certfile: str | None = None, keyfile: str | None = None,
+                 cafile: str | None = None, keytab: str | None = None, service: str | None = None,
+                 sync_interval: int = 16 * MiB, lock_timeout: float = 15.0, read_timeout: float = 60.0):
+        if mode not in DEFAULT_PORTS:
+            raise UsageError(f"unknown authentication mode {mode!r}: use cert or kerberos")
+        if mode == "cert" and not (certfile and keyfile and cafile):
+            raise UsageError("certificate mode needs the server certificate, its key and the CA certificate")
+        if not entries:
+            raise UsageError("no authorization entries: no primary could replicate here")
+        self.entries = list(entries)
+        self.mode, self.host = mode, host
+        self.port = DEFAULT_PORTS[mode] if port is None else port
+        self.certfile, self.keyfile, self.cafile = certfile, keyfile, cafile
+        self.keytab, self.service = keytab, service
+        self.sync_interval, self.lock_timeout, self.read_timeout = sync_interval, lock_timeout, read_timeout
+        self.counters: collections.Counter = collections.Counter()
+        self._stores: dict = {}
+        self._owners: dict[str, Ownership] = {}
+        self._locks: dict[tuple, asyncio.Lock] = {}
+        self._gss_creds = None
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------ setup
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        ctx.load_verify_locations(self.cafile)
+        ctx.sslobject_class = counting_sslobject(self._tls_refused)
+        return ctx
+
+    def _tls_refused(self, e: ssl.SSLError) -> None:
+        reason = getattr(e, "verify_message", None) or e.reason or type(e).__name__
+        self.counters["tls_refused"] += 1
+        self.counters[f"tls_refused:{reason}"] += 1
+        log.warning("TLS handshake refused: %s", reason)
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard])
+        d, u = "/v1/disks/{disk}", "/v1/disks/{disk}/uploads/{stream}"
+        app.add_routes([web.put(d, self.put_disk), web.get(d, self.get_disk),
+                        web.get(u, self.get_upload), web.put(u, self.put_upload),
+                        web.delete(u, self.delete_upload), web.post(u + "/commit", self.commit),
+                        web.get("/v1/health", self.health)])
+        return app
+
+    async def start(self) -> "ReplicaServer":
+        ctx = None
+        if self.mode == "cert":
+            ctx = self.ssl_context()
+        else:
+            self._gss_creds = acceptor_credentials(self.keytab, self.service)
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                     read_bufsize=MiB)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx, backlog=128)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.mode == "cert" else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ authentication and refusals
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        self.counters["requests"] += 1
+        mutual = None
+        try:
+            principal, mutual = await self._authenticate(request)
+            request[PRINCIPAL] = principal
+            resp = await handler(request)
+        except ReplicatorError as e:
+            resp = self._refusal(e, request)
+        except OSError as e:                             # the store's own file handling (full disk, ...)
+            resp = self._refusal(DiskIOError(f"{e.strerror or e}"), request)
+        if mutual:
+            resp.headers["WWW-Authenticate"] = "Negotiate " + base64.b64encode(mutual).decode()
+        return resp
+
+    def _refusal(self, e: ReplicatorError, request: web.Request) -> web.Response:
+        status, code = _status_of(e)
+        self.counters[f"refused:{code}"] += 1
+        log.warning("%s %s refused (%s): %s", request.method, request.path, code, e.message)
+        resp = web.json_response({"error": code, "message": e.message}, status=status)
+        if status == 401 and self.mode == "kerberos":
+            resp.headers["WWW-Authenticate"] = "Negotiate"
+        return resp
+
+    async def _authenticate(self, request: web.Request) -> tuple[str, bytes | None]:
+        if self.mode == "cert":
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            return certificate_principal(peer), None
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Negotiate "):
+            raise AuthenticationError("Kerberos authentication required (Authorization: Negotiate)")
+        try:
+            token = base64.b64decode(header[len("Negotiate "):], validate=True)
+        except ValueError:
+            raise AuthenticationError("malformed Negotiate token") from None
+        return await asyncio.get_running_loop().run_in_executor(None, kerberos_accept, self._gss_creds, token)
+
+    # ------------------------------------------------------------------ storage mapping
+    def _resolve(self, request: web.Request, claim: bool = False):
+        """(store, disk id, entry) for this principal, checking the entry's trust group owns the disk."""
+        principal = request[PRINCIPAL]
+        entry = self._entry(principal)
+        try:
+            disk_id = str(uuid.UUID(request.match_info["disk"]))
+        except ValueError:
+            raise UsageError(f"invalid disk id {request.match_info['disk']!r}") from None
+        store = self._store(entry)
+        try:
+            self._owners[store.root].check(disk_id, entry, principal, claim=claim)
+        except AuthorizationError:
+            self.counters["unauthorized"] += 1
+            raise
+        return store, disk_id, entry
+
+    def _entry(self, principal: str) -> AuthorizationEntry:
+        try:
+            return authorize(self.entries, principal, ignore_case=self.mode == "cert")
+        except AuthorizationError:
+            self.counters["unauthorized"] += 1
+            raise
+
+    def _store(self, entry: AuthorizationEntry):
+        """The ReplicaStore of an entry's storage root (opened once, shared by every primary mapped there)."""
+        root = os.path.abspath(entry.storage_root)
+        if root not in self._stores:
+            self._stores[root] = ReplicaStore(root)
+            self._owners[root] = Ownership(root)
+        return self._stores[root]
+
+    def _lock(self, *key) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def _disk(self, store, disk_id: str):
+        try:
+            return store.disk(disk_id)
+        except UsageError:
+            raise NotFound(f"this replica holds no disk {disk_id} for you") from None
+
+    async def _in_disk(self, store, disk_id: str, fn, *args):
+        """Run a state-changing call on the disk in a thread, one at a time per disk."""
+        async with self._lock(store.root, disk_id):
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _count(self, store, disk_id: str, what: str) -> None:
+        self.counters[what] += 1
+        try:
+            disk = await self._disk(store, disk_id)
+            await self._in_disk(store, disk_id, disk.count, what)
+        except (ReplicatorError, OSError) as e:       # a full disk cannot take the count; keep ours
+            log.warning("could not record %s on disk %s: %s", what, disk_id, e)
+
+    # ------------------------------------------------------------------ disks
+    async def put_disk(self, request: web.Request) -> web.Response:
+        store, disk_id, _ = self._resolve(request, claim=True)
+        body = await _json(request)
+        try:
+            size, block_size, name = int(body["size"]), int(body.get("block_size", 2 * MiB)), str(body.get("name", ""))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("disk request needs an integer size (and optionally name, block_size)") from None
+        disk = await self._in_disk(store, disk_id, lambda: store.ensure_disk(disk_id, size, name=name,
+                                                                             block_size=block_size))
+        return web.json_response(_disk_view(disk))
+
+    async def get_disk(self, request: web.Request) -> web.Response:
+        store, disk_id, _ = self._resolve(request)
+        return web.json_response(_disk_view(await self._disk(store, disk_id)))
+
+    async def health(self, request: web.Request) -> web.Response:
+        principal = request[PRINCIPAL]
+        entry = self._entry(principal)
+        disks = {}
+        store = self._store(entry)
+        for disk_id, group in self._owners[store.root]._load().items():
+            if group == entry.group and disk_id in store.disk_ids():
+                disks[disk_id] = dict(store.disk(disk_id).state.counters)
+        return web.json_response({"principal": principal, "server": dict(self.counters), "disks": disks})
+
+    # ------------------------------------------------------------------ uploads
+    @contextlib.asynccontextmanager
+    async def _upload(self, request: web.Request):
+        """(store, disk id, disk, stream id) of the request, holding that upload's lock: one request at a
+        time per upload (a resume waits for the torn-down half of a dropped connection)."""
+        store, disk_id, _ = self._resolve(request)
+        disk = await self._disk(store, disk_id)
+        stream = request.match_info["stream"]
+        disk.spool_path(stream)                        # validates the stream id
+        lock = self._lock(store.root, disk_id, stream)
+        try:
+            await asyncio.wait_for(lock.acquire(), self.lock_timeout)
+        except asyncio.TimeoutError:
+            raise Busy("another request is still using this upload; retry shortly") from None
+        try:
+            yield store, disk_id, disk, stream
+        finally:
+            lock.release()
+
+    async def get_upload(self, request: web.Request) -> web.Response:
+        async with self._upload(request) as (_, _, disk, stream):
+            if not os.path.exists(disk.spool_path(stream)):
+                return web.json_response({"durable": 0, "digest": _empty_digest().hex()})
+            upload = disk.open_upload(stream)
+            try:
+                digest = await asyncio.get_running_loop().run_in_executor(None, upload.prefix_digest)
+                return web.json_response({"durable": upload.durable, "digest": digest.hex()})
+            finally:
+                upload.close()
+
+    async def put_upload(self, request: web.Request) -> web.Response:
+        try:
+            offset = int(request.query["offset"])
+        except (KeyError, ValueError):
+            raise UsageError("upload needs ?offset=N (the durable length the sender resumes from)") from None
+        async with self._upload(request) as (store, disk_id, disk, stream):
+            upload = disk.open_upload(stream)
+            try:
+                if offset != upload.size:
+                    await self._count(store, disk_id, "upload_refused_offset")
+                    raise SequenceError(f"upload {stream} continues at byte {upload.size}, not at {offset}: "
+                                        "ask for the resume token first")
+                durable = await self._receive(request, store, disk_id, upload)
+            finally:
+                upload.close()
+        return web.json_response({"durable": durable})
+
+    async def _receive(self, request: web.Request, store, disk_id: str, upload) -> int:
+        """Spool the body as it arrives (see _SpoolWriter); a sender that goes away mid-body keeps what
+        arrived, a failed write keeps only what was synced."""
+        writer = _SpoolWriter(upload, self.sync_interval)
+        dropped = None
+        watchdog = self._watch(request, writer, -1)
+        try:
+            try:
+                async for chunk in request.content.iter_any():
+                    self.counters["bytes_received"] += len(chunk)
+                    writer.received += len(chunk)
+                    await writer.feed(chunk)
+            except (ReplicatorError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                dropped = e
+            durable = await writer.finish()
+        except DiskIOError as e:
+            writer.wait()
+            os.truncate(upload.path, upload.durable)
+            await self._count(store, disk_id, f"upload_{_status_of(e)[1]}")
+            raise
+        finally:
+            watchdog.cancel()
+            writer.wait()
+        if dropped is not None:
+            await self._count(store, disk_id, "upload_interrupted")
+            raise UsageError(f"upload interrupted at byte {durable}: {dropped}")
+        return durable
+
+    def _watch(self, request: web.Request, writer: "_SpoolWriter", seen: int) -> asyncio.TimerHandle:
+        """Abort a connection whose body makes no progress for read_timeout seconds, so a half-open
+        connection cannot hold its upload's lock forever."""
+        def check():
+            if writer.received == seen and request.transport is not None:
+                log.warning("upload stalled for %s s: closing the connection", self.read_timeout)
+                request.transport.abort()
+            else:
+                self._watch(request, writer, writer.received)
+        return asyncio.get_running_loop().call_later(self.read_timeout, check)
+
+    async def delete_upload(self, request: web.Request) -> web.Response:
+        async with self._upload(request) as (store, disk_id, disk, stream):
+            disk.abort(stream)
+        if request.query.get("reason") == "resume-token":      # the sender found our spool corrupt
+            await self._count(store, disk_id, "resume_token_refused")
+        return web.json_response({"aborted": stream})
+
+    async def commit(self, request: web.Request) -> web.Response:
+        async with self._upload(request) as (store, disk_id, disk, stream):
+            if not os.path.exists(disk.spool_path(stream)):
+                raise NotFound(f"no upload {stream} to commit on disk {disk_id}")
+            point = await self._in_disk(store, disk_id, disk.commit, stream)
+        self.counters["commits"] += 1
+        return web.json_response({"point": asdict(point), "generation": disk.generation})
+
+    # ------------------------------------------------------------------ running
+    def serve_forever(self, on_ready=None) -> None:
+        """Run on uvloop until SIGINT or SIGTERM (the CLI's server)."""
+        import uvloop
+
+        async def main():
+            await self.start()
+            if on_ready:
+                on_ready(self)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await stop.wait()
+            finally:
+                await self.stop()
+
+        uvloop.run(main())
+
+
+class ServerThread:
+    """A ReplicaServer on its own uvloop thread, for tests and synchronous embedders."""
+
+    def __init__(self, server: ReplicaServer):
+        import uvloop
+        self.server = server
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="replica-server", daemon=True)
+
+    def start(self) -> ReplicaServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        return self.server
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        self.loop.close()
+
+
+async def _json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError("request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    return body
+
+
+def _empty_digest() -> bytes:
+    from ..kernels import Xxh3Hasher
+    return Xxh3Hasher().digest()
+
+
+def _disk_view(disk) -> dict:
+    spool = os.path.join(disk.path, "spool")
+    uploads = {n[:-len(".delta")]: os.path.getsize(os.path.join(spool, n))
+               for n in sorted(os.listdir(spool)) if n.endswith(".delta")}
+    s = disk.state
+    return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
+            "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,
+            "committed": [sid for sid, _ in s.committed]}
