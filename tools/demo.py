@@ -52,19 +52,32 @@ def replication_stage(work: str, payload: bytes):
     from replicator.tracking import TrackedDisk
     from replicator.tracking.service import ExportService
 
-    step("replication: serve a VM disk over NBD, write with qemu-io, replicate cycles to a replica store")
+    from replicator.transport import AuthorizationEntry, certs
+    from replicator.transport.server import ReplicaServer, ServerThread
+
+    step("replica host on loopback: a private CA, host certificates, HTTPS with mutual TLS")
+    pki = os.path.join(work, "pki")
+    certs.init_ca(pki)
+    certs.issue(pki, "replica", dns=["localhost"])
+    certs.issue(pki, "primary")
+    root = os.path.join(work, "replica-root")
+    server = ServerThread(ReplicaServer([AuthorizationEntry("primary", root)], mode="cert", port=0,
+                                        certfile=f"{pki}/replica.pem", keyfile=f"{pki}/replica.key",
+                                        cafile=f"{pki}/ca.pem")).start()
+    url = f"https://localhost:{server.port}"
+    print(f"   replica listening at {url}")
+
+    step("primary: serve a VM disk over NBD, write with qemu-io, replicate cycles over mutual TLS")
     primary = os.path.join(work, "vm-disk.vhdx")
     with create_vhdx(primary, 256 * MiB, block_size=2 * MiB) as d:
         d.write(0, payload[:64 * MiB])
-    root = os.path.join(work, "replica-root")
     tracker = TrackedDisk(primary)
-    target = open_target(f"local://{root}")
+    target = open_target(url, cert=f"{pki}/primary.pem", key=f"{pki}/primary.key", ca=f"{pki}/ca.pem")
     rep = DiskReplicator(tracker, target, name="vm-disk")
     disk_id = tracker.disk.virtual_disk_id
     svc = ExportService({"vm-disk": tracker}, socket_path=os.path.join(work, "nbd.sock")).start()
     lines, ok = [], True
     try:
-        ReplicaStore(root)        # the store's folder exists before the first cycle
         for k, cmds in enumerate([[], ["write -P 0x11 1M 4M"], ["write -P 0x22 100M 8M", "discard 2M 1M"],
                                   ["write -z 10M 2M", "write -P 0x33 200M 1M"]]):
             if cmds:
@@ -87,7 +100,9 @@ def replication_stage(work: str, payload: bytes):
             lines.append(f"cycle {k}      {res.kind:8} generation {res.generation:3}  {res.plain_bytes / MiB:7.1f} MiB "
                          f"changed, {res.bytes_sent / MiB:7.2f} MiB sent; replica == primary at the cut: {same}")
     finally:
+        svc._call(target.close())     # its HTTP session lives on the export's loop
         svc.stop()
+        server.stop()
     rd = ReplicaStore(root).disk(disk_id)
     latest = rd.points[-1].generation
     test = rd.test_failover(latest)

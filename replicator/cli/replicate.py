@@ -5,7 +5,6 @@ served over NBD (the VM's I/O path) from the same process, so continuous replica
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -66,8 +65,8 @@ def cmd_replicate(args) -> int:
             if not args.every or stop.wait(FREQUENCIES[args.every]):
                 break
     finally:
+        service._call(target.close())          # its HTTP session lives on the export's loop
         service.stop()
-        asyncio.run(target.close())
     return 0
 
 

@@ -146,4 +146,5 @@ class PrimaryMachine:
                 "last_cycle": self.last_result}
 
     def stop(self) -> None:
+        self.service._call(self.target.close())     # the target's session lives on the export's loop
         self.service.stop()

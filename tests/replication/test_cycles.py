@@ -2,7 +2,6 @@
 replica store; after every cycle the replica equals the primary at the cut, byte for byte."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 
