@@ -19,7 +19,7 @@ def register(sub) -> None:
     m = sub.add_parser("machine", help="operate a protected machine through replicatord")
     m.add_argument("--config", required=True)
     m.add_argument("name")
-    m.add_argument("op", choices=("pause", "resume", "resync", "cycle"))
+    m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"))
     m.set_defaults(func=cmd_machine)
 
 

@@ -4,7 +4,7 @@
 Admin API (127.0.0.1 only, `Authorization: Bearer TOKEN` with the token from the token file):
   GET  /v1/status                          every machine: state, reason, health, statistics, disks
   GET  /metrics                            Prometheus text format
-  POST /v1/machines/NAME/pause|resume|resync|cycle
+  POST /v1/machines/NAME/pause|resume|resync|cycle|planned-failover
 """
 from __future__ import annotations
 
@@ -127,6 +127,9 @@ class Daemon:
                 pm.request_resync()
             elif op == "cycle":
                 await pm.cycle_now()
+            elif op == "planned-failover":
+                await pm.planned_failover()
+                self.scheduler.pause(pm.name)
             else:
                 return web.json_response({"error": f"unknown operation {op}"}, status=404)
         except ReplicatorError as e:

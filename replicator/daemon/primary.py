@@ -122,6 +122,16 @@ class PrimaryMachine:
         await self.cut()
         return await self.run_cycle(consistency)
 
+    async def planned_failover(self):
+        """The primary stops (its NBD clients are disconnected and no more are accepted), a final cycle
+        ships everything: zero data loss; the machine is then PreparedForFailover on the replica site."""
+        async def stop_export():
+            await self.service.server.close()
+        await self._on_export_loop(stop_export())
+        results = await self.cycle_now()
+        self.state.fire(Event.prepare_failover, "planned failover: primary stopped, final cycle replicated")
+        return results
+
     # ------------------------------------------------------------------ operations
     def pause(self) -> None:
         self.state.fire(Event.pause, "paused by the operator")

@@ -335,10 +335,12 @@ class ReplicaDisk:
             undo.apply_undo(os.path.join(self.path, "undo", p.undo), disk)
 
     def materialize(self, generation: int, out_path: str) -> str:
-        """A standalone VHDX of a recovery point (failover)."""
+        """A standalone VHDX of a recovery point (failover). It keeps the primary disk's VirtualDiskId: it is
+        the same virtual disk, and reverse replication finds its old copy on the former primary by it."""
         from ..disk.copy import copy_disk
         with self.open_image() as src, create_vhdx(out_path, src.size, block_size=self.state.block_size,
-                                                   logical_sector_size=src.logical_sector_size) as dst:
+                                                   logical_sector_size=src.logical_sector_size,
+                                                   virtual_disk_id=uuid.UUID(self.state.disk_id)) as dst:
             copy_disk(src, dst)
             self._rewind(dst, generation)
         return out_path

@@ -33,8 +33,9 @@ def _check_params(size: int, block_size: int, lss: int, pss: int) -> None:
         raise UsageError(f"virtual size {size} must be positive, at most 64 TiB, and a multiple of {lss}")
 
 
-def _metadata_region(size: int, block_size: int, lss: int, pss: int, fixed: bool, locator) -> bytes:
-    disk_id = uuid.uuid4()
+def _metadata_region(size: int, block_size: int, lss: int, pss: int, fixed: bool, locator,
+                     disk_id: uuid.UUID | None = None) -> bytes:
+    disk_id = disk_id or uuid.uuid4()
     items = [
         (S.FILE_PARAMETERS, S.FileParameters(block_size, fixed, locator is not None).pack(), False),
         (S.VIRTUAL_DISK_SIZE, size.to_bytes(8, "little"), True),
@@ -56,8 +57,9 @@ def _metadata_region(size: int, block_size: int, lss: int, pss: int, fixed: bool
 
 def create_vhdx(path: str, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE, logical_sector_size: int = 512,
                 physical_sector_size: int = 4096, fixed: bool = False, parent: str | None = None,
-                log_size: int = S.MiB):
-    """Create a VHDX and return it opened read-write. With `parent`, a differencing disk over it."""
+                log_size: int = S.MiB, virtual_disk_id: uuid.UUID | None = None):
+    """Create a VHDX and return it opened read-write. With `parent`, a differencing disk over it.
+    `virtual_disk_id` keeps a disk's identity (page 83 data) when it is recreated, e.g. by a failover."""
     from .image import VhdxDisk
     from .parent import make_locator
 
@@ -100,8 +102,8 @@ def create_vhdx(path: str, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE, l
         table = S.pack_region_table(regions)
         for off in S.REGION_TABLE_OFFSETS:
             io.pwrite(table, off)
-        io.pwrite(_metadata_region(size, block_size, logical_sector_size, physical_sector_size, fixed, locator),
-                  md_off)
+        io.pwrite(_metadata_region(size, block_size, logical_sector_size, physical_sector_size, fixed, locator,
+                                   virtual_disk_id), md_off)
         io.pwrite(bat.tobytes(), bat_off)
         io.truncate(end)
         io.fsync()
