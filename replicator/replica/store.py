@@ -213,8 +213,10 @@ class ReplicaDisk:
                 return self.state.points[self._point_index(generation)] if any(
                     p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
         try:
-            with open(spool, "rb") as f:
-                header, _ = delta.verify_stream(f)
+            with open(spool, "rb") as f:        # one pass verifies every frame and lists what it will touch
+                dec = delta.DeltaDecoder(f)
+                ranges = [(fr.offset, fr.length) for fr in dec]
+                header = dec.header
             self._check_sequence(header)
         except ReplicatorError:
             self.count("rejected_streams")
@@ -225,7 +227,7 @@ class ReplicaDisk:
         self.state.journal = {"stream": stream_id, "phase": "undo", "generation": header.generation,
                               "time": header.created, "consistency": header.consistency}
         self._save()
-        return self._run_journal()
+        return self._run_journal(ranges)
 
     def _check_sequence(self, header) -> None:
         if str(header.disk_id) != self.state.disk_id:
@@ -236,15 +238,18 @@ class ReplicaDisk:
         if header.generation <= self.state.generation:
             raise SequenceError(f"stream generation {header.generation} is not newer than {self.state.generation}")
 
-    def _run_journal(self) -> RecoveryPoint:
+    def _run_journal(self, ranges=None) -> RecoveryPoint:
         j = self.state.journal
         spool = self.spool_path(j["stream"])
         undo_path = os.path.join(self.path, "undo", f"{j['generation']}.hrl")
         if j["phase"] == "undo":
             if os.path.exists(undo_path):
                 os.unlink(undo_path)
-            with open(spool, "rb") as f, self.open_image() as disk:
-                undo.capture(disk, [(fr.offset, fr.length) for fr in delta.DeltaDecoder(f)], undo_path)
+            if ranges is None:                  # after a restart: list the ranges again
+                with open(spool, "rb") as f:
+                    ranges = [(fr.offset, fr.length) for fr in delta.DeltaDecoder(f)]
+            with self.open_image() as disk:
+                undo.capture(disk, ranges, undo_path)
             j["phase"] = "apply"
             self._save()
         try:
