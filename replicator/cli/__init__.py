@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import ReplicatorError
+from . import bench as bench_cmd
 from . import certs as certs_cmd
 from . import hrl as hrl_cmd
 from . import points as points_cmd
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed_cmd.register(sub)
     replicate_cmd.register(sub)
     status_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 
