@@ -8,6 +8,7 @@ An HRL chain replays the writes of existing Hyper-V Replica Logs with their reco
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -162,6 +163,66 @@ def hrl_chain(paths: list[str], disk_size: int | None = None) -> Workload:
                     [r.close for r in readers])
 
 
+FIO_REPLACED = ("filename", "directory", "ioengine", "size", "filesize", "write_iolog", "read_iolog")
+
+
+def fio_job(job_path: str, disk_size: int, seed: int = 1) -> Workload:
+    """Run an fio job once against a scratch file with fio's I/O log on, and replay its writes (and trims,
+    as zeros) at their recorded times. The job's own target, engine and size are replaced by a scratch
+    file of `disk_size` bytes; everything else (pattern, block sizes, rates, runtime) is the job's."""
+    import shutil
+    import subprocess
+    import tempfile
+    fio = shutil.which("fio")
+    if fio is None:
+        raise ValueError("fio is not installed")
+    work = tempfile.mkdtemp(prefix="fio-workload-")
+    try:
+        job = os.path.join(work, "job.fio")
+        with open(job_path) as src, open(job, "w") as dst:
+            for line in src:
+                if line.split("=", 1)[0].strip() not in FIO_REPLACED:
+                    dst.write(line)
+        log = os.path.join(work, "io.log")
+        subprocess.run([fio, f"--filename={os.path.join(work, 'target')}", f"--size={disk_size}",
+                        "--ioengine=psync", f"--write_iolog={log}", "--output=/dev/null", job],
+                       check=True, capture_output=True)
+        t, offsets, lengths, trims = _parse_iolog(log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not len(t):
+        raise ValueError(f"{job_path}: the fio job made no writes")
+    if int(lengths.max()) > POOL_SIZE:
+        raise ValueError(f"{job_path}: writes of {int(lengths.max())} bytes are larger than the data pool")
+    pool = data_pool(seed)
+    rng = np.random.default_rng(seed)
+    src = (rng.random(len(t)) * ((POOL_SIZE - lengths) // 512)).astype(np.int64) * 512   # each slice fits
+    view = memoryview(pool.data)
+    zeros = bytes(int(lengths.max()))
+
+    def data(i: int):
+        return zeros[:lengths[i]] if trims[i] else view[src[i]:src[i] + lengths[i]]
+    description = f"fio job {os.path.basename(job_path)} replayed from its I/O log ({len(t)} writes)"
+    return Workload("fio", description, disk_size, float(t[-1] + 1.0), t, offsets, lengths, data)
+
+
+def _parse_iolog(path: str):
+    """fio iolog version 3: 'MSEC FILE ACTION OFFSET LENGTH'; writes are kept, trims become zero writes."""
+    t, offsets, lengths, trims = [], [], [], []
+    with open(path) as f:
+        if "version 3" not in f.readline():
+            raise ValueError(f"{path}: not an fio version 3 I/O log")
+        for line in f:
+            parts = line.split()
+            if len(parts) == 5 and parts[2] in ("write", "trim"):
+                t.append(int(parts[0]) / 1000.0)
+                offsets.append(int(parts[3]))
+                lengths.append(int(parts[4]))
+                trims.append(parts[2] == "trim")
+    return (np.array(t, dtype=np.float64), np.array(offsets, dtype=np.int64),
+            np.array(lengths, dtype=np.int64), np.array(trims, dtype=bool))
+
+
 def _spread_within_seconds(t: np.ndarray) -> np.ndarray:
     out = t.copy()
     _, first, counts = np.unique(t, return_index=True, return_counts=True)
@@ -171,7 +232,9 @@ def _spread_within_seconds(t: np.ndarray) -> np.ndarray:
 
 
 def parse(spec: str, *, disk_size: int, rate: float, duration: float, seed: int = 1) -> Workload:
-    """'uniform', 'zipf', 'append', 'db', or 'hrl:LOG1[,LOG2...]' (a chain, oldest first)."""
+    """'uniform', 'zipf', 'append', 'db', 'hrl:LOG1[,LOG2...]' (a chain, oldest first) or 'fio:JOBFILE'."""
+    if spec.startswith("fio:"):
+        return fio_job(spec[4:], disk_size, seed)
     if spec.startswith("hrl:"):
         return hrl_chain([p for p in spec[4:].split(",") if p], disk_size)
     return synthetic(spec, disk_size=disk_size, rate=rate, duration=duration, seed=seed)

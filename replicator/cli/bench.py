@@ -47,7 +47,8 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_cpu)
     f = cmds.add_parser("copy-frequency", help="simulate a workload at several copy frequencies (time-compressed)")
     f.add_argument("--workload", default="zipf",
-                   help="uniform | zipf | append | db | hrl:LOG[,LOG...] (a recorded log chain; default zipf)")
+                   help="uniform | zipf | append | db | hrl:LOG[,LOG...] (a recorded log chain) | fio:JOBFILE "
+                        "(default zipf)")
     f.add_argument("--rate", default="1M", help="write rate of the synthetic models, bytes/s (default 1M = 1 MiB/s)")
     f.add_argument("--duration", default="1h", help="virtual duration of the workload (default 1h)")
     f.add_argument("--frequencies", default="30s,5m,15m", help="copy intervals, comma separated (default 30s,5m,15m)")
