@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..cli.common import human
 from ..replication import DiskReplicator
 from ..targets import Decorator, LocalTarget
 from ..targets.base import PointInfo, read_stream_file
@@ -255,11 +256,7 @@ def fmt_s(s: float | None) -> str:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return human(n, 1)
 
 
 def fmt_rate(bps: float) -> str:

@@ -19,9 +19,9 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def human(n: int) -> str:
+def human(n: float, decimals: int = 2) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{decimals}f} {unit}"
         n /= 1024
     return str(n)

@@ -20,8 +20,8 @@ def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca
         target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos, bandwidth_limit=bandwidth_limit)
         bandwidth_limit = None                  # the client's own token bucket covers the whole link
     elif parsed.scheme == "azure":
-        from ..azure import AzureTarget
-        target = AzureTarget.from_url(url)
+        from ..azure import open_target as open_azure
+        target = open_azure(url)
     else:
         raise UsageError(f"unknown target {url!r}: use local:///PATH, https://HOST:8084, http://HOST:8083 "
                          "(Kerberos) or azure://ACCOUNT/CONTAINER")
