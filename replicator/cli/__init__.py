@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import ReplicatorError
+from . import azure as azure_cmd
 from . import bench as bench_cmd
 from . import certs as certs_cmd
 from . import hrl as hrl_cmd
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     replicate_cmd.register(sub)
     status_cmd.register(sub)
     bench_cmd.register(sub)
+    azure_cmd.register(sub)
     return parser
 
 
