@@ -213,3 +213,16 @@ xxh3_128_file_blocks = _active.xxh3_128_file_blocks
 Xxh3Hasher = _active.Xxh3Hasher
 zero_blocks = _active.zero_blocks
 byte_sum = _active.byte_sum
+
+
+def digest_prefix(read, length: int, chunk: int = 4 << 20) -> bytes:
+    """XXH3-128 of the first `length` bytes that `read(offset, n)` returns (fewer if it runs short): the
+    resume token a sender and a replica compare for an upload's durable prefix."""
+    h, pos = Xxh3Hasher(), 0
+    while pos < length:
+        data = read(pos, min(chunk, length - pos))
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.digest()

@@ -2,7 +2,7 @@
 import mmap
 import os
 import types
-from typing import Literal, Protocol, SupportsIndex, TypeAlias
+from typing import Callable, Literal, Protocol, SupportsIndex, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,8 @@ def xxh3_128_blocks(buf: Buffer, block_size: int, threads: int | None = None) ->
 def xxh3_128_file_blocks(file: FileArg, block_size: int, threads: int | None = None, offset: int = 0,
                          length: int | None = None) -> npt.NDArray[np.uint64]: ...
 def zero_blocks(buf: Buffer, block_size: int, threads: int | None = None) -> npt.NDArray[np.bool_]: ...
+def digest_prefix(read: Callable[[int, int], bytes], length: int, chunk: int = ...) -> bytes:
+    """XXH3-128 of the first `length` bytes read(offset, n) gives: the resume token of an upload."""
 def byte_sum(data: Buffer) -> int:
     """Sum of all bytes as an unsigned 64-bit integer (MS-HRL checksums)."""
 def digest_bytes(row: npt.NDArray[np.uint64] | tuple[SupportsIndex, SupportsIndex]) -> bytes: ...

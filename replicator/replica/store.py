@@ -143,17 +143,8 @@ class Upload:
         return self.durable
 
     def prefix_digest(self, length: int | None = None) -> bytes:
-        from ..kernels import Xxh3Hasher
-        length = self.durable if length is None else length
-        h = Xxh3Hasher()
-        pos = 0
-        while pos < length:
-            chunk = os.pread(self.fd, min(4 << 20, length - pos), pos)
-            if not chunk:
-                break
-            h.update(chunk)
-            pos += len(chunk)
-        return h.digest()
+        from ..kernels import digest_prefix
+        return digest_prefix(lambda pos, n: os.pread(self.fd, n, pos), self.durable if length is None else length)
 
     def close(self) -> None:
         if self.fd >= 0:

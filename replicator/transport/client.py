@@ -75,15 +75,8 @@ class _Source:
         return self.file.read(n)
 
     def digest(self, length: int) -> bytes:
-        from ..kernels import Xxh3Hasher
-        h, pos = Xxh3Hasher(), 0
-        while pos < length:
-            chunk = self.read(pos, min(4 * MiB, length - pos))
-            if not chunk:
-                break
-            h.update(chunk)
-            pos += len(chunk)
-        return h.digest()
+        from ..kernels import digest_prefix
+        return digest_prefix(self.read, length)
 
     def close(self) -> None:
         if self._own:
