@@ -18,6 +18,7 @@ import time
 from enum import Enum
 
 from ..errors import ReplicatorError, UsageError
+from ..durable import write_json_atomic
 
 HISTORY_LIMIT = 50
 
@@ -122,23 +123,6 @@ _ROWS = [
 TRANSITIONS: dict[tuple[ReplicationState, Event], ReplicationState] = {
     (src, event): dst for event, sources, dst in _ROWS for src in sources}
 _REVERSING = (E.reverse, E.reverse_in_sync)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def state_path(state_dir: str, name: str) -> str:

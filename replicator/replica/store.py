@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import delta
 from ..disk.base import pwrite_all
+from ..durable import write_json_atomic
 from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
 from ..vhdx import VhdxDisk, create_vhdx
 from . import undo
@@ -370,17 +371,7 @@ class ReplicaDisk:
 
 
 def _save(path: str, state: DiskState) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(state), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_json_atomic(path, asdict(state))
 
 
 def _load(path: str) -> DiskState:

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..durable import write_json_atomic
 from ..errors import FormatError
 
 FORMAT = "replicator-seed"
@@ -57,13 +58,7 @@ def manifest_path(machine_dir: str) -> str:
 
 
 def save(machine_dir: str, m: SeedManifest) -> None:
-    path = manifest_path(machine_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(m), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(manifest_path(machine_dir), asdict(m))
 
 
 def load(machine_dir: str) -> SeedManifest:

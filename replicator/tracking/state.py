@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..durable import write_json_atomic
 from ..errors import DiskIOError, FormatError
 
 STATE_VERSION = 1
@@ -93,19 +94,8 @@ class Sidecar:
         return state
 
     def save(self, state: SidecarState) -> None:
-        tmp = self.state_path + ".tmp"
-        data = json.dumps(asdict(state), indent=1).encode()
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_json_atomic(self.state_path, asdict(state))
         except OSError as e:
             raise DiskIOError(f"{self.state_path}: cannot save tracking state: {e.strerror}") from None
 

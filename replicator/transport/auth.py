@@ -19,6 +19,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 
+from ..durable import write_json_atomic
 from ..errors import ReplicatorError, UsageError
 
 
@@ -189,12 +190,7 @@ class Ownership:
             owner = owners.get(disk_id)
             if owner is None and claim:
                 owners[disk_id] = entry.group
-                tmp = self.path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(owners, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                write_json_atomic(self.path, owners)
                 return
             if owner is not None and owner != entry.group:
                 raise AuthorizationError(f"primary {principal!r} (trust group {entry.group!r}) may not "
