@@ -140,13 +140,19 @@ def test_out_of_sequence_replayed_and_foreign_streams_are_refused(store):
     good = replica_bytes(rd)
     with pytest.raises(SequenceError):
         upload(rd, first)                         # applied twice
-    other = Primary()
-    other_stream = bytearray(other.cycle(t=1))
+    foreign = delta.StreamHeader(disk_id=uuid.uuid4(), disk_size=SIZE, block_size=MiB, generation=2,
+                                 base_generation=1, consistency="crash", source_logs=[], created=3.0,
+                                 kind="delta", extra={})
+    sink = io.BytesIO()
+    enc = delta.DeltaEncoder(foreign, sink)
+    enc.add_data(0, b"not this disk" * 100)
+    enc.finish()
+    with pytest.raises(SequenceError, match="for disk"):
+        upload(rd, sink.getvalue())                # a stream of another disk
     assert replica_bytes(rd) == good
-    assert rd.state.counters["rejected_streams"] == 2
+    assert rd.state.counters["rejected_streams"] == 3
     upload(rd, second)
     assert replica_bytes(rd) == bytes(p.data)
-    del other_stream
 
 
 def test_corrupt_stream_is_refused_and_replica_stays_at_last_good_point(store):
