@@ -187,8 +187,9 @@ def run_cycle(svc, tracked, pki: str, port: int):
             return await rep.run_cycle()
         finally:
             await target.close()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = svc._call(cycle(), timeout=3600)
+    run_cycle.cpu = time.process_time() - c0
     return result, time.perf_counter() - t0
 
 
@@ -326,6 +327,7 @@ def main() -> int:
                 res, secs = run_cycle(svc, tracked, pki, port)
                 run["primary_hwm"] = tt.vm_hwm()
                 run["server_hwm"], counters = stop_server(proc, ready, stop)
+                run["cpu_primary_s"], run["cpu_replica_s"] = run_cycle.cpu, counters.get("cpu", 0.0)
                 run.update(ours_s=secs, kind=res.kind, bytes_sent=res.bytes_sent, stream_bytes=res.stream_bytes,
                            plain_bytes=res.plain_bytes, server_received=counters.get("bytes_received", 0))
                 cmp = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "raw",
@@ -384,7 +386,9 @@ def main() -> int:
              "nbd_write_s": round(med(r["write_s"] for r in runs), 1),
              "primary_peak_rss_MiB": round(max(r["primary_hwm"] for r in runs) / MiB, 1),
              "replica_peak_rss_MiB": round(max(r["server_hwm"] for r in runs) / MiB, 1),
-             "replica_equal_every_run": all(r["replica_equal"] for r in runs)}
+             "replica_equal_every_run": all(r["replica_equal"] for r in runs),
+             "cpu_s_primary": round(med(r["cpu_primary_s"] for r in runs), 2),
+             "cpu_s_replica": round(med(r["cpu_replica_s"] for r in runs), 2)}
         for name in variants:
             rs = med(r[name]["seconds"] for r in runs)
             c[name] = {"seconds": round(rs, 2),

@@ -28,6 +28,7 @@ from .. import delta
 from ..disk.vhd import FOOTER_SIZE, new_footer, parse_footer
 from ..errors import FormatError, ReplicatorError, SequenceError, UsageError
 from ..targets.base import DiskInfo, PointInfo, ReplicaTarget
+from ..targets.outbox import OutboxStream
 from .config import AzureConfig, parse_azure_url
 from .errors import AzureNotFound, BlobTooLarge, ContainerMissing, WriterConflict, classify
 from .meta import PAGE_BLOB_MAX, BlobState, InProgress, Point, blob_size, disk_area, point_from, point_metadata
@@ -108,7 +109,7 @@ class AzureTarget(ReplicaTarget):
         return f"{self.container.container_name}/{self.blob_name(disk_id)}"
 
     # ------------------------------------------------------------------ the interface
-    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "", machine: str = "") -> DiskInfo:
         if size <= 0 or blob_size(size) > PAGE_BLOB_MAX:
             raise BlobTooLarge(f"disk {disk_id} of {size} bytes needs a page blob of {blob_size(size)} bytes; the "
                                f"page-blob limit is {PAGE_BLOB_MAX} (8 TiB) including the 512-byte VHD footer")
@@ -126,8 +127,11 @@ class AzureTarget(ReplicaTarget):
     async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
         return _info(await self._read_state(disk_id))
 
-    async def send(self, disk_id: uuid.UUID, stream_id: str, path: str, throttle=None) -> int:
+    async def send(self, disk_id: uuid.UUID, stream_id: str, path, throttle=None) -> int:
         _check_stream_id(stream_id)
+        stream = OutboxStream.of(path)      # page writes follow the whole verified stream: wait for its end
+        await stream.complete()
+        path = stream.path
         start = time.monotonic()
         header, trailer = await asyncio.to_thread(_verify, path)
         lease = await self._lease(disk_id)

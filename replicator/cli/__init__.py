@@ -8,6 +8,7 @@ from ..errors import ReplicatorError
 from . import azure as azure_cmd
 from . import bench as bench_cmd
 from . import certs as certs_cmd
+from . import failover as failover_cmd
 from . import hrl as hrl_cmd
 from . import points as points_cmd
 from . import replica as replica_cmd
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed_cmd.register(sub)
     replicate_cmd.register(sub)
     status_cmd.register(sub)
+    failover_cmd.register(sub)
     bench_cmd.register(sub)
     azure_cmd.register(sub)
     return parser

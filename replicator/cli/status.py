@@ -1,14 +1,21 @@
-"""`replicator status [--json]` and `replicator machine NAME pause|resume|resync|cycle`: talk to a running
-replicatord through its admin API (loopback, bearer token)."""
+"""`replicator status [--json]`, `replicator machine NAME pause|resume|resync|cycle|planned-failover [--wait]`
+and `replicator jobs [ID] [--follow]`: talk to a running replicatord through its admin API (loopback, bearer
+token). Long operations are the daemon's jobs; `--wait` and `--follow` show their progress until they end
+and exit non-zero when one failed."""
 from __future__ import annotations
 
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from ..errors import ReplicatorError, UsageError
+from ..orchestration.jobs import format_progress
+from .progress import JobDisplay
+
+POLL = 0.5          # seconds between looks at a followed job
 
 
 def register(sub) -> None:
@@ -20,7 +27,17 @@ def register(sub) -> None:
     m.add_argument("--config", required=True)
     m.add_argument("name")
     m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"))
+    m.add_argument("--wait", action="store_true",
+                   help="follow the operation's job until it ends (a progress bar on a terminal)")
     m.set_defaults(func=cmd_machine)
+    j = sub.add_parser("jobs", help="replicatord's jobs (initial replication, resync, failover): progress and log")
+    j.add_argument("--config", required=True)
+    j.add_argument("id", nargs="?", help="one job: its progress and log")
+    j.add_argument("--machine", help="only this machine's jobs")
+    j.add_argument("--follow", action="store_true",
+                   help="follow the job (or every running job) until it ends; exit 1 when one failed")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
 
 
 def _admin(config_path: str):
@@ -64,12 +81,69 @@ def cmd_status(args) -> int:
               f"{st.get('missed_cycles')}, failed {st.get('failed_cycles')}")
         for name, d in m["disks"].items():
             print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}  {d['nbd']}")
+        for job in m.get("jobs") or []:
+            print(f"   {job['id']} {format_progress(job)}")
     if data.get("replica"):
         print(f"replica role: {data['replica']['url']} ({data['replica']['mode']})")
     return 0
 
 
 def cmd_machine(args) -> int:
-    data = call(args.config, "POST", f"/v1/machines/{args.name}/{args.op}")
-    print(f"{data['name']}: {data['state']} ({data['reason']})")
+    wait = "?wait=0" if args.wait else ""            # --wait: answered at once, then followed here
+    data = call(args.config, "POST", f"/v1/machines/{urllib.parse.quote(args.name)}/{args.op}{wait}")
+    job = data.get("job")
+    print(f"{data['name']}: {data['state']} ({data['reason']})"
+          + (f"; {job['id']} {job['kind']} {job['state']}" if job else ""))
+    if job and args.wait:
+        return follow(args.config, [job["id"]])
+    if job and job["state"] == "running":
+        print(f"follow it with: replicator jobs {job['id']} --follow --config {args.config}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    if args.id and not args.follow:
+        job = call(args.config, "GET", f"/v1/jobs/{urllib.parse.quote(args.id)}")
+        if args.json:
+            print(json.dumps(job, indent=2))
+            return 0
+        print(f"{job['id']} {format_progress(job)}{' - ' + job['error'] if job.get('error') else ''}")
+        for entry in job.get("log") or []:
+            print(f"   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(entry['time']))} {entry['text']}")
+        return 0
+    if args.follow:
+        ids = [args.id] if args.id else [j["id"] for j in _list(args, "running")]
+        if not ids:
+            print("no job is running")
+            return 0
+        return follow(args.config, ids)
+    jobs = _list(args)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    for job in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"]))
+        print(f"{job['id']} {when} {format_progress(job)}{' - ' + job['error'] if job.get('error') else ''}")
+    return 0
+
+
+def _list(args, state: str | None = None) -> list[dict]:
+    query = {k: v for k, v in (("machine", args.machine), ("state", state)) if v}
+    return call(args.config, "GET", "/v1/jobs" + (f"?{urllib.parse.urlencode(query)}" if query else ""))["jobs"]
+
+
+def follow(config_path: str, ids: list[str]) -> int:
+    """Show each job until it ends, one after the other; a failed or cancelled job is an error (exit 1)."""
+    display, failed = JobDisplay(), []
+    for job_id in ids:
+        job = call(config_path, "GET", f"/v1/jobs/{job_id}")
+        while job["state"] == "running":
+            display.update(job)
+            time.sleep(POLL)
+            job = call(config_path, "GET", f"/v1/jobs/{job_id}")
+        display.close(job)
+        if job["state"] != "succeeded":
+            failed.append(f"{job_id} ({job['kind']} {job['subject']}) {job['state']}: {job.get('error') or ''}")
+    if failed:
+        raise ReplicatorError("; ".join(failed))
     return 0

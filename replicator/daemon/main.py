@@ -2,9 +2,13 @@
 (listener with authorization entries and storage locations), or both; an admin API on loopback.
 
 Admin API (127.0.0.1 only, `Authorization: Bearer TOKEN` with the token from the token file):
-  GET  /v1/status                          every machine: state, reason, health, statistics, disks
+  GET  /v1/status                          every machine: state, reason, health, statistics, disks, running jobs
   GET  /metrics                            Prometheus text format
-  POST /v1/machines/NAME/pause|resume|resync|cycle|planned-failover
+  GET  /v1/jobs[?machine=NAME&state=S]     jobs of this run and recent ones from before a restart
+  GET  /v1/jobs/ID                         one job: progress (bytes, percent, rate, ETA) and its log
+  POST /v1/machines/NAME/pause|resume|resync|cycle|planned-failover[?wait=0|1]
+       resync, cycle and planned-failover run as a job; the answer carries it ("job"). wait=1 answers when
+       the job has ended (default for cycle and planned-failover), wait=0 once it started (default for resync)
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import sys
 from aiohttp import web
 
 from ..errors import ReplicatorError
-from ..orchestration import Scheduler, load_config, provider_from_settings, render_prometheus
-from .primary import PrimaryMachine
+from ..orchestration import JobRegistry, Scheduler, load_config, provider_from_settings, render_prometheus
+from .primary import OPERATIONS, PrimaryMachine
+from .replica_site import ReplicaSite
 
 log = logging.getLogger("replicatord")
 
@@ -45,11 +50,24 @@ class Daemon:
         self.machines: dict[str, PrimaryMachine] = {}
         self.replica_server = None
         self.scheduler = Scheduler(self._run_cycle, cut=self._cut, on_missed=self._missed,
-                                   on_warning=lambda m, text: log.warning("%s: %s", m, text))
+                                   on_warning=lambda m, text: log.warning("%s: %s", m, text),
+                                   on_result=self._result)
         self.stopping = asyncio.Event()
+        self.jobs = JobRegistry(self.state_dir)
 
     async def _run_cycle(self, name: str, consistency: str):
-        return await self.machines[name].run_cycle(consistency)
+        pm = self.machines[name]
+        try:
+            return await pm.run_cycle(consistency)
+        finally:
+            if (due := pm.due_at()) is not None:      # a resync window opens, a scheduled start comes
+                self.scheduler.wake(name, due)
+
+    @staticmethod
+    def _result(tick, result, error) -> None:
+        """A failure that is not a ReplicatorError is a bug: leave its trace (the others are logged already)."""
+        if error is not None and not isinstance(error, ReplicatorError):
+            log.error("%s: cycle failed", tick.machine, exc_info=error)
 
     async def _cut(self, name: str) -> None:
         await self.machines[name].cut()
@@ -59,8 +77,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self.site = ReplicaSite(self)          # replica-site operations; adjusts config.machines (replica_site.py)
         for m in self.config.machines:
-            pm = PrimaryMachine(m, self.state_dir)
+            pm = PrimaryMachine(m, self.state_dir, jobs=self.jobs)
             pm.start()
             self.machines[m.name] = pm
             q = m.protection.quiesce
@@ -73,6 +92,7 @@ class Daemon:
             from .replica_role import start_replica_role
             self.replica_server = await start_replica_role(self.config.replica)
         self.scheduler.start()
+        await self.site.start()
         self.token = ensure_token(self.config.daemon.admin_token_file or os.path.join(self.state_dir, "admin.token"))
         self.admin = web.AppRunner(self._admin_app(), access_log=None)
         await self.admin.setup()
@@ -80,8 +100,10 @@ class Daemon:
         await site.start()
 
     async def stop(self) -> None:
+        await self.site.stop()
         await self.scheduler.stop(wait=True)
-        for pm in self.machines.values():
+        for pm in self.machines.values():         # operators' operations end too, as running cycles do
+            await asyncio.gather(*pm.tasks, return_exceptions=True)
             pm.stop()
         if self.replica_server is not None:
             await self.replica_server.stop()
@@ -92,7 +114,10 @@ class Daemon:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/jobs", self._jobs)
+        app.router.add_get("/v1/jobs/{id}", self._job)
         app.router.add_post("/v1/machines/{name}/{op}", self._operation)
+        self.site.add_routes(app)              # /v1/replica/machines/..., /v1/plans/...
         return app
 
     @web.middleware
@@ -111,11 +136,25 @@ class Daemon:
                                  states={n: pm.state.state.name for n, pm in self.machines.items()})
         return web.Response(text=text, content_type="text/plain")
 
+    async def _jobs(self, request):
+        jobs = self.jobs.summaries()
+        for key in ("machine", "state"):
+            if key in request.query:
+                jobs = [j for j in jobs if j["subject" if key == "machine" else key] == request.query[key]]
+        return web.json_response({"jobs": jobs})
+
+    async def _job(self, request):
+        try:
+            return web.json_response(self.jobs.find(request.match_info["id"], log_lines=200))
+        except ReplicatorError as e:
+            return web.json_response({"error": e.message}, status=404)
+
     async def _operation(self, request):
         pm = self.machines.get(request.match_info["name"])
         if pm is None:
             return web.json_response({"error": "no such machine"}, status=404)
         op = request.match_info["op"]
+        job = None
         try:
             if op == "pause":
                 pm.pause()
@@ -123,18 +162,21 @@ class Daemon:
             elif op == "resume":
                 pm.resume()
                 self.scheduler.resume(pm.name)
-            elif op == "resync":
-                pm.request_resync()
-            elif op == "cycle":
-                await pm.cycle_now()
-            elif op == "planned-failover":
-                await pm.planned_failover()
-                self.scheduler.pause(pm.name)
+            elif op in OPERATIONS:
+                job, task = await pm.begin(op)
+                if op == "resync":                    # as Resume-VMReplication -Resynchronize, it ends a pause
+                    self.scheduler.resume(pm.name)
+                elif op == "planned-failover":        # the primary stays stopped: no more cycles
+                    task.add_done_callback(lambda _, name=pm.name: job.error or self.scheduler.pause(name))
+                if request.query.get("wait", "0" if op == "resync" else "1") not in ("0", "false", "no"):
+                    await asyncio.shield(task)        # a client that hangs up does not cancel the operation
+                    if job.error:
+                        return web.json_response({"error": job.error, "job": job.summary()}, status=409)
             else:
                 return web.json_response({"error": f"unknown operation {op}"}, status=404)
         except ReplicatorError as e:
             return web.json_response({"error": e.message}, status=409)
-        return web.json_response(pm.status())
+        return web.json_response({**pm.status(), **({"job": job.summary()} if job else {})})
 
 
 async def serve(config) -> None:

@@ -1,21 +1,40 @@
 """One protected machine inside replicatord: its disks tracked and served over NBD, its cycles, its state
-machine and its health.
+machine, its jobs and its health.
 
 The export's event loop owns the machine's disks: cuts and cycles run there, between NBD requests, so a
 cut is one instant across the machine's disks. The daemon's scheduler runs on the daemon's loop and hands
-each cycle over.
+each cycle over; one cycle at a time (a lock), whether the scheduler or an operator asked for it.
+
+Long work runs as a job with progress (initial replication, seed export, resynchronization, an operator's
+cycle, planned failover's final cycle). Progress reports come from the export's loop or its worker threads
+and are handed to the daemon's loop, which alone touches jobs.
+
+What a cycle does follows the state and the settings: the initial replication (over the network, at a
+scheduled time, from an offline seed, or levelling an existing copy on the replica), a resynchronization
+(automatic inside its window, or on demand), or the sealed logs. A machine that must not start now says
+why and until when in its reason (`Waiting`).
 """
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 import os
+import shutil
 import time
+from urllib.parse import urlparse
 
-from ..errors import ReplicatorError
+from ..disk.base import ExtentKind
+from ..errors import DiskIOError, ReplicatorError, UsageError
 from ..orchestration import MachineState, MachineStats
-from ..orchestration.states import Event, ReplicationState
+from ..orchestration.jobs import Job, JobRegistry, PartsProgress
+from ..orchestration.scheduler import SystemClock, next_time_of_day, window_opens
+from ..orchestration.states import Event, ReplicationState, StateError
 from ..replication import DiskReplicator
+from ..seed import export_machine
+from ..seed import media as seed_media
+from ..targets.base import TargetUnavailable
 from ..targets.factory import open_target
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
@@ -23,19 +42,46 @@ from ..tracking.service import ExportService
 log = logging.getLogger("replicatord")
 S = ReplicationState
 
-CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, S.Replicating, S.Error,
-                  S.WaitingForStartResynchronize, S.Resynchronizing}
+CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, S.WaitingForInitialReplication,
+                  S.Replicating, S.Error, S.WaitingForStartResynchronize, S.Resynchronizing}
+OPERATIONS = ("resync", "cycle", "planned-failover")      # an operator's long operations: each is a job
+LONG_KINDS = ("initial", "seed-export", "resync")          # cycles that run as a job of their own
+SEED_VOLUME = (4 << 30) - (1 << 20)    # seed volumes FAT32/exFAT media take (a file under 4 GiB)
+
+
+class Waiting(StateError):
+    """The machine does not start now: it waits for a moment or for an operator (a resync window, a
+    scheduled initial replication, a seed import), or cannot do what its settings ask; the message says."""
+
+
+def end_job(job: Job, e: BaseException) -> None:
+    """A job ended by an exception: cancelled (the daemon stops), or failed with the error's message."""
+    if isinstance(e, asyncio.CancelledError):
+        job.cancelled()
+    else:
+        job.fail(e.message if isinstance(e, ReplicatorError) else (str(e) or type(e).__name__))
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _window(w) -> str:
+    return f"{w[0].strftime('%H:%M')}-{w[1].strftime('%H:%M')}"
 
 
 class PrimaryMachine:
-    def __init__(self, machine, state_dir: str):
+    def __init__(self, machine, state_dir: str, *, jobs: JobRegistry | None = None, clock=None):
         self.name = machine.name
         self.settings = machine.protection
+        self.initial = self.settings.initial_replication
         self.state = MachineState.load(state_dir, machine.name)
         self.stats = MachineStats(machine.name, self.settings.frequency)
+        self.jobs = jobs if jobs is not None else JobRegistry(None)
+        self.clock = clock or SystemClock()
         p = self.settings
         self.target = open_target(p.target, cert=p.cert, key=p.key, ca=p.ca, kerberos=p.auth == "kerberos",
-                                  bandwidth_limit=p.bandwidth_limit)
+                                  bandwidth_limit=p.bandwidth_limit, machine=machine.name)
         self.disks: dict[str, TrackedDisk] = {}
         try:
             for path in machine.disks:
@@ -50,6 +96,8 @@ class PrimaryMachine:
         self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
                             for n, d in self.disks.items()]
         self.last_result = None
+        self._lock = asyncio.Lock()                 # one cycle at a time
+        self.tasks: set[asyncio.Task] = set()       # operators' operations running in the background
 
     def start(self) -> None:
         self.service.start()
@@ -66,47 +114,340 @@ class PrimaryMachine:
             self.service.group.cut()
         await self._on_export_loop(do())
 
-    async def run_cycle(self, consistency: str = "crash"):
-        """One cycle of every disk; state transitions follow what the cycle had to do."""
-        if self.state.state not in CYCLING_STATES:
-            return None
-        self._before_cycle()
+    async def run_cycle(self, consistency: str = "crash", *, job: Job | None = None, forced: str | None = None):
+        """One cycle of every disk; state transitions follow what it had to do. None when the machine does
+        not cycle now (its state, or it waits: its reason says for what). `forced` is an operator's "now":
+        "cycle" starts a scheduled initial replication early, "resync" a resync outside its window; an
+        operator also hears (Waiting, StateError) why nothing ran."""
+        async with self._lock:
+            if self.state.state not in CYCLING_STATES:
+                if forced:
+                    raise StateError(f"{self.name}: no replication in state {self.state.state.value}")
+                return None
+            own = False
+            try:
+                kind = self._prepare(forced)
+                own = job is None and kind in LONG_KINDS
+                job = self._job_for(kind, job)
+                try:
+                    results = await self._run(kind, consistency, job)
+                except ReplicatorError as e:
+                    if not isinstance(e, Waiting):
+                        self._after_failure(e)
+                    raise
+                self._after_success(kind, results)
+                await self._checkpoint(results)
+            except Waiting as e:
+                self._explain(e.message)
+                if own:
+                    job.fail(e.message)
+                if forced:
+                    raise
+                return None
+            except BaseException as e:
+                if own:
+                    end_job(job, e)
+                raise
+            if own:
+                job.succeed(f"{kind} complete")
+            return results
 
-        async def do():
-            return [await r.run_cycle(consistency=consistency, cut=False) for r in self.replicators]
-        try:
-            results = await self._on_export_loop(do())
-        except ReplicatorError as e:
-            self._after_failure(e)
-            raise
-        self._after_success(results)
-        return results
-
-    def _before_cycle(self) -> None:
+    def _prepare(self, forced: str | None) -> str:
+        """What this cycle does -- "initial", "seed-export", "seed-check", "resync" or "delta" -- after the
+        transitions that lead there; Waiting when it must not start now."""
         st = self.state
         if st.state == S.ReadyForInitialReplication:
-            st.fire(Event.start_initial, "initial replication over the network")
-        elif any(d.resync_required for d in self.disks.values()):
-            if st.state in (S.Replicating, S.Error):
-                st.fire(Event.resync_needed, next(d.reason for d in self.disks.values() if d.reason))
-            if st.state == S.WaitingForStartResynchronize and self.settings.resync == "auto":
-                st.fire(Event.resync_start, "automatic resynchronization")
-
-    def _after_success(self, results) -> None:
-        st = self.state
-        kinds = {r.kind for r in results}
+            st.fire(Event.start_initial, self._initial_start(forced))
         if st.state == S.InitialReplicationInProgress:
+            return "seed-export" if self.initial.mode == "offline" else "initial"
+        if st.state == S.WaitingForInitialReplication:
+            return "seed-check"
+        needing = [d for d in self.disks.values() if d.resync_required]
+        if needing and st.state in (S.Replicating, S.Error):
+            st.fire(Event.resync_needed, needing[0].reason or "resynchronization required")
+        if st.state == S.WaitingForStartResynchronize:
+            st.fire(Event.resync_start, self._resync_start(forced))
+        return "resync" if st.state == S.Resynchronizing else "delta"
+
+    # ------------------------------------------------------------------ when to start
+    def _initial_start(self, forced: str | None) -> str:
+        """The reason the initial replication starts with; Waiting when it must not start yet."""
+        mode = self.initial.mode
+        if mode == "scheduled" and not forced:
+            at = self.scheduled_start()
+            if at > self.clock.now():
+                raise Waiting(f"initial replication scheduled for {_when(at)}; `replicator machine {self.name} "
+                              "cycle` starts it now")
+        if mode == "existing":
+            self._existing_sources()
+            return f"initial replication from the existing copies in {self.initial.path}: only differing " \
+                   "blocks are sent"
+        if mode == "offline":
+            return f"offline initial replication: exporting a seed to {self.initial.seed_dir}"
+        return ("scheduled " if mode == "scheduled" else "") + "initial replication over the network"
+
+    def scheduled_start(self) -> float:
+        """When a scheduled initial replication starts: the configured moment, or the first time the
+        configured time of day comes after protection began (kept, so a restart does not move it)."""
+        at = self.initial.at
+        if isinstance(at, dt.datetime):
+            return at.timestamp()
+        kept = self.state.data.get("initial_at")
+        if not kept or kept.get("at") != at.isoformat():
+            kept = self.state.data["initial_at"] = {"at": at.isoformat(),
+                                                   "time": next_time_of_day(at, self.clock.now())}
+            self.state.save()
+        return float(kept["time"])
+
+    def _resync_start(self, forced: str | None) -> str:
+        why = next((d.reason for d in self.disks.values() if d.reason), None) or "resynchronization required"
+        if forced == "resync":
+            return "resynchronization started by the operator"
+        now_cmd = f"`replicator machine {self.name} resync` starts it now"
+        if self.settings.resync == "manual":
+            raise Waiting(f"{why}; resync = \"manual\": {now_cmd}")
+        window = self.settings.resync_window
+        opens = window_opens(window, self.clock.now())
+        if opens > self.clock.now():
+            raise Waiting(f"{why}; the automatic resynchronization waits for its window {_window(window)} "
+                          f"(starts {_when(opens)}); {now_cmd}")
+        return "automatic resynchronization" + (f" (inside its window {_window(window)})" if window else "")
+
+    def due_at(self) -> float | None:
+        """When this machine next has something to start (the daemon asks the scheduler for a tick then)."""
+        now, st = self.clock.now(), self.state.state
+        if st == S.ReadyForInitialReplication and self.initial.mode == "scheduled":
+            at = self.scheduled_start()
+        elif st == S.WaitingForStartResynchronize and self.settings.resync == "auto":
+            at = window_opens(self.settings.resync_window, now)
+        else:
+            return None
+        return at if at > now else None
+
+    def _explain(self, reason: str) -> None:
+        """A waiting machine's reason, kept without a transition (and logged once when it changes)."""
+        self.stats.resync_required = any(d.resync_required for d in self.disks.values())
+        if self.state.reason != reason:
+            log.info("%s: %s", self.name, reason)
+            self.state.reason = reason
+            self.state.save()
+
+    # ------------------------------------------------------------------ the work
+    def _job_for(self, kind: str, job: Job | None) -> Job | None:
+        if job is not None:
+            if job.kind == "cycle" and kind in LONG_KINDS:
+                job.note(f"this cycle is the machine's {kind}")
+                job.kind = kind
+        elif kind in LONG_KINDS:
+            job = self.jobs.create(kind, self.name)
+        else:
+            return None
+        previous = self.state.data.get("job")
+        if previous and previous != job.id and kind in LONG_KINDS:
+            try:
+                if (self.jobs.find(previous).get("error") or "").startswith("interrupted"):
+                    job.note(f"continues {previous}, interrupted when the daemon stopped")
+            except UsageError:
+                pass
+        self.state.data["job"] = job.id
+        self.state.save()
+        return job
+
+    async def _run(self, kind: str, consistency: str, job: Job | None):
+        if kind == "seed-export":
+            await self._export_seed(job)
+            return []
+        if kind == "seed-check":
+            await self._check_seed()
+            kind = "delta"
+        if kind == "initial" and self.initial.mode == "existing":
+            await self._adopt_existing(job)
+        return await self._replicate(kind, consistency, job)
+
+    async def _replicate(self, kind: str, consistency: str, job: Job | None):
+        meter = PartsProgress(job) if job is not None else None
+        post = self._poster(meter)
+
+        async def do():
+            if meter is not None:
+                post("estimate", self._estimates(kind))
+            for r in self.replicators:
+                r.progress = (lambda done, total, part=r.name: post(part, done, total)) if meter else None
+            try:
+                return [await r.run_cycle(consistency=consistency, cut=False) for r in self.replicators]
+            finally:
+                for r in self.replicators:
+                    r.progress = None
+        results = await self._on_export_loop(do())
+        if meter is not None:
+            meter.settle()
+        return results
+
+    def _poster(self, meter: PartsProgress | None):
+        """A progress callback for any thread: the report is applied on the daemon's loop, in order."""
+        loop = asyncio.get_running_loop()
+
+        def post(part, done=None, total=None):
+            if meter is None:
+                return
+            if part == "estimate":
+                loop.call_soon_threadsafe(meter.estimate, done)
+            else:
+                loop.call_soon_threadsafe(meter.update, part, done, total)
+        return post
+
+    def _estimates(self, kind: str) -> dict[str, int]:
+        """Bytes each disk's streams will likely carry, until their own reports replace the guess (on the
+        export's loop: it reads the trackers)."""
+        out = {}
+        for name, d in self.disks.items():
+            if kind == "initial" and self.initial.mode != "existing":
+                out[name] = sum(e.length for e in d.disk.extents(0, d.size) if e.kind is ExtentKind.DATA)
+            elif d.resync_required or d.state.state == "resynchronizing":
+                out[name] = sum(n for _, n in d.dirty_extents())
+            else:
+                out[name] = sum(rec.data_bytes for rec in d.state.sealed_logs)
+        return out
+
+    # ------------------------------------------------------------------ offline seed
+    def _seed_dir(self) -> str:
+        return os.path.join(self.initial.seed_dir, self.name)
+
+    async def _export_seed(self, job: Job) -> None:
+        """Export the seed (continuing an interrupted export when the disks are still at its cut), then
+        wait for the operator to import it on the replica host."""
+        meter = PartsProgress(job, {n: d.size for n, d in self.disks.items()})
+        post = self._poster(meter)
+        machine_dir = self._seed_dir()
+
+        async def do():
+            stale = self._stale_seed(machine_dir)
+            if stale:
+                shutil.rmtree(machine_dir)
+            manifest = export_machine(self.name, self.disks, self.initial.seed_dir, volume_size=SEED_VOLUME,
+                                      compress=self.settings.compression, progress=post)
+            return stale, manifest
+        try:
+            stale, manifest = await self._on_export_loop(do())
+        except OSError as e:
+            raise DiskIOError(f"seed export of {self.name} to {machine_dir} failed: {e.strerror or e}") from None
+        if stale:
+            job.note(f"the partial seed in {machine_dir} was from before a crash (the disks left its cut): "
+                     "exported again")
+        meter.settle()
+        self.state.data["seed"] = {"dir": machine_dir,
+                                   "generations": {d.disk_id: len(d.volumes) for d in manifest.disks}}
+        self.state.fire(Event.seed_exported, f"offline seed written to {machine_dir}: {self._seed_import()}; "
+                        "replication continues once the replica holds it")
+        job.note(self.state.reason)
+
+    def _seed_import(self) -> str:
+        """What the operator does with the seed."""
+        url = urlparse(self.settings.target)
+        root = url.path if url.scheme == "local" else "ROOT"
+        seed = (self.state.data.get("seed") or {}).get("dir", self._seed_dir())
+        return f"an operator must import it on the replica host (`replicator seed import {seed} --replica-root {root}`)"
+
+    def _stale_seed(self, machine_dir: str) -> bool:
+        """A partial seed of ours whose disks are no longer at its cut (a crash during the export)."""
+        if not os.path.exists(seed_media.manifest_path(machine_dir)):
+            return False
+        manifest = seed_media.load(machine_dir)
+        ids = {str(d.disk.virtual_disk_id): d for d in self.disks.values()}
+        return manifest.machine == self.name and any(
+            not e.complete and e.disk_id in ids and ids[e.disk_id].state.state != "resynchronizing"
+            for e in manifest.disks)
+
+    async def _check_seed(self) -> None:
+        """Initial replication is done once the replica holds every disk's seed generation."""
+        wanted = (self.state.data.get("seed") or {}).get("generations", {})
+        missing = []
+        for r in self.replicators:
+            have = await self._replica_generation(r)
+            if have < wanted.get(str(r.disk_id), 1):
+                missing.append(f"{r.name} (generation {have} of {wanted.get(str(r.disk_id), 1)})")
+        if missing:
+            seed = (self.state.data.get("seed") or {}).get("dir", self._seed_dir())
+            raise Waiting(f"offline seed written to {seed}; the replica does not hold it yet ({', '.join(missing)}): "
+                          f"{self._seed_import()}")
+        self.state.fire(Event.initial_done, "the replica holds the offline seed: replicating the changes since")
+
+    async def _replica_generation(self, r: DiskReplicator) -> int:
+        url = urlparse(self.settings.target)
+        if url.scheme == "local":
+            # Read what another process (`replicator seed import`) committed, without opening the disk in
+            # this process's store: that would cache it, and recover a journal the importer is writing.
+            try:
+                with open(os.path.join(url.path, "disks", str(r.disk_id), "state.json"), encoding="utf-8") as f:
+                    return int(json.load(f).get("generation", 0))
+            except FileNotFoundError:
+                return 0
+            except (OSError, ValueError) as e:
+                raise DiskIOError(f"cannot read the replica state of {r.name} under {url.path}: {e}") from None
+
+        async def do():
+            return (await self.target.disk_info(r.disk_id)).generation
+        try:
+            return await self._on_export_loop(do())
+        except TargetUnavailable:
+            raise
+        except ReplicatorError:                 # the replica has no such disk yet
+            return 0
+
+    # ------------------------------------------------------------------ existing copy on the replica
+    def _existing_sources(self) -> dict[str, str]:
+        """Disk name -> the existing copy the replica starts from; Waiting when that cannot be done."""
+        url = urlparse(self.settings.target)
+        if url.scheme != "local":
+            raise Waiting(f"initial replication from an existing disk needs a replica that adopts the copy and "
+                          f"compares block digests with the primary; {self.settings.target} cannot (only local:// "
+                          'targets can today): use initial_replication = "network" or "offline"')
+        path = self.initial.path
+        if os.path.isdir(path):
+            found = {n: os.path.join(path, n) for n in self.disks}
+        elif len(self.disks) == 1:
+            found = {next(iter(self.disks)): path}
+        else:
+            raise Waiting(f"initial_replication.path {path} is one file, but {self.name} has {len(self.disks)} "
+                          f"disks: give a folder holding {', '.join(self.disks)}")
+        missing = [p for p in found.values() if not os.path.isfile(p)]
+        if missing:
+            raise Waiting(f"existing cop{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} not found: "
+                          "the initial replication waits for them")
+        from ..disk.probe import open_disk
+        for name, src in found.items():
+            with open_disk(src) as d:
+                if d.size != self.disks[name].size:
+                    raise Waiting(f"existing copy {src} is {d.size} bytes, {name} is {self.disks[name].size}: it "
+                                  "cannot be the replica's starting point")
+        return found
+
+    async def _adopt_existing(self, job: Job) -> None:
+        """The replica store takes each existing copy as its base (once); the cycle then sends only the
+        blocks whose digests differ."""
+        from ..replica import ReplicaStore
+        store = ReplicaStore(urlparse(self.settings.target).path)
+        for name, src in self._existing_sources().items():
+            key = str(self.disks[name].disk.virtual_disk_id)
+            if key in store.disk_ids() and (store.disk(key).generation > 0 or store.disk(key).state.adopted):
+                continue
+            job.note(f"{name}: the replica starts from {src}")
+            await asyncio.to_thread(store.adopt, key, src, name=name)
+
+    # ------------------------------------------------------------------ after a cycle
+    def _after_success(self, kind: str, results) -> None:
+        st = self.state
+        if st.state == S.InitialReplicationInProgress and kind != "seed-export":
             st.fire(Event.initial_done, "initial replication complete")
         elif st.state == S.Resynchronizing:
             st.fire(Event.resync_done, "resynchronization complete")
-        elif st.state == S.WaitingForStartResynchronize and "resync" in kinds:
-            st.fire(Event.resync_start, "resynchronization")
-            st.fire(Event.resync_done, "resynchronization complete")
         elif st.state == S.Error:
             st.fire(Event.recovered, "a cycle succeeded")
-        self.stats.record_result(results)
         self.stats.resync_required = any(d.resync_required for d in self.disks.values())
-        self.last_result = {"time": time.time(), "kinds": sorted(kinds),
+        if kind == "seed-export":
+            return
+        self.stats.record_result(results)
+        self.last_result = {"time": time.time(), "kinds": sorted({r.kind for r in results}),
                             "bytes_sent": sum(r.bytes_sent for r in results)}
 
     def _after_failure(self, e: ReplicatorError) -> None:
@@ -117,39 +458,122 @@ class PrimaryMachine:
         elif self.state.state == S.InitialReplicationInProgress:
             self.state.fire(Event.initial_failed, e.message)
 
-    async def cycle_now(self, consistency: str = "crash"):
+    # ------------------------------------------------------------------ operations
+    async def cycle_now(self, consistency: str = "crash", *, job: Job | None = None):
         """An operator's "replicate now": cut, then ship (the scheduler cuts on its own ticks)."""
         await self.cut()
-        return await self.run_cycle(consistency)
+        return await self.run_cycle(consistency, job=job, forced="cycle")
 
-    async def planned_failover(self):
+    async def planned_failover(self, job: Job | None = None):
         """The primary stops (its NBD clients are disconnected and no more are accepted), a final cycle
         ships everything: zero data loss; the machine is then PreparedForFailover on the replica site."""
+        self._check_planned_failover()
+
         async def stop_export():
             await self.service.server.close()
         await self._on_export_loop(stop_export())
-        results = await self.cycle_now()
-        self.state.fire(Event.prepare_failover, "planned failover: primary stopped, final cycle replicated")
+        results = await self.cycle_now(job=job)
+        await self._checkpoint(results, prepared=True)
+        if self.state.reversed:             # back to the original primary site: a failback (docs/states.md)
+            self.state.fire(Event.failback_start, "failback: primary stopped, final cycle replicated")
+            self.state.fire(Event.failback_done, "failback: the original site completes it (failover --planned)")
+        else:
+            self.state.fire(Event.prepare_failover, "planned failover: primary stopped, final cycle replicated")
         return results
 
-    # ------------------------------------------------------------------ operations
+    async def _checkpoint(self, results, prepared: bool = False) -> None:
+        """Tell the replica which generation of each disk ends this cycle -- one cut across the machine --
+        so a failover takes every disk at the same instant; `prepared`: it was the final cycle. A lost
+        checkpoint only costs this cycle its place among the machine's recovery points."""
+        if not results:
+            return
+        point = max(r.generation for r in results)
+
+        async def do():
+            for r, result in zip(self.replicators, results):
+                await self.target.checkpoint(r.disk_id, result.generation, point, prepared,
+                                             self.settings.additional_points)
+        try:
+            await self._on_export_loop(do())
+        except ReplicatorError as e:
+            if prepared:
+                raise
+            log.warning("%s: the replica did not take the checkpoint of point %d: %s", self.name, point, e.message)
+
+    def _check_planned_failover(self) -> None:
+        """Refused before the VM's disks stop: a final cycle must be able to make the replica whole."""
+        if not self.state.can(Event.prepare_failover):
+            raise StateError(f"{self.name}: planned failover needs state Replicating, not {self.state.state.value}")
+        needing = [n for n, d in self.disks.items() if d.resync_required]
+        if needing:
+            raise StateError(f"{self.name}: {', '.join(needing)} need{'s' if len(needing) == 1 else ''} a "
+                             f"resynchronization before a planned failover (`replicator machine {self.name} resync`)")
+
     def pause(self) -> None:
         self.state.fire(Event.pause, "paused by the operator")
 
     def resume(self) -> None:
         self.state.fire(Event.resume, "resumed by the operator")
 
-    def request_resync(self) -> None:
-        for d in self.disks.values():
-            if not d.resync_required:
-                d._require_resync("resynchronization requested by the operator")
-        if self.state.can(Event.resync_needed):
-            self.state.fire(Event.resync_needed, "resynchronization requested by the operator")
+    async def request_resync(self) -> None:
+        """Mark every disk for resynchronization (on the export's loop, which owns the trackers)."""
+        if self.state.state == S.Resynchronizing and self._lock.locked():
+            raise StateError(f"{self.name}: a resynchronization is already running "
+                             f"({self.state.data.get('job', 'its job')})")
+        if not self.state.can(Event.resync_needed):
+            raise StateError(f"{self.name}: resynchronization is not possible in state {self.state.state.value}")
+
+        async def mark():
+            for d in self.disks.values():
+                if not d.resync_required:
+                    d._require_resync("resynchronization requested by the operator")
+        await self._on_export_loop(mark())
+        self.state.fire(Event.resync_needed, "resynchronization requested by the operator")
+
+    async def begin(self, op: str) -> tuple[Job, asyncio.Task]:
+        """Start an operator's operation as a job running in the background; refused at once (StateError)
+        when the machine's state does not allow it."""
+        if op == "resync":
+            await self.request_resync()
+            work = lambda job: self.run_cycle(job=job, forced="resync")      # noqa: E731
+        elif op == "cycle":
+            if self.state.state not in CYCLING_STATES:
+                raise StateError(f"{self.name}: no replication in state {self.state.state.value}")
+            work = lambda job: self.cycle_now(job=job)                       # noqa: E731
+        elif op == "planned-failover":
+            self._check_planned_failover()
+            work = self.planned_failover
+        else:
+            raise UsageError(f"unknown operation {op!r} (known: {', '.join(OPERATIONS)})")
+        job = self.jobs.create(op, self.name)
+        task = asyncio.create_task(self._finish(job, work(job)), name=f"{op}-{self.name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return job, task
+
+    async def _finish(self, job: Job, work) -> None:
+        """Run an operation and end its job; the job holds the outcome (nobody may await the task)."""
+        try:
+            await work
+        except ReplicatorError as e:
+            end_job(job, e)
+        except BaseException as e:                  # a bug (or the daemon stopping): end the job, leave a trace
+            if not isinstance(e, asyncio.CancelledError):
+                log.exception("%s: %s failed", self.name, job.kind)
+            end_job(job, e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            job.succeed(f"{job.kind} complete")
+
+    def running_jobs(self) -> list[dict]:
+        return [j.summary(log_lines=5) for j in self.jobs.running() if j.subject == self.name]
 
     def status(self, now: float | None = None) -> dict:
         now = now or time.time()
         return {"name": self.name, "role": "primary", "state": self.state.state.name, "reason": self.state.reason,
                 "since": self.state.since, "stats": self.stats.to_dict(now), "target": self.settings.target,
+                "initial_replication": self.initial.mode, "starts_at": self.due_at(), "jobs": self.running_jobs(),
                 "disks": {n: {"disk_id": str(d.disk.virtual_disk_id) if d.disk else None,
                               "tracking": d.state.state, "reason": d.reason, "nbd": self.service.uri(n)}
                           for n, d in self.disks.items()},

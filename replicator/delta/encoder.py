@@ -8,9 +8,16 @@ Compression adapts per frame. A small sample is compressed first; data that does
 without paying for a full compression. Everything else goes through one zstd stream spanning all ZSTD
 frames, flushed at each frame's end, so small scattered frames still compress as well as one big blob.
 Zero runs travel as ZERO frames (a flag and a range, no payload).
+
+A header with zstd_lanes = k > 1 gives the ZSTD frames k independent zstd streams, taken in turn: frame i
+of them goes through lane i mod k. Each lane compresses on its own thread (zstd releases the GIL), a few
+frames ahead of the writer, and frames still leave in call order, so the bytes stay a pure function of the
+input. With one lane nothing runs on another thread.
 """
 from __future__ import annotations
 
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +57,14 @@ class DeltaEncoder:
         self.stats = EncodeStats()
         self.trailer: Trailer | None = None
         self._hasher = kernels.Xxh3Hasher()
-        self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False).compressobj()
+        lanes = header.zstd_lanes
+        self._zstd = [zstandard.ZstdCompressor(level=level, write_checksum=False).compressobj()
+                      for _ in range(lanes)]
+        self._zstd_frames = 0
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix="zstd lane") for _ in range(lanes)] \
+            if lanes > 1 else None
+        self._ahead = 2 * lanes                   # frames in flight at most (bounded memory)
+        self._queue: collections.deque = collections.deque()   # frames waiting for their payload, in order
         self._probe = zstandard.ZstdCompressor(level=1, write_checksum=False, write_content_size=False)
         self._pending = bytearray()       # contiguous data waiting to fill a frame
         self._pending_at = 0
@@ -91,6 +105,8 @@ class DeltaEncoder:
         self._check(0, 0)
         self._flush_pending()
         self._flush_run()
+        self._drain(0)
+        self.close()
         s, counts = self.stats, self.stats.frames
         self.trailer = Trailer(counts[FrameKind.RAW], counts[FrameKind.ZSTD], counts[FrameKind.ZERO],
                                counts[FrameKind.TRIM], s.plain_bytes, s.zeroed_bytes, s.payload_bytes,
@@ -100,6 +116,19 @@ class DeltaEncoder:
         s.stream_bytes += len(raw)
         s.trailer = self.trailer
         return self.trailer
+
+    def __enter__(self) -> "DeltaEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the lane threads (finish() does; call it when abandoning an unfinished stream)."""
+        if self._lanes is not None:
+            for lane in self._lanes:
+                lane.shutdown(wait=True, cancel_futures=True)
+            self._lanes = None
 
     # ---- frames
     def _check(self, offset: int, length: int) -> None:
@@ -148,9 +177,13 @@ class DeltaEncoder:
     def _data_frame(self, offset: int, mv: memoryview) -> None:
         digest = kernels.xxh3_128(mv)
         if self.compress and self._compressible(mv):
-            payload = self._zstd.compress(mv) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-            assert len(payload) <= zstd_bound(len(mv)), "zstd exceeded its own bound"
-            self._frame(FrameKind.ZSTD, offset, len(mv), payload, digest)
+            lane = self._zstd_frames % len(self._zstd)
+            self._zstd_frames += 1
+            if self._lanes is None:
+                self._frame(FrameKind.ZSTD, offset, len(mv), self._deflate(lane, mv), digest)
+            else:   # a copy: the lane works on it after the caller reused its buffer
+                work = self._lanes[lane].submit(self._deflate, lane, bytes(mv))
+                self._frame(FrameKind.ZSTD, offset, len(mv), work, digest)
         else:   # a copy: the sink may keep what it is given, and the caller may reuse its buffer
             self._frame(FrameKind.RAW, offset, len(mv), bytes(mv), digest)
 
@@ -164,7 +197,30 @@ class DeltaEncoder:
             sample = b"".join(mv[i * step:i * step + piece] for i in range(SAMPLE_SLICES))
         return len(self._probe.compress(sample)) < SAMPLE_RATIO * len(sample)
 
+    def _deflate(self, lane: int, data) -> bytes:
+        z = self._zstd[lane]
+        payload = z.compress(data) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        assert len(payload) <= zstd_bound(len(data)), "zstd exceeded its own bound"
+        return payload
+
     def _frame(self, kind: FrameKind, offset: int, length: int, payload, digest: bytes) -> None:
+        """Emit a frame, or queue it behind frames whose payload a lane is still compressing."""
+        if self._queue or isinstance(payload, Future):
+            self._queue.append((kind, offset, length, payload, digest))
+            self._drain(self._ahead)
+        else:
+            self._write_frame(kind, offset, length, payload, digest)
+
+    def _drain(self, limit: int) -> None:
+        """Write queued frames in order: finished ones, and older ones until at most `limit` are left."""
+        q = self._queue
+        while q and (len(q) > limit or not isinstance(q[0][3], Future) or q[0][3].done()):
+            kind, offset, length, payload, digest = q.popleft()
+            if isinstance(payload, Future):
+                payload = payload.result()
+            self._write_frame(kind, offset, length, payload, digest)
+
+    def _write_frame(self, kind: FrameKind, offset: int, length: int, payload, digest: bytes) -> None:
         self._emit(pack_frame(kind, offset, length, len(payload), digest))
         if len(payload):
             self._emit(payload)

@@ -26,6 +26,8 @@ MIN_BLOCK = 512
 MAX_BLOCK = 16 * MiB             # hard cap: no frame may make a decoder hold more plain bytes than this
 MAX_HEADER_BODY = 64 * KiB       # the JSON body; bounds what a hostile header can make us parse
 MAX_RUN = 1 << 31                # longest ZERO or TRIM frame (lengths are u32; the encoder splits longer)
+MAX_LANES = 16                   # zstd lanes a stream may use (each costs a decoder one zstd context)
+OPTIONAL_FIELDS = frozenset({"zstd_lanes"})
 MAX_WINDOW = 8 * MiB             # zstd window the decoder accepts (level 19 needs 8 MiB; level 1, 512 KiB)
 
 PREFIX = struct.Struct("<8sHHI")              # magic, version, flags, body length
@@ -74,6 +76,7 @@ class StreamHeader:
     created: float = 0.0
     kind: str = "delta"
     extra: dict = field(default_factory=dict)
+    zstd_lanes: int = 1          # independent zstd streams the ZSTD frames take turns in (compressed in parallel)
 
     def __post_init__(self) -> None:
         problem = _header_problem(self)
@@ -81,10 +84,13 @@ class StreamHeader:
             raise UsageError(f"delta stream header: {problem}")
 
     def body(self) -> dict[str, Any]:
-        return {"disk_id": str(self.disk_id), "disk_size": self.disk_size, "block_size": self.block_size,
+        body = {"disk_id": str(self.disk_id), "disk_size": self.disk_size, "block_size": self.block_size,
                 "generation": self.generation, "base_generation": self.base_generation,
                 "consistency": self.consistency, "source_logs": [str(u) for u in self.source_logs],
                 "created": self.created, "kind": self.kind, "extra": self.extra}
+        if self.zstd_lanes != 1:             # absent means one lane: single-lane streams keep their bytes
+            body["zstd_lanes"] = self.zstd_lanes
+        return body
 
     def pack(self) -> bytes:
         """Canonical bytes (sorted keys, compact JSON): the same header always packs the same way."""
@@ -123,6 +129,8 @@ def _header_problem(h: StreamHeader) -> str | None:
         return f"created {h.created!r} is not a finite unix time"
     if not isinstance(h.extra, dict):
         return "extra must be a JSON object"
+    if not _is_int(h.zstd_lanes, 1, MAX_LANES):
+        return f"zstd_lanes {h.zstd_lanes!r} is not in [1, {MAX_LANES}]"
     return None
 
 
@@ -154,8 +162,9 @@ def read_header(read, path: str | None = None) -> tuple[StreamHeader, bytes]:
 def _parse_body(body: bytes, path: str | None) -> StreamHeader:
     try:
         fields = json.loads(body.decode("utf-8"))
-        if not isinstance(fields, dict) or set(fields) != set(StreamHeader.__dataclass_fields__):
-            raise ValueError(f"fields must be exactly {sorted(StreamHeader.__dataclass_fields__)}")
+        required = set(StreamHeader.__dataclass_fields__) - OPTIONAL_FIELDS
+        if not isinstance(fields, dict) or not required <= set(fields) <= required | OPTIONAL_FIELDS:
+            raise ValueError(f"fields must be exactly {sorted(required)}, optionally {sorted(OPTIONAL_FIELDS)}")
         if not isinstance(fields["source_logs"], list) or not isinstance(fields["disk_id"], str):
             raise ValueError("disk_id and source_logs must hold UUID strings")
         fields["disk_id"] = uuid.UUID(fields["disk_id"])

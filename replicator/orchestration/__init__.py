@@ -6,7 +6,7 @@ from .health import Health, HealthReport, MachineStats, render_prometheus
 from .jobs import Job, JobRegistry, JobState, format_progress
 from .plans import ManualAction, PlanGroup, PlanResult, PlanRun, RecoveryPlan, ScriptAction
 from .quiesce import QemuGuestAgentQuiesce, QuiesceFailed, QuiesceProvider, ScriptQuiesce, provider_from_settings
-from .scheduler import FakeClock, Scheduler, SystemClock, Tick, within_window
+from .scheduler import FakeClock, Scheduler, SystemClock, Tick, next_time_of_day, window_opens, within_window
 from .settings import Config, ConfigError, Machine, Protection, load_config, parse_config
 from .states import Event, MachineState, ReplicationState, StateError
 
@@ -16,5 +16,5 @@ __all__ = [
     "Protection", "QemuGuestAgentQuiesce", "QuiesceFailed", "QuiesceProvider", "RecoveryPlan",
     "ReplicationState", "Scheduler", "ScriptAction", "ScriptQuiesce", "StateError", "SystemClock", "Tick",
     "format_progress", "load_config", "parse_config", "provider_from_settings", "render_prometheus",
-    "within_window",
+    "next_time_of_day", "window_opens", "within_window",
 ]

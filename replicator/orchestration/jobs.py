@@ -113,7 +113,8 @@ class Job:
         return {"id": self.id, "kind": self.kind, "subject": self.subject, "state": self.state.value,
                 "created": self.created, "updated": self.updated, "finished": self.finished,
                 "bytes_done": self.bytes_done, "bytes_total": self.bytes_total, "percent": self.percent,
-                "rate": self.rate(), "eta": self.eta(), "error": self.error, "log": self.log[-log_lines:]}
+                "rate": self.rate(), "eta": self.eta(), "error": self.error, "log": self.log[-log_lines:],
+                "log_count": len(self.log)}
 
 
 def format_progress(job: Job | dict, width: int = 30) -> str:
@@ -142,6 +143,45 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
+class PartsProgress:
+    """One job's progress from several parts (a machine's disks), each reporting `(done, total)` for one
+    stream after another: a stream is over once it reported done == total (or restarts lower), and the
+    next report of that part begins its next stream. Parts that have not reported yet count with an
+    estimate, so the total is meaningful from the start; `settle()` drops estimates no stream replaced."""
+
+    def __init__(self, job: Job, estimates: dict[str, int] | None = None):
+        self.job = job
+        self.estimates = dict(estimates or {})
+        self.finished: dict[str, list[int]] = {}        # part -> [done, total] of its ended streams
+        self.current: dict[str, tuple[int, int]] = {}   # part -> (done, total) of its stream in flight
+        if self.estimates:
+            self._report()
+
+    def update(self, part: str, done: int, total: int) -> None:
+        cur = self.current.get(part)
+        if cur is not None and (cur[0] >= cur[1] or done < cur[0]):
+            ended = self.finished.setdefault(part, [0, 0])
+            ended[0] += cur[0]
+            ended[1] += cur[1]
+        self.current[part] = (done, total)
+        self.estimates.pop(part, None)
+        self._report()
+
+    def estimate(self, estimates: dict[str, int]) -> None:
+        """Guesses for the parts that have not reported yet."""
+        self.estimates.update({k: v for k, v in estimates.items() if k not in self.current})
+        self._report()
+
+    def settle(self) -> None:
+        self.estimates.clear()
+        self._report()
+
+    def _report(self) -> None:
+        parts = (*self.finished.values(), *self.current.values())
+        done = sum(p[0] for p in parts)
+        self.job.progress(done, sum(p[1] for p in parts) + sum(self.estimates.values()))
+
+
 class JobRegistry:
     """All jobs of this daemon; summaries persisted to STATE_DIR/jobs.json."""
 
@@ -166,6 +206,15 @@ class JobRegistry:
         if job_id not in self.jobs:
             raise UsageError(f"no job {job_id!r}")
         return self.jobs[job_id]
+
+    def find(self, job_id: str, log_lines: int = 20) -> dict:
+        """The summary of a job of this run or of one from before the restart."""
+        if job_id in self.jobs:
+            return self.jobs[job_id].summary(log_lines)
+        for s in self.previous:
+            if s.get("id") == job_id:
+                return s
+        raise UsageError(f"no job {job_id!r} (known: {', '.join(s['id'] for s in self.summaries()[-5:]) or 'none'})")
 
     def summaries(self) -> list[dict]:
         return self.previous + [j.summary() for j in self.jobs.values()]

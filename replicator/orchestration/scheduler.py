@@ -11,6 +11,9 @@ point the scheduler takes the machine's cut itself (`cut(machine)`: one cut acro
 the quiesce provider; a quiesce that fails or times out gives a crash-consistent point and a warning, and
 the next hourly tick tries again. `run_cycle(machine, consistency)` then ships what the cut sealed.
 
+A machine that waits for a moment -- its resync window opening (`window_opens`), a scheduled initial
+replication (`next_time_of_day`) -- asks for one extra tick then (`wake`) instead of the next grid tick.
+
 Time is injectable: FakeClock makes tests run hours of schedule in milliseconds.
 """
 from __future__ import annotations
@@ -34,7 +37,11 @@ class SystemClock:
         return time.time()
 
     async def sleep_until(self, when: float) -> None:
+        """Not before `when`: event loops may fire a timer a little early (uvloop rounds to milliseconds),
+        and a machine woken for a moment must find the moment come."""
         await asyncio.sleep(max(0.0, when - time.time()))
+        while (late := when - time.time()) > 0:
+            await asyncio.sleep(late)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -95,6 +102,23 @@ def within_window(window: tuple[dt.time, dt.time] | None, when: dt.datetime) -> 
     return start <= t < end if start < end else (t >= start or t < end)
 
 
+def next_time_of_day(at: dt.time, now: float) -> float:
+    """The first moment at or after `now` (epoch seconds) whose local time of day is `at`."""
+    here = dt.datetime.fromtimestamp(now)
+    when = here.replace(hour=at.hour, minute=at.minute, second=at.second, microsecond=at.microsecond)
+    if when < here:
+        when += dt.timedelta(days=1)
+    return when.timestamp()
+
+
+def window_opens(window: tuple[dt.time, dt.time] | None, now: float) -> float:
+    """When an automatic resync may start (epoch seconds): `now` inside the window (or without one), else
+    the window's next opening. The window is local time of day, as operators write it."""
+    if within_window(window, dt.datetime.fromtimestamp(now)):
+        return now
+    return next_time_of_day(window[0], now)
+
+
 @dataclass
 class Tick:
     machine: str
@@ -117,6 +141,7 @@ class _Machine:
     quiesce: object = None
     paused: bool = False
     next_tick: float = 0.0
+    wake_at: float | None = None      # one extra, off-grid tick (a resync window opens, a scheduled start)
     seq: int = 0
     last_app_hour: int | None = None
     loop: asyncio.Task | None = None
@@ -162,10 +187,22 @@ class Scheduler:
     def resume(self, name: str) -> None:
         self.machines[name].paused = False
 
+    def wake(self, name: str, when: float) -> None:
+        """One extra tick at `when`, off the grid, for a machine that waits for a moment (its resync window
+        opens, its initial replication is scheduled) rather than letting it wait for the next grid tick.
+        The earliest request wins; a tick that finds the machine's cycle running does nothing."""
+        m = self.machines[name]
+        if m.wake_at is not None and m.wake_at <= when:
+            return
+        m.wake_at = when
+        if self.started and m.loop is not None and not m.loop.done():   # asleep until its grid tick: re-arm
+            m.loop.cancel()
+            m.loop = asyncio.create_task(self._loop(m), name=f"schedule-{name}")
+
     def stats(self, name: str) -> dict:
         m = self.machines[name]
         return {**m.counts, "paused": m.paused, "running": bool(m.running and not m.running.done()),
-                "next_tick": m.next_tick}
+                "next_tick": m.next_tick, "wake_at": m.wake_at}
 
     def start(self) -> None:
         """Start every machine's loop (call from inside the event loop)."""
@@ -197,7 +234,14 @@ class Scheduler:
     # ------------------------------------------------------------------ ticking
     async def _loop(self, m: _Machine) -> None:
         while True:
+            if m.wake_at is not None and m.wake_at < m.next_tick:
+                await self.clock.sleep_until(m.wake_at)
+                m.wake_at = None
+                self._extra_tick(m)
+                continue
             await self.clock.sleep_until(m.next_tick)
+            if m.wake_at is not None and m.wake_at <= self.clock.now():
+                m.wake_at = None                  # this grid tick serves it
             late = int((self.clock.now() - m.next_tick) // m.frequency)
             if late > 0:                          # slept through ticks: each one is a missed cycle
                 for _ in range(late if not m.paused else 0):
@@ -221,6 +265,14 @@ class Scheduler:
                 m.last_app_hour is None or hour - m.last_app_hour >= m.app_consistent_hours):
             tick.wanted = "application"
         m.running = asyncio.create_task(self._cycle(m, tick), name=f"cycle-{m.name}-{m.seq}")
+
+    def _extra_tick(self, m: _Machine) -> None:
+        """An off-grid tick: not counted as a tick, and never a missed cycle when the machine is busy."""
+        if m.paused or (m.running is not None and not m.running.done()):
+            return
+        m.seq += 1
+        m.running = asyncio.create_task(self._cycle(m, Tick(m.name, m.seq, self.clock.now())),
+                                        name=f"cycle-{m.name}-{m.seq}")
 
     def _missed(self, m: _Machine) -> None:
         m.counts["missed"] += 1

@@ -17,11 +17,14 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from .plans import KINDS as FAILOVER_KINDS
+from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
 
 FREQUENCIES = (30, 300, 900)
 AUTH_MODES = ("certificate", "kerberos")
@@ -129,6 +132,9 @@ class ReplicaSettings:
     ca: str | None = None
     keytab: str | None = None
     allow: tuple[AllowEntry, ...] = ()
+    failover_dir: str = ""                      # failed-over machines' disks: FAILOVER_DIR/MACHINE/DISK
+    test_failover_dir: str = ""                 # test-failover disks: TEST_FAILOVER_DIR/MACHINE/DISK
+    reverse: dict = field(default_factory=dict)  # protection keys for reverse replication (raw, paths absolute)
 
 
 @dataclass
@@ -139,6 +145,7 @@ class Config:
     machines: list[Machine] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     path: str | None = None
+    plans: dict[str, RecoveryPlan] = field(default_factory=dict)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -439,7 +446,20 @@ def _allow(t: _Table) -> tuple[AllowEntry, ...]:
     return tuple(entries)
 
 
-def _replica(t: _Table) -> ReplicaSettings:
+def _reverse(t: _Table) -> dict:
+    """[replica.reverse]: protection settings for replicating failed-over machines back (checked as a group's
+    are; the target usually comes with the operator's `reverse`). Kept raw, paths made absolute, because
+    each reverse machine is validated whole (parse_machine) when it is created and after every restart."""
+    raw = t.table("reverse")
+    if raw is None:
+        return {}
+    sub = _Table(raw, t.at("reverse"), t.rep, PROTECTION_KEYS, t.base)
+    for key, reason in _contradictions(Protection(**_protection(sub)), final=False):
+        t.rep.error(sub.at(key), reason)
+    return {k: (sub.file(k) if k in ("cert", "key", "ca") and isinstance(v, str) and v else v) for k, v in raw.items()}
+
+
+def _replica(t: _Table, state_dir: str) -> ReplicaSettings:
     auth = t.str("auth", "certificate")
     if auth not in AUTH_MODES:
         t.rep.error(t.at("auth"), f"must be 'certificate' or 'kerberos', not {auth!r}")
@@ -462,8 +482,13 @@ def _replica(t: _Table) -> ReplicaSettings:
     allow = _allow(t)
     if not allow and "allow" not in t.data:
         t.rep.error(t.at("allow"), "missing: without [[replica.allow]] entries no primary may replicate here")
+    dirs = {k: t.file(k, os.path.join(state_dir, default)) for k, default in (
+        ("failover_dir", "failover"), ("test_failover_dir", "test-failover"))}
+    for k, v in dirs.items():
+        if os.path.exists(v) and not os.path.isdir(v):
+            t.rep.error(t.at(k), f"{v} is not a directory")
     return ReplicaSettings(listen, t.int("port", 1, 65535, None) or DEFAULT_PORTS[auth], auth, allow=allow,
-                           **files)
+                           reverse=_reverse(t), **dirs, **files)
 
 
 def _groups(root: _Table) -> tuple[dict[str, Protection], dict[str, dict]]:
@@ -538,6 +563,87 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
     return machines
 
 
+def _action(raw, path: str, rep: _Report, base: str):
+    """A pre- or post-action: {script = "CMD" or [ARGV], timeout, kinds} or {manual = "TEXT", timeout, kinds}."""
+    if not isinstance(raw, dict):
+        rep.error(path, f"must be a table ({{ script = ... }} or {{ manual = ... }}), not {_kind(raw)}")
+        return None
+    t = _Table(raw, path, rep, {"script", "manual", "timeout", "kinds"}, base)
+    if ("script" in raw) == ("manual" in raw):
+        rep.error(path, "needs exactly one of script (a command) or manual (a step an operator confirms)")
+        return None
+    timeout = t.get("timeout", (int, float), "a number of seconds")
+    if timeout is not None and not 0 < timeout <= 7 * 86400:
+        rep.error(t.at("timeout"), f"must be between 0 and {7 * 86400} seconds (a week), not {timeout}")
+        timeout = None
+    kinds = t.items("kinds", str) if "kinds" in raw else None
+    for i, k in enumerate(kinds or []):
+        if k not in FAILOVER_KINDS:
+            rep.error(f"{t.at('kinds')}[{i}]", f"must be one of {', '.join(FAILOVER_KINDS)}, not {k!r}")
+    kinds = tuple(kinds) if kinds else None
+    if "manual" in raw:
+        text = t.str("manual")
+        return ManualAction(text, float(timeout) if timeout else None, kinds) if text else None
+    cmd = raw["script"]
+    try:
+        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd) if isinstance(cmd, list) else []
+    except ValueError as e:
+        argv, cmd = [], f"{cmd!r} ({e})"
+    if not argv or not all(isinstance(a, str) and a for a in argv):
+        rep.error(t.at("script"), f"must be a command line or an array of arguments, not {cmd!r}")
+        return None
+    if "/" in argv[0] and not os.path.isabs(argv[0]):
+        argv[0] = os.path.normpath(os.path.join(base, argv[0]))      # a script next to the config file
+    return ScriptAction(argv, float(timeout) if timeout else 300.0, kinds)
+
+
+def _plan_group(raw: dict, path: str, rep: _Report, base: str, seen: dict[str, str]) -> PlanGroup:
+    t = _Table(raw, path, rep, {"members", "pre", "post"}, base)
+    members = []
+    for i, m in enumerate(t.items("members", str)):
+        where = f"{t.at('members')}[{i}]"
+        if not _NAME.match(m):
+            rep.error(where, f"{m!r} is not a machine name (letters, digits, '.', '_', '-'; at most 64)")
+        elif m in seen:
+            rep.error(where, f"{m!r} is already a member of {seen[m]}")
+        else:
+            seen[m] = path
+            members.append(m)
+    actions = {k: [a for i, raw_a in enumerate(t.get(k, (list,), "an array of actions", []) or [])
+                   if (a := _action(raw_a, f"{t.at(k)}[{i}]", rep, base)) is not None] for k in ("pre", "post")}
+    if not members and not actions["pre"] and not actions["post"]:
+        rep.error(path, "is empty: give members, pre or post actions")
+    return PlanGroup(members, actions["pre"], actions["post"])
+
+
+def _plans(root: _Table, replica: ReplicaSettings | None) -> dict[str, RecoveryPlan]:
+    """[[plan]]: recovery plans, run on the replica site (ordered groups, members failed over in parallel)."""
+    plans = {}
+    for i, raw in enumerate(root.items("plan", dict)):
+        name = raw.get("name")
+        t = _Table(raw, f"plan[{name if isinstance(name, str) and name else i}]", root.rep, {"name", "group"},
+                   root.base)
+        if not isinstance(name, str) or not _NAME.match(name):
+            root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
+            continue
+        if name in plans:
+            root.rep.error(t.at("name"), f"plan {name!r} is defined twice")
+            continue
+        if replica is None:
+            root.rep.error(t.path, "recovery plans run on the replica site: this configuration has no [replica]")
+        raw_groups = t.items("group", dict)
+        if "group" not in raw:
+            root.rep.error(t.at("group"), "missing: at least one [[plan.group]]")
+        elif len(raw_groups) > MAX_GROUPS:
+            root.rep.error(t.at("group"), f"has {len(raw_groups)} groups; a recovery plan has at most {MAX_GROUPS}")
+        seen: dict[str, str] = {}
+        groups = [_plan_group(g, f"{t.at('group')}[{k}]", root.rep, root.base, seen)
+                  for k, g in enumerate(raw_groups[:MAX_GROUPS])]
+        if groups:
+            plans[name] = RecoveryPlan(name, groups)
+    return plans
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.toml", strict: bool = False) -> Config:
     """Parse and validate; ConfigError lists every problem. Warnings are kept in Config.warnings."""
@@ -546,20 +652,32 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("(syntax)", str(e))], source) from None
     rep = _Report()
-    root = _Table(data, "", rep, {"daemon", "replica", "group", "machine"}, os.path.abspath(base_dir))
+    root = _Table(data, "", rep, {"daemon", "replica", "group", "machine", "plan"}, os.path.abspath(base_dir))
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
         ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
-        ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow"}))}
+        ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
+                     "test_failover_dir", "reverse"}))}
     daemon = _daemon(sub["daemon"])
-    replica = _replica(sub["replica"]) if isinstance(data.get("replica"), dict) else None
+    replica = _replica(sub["replica"], daemon.state_dir) if isinstance(data.get("replica"), dict) else None
     groups, partials = _groups(root)
     machines = _machines(root, groups, partials)
+    plans = _plans(root, replica)
     if replica is None and not machines and not rep.errors:
         rep.error("(top)", "nothing to run: add [[machine]] entries (primary role), a [replica] table, or both")
     problems = rep.errors + (rep.warnings if strict else [])
     if problems:
         raise ConfigError(problems, source)
-    return Config(daemon, replica, groups, machines, [f"{p}: {r}" for p, r in rep.warnings], source)
+    return Config(daemon, replica, groups, machines, [f"{p}: {r}" for p, r in rep.warnings], source, plans)
+
+
+def parse_machine(raw: dict, *, base_dir: str, source: str = "machine") -> Machine:
+    """One machine from a table like a [[machine]] entry, checked as the configuration's are (a reverse
+    machine the replica site generates after a failover); ConfigError lists every problem."""
+    rep = _Report()
+    machines = _machines(_Table({"machine": [raw]}, "", rep, {"machine"}, os.path.abspath(base_dir)), {}, {})
+    if rep.errors:
+        raise ConfigError(rep.errors, source)
+    return machines[0]
 
 
 def load_config(path: str, *, strict: bool = False) -> Config:

@@ -61,6 +61,10 @@ CYCLING = frozenset({S.Replicating, S.Error})          # the scheduler runs cycl
 IN_PROGRESS = frozenset({S.InitialReplicationInProgress, S.Resynchronizing, S.RecoveryInProgress,
                          S.FailbackInProgress})         # a job was running: resume it after a restart
 _HAS_POINTS = (S.Replicating, S.Suspended, S.Error, S.WaitingForStartResynchronize, S.PreparedForFailover)
+# A former primary whose machine was failed over without its help (unplanned) becomes the replica of the
+# reverse direction from whatever state it was left in: `reverse` (docs/states.md, "Two sites").
+_PRIMARY_RUNNING = (S.Replicating, S.Suspended, S.Error, S.WaitingForStartResynchronize, S.Resynchronizing,
+                    S.ResynchronizeSuspended)
 
 
 class Event(str, Enum):
@@ -114,8 +118,10 @@ _ROWS = [
     (E.commit_failover, (S.FailedOverWaitingCompletion,), S.FailedOver),
     (E.cancel_failover, (S.PreparedForFailover, S.RecoveryInProgress, S.FailedOverWaitingCompletion,
                          S.FailbackInProgress), S.Replicating),
-    (E.reverse, (S.FailedOverWaitingCompletion, S.FailedOver, S.FailbackComplete), S.ReadyForInitialReplication),
-    (E.reverse_in_sync, (S.FailedOverWaitingCompletion, S.FailedOver, S.FailbackComplete), S.Replicating),
+    (E.reverse, (S.FailedOverWaitingCompletion, S.FailedOver, S.FailbackComplete) + _PRIMARY_RUNNING,
+     S.ReadyForInitialReplication),
+    (E.reverse_in_sync, (S.FailedOverWaitingCompletion, S.FailedOver, S.FailbackComplete, S.PreparedForFailover),
+     S.Replicating),
     (E.failback_start, (S.Replicating,), S.FailbackInProgress),
     (E.failback_done, (S.FailbackInProgress,), S.FailbackComplete),
     (E.disable, tuple(s for s in S if s is not S.Disabled), S.Disabled),

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 from .. import delta
 from ..disk.base import pwrite_all
-from ..durable import write_json_atomic
+from ..durable import fsync_dir, write_json_atomic
 from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
 from ..vhdx import VhdxDisk, create_vhdx
+from ..vhdx.fileio import DirectWriteIO, FileIO
 from . import undo
+from .precheck import PENDING_SUFFIX, Precheck, Prechecked
 
 
 COMMITTED_KEPT = 64
+CUTS_KEPT = 400
+PREFLIGHT_MARGIN = 1 << 20       # file-system slack (the VHDX log and BAT are preallocated)
 
 
 @dataclass
@@ -56,6 +61,10 @@ class DiskState:
     counters: dict = field(default_factory=dict)
     committed: list[list] = field(default_factory=list)   # recent [stream id, generation]: commits are idempotent
     adopted: bool = False          # the base image came from an existing disk: a checksum resync levels it
+    machine: str = ""              # the protected machine the primary says this disk belongs to ("" = unknown)
+    cuts: list[list] = field(default_factory=list)        # [machine point, generation]: one cut across the machine
+    prepared: int | None = None    # the primary's final generation before a planned failover (zero loss)
+    failover: dict | None = None   # failed over on this site: cycles from the former primary are refused
 
 
 class ReplicaStore:
@@ -74,7 +83,9 @@ class ReplicaStore:
         return self._disks[key]
 
     def ensure_disk(self, disk_id: uuid.UUID | str, size: int, *, name: str = "", block_size: int = 2 << 20,
-                    logical_sector_size: int = 512) -> "ReplicaDisk":
+                    logical_sector_size: int = 512, machine: str = "") -> "ReplicaDisk":
+        """The replica of a disk, created empty on first use. `machine` (when the primary sends it) groups
+        the disks of one protected machine for failover; a disk failed over here takes no more cycles."""
         key = str(disk_id)
         path = os.path.join(self.root, "disks", key)
         if not os.path.exists(os.path.join(path, "state.json")):
@@ -86,11 +97,19 @@ class ReplicaStore:
             create_vhdx(image, size, block_size=block_size, logical_sector_size=logical_sector_size).close()
             _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size))
         d = self.disk(key)
+        if d.state.failover:
+            raise SequenceError(f"disk {d.state.name or key} of machine {d.state.machine or '(unknown)'} was failed "
+                                f"over on the replica site: it takes no more cycles from the former primary "
+                                "(reverse replication runs the other way)")
         if d.state.size != size:
             raise SequenceError(f"replica of {key} is {d.state.size} bytes, the primary disk {size}")
+        if machine and d.state.machine != machine:
+            d.state.machine = machine
+            d._save()
         return d
 
-    def adopt(self, disk_id: uuid.UUID | str, existing: str, *, name: str = "", block_size: int = 2 << 20):
+    def adopt(self, disk_id: uuid.UUID | str, existing: str, *, name: str = "", block_size: int = 2 << 20,
+              machine: str = ""):
         """Use a disk already on this host (a restored backup, an old replica) as the replica's starting
         point: it is copied into the store, and the primary's first cycle sends only the blocks that differ."""
         from ..disk.copy import copy_disk
@@ -108,9 +127,23 @@ class ReplicaStore:
                 os.unlink(image)
             with create_vhdx(image, size, block_size=block_size, logical_sector_size=src.logical_sector_size) as dst:
                 copy_disk(src, dst)
-        _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size, adopted=True))
+        _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size, adopted=True, machine=machine))
         self._disks.pop(key, None)
         return self.disk(key)
+
+    def retire(self, disk_id: uuid.UUID | str) -> str | None:
+        """Move a replica out of the way (to ROOT/retired/), kept for a look rather than deleted: after a
+        failback it is superseded by the failed-over disk, which becomes the replica's new base."""
+        key = str(disk_id)
+        path = os.path.join(self.root, "disks", key)
+        if not os.path.exists(path):
+            return None
+        out = os.path.join(self.root, "retired", f"{key}-{int(time.time() * 1000)}")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        os.rename(path, out)
+        fsync_dir(os.path.dirname(path))
+        self._disks.pop(key, None)
+        return out
 
     def disk_ids(self) -> list[str]:
         base = os.path.join(self.root, "disks")
@@ -158,6 +191,10 @@ class ReplicaDisk:
         self.path = path
         self.state_path = os.path.join(path, "state.json")
         self.state = _load(self.state_path)
+        self.prechecked: dict[str, Prechecked] = {}    # uploads verified as they arrived (precheck.py)
+        for name in os.listdir(os.path.join(path, "undo")):
+            if name.endswith(PENDING_SUFFIX):            # left by a precheck of an earlier process
+                os.unlink(os.path.join(path, "undo", name))
         if self.state.journal:
             self._recover()
 
@@ -174,8 +211,9 @@ class ReplicaDisk:
     def image_path(self) -> str:
         return os.path.join(self.path, "chain", self.state.chain[-1])
 
-    def open_image(self, read_only: bool = True) -> VhdxDisk:
-        return VhdxDisk.open(self.image_path, read_only=read_only)
+    def open_image(self, read_only: bool = True, direct: bool = False) -> VhdxDisk:
+        """direct: large writes bypass the page cache (the apply; see vhdx.fileio.DirectWriteIO)."""
+        return VhdxDisk.open(self.image_path, read_only=read_only, io_factory=DirectWriteIO if direct else FileIO)
 
     def count(self, what: str) -> None:
         self.state.counters[what] = self.state.counters.get(what, 0) + 1
@@ -190,7 +228,26 @@ class ReplicaDisk:
     def open_upload(self, stream_id: str) -> Upload:
         return Upload(self.spool_path(stream_id))
 
+    def precheck(self, stream_id: str, upload: Upload) -> Precheck | None:
+        """Start checking an upload that begins at byte 0 while it arrives (see precheck.py); hand the
+        spool's growth to .grew() and call .finish() when the request ends, then keep() the result."""
+        if upload.size:
+            return None
+        self.forget_precheck(stream_id)
+        return Precheck(self, stream_id, upload.path)
+
+    def keep_precheck(self, result: Prechecked | None) -> None:
+        if result is not None:
+            self.forget_precheck(result.stream_id)
+            self.prechecked[result.stream_id] = result
+
+    def forget_precheck(self, stream_id: str) -> None:
+        old = self.prechecked.pop(stream_id, None)
+        if old is not None:
+            old.discard()
+
     def abort(self, stream_id: str) -> None:
+        self.forget_precheck(stream_id)
         path = self.spool_path(stream_id)
         if os.path.exists(path):
             os.unlink(path)
@@ -199,16 +256,21 @@ class ReplicaDisk:
     def commit(self, stream_id: str) -> RecoveryPoint:
         """Verify the spooled stream, then apply it crash-safely and record the recovery point."""
         spool = self.spool_path(stream_id)
+        self.settle()
         for sid, generation in self.state.committed:
             if sid == stream_id:          # the sender lost our answer and asks again: same point, applied once
                 self.abort(stream_id)
                 return self.state.points[self._point_index(generation)] if any(
                     p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
+        pre = self._usable_precheck(stream_id, spool)
         try:
-            with open(spool, "rb") as f:        # one pass verifies every frame and lists what it will touch
-                dec = delta.DeltaDecoder(f)
-                ranges = [(fr.offset, fr.length) for fr in dec]
-                header = dec.header
+            if pre is not None:                 # verified and undo captured while it arrived
+                ranges, header = pre.ranges, pre.header
+            else:
+                with open(spool, "rb") as f:    # one pass verifies every frame and lists what it will touch
+                    dec = delta.DeltaDecoder(f)
+                    ranges = [(fr.offset, fr.length) for fr in dec]
+                    header = dec.header
             self._check_sequence(header)
         except ReplicatorError:
             self.count("rejected_streams")
@@ -216,10 +278,55 @@ class ReplicaDisk:
             raise
         except FileNotFoundError:
             raise UsageError(f"no upload {stream_id} to commit") from None
-        self.state.journal = {"stream": stream_id, "phase": "undo", "generation": header.generation,
-                              "time": header.created, "consistency": header.consistency}
+        keep_undo = self._needs_undo()
+        if not keep_undo:
+            self._preflight(stream_id, ranges)
+        self.state.journal = {"stream": stream_id, "phase": "undo" if keep_undo else "apply", "undo": keep_undo,
+                              "generation": header.generation, "time": header.created,
+                              "consistency": header.consistency}
         self._save()
-        return self._run_journal(ranges)
+        return self._run_journal(ranges, pre.undo_path if pre is not None else None)
+
+    def _needs_undo(self) -> bool:
+        """Undo logs exist to reach earlier points. With none kept (additional_points = 0), a cycle is made
+        atomic by redo alone: the spool stays until the apply is complete, an apply that stopped is finished
+        before anything reads the disk (settle), and the space it needs is checked before it starts."""
+        return self.state.additional_points > 0
+
+    def _preflight(self, stream_id: str, ranges) -> None:
+        """Refuse, before writing anything, an apply the replica's volume has no room for."""
+        with self.open_image() as img:
+            need = img.allocation_needed(ranges)
+        if not need:
+            return
+        st = os.statvfs(self.path)
+        free = st.f_bavail * st.f_frsize
+        if need + PREFLIGHT_MARGIN > free:
+            self.count("rejected_disk_full")
+            self.abort(stream_id)
+            raise DiskIOError(f"{self.image_path}: disk full: applying stream {stream_id} may need {need} bytes "
+                              f"of new blocks, {free} bytes are free; the replica stays at generation "
+                              f"{self.state.generation}")
+
+    def settle(self) -> None:
+        """Finish an apply that stopped on an error (see _needs_undo) before the disk is used."""
+        if self.state.journal:
+            self._recover()
+
+    def _usable_precheck(self, stream_id: str, spool: str) -> Prechecked | None:
+        """The precheck of this upload if everything it relied on still holds (see precheck.py)."""
+        pre = self.prechecked.pop(stream_id, None)
+        if pre is None:
+            return None
+        try:
+            same = os.path.getsize(spool) == pre.size
+        except FileNotFoundError:
+            same = False
+        if (same and pre.generation == self.state.generation and self.state.journal is None
+                and pre.image == self.image_path and (pre.undo_path is not None) == self._needs_undo()):
+            return pre
+        pre.discard()
+        return None
 
     def _check_sequence(self, header) -> None:
         if str(header.disk_id) != self.state.disk_id:
@@ -230,27 +337,35 @@ class ReplicaDisk:
         if header.generation <= self.state.generation:
             raise SequenceError(f"stream generation {header.generation} is not newer than {self.state.generation}")
 
-    def _run_journal(self, ranges=None) -> RecoveryPoint:
+    def _run_journal(self, ranges=None, captured: str | None = None) -> RecoveryPoint:
         j = self.state.journal
         spool = self.spool_path(j["stream"])
-        undo_path = os.path.join(self.path, "undo", f"{j['generation']}.hrl")
+        undo_path = os.path.join(self.path, "undo", f"{j['generation']}.hrl") if j.get("undo", True) else None
         if j["phase"] == "undo":
             if os.path.exists(undo_path):
                 os.unlink(undo_path)
-            if ranges is None:                  # after a restart: list the ranges again
-                with open(spool, "rb") as f:
-                    ranges = [(fr.offset, fr.length) for fr in delta.DeltaDecoder(f)]
-            with self.open_image() as disk:
-                undo.capture(disk, ranges, undo_path)
+            if captured is not None:            # sealed (fsync'd) by the precheck: only its name changes
+                os.replace(captured, undo_path)
+                fsync_dir(os.path.dirname(undo_path))
+            else:
+                if ranges is None:              # after a restart: list the ranges again
+                    with open(spool, "rb") as f:
+                        ranges = [(fr.offset, fr.length) for fr in delta.DeltaDecoder(f)]
+                with self.open_image() as disk:
+                    undo.capture(disk, ranges, undo_path)
             j["phase"] = "apply"
             self._save()
         try:
-            with open(spool, "rb") as f, self.open_image(read_only=False) as disk:
+            with open(spool, "rb") as f, self.open_image(read_only=False, direct=True) as disk:
                 delta.apply_stream(f, disk)
         except ReplicatorError:
-            self._roll_back(undo_path)
+            if undo_path is not None:
+                self._roll_back(undo_path)
+            else:                               # redo only: the journal and the spool stay for settle()
+                self.count("failed_applies")
             raise
-        point = RecoveryPoint(j["generation"], j["time"], j["consistency"], f"{j['generation']}.hrl")
+        point = RecoveryPoint(j["generation"], j["time"], j["consistency"],
+                              os.path.basename(undo_path) if undo_path else None)
         self.state.generation = j["generation"]
         self.state.points.append(point)
         self.state.committed = (self.state.committed + [[j["stream"], j["generation"]]])[-COMMITTED_KEPT:]
@@ -335,6 +450,7 @@ class ReplicaDisk:
         """A standalone VHDX of a recovery point (failover). It keeps the primary disk's VirtualDiskId: it is
         the same virtual disk, and reverse replication finds its old copy on the former primary by it."""
         from ..disk.copy import copy_disk
+        self.settle()
         with self.open_image() as src, create_vhdx(out_path, src.size, block_size=self.state.block_size,
                                                    logical_sector_size=src.logical_sector_size,
                                                    virtual_disk_id=uuid.UUID(self.state.disk_id)) as dst:
@@ -342,28 +458,53 @@ class ReplicaDisk:
             self._rewind(dst, generation)
         return out_path
 
-    def test_failover(self, generation: int) -> str:
+    def test_failover(self, generation: int, out: str | None = None) -> str:
         """A differencing disk showing the point, over a frozen replica image: no copy, and replication
-        carries on into a new top of the chain."""
+        carries on into a new top of the chain. `out` puts it elsewhere (a test-failover folder) than tests/."""
+        self._point_index(generation)
         frozen = self.image_path
         n = len(self.state.chain)
         live = f"live-{n}.vhdx"
         create_vhdx(os.path.join(self.path, "chain", live), 0, parent=frozen,
                     block_size=self.state.block_size).close()
-        test = os.path.join(self.path, "tests", f"test-{generation}-{n}.vhdx")
+        test = os.path.abspath(out) if out else os.path.join(self.path, "tests", f"test-{generation}-{n}.vhdx")
         with create_vhdx(test, 0, parent=frozen, block_size=self.state.block_size) as child:
             self._rewind(child, generation)
         self.state.chain.append(live)
-        self.state.tests.append(os.path.basename(test))
+        self.state.tests.append(test if out else os.path.basename(test))
         self._save()
         return test
 
     def cleanup_test_failover(self, path: str) -> None:
-        name = os.path.basename(path)
+        name = os.path.abspath(path) if os.path.abspath(path) in self.state.tests else os.path.basename(path)
         if name not in self.state.tests:
             raise UsageError(f"{path} is not a test failover of this replica")
-        os.unlink(os.path.join(self.path, "tests", name))
+        full = name if os.path.isabs(name) else os.path.join(self.path, "tests", name)
+        if os.path.exists(full):
+            os.unlink(full)
         self.state.tests.remove(name)
+        self._save()
+
+    # ------------------------------------------------------------------ the primary's word, failover
+    def record_checkpoint(self, generation: int, point: int, prepared: bool = False,
+                          additional_points: int | None = None) -> None:
+        """The primary ended its machine cycle `point` (one cut across the machine's disks) at `generation`
+        of this disk; `prepared`: that was its final cycle before a planned failover, so failing over at the
+        latest point loses nothing; `additional_points`: the protection's hourly points to keep."""
+        if additional_points is not None and additional_points != self.state.additional_points:
+            self.set_retention(additional_points)
+        if generation != self.state.generation:
+            raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
+                                f"replica holds {self.state.generation}")
+        held = {p.generation for p in self.state.points}
+        cuts = [c for c in self.state.cuts if c[0] != point and c[1] in held]
+        self.state.cuts = (cuts + [[point, generation]] if generation in held else cuts)[-CUTS_KEPT:]
+        self.state.prepared = generation if prepared else None
+        self._save()
+
+    def set_failover(self, info: dict | None) -> None:
+        """Mark (or, with None, unmark) this replica as failed over on its site."""
+        self.state.failover = info
         self._save()
 
     def _save(self) -> None:

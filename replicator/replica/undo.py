@@ -15,21 +15,42 @@ from ..hrl.reader import LogWrite, coalesce
 CHUNK = 4 << 20
 
 
+class UndoCapture:
+    """An undo log built range by range: commit captures all of a cycle's ranges at once, a precheck
+    (precheck.py) frame by frame while the upload arrives."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.writer = HrlWriter(path)
+
+    def add(self, disk, offset: int, length: int) -> None:
+        """The current contents of [offset, offset + length) of `disk`."""
+        for ext in disk.extents(offset, length):
+            if ext.kind is ExtentKind.ZERO:
+                self.writer.append_zeroes(ext.offset, ext.length)
+                continue
+            for pos in range(ext.offset, ext.end, CHUNK):
+                n = min(CHUNK, ext.end - pos)
+                self.writer.append(pos, disk.read(pos, n))
+
+    def seal(self) -> None:
+        self.writer.seal()
+
+    def abandon(self) -> None:
+        self.writer.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
 def capture(disk, ranges, path: str) -> None:
     """Write to `path` the current contents of `ranges` ((offset, length) pairs) of `disk`, then seal it."""
-    w = HrlWriter(path)
+    cap = UndoCapture(path)
     try:
         for offset, length in _union(ranges):
-            for ext in disk.extents(offset, length):
-                if ext.kind is ExtentKind.ZERO:
-                    w.append_zeroes(ext.offset, ext.length)
-                    continue
-                for pos in range(ext.offset, ext.end, CHUNK):
-                    n = min(CHUNK, ext.end - pos)
-                    w.append(pos, disk.read(pos, n))
-        w.seal()
+            cap.add(disk, offset, length)
+        cap.seal()
     except BaseException:
-        w.close()
+        cap.writer.close()
         raise
 
 

@@ -3,9 +3,14 @@
 Each sealed log becomes one delta stream in the outbox (DISK.rpl/outbox/STREAM.delta), is sent resumably,
 committed, and only then acknowledged to the tracker, which forgets the log. A crash anywhere leaves either
 the log pending (it is sent again; the target's commit is idempotent by stream id) or acknowledged.
+
+A log's stream is encoded on a worker thread while the target already reads it (targets/outbox.py): the
+sealed log never changes, so the export keeps serving the VM meanwhile. Resync and initial streams read
+the live disk, so they are encoded on the export's loop, between NBD requests, and sent afterwards.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -17,10 +22,12 @@ from .. import delta
 from ..errors import ReplicatorError, SequenceError
 from ..hrl import HrlReader
 from ..targets import ReplicaTarget
+from ..targets.outbox import OutboxStream
 from ..tracking import TrackedDisk
 
 STREAM_BLOCK = 1 << 20
 RESYNC_BLOCK = 64 << 10
+ZSTD_LANES = 2              # compression threads per stream (delta.encoder); the replica decodes any number
 
 
 @dataclass
@@ -42,6 +49,7 @@ class DiskReplicator:
         self.disk_id = tracker.disk.virtual_disk_id
         self.outbox = os.path.join(tracker.sidecar.dir, "outbox")
         os.makedirs(self.outbox, exist_ok=True)
+        self.progress = None     # progress(done, total): changed bytes of the current stream encoded so far
 
     async def run_cycle(self, consistency: str = "crash", cut: bool = True) -> CycleResult:
         start = time.monotonic()
@@ -66,7 +74,8 @@ class DiskReplicator:
     def _header(self, generation: int, kind: str, consistency: str, source_logs) -> delta.StreamHeader:
         return delta.StreamHeader(disk_id=self.disk_id, disk_size=self.tracker.size, block_size=STREAM_BLOCK,
                                   generation=generation + 1, base_generation=generation, consistency=consistency,
-                                  source_logs=list(source_logs), created=time.time(), kind=kind, extra={})
+                                  source_logs=list(source_logs), created=time.time(), kind=kind, extra={},
+                                  zstd_lanes=ZSTD_LANES)
 
     async def _resync(self, generation: int, consistency: str, result: CycleResult) -> int:
         """Send every region that may differ (all of it on first use), then resume normal tracking."""
@@ -81,9 +90,11 @@ class DiskReplicator:
             result.kind = "resync"
         with open(path, "wb") as sink:
             if header.kind == "full":        # the new replica reads as zeros: only allocated data travels
-                stats = delta.encode_disk(self.tracker.disk, header, sink, compress=self.compress)
+                stats = delta.encode_disk(self.tracker.disk, header, sink, compress=self.compress,
+                                          progress=self.progress)
             else:
-                stats = delta.encode_extents(self.tracker.disk, extents, header, sink, compress=self.compress)
+                stats = delta.encode_extents(self.tracker.disk, extents, header, sink, compress=self.compress,
+                                             progress=self.progress)
         point = await self._send(stream_id, path, result, stats)
         self.tracker.end_resync()
         return point.generation
@@ -94,15 +105,44 @@ class DiskReplicator:
             self.tracker.acknowledge(uuid.UUID(rec.unique_id))
             return generation
         path = os.path.join(self.outbox, f"{stream_id}.delta")
-        stats = None
-        if not self._complete(path):          # a stream from an interrupted run is resent byte for byte
+        if self._complete(path):              # a stream from an interrupted run is resent byte for byte
+            point = await self._send(stream_id, path, result, None)
+        else:
             log_path = os.path.join(self.tracker.sidecar.logs_dir, rec.name)
-            with HrlReader(log_path, self.tracker.size) as reader, open(path, "wb") as sink:
-                header = self._header(generation, "delta", consistency, [uuid.UUID(rec.unique_id)])
-                stats = delta.encode_log(reader, header, sink, compress=self.compress)
-        point = await self._send(stream_id, path, result, stats)
+            header = self._header(generation, "delta", consistency, [uuid.UUID(rec.unique_id)])
+
+            def encode(sink):
+                with HrlReader(log_path, self.tracker.size) as reader:
+                    return delta.encode_log(reader, header, sink, compress=self.compress, progress=self.progress)
+            point = await self._send_while_encoding(stream_id, path, encode, result)
         self.tracker.acknowledge(uuid.UUID(rec.unique_id))
         return point.generation
+
+    async def _send_while_encoding(self, stream_id: str, path: str, encode, result: CycleResult):
+        """Encode on a worker thread into the outbox while the target reads the stream as it grows. A failed
+        send still lets the encoder finish, so the next cycle resends the complete stream from the outbox."""
+        stream = OutboxStream(path)
+
+        def run():
+            with stream.writer() as sink:
+                return encode(sink)
+        encoding = asyncio.ensure_future(asyncio.to_thread(run))
+        sending = asyncio.ensure_future(self.target.send(self.disk_id, stream_id, stream))
+        try:
+            await asyncio.wait({encoding, sending}, return_when=asyncio.FIRST_EXCEPTION)
+            if encoding.done() and encoding.exception() is not None:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+                raise encoding.exception()
+            try:
+                sent = await sending
+            finally:
+                stats = await encoding
+        except BaseException:
+            if not sending.done():
+                sending.cancel()
+            raise
+        return await self._commit(stream_id, path, result, sent, stats)
 
     def _differing(self, theirs, dirty) -> list[tuple[int, int]]:
         """Blocks inside the dirty extents whose digest differs from the replica's."""
@@ -135,7 +175,11 @@ class DiskReplicator:
             return False
 
     async def _send(self, stream_id: str, path: str, result: CycleResult, stats):
-        result.bytes_sent += await self.target.send(self.disk_id, stream_id, path)
+        sent = await self.target.send(self.disk_id, stream_id, path)
+        return await self._commit(stream_id, path, result, sent, stats)
+
+    async def _commit(self, stream_id: str, path: str, result: CycleResult, sent: int, stats):
+        result.bytes_sent += sent
         point = await self.target.commit(self.disk_id, stream_id)
         result.streams += 1
         result.stream_bytes += os.path.getsize(path)

@@ -1,7 +1,7 @@
 """Replica targets behind one interface: the local store, a peer replica host, Azure page blobs."""
-from .base import (BandwidthLimit, Decorator, DiskInfo, PointInfo, ReplicaTarget, Retry, TargetUnavailable,
-                   TokenBucket)
+from .base import (BandwidthLimit, Decorator, DiskInfo, ForMachine, PointInfo, ReplicaTarget, Retry,
+                   TargetUnavailable, TokenBucket)
 from .local import LocalTarget
 
-__all__ = ["BandwidthLimit", "Decorator", "DiskInfo", "LocalTarget", "PointInfo", "ReplicaTarget", "Retry",
-           "TargetUnavailable", "TokenBucket"]
+__all__ = ["BandwidthLimit", "Decorator", "DiskInfo", "ForMachine", "LocalTarget", "PointInfo", "ReplicaTarget",
+           "Retry", "TargetUnavailable", "TokenBucket"]

@@ -28,6 +28,7 @@ class DiskInfo:
     size: int
     generation: int
     committed: tuple[str, ...] = ()      # recent stream ids the target has applied (commits are idempotent)
+    failed_over: bool = False            # failed over on the replica site: it takes no more cycles from here
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,18 @@ class ReplicaTarget:
 
     name = "target"
 
-    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "", machine: str = "") -> DiskInfo:
+        """The target's copy of the disk, created empty on first use; `machine` names the protected machine
+        the disk belongs to, so a replica site can fail over a machine's disks together."""
         raise NotImplementedError
 
     async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
         raise NotImplementedError
 
-    async def send(self, disk_id: uuid.UUID, stream_id: str, path: str, throttle=None) -> int:
-        """Upload the stream file, resuming after what the target already holds; returns bytes sent.
-        `throttle(n)`, when given, is awaited before each chunk of n bytes goes out."""
+    async def send(self, disk_id: uuid.UUID, stream_id: str, path, throttle=None) -> int:
+        """Upload the stream (a path, or an OutboxStream the encoder is still writing: see outbox.py),
+        resuming after what the target already holds; returns bytes sent. `throttle(n)`, when given, is
+        awaited before each chunk of n bytes goes out."""
         raise NotImplementedError
 
     async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
@@ -61,6 +65,13 @@ class ReplicaTarget:
         target holds no comparable copy or cannot compute them (then resync sends every dirty region)."""
         return None
 
+    async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
+                         additional_points: int | None = None) -> None:
+        """Tell the target that `generation` ends the machine's cycle `point` (one cut across its disks);
+        `prepared`: the primary stopped and that was its final cycle (planned failover); `additional_points`:
+        the hourly recovery points the protection keeps. Targets that cannot keep it ignore it: their machine
+        points fall back to generations common to all disks."""
+
     async def close(self) -> None:
         pass
 
@@ -70,8 +81,8 @@ class Decorator(ReplicaTarget):
         self.inner = inner
         self.name = inner.name
 
-    async def ensure_disk(self, disk_id, size, name=""):
-        return await self.inner.ensure_disk(disk_id, size, name)
+    async def ensure_disk(self, disk_id, size, name="", machine=""):
+        return await self.inner.ensure_disk(disk_id, size, name, machine)
 
     async def disk_info(self, disk_id):
         return await self.inner.disk_info(disk_id)
@@ -84,6 +95,9 @@ class Decorator(ReplicaTarget):
 
     async def digests(self, disk_id, block_size):
         return await self.inner.digests(disk_id, block_size)
+
+    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
+        return await self.inner.checkpoint(disk_id, generation, point, prepared, additional_points)
 
     async def close(self):
         await self.inner.close()
@@ -108,8 +122,8 @@ class Retry(Decorator):
                 delay = min(self.max_delay, self.base_delay * 2 ** attempt)
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
-    async def ensure_disk(self, disk_id, size, name=""):
-        return await self._with_retry(lambda: self.inner.ensure_disk(disk_id, size, name))
+    async def ensure_disk(self, disk_id, size, name="", machine=""):
+        return await self._with_retry(lambda: self.inner.ensure_disk(disk_id, size, name, machine))
 
     async def disk_info(self, disk_id):
         return await self._with_retry(lambda: self.inner.disk_info(disk_id))
@@ -119,6 +133,22 @@ class Retry(Decorator):
 
     async def commit(self, disk_id, stream_id):
         return await self._with_retry(lambda: self.inner.commit(disk_id, stream_id))
+
+    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
+        return await self._with_retry(lambda: self.inner.checkpoint(disk_id, generation, point, prepared,
+                                                                    additional_points))
+
+
+class ForMachine(Decorator):
+    """The targets of one protected machine: every disk it ensures carries the machine's name, which the
+    replica keeps to group the machine's disks (cycle code stays unaware of machines)."""
+
+    def __init__(self, inner: ReplicaTarget, machine: str):
+        super().__init__(inner)
+        self.machine = machine
+
+    async def ensure_disk(self, disk_id, size, name="", machine=""):
+        return await self.inner.ensure_disk(disk_id, size, name, machine or self.machine)
 
 
 class TokenBucket:
@@ -155,18 +185,25 @@ class BandwidthLimit(Decorator):
         return await self.inner.send(disk_id, stream_id, path, both)
 
 
-def read_stream_file(path: str, offset: int, chunk: int = 1 << 20):
-    """Chunks of an outbox stream from `offset` on (the resume point)."""
+def read_stream_file(source, offset: int, chunk: int = 1 << 20):
+    """Chunks of an outbox stream (a path or an OutboxStream still being encoded) from `offset` on (the
+    resume point); blocks while the encoder catches up, so call it from a thread."""
+    from .outbox import OutboxStream
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
+        stream = OutboxStream.of(source)
+        with open(stream.path, "rb") as f:
             while True:
-                data = f.read(chunk)
-                if not data:
+                avail = stream.wait(offset)
+                if offset >= avail:
                     return
+                f.seek(offset)
+                data = f.read(min(chunk, avail - offset))
+                if not data:
+                    raise DiskIOError(f"{stream.path}: outbox stream shrank at byte {offset}")
                 yield data
+                offset += len(data)
     except OSError as e:
-        raise DiskIOError(f"{path}: cannot read the outbox stream: {e.strerror}") from None
+        raise DiskIOError(f"{getattr(source, 'path', source)}: cannot read the outbox stream: {e.strerror}") from None
 
 
 def file_size(path: str) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from ..errors import UsageError
-from .base import BandwidthLimit, ReplicaTarget, Retry
+from .base import BandwidthLimit, ForMachine, ReplicaTarget, Retry
 
 
 def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca: str | None = None,
-                kerberos: bool = False, bandwidth_limit: float | None = None, retries: int = 5) -> ReplicaTarget:
+                kerberos: bool = False, bandwidth_limit: float | None = None, retries: int = 5,
+                machine: str = "") -> ReplicaTarget:
+    """`machine`: the protected machine whose disks go there (the replica groups them by it)."""
     parsed = urlparse(url)
     target: ReplicaTarget
     if parsed.scheme == "local":
@@ -28,4 +30,4 @@ def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca
     target = Retry(target, attempts=retries)
     if bandwidth_limit:
         target = BandwidthLimit(target, bandwidth_limit)
-    return target
+    return ForMachine(target, machine) if machine else target

@@ -5,7 +5,8 @@ import asyncio
 import uuid
 
 from ..replica import ReplicaStore
-from .base import DiskInfo, PointInfo, ReplicaTarget, read_stream_file
+from .base import DiskInfo, PointInfo, ReplicaTarget
+from .outbox import OutboxStream
 
 
 class LocalTarget(ReplicaTarget):
@@ -14,8 +15,8 @@ class LocalTarget(ReplicaTarget):
     def __init__(self, root: str):
         self.store = ReplicaStore(root)
 
-    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
-        rd = await asyncio.to_thread(self.store.ensure_disk, disk_id, size, name=name)
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "", machine: str = "") -> DiskInfo:
+        rd = await asyncio.to_thread(self.store.ensure_disk, disk_id, size, name=name, machine=machine)
         return _info(disk_id, rd)
 
     async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
@@ -25,7 +26,7 @@ class LocalTarget(ReplicaTarget):
         up = self.store.disk(disk_id).open_upload(stream_id)
         sent = 0
         try:
-            for chunk in read_stream_file(path, up.durable):
+            async for chunk in OutboxStream.of(path).chunks(up.durable):
                 if throttle is not None:
                     await throttle(len(chunk))
                 await asyncio.to_thread(up.write, up.size, chunk)
@@ -50,6 +51,12 @@ class LocalTarget(ReplicaTarget):
         p = await asyncio.to_thread(self.store.disk(disk_id).commit, stream_id)
         return PointInfo(p.generation, p.time, p.consistency)
 
+    async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
+                         additional_points: int | None = None) -> None:
+        await asyncio.to_thread(self.store.disk(disk_id).record_checkpoint, generation, point, prepared,
+                                additional_points)
+
 
 def _info(disk_id, rd) -> DiskInfo:
-    return DiskInfo(str(disk_id), rd.state.size, rd.generation, tuple(sid for sid, _ in rd.state.committed))
+    return DiskInfo(str(disk_id), rd.state.size, rd.generation, tuple(sid for sid, _ in rd.state.committed),
+                    bool(rd.state.failover))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
+
+from ..transport.auth import ReplicaRefused
 from ..transport.client import ReplicaClient
 from .base import DiskInfo, PointInfo, ReplicaTarget
 
@@ -15,8 +18,8 @@ class PeerTarget(ReplicaTarget):
         self.client = ReplicaClient(url, cert=cert, key=key, ca=ca, kerberos=kerberos,
                                     bandwidth_limit=bandwidth_limit, **client_options)
 
-    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "") -> DiskInfo:
-        return _info(await self.client.ensure_disk(disk_id, size, name=name))
+    async def ensure_disk(self, disk_id: uuid.UUID, size: int, name: str = "", machine: str = "") -> DiskInfo:
+        return _info(await self.client.ensure_disk(disk_id, size, name=name, machine=machine))
 
     async def disk_info(self, disk_id: uuid.UUID) -> DiskInfo:
         return _info(await self.client.state(disk_id))
@@ -30,9 +33,33 @@ class PeerTarget(ReplicaTarget):
         point = (await self.client.commit(disk_id, stream_id))["point"]
         return PointInfo(point["generation"], point["time"], point["consistency"])
 
+    async def digests(self, disk_id: uuid.UUID, block_size: int):
+        try:
+            raw = await self.client.digests(disk_id, block_size)
+        except ReplicaRefused as e:
+            if _older_replica(e):
+                return None
+            raise
+        return None if raw is None else np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+
+    async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
+                         additional_points: int | None = None) -> None:
+        try:
+            await self.client.checkpoint(disk_id, generation, point, prepared=prepared,
+                                         additional_points=additional_points)
+        except ReplicaRefused as e:
+            if not _older_replica(e) or prepared:
+                raise
+
     async def close(self) -> None:
         await self.client.close()
 
 
+def _older_replica(e: ReplicaRefused) -> bool:
+    """A replica host from before this route: it answers an unknown path, not a missing disk."""
+    return e.status == 404 and e.code != "not_found"
+
+
 def _info(view: dict) -> DiskInfo:
-    return DiskInfo(view["disk_id"], view["size"], view["generation"], tuple(view.get("committed", ())))
+    return DiskInfo(view["disk_id"], view["size"], view["generation"], tuple(view.get("committed", ())),
+                    bool(view.get("failed_over")))

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ..errors import ReplicatorError, UsageError
+from ..targets.outbox import OutboxStream
 from .auth import AuthenticationError, AuthorizationError, ReplicaRefused, ResumeTokenError, TransportError
 
 MiB = 1 << 20
@@ -56,17 +57,32 @@ class TokenBucket:
 
 
 class _Source:
-    """The stream's bytes, read by offset from a path or a binary file object (never held whole)."""
+    """The stream's bytes, read by offset from a path, a binary file object, or an OutboxStream the encoder
+    is still writing (never held whole). `size` is None until the stream's end is known."""
 
     def __init__(self, source):
+        self.growing = source if isinstance(source, OutboxStream) else None
+        if self.growing is not None:
+            source = self.growing.path
         self._own = isinstance(source, (str, os.PathLike))
         self.file = open(source, "rb") if self._own else source
         self.file.seek(0, os.SEEK_END)
-        self.size = self.file.tell()
+        self._size = self.file.tell()
         try:
             self.fd = self.file.fileno()
         except (AttributeError, OSError, ValueError):
             self.fd = None
+
+    @property
+    def size(self) -> int | None:
+        return self._size if self.growing is None else self.growing.final
+
+    async def reach(self, offset: int) -> int:
+        """Bytes readable once more than `offset` are there or the stream ended (waits for the encoder)."""
+        return self._size if self.growing is None else await self.growing.reach(offset)
+
+    async def final_size(self) -> int:
+        return self._size if self.growing is None else await self.growing.complete()
 
     def read(self, offset: int, n: int) -> bytes:
         if self.fd is not None:
@@ -129,8 +145,9 @@ class ReplicaClient:
         return self._session
 
     # ------------------------------------------------------------------ requests
-    async def _request(self, method: str, path: str, **kw) -> dict:
-        """One request; replica refusals become errors carrying its reason, drops become _Retry."""
+    async def _request(self, method: str, path: str, *, raw: bool = False, **kw) -> dict:
+        """One request; replica refusals become errors carrying its reason, drops become _Retry. `raw`: a
+        successful answer's body as bytes (not JSON)."""
         headers = dict(kw.pop("headers", {}))
         ctx = None
         if self.kerberos:
@@ -138,7 +155,7 @@ class ReplicaClient:
             headers["Authorization"] = "Negotiate " + base64.b64encode(token).decode()
         try:
             async with self._http().request(method, self.url + path, headers=headers, **kw) as resp:
-                body = await _json_body(resp)
+                body = await resp.read() if raw and resp.status < 300 else await _json_body(resp)
                 if ctx is not None and resp.status != 401:
                     self._check_mutual(ctx, resp)
                 if resp.status >= 400:
@@ -193,9 +210,24 @@ class ReplicaClient:
         raise TransportError(f"replica {self.url} unreachable after {self.retries + 1} attempts: {last}")
 
     # ------------------------------------------------------------------ API
-    async def ensure_disk(self, disk_id, size: int, *, name: str = "", block_size: int = 2 * MiB) -> dict:
-        return await self._retrying(self._request, "PUT", f"/v1/disks/{disk_id}",
-                                    json={"size": size, "name": name, "block_size": block_size})
+    async def ensure_disk(self, disk_id, size: int, *, name: str = "", block_size: int = 2 * MiB,
+                          machine: str = "") -> dict:
+        body = {"size": size, "name": name, "block_size": block_size, **({"machine": machine} if machine else {})}
+        return await self._retrying(self._request, "PUT", f"/v1/disks/{disk_id}", json=body)
+
+    async def digests(self, disk_id, block_size: int) -> bytes | None:
+        """The replica's XXH3-128 of every block (16 bytes each, little-endian) for a checksum resync; None
+        when it holds no comparable copy (an empty replica)."""
+        body = await self._retrying(self._request, "GET", f"/v1/disks/{disk_id}/digests",
+                                    params={"block_size": str(block_size)}, raw=True)
+        return body or None
+
+    async def checkpoint(self, disk_id, generation: int, point: int, *, prepared: bool = False,
+                         additional_points: int | None = None) -> dict:
+        """Tell the replica which generation ends the machine's cycle `point` (see ReplicaTarget.checkpoint)."""
+        return await self._retrying(self._request, "POST", f"/v1/disks/{disk_id}/checkpoint",
+                                    json={"generation": generation, "point": point, "prepared": prepared,
+                                          "additional_points": additional_points})
 
     async def state(self, disk_id) -> dict:
         return await self._retrying(self._request, "GET", f"/v1/disks/{disk_id}")
@@ -235,14 +267,17 @@ class ReplicaClient:
 
     async def _send_once(self, disk_id, stream_id: str, src: _Source) -> int:
         durable = await self._validated_offset(disk_id, stream_id, src)
-        if durable < src.size:
+        if src.size is None or durable < src.size:
+            headers = {"Content-Type": "application/octet-stream"}
+            if src.size is not None:            # a stream still being encoded goes out chunked
+                headers["Content-Length"] = str(src.size - durable)
             body = await self._request("PUT", f"/v1/disks/{disk_id}/uploads/{stream_id}",
                                        params={"offset": str(durable)}, data=self._body(src, durable),
-                                       headers={"Content-Length": str(src.size - durable),
-                                                "Content-Type": "application/octet-stream"})
+                                       headers=headers)
             durable = int(body["durable"])
-        if durable != src.size:
-            raise _Retry(f"replica holds {durable} of {src.size} bytes after the upload")
+        size = await src.final_size()
+        if durable != size:
+            raise _Retry(f"replica holds {durable} of {size} bytes after the upload")
         return durable
 
     async def _discard(self, disk_id, stream_id: str) -> None:
@@ -257,9 +292,10 @@ class ReplicaClient:
     async def _validated_offset(self, disk_id, stream_id: str, src: _Source) -> int:
         """The replica's durable length, after checking its digest against our own bytes."""
         durable, digest = await self._resume_token(disk_id, stream_id)
-        if not 0 <= durable <= src.size:
+        have = await src.reach(durable - 1) if durable > 0 else 0
+        if not 0 <= durable <= have:
             raise ResumeTokenError(f"replica claims {durable} bytes of stream {stream_id}, which has "
-                                   f"only {src.size}")
+                                   f"only {have}")
         mine = await asyncio.get_running_loop().run_in_executor(None, src.digest, durable)
         if mine != digest:
             raise ResumeTokenError(f"replica's first {durable} bytes of stream {stream_id} are not what "
@@ -267,12 +303,15 @@ class ReplicaClient:
         return durable
 
     async def _body(self, src: _Source, start: int):
-        """The request body from `start`, read as the connection drains (backpressure) and metered by
-        the bandwidth limit."""
+        """The request body from `start`, read as the connection drains (backpressure) and as the encoder
+        writes, metered by the bandwidth limit."""
         loop = asyncio.get_running_loop()
         pos = start
-        while pos < src.size:
-            n = min(self.chunk_size, src.size - pos)
+        while True:
+            avail = await src.reach(pos)
+            if pos >= avail:
+                return
+            n = min(self.chunk_size, avail - pos)
             if self.bucket is not None:
                 n = min(n, self.bucket.burst)
                 await self.bucket.take(n)

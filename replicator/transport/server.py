@@ -1,8 +1,10 @@
 """The replica side of the transport: an aiohttp application on uvloop in front of ReplicaStores.
 
 Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and is counted):
-  PUT    /v1/disks/{disk}                          create or check a replica disk  {size, name, block_size}
+  PUT    /v1/disks/{disk}                          create or check a replica disk  {size, name, block_size, machine}
   GET    /v1/disks/{disk}                          generation, recovery points, spooled uploads
+  GET    /v1/disks/{disk}/digests?block_size=N     XXH3-128 of every block (octet-stream; 204: empty replica)
+  POST   /v1/disks/{disk}/checkpoint               {generation, point, prepared, additional_points}: a cycle ended
   GET    /v1/disks/{disk}/uploads/{stream}         resume token {durable, digest}
   PUT    /v1/disks/{disk}/uploads/{stream}?offset=N  body: stream bytes from N (streamed, synced) -> {durable}
   DELETE /v1/disks/{disk}/uploads/{stream}         drop a spooled upload
@@ -25,6 +27,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import re
 import signal
 import ssl
 import threading
@@ -44,6 +47,7 @@ MiB = 1 << 20
 DEFAULT_PORTS = {"cert": 8084, "kerberos": 8083}
 WRITE_SIZE, WRITE_DEPTH = MiB, 4     # spool writes of 1 MiB, up to 4 of them buffered per upload
 PRINCIPAL = web.RequestKey("principal", str)
+_MACHINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")     # a machine name, as replicatord.toml's
 
 
 class NotFound(ReplicatorError):
@@ -77,8 +81,9 @@ class _SpoolWriter:
     backpressure reaches the sender and memory stays bounded. After a failed write nothing more is
     written, so the spool never holds a gap."""
 
-    def __init__(self, upload, interval: int):
+    def __init__(self, upload, interval: int, on_grow=None):
         self.upload, self.interval, self.unsynced, self.received = upload, interval, 0, 0
+        self.on_grow = on_grow                  # called on the writing thread with the spool's new size
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         self.free = [bytearray(WRITE_SIZE) for _ in range(WRITE_DEPTH)]
         self.buf, self.fill = self.free.pop(), 0
@@ -117,6 +122,8 @@ class _SpoolWriter:
             return
         try:
             self.upload.write(self.upload.size, data)
+            if self.on_grow is not None:
+                self.on_grow(self.upload.size)
             self.unsynced += len(data)
             if self.unsynced >= self.interval:
                 self.upload.sync()
@@ -179,6 +186,7 @@ class ReplicaServer:
         app = web.Application(middlewares=[self._guard])
         d, u = "/v1/disks/{disk}", "/v1/disks/{disk}/uploads/{stream}"
         app.add_routes([web.put(d, self.put_disk), web.get(d, self.get_disk),
+                        web.get(d + "/digests", self.get_digests), web.post(d + "/checkpoint", self.checkpoint),
                         web.get(u, self.get_upload), web.put(u, self.put_upload),
                         web.delete(u, self.delete_upload), web.post(u + "/commit", self.commit),
                         web.get("/v1/health", self.health)])
@@ -282,6 +290,21 @@ class ReplicaServer:
     def _lock(self, *key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
+    def stores(self) -> dict[str, ReplicaStore]:
+        """Every storage root's store, shared with the replica site's operations (one ReplicaDisk object per
+        disk, so neither side saves a stale state over the other's)."""
+        for entry in self.entries:
+            self._store(entry)
+        return dict(self._stores)
+
+    def store_for(self, principal: str) -> ReplicaStore:
+        """The store a primary's principal is mapped to (its authorization entry's storage root)."""
+        return self._store(authorize(self.entries, principal, ignore_case=self.mode == "cert"))
+
+    def disk_lock(self, store: ReplicaStore, disk_id: str) -> asyncio.Lock:
+        """The lock state-changing calls on a disk take (cycles' commits, failovers, adoptions)."""
+        return self._lock(store.root, str(disk_id))
+
     async def _disk(self, store, disk_id: str):
         try:
             return store.disk(disk_id)
@@ -307,10 +330,46 @@ class ReplicaServer:
         body = await _json(request)
         try:
             size, block_size, name = int(body["size"]), int(body.get("block_size", 2 * MiB)), str(body.get("name", ""))
+            machine = str(body.get("machine", ""))       # absent (older primaries): the machine is unknown
         except (KeyError, TypeError, ValueError):
-            raise UsageError("disk request needs an integer size (and optionally name, block_size)") from None
+            raise UsageError("disk request needs an integer size (and optionally name, block_size, machine)") from None
+        if machine and not _MACHINE.match(machine):
+            raise UsageError(f"machine name {machine[:80]!r}: letters, digits, '.', '_', '-' (at most 64)")
         disk = await self._in_disk(store, disk_id, lambda: store.ensure_disk(disk_id, size, name=name,
-                                                                             block_size=block_size))
+                                                                             block_size=block_size, machine=machine))
+        return web.json_response(_disk_view(disk))
+
+    async def get_digests(self, request: web.Request) -> web.Response:
+        """Block digests of the replica image, so a primary's checksum resync sends only what differs."""
+        store, disk_id, _ = self._resolve(request)
+        disk = await self._disk(store, disk_id)
+        try:
+            block_size = int(request.query.get("block_size", "65536"))
+        except ValueError:
+            block_size = 0
+        if block_size < 4096 or block_size > 256 * MiB or block_size & (block_size - 1):
+            raise UsageError(f"block_size must be a power of two from 4096 to {256 * MiB}, not "
+                             f"{request.query.get('block_size')!r}")
+        if disk.generation == 0 and not disk.state.adopted:
+            return web.Response(status=204)
+
+        def compute() -> bytes:
+            from ..resync.scan import digest_disk
+            with disk.open_image() as img:
+                return digest_disk(img, block_size)[0].astype("<u8").tobytes()
+        return web.Response(body=await self._in_disk(store, disk_id, compute), content_type="application/octet-stream")
+
+    async def checkpoint(self, request: web.Request) -> web.Response:
+        store, disk_id, _ = self._resolve(request)
+        disk = await self._disk(store, disk_id)
+        body = await _json(request)
+        try:
+            generation, point, prepared = int(body["generation"]), int(body["point"]), bool(body.get("prepared"))
+            keep = None if body.get("additional_points") is None else int(body["additional_points"])
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("checkpoint needs integer generation and point (and optionally prepared, "
+                             "additional_points)") from None
+        await self._in_disk(store, disk_id, disk.record_checkpoint, generation, point, prepared, keep)
         return web.json_response(_disk_view(disk))
 
     async def get_disk(self, request: web.Request) -> web.Response:
@@ -369,16 +428,18 @@ class ReplicaServer:
                     await self._count(store, disk_id, "upload_refused_offset")
                     raise SequenceError(f"upload {stream} continues at byte {upload.size}, not at {offset}: "
                                         "ask for the resume token first")
-                durable = await self._receive(request, store, disk_id, upload)
+                durable = await self._receive(request, store, disk_id, disk, stream, upload)
             finally:
                 upload.close()
         return web.json_response({"durable": durable})
 
-    async def _receive(self, request: web.Request, store, disk_id: str, upload) -> int:
+    async def _receive(self, request: web.Request, store, disk_id: str, disk, stream: str, upload) -> int:
         """Spool the body as it arrives (see _SpoolWriter); a sender that goes away mid-body keeps what
-        arrived, a failed write keeps only what was synced."""
-        writer = _SpoolWriter(upload, self.sync_interval)
-        dropped = None
+        arrived, a failed write keeps only what was synced. An upload from byte 0 is checked as it arrives
+        (replica/precheck.py), so its commit only has to apply."""
+        check = disk.precheck(stream, upload)
+        writer = _SpoolWriter(upload, self.sync_interval, check.grew if check is not None else None)
+        dropped, durable = None, None
         watchdog = self._watch(request, writer, -1)
         try:
             try:
@@ -399,6 +460,12 @@ class ReplicaServer:
         finally:
             watchdog.cancel()
             writer.wait()
+            if check is not None:
+                result = await asyncio.get_running_loop().run_in_executor(None, check.finish)
+                if result is not None and dropped is None and durable == result.size:
+                    disk.keep_precheck(result)
+                elif result is not None:
+                    result.discard()
         if dropped is not None:
             await self._count(store, disk_id, "upload_interrupted")
             raise UsageError(f"upload interrupted at byte {durable}: {dropped}")
@@ -495,4 +562,5 @@ def _disk_view(disk) -> dict:
     s = disk.state
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,
-            "committed": [sid for sid, _ in s.committed]}
+            "committed": [sid for sid, _ in s.committed], "machine": s.machine, "prepared": s.prepared,
+            "failed_over": bool(s.failover)}

@@ -56,3 +56,52 @@ class FileIO:
         except OSError as e:
             what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
             raise DiskIOError(f"{self.path}: {fn.__name__}: {what}") from None
+
+
+class DirectWriteIO(FileIO):
+    """FileIO whose large aligned writes bypass the page cache (O_DIRECT on a second descriptor).
+
+    For the replica's apply: a cycle writes each block once and nothing reads it back soon, so caching it
+    only costs the allocation of a page per 4 KiB (on a virtual machine whose free memory went back to the
+    host, that alone is several times the cost of the device write). Small or unaligned writes, and every
+    read, use the ordinary descriptor; Linux keeps the two coherent. Where O_DIRECT is refused (tmpfs), all
+    writes are ordinary. fsync() on the ordinary descriptor also flushes the device cache for both."""
+
+    ALIGN = 4096
+    MIN_DIRECT = 64 << 10
+    CHUNK = 4 << 20
+
+    def __init__(self, path: str, writable: bool, create: bool = False):
+        super().__init__(path, writable, create)
+        self.direct_fd = -1
+        self._buf = None
+        if writable and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self.direct_fd = -1
+
+    def pwrite(self, data, offset: int) -> None:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if self.direct_fd < 0 or n < self.MIN_DIRECT or offset % self.ALIGN or n % self.ALIGN:
+            return super().pwrite(mv, offset)
+        if self._buf is None:
+            import mmap
+            self._buf = mmap.mmap(-1, self.CHUNK)            # page-aligned, reused for every write
+        pos = 0
+        with memoryview(self._buf) as aligned:
+            while pos < n:
+                k = min(self.CHUNK, n - pos)
+                aligned[:k] = mv[pos:pos + k]
+                self._io(pwrite_all, self.direct_fd, aligned[:k], offset + pos)
+                pos += k
+
+    def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
+        super().close()

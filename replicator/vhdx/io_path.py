@@ -150,6 +150,23 @@ class VhdxIOMixin:
         self._set_entry(index, BitmapState.PRESENT, off)
 
     # ------------------------------------------------------------------ write
+    def allocation_needed(self, ranges) -> int:
+        """Bytes of new file space that writing these (offset, length) ranges may allocate: payload blocks
+        not present yet, and a sector bitmap block per chunk of a differencing disk. An upper bound, for
+        checking free space before a long write starts."""
+        bs = self.geometry.block_size
+        blocks: set[int] = set()
+        for off, n in ranges:
+            if n > 0:
+                blocks.update(range(off // bs, -(-(off + n) // bs)))
+        present = (PayloadState.FULLY_PRESENT, PayloadState.PARTIALLY_PRESENT)
+        new = [b for b in blocks if self._entry(b)[0] not in present]
+        need = len(new) * _round_up(bs, S.MiB)
+        if self.parent is not None and new:
+            per_chunk = S.SECTORS_PER_BITMAP_BLOCK * self.logical_sector_size // bs
+            need += len({b // per_chunk for b in new}) * S.MiB
+        return need
+
     def _write(self, offset: int, data: memoryview) -> None:
         lss = self.logical_sector_size
         if self.parent is not None and (offset % lss or len(data) % lss):

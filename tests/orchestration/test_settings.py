@@ -263,3 +263,73 @@ def test_syntax_error_empty_config_and_unreadable_file(tmp_path):
         load_config(str(tmp_path / "absent.toml"))
     p = problems(tmp_path, 'machine = "x"\n')
     assert "must be an array of tables" in p["machine"]
+
+
+REPLICA = '''
+[replica]
+cert = "r.pem"
+key = "r.key"
+ca = "ca.pem"
+allow = [{ principal = "hv*", storage = "replicas" }]
+'''
+
+
+def test_replica_site_directories_reverse_settings_and_plans(tmp_path, disks):
+    text = conf(tmp_path, machine='''
+[[plan]]
+name = "site"
+[[plan.group]]
+members = ["vm1"]
+post = [{ script = "hooks/check db", timeout = 60 }, { manual = "Is the database up?", kinds = ["planned"] }]
+[[plan.group]]
+members = ["vm2", "vm3"]
+pre = [{ script = ["/bin/echo", "switch"] }]
+''', extra=REPLICA + '''failover_dir = "fo"
+[replica.reverse]
+target = "https://site-a:8084"
+cert = "b.pem"
+key = "b.key"
+ca = "ca.pem"
+frequency = "30s"
+''')
+    c = load(tmp_path, text)
+    assert c.replica.failover_dir == str(tmp_path / "fo")
+    assert c.replica.test_failover_dir == str(tmp_path / "state" / "test-failover")
+    assert c.replica.reverse["cert"] == str(tmp_path / "b.pem") and c.replica.reverse["frequency"] == "30s"
+    plan = c.plans["site"]
+    assert [g.members for g in plan.groups] == [["vm1"], ["vm2", "vm3"]]
+    check, ask = plan.groups[0].post
+    assert check.cmd == [str(tmp_path / "hooks" / "check"), "db"] and check.timeout == 60
+    assert ask.text == "Is the database up?" and ask.kinds == ("planned",) and ask.timeout is None
+    assert plan.groups[1].pre[0].cmd == ["/bin/echo", "switch"]
+
+
+def test_plans_refused_with_their_field(tmp_path, disks):
+    groups = "".join(f'[[plan.group]]\nmembers = ["m{k}"]\n' for k in range(8))
+    text = conf(tmp_path, machine=f'''
+[[plan]]
+name = "big"
+{groups}
+[[plan]]
+name = "bad"
+color = "red"
+[[plan.group]]
+members = ["vm1", "vm1"]
+pre = [{{ script = "x", manual = "y" }}, {{ manual = "ok", kinds = ["sideways"], timeout = -1 }}, 3]
+[[plan.group]]
+[[plan]]
+name = "empty"
+''', extra=REPLICA + '[replica.reverse]\nfrequency = "10m"\n')
+    p = problems(tmp_path, text)
+    assert "at most 7" in p["plan[big].group"]
+    assert "unknown key" in p["plan[bad].color"]
+    assert "already a member of plan[bad].group[0]" in p["plan[bad].group[0].members[1]"]
+    assert "exactly one of script" in p["plan[bad].group[0].pre[0]"]
+    assert "must be one of test, planned, unplanned" in p["plan[bad].group[0].pre[1].kinds[0]"]
+    assert "between 0 and" in p["plan[bad].group[0].pre[1].timeout"]
+    assert "must be a table" in p["plan[bad].group[0].pre[2]"]
+    assert "is empty" in p["plan[bad].group[1]"]
+    assert "at least one [[plan.group]]" in p["plan[empty].group"]
+    assert "30s, 5m or 15m" in p["replica.reverse.frequency"]
+    p = problems(tmp_path, conf(tmp_path, machine='[[plan]]\nname = "p"\n[[plan.group]]\nmembers = ["vm1"]\n'))
+    assert "no [replica]" in p["plan[p]"]

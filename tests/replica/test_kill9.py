@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from replicator.replica import ReplicaStore
 
 from .test_store import DISK_ID, SIZE, Primary, replica_bytes, upload
@@ -23,9 +25,14 @@ ReplicaStore(sys.argv[1]).disk(sys.argv[2]).commit(sys.argv[3])
 """
 
 
-def test_kill9_during_apply_never_leaves_a_half_applied_cycle(tmp_path):
+@pytest.mark.parametrize("additional_points", [0, 2])
+def test_kill9_during_apply_never_leaves_a_half_applied_cycle(tmp_path, additional_points):
+    """With earlier points kept the journal goes through "undo" then "apply"; with none, "apply" only
+    (redo from the spool)."""
     base = str(tmp_path / "base")
     rd = ReplicaStore(base).ensure_disk(DISK_ID, SIZE)
+    rd.set_retention(additional_points)
+    expected = ["undo", "apply"] if additional_points else ["apply"]
     p = Primary(seed=11)
     upload(rd, p.cycle(t=1, n_writes=4))
     old = bytes(p.data)
@@ -39,7 +46,7 @@ def test_kill9_during_apply_never_leaves_a_half_applied_cycle(tmp_path):
     digests = {hashlib.sha256(old).hexdigest(): 1, hashlib.sha256(new).hexdigest(): 2}
     phases = []
     rng = random.Random(5)
-    for attempt, target in enumerate(["undo", "apply"] * 4):
+    for attempt, target in enumerate(expected * 4):
         work = str(tmp_path / f"w{attempt}")
         shutil.copytree(base, work)
         state = os.path.join(work, "disks", str(DISK_ID), "state.json")
@@ -58,7 +65,7 @@ def test_kill9_during_apply_never_leaves_a_half_applied_cycle(tmp_path):
             disk.commit(sid)
             assert replica_bytes(disk) == new
         shutil.rmtree(work)
-    assert "undo" in phases and "apply" in phases, f"kills did not land inside the journal: {phases}"
+    assert set(phases) == set(expected), f"kills did not land inside the journal: {phases}"
 
 
 def _wait_for_phase(state_path: str, phase: str, proc, timeout: float = 60.0):

@@ -174,6 +174,8 @@ class Crash(Exception):
 @pytest.mark.parametrize("phase", ["undo", "apply"])
 def test_crash_during_apply_is_completed_on_restart(store, monkeypatch, phase):
     rd = store.ensure_disk(DISK_ID, SIZE)
+    if phase == "undo":
+        rd.set_retention(1)              # undo logs are only captured when earlier points are kept
     p = Primary()
     upload(rd, p.cycle(t=1))
     stream = p.cycle(t=2)
@@ -207,11 +209,8 @@ def test_crash_during_apply_is_completed_on_restart(store, monkeypatch, phase):
     assert replica_bytes(reopened) == bytes(p.data)
 
 
-def test_disk_full_while_applying_rolls_back(store, monkeypatch):
-    rd = store.ensure_disk(DISK_ID, SIZE)
-    p = Primary()
-    upload(rd, p.cycle(t=1))
-    good = replica_bytes(rd)
+def fail_third_write(monkeypatch):
+    """The replica image's third write fails as on a full disk; returns the real VhdxDisk.write."""
     real_write = VhdxDisk.write
     calls = {"n": 0}
 
@@ -222,11 +221,41 @@ def test_disk_full_while_applying_rolls_back(store, monkeypatch):
         return real_write(self, offset, data)
 
     monkeypatch.setattr(VhdxDisk, "write", full)
+    return real_write
+
+
+def test_disk_full_while_applying_rolls_back(store, monkeypatch):
+    rd = store.ensure_disk(DISK_ID, SIZE)
+    rd.set_retention(1)
+    p = Primary()
+    upload(rd, p.cycle(t=1))
+    good = replica_bytes(rd)
+    real_write = fail_third_write(monkeypatch)
     with pytest.raises(DiskIOError):
         upload(rd, p.cycle(t=2, n_writes=8))
     monkeypatch.setattr(VhdxDisk, "write", real_write)
     assert replica_bytes(rd) == good and rd.generation == 1
     assert rd.state.counters["failed_applies"] == 1
+
+
+def test_disk_full_while_applying_without_undo_is_finished_later(store, monkeypatch):
+    """No earlier points kept: no undo log, so a stopped apply stays journaled with its spool and is
+    completed (redo) before the disk is read or the next cycle commits; never exposed half-applied."""
+    rd = store.ensure_disk(DISK_ID, SIZE)
+    p = Primary()
+    upload(rd, p.cycle(t=1))
+    real_write = fail_third_write(monkeypatch)
+    with pytest.raises(DiskIOError):
+        upload(rd, p.cycle(t=2, n_writes=8))
+    monkeypatch.setattr(VhdxDisk, "write", real_write)
+    assert rd.generation == 1 and rd.state.journal["phase"] == "apply"
+    assert rd.state.counters["failed_applies"] == 1
+    after_two = bytes(p.data)
+    upload(rd, p.cycle(t=3))                       # the next cycle finishes the stopped one first
+    assert rd.generation == 3 and rd.state.journal is None
+    assert replica_bytes(rd) == bytes(p.data)
+    assert [pt.generation for pt in rd.points] == [3]
+    assert after_two != bytes(p.data)
 
 
 def test_resumed_upload_continues_from_the_durable_length(store):

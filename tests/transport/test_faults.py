@@ -129,3 +129,33 @@ def test_full_disk_refuses_the_upload_and_keeps_the_last_point(servers, pki, tmp
     assert lk.disk.generation == 1 and image_bytes(lk.disk) == lk.good_image
     spool = os.listdir(os.path.join(lk.disk.path, "spool"))
     assert all(os.path.getsize(os.path.join(lk.disk.path, "spool", n)) == 0 for n in spool)
+
+
+def test_full_disk_refuses_an_apply_it_has_no_room_for_before_writing(servers, pki, tmp_path, small_fs):
+    """A small, very compressible stream that would allocate far more blocks than the volume holds: the
+    free-space check refuses it before anything is written (no undo log exists when no earlier points are
+    kept, so nothing could roll a half-applied cycle back)."""
+    import io
+    import uuid as uuidmod
+
+    from replicator import delta
+    from replicator.transport import AuthorizationEntry
+    root = os.path.join(small_fs, "root")
+    server = servers.cert([AuthorizationEntry("primary1", root)])
+    lk = Link(server, pki, tmp_path, Primary(size=64 * MiB), root, block_size=MiB)
+    p = lk.primary
+    header = delta.StreamHeader(disk_id=p.disk_id, disk_size=p.size, block_size=MiB, generation=2,
+                                base_generation=1, consistency="crash", source_logs=[], created=1.7e9,
+                                kind="delta", extra={})
+    sink = io.BytesIO()
+    enc = delta.DeltaEncoder(header, sink)
+    pattern = (uuidmod.uuid4().bytes * 4096)[:65536]
+    for off in range(0, 40 * MiB, 65536):                 # 40 MiB of data, about 1 MiB on the wire
+        enc.add_data(off, pattern)
+    enc.finish()
+    assert len(sink.getvalue()) < 2 * MiB
+    with pytest.raises(ReplicaRefused, match="disk full: applying stream") as err:
+        lk.send(sink.getvalue())
+    assert (err.value.status, err.value.code) == (507, "disk_full")
+    assert lk.disk.state.counters["rejected_disk_full"] == 1
+    lk.assert_unchanged()

@@ -480,6 +480,8 @@ REGRESSIONS = [
     [("arm_log", 0, 0, 1)],
     # LogGuid set and LogLength 0 in both headers: ZeroDivisionError in the log scan
     [("arm_log", 0, 0, 2), ("hfield", 6, 0, 0)],
+    # LogOffset 2^63 in both headers: the first log write raised OverflowError in pwrite
+    [("hfield", 7, 4286407, 0)],
 ]
 
 
