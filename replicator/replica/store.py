@@ -35,6 +35,7 @@ from .precheck import PENDING_SUFFIX, Precheck, Prechecked
 
 COMMITTED_KEPT = 64
 CUTS_KEPT = 400
+SPENT_SPOOL = "spent.bin"         # the last applied spool, reused by the next upload (open_upload)
 PREFLIGHT_MARGIN = 1 << 20       # file-system slack (the VHDX log and BAT are preallocated)
 
 
@@ -153,9 +154,15 @@ class ReplicaStore:
 class Upload:
     """An append-only spool file; its durable length is what a resuming sender continues from."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, recycle: str | None = None):
+        """recycle: a spent spool file to reuse for a new upload (see ReplicaDisk.open_upload)."""
         self.path = path
+        fresh = recycle is not None and not os.path.exists(path) and os.path.exists(recycle)
+        if fresh:
+            os.replace(recycle, path)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if fresh:
+            os.ftruncate(self.fd, 0)
         self.size = os.fstat(self.fd).st_size
         self.durable = self.size
 
@@ -226,7 +233,11 @@ class ReplicaDisk:
         return os.path.join(self.path, "spool", f"{stream_id}.delta")
 
     def open_upload(self, stream_id: str) -> Upload:
-        return Upload(self.spool_path(stream_id))
+        """A new upload takes over the last applied spool file: it stayed in the page cache since, and
+        the pages it frees are taken again at once, where a new file would allocate cold ones (the largest
+        cost of spooling on a VM whose free memory goes back to the host; databases recycle log segments
+        for the same reason)."""
+        return Upload(self.spool_path(stream_id), recycle=os.path.join(self.path, "spool", SPENT_SPOOL))
 
     def precheck(self, stream_id: str, upload: Upload) -> Precheck | None:
         """Start checking an upload that begins at byte 0 while it arrives (see precheck.py); hand the
@@ -371,7 +382,7 @@ class ReplicaDisk:
         self.state.committed = (self.state.committed + [[j["stream"], j["generation"]]])[-COMMITTED_KEPT:]
         self.state.journal = None
         self._save()
-        os.unlink(spool)
+        os.replace(spool, os.path.join(self.path, "spool", SPENT_SPOOL))
         self._retain()
         return point
 

@@ -27,6 +27,7 @@ from ..tracking import TrackedDisk
 
 STREAM_BLOCK = 1 << 20
 RESYNC_BLOCK = 64 << 10
+SPENT = "spent.bin"         # the last sent stream's file, written over by the next (OutboxStream.recycle)
 ZSTD_LANES = 2              # compression threads per stream (delta.encoder); the replica decodes any number
 
 
@@ -121,7 +122,7 @@ class DiskReplicator:
     async def _send_while_encoding(self, stream_id: str, path: str, encode, result: CycleResult):
         """Encode on a worker thread into the outbox while the target reads the stream as it grows. A failed
         send still lets the encoder finish, so the next cycle resends the complete stream from the outbox."""
-        stream = OutboxStream(path)
+        stream = OutboxStream(path, recycle=os.path.join(self.outbox, SPENT))
 
         def run():
             with stream.writer() as sink:
@@ -186,5 +187,5 @@ class DiskReplicator:
         if stats is not None:
             result.plain_bytes += getattr(stats, "plain_bytes", 0)
         result.points.append(point)
-        os.unlink(path)
+        OutboxStream.recycle(path, os.path.join(self.outbox, SPENT))
         return point

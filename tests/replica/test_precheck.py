@@ -116,3 +116,25 @@ def test_pending_undo_logs_of_an_earlier_process_are_removed(store):
     type(store)(store.root).disk(DISK_ID)
     assert not os.path.exists(stale)
     assert delta.StreamHeader(DISK_ID, SIZE).zstd_lanes == 1
+
+
+def test_the_next_upload_reuses_the_spent_spool_file(store):
+    rd = store.ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=8)
+    upload(rd, p.cycle(t=1, n_writes=20))
+    spent = os.path.join(rd.path, "spool", "spent.bin")
+    inode, old_size = os.stat(spent).st_ino, os.path.getsize(spent)
+    stream = p.cycle(t=2, n_writes=2)
+    assert len(stream) < old_size
+    sid = uuid.uuid4().hex
+    up = rd.open_upload(sid)
+    assert (up.size, os.fstat(up.fd).st_ino) == (0, inode) and not os.path.exists(spent)
+    up.write(0, stream[:100])                      # a resumed upload must see only what was written
+    up.sync()
+    up.close()
+    again = rd.open_upload(sid)
+    assert again.size == again.durable == 100
+    again.write(100, stream[100:])
+    again.sync()
+    again.close()
+    assert rd.commit(sid).generation == 2 and replica_bytes(rd) == bytes(p.data)

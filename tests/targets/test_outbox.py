@@ -83,3 +83,19 @@ def test_a_finished_path_and_a_missing_one(tmp_path):
     assert b"".join(read_stream_file(str(path), 10)) == b"x" * 4990
     with pytest.raises(DiskIOError, match="cannot read the outbox stream"):
         OutboxStream.of(str(tmp_path / "missing.delta"))
+
+
+def test_a_recycled_file_is_written_over_and_cut_to_the_new_stream(tmp_path):
+    spent = str(tmp_path / "spent.bin")
+    first, parts = pieces(2 * PUBLISH)
+    s1 = OutboxStream(str(tmp_path / "one.delta"))
+    slow_writer(s1, parts).join()
+    OutboxStream.recycle(s1.path, spent)
+    inode = os.stat(spent).st_ino
+    second, parts = pieces(PUBLISH // 3)                   # shorter: the old tail must not survive
+    s2 = OutboxStream(str(tmp_path / "two.delta"), recycle=spent)
+    assert not os.path.exists(spent) and os.stat(s2.path).st_ino == inode
+    slow_writer(s2, parts).join()
+    assert b"".join(read_stream_file(s2, 0)) == second
+    with open(s2.path, "rb") as f:
+        assert f.read() == second
