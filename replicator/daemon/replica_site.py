@@ -154,6 +154,7 @@ class ReplicaSite:
         self.settings = daemon.config.replica
         self.state_dir = daemon.state_dir
         self.running: dict[str, FailedOverMachine] = {}
+        self.testing: dict[str, FailedOverMachine] = {}     # test-failover disks served to an isolated VM
         self.handed_over: dict = {}                 # config machines whose replica this site now holds
         self.busy: set[str] = set()                 # machines with an operation under way
         self.plans = PlanRunner(self, daemon.config.plans, daemon.jobs)
@@ -194,6 +195,8 @@ class ReplicaSite:
         for name in self._state_names():
             st = self._state(name)
             failover = st.data.get("failover")
+            if st.data.get("role") == "replica" and (st.test_failover or {}).get("disks"):
+                await self._serve_tests(name, st.test_failover["disks"])
             if st.data.get("role") != "replica" or not failover:
                 continue
             if st.state in RUNNING_HERE:
@@ -209,9 +212,10 @@ class ReplicaSite:
 
     async def stop(self) -> None:
         await self.plans.stop()
-        for fo in self.running.values():
+        for fo in [*self.running.values(), *self.testing.values()]:
             await asyncio.to_thread(fo.stop)
         self.running.clear()
+        self.testing.clear()
 
     # ------------------------------------------------------------------ what the site holds
     def _server(self):
@@ -280,6 +284,7 @@ class ReplicaSite:
                 "reason": st.reason, "since": st.since, "reversed": st.reversed, "test_failover": st.test_failover,
                 "failover": st.data.get("failover"),
                 "nbd": self.running[m.name].uris() if m.name in self.running else None,
+                "test_nbd": self.testing[m.name].uris() if m.name in self.testing else None,
                 "points": points, "latest_point": points[-1]["point"] if points else None,
                 "disks": [{"name": d.name, "disk_id": d.id, "root": d.store.root, "generation": d.disk.generation,
                            "points": [p.generation for p in d.disk.points], "prepared": d.disk.state.prepared,
@@ -333,6 +338,7 @@ class ReplicaSite:
                 raise
             st.test_failover["disks"] = made
             st.save()
+            await self._serve_tests(name, made)
         finally:
             self.busy.discard(name)
         log.info("%s: test failover at point %d in %s", name, pt["point"], folder)
@@ -345,11 +351,20 @@ class ReplicaSite:
             raise StateError(f"{name}: no test failover is running")
         self._begin(name)
         try:
+            served = self.testing.pop(name, None)
+            if served is not None:
+                await asyncio.to_thread(served.stop)
             await self._remove_tests(m, st.test_failover["path"])
             st.stop_test_failover()
         finally:
             self.busy.discard(name)
         return self.view(m)
+
+    async def _serve_tests(self, name: str, disks: dict[str, str]) -> None:
+        """Serve the test disks over NBD (an isolated VM boots from them; qemu cannot open a VHDX
+        differencing disk itself). Their tracking sidecars live in the test folder and go with it."""
+        paths = {os.path.basename(p): p for p in disks.values()}
+        self.testing[name] = await asyncio.to_thread(FailedOverMachine, paths, self._socket(f"{name}.test"))
 
     async def _remove_tests(self, m: ReplicatedMachine, folder: str) -> None:
         for d in m.disks:

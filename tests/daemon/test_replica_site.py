@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from .two_sites import MiB, read_vhdx, same, two_sites
 
@@ -46,6 +47,15 @@ def test_test_failover_at_a_chosen_point_and_unplanned_failover(tmp_path):
             same(read_vhdx(b.dir / "test-failover" / "vm01" / n), snaps[0x12][n], f"test failover of {n}")
         code, err = b.api("POST", "/v1/replica/machines/vm01/failover", {})
         assert code == 409 and "test failover is running" in err["error"]
+        # the test VM reads and writes its disks over NBD (qemu cannot open VHDX differencing disks)
+        uris = b.replica_machine("vm01")["test_nbd"]
+        assert set(uris) == set(NAMES)
+        served = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uris["d1.vhdx"],
+                                 str(tmp_path / "served.raw")], capture_output=True, text=True, timeout=60)
+        assert served.returncode == 0, served.stderr
+        same((tmp_path / "served.raw").read_bytes(), snaps[0x12]["d1.vhdx"], "test disk over NBD")
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", uris["d1.vhdx"]], check=True,
+                       capture_output=True, timeout=60)
         # replication goes on meanwhile, into the replica and not into the test disks
         a.qemu_io("vm01", "d0.vhdx", "write -P 0x14 5M 2M")
         latest = cycle_and_snapshot(a)
