@@ -76,6 +76,8 @@ class ReplicaStore:
 
     def disk(self, disk_id: uuid.UUID | str) -> "ReplicaDisk":
         key = str(disk_id)
+        if key in self._disks and not self._disks[key].current():
+            del self._disks[key]             # another process (a seed import, `points`) changed it: reload
         if key not in self._disks:
             path = os.path.join(self.root, "disks", key)
             if not os.path.exists(os.path.join(path, "state.json")):
@@ -198,6 +200,7 @@ class ReplicaDisk:
         self.path = path
         self.state_path = os.path.join(path, "state.json")
         self.state = _load(self.state_path)
+        self._stamp = _stamp(self.state_path)
         self.prechecked: dict[str, Prechecked] = {}    # uploads verified as they arrived (precheck.py)
         for name in os.listdir(os.path.join(path, "undo")):
             if name.endswith(PENDING_SUFFIX):            # left by a precheck of an earlier process
@@ -520,10 +523,24 @@ class ReplicaDisk:
 
     def _save(self) -> None:
         _save(self.state_path, self.state)
+        self._stamp = _stamp(self.state_path)
+
+    def current(self) -> bool:
+        """Whether the state file is still the one this object last read or wrote (every save replaces
+        the file, so another process's save shows as a new inode)."""
+        try:
+            return _stamp(self.state_path) == self._stamp
+        except FileNotFoundError:
+            return False
 
 
 def _save(path: str, state: DiskState) -> None:
     write_json_atomic(path, asdict(state))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
 
 
 def _load(path: str) -> DiskState:

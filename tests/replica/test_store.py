@@ -290,3 +290,24 @@ def test_a_repeated_commit_is_answered_without_applying_twice(store):
     assert again.generation == first.generation == rd.generation == 1
     assert len(rd.points) == 1
     assert replica_bytes(rd) == bytes(p.data)
+
+
+def test_a_store_sees_what_another_process_committed(store, tmp_path):
+    """A running server's store and an offline seed import (or `replicator points`) in another process:
+    the server must read the disk's new state, never keep (and later write back) its stale copy."""
+    import subprocess
+    import sys
+    rd = store.ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=9)
+    stream = p.cycle(t=1)
+    path = tmp_path / "c1.delta"
+    path.write_bytes(stream)
+    code = ("import sys; from replicator.replica import ReplicaStore\n"
+            "d = ReplicaStore(sys.argv[1]).disk(sys.argv[2]); up = d.open_upload('c1')\n"
+            "up.write(0, open(sys.argv[3], 'rb').read()); up.sync(); up.close(); d.commit('c1')\n")
+    subprocess.run([sys.executable, "-c", code, store.root, str(DISK_ID), str(path)], check=True)
+    assert rd.generation == 0                         # the old object is stale ...
+    fresh = store.disk(DISK_ID)                       # ... and the store hands out the new state
+    assert fresh is not rd and fresh.generation == 1 and replica_bytes(fresh) == bytes(p.data)
+    upload(fresh, p.cycle(t=2))
+    assert store.disk(DISK_ID) is fresh and fresh.generation == 2
