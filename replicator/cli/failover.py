@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 from ..errors import ReplicatorError
-from .status import _admin
+from .status import call
 
 POLL = 0.5
 MACHINE_OPS = ("test-failover", "cleanup-test-failover", "failover", "commit-failover", "cancel-failover",
@@ -65,21 +63,8 @@ def register(sub) -> None:
 
 
 def request(config_path: str, method: str, path: str, body: dict | None = None) -> dict:
-    base, token = _admin(config_path)
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.loads(e.read()).get("error", e.reason)
-        except ValueError:
-            reason = e.reason
-        raise ReplicatorError(f"replicatord refused: {reason}") from None
-    except urllib.error.URLError as e:
-        raise ReplicatorError(f"replicatord is not reachable at {base}: {e.reason}") from None
+    """An admin API request that may run a whole failover: no short timeout."""
+    return call(config_path, method, path, body, timeout=3600)
 
 
 # ---------------------------------------------------------------------------------------------- machines

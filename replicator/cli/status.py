@@ -53,14 +53,21 @@ def _admin(config_path: str):
     return f"http://{cfg.daemon.admin_host}:{cfg.daemon.admin_port}", token
 
 
-def call(config_path: str, method: str, path: str) -> dict:
+def call(config_path: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> dict:
+    """One admin API request; the daemon's refusal becomes a ReplicatorError carrying its reason."""
     base, token = _admin(config_path)
-    req = urllib.request.Request(base + path, method=method, headers={"Authorization": f"Bearer {token}"})
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=300) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise ReplicatorError(f"replicatord refused: {json.loads(e.read()).get('error', e.reason)}") from None
+        try:
+            reason = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            reason = e.reason
+        raise ReplicatorError(f"replicatord refused: {reason}") from None
     except urllib.error.URLError as e:
         raise ReplicatorError(f"replicatord is not reachable at {base}: {e.reason}") from None
 

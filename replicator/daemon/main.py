@@ -79,15 +79,7 @@ class Daemon:
     async def start(self) -> None:
         self.site = ReplicaSite(self)          # replica-site operations; adjusts config.machines (replica_site.py)
         for m in self.config.machines:
-            pm = PrimaryMachine(m, self.state_dir, jobs=self.jobs)
-            pm.start()
-            self.machines[m.name] = pm
-            q = m.protection.quiesce
-            self.scheduler.add(m.name, m.protection.frequency,
-                               app_consistent_hours=m.protection.app_consistent_hours,
-                               quiesce=provider_from_settings(q) if q else None)
-            log.info("%s: protecting %d disk(s), %s, every %d s", m.name, len(pm.disks), pm.state.state.name,
-                     m.protection.frequency)
+            self.protect(m)
         if self.config.replica is not None:
             from .replica_role import start_replica_role
             self.replica_server = await start_replica_role(self.config.replica)
@@ -98,6 +90,18 @@ class Daemon:
         await self.admin.setup()
         site = web.TCPSite(self.admin, self.config.daemon.admin_host, self.config.daemon.admin_port)
         await site.start()
+
+    def protect(self, m) -> "PrimaryMachine":
+        """Start protecting a machine: its disks tracked and exported, its cycles scheduled."""
+        pm = PrimaryMachine(m, self.state_dir, jobs=self.jobs)
+        pm.start()
+        self.machines[m.name] = pm
+        q = m.protection.quiesce
+        self.scheduler.add(m.name, m.protection.frequency, app_consistent_hours=m.protection.app_consistent_hours,
+                           quiesce=provider_from_settings(q) if q else None)
+        log.info("%s: protecting %d disk(s) to %s, %s, every %d s", m.name, len(pm.disks), m.protection.target,
+                 pm.state.state.name, m.protection.frequency)
+        return pm
 
     async def stop(self) -> None:
         await self.site.stop()

@@ -38,13 +38,11 @@ from aiohttp import web
 
 from ..durable import fsync_dir, write_json_atomic
 from ..errors import ReplicatorError, UsageError
-from ..orchestration import provider_from_settings
 from ..orchestration.settings import ConfigError, PROTECTION_KEYS, parse_machine
 from ..orchestration.states import Event, MachineState, ReplicationState, StateError, state_path
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 from ..tracking.state import Sidecar
-from .primary import PrimaryMachine
 
 log = logging.getLogger("replicatord")
 S = ReplicationState
@@ -601,17 +599,9 @@ class ReplicaSite:
     async def _protect(self, machine) -> None:
         """As the daemon starts a configured machine (daemon/main.py)."""
         d = self.daemon
-        pm = PrimaryMachine(machine, d.state_dir, jobs=d.jobs)
-        pm.start()
-        d.machines[machine.name] = pm
+        d.protect(machine)
         if all(m.name != machine.name for m in d.config.machines):
             d.config.machines.append(machine)
-        q = machine.protection.quiesce
-        d.scheduler.add(machine.name, machine.protection.frequency,
-                        app_consistent_hours=machine.protection.app_consistent_hours,
-                        quiesce=provider_from_settings(q) if q else None)
-        log.info("%s: protecting %d disk(s) from this site to %s", machine.name, len(pm.disks),
-                 machine.protection.target)
 
     async def _unprotect(self, name: str) -> None:
         d = self.daemon
