@@ -274,7 +274,13 @@ class PrimaryMachine:
             for r in self.replicators:
                 r.progress = (lambda done, total, part=r.name: post(part, done, total)) if meter else None
             try:
-                return [await r.run_cycle(consistency=consistency, cut=False) for r in self.replicators]
+                # the disks' streams travel at the same time (one cut: they were sealed together)
+                done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False)
+                                              for r in self.replicators), return_exceptions=True)
+                failed = [x for x in done if isinstance(x, BaseException)]
+                if failed:
+                    raise failed[0]
+                return done
             finally:
                 for r in self.replicators:
                     r.progress = None
