@@ -55,7 +55,7 @@ class Terminal:
                       "unset HISTFILE\n")
         conf = folder / ".walk-tmux.conf"
         conf.write_text("set -g history-limit 100000\nset -g default-shell /bin/sh\nset -g default-size 240x50\n")
-        self.shell = f"bash --noprofile --rcfile {shlex.quote(str(rc))} -i"
+        self.shell = f"exec bash --noprofile --rcfile {shlex.quote(str(rc))} -i"
         try:
             self.tmux("-f", str(conf), "new-session", "-d", "-s", "walk", "-x", "240", "-y", "50", "-n",
                       WINDOWS[0], "-c", str(folder), self.shell)
@@ -141,12 +141,13 @@ class Terminal:
             time.sleep(0.3)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; `{line}` said last:\n{out}")
 
-    def child_pid(self, window: str) -> int:
-        """The process the window's shell runs in the foreground (a daemon), by its parent's id."""
+    def daemon_pid(self, window: str) -> int:
+        """The replicatord the window's shell runs in the foreground, found by its parent's id (the shell's)."""
         shell = self.tmux("display-message", "-p", "-t", f"walk:{window}", "#{pane_pid}").strip()
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", shell], capture_output=True, text=True).stdout.split()
-        assert len(out) == 1, f"window {window}: expected one process under its shell, found {out}"
-        return int(out[0])
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", shell], capture_output=True, text=True).stdout
+        pids = [int(line.split()[0]) for line in out.splitlines() if "replicatord" in line]
+        assert len(pids) == 1, f"window {window}: expected one replicatord under its shell {shell}:\n{out}"
+        return pids[0]
 
     def transcript(self, lines: int = 400) -> str:
         parts = []
@@ -163,7 +164,7 @@ class Terminal:
         does not stop is killed by its pid."""
         for name in ("site-a", "site-b"):
             try:
-                pid = self.child_pid(name)
+                pid = self.daemon_pid(name)
             except (AssertionError, subprocess.SubprocessError, OSError):
                 continue
             try:
@@ -364,7 +365,7 @@ def test_walkthrough_in_tmux(tmp_path):
 
         # ---- kill -9 site A's daemon while the VM has written, restart it, see it continue
         write(uris_a, 0x31, 9, "2M")
-        sh(f"kill -9 {term.child_pid('site-a')}")
+        sh(f"kill -9 {term.daemon_pid('site-a')}")
         status_killed, _ = term.finish("site-a", a_daemon_ends, timeout=30)
         assert status_killed == 137, status_killed
         out = term.fails(f"replicator status {A}")
@@ -383,6 +384,8 @@ def test_walkthrough_in_tmux(tmp_path):
         write(uris_a, 0x41, 12, "128k")
         sh(f"replicator machine vm01 planned-failover --wait {A}")
         assert "vm01: PreparedForFailover" in status(A)
+        out = term.fails(f"qemu-io -f raw -c 'write -P 0x4f 0 64k' '{uris_a[NAMES[0]]}'")   # the primary is stopped
+        assert "Failed to connect" in out, out
         snap4 = {n: held_bytes(a_disk[n]) for n in NAMES}
         out = sh(f"replicator replica-machine vm01 failover --planned {B}")
         assert "vm01: FailedOverWaitingCompletion" in out, out
@@ -438,6 +441,9 @@ def test_walkthrough_in_tmux(tmp_path):
         assert "vm01: FailedOver (replica)" in out, out
         out = term.fails(f"replicator machine vm01 cycle {A}")
         assert "failed over" in out, out
+        out = status(A)                                     # the former primary knows it is cut off
+        assert "vm01: Error" in out and "health Critical" in out, out
+        print(term.transcript())        # the whole session, shown by `pytest -rP`
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
