@@ -150,19 +150,27 @@ def cmd_plan(args) -> int:
         if not args.action:
             raise ReplicatorError(f"`replicator plan {args.name} {args.op}` needs the action's id (e.g. g1.post1)")
         data = request(args.config, "POST", path + "/confirm", {"action": args.action, "ok": args.op == "confirm"})
+        print(f"{args.name}: {args.action} {'confirmed' if args.op == 'confirm' else 'declined'}")
     elif args.op == "show":
         data = request(args.config, "GET", path)
     else:
         data = request(args.config, "POST", f"{path}/{args.op}", {})
+        if args.op == "cleanup":
+            print(f"{args.name}: the test failovers of the last run are cleaned up (test disks removed)")
     if args.json and not args.wait:
         print(json.dumps(data, indent=2))
         return 0
     if args.op in ("test", "planned", "unplanned") and args.wait:
         return follow(args.config, args.name)
-    return show_run(data)
+    return 0 if args.op == "cleanup" else show_run(data, args.config)
 
 
-def show_run(data: dict) -> int:
+def _hint(config: str, name: str, action: str) -> str:
+    """A command the operator can paste as printed."""
+    return f"replicator plan {name} confirm {action} --config {config}"
+
+
+def show_run(data: dict, config: str) -> int:
     run = data.get("run")
     if run is None:
         print(f"{data['name']}: never run")
@@ -171,8 +179,7 @@ def show_run(data: dict) -> int:
     for entry in run["log"][-20:]:
         print(f"   {entry['text']}")
     for p in run["pending"]:
-        print(f"   waiting for confirmation: {p['id']}: {p['text']}  "
-              f"(`replicator plan {data['name']} confirm {p['id']}`)")
+        print(f"   waiting for confirmation: {p['id']}: {p['text']}  (`{_hint(config, data['name'], p['id'])}`)")
     return 1 if run["state"] == "failed" else 0
 
 
@@ -187,8 +194,7 @@ def follow(config: str, name: str) -> int:
         for p in run["pending"]:
             if p["id"] not in asked:
                 asked.add(p["id"])
-                print(f"   -> confirm with `replicator plan {name} confirm {p['id']}` "
-                      f"(or decline {p['id']})", flush=True)
+                print(f"   -> confirm with `{_hint(config, name, p['id'])}` (or decline {p['id']})", flush=True)
         if run["state"] != "running":
             if run["state"] == "failed":
                 print(f"{name}: {run['kind']} failover failed: {run['error']}")

@@ -82,16 +82,19 @@ def cmd_status(args) -> int:
         reasons = st.get("health_reasons") or []
         last = st.get("last_replication_time")
         ago = f"{time.time() - last:.0f} s ago" if last else "never"
+        reasons = [r for r in reasons if r not in (m["reason"] or "")]     # said once is enough
         print(f"{m['name']}: {m['state']} ({m['reason']}) health {st.get('health')}"
               f"{' - ' + '; '.join(reasons) if reasons else ''}")
         print(f"   last replication {ago}; cycles ok {st.get('successful_cycles')}, missed "
               f"{st.get('missed_cycles')}, failed {st.get('failed_cycles')}")
         for name, d in m["disks"].items():
-            print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}  {d['nbd']}")
+            print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}  "
+                  f"{d['nbd'] or '(not exported: the primary is stopped)'}")
         for job in m.get("jobs") or []:
             print(f"   {job['id']} {format_progress(job)}")
     if data.get("replica"):
-        print(f"replica role: {data['replica']['url']} ({data['replica']['mode']})")
+        print(f"replica role: {data['replica']['url']} ({data['replica']['mode']}); replicated machines: "
+              f"`replicator replica-machines --config {args.config}`")
     return 0
 
 

@@ -189,7 +189,8 @@ async def serve(config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stopping.set)
     await daemon.start()
-    print(f"replicatord: {', '.join(config.roles)} role(s); admin API on "
+    listener = f"; replica listener {daemon.replica_server.server.url}" if daemon.replica_server else ""
+    print(f"replicatord: {', '.join(config.roles)} role{'s' if len(config.roles) > 1 else ''}{listener}; admin API on "
           f"http://{config.daemon.admin_host}:{config.daemon.admin_port}", flush=True)
     await daemon.stopping.wait()
     await daemon.stop()

@@ -40,6 +40,7 @@ from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 
 log = logging.getLogger("replicatord")
+LOG_CYCLES_FROM = 64 << 20      # scheduled cycles smaller than this are logged at debug level only
 S = ReplicationState
 
 CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, S.WaitingForInitialReplication,
@@ -96,6 +97,7 @@ class PrimaryMachine:
         self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
                             for n, d in self.disks.items()]
         self.last_result = None
+        self.exporting = True           # the NBD export serves the VM (a planned failover stops it)
         self._lock = asyncio.Lock()                 # one cycle at a time
         self.tasks: set[asyncio.Task] = set()       # operators' operations running in the background
 
@@ -103,7 +105,11 @@ class PrimaryMachine:
         self.service.start()
         for d in self.disks.values():
             if d.resync_required and self.state.state in (S.Replicating, S.Error):
-                self.state.fire(Event.resync_needed, d.reason or "")
+                reason = d.reason or ""
+                if self.state.reversed and "no tracking state" in reason:
+                    reason = ("reverse replication: a checksum resynchronization against the other site's copy "
+                              "sends only the blocks that differ")
+                self.state.fire(Event.resync_needed, reason)
 
     # ------------------------------------------------------------------ scheduler hooks
     async def _on_export_loop(self, coro):
@@ -455,6 +461,10 @@ class PrimaryMachine:
         self.stats.record_result(results)
         self.last_result = {"time": time.time(), "kinds": sorted({r.kind for r in results}),
                             "bytes_sent": sum(r.bytes_sent for r in results)}
+        sent, secs = self.last_result["bytes_sent"], max((r.seconds for r in results), default=0.0)
+        level = logging.INFO if kind != "delta" or sent >= LOG_CYCLES_FROM else logging.DEBUG
+        log.log(level, "%s: %s cycle replicated %d stream(s), %.1f MiB in %.1f s", self.name, kind,
+                sum(r.streams for r in results), sent / (1 << 20), secs)
 
     def _after_failure(self, e: ReplicatorError) -> None:
         self.stats.record_failure(e)
@@ -478,6 +488,7 @@ class PrimaryMachine:
         async def stop_export():
             await self.service.server.close()
         await self._on_export_loop(stop_export())
+        self.exporting = False
         results = await self.cycle_now(job=job)
         await self._checkpoint(results, prepared=True)
         if self.state.reversed:             # back to the original primary site: a failback (docs/states.md)
@@ -581,7 +592,7 @@ class PrimaryMachine:
                 "since": self.state.since, "stats": self.stats.to_dict(now), "target": self.settings.target,
                 "initial_replication": self.initial.mode, "starts_at": self.due_at(), "jobs": self.running_jobs(),
                 "disks": {n: {"disk_id": str(d.disk.virtual_disk_id) if d.disk else None,
-                              "tracking": d.state.state, "reason": d.reason, "nbd": self.service.uri(n)}
+                              "tracking": d.state.state, "reason": d.reason, "nbd": self.service.uri(n) if self.exporting else None}
                           for n, d in self.disks.items()},
                 "last_cycle": self.last_result}
 

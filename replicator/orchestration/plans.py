@@ -160,7 +160,7 @@ class PlanRun:
 
     # ------------------------------------------------------------------ running
     async def run(self) -> PlanResult:
-        self._note(f"{self.kind} failover of plan {self.plan.name!r} started ({len(self.plan.groups)} groups)")
+        self._note(f"{self.kind} failover of plan {self.plan.name!r} started ({len(self.plan.groups)} group{'s' if len(self.plan.groups) != 1 else ''})")
         failed_group, error = None, None
         for k, group in enumerate(self.plan.groups, 1):
             self._note(f"group {k}: started ({', '.join(group.members) or 'no members'})", group=k)

@@ -350,11 +350,13 @@ def test_walkthrough_in_tmux(tmp_path):
         out = sh(f"replicator plans {B}")
         assert "dr: 1 group; never run" in out, out
         plan_ends = term.start("shell", f"replicator plan dr test --wait {B}")
-        asked = term.wait_for("shell", r"confirm with `replicator plan dr confirm (\S+)`", "the manual action")
-        action = asked.group(1)
+        asked = term.wait_for("shell", r"confirm with `(replicator plan dr confirm (\S+) --config site-b.toml)`",
+                              "the manual action")
+        hint, action = asked.group(1), asked.group(2)
         out = term.run(f"replicator plan dr show {B}", "shell2")
         assert "waiting for confirmation" in out and action in out, out
-        term.run(f"replicator plan dr confirm {action} {B}", "shell2")
+        out = term.run(hint, "shell2")                      # the hint, pasted as printed
+        assert f"dr: {action} confirmed" in out, out
         _, out = term.finish("shell", plan_ends)
         assert "dr: test failover succeeded" in out, out
         assert f"{action}: ok" in out, out

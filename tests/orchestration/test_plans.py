@@ -157,7 +157,7 @@ def test_plan_run_logs_into_a_job(tmp_path):
     plan = RecoveryPlan("site", [PlanGroup(["a", "b"])])
     result = run(PlanRun(plan, "test", Operation(fail={"b"}), job=job).run())
     assert not result.ok and job.state.value == "failed" and job.error == "member b failed"
-    assert [e["text"] for e in job.log][1:4] == ["test failover of plan 'site' started (1 groups)",
+    assert [e["text"] for e in job.log][1:4] == ["test failover of plan 'site' started (1 group)",
                                                   "group 1: started (a, b)", "a: test failover started"]
     assert all(e["time"] for e in job.log)
     assert JobRegistry(str(tmp_path)).summaries()[0]["state"] == "failed"
