@@ -74,6 +74,7 @@ class Daemon:
 
     def _missed(self, name: str, scheduled: float) -> None:
         self.machines[name].stats.record_missed()
+        self.machines[name].keep_stats()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -78,6 +78,7 @@ class PrimaryMachine:
         self.initial = self.settings.initial_replication
         self.state = MachineState.load(state_dir, machine.name)
         self.stats = MachineStats(machine.name, self.settings.frequency)
+        self.stats.restore(self.state.data.get("stats") or {})
         self.jobs = jobs if jobs is not None else JobRegistry(None)
         self.clock = clock or SystemClock()
         p = self.settings
@@ -459,6 +460,7 @@ class PrimaryMachine:
         if kind == "seed-export":
             return
         self.stats.record_result(results)
+        self.keep_stats()
         self.last_result = {"time": time.time(), "kinds": sorted({r.kind for r in results}),
                             "bytes_sent": sum(r.bytes_sent for r in results)}
         sent, secs = self.last_result["bytes_sent"], max((r.seconds for r in results), default=0.0)
@@ -468,11 +470,17 @@ class PrimaryMachine:
 
     def _after_failure(self, e: ReplicatorError) -> None:
         self.stats.record_failure(e)
+        self.keep_stats()
         log.error("%s: cycle failed: %s", self.name, e.message)
         if self.state.state == S.Replicating:
             self.state.fire(Event.error, e.message)
         elif self.state.state == S.InitialReplicationInProgress:
             self.state.fire(Event.initial_failed, e.message)
+
+    def keep_stats(self) -> None:
+        """Statistics go into the machine's state file, so a restarted daemon goes on counting."""
+        self.state.data["stats"] = self.stats.snapshot()
+        self.state.save()
 
     # ------------------------------------------------------------------ operations
     async def cycle_now(self, consistency: str = "crash", *, job: Job | None = None):

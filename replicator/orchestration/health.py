@@ -50,6 +50,19 @@ class MachineStats:
         self.totals = {"success": 0, "failed": 0, "missed": 0, "bytes": 0, "errors": 0}
         self.reset()
 
+    _KEPT = ("monitoring_start", "last_replication_time", "last_cycle_failed", "last_error", "last_error_time",
+             "totals", "window_start", "successful", "failed", "missed", "errors", "size_sum", "size_max",
+             "latency_sum", "latency_max", "_rpo_max")
+
+    def snapshot(self) -> dict:
+        """What survives a restart of the daemon (Hyper-V keeps its statistics until they are reset)."""
+        return {k: getattr(self, k) for k in self._KEPT}
+
+    def restore(self, saved: dict) -> None:
+        for k in self._KEPT:
+            if k in saved:
+                setattr(self, k, dict(saved[k]) if k == "totals" else saved[k])
+
     def reset(self) -> None:
         """Start a new statistics window (Hyper-V's Reset-VMReplicationStatistics)."""
         self.window_start = self.clock()

@@ -132,11 +132,13 @@ def test_daemon_replicates_reports_and_survives_kill9(site):
     assert 'machine="vm01"' in metrics and "# TYPE" in metrics
     # kill -9 while the VM writes; the restarted daemon resynchronizes and the replica levels
     site.qemu_io("d0.vhdx", "write -P 0x73 20M 4M")
+    before = site.status()["machines"][0]["stats"]["successful_cycles"]
     site.stop(signal.SIGKILL)
     site.start()                                     # waits until the machine is Replicating again
     site.cli("machine", "vm01", "cycle")
     st = site.status()["machines"][0]
     assert st["state"] == "Replicating", st
+    assert st["stats"]["successful_cycles"] > before >= 2, "statistics must survive the restart"
     for disk in ("d0.vhdx", "d1.vhdx"):
         assert replica_equals(site, disk, site.snapshot(disk)), disk
     states = [h["to"] for h in json.load(open(site.dir / "state" / "machines" / "vm01.json"))["history"]]

@@ -167,3 +167,14 @@ def test_prometheus_exposition_parses():
     assert values[("replicator_health", 'odd \\"name\\"\\\\x', None)] == 2
     assert ("replicator_rpo_seconds", 'odd \\"name\\"\\\\x', None) not in values   # never replicated: no sample
     assert 'replicator_machine_state{machine="vm1",state="Replicating"} 1' in text.splitlines()
+
+
+def test_statistics_survive_a_snapshot_and_restore():
+    clock = [1000.0]
+    a = MachineStats("vm", 30, clock=lambda: clock[0])
+    a.record_success(5000, 2.0)
+    clock[0] += 30
+    a.record_missed()
+    b = MachineStats("vm", 30, clock=lambda: clock[0])
+    b.restore(json.loads(json.dumps(a.snapshot())))          # as the state file holds it
+    assert b.to_dict(clock[0]) == a.to_dict(clock[0])
