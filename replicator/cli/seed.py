@@ -62,7 +62,9 @@ def cmd_import(args) -> int:
         if not args.disk_id:
             raise UsageError("--from-existing needs --disk-id (the primary's VirtualDiskId: replicator vhdx info)")
         from ..replica import ReplicaStore
-        rd = ReplicaStore(args.replica_root).adopt(args.disk_id, args.from_existing, name=args.machine or "")
+        rd = ReplicaStore(args.replica_root).adopt(args.disk_id, args.from_existing,
+                                                   name=os.path.basename(args.from_existing),
+                                                   machine=args.machine or "")
         print(f"{args.from_existing} adopted as the replica of {args.disk_id} ({human(rd.state.size)}); the "
               "next replication cycle sends only the blocks that differ")
         return 0

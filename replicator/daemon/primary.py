@@ -186,9 +186,8 @@ class PrimaryMachine:
                 raise Waiting(f"initial replication scheduled for {_when(at)}; `replicator machine {self.name} "
                               "cycle` starts it now")
         if mode == "existing":
-            self._existing_sources()
-            return f"initial replication from the existing copies in {self.initial.path}: only differing " \
-                   "blocks are sent"
+            where = self.initial.path if self._existing_sources() else "the replica host"
+            return f"initial replication from the existing copies in {where}: only differing blocks are sent"
         if mode == "offline":
             return f"offline initial replication: exporting a seed to {self.initial.seed_dir}"
         return ("scheduled " if mode == "scheduled" else "") + "initial replication over the network"
@@ -411,10 +410,12 @@ class PrimaryMachine:
     def _existing_sources(self) -> dict[str, str]:
         """Disk name -> the existing copy the replica starts from; Waiting when that cannot be done."""
         url = urlparse(self.settings.target)
+        if url.scheme in ("https", "http"):
+            return {}                   # the copies are on the replica host, adopted there (_adopt_existing)
         if url.scheme != "local":
             raise Waiting(f"initial replication from an existing disk needs a replica that adopts the copy and "
-                          f"compares block digests with the primary; {self.settings.target} cannot (only local:// "
-                          'targets can today): use initial_replication = "network" or "offline"')
+                          f"compares block digests with the primary; {self.settings.target} cannot: use "
+                          'initial_replication = "network" or "offline"')
         path = self.initial.path
         if os.path.isdir(path):
             found = {n: os.path.join(path, n) for n in self.disks}
@@ -439,6 +440,8 @@ class PrimaryMachine:
         """The replica store takes each existing copy as its base (once); the cycle then sends only the
         blocks whose digests differ."""
         from ..replica import ReplicaStore
+        if urlparse(self.settings.target).scheme in ("https", "http"):
+            return await self._on_export_loop(self._await_adopted())     # the target's session lives there
         store = ReplicaStore(urlparse(self.settings.target).path)
         for name, src in self._existing_sources().items():
             key = str(self.disks[name].disk.virtual_disk_id)
@@ -446,6 +449,23 @@ class PrimaryMachine:
                 continue
             job.note(f"{name}: the replica starts from {src}")
             await asyncio.to_thread(store.adopt, key, src, name=name)
+
+    async def _await_adopted(self) -> None:
+        """A peer replica adopts the existing copies on its own host; until it has, the machine waits and
+        says how to do it there."""
+        missing = []
+        for name, d in self.disks.items():
+            try:
+                info = await self.target.disk_info(d.disk.virtual_disk_id)
+                ready = info.adopted or info.generation > 0
+            except ReplicatorError:
+                ready = False
+            if not ready:
+                missing.append(f"replicator seed import --from-existing COPY-OF-{name} --disk-id "
+                               f"{d.disk.virtual_disk_id} --machine {self.name} --replica-root ROOT")
+        if missing:
+            raise Waiting("initial replication from existing copies: adopt them on the replica host first: "
+                          + "; ".join(missing))
 
     # ------------------------------------------------------------------ after a cycle
     def _after_success(self, kind: str, results) -> None:

@@ -29,6 +29,7 @@ class DiskInfo:
     generation: int
     committed: tuple[str, ...] = ()      # recent stream ids the target has applied (commits are idempotent)
     failed_over: bool = False            # failed over on the replica site: it takes no more cycles from here
+    adopted: bool = False                # starts from an existing copy: the first cycle is a checksum resync
 
 
 @dataclass(frozen=True)

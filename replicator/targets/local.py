@@ -59,4 +59,4 @@ class LocalTarget(ReplicaTarget):
 
 def _info(disk_id, rd) -> DiskInfo:
     return DiskInfo(str(disk_id), rd.state.size, rd.generation, tuple(sid for sid, _ in rd.state.committed),
-                    bool(rd.state.failover))
+                    bool(rd.state.failover), bool(rd.state.adopted))

@@ -62,4 +62,4 @@ def _older_replica(e: ReplicaRefused) -> bool:
 
 def _info(view: dict) -> DiskInfo:
     return DiskInfo(view["disk_id"], view["size"], view["generation"], tuple(view.get("committed", ())),
-                    bool(view.get("failed_over")))
+                    bool(view.get("failed_over")), bool(view.get("adopted")))

@@ -563,4 +563,4 @@ def _disk_view(disk) -> dict:
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,
             "committed": [sid for sid, _ in s.committed], "machine": s.machine, "prepared": s.prepared,
-            "failed_over": bool(s.failover)}
+            "failed_over": bool(s.failover), "adopted": s.adopted}

@@ -63,11 +63,11 @@ def test_the_scheduled_time_survives_a_restart_and_an_operator_can_start_early(t
 
 def test_existing_mode_is_refused_for_a_target_that_cannot_level_a_copy(tmp_path):
     async def main():
-        m = Machine(tmp_path, 'auth = "kerberos"\ninitial_replication = { mode = "existing", path = "old" }',
-                    target="http://127.0.0.1:9")
+        m = Machine(tmp_path, 'initial_replication = { mode = "existing", path = "old" }',
+                    target="azure://devstoreaccount1/replicas")
         try:
             assert await m.tick() is None and m.state == "ReadyForInitialReplication"
-            assert "http://127.0.0.1:9 cannot (only local:// targets can today)" in m.pm.state.reason
+            assert "azure://devstoreaccount1/replicas cannot: use" in m.pm.state.reason
             job, task = await m.pm.begin("cycle")
             await task
             assert job.state.value == "failed" and "cannot" in job.error
