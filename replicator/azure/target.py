@@ -226,6 +226,15 @@ class AzureTarget(ReplicaTarget):
         await self._call(f"lease {self._where(disk_id)}", client.acquire, lease_duration=-1)
         return self.writer_id
 
+    async def delete_disk(self, disk_id) -> bool:
+        """The blob and its snapshots (recovery points), under our lease."""
+        if await self._read_state(disk_id, missing_ok=True) is None:
+            return False
+        lease = await self._lease(disk_id)
+        await self._call(f"delete {self._where(disk_id)}", self.blob(disk_id).delete_blob,
+                         delete_snapshots="include", lease=lease)
+        return True
+
     async def release(self, disk_id) -> None:
         """Give up the blob (planned failover, disabling replication): another writer may take it."""
         from azure.storage.blob.aio import BlobLeaseClient

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ import sys
 from aiohttp import web
 
 from ..errors import ReplicatorError
+from ..orchestration.states import state_path
 from ..orchestration import JobRegistry, Scheduler, load_config, provider_from_settings, render_prometheus
 from .primary import OPERATIONS, PrimaryMachine
 from .replica_site import ReplicaSite
@@ -81,6 +83,7 @@ class Daemon:
         self.site = ReplicaSite(self)          # replica-site operations; adjusts config.machines (replica_site.py)
         for m in self.config.machines:
             self.protect(m)
+        await self._removed_protections()
         if self.config.replica is not None:
             from .replica_role import start_replica_role
             self.replica_server = await start_replica_role(self.config.replica)
@@ -91,6 +94,20 @@ class Daemon:
         await self.admin.setup()
         site = web.TCPSite(self.admin, self.config.daemon.admin_host, self.config.daemon.admin_port)
         await site.start()
+
+    async def _removed_protections(self) -> None:
+        from .removal import remove_protection, removed_machines
+
+        def data_of(name):
+            try:
+                with open(state_path(self.state_dir, name), encoding="utf-8") as f:
+                    return json.load(f).get("data")
+            except (OSError, ValueError):
+                return None
+        configured = {m.name for m in self.config.machines} | set(self.site.handed_over)
+        in_use = {os.path.abspath(d.path) for pm in self.machines.values() for d in pm.disks.values()}
+        for name in removed_machines(self.state_dir, configured, data_of):
+            await remove_protection(self.state_dir, name, data_of(name)["protection"], in_use)
 
     def protect(self, m) -> "PrimaryMachine":
         """Start protecting a machine: its disks tracked and exported, its cycles scheduled."""

@@ -97,6 +97,11 @@ class PrimaryMachine:
         self.service = ExportService(self.disks, socket_path=os.path.join(sock_dir, f"{machine.name}.sock"))
         self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
                             for n, d in self.disks.items()]
+        self.state.data["protection"] = {      # what removing the protection later needs (removal.py)
+            "target": p.target, "cert": p.cert, "key": p.key, "ca": p.ca, "kerberos": p.auth == "kerberos",
+            "delete_replica_on_remove": p.delete_replica_on_remove,
+            "disks": {n: {"path": d.path, "disk_id": str(d.disk.virtual_disk_id)} for n, d in self.disks.items()}}
+        self.state.save()
         self.last_result = None
         self.exporting = True           # the NBD export serves the VM (a planned failover stops it)
         self._lock = asyncio.Lock()                 # one cycle at a time

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -147,6 +148,24 @@ class ReplicaStore:
         fsync_dir(os.path.dirname(path))
         self._disks.pop(key, None)
         return out
+
+    def remove(self, disk_id: uuid.UUID | str) -> bool:
+        """Delete a replica with its recovery points (protection removed); refused while it is failed over
+        or a test failover uses it. False when the store holds no such disk."""
+        key = str(disk_id)
+        path = os.path.join(self.root, "disks", key)
+        if not os.path.exists(os.path.join(path, "state.json")):
+            return False
+        d = self.disk(key)
+        if d.state.failover or d.state.tests:
+            raise SequenceError(f"the replica of {key} is failed over or under a test failover: finish that "
+                                "before deleting it")
+        doomed = os.path.join(self.root, "disks", f".deleting-{key}")
+        os.rename(path, doomed)                  # gone at once for every reader; the files follow
+        fsync_dir(os.path.dirname(path))
+        shutil.rmtree(doomed)
+        self._disks.pop(key, None)
+        return True
 
     def disk_ids(self) -> list[str]:
         base = os.path.join(self.root, "disks")

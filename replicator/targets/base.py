@@ -61,6 +61,11 @@ class ReplicaTarget:
     async def commit(self, disk_id: uuid.UUID, stream_id: str) -> PointInfo:
         raise NotImplementedError
 
+    async def delete_disk(self, disk_id: uuid.UUID) -> bool:
+        """Delete the replica of a disk and its recovery points (protection removed with
+        delete_replica_on_remove); False when there was none."""
+        raise NotImplementedError
+
     async def digests(self, disk_id: uuid.UUID, block_size: int):
         """XXH3-128 of every block of the replica ((n, 2) uint64), for a checksum resync; None when the
         target holds no comparable copy or cannot compute them (then resync sends every dirty region)."""
@@ -96,6 +101,9 @@ class Decorator(ReplicaTarget):
 
     async def digests(self, disk_id, block_size):
         return await self.inner.digests(disk_id, block_size)
+
+    async def delete_disk(self, disk_id):
+        return await self.inner.delete_disk(disk_id)
 
     async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
         return await self.inner.checkpoint(disk_id, generation, point, prepared, additional_points)

@@ -36,6 +36,9 @@ class LocalTarget(ReplicaTarget):
             up.close()
         return sent
 
+    async def delete_disk(self, disk_id: uuid.UUID) -> bool:
+        return await asyncio.to_thread(self.store.remove, disk_id)
+
     async def digests(self, disk_id: uuid.UUID, block_size: int):
         rd = self.store.disk(disk_id)
         if rd.generation == 0 and not rd.state.adopted:

@@ -33,6 +33,9 @@ class PeerTarget(ReplicaTarget):
         point = (await self.client.commit(disk_id, stream_id))["point"]
         return PointInfo(point["generation"], point["time"], point["consistency"])
 
+    async def delete_disk(self, disk_id: uuid.UUID) -> bool:
+        return await self.client.delete_disk(disk_id)
+
     async def digests(self, disk_id: uuid.UUID, block_size: int):
         try:
             raw = await self.client.digests(disk_id, block_size)

@@ -229,6 +229,9 @@ class ReplicaClient:
                                     json={"generation": generation, "point": point, "prepared": prepared,
                                           "additional_points": additional_points})
 
+    async def delete_disk(self, disk_id) -> bool:
+        return bool((await self._retrying(self._request, "DELETE", f"/v1/disks/{disk_id}"))["deleted"])
+
     async def state(self, disk_id) -> dict:
         return await self._retrying(self._request, "GET", f"/v1/disks/{disk_id}")
 

@@ -185,7 +185,7 @@ class ReplicaServer:
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         d, u = "/v1/disks/{disk}", "/v1/disks/{disk}/uploads/{stream}"
-        app.add_routes([web.put(d, self.put_disk), web.get(d, self.get_disk),
+        app.add_routes([web.put(d, self.put_disk), web.get(d, self.get_disk), web.delete(d, self.delete_disk),
                         web.get(d + "/digests", self.get_digests), web.post(d + "/checkpoint", self.checkpoint),
                         web.get(u, self.get_upload), web.put(u, self.put_upload),
                         web.delete(u, self.delete_upload), web.post(u + "/commit", self.commit),
@@ -325,6 +325,13 @@ class ReplicaServer:
             log.warning("could not record %s on disk %s: %s", what, disk_id, e)
 
     # ------------------------------------------------------------------ disks
+    async def delete_disk(self, request: web.Request) -> web.Response:
+        """The primary removed protection with delete_replica_on_remove: the replica and its points go."""
+        store, disk_id, _ = self._resolve(request)
+        removed = await self._in_disk(store, disk_id, store.remove, disk_id)
+        self.counters["disks_deleted"] += int(removed)
+        return web.json_response({"deleted": removed})
+
     async def put_disk(self, request: web.Request) -> web.Response:
         store, disk_id, _ = self._resolve(request, claim=True)
         body = await _json(request)

@@ -50,6 +50,10 @@ def test_interface_conformance(azurite, tmp_path):
         r = Retry(t)
         await r.send(p.disk_id, sid2, path2)
         assert (await r.commit(p.disk_id, sid2)).generation == 2
+        # protection removed with delete_replica_on_remove: the blob and its snapshots go
+        assert await r.delete_disk(p.disk_id) is True
+        assert [b async for b in c.list_blobs(include=["snapshots"])] == []
+        assert await t.delete_disk(p.disk_id) is False
         await t.close()
         await c.delete_container()
         await c.close()

@@ -143,3 +143,48 @@ def test_daemon_replicates_reports_and_survives_kill9(site):
         assert replica_equals(site, disk, site.snapshot(disk)), disk
     states = [h["to"] for h in json.load(open(site.dir / "state" / "machines" / "vm01.json"))["history"]]
     assert "Replicating" in states
+
+
+@pytest.mark.parametrize("delete", [True, False])
+def test_removing_protection_deletes_the_replica_only_when_asked(tmp_path, delete):
+    s = Site(tmp_path)
+    if delete:
+        with open(s.config, "a") as f:
+            f.write("delete_replica_on_remove = true\n")
+    s.start()
+    s.cli("machine", "vm01", "cycle")
+    ids = [d["disk_id"] for d in s.status()["machines"][0]["disks"].values()]
+    replica = tmp_path / "replica" / "disks"
+    assert sorted(os.listdir(replica)) == sorted(ids)
+    s.stop()
+    text = open(s.config).read()
+    create_vhdx(str(tmp_path / "d2.vhdx"), 16 * MiB).close()
+    with open(s.config, "w") as f:                   # the operator removes vm01 from the configuration
+        f.write(text[:text.index("[[machine]]")] + f'''[[machine]]
+name = "vm02"
+disks = ["d2.vhdx"]
+target = "local://{tmp_path}/replica"
+frequency = "15m"
+''')
+    s.log = open(tmp_path / "daemon.log", "ab")
+    s.proc = subprocess.Popen([os.path.join(BIN, "replicatord"), "--config", s.config], stdout=s.log,
+                              stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline and not os.path.exists(tmp_path / "state" / "admin.token"):
+        time.sleep(0.1)
+    while time.time() < deadline:
+        try:
+            if [m["name"] for m in s.status()["machines"]] == ["vm02"]:
+                break
+        except subprocess.CalledProcessError:
+            time.sleep(0.2)
+    s.stop()
+    log = open(tmp_path / "daemon.log").read()
+    assert not os.path.exists(tmp_path / "state" / "machines" / "vm01.json"), log
+    assert not os.path.exists(tmp_path / "d0.vhdx.rpl") and os.path.exists(tmp_path / "d0.vhdx")
+    if delete:
+        assert not set(ids) & set(os.listdir(replica)), log
+        assert "replica of d0.vhdx deleted" in log
+    else:
+        assert set(ids) <= set(os.listdir(replica))
+        assert "protection removed; its replica on local://" in log

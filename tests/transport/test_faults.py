@@ -159,3 +159,13 @@ def test_full_disk_refuses_an_apply_it_has_no_room_for_before_writing(servers, p
     assert (err.value.status, err.value.code) == (507, "disk_full")
     assert lk.disk.state.counters["rejected_disk_full"] == 1
     lk.assert_unchanged()
+
+
+def test_a_primary_deletes_its_replica_when_protection_is_removed(link):
+    async def go(pair):
+        async with ReplicaClient(link.server.url, **link.pki.pair(pair)) as c:
+            return await c.delete_disk(link.primary.disk_id)
+    disk_dir = link.disk.path
+    assert run(go("primary1")) is True and not os.path.exists(disk_dir)
+    assert run(go("primary1")) is False                       # already gone: nothing to delete
+    assert link.server.counters["disks_deleted"] == 1
