@@ -37,12 +37,15 @@ class Run:
         return not self.task.done()
 
     def view(self) -> dict:
-        r = self.run
-        state = "running" if self.running else "succeeded" if self.result and self.result.ok else "failed"
+        r, result = self.run, self.result
+        t = self.task
+        if result is None and t.done() and not t.cancelled() and t.exception() is None:
+            result = t.result()                 # ended; its done-callback (which keeps the result) runs next
+        state = "running" if self.running else "succeeded" if result and result.ok else "failed"
         return {"kind": r.kind, "job": self.job.id, "state": state, "members": dict(r.members),
                 "pending": r.pending_confirmations(), "log": list(r.log),
-                "failed_group": self.result.failed_group if self.result else None,
-                "error": self.result.error if self.result else None}
+                "failed_group": result.failed_group if result else None,
+                "error": result.error if result else None}
 
 
 class PlanRunner:

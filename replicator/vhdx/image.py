@@ -57,11 +57,6 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
         self.creator = S.parse_file_identifier(io.pread(S.HEADER_SECTION_SIZE // 16, 0), self.path)
         self.header, self.header_slot = self._read_headers()
         S.validate_header(self.header, S.HEADER_OFFSETS[self.header_slot], self.path)
-        h = self.header
-        if h.log_offset + h.log_length > self.file_size:
-            raise FormatError("header", S.HEADER_OFFSETS[self.header_slot],
-                              f"log [{h.log_offset}, {h.log_offset + h.log_length}) lies past the end of the file "
-                              f"({self.file_size} bytes)", self.path)
         if not self.read_only and self.header.sequence_number > S.MAX_SEQUENCE_FOR_WRITING:
             raise FormatError("header", S.HEADER_OFFSETS[self.header_slot],
                               f"SequenceNumber {self.header.sequence_number} is too close to 2^64 to be "
@@ -78,6 +73,10 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
             self._read_bat()
         finally:
             self.io = io
+        h = self.header
+        if h.log_offset + h.log_length > self.file_size:      # an empty log is only written later: check now
+            raise FormatError("log", h.log_offset, f"the log [{h.log_offset}, {h.log_offset + h.log_length}) lies "
+                              f"past the end of the file ({self.file_size} bytes)", self.path)
         if active:
             self._replay_log(active)
         self._init_write_state()
