@@ -1,6 +1,7 @@
 """Small helpers shared by the sub-commands."""
 from __future__ import annotations
 
+import os
 import re
 
 from ..errors import UsageError
@@ -25,3 +26,14 @@ def human(n: float, decimals: int = 2) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{decimals}f} {unit}"
         n /= 1024
     return str(n)
+
+
+DEFAULT_CONFIG = "/etc/replicator/replicatord.toml"
+
+
+def add_config(parser) -> None:
+    """--config for commands that talk to replicatord: $REPLICATOR_CONFIG, else the system-wide file."""
+    default = os.environ.get("REPLICATOR_CONFIG", DEFAULT_CONFIG)
+    parser.add_argument("--config", default=default,
+                        help=f"the daemon's replicatord.toml (default: $REPLICATOR_CONFIG or {DEFAULT_CONFIG}; "
+                             f"now {default})")

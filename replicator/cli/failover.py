@@ -17,6 +17,7 @@ import os
 import time
 
 from ..errors import ReplicatorError
+from .common import add_config
 from .status import call
 
 POLL = 0.5
@@ -28,11 +29,11 @@ REVERSE_KEYS = ("target", "auth", "frequency", "additional_points", "bandwidth_l
 
 def register(sub) -> None:
     ls = sub.add_parser("replica-machines", help="machines replicated to this replica site (from replicatord)")
-    ls.add_argument("--config", required=True, help="the daemon's replicatord.toml")
+    add_config(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
     m = sub.add_parser("replica-machine", help="fail over, test, reverse a replicated machine (replica site)")
-    m.add_argument("--config", required=True)
+    add_config(m)
     m.add_argument("name")
     m.add_argument("op", choices=MACHINE_OPS)
     m.add_argument("--point", type=int, help="recovery point (default: the latest)")
@@ -49,11 +50,11 @@ def register(sub) -> None:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_machine)
     pl = sub.add_parser("plans", help="recovery plans of this replica site and their last run")
-    pl.add_argument("--config", required=True)
+    add_config(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plans)
     p = sub.add_parser("plan", help="run a recovery plan, follow it, confirm its manual actions")
-    p.add_argument("--config", required=True)
+    add_config(p)
     p.add_argument("name")
     p.add_argument("op", choices=PLAN_OPS)
     p.add_argument("action", nargs="?", help="confirm/decline: the manual action's id (as the log shows it)")

@@ -13,6 +13,7 @@ import urllib.request
 
 from ..errors import ReplicatorError, UsageError
 from ..orchestration.jobs import format_progress
+from .common import add_config
 from .progress import JobDisplay
 
 POLL = 0.5          # seconds between looks at a followed job
@@ -20,18 +21,18 @@ POLL = 0.5          # seconds between looks at a followed job
 
 def register(sub) -> None:
     s = sub.add_parser("status", help="state and health of every protected machine (from replicatord)")
-    s.add_argument("--config", required=True, help="the daemon's replicatord.toml")
+    add_config(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
     m = sub.add_parser("machine", help="operate a protected machine through replicatord")
-    m.add_argument("--config", required=True)
+    add_config(m)
     m.add_argument("name")
     m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"))
     m.add_argument("--wait", action="store_true",
                    help="follow the operation's job until it ends (a progress bar on a terminal)")
     m.set_defaults(func=cmd_machine)
     j = sub.add_parser("jobs", help="replicatord's jobs (initial replication, resync, failover): progress and log")
-    j.add_argument("--config", required=True)
+    add_config(j)
     j.add_argument("id", nargs="?", help="one job: its progress and log")
     j.add_argument("--machine", help="only this machine's jobs")
     j.add_argument("--follow", action="store_true",
@@ -42,6 +43,9 @@ def register(sub) -> None:
 
 def _admin(config_path: str):
     from ..orchestration import load_config
+    if not os.path.exists(config_path):
+        raise UsageError(f"no replicatord configuration at {config_path}: give --config FILE or set "
+                         "REPLICATOR_CONFIG")
     cfg = load_config(config_path)
     token_file = cfg.daemon.admin_token_file or os.path.join(cfg.daemon.state_dir, "admin.token")
     try:
