@@ -31,6 +31,7 @@ from .primary import OPERATIONS, PrimaryMachine
 from .replica_site import ReplicaSite
 
 log = logging.getLogger("replicatord")
+RETRY_UNAVAILABLE = float(os.environ.get("REPLICATOR_RETRY_UNAVAILABLE", "30"))   # seconds
 
 
 def ensure_token(path: str) -> str:
@@ -50,6 +51,8 @@ class Daemon:
         self.state_dir = config.daemon.state_dir
         os.makedirs(self.state_dir, exist_ok=True)
         self.machines: dict[str, PrimaryMachine] = {}
+        self.unavailable: dict[str, str] = {}     # configured machines that cannot be protected now: why
+        self._retrying: asyncio.Task | None = None
         self.replica_server = None
         self.scheduler = Scheduler(self._run_cycle, cut=self._cut, on_missed=self._missed,
                                    on_warning=lambda m, text: log.warning("%s: %s", m, text),
@@ -82,12 +85,13 @@ class Daemon:
     async def start(self) -> None:
         self.site = ReplicaSite(self)          # replica-site operations; adjusts config.machines (replica_site.py)
         for m in self.config.machines:
-            self.protect(m)
+            self._try_protect(m)
         await self._removed_protections()
         if self.config.replica is not None:
             from .replica_role import start_replica_role
             self.replica_server = await start_replica_role(self.config.replica)
         self.scheduler.start()
+        self._retrying = asyncio.create_task(self._retry_unavailable(), name="retry-unavailable")
         await self.site.start()
         self.token = ensure_token(self.config.daemon.admin_token_file or os.path.join(self.state_dir, "admin.token"))
         self.admin = web.AppRunner(self._admin_app(), access_log=None)
@@ -109,6 +113,35 @@ class Daemon:
         for name in removed_machines(self.state_dir, configured, data_of):
             await remove_protection(self.state_dir, name, data_of(name)["protection"], in_use)
 
+    def _try_protect(self, m) -> bool:
+        """protect(), or note why not (a disk missing or unreadable): the machine shows as Critical with
+        that reason, the other machines go on, and protection is tried again (RETRY_UNAVAILABLE, or when
+        an operator addresses the machine)."""
+        try:
+            self.protect(m)
+        except ReplicatorError as e:
+            if self.unavailable.get(m.name) != e.message:
+                log.error("%s: cannot be protected now (tried again every %d s): %s", m.name, RETRY_UNAVAILABLE,
+                          e.message)
+            self.unavailable[m.name] = e.message
+            return False
+        if self.unavailable.pop(m.name, None) is not None:
+            log.info("%s: protected again", m.name)
+        return True
+
+    async def _retry_unavailable(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_UNAVAILABLE)
+            for m in [m for m in self.config.machines if m.name in self.unavailable]:
+                self._try_protect(m)
+
+    def _unavailable_view(self, name: str) -> dict:
+        reason = self.unavailable[name]
+        return {"name": name, "role": "primary", "state": "Error", "reason": reason, "since": None,
+                "stats": {"health": "Critical", "health_reasons": [reason], "successful_cycles": 0,
+                          "missed_cycles": 0, "failed_cycles": 0, "last_replication_time": None},
+                "disks": {}, "jobs": [], "last_cycle": None}
+
     def protect(self, m) -> "PrimaryMachine":
         """Start protecting a machine: its disks tracked and exported, its cycles scheduled."""
         pm = PrimaryMachine(m, self.state_dir, jobs=self.jobs)
@@ -122,6 +155,8 @@ class Daemon:
         return pm
 
     async def stop(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
         await self.site.stop()
         await self.scheduler.stop(wait=True)
         for pm in self.machines.values():         # operators' operations end too, as running cycles do
@@ -150,7 +185,8 @@ class Daemon:
         return await handler(request)
 
     async def _status(self, request):
-        return web.json_response({"machines": [pm.status() for pm in self.machines.values()],
+        return web.json_response({"machines": [pm.status() for pm in self.machines.values()]
+                                  + [self._unavailable_view(n) for n in sorted(self.unavailable)],
                                   "replica": self.replica_server.status() if self.replica_server else None})
 
     async def _metrics(self, request):
@@ -172,7 +208,13 @@ class Daemon:
             return web.json_response({"error": e.message}, status=404)
 
     async def _operation(self, request):
-        pm = self.machines.get(request.match_info["name"])
+        name = request.match_info["name"]
+        if name in self.unavailable:                # the operator's attention: try again now
+            m = next(m for m in self.config.machines if m.name == name)
+            if not self._try_protect(m):
+                return web.json_response({"error": f"{name} cannot be protected now: {self.unavailable[name]}"},
+                                         status=409)
+        pm = self.machines.get(name)
         if pm is None:
             return web.json_response({"error": "no such machine"}, status=404)
         op = request.match_info["op"]
