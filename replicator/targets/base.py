@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..errors import DiskIOError, ReplicatorError
+from ..errors import DiskIOError, ReplicatorError, UsageError
 
 
 class TargetUnavailable(ReplicatorError):
@@ -161,22 +161,28 @@ class ForMachine(Decorator):
 
 
 class TokenBucket:
-    """Bytes per second with a burst of one second; shared by everything a bandwidth limit covers."""
+    """`rate` bytes per second on average, bursts of at most `burst` bytes (one second's worth unless
+    given); shared by everything a bandwidth limit covers. A request larger than the burst waits for a full
+    bucket and leaves it in debt, so the average still holds."""
 
-    def __init__(self, rate: float):
-        self.rate = rate
-        self.tokens = rate
+    def __init__(self, rate: float, burst: int | None = None):
+        if rate <= 0:
+            raise UsageError("bandwidth limit must be positive")
+        self.rate = float(rate)
+        self.burst = int(burst or rate)
+        self.tokens = float(self.burst)
         self.stamp = time.monotonic()
 
     async def take(self, n: int) -> None:
         while True:
             now = time.monotonic()
-            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-            if self.tokens >= n or n > self.rate and self.tokens >= self.rate:
+            need = min(n, self.burst)
+            if self.tokens >= need:
                 self.tokens -= n
                 return
-            await asyncio.sleep((min(n, self.rate) - self.tokens) / self.rate)
+            await asyncio.sleep((need - self.tokens) / self.rate)
 
 
 class BandwidthLimit(Decorator):

@@ -16,12 +16,12 @@ import collections
 import json
 import os
 import ssl
-import time
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from ..errors import ReplicatorError, UsageError
+from ..targets.base import TokenBucket
 from ..targets.outbox import OutboxStream
 from .auth import AuthenticationError, AuthorizationError, ReplicaRefused, ResumeTokenError, TransportError
 
@@ -31,29 +31,6 @@ _DROPPED = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.T
 
 class _Retry(Exception):
     """A failure worth another attempt (dropped connection, replica busy)."""
-
-
-class TokenBucket:
-    """Bandwidth limit: `rate` bytes per second on average, bursts of at most `burst` bytes."""
-
-    def __init__(self, rate: float, burst: int | None = None):
-        if rate <= 0:
-            raise UsageError("bandwidth limit must be positive")
-        self.rate = float(rate)
-        self.burst = int(burst or max(16 << 10, min(rate / 8, MiB)))
-        self._tokens = float(self.burst)
-        self._stamp = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        """Wait until n bytes (n <= burst) may go out."""
-        while True:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens >= n:
-                self._tokens -= n
-                return
-            await asyncio.sleep((n - self._tokens) / self.rate)
 
 
 class _Source:
@@ -119,7 +96,9 @@ class ReplicaClient:
         self.service = service or f"HTTP@{parts.hostname}"
         self.compression = compression
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
-        self.bucket = TokenBucket(bandwidth_limit) if bandwidth_limit else None
+        # small bursts: the limit shapes the stream instead of letting a second's worth out at once
+        self.bucket = TokenBucket(bandwidth_limit, max(16 << 10, min(int(bandwidth_limit) // 8, MiB))) \
+            if bandwidth_limit else None
         self.bytes_sent = 0
         self.counters: collections.Counter = collections.Counter()
         self._ssl = _client_context(cert, key, ca) if not kerberos else None
