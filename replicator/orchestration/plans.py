@@ -10,14 +10,12 @@ because they assume its machines are up. Every step goes to the run's log (and t
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shlex
-import signal
 import time
 from dataclasses import dataclass, field
 
 from ..errors import ReplicatorError, UsageError
+from .scripts import argv_of, run_script
 
 MAX_GROUPS = 7
 KINDS = ("test", "planned", "unplanned")
@@ -41,27 +39,16 @@ class ScriptAction:
         return f"script {self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)}"
 
     async def run(self, plan_run: "PlanRun", action_id: str) -> str:
-        argv = shlex.split(self.cmd) if isinstance(self.cmd, str) else list(self.cmd)
-        env = {**os.environ, "REPLICATOR_PLAN": plan_run.plan.name, "REPLICATOR_FAILOVER": plan_run.kind,
+        env = {"REPLICATOR_PLAN": plan_run.plan.name, "REPLICATOR_FAILOVER": plan_run.kind,
                "REPLICATOR_ACTION": action_id}
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT, env=env,
-                                                        start_new_session=True)
-        except OSError as e:
-            raise ActionFailed(f"cannot run {argv[0]!r}: {e.strerror or e}") from None
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            code, text = await run_script(self.cmd, env, self.timeout)
+        except asyncio.TimeoutError:            # first: TimeoutError is an OSError
             raise ActionFailed(f"timed out after {self.timeout:g} s") from None
-        text = out.decode(errors="replace").strip()
-        if proc.returncode != 0:
-            raise ActionFailed(f"exited with {proc.returncode}" + (f": {text[-300:]}" if text else ""))
+        except OSError as e:
+            raise ActionFailed(f"cannot run {argv_of(self.cmd)[0]!r}: {e.strerror or e}") from None
+        if code != 0:
+            raise ActionFailed(f"exited with {code}" + (f": {text[-300:]}" if text else ""))
         return text
 
 

@@ -17,12 +17,10 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import random
-import shlex
-import signal
 
 from ..errors import ReplicatorError
+from .scripts import argv_of, run_script
 
 
 class QuiesceFailed(ReplicatorError):
@@ -106,27 +104,17 @@ class ScriptQuiesce(QuiesceProvider):
             await self._run(self.post_thaw, "post-thaw")
 
     async def _run(self, cmd, what: str) -> None:
-        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        env = {**os.environ, **(self.env or {}), "REPLICATOR_QUIESCE": what}
+        name = argv_of(cmd)[0]
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT, env=env,
-                                                        start_new_session=True)
+            code, text = await run_script(cmd, {**(self.env or {}), "REPLICATOR_QUIESCE": what})
         except OSError as e:
-            raise QuiesceFailed(f"{what} script {argv[0]!r} cannot run: {e.strerror or e}") from None
-        try:
-            out, _ = await proc.communicate()
-        except asyncio.CancelledError:          # the timeout: kill the script and what it started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            self.log.append(f"{what}: {argv[0]} killed (timeout)")
+            raise QuiesceFailed(f"{what} script {name!r} cannot run: {e.strerror or e}") from None
+        except asyncio.CancelledError:          # the provider's timeout: run_script killed it
+            self.log.append(f"{what}: {name} killed (timeout)")
             raise
-        text = out.decode(errors="replace").strip()
-        self.log.append(f"{what}: {argv[0]} exited {proc.returncode}" + (f": {text[-500:]}" if text else ""))
-        if proc.returncode != 0:
-            raise QuiesceFailed(f"{what} script {argv[0]!r} exited with {proc.returncode}"
-                                + (f": {text[-200:]}" if text else ""))
+        self.log.append(f"{what}: {name} exited {code}" + (f": {text[-500:]}" if text else ""))
+        if code != 0:
+            raise QuiesceFailed(f"{what} script {name!r} exited with {code}" + (f": {text[-200:]}" if text else ""))
 
 
 class QemuGuestAgentQuiesce(QuiesceProvider):
