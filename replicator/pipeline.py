@@ -4,6 +4,9 @@ and the consumer's (writing) overlap, since all of them release the GIL.
 `ahead(iterable, depth)` yields what the iterable yields, computed on a thread at most `depth` items in
 advance, so memory stays bounded by `depth` items. An exception in the producer is raised in the
 consumer at the point it occurred; a consumer that stops early stops the producer too.
+
+`ahead_in(work, items, buffers)` is the same for producers that fill reusable buffers (disk reads): a
+result may be a view into its buffer, which is handed back when the consumer asks for the next result.
 """
 from __future__ import annotations
 
@@ -54,3 +57,40 @@ def _put(items: queue.Queue, entry, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+def ahead_in(work, items, buffers: list, name: str = "ahead"):
+    """Yield work(item, buffer) for each item, computed on a thread with one of `buffers`; the result is
+    valid until the next one is requested."""
+    free: queue.Queue = queue.Queue()
+    for b in buffers:
+        free.put(b)
+    stop = threading.Event()
+
+    def produce():
+        for item in items:
+            buf = _get(free, stop)
+            if buf is None:
+                return
+            yield work(item, buf), buf
+
+    results = ahead(produce(), depth=len(buffers), name=name)
+    held = None
+    try:
+        for result, buf in results:
+            if held is not None:
+                free.put(held)
+            held = buf
+            yield result
+    finally:
+        stop.set()
+        results.close()
+
+
+def _get(free: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return free.get(timeout=0.05)
+        except queue.Empty:
+            continue
+    return None

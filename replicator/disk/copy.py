@@ -7,13 +7,12 @@ zeros (as qemu-img convert does with -S 4k), so the copy stays sparse.
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
+from ..pipeline import ahead_in
 from .base import BlockDevice, ExtentKind
 
 CHUNK = 4 << 20
@@ -51,52 +50,14 @@ def _chunks(src: BlockDevice):
 
 def read_ahead(src: BlockDevice, ring: int = RING):
     """Yield (offset, view or None for a zero extent, length); the view is valid until the next item."""
-    free: queue.Queue = queue.Queue()
-    for _ in range(ring):
-        free.put(bytearray(CHUNK))
-    ready: queue.Queue = queue.Queue(maxsize=ring)
-    stop = threading.Event()
-
-    def reader():
-        try:
-            for off, n, kind in _chunks(src):
-                if stop.is_set():
-                    return
-                if kind is ExtentKind.ZERO:
-                    ready.put((off, None, n))
-                    continue
-                buf = free.get()
-                view = memoryview(buf)[:n]
-                src.readinto(off, view)
-                ready.put((off, view, n))
-            ready.put(None)
-        except BaseException as e:      # hand the failure to the consumer, which re-raises it
-            ready.put(e)
-
-    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
-    thread.start()
-    previous = None
-    try:
-        while True:
-            item = ready.get()
-            if previous is not None:
-                free.put(previous.obj)
-                previous = None
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            previous = item[1]
-    finally:
-        stop.set()
-        while thread.is_alive():        # unblock a reader waiting for a free buffer or queue slot
-            try:
-                free.put_nowait(bytearray(CHUNK))
-                ready.get_nowait()
-            except (queue.Empty, queue.Full):
-                pass
-            thread.join(0.01)
+    def read(piece, buf):
+        off, n, kind = piece
+        if kind is ExtentKind.ZERO:
+            return off, None, n
+        view = memoryview(buf)[:n]
+        src.readinto(off, view)
+        return off, view, n
+    return ahead_in(read, _chunks(src), [bytearray(CHUNK) for _ in range(ring)], name="read-ahead")
 
 
 def copy_disk(src: BlockDevice, dst: BlockDevice, *, dst_is_zero: bool = True, progress=None,

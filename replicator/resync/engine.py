@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import kernels
+from ..pipeline import ahead_in
 from ..disk.base import BlockDevice, ExtentKind
 from ..errors import DiskIOError, ResyncCancelled, SourceChanged, UsageError
 from . import manifest as M
@@ -124,47 +124,9 @@ def digest_window(disk: BlockDevice, grid: Grid, index: int, buf: bytearray, loc
 def read_windows(disk: BlockDevice, grid: Grid, start: int = 0, ring: int = RING, lock=None) -> Iterator[Window]:
     """Digest windows start.. in a read-ahead thread (reads and hashing release the GIL, so two sides
     stream on two cores). Each Window's data is valid until the next one is requested."""
-    free: queue.Queue = queue.Queue()
-    for _ in range(ring):
-        free.put(bytearray(grid.window_blocks * grid.block_size))
-    ready: queue.Queue = queue.Queue(maxsize=ring)
-    stop = threading.Event()
-
-    def worker():
-        try:
-            for index in range(start, grid.n_windows):
-                buf = free.get()
-                if buf is None or stop.is_set():
-                    return
-                ready.put((digest_window(disk, grid, index, buf, lock), buf))
-            ready.put(None)
-        except BaseException as e:      # handed to the consumer, which re-raises it
-            ready.put(e)
-
-    thread = threading.Thread(target=worker, name=f"digest {disk.path or disk.format_name}", daemon=True)
-    thread.start()
-    previous = None
-    try:
-        while True:
-            item = ready.get()
-            if previous is not None:
-                free.put(previous)
-                previous = None
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            window, previous = item
-            yield window
-    finally:
-        stop.set()
-        while thread.is_alive():        # unblock a worker waiting for a buffer or a queue slot
-            free.put(None)
-            try:
-                ready.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(0.01)
+    return ahead_in(lambda index, buf: digest_window(disk, grid, index, buf, lock), range(start, grid.n_windows),
+                    [bytearray(grid.window_blocks * grid.block_size) for _ in range(ring)],
+                    name=f"digest {disk.path or disk.format_name}")
 
 
 def manifest_windows(digests: np.ndarray, grid: Grid, start: int = 0) -> Iterator[Window]:
