@@ -28,7 +28,8 @@ import numpy as np
 from ..cli.common import human
 from ..replication import DiskReplicator
 from ..targets import Decorator, LocalTarget
-from ..targets.base import PointInfo, read_stream_file
+from ..targets.base import PointInfo
+from ..targets.outbox import OutboxStream
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 from ..vhdx import create_vhdx
@@ -76,7 +77,7 @@ class _MeteredTarget(Decorator):
             up = self.inner.store.disk(disk_id).open_upload(stream_id)
             sent = 0
             try:
-                for chunk in read_stream_file(path, up.durable):
+                for chunk in OutboxStream.of(path).read_chunks(up.durable):
                     up.write(up.size, chunk)
                     sent += len(chunk)
                 up.sync()

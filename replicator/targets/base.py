@@ -7,13 +7,12 @@ replica host and Azure page blobs all get them the same way and pass the same co
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 import uuid
 from dataclasses import dataclass
 
-from ..errors import DiskIOError, ReplicatorError, UsageError
+from ..errors import ReplicatorError, UsageError
 
 
 class TargetUnavailable(ReplicatorError):
@@ -198,28 +197,3 @@ class BandwidthLimit(Decorator):
             if throttle is not None:
                 await throttle(n)
         return await self.inner.send(disk_id, stream_id, path, both)
-
-
-def read_stream_file(source, offset: int, chunk: int = 1 << 20):
-    """Chunks of an outbox stream (a path or an OutboxStream still being encoded) from `offset` on (the
-    resume point); blocks while the encoder catches up, so call it from a thread."""
-    from .outbox import OutboxStream
-    try:
-        stream = OutboxStream.of(source)
-        with open(stream.path, "rb") as f:
-            while True:
-                avail = stream.wait(offset)
-                if offset >= avail:
-                    return
-                f.seek(offset)
-                data = f.read(min(chunk, avail - offset))
-                if not data:
-                    raise DiskIOError(f"{stream.path}: outbox stream shrank at byte {offset}")
-                yield data
-                offset += len(data)
-    except OSError as e:
-        raise DiskIOError(f"{getattr(source, 'path', source)}: cannot read the outbox stream: {e.strerror}") from None
-
-
-def file_size(path: str) -> int:
-    return os.path.getsize(path)

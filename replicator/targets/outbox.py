@@ -106,24 +106,31 @@ class OutboxStream:
             await self.reach(self._written)
         return self._final
 
-    async def chunks(self, offset: int, chunk: int = 1 << 20):
-        """The bytes from `offset` to the end, as they become readable."""
+    def read_chunks(self, offset: int, chunk: int = 1 << 20):
+        """The bytes from `offset` to the end, as they become readable; blocks while the encoder catches
+        up, so call it from a thread (or use chunks())."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            with open(self.path, "rb") as f:
+                while True:
+                    avail = self.wait(offset)
+                    if offset >= avail:
+                        return
+                    data = os.pread(f.fileno(), min(chunk, avail - offset), offset)
+                    if not data:
+                        raise DiskIOError(f"{self.path}: outbox stream shrank at byte {offset}")
+                    yield data
+                    offset += len(data)
         except OSError as e:
             raise DiskIOError(f"{self.path}: cannot read the outbox stream: {e.strerror}") from None
+
+    async def chunks(self, offset: int, chunk: int = 1 << 20):
+        """read_chunks() for asyncio callers: each read (and wait) happens on a worker thread."""
+        it = self.read_chunks(offset, chunk)
         try:
-            while True:
-                avail = await self.reach(offset)
-                if offset >= avail:
-                    return
-                data = await asyncio.to_thread(os.pread, fd, min(chunk, avail - offset), offset)
-                if not data:
-                    raise DiskIOError(f"{self.path}: outbox stream shrank at byte {offset}")
+            while (data := await asyncio.to_thread(next, it, None)) is not None:
                 yield data
-                offset += len(data)
         finally:
-            os.close(fd)
+            it.close()
 
 
 class _Sink:

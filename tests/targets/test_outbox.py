@@ -10,7 +10,6 @@ import time
 import pytest
 
 from replicator.errors import DiskIOError
-from replicator.targets.base import read_stream_file
 from replicator.targets.outbox import PUBLISH, EncoderFailed, OutboxStream
 
 
@@ -57,7 +56,7 @@ def test_threaded_reader_resumes_from_an_offset(tmp_path):
     data, parts = pieces(3 * PUBLISH + 7)
     stream = OutboxStream(str(tmp_path / "s.delta"))
     t = slow_writer(stream, parts)
-    got = b"".join(read_stream_file(stream, 1000))
+    got = b"".join(stream.read_chunks(1000))
     t.join()
     assert got == data[1000:]
 
@@ -80,7 +79,7 @@ def test_a_finished_path_and_a_missing_one(tmp_path):
     path.write_bytes(b"x" * 5000)
     s = OutboxStream.of(str(path))
     assert s.final == 5000 and OutboxStream.of(s) is s
-    assert b"".join(read_stream_file(str(path), 10)) == b"x" * 4990
+    assert b"".join(OutboxStream.of(str(path)).read_chunks(10)) == b"x" * 4990
     with pytest.raises(DiskIOError, match="cannot read the outbox stream"):
         OutboxStream.of(str(tmp_path / "missing.delta"))
 
@@ -96,6 +95,6 @@ def test_a_recycled_file_is_written_over_and_cut_to_the_new_stream(tmp_path):
     s2 = OutboxStream(str(tmp_path / "two.delta"), recycle=spent)
     assert not os.path.exists(spent) and os.stat(s2.path).st_ino == inode
     slow_writer(s2, parts).join()
-    assert b"".join(read_stream_file(s2, 0)) == second
+    assert b"".join(s2.read_chunks(0)) == second
     with open(s2.path, "rb") as f:
         assert f.read() == second
