@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -25,8 +24,8 @@ import sys
 from aiohttp import web
 
 from ..errors import ReplicatorError
-from ..orchestration.states import state_path
-from ..orchestration import JobRegistry, Scheduler, load_config, provider_from_settings, render_prometheus
+from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
+                             render_prometheus)
 from .primary import OPERATIONS, PrimaryMachine
 from .replica_site import ReplicaSite
 
@@ -101,17 +100,10 @@ class Daemon:
 
     async def _removed_protections(self) -> None:
         from .removal import remove_protection, removed_machines
-
-        def data_of(name):
-            try:
-                with open(state_path(self.state_dir, name), encoding="utf-8") as f:
-                    return json.load(f).get("data")
-            except (OSError, ValueError):
-                return None
         configured = {m.name for m in self.config.machines} | set(self.site.handed_over)
         in_use = {os.path.abspath(d.path) for pm in self.machines.values() for d in pm.disks.values()}
-        for name in removed_machines(self.state_dir, configured, data_of):
-            await remove_protection(self.state_dir, name, data_of(name)["protection"], in_use)
+        for name, protection in removed_machines(self.state_dir, configured):
+            await remove_protection(self.state_dir, name, protection, in_use)
 
     def _try_protect(self, m) -> bool:
         """protect(), or note why not (a disk missing or unreadable): the machine shows as Critical with
@@ -136,11 +128,13 @@ class Daemon:
                 self._try_protect(m)
 
     def _unavailable_view(self, name: str) -> dict:
+        """A status entry shaped like PrimaryMachine.status(): Critical, with why it is not protected."""
         reason = self.unavailable[name]
+        m = next(m for m in self.config.machines if m.name == name)
+        stats = MachineStats(name, m.protection.frequency).to_dict()
+        stats.update(health="Critical", health_reasons=[reason])
         return {"name": name, "role": "primary", "state": "Error", "reason": reason, "since": None,
-                "stats": {"health": "Critical", "health_reasons": [reason], "successful_cycles": 0,
-                          "missed_cycles": 0, "failed_cycles": 0, "last_replication_time": None},
-                "disks": {}, "jobs": [], "last_cycle": None}
+                "stats": stats, "target": m.protection.target, "disks": {}, "jobs": [], "last_cycle": None}
 
     def protect(self, m) -> "PrimaryMachine":
         """Start protecting a machine: its disks tracked and exported, its cycles scheduled."""

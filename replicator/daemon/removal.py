@@ -7,6 +7,7 @@ stays, and the next start tries again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,12 +21,21 @@ from ..targets.factory import open_target
 log = logging.getLogger("replicatord")
 
 
-def removed_machines(state_dir: str, configured: set[str], data_of) -> list[str]:
-    """Names with a primary-role state file that the configuration no longer protects."""
+def removed_machines(state_dir: str, configured: set[str]) -> list[tuple[str, dict]]:
+    """(name, protection) of the machines with a primary-role state file that the configuration no longer
+    protects; `protection` is what PrimaryMachine recorded there."""
     folder = os.path.join(state_dir, "machines")
     names = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
-    return [n for n in names if n not in configured and (data_of(n) or {}).get("role", "primary") == "primary"
-            and (data_of(n) or {}).get("protection")]
+    out = []
+    for name in (n for n in names if n not in configured):
+        try:
+            with open(state_path(state_dir, name), encoding="utf-8") as f:
+                data = json.load(f).get("data") or {}
+        except (OSError, ValueError, AttributeError):
+            continue                        # an unreadable file is not taken for a removal
+        if data.get("role", "primary") == "primary" and data.get("protection"):
+            out.append((name, data["protection"]))
+    return out
 
 
 async def remove_protection(state_dir: str, name: str, protection: dict, in_use: set[str]) -> None:
