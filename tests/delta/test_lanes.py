@@ -62,6 +62,7 @@ def test_every_lane_count_carries_the_same_frames(seed):
 
 
 def test_lanes_are_deterministic_and_only_lane_streams_name_them():
+    assert delta.StreamHeader(uuid.UUID(int=7), SIZE).zstd_lanes == 1        # one lane unless asked
     assert encode(3) == encode(3)
     assert b"zstd_lanes" not in encode(1)[:400] and b'"zstd_lanes":3' in encode(3)[:400]
 
