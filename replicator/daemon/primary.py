@@ -1,9 +1,12 @@
 """One protected machine inside replicatord: its disks tracked and served over NBD, its cycles, its state
 machine, its jobs and its health.
 
-The export's event loop owns the machine's disks: cuts and cycles run there, between NBD requests, so a
-cut is one instant across the machine's disks. The daemon's scheduler runs on the daemon's loop and hands
-each cycle over; one cycle at a time (a lock), whether the scheduler or an operator asked for it.
+The machine's disks belong to its export process (tracking/shim.py), which serves them to the guest and
+tracks every write, and nothing else; replicatord drives it (tracking/remote.py): a cut is one instant
+across the machine's disks, taken there between NBD requests. Everything heavy -- reading the disk for an
+initial copy or a resync, digests, encoding, TLS -- runs here, in another process, on worker threads, so
+it cannot delay a guest request. One cycle at a time (a lock), whether the scheduler or an operator asked.
+The export outlives replicatord: a restart or a reload attaches to it again, the guest keeps its disk.
 
 Long work runs as a job with progress (initial replication, seed export, resynchronization, an operator's
 cycle, planned failover's final cycle). Progress reports come from the export's loop or its worker threads
@@ -17,6 +20,7 @@ why and until when in its reason (`Waiting`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -36,8 +40,7 @@ from ..seed import export_machine
 from ..seed import media as seed_media
 from ..targets.base import TargetUnavailable
 from ..targets.factory import open_target
-from ..tracking import TrackedDisk
-from ..tracking.service import ExportService
+from ..tracking.remote import ExportHandle
 
 log = logging.getLogger("replicatord")
 LOG_CYCLES_FROM = 64 << 20      # scheduled cycles smaller than this are logged at debug level only
@@ -84,31 +87,24 @@ class PrimaryMachine:
         p = self.settings
         self.target = open_target(p.target, cert=p.cert, key=p.key, ca=p.ca, kerberos=p.auth == "kerberos",
                                   bandwidth_limit=p.bandwidth_limit, machine=machine.name)
-        self.disks: dict[str, TrackedDisk] = {}
-        try:
-            for path in machine.disks:
-                self.disks[os.path.basename(path)] = TrackedDisk(path)
-        except BaseException:
-            for d in self.disks.values():
-                d.close()
-            raise
         sock_dir = os.path.join(state_dir, "nbd")
         os.makedirs(sock_dir, exist_ok=True)
-        self.service = ExportService(self.disks, socket_path=os.path.join(sock_dir, f"{machine.name}.sock"))
+        self.export = ExportHandle(machine.name, {os.path.basename(p): p for p in machine.disks}, sock_dir).start()
+        self.disks = self.export.disks
         self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
                             for n, d in self.disks.items()]
         self.state.data["protection"] = {      # what removing the protection later needs (removal.py)
             "target": p.target, "cert": p.cert, "key": p.key, "ca": p.ca, "kerberos": p.auth == "kerberos",
             "delete_replica_on_remove": p.delete_replica_on_remove,
-            "disks": {n: {"path": d.path, "disk_id": str(d.disk.virtual_disk_id)} for n, d in self.disks.items()}}
+            "disks": {n: {"path": d.path, "disk_id": str(d.virtual_disk_id)} for n, d in self.disks.items()}}
         self.state.save()
         self.last_result = None
-        self.exporting = True           # the NBD export serves the VM (a planned failover stops it)
+        self.exporting = self.export.serving      # the NBD export serves the VM (a planned failover stops it)
         self._lock = asyncio.Lock()                 # one cycle at a time
         self.tasks: set[asyncio.Task] = set()       # operators' operations running in the background
 
     def start(self) -> None:
-        self.service.start()
+        asyncio.get_running_loop().add_reader(self.export.watch_fd(), self._export_gone)
         for d in self.disks.values():
             if d.resync_required and self.state.state in (S.Replicating, S.Error):
                 reason = d.reason or ""
@@ -117,14 +113,39 @@ class PrimaryMachine:
                               "sends only the blocks that differ")
                 self.state.fire(Event.resync_needed, reason)
 
-    # ------------------------------------------------------------------ scheduler hooks
-    async def _on_export_loop(self, coro):
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.service.loop))
+    def _export_gone(self) -> None:
+        """The export process ended without being asked (killed, crashed): start it again at once. Its
+        trackers find their logs not closed cleanly, so the disks are resynchronized; a guest configured
+        as docs/operations.md says only paused meanwhile."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.export.watch_fd())
+        log.error("%s: its export process (pid %s) ended unexpectedly: restarting it", self.name, self.export.pid)
+        task = asyncio.create_task(self._restart_export(), name=f"restart-export-{self.name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
+    async def _restart_export(self) -> None:
+        async with self._lock:
+            while True:
+                try:
+                    await asyncio.to_thread(self.export.start)
+                    break
+                except ReplicatorError as e:
+                    log.error("%s: the export could not be restarted (tried again in 5 s): %s", self.name, e.message)
+                    await asyncio.sleep(5)
+            for r in self.replicators:
+                r.tracker = self.export.disks[os.path.basename(r.tracker.path)]
+            self.disks = self.export.disks
+            self.exporting = self.export.serving
+            asyncio.get_running_loop().add_reader(self.export.watch_fd(), self._export_gone)
+            needing = [d for d in self.disks.values() if d.resync_required]
+            if needing and self.state.can(Event.resync_needed):
+                self.state.fire(Event.resync_needed, f"the export process was restarted: {needing[0].reason}")
+            log.info("%s: export restarted (pid %d)", self.name, self.export.pid)
+
+    # ------------------------------------------------------------------ scheduler hooks
     async def cut(self) -> None:
-        async def do():
-            self.service.group.cut()
-        await self._on_export_loop(do())
+        await asyncio.to_thread(self.export.cut)
 
     async def run_cycle(self, consistency: str = "crash", *, job: Job | None = None, forced: str | None = None):
         """One cycle of every disk; state transitions follow what it had to do. None when the machine does
@@ -279,26 +300,40 @@ class PrimaryMachine:
         meter = PartsProgress(job) if job is not None else None
         post = self._poster(meter)
 
-        async def do():
-            if meter is not None:
-                post("estimate", self._estimates(kind))
+        if meter is not None:
+            post("estimate", await asyncio.to_thread(self._estimates, kind))
+        for r in self.replicators:
+            r.progress = (lambda done, total, part=r.name: post(part, done, total)) if meter else None
+        try:
+            results = await self._all_disks(consistency)
+            if any(r.kind in ("initial", "resync") for r in results):
+                # The copies were read while the guest wrote: the log begun at their start makes them whole.
+                # Cut it across the machine now and ship it: the replica's first consistent point.
+                await self.cut()
+                logs = await self._all_disks(consistency)
+                for first, then in zip(results, logs):
+                    then.kind, then.streams = first.kind, first.streams + then.streams
+                    then.bytes_sent += first.bytes_sent
+                    then.stream_bytes += first.stream_bytes
+                    then.plain_bytes += first.plain_bytes
+                    then.seconds += first.seconds
+                    then.points[:0] = first.points
+                results = logs
+        finally:
             for r in self.replicators:
-                r.progress = (lambda done, total, part=r.name: post(part, done, total)) if meter else None
-            try:
-                # the disks' streams travel at the same time (one cut: they were sealed together)
-                done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False)
-                                              for r in self.replicators), return_exceptions=True)
-                failed = [x for x in done if isinstance(x, BaseException)]
-                if failed:
-                    raise failed[0]
-                return done
-            finally:
-                for r in self.replicators:
-                    r.progress = None
-        results = await self._on_export_loop(do())
+                r.progress = None
         if meter is not None:
             meter.settle()
         return results
+
+    async def _all_disks(self, consistency: str):
+        """One cycle of every disk; the disks' streams travel at the same time (one cut sealed them)."""
+        done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False) for r in self.replicators),
+                                    return_exceptions=True)
+        failed = [x for x in done if isinstance(x, BaseException)]
+        if failed:
+            raise failed[0]
+        return done
 
     def _poster(self, meter: PartsProgress | None):
         """A progress callback for any thread: the report is applied on the daemon's loop, in order."""
@@ -314,12 +349,12 @@ class PrimaryMachine:
         return post
 
     def _estimates(self, kind: str) -> dict[str, int]:
-        """Bytes each disk's streams will likely carry, until their own reports replace the guess (on the
-        export's loop: it reads the trackers)."""
+        """Bytes each disk's streams will likely carry, until their own reports replace the guess (asks the
+        export process: call it off the event loop)."""
         out = {}
         for name, d in self.disks.items():
             if kind == "initial" and self.initial.mode != "existing":
-                out[name] = sum(e.length for e in d.disk.extents(0, d.size) if e.kind is ExtentKind.DATA)
+                out[name] = sum(e.length for e in d.extents() if e.kind is ExtentKind.DATA)
             elif d.resync_required or d.state.state == "resynchronizing":
                 out[name] = sum(n for _, n in d.dirty_extents())
             else:
@@ -337,7 +372,7 @@ class PrimaryMachine:
         post = self._poster(meter)
         machine_dir = self._seed_dir()
 
-        async def do():
+        def do():
             stale = self._stale_seed(machine_dir)
             if stale:
                 shutil.rmtree(machine_dir)
@@ -345,7 +380,7 @@ class PrimaryMachine:
                                       compress=self.settings.compression, progress=post)
             return stale, manifest
         try:
-            stale, manifest = await self._on_export_loop(do())
+            stale, manifest = await asyncio.to_thread(do)
         except OSError as e:
             raise DiskIOError(f"seed export of {self.name} to {machine_dir} failed: {e.strerror or e}") from None
         if stale:
@@ -370,7 +405,7 @@ class PrimaryMachine:
         if not os.path.exists(seed_media.manifest_path(machine_dir)):
             return False
         manifest = seed_media.load(machine_dir)
-        ids = {str(d.disk.virtual_disk_id): d for d in self.disks.values()}
+        ids = {str(d.virtual_disk_id): d for d in self.disks.values()}
         return manifest.machine == self.name and any(
             not e.complete and e.disk_id in ids and ids[e.disk_id].state.state != "resynchronizing"
             for e in manifest.disks)
@@ -402,10 +437,8 @@ class PrimaryMachine:
             except (OSError, ValueError) as e:
                 raise DiskIOError(f"cannot read the replica state of {r.name} under {url.path}: {e}") from None
 
-        async def do():
-            return (await self.target.disk_info(r.disk_id)).generation
         try:
-            return await self._on_export_loop(do())
+            return (await self.target.disk_info(r.disk_id)).generation
         except TargetUnavailable:
             raise
         except ReplicatorError:                 # the replica has no such disk yet
@@ -446,10 +479,10 @@ class PrimaryMachine:
         blocks whose digests differ."""
         from ..replica import ReplicaStore
         if urlparse(self.settings.target).scheme in ("https", "http"):
-            return await self._on_export_loop(self._await_adopted())     # the target's session lives there
+            return await self._await_adopted()
         store = ReplicaStore(urlparse(self.settings.target).path)
         for name, src in self._existing_sources().items():
-            key = str(self.disks[name].disk.virtual_disk_id)
+            key = str(self.disks[name].virtual_disk_id)
             if key in store.disk_ids() and (store.disk(key).generation > 0 or store.disk(key).state.adopted):
                 continue
             job.note(f"{name}: the replica starts from {src}")
@@ -461,13 +494,13 @@ class PrimaryMachine:
         missing = []
         for name, d in self.disks.items():
             try:
-                info = await self.target.disk_info(d.disk.virtual_disk_id)
+                info = await self.target.disk_info(d.virtual_disk_id)
                 ready = info.adopted or info.generation > 0
             except ReplicatorError:
                 ready = False
             if not ready:
                 missing.append(f"replicator seed import --from-existing COPY-OF-{name} --disk-id "
-                               f"{d.disk.virtual_disk_id} --machine {self.name} --replica-root ROOT")
+                               f"{d.virtual_disk_id} --machine {self.name} --replica-root ROOT")
         if missing:
             raise Waiting("initial replication from existing copies: adopt them on the replica host first: "
                           + "; ".join(missing))
@@ -518,9 +551,7 @@ class PrimaryMachine:
         ships everything: zero data loss; the machine is then PreparedForFailover on the replica site."""
         self._check_planned_failover()
 
-        async def stop_export():
-            await self.service.server.close()
-        await self._on_export_loop(stop_export())
+        await asyncio.to_thread(self.export.stop_serving)
         self.exporting = False
         results = await self.cycle_now(job=job)
         await self._checkpoint(results, prepared=True)
@@ -539,12 +570,10 @@ class PrimaryMachine:
             return
         point = max(r.generation for r in results)
 
-        async def do():
+        try:
             for r, result in zip(self.replicators, results):
                 await self.target.checkpoint(r.disk_id, result.generation, point, prepared,
                                              self.settings.additional_points)
-        try:
-            await self._on_export_loop(do())
         except ReplicatorError as e:
             if prepared:
                 raise
@@ -566,18 +595,18 @@ class PrimaryMachine:
         self.state.fire(Event.resume, "resumed by the operator")
 
     async def request_resync(self) -> None:
-        """Mark every disk for resynchronization (on the export's loop, which owns the trackers)."""
+        """Mark every disk for resynchronization (the export process owns the trackers)."""
         if self.state.state == S.Resynchronizing and self._lock.locked():
             raise StateError(f"{self.name}: a resynchronization is already running "
                              f"({self.state.data.get('job', 'its job')})")
         if not self.state.can(Event.resync_needed):
             raise StateError(f"{self.name}: resynchronization is not possible in state {self.state.state.value}")
 
-        async def mark():
+        def mark():
             for d in self.disks.values():
                 if not d.resync_required:
                     d._require_resync("resynchronization requested by the operator")
-        await self._on_export_loop(mark())
+        await asyncio.to_thread(mark)
         self.state.fire(Event.resync_needed, "resynchronization requested by the operator")
 
     async def begin(self, op: str) -> tuple[Job, asyncio.Task]:
@@ -624,11 +653,16 @@ class PrimaryMachine:
         return {"name": self.name, "role": "primary", "state": self.state.state.name, "reason": self.state.reason,
                 "since": self.state.since, "stats": self.stats.to_dict(now), "target": self.settings.target,
                 "initial_replication": self.initial.mode, "starts_at": self.due_at(), "jobs": self.running_jobs(),
-                "disks": {n: {"disk_id": str(d.disk.virtual_disk_id) if d.disk else None,
-                              "tracking": d.state.state, "reason": d.reason, "nbd": self.service.uri(n) if self.exporting else None}
+                "disks": {n: {"disk_id": str(d.virtual_disk_id), "tracking": d.state.state, "reason": d.reason,
+                              "nbd": self.export.uri(n) if self.exporting else None}
                           for n, d in self.disks.items()},
+                "export": {"pid": self.export.pid, "serving": self.exporting},
                 "last_cycle": self.last_result}
 
-    def stop(self) -> None:
-        self.service._call(self.target.close())     # the target's session lives on the export's loop
-        self.service.stop()
+    async def stop(self) -> None:
+        """replicatord stops: the export stays while a guest is connected to it (else it closes)."""
+        await self.target.close()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.export.watch_fd())
+        if not await asyncio.to_thread(self.export.detach):
+            log.info("%s: its export (pid %d) keeps serving the guest", self.name, self.export.pid)

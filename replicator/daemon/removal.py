@@ -40,6 +40,9 @@ def removed_machines(state_dir: str, configured: set[str]) -> list[tuple[str, di
 
 async def remove_protection(state_dir: str, name: str, protection: dict, in_use: set[str]) -> None:
     """`in_use`: disk paths a configured machine protects now (their tracking stays)."""
+    from ..tracking.remote import shutdown_running
+    if shutdown_running(os.path.join(state_dir, "nbd"), name):
+        log.info("%s: protection removed: its export process stopped", name)
     if protection.get("delete_replica_on_remove"):
         p = protection
         target = open_target(p["target"], cert=p.get("cert"), key=p.get("key"), ca=p.get("ca"),

@@ -38,7 +38,7 @@ TRAILER_TAG = b"DEND"
 TAG_SIZE = 4
 NO_DIGEST = bytes(16)
 
-CONSISTENCY = ("crash", "application")
+CONSISTENCY = ("crash", "application", "inconsistent")   # inconsistent: a fuzzy copy, whole only with the log after it
 KINDS = ("delta", "full", "resync")
 U63 = (1 << 63) - 1
 

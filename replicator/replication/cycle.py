@@ -5,8 +5,14 @@ committed, and only then acknowledged to the tracker, which forgets the log. A c
 the log pending (it is sent again; the target's commit is idempotent by stream id) or acknowledged.
 
 A log's stream is encoded on a worker thread while the target already reads it (targets/outbox.py): the
-sealed log never changes, so the export keeps serving the VM meanwhile. Resync and initial streams read
-the live disk, so they are encoded on the export's loop, between NBD requests, and sent afterwards.
+sealed log never changes, so the export keeps serving the VM meanwhile.
+
+Resync and initial streams read the live disk. When the disk belongs to an export process (replicatord:
+the tracker is a `RemoteTrackedDisk`, `blocking`), they read it through the export while the guest goes
+on writing: a fuzzy copy, labelled "inconsistent", made whole by the log begun at the resync's start and
+shipped right after it (the way DRBD resyncs and Hyper-V holds a log during initial replication), so the
+replica has a consistent point only at that log's cut. When the tracker lives in this process (the
+`replicate` command), they are encoded on the export's loop, between NBD requests, consistent at once.
 """
 from __future__ import annotations
 
@@ -47,16 +53,25 @@ class DiskReplicator:
     def __init__(self, tracker: TrackedDisk, target: ReplicaTarget, *, compress: bool = True, name: str = ""):
         self.tracker, self.target, self.compress = tracker, target, compress
         self.name = name or os.path.basename(tracker.path)
-        self.disk_id = tracker.disk.virtual_disk_id
+        self.disk_id = getattr(tracker, "virtual_disk_id", None) or tracker.disk.virtual_disk_id
         self.outbox = os.path.join(tracker.sidecar.dir, "outbox")
         os.makedirs(self.outbox, exist_ok=True)
         self.progress = None     # progress(done, total): changed bytes of the current stream encoded so far
+        self.blocking = getattr(tracker, "blocking", False)    # an export process owns the disk (remote.py)
+
+    async def _tracker(self, method: str, *args):
+        """A tracker call: on a worker thread when it waits on the export process, else right here (the
+        caller runs on the export's own loop)."""
+        fn = getattr(self.tracker, method)
+        return await asyncio.to_thread(fn, *args) if self.blocking else fn(*args)
 
     async def run_cycle(self, consistency: str = "crash", cut: bool = True) -> CycleResult:
         start = time.monotonic()
         result = CycleResult()
         info = await self.target.ensure_disk(self.disk_id, self.tracker.size, self.name)
         generation = info.generation
+        if self.blocking:
+            await asyncio.to_thread(self.tracker.refresh_state)
         resyncing = self.tracker.resync_required or self.tracker.state.state == "resynchronizing"
         if generation == 0 and not resyncing:
             raise SequenceError(f"the replica of {self.name} has no initial copy: import the offline seed "
@@ -80,30 +95,40 @@ class DiskReplicator:
 
     async def _resync(self, generation: int, consistency: str, result: CycleResult) -> int:
         """Send every region that may differ (all of it on first use), then resume normal tracking."""
-        extents = self.tracker.begin_resync()
+        extents = await self._tracker("begin_resync")
         stream_id = uuid.uuid4().hex
         path = os.path.join(self.outbox, f"{stream_id}.delta")
-        header = self._header(generation, "full" if result.kind == "initial" else "resync", consistency, [])
+        if self.blocking:                    # read while the guest writes: whole only with the next log
+            consistency = "inconsistent"
+        kind = "full" if result.kind == "initial" else "resync"
         theirs = await self.target.digests(self.disk_id, RESYNC_BLOCK)
         if theirs is not None:               # checksum resync: only blocks that differ travel
-            extents = self._differing(theirs, extents)   # on the loop: the export must not write meanwhile
-            header = self._header(generation, "resync", consistency, [])
-            result.kind = "resync"
-        with open(path, "wb") as sink:
-            if header.kind == "full":        # the new replica reads as zeros: only allocated data travels
-                stats = delta.encode_disk(self.tracker.disk, header, sink, compress=self.compress,
-                                          progress=self.progress)
+            if self.blocking:
+                extents = await asyncio.to_thread(self._differing, theirs, extents)
             else:
-                stats = delta.encode_extents(self.tracker.disk, extents, header, sink, compress=self.compress,
-                                             progress=self.progress)
-        point = await self._send(stream_id, path, result, stats)
-        self.tracker.end_resync()
+                extents = self._differing(theirs, extents)   # on the loop: the export must not write meanwhile
+            kind = result.kind = "resync"
+        header = self._header(generation, kind, consistency, [])
+
+        def encode(sink):
+            disk = self.tracker.disk
+            if kind == "full":               # the new replica reads as zeros: only allocated data travels
+                return delta.encode_disk(disk, header, sink, compress=self.compress, progress=self.progress)
+            return delta.encode_extents(disk, extents, header, sink, compress=self.compress,
+                                        progress=self.progress)
+        if self.blocking:
+            point = await self._send_while_encoding(stream_id, path, encode, result)
+        else:
+            with open(path, "wb") as sink:
+                stats = encode(sink)
+            point = await self._send(stream_id, path, result, stats)
+        await self._tracker("end_resync")
         return point.generation
 
     async def _ship_log(self, rec, generation, consistency, committed, result) -> int:
         stream_id = uuid.UUID(rec.unique_id).hex
         if stream_id in committed:            # applied before, but our acknowledgement was lost
-            self.tracker.acknowledge(uuid.UUID(rec.unique_id))
+            await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
             return generation
         path = os.path.join(self.outbox, f"{stream_id}.delta")
         if self._complete(path):              # a stream from an interrupted run is resent byte for byte
@@ -116,7 +141,7 @@ class DiskReplicator:
                 with HrlReader(log_path, self.tracker.size) as reader:
                     return delta.encode_log(reader, header, sink, compress=self.compress, progress=self.progress)
             point = await self._send_while_encoding(stream_id, path, encode, result)
-        self.tracker.acknowledge(uuid.UUID(rec.unique_id))
+        await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
         return point.generation
 
     async def _send_while_encoding(self, stream_id: str, path: str, encode, result: CycleResult):

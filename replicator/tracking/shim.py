@@ -1,0 +1,286 @@
+"""The export process: one per protected machine, the only process that opens the machine's disks.
+
+It serves the disks over NBD to the guest and tracks every write (dirty regions, Hyper-V Replica Logs),
+and does nothing else: no encoding, hashing, TLS, scheduling or HTTP, so none of that can delay a guest
+request or take the GIL from it. replicatord drives it over a control socket (control.py) and reads the
+live disk through the export itself (nbdclient.py). It outlives replicatord, as a container runtime's
+shim outlives its daemon: a restart, an upgrade or a configuration reload of replicatord leaves the
+guest's disk connected. It exits on its own only when nobody needs it any more: no replicatord watching
+and no NBD client connected for `idle_grace` seconds (or at once when replicatord detaches politely and
+no client is connected).
+
+Started as `python -m replicator.tracking.shim --name M --nbd-socket S --control C DISK=PATH ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from .. import errors
+from ..errors import ReplicatorError
+from .nbd import Export, NbdServer
+from .service import new_event_loop
+from .tracker import TrackedDisk, TrackingGroup
+
+log = logging.getLogger("replicator.export")
+MAX_CONTROL_LINE = 1 << 20
+
+
+def disk_status(d: TrackedDisk) -> dict:
+    from dataclasses import asdict
+    return {"path": d.path, "size": d.size, "virtual_disk_id": str(d.disk.virtual_disk_id),
+            "logical_sector_size": d.disk.logical_sector_size, "state": asdict(d.state),
+            "resync_required": d.resync_required, "reason": d.reason}
+
+
+def _sealed(s) -> dict | None:
+    return None if s is None else {"path": s.path, "unique_id": str(s.unique_id),
+                                   "previous_unique_id": str(s.previous_unique_id), "data_bytes": s.data_bytes}
+
+
+def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk]:
+    """Open every disk read-write (taking its image lock); a lock still held by an export that is on its
+    way out is waited for up to `lock_wait` seconds."""
+    locked = getattr(errors, "ImageLocked", None)
+    opened: dict[str, TrackedDisk] = {}
+    deadline = time.monotonic() + lock_wait
+    try:
+        for name, path in disks.items():
+            while True:
+                try:
+                    opened[name] = TrackedDisk(path)
+                    break
+                except ReplicatorError as e:
+                    if locked is None or not isinstance(e, locked) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+    except BaseException:
+        for d in opened.values():
+            d.close()
+        raise
+    return opened
+
+
+class ExportProcess:
+    def __init__(self, name: str, disks: dict[str, TrackedDisk], nbd_socket: str, control: str,
+                 idle_grace: float):
+        self.name, self.disks = name, disks
+        self.group = TrackingGroup(list(disks.values()))
+        self.nbd_socket, self.control = nbd_socket, control
+        self.idle_grace = idle_grace
+        self.server = NbdServer([Export(n, d) for n, d in disks.items()])
+        self.watchers = 0
+        self.serving = True
+        self.done = asyncio.Event()
+        self._inodes: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        _unlink_stale(self.nbd_socket)
+        await self.server.start_unix(self.nbd_socket)
+        self._inodes[self.nbd_socket] = os.stat(self.nbd_socket).st_ino
+        _unlink_stale(self.control)
+        self.control_server = await asyncio.start_unix_server(self._control_client, path=self.control,
+                                                              limit=MAX_CONTROL_LINE)
+        os.chmod(self.control, 0o600)
+        self._inodes[self.control] = os.stat(self.control).st_ino
+        log.info("export of %s serving %s on %s (pid %d)", self.name, ", ".join(self.disks), self.nbd_socket,
+                 os.getpid())
+        idle = asyncio.create_task(self._idle_watch())
+        await self.done.wait()
+        idle.cancel()
+
+    def nbd_clients(self) -> int:
+        return len(self.server.clients)
+
+    async def _idle_watch(self) -> None:
+        idle_since = None
+        while True:
+            await asyncio.sleep(0.25)
+            if self.watchers or self.nbd_clients():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.idle_grace:
+                log.info("no replicatord and no NBD client for %.0f s: the export of %s stops", self.idle_grace,
+                         self.name)
+                await self.shutdown()
+                return
+
+    async def stop_serving(self) -> None:
+        """Disconnect every NBD client and accept no more (a planned failover's primary stops)."""
+        if self.serving:
+            self.serving = False
+            await self.server.close()
+
+    async def shutdown(self) -> None:
+        """Clean stop: clients disconnected, logs sealed, disks closed (their locks released)."""
+        if self.done.is_set():
+            return
+        await self.stop_serving()
+        self.control_server.close()
+        for d in self.disks.values():
+            try:
+                d.close()
+            except ReplicatorError as e:
+                log.error("closing %s: %s", d.path, e.message)
+        for path, ino in self._inodes.items():
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.done.set()
+
+    # ------------------------------------------------------------------ control
+    async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        watching = False
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    break
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    op = req["op"]
+                except (ValueError, KeyError, TypeError):
+                    writer.write(b'{"error": "malformed control request"}\n')
+                    await writer.drain()
+                    continue
+                if op == "watch":          # held open while replicatord lives; no answer
+                    if not watching:
+                        watching = True
+                        self.watchers += 1
+                    continue
+                try:
+                    reply = {"ok": await self._do(op, req)}
+                except ReplicatorError as e:
+                    reply = {"error": e.message, "type": type(e).__name__}
+                except (KeyError, TypeError, ValueError) as e:
+                    reply = {"error": f"bad control request {op!r}: {e}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+                if op == "shutdown" or (op == "detach" and reply.get("ok", {}).get("exiting")):
+                    self.done.set()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if watching:
+                self.watchers -= 1
+            writer.close()
+
+    def _disk(self, req) -> TrackedDisk:
+        name = req["disk"]
+        if name not in self.disks:
+            raise errors.UsageError(f"the export of {self.name} has no disk {name!r}")
+        return self.disks[name]
+
+    async def _do(self, op: str, req: dict):
+        if op == "hello":
+            return {"pid": os.getpid(), "name": self.name, "nbd_socket": self.nbd_socket, "serving": self.serving,
+                    "disks": {n: d.path for n, d in self.disks.items()}, "clients": self.nbd_clients()}
+        if op == "status":
+            return {n: disk_status(d) for n, d in self.disks.items()}
+        if op == "cut":
+            sealed = self.group.cut()
+            return {n: {"sealed": _sealed(s), "status": disk_status(d)}
+                    for (n, d), s in zip(self.disks.items(), sealed)}
+        if op == "stop_serving":
+            await self.stop_serving()
+            return {"serving": False}
+        if op == "detach":
+            if req.get("exit_if_idle") and not self.nbd_clients():
+                await self.shutdown()
+                return {"exiting": True}
+            return {"exiting": False, "clients": self.nbd_clients()}
+        if op == "shutdown":
+            await self.shutdown()
+            return {"exiting": True}
+        d = self._disk(req)
+        if op == "acknowledge":
+            import uuid
+            d.acknowledge(uuid.UUID(req["unique_id"]))
+        elif op == "begin_resync":
+            return {"extents": d.begin_resync(), "status": disk_status(d)}
+        elif op == "end_resync":
+            d.end_resync()
+        elif op == "require_resync":
+            if not d.resync_required:
+                d._require_resync(str(req["reason"]))
+        elif op == "dirty_extents":
+            return {"extents": d.dirty_extents()}
+        elif op == "extents":
+            off, n = int(req["offset"]), int(req["length"])
+            return {"extents": [[e.offset, e.length, e.kind.value] for e in d.extents(off, n)]}
+        else:
+            raise errors.UsageError(f"unknown control operation {op!r}")
+        return {"status": disk_status(d)}
+
+
+def _unlink_stale(path: str) -> None:
+    """Remove a socket file nobody listens on any more; refuse one that is alive (another export)."""
+    import socket
+    if not os.path.exists(path):
+        return
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        s.close()
+    raise errors.UsageError(f"{path} is in use by another running export")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="replicator-export", description="the export process of one machine")
+    ap.add_argument("--name", required=True, help="the protected machine")
+    ap.add_argument("--nbd-socket", required=True, help="the NBD socket the guest's disk is served on")
+    ap.add_argument("--control", required=True, help="the control socket replicatord drives the export through")
+    ap.add_argument("--idle-grace", type=float, default=10.0,
+                    help="seconds with no replicatord and no NBD client before the export stops on its own")
+    ap.add_argument("--lock-wait", type=float, default=10.0,
+                    help="seconds to wait for an image lock held by an export on its way out")
+    ap.add_argument("disks", nargs="+", metavar="NAME=PATH", help="the machine's disks")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    disks = dict(d.split("=", 1) for d in args.disks)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)       # a reload of replicatord is not ours
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        opened = open_disks(disks, args.lock_wait)
+    except ReplicatorError as e:
+        print(f"replicator-export: {e.message}", file=sys.stderr, flush=True)
+        return e.exit_code
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    proc = ExportProcess(args.name, opened, args.nbd_socket, args.control, args.idle_grace)
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(proc.shutdown()))
+    try:
+        loop.run_until_complete(proc.run())
+    except ReplicatorError as e:
+        print(f"replicator-export: {e.message}", file=sys.stderr, flush=True)
+        for d in opened.values():
+            d.close()
+        return e.exit_code
+    finally:
+        if not proc.done.is_set():
+            for d in opened.values():
+                d.close()
+        loop.close()
+    log.info("export of %s stopped cleanly", args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

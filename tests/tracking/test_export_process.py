@@ -1,0 +1,133 @@
+"""The export process (tracking/shim.py) driven from replicatord's side (tracking/remote.py): it serves the
+guest, tracks, cuts and acknowledges, outlives its controller while a client is connected, is attached to
+again, exits when nobody needs it, and a killed one is started again with its disk marked for resync."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from replicator.errors import ExportUnavailable
+from replicator.hrl import HrlReader
+from replicator.tracking.remote import ExportHandle
+
+from .helpers import MiB, make_vhdx, pattern, qemu_io, read_vhdx, tracked, wait_until
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = make_vhdx(tmp_path / "d0.vhdx", 64 * MiB, fill=[(0, pattern(1, MiB))])
+    tracked(path).close()          # initial replication behind us: the disk is tracked
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _handle(tmp_path, disk, **kw) -> ExportHandle:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    return ExportHandle("vm1", {"d0.vhdx": disk}, str(run), **kw).start()
+
+
+def test_serves_tracks_cuts_and_closes_when_detached_idle(tmp_path, disk):
+    h = _handle(tmp_path, disk)
+    try:
+        assert h.pid != os.getpid() and _alive(h.pid) and not h.adopted
+        qemu_io(h.uri("d0.vhdx"), f"write -P 0x5a {4 * MiB} {MiB}")
+        sealed, = h.cut()
+        assert sealed is not None and sealed.data_bytes == MiB
+        with HrlReader(sealed.path, 64 * MiB) as r:
+            assert sum(e.length for e in r.extents()) == MiB
+        d = h.disks["d0.vhdx"]
+        assert [x.name for x in d.state.sealed_logs] == [os.path.basename(sealed.path)]
+        d.acknowledge(sealed.unique_id)
+        assert d.state.sealed_logs == []
+        buf = bytearray(MiB)
+        d.disk.readinto(4 * MiB, buf)                  # the live disk, read through the export
+        assert bytes(buf) == b"\x5a" * MiB
+    finally:
+        assert h.detach() is True                      # no NBD client: the export closes
+    assert not _alive(h.pid)
+    data = read_vhdx(disk)                             # closed cleanly: the lock and the log are released
+    assert data[4 * MiB:5 * MiB] == b"\x5a" * MiB and data[:MiB] == pattern(1, MiB)
+
+
+def test_outlives_its_controller_while_a_client_is_connected(tmp_path, disk):
+    h = _handle(tmp_path, disk)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(h.nbd_socket)                      # a guest's connection (handshake not needed to count)
+    try:
+        wait_until(lambda: h.control.call("hello")["clients"] == 1, what="the client is counted")
+        assert h.detach() is False and _alive(h.pid)
+        again = _handle(tmp_path, disk)                # replicatord restarted: it attaches, nothing restarts
+        assert again.adopted and again.pid == h.pid
+        qemu_io(again.uri("d0.vhdx"), f"write -P 0x33 {8 * MiB} 4096")
+        sealed, = again.cut()
+        assert sealed.data_bytes == 4096
+    finally:
+        client.close()
+    again.shutdown()
+    assert not _alive(h.pid)
+
+
+def test_exits_on_its_own_when_its_controller_dies_and_no_client_is_left(tmp_path, disk):
+    h = _handle(tmp_path, disk, idle_grace=0.5)
+    h._close()                                         # as a kill -9 of replicatord: the watch drops
+    wait_until(lambda: not _alive(h.pid), timeout=10, what="the idle export exits")
+    read_vhdx(disk)
+
+
+def test_a_killed_export_is_started_again_and_its_disk_needs_a_resync(tmp_path, disk):
+    h = _handle(tmp_path, disk)
+    qemu_io(h.uri("d0.vhdx"), f"write -P 0x44 0 {MiB}")
+    os.kill(h.pid, signal.SIGKILL)
+    wait_until(lambda: not _alive(h.pid), what="the export dies")
+    h2 = _handle(tmp_path, disk)
+    try:
+        assert h2.pid != h.pid and not h2.adopted
+        d = h2.disks["d0.vhdx"]
+        assert d.resync_required and "not closed cleanly" in d.reason
+        buf = bytearray(MiB)
+        d.disk.readinto(0, buf)
+        assert bytes(buf) == b"\x44" * MiB             # acknowledged writes survived the kill
+    finally:
+        h2.shutdown()
+
+
+def test_a_disk_another_export_holds_is_refused_with_the_reason(tmp_path, disk):
+    h = _handle(tmp_path, disk)
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(ExportUnavailable) as e:
+            ExportHandle("vm2", {"d0.vhdx": disk}, str(other)).start()
+        assert "export process stopped" in e.value.message
+    finally:
+        h.shutdown()
+
+
+def test_control_refuses_nonsense(tmp_path, disk):
+    h = _handle(tmp_path, disk)
+    try:
+        with pytest.raises(Exception) as e:
+            h.control.call("acknowledge", disk="nope.vhdx", unique_id="x")
+        assert "no disk 'nope.vhdx'" in str(e.value)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(h.control_path)
+        s.sendall(b"not json\n")
+        assert b"malformed" in s.recv(1000)
+        s.close()
+        assert h.control.call("hello")["pid"] == h.pid
+    finally:
+        h.shutdown()
+    time.sleep(0)
