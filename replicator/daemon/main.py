@@ -9,6 +9,11 @@ Admin API (127.0.0.1 only, `Authorization: Bearer TOKEN` with the token from the
   POST /v1/machines/NAME/pause|resume|resync|cycle|planned-failover[?wait=0|1]
        resync, cycle and planned-failover run as a job; the answer carries it ("job"). wait=1 answers when
        the job has ended (default for cycle and planned-failover), wait=0 once it started (default for resync)
+  POST /v1/reload                          read the configuration again (as SIGHUP does); the answer says
+                                           whether it was valid (an invalid one changes nothing)
+
+Reloading, restarting or upgrading replicatord leaves every guest's disk connected: the machines' export
+processes (tracking/shim.py) outlive the daemon, and the new one attaches to them.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class Daemon:
                                    on_warning=lambda m, text: log.warning("%s: %s", m, text),
                                    on_result=self._result)
         self.stopping = asyncio.Event()
+        self.reload_requested = None         # set by serve(): ask for a reload
         self.jobs = JobRegistry(self.state_dir)
 
     async def _run_cycle(self, name: str, consistency: str):
@@ -155,7 +161,7 @@ class Daemon:
         await self.scheduler.stop(wait=True)
         for pm in self.machines.values():         # operators' operations end too, as running cycles do
             await asyncio.gather(*pm.tasks, return_exceptions=True)
-            pm.stop()
+            await pm.stop()
         if self.replica_server is not None:
             await self.replica_server.stop()
         await self.admin.cleanup()
@@ -168,6 +174,7 @@ class Daemon:
         app.router.add_get("/v1/jobs", self._jobs)
         app.router.add_get("/v1/jobs/{id}", self._job)
         app.router.add_post("/v1/machines/{name}/{op}", self._operation)
+        app.router.add_post("/v1/reload", self._reload)
         self.site.add_routes(app)              # /v1/replica/machines/..., /v1/plans/...
         return app
 
@@ -177,6 +184,16 @@ class Daemon:
         if not hmac.compare_digest(header, f"Bearer {self.token}"):
             return web.json_response({"error": "missing or wrong admin token"}, status=401)
         return await handler(request)
+
+    async def _reload(self, request):
+        if self.reload_requested is None:
+            return web.json_response({"error": "this daemon cannot reload"}, status=409)
+        try:
+            load_config(self.config.path)
+        except ReplicatorError as e:
+            return web.json_response({"error": f"configuration not reloaded: {e.message}"}, status=409)
+        self.reload_requested()
+        return web.json_response({"reloading": True})
 
     async def _status(self, request):
         return web.json_response({"machines": [pm.status() for pm in self.machines.values()]
@@ -238,17 +255,43 @@ class Daemon:
 
 
 async def serve(config) -> None:
-    daemon = Daemon(config)
+    """Run until SIGTERM/SIGINT. SIGHUP (or POST /v1/reload) reads the configuration again and restarts the
+    daemon's parts on it; the export processes stay, so no guest loses its disk. An invalid configuration
+    is refused with its reason and the running one goes on."""
     loop = asyncio.get_running_loop()
+    stopping, reload = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, daemon.stopping.set)
-    await daemon.start()
-    listener = f"; replica listener {daemon.replica_server.server.url}" if daemon.replica_server else ""
-    print(f"replicatord: {', '.join(config.roles)} role{'s' if len(config.roles) > 1 else ''}{listener}; admin API on "
-          f"http://{config.daemon.admin_host}:{config.daemon.admin_port}", flush=True)
-    await daemon.stopping.wait()
-    await daemon.stop()
-    print("replicatord: stopped cleanly", flush=True)
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    while True:
+        daemon = Daemon(config)
+        daemon.stopping = stopping
+        daemon.reload_requested = reload.set
+        await daemon.start()
+        listener = f"; replica listener {daemon.replica_server.server.url}" if daemon.replica_server else ""
+        print(f"replicatord: {', '.join(config.roles)} role{'s' if len(config.roles) > 1 else ''}{listener}; admin "
+              f"API on http://{config.daemon.admin_host}:{config.daemon.admin_port}", flush=True)
+        while True:
+            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(reload.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if stopping.is_set():
+                await daemon.stop()
+                print("replicatord: stopped cleanly", flush=True)
+                return
+            reload.clear()
+            try:
+                new = load_config(config.path)
+            except ReplicatorError as e:
+                log.error("configuration not reloaded, the running one goes on: %s", e.message)
+                continue
+            for w in new.warnings:
+                log.warning("%s", w)
+            log.info("reloading the configuration from %s (the exports stay)", config.path)
+            await daemon.stop()
+            config = new
+            break
 
 
 def main(argv=None) -> int:
