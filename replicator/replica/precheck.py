@@ -97,8 +97,7 @@ class Precheck:
 
     def _applicable(self, header, generation: int) -> bool:
         st = self.disk.state
-        return (str(header.disk_id) == st.disk_id and header.base_generation == generation == st.generation
-                and st.journal is None)
+        return generation == st.generation and st.journal is None and self.disk.header_problem(header) is None
 
 
 class _Follow:

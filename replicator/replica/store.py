@@ -17,7 +17,9 @@ visible half-applied, and a failure while applying rolls the disk back with the 
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,6 +34,8 @@ from ..vhdx import VhdxDisk, create_vhdx
 from ..vhdx.fileio import DirectWriteIO, FileIO
 from . import undo
 from .precheck import PENDING_SUFFIX, Precheck, Prechecked
+
+log = logging.getLogger("replicator.replica")
 
 
 COMMITTED_KEPT = 64
@@ -72,8 +76,12 @@ class DiskState:
 class ReplicaStore:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        os.makedirs(os.path.join(self.root, "disks"), exist_ok=True)
+        base = os.path.join(self.root, "disks")
+        os.makedirs(base, exist_ok=True)
         self._disks: dict[str, ReplicaDisk] = {}
+        for name in os.listdir(base):             # a creation or a removal a crash stopped half-way
+            if name.startswith((".new-", ".deleting-")):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
     def disk(self, disk_id: uuid.UUID | str) -> "ReplicaDisk":
         key = str(disk_id)
@@ -90,16 +98,12 @@ class ReplicaStore:
                     logical_sector_size: int = 512, machine: str = "") -> "ReplicaDisk":
         """The replica of a disk, created empty on first use. `machine` (when the primary sends it) groups
         the disks of one protected machine for failover; a disk failed over here takes no more cycles."""
-        key = str(disk_id)
+        key = str(uuid.UUID(str(disk_id)))
         path = os.path.join(self.root, "disks", key)
         if not os.path.exists(os.path.join(path, "state.json")):
-            for sub in ("chain", "spool", "undo", "tests"):
-                os.makedirs(os.path.join(path, sub), exist_ok=True)
-            image = os.path.join(path, "chain", "base.vhdx")
-            if os.path.exists(image):
-                os.unlink(image)
-            create_vhdx(image, size, block_size=block_size, logical_sector_size=logical_sector_size).close()
-            _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size))
+            self._create(key, lambda image: create_vhdx(image, size, block_size=block_size,
+                                                        logical_sector_size=logical_sector_size).close(),
+                         DiskState(key, name, size, block_size))
         d = self.disk(key)
         if d.state.failover:
             raise SequenceError(f"disk {d.state.name or key} of machine {d.state.machine or '(unknown)'} was failed "
@@ -123,17 +127,33 @@ class ReplicaStore:
         if os.path.exists(os.path.join(path, "state.json")) and self.disk(key).generation > 0:
             raise SequenceError(f"the replica of {key} already holds generation {self.disk(key).generation}")
         with open_disk(existing) as src:
-            size = src.size
-            for sub in ("chain", "spool", "undo", "tests"):
-                os.makedirs(os.path.join(path, sub), exist_ok=True)
-            image = os.path.join(path, "chain", "base.vhdx")
-            if os.path.exists(image):
-                os.unlink(image)
-            with create_vhdx(image, size, block_size=block_size, logical_sector_size=src.logical_sector_size) as dst:
-                copy_disk(src, dst)
-        _save(os.path.join(path, "state.json"), DiskState(key, name, size, block_size, adopted=True, machine=machine))
-        self._disks.pop(key, None)
+            def build(image):
+                with create_vhdx(image, src.size, block_size=block_size,
+                                 logical_sector_size=src.logical_sector_size) as dst:
+                    copy_disk(src, dst)
+            self._create(key, build, DiskState(key, name, src.size, block_size, adopted=True, machine=machine))
         return self.disk(key)
+
+    def _create(self, key: str, build, state: DiskState) -> None:
+        """A disk's folder made whole beside the others (.new-KEY) and renamed into place: a failure (full
+        volume, bad size) leaves nothing behind, and the id is never seen half-made."""
+        base = os.path.join(self.root, "disks")
+        tmp = os.path.join(base, f".new-{key}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for sub in ("chain", "spool", "undo", "tests"):
+                os.makedirs(os.path.join(tmp, sub))
+            build(os.path.join(tmp, "chain", "base.vhdx"))
+            _save(os.path.join(tmp, "state.json"), state)
+            path = os.path.join(base, key)
+            if os.path.exists(path):           # a folder without state.json: an older build's leftover
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+            fsync_dir(base)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._disks.pop(key, None)
 
     def retire(self, disk_id: uuid.UUID | str) -> str | None:
         """Move a replica out of the way (to ROOT/retired/), kept for a look rather than deleted: after a
@@ -169,7 +189,8 @@ class ReplicaStore:
 
     def disk_ids(self) -> list[str]:
         base = os.path.join(self.root, "disks")
-        return sorted(d for d in os.listdir(base) if os.path.exists(os.path.join(base, d, "state.json")))
+        return sorted(d for d in os.listdir(base)
+                      if not d.startswith(".") and os.path.exists(os.path.join(base, d, "state.json")))
 
 
 class Upload:
@@ -225,7 +246,11 @@ class ReplicaDisk:
             if name.endswith(PENDING_SUFFIX):            # left by a precheck of an earlier process
                 os.unlink(os.path.join(path, "undo", name))
         if self.state.journal:
-            self._recover()
+            try:
+                self._recover()
+            except DiskIOError as e:      # e.g. still no space: the state names the last good point; settle()
+                log.warning("%s: the interrupted cycle could not be finished yet: %s", path, e.message)
+        self.sweep_spools()
 
     # ------------------------------------------------------------------ views
     @property
@@ -304,7 +329,7 @@ class ReplicaDisk:
                     dec = delta.DeltaDecoder(f)
                     ranges = [(fr.offset, fr.length) for fr in dec]
                     header = dec.header
-            self._check_sequence(header)
+            self._check_header(header)
         except ReplicatorError:
             self.count("rejected_streams")
             self.abort(stream_id)
@@ -312,8 +337,7 @@ class ReplicaDisk:
         except FileNotFoundError:
             raise UsageError(f"no upload {stream_id} to commit") from None
         keep_undo = self._needs_undo()
-        if not keep_undo:
-            self._preflight(stream_id, ranges)
+        self._preflight(stream_id, ranges, undo_bytes=keep_undo and pre is None)
         self.state.journal = {"stream": stream_id, "phase": "undo" if keep_undo else "apply", "undo": keep_undo,
                               "generation": header.generation, "time": header.created,
                               "consistency": header.consistency}
@@ -326,10 +350,13 @@ class ReplicaDisk:
         before anything reads the disk (settle), and the space it needs is checked before it starts."""
         return self.state.additional_points > 0
 
-    def _preflight(self, stream_id: str, ranges) -> None:
-        """Refuse, before writing anything, an apply the replica's volume has no room for."""
+    def _preflight(self, stream_id: str, ranges, undo_bytes: bool = False) -> None:
+        """Refuse, before writing anything, an apply the replica's volume has no room for: the new blocks,
+        and (undo_bytes) the undo log still to be captured (at most the bytes the stream touches)."""
         with self.open_image() as img:
             need = img.allocation_needed(ranges)
+        if undo_bytes:
+            need += sum(n for _, n in undo._union(ranges)) + PREFLIGHT_MARGIN
         if not need:
             return
         st = os.statvfs(self.path)
@@ -361,14 +388,63 @@ class ReplicaDisk:
         pre.discard()
         return None
 
-    def _check_sequence(self, header) -> None:
-        if str(header.disk_id) != self.state.disk_id:
-            raise SequenceError(f"stream is for disk {header.disk_id}, this replica is {self.state.disk_id}")
-        if header.base_generation != self.state.generation:
-            raise SequenceError(f"stream applies on generation {header.base_generation}, the replica holds "
-                                f"{self.state.generation} (a cycle is missing or was already applied)")
-        if header.generation <= self.state.generation:
-            raise SequenceError(f"stream generation {header.generation} is not newer than {self.state.generation}")
+    def header_problem(self, header) -> str | None:
+        """Why a stream header cannot apply to this replica as it stands (None: it can). Every field that
+        names the replica is compared, so nothing that disagrees with it is ever journaled."""
+        st = self.state
+        if str(header.disk_id) != st.disk_id:
+            return f"stream is for disk {header.disk_id}, this replica is {st.disk_id}"
+        if header.disk_size != st.size:
+            return (f"stream is for a disk of {header.disk_size} bytes, the replica of {st.disk_id} holds "
+                    f"{st.size} bytes")
+        if header.base_generation != st.generation:
+            return (f"stream applies on generation {header.base_generation}, the replica holds "
+                    f"{st.generation} (a cycle is missing or was already applied)")
+        if header.generation <= st.generation:
+            return f"stream generation {header.generation} is not newer than {st.generation}"
+        return None
+
+    def _check_header(self, header) -> None:
+        problem = self.header_problem(header)
+        if problem:
+            raise SequenceError(problem)
+
+    def sweep_spools(self, empty: bool = True) -> list[str]:
+        """Remove the spooled uploads that can no longer be used: those whose header can never apply (for
+        an earlier generation, another disk or size) and, with `empty`, empty ones (not at a commit: an
+        upload may just have opened its file). A partial spool that still applies on the replica's
+        generation is kept for its sender to resume. Returns the stream ids removed."""
+        spool_dir = os.path.join(self.path, "spool")
+        journaled = (self.state.journal or {}).get("stream")
+        removed = []
+        for name in sorted(os.listdir(spool_dir)):
+            if not name.endswith(".delta") or name[:-len(".delta")] == journaled:
+                continue
+            path = os.path.join(spool_dir, name)
+            try:
+                size = os.path.getsize(path)
+                if (size == 0 and not empty) or (size and self._spool_usable(path)):
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            self.forget_precheck(name[:-len(".delta")])
+            removed.append(name[:-len(".delta")])
+        return removed
+
+    def _spool_usable(self, path: str) -> bool:
+        fmt = delta.format
+        with open(path, "rb") as f:
+            head = f.read(fmt.PREFIX.size + fmt.MAX_HEADER_BODY + 4)
+        try:
+            header, _ = fmt.read_header(io.BytesIO(head).read, path)
+        except ReplicatorError:                 # usable only while its header is still arriving intact
+            if len(head) < fmt.PREFIX.size:
+                return fmt.MAGIC.startswith(head[:len(fmt.MAGIC)])
+            magic, version, _, length = fmt.PREFIX.unpack_from(head)
+            return (magic == fmt.MAGIC and version == fmt.VERSION and length <= fmt.MAX_HEADER_BODY
+                    and len(head) < fmt.PREFIX.size + length + 4)
+        return self.header_problem(header) is None
 
     def _run_journal(self, ranges=None, captured: str | None = None) -> RecoveryPoint:
         j = self.state.journal
@@ -406,6 +482,7 @@ class ReplicaDisk:
         self._save()
         os.replace(spool, os.path.join(self.path, "spool", SPENT_SPOOL))
         self._retain()
+        self.sweep_spools(empty=False)      # uploads made for an earlier generation can never apply now
         return point
 
     def _roll_back(self, undo_path: str) -> None:
@@ -423,7 +500,27 @@ class ReplicaDisk:
             self.state.journal = None       # the spool vanished before apply began: nothing was written
             self._save()
             return
+        problem = self._journaled_problem()
+        if problem:                         # journaled by an older build: apply_stream refused it unwritten
+            log.warning("%s: dropping journaled stream %s: %s", self.path, self.state.journal["stream"], problem)
+            stream = self.state.journal["stream"]
+            self.state.journal = None
+            self.state.counters["rejected_streams"] = self.state.counters.get("rejected_streams", 0) + 1
+            self._save()
+            self.abort(stream)
+            return
         self._run_journal()
+
+    def _journaled_problem(self) -> str | None:
+        j = self.state.journal
+        try:
+            with open(self.spool_path(j["stream"]), "rb") as f:
+                header, _ = delta.format.read_header(f.read)
+        except ReplicatorError as e:
+            return e.message
+        if str(header.disk_id) != self.state.disk_id or header.disk_size != self.state.size:
+            return f"it is for disk {header.disk_id} of {header.disk_size} bytes"
+        return None
 
     # ------------------------------------------------------------------ recovery points
     def set_retention(self, additional_points: int) -> None:

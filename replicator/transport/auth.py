@@ -183,15 +183,24 @@ class Ownership:
         except FileNotFoundError:
             return {}
 
-    def check(self, disk_id: str, entry: AuthorizationEntry, principal: str, claim: bool = False) -> None:
-        """Refuse a principal whose trust group does not own the disk; claim an unowned disk if asked."""
+    def owner(self, disk_id: str) -> str | None:
+        return self._load().get(disk_id)
+
+    def count(self, group: str) -> int:
+        """Disks of this root the trust group owns."""
+        return sum(1 for g in self._load().values() if g == group)
+
+    def check(self, disk_id: str, entry: AuthorizationEntry, principal: str) -> None:
+        """Refuse a principal whose trust group does not own the disk (an unowned disk is refused nobody)."""
+        owner = self.owner(disk_id)
+        if owner is not None and owner != entry.group:
+            raise AuthorizationError(f"primary {principal!r} (trust group {entry.group!r}) may not "
+                                     f"replicate disk {disk_id}, which belongs to trust group {owner!r}")
+
+    def claim(self, disk_id: str, entry: AuthorizationEntry) -> None:
+        """Record the entry's trust group as the disk's owner, unless it has one (call once the disk exists)."""
         with self._lock:
             owners = self._load()
-            owner = owners.get(disk_id)
-            if owner is None and claim:
+            if disk_id not in owners:
                 owners[disk_id] = entry.group
                 write_json_atomic(self.path, owners)
-                return
-            if owner is not None and owner != entry.group:
-                raise AuthorizationError(f"primary {principal!r} (trust group {entry.group!r}) may not "
-                                         f"replicate disk {disk_id}, which belongs to trust group {owner!r}")

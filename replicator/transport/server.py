@@ -3,7 +3,8 @@
 Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and is counted):
   PUT    /v1/disks/{disk}                          create or check a replica disk  {size, name, block_size, machine}
   GET    /v1/disks/{disk}                          generation, recovery points, spooled uploads
-  GET    /v1/disks/{disk}/digests?block_size=N     XXH3-128 of every block (octet-stream; 204: empty replica)
+  GET    /v1/disks/{disk}/digests?block_size=N     XXH3-128 of every block (octet-stream, streamed window by
+                                                   window with its length announced; 204: empty replica)
   POST   /v1/disks/{disk}/checkpoint               {generation, point, prepared, additional_points}: a cycle ended
   GET    /v1/disks/{disk}/uploads/{stream}         resume token {durable, digest}
   PUT    /v1/disks/{disk}/uploads/{stream}?offset=N  body: stream bytes from N (streamed, synced) -> {durable}
@@ -12,6 +13,11 @@ Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and
   GET    /v1/health                                server counters and this primary's disks' counters
 Refusals: 400 refused, 401 unauthenticated, 403 forbidden, 404 not_found, 409 busy|sequence, 422 format,
 500 io, 507 disk_full. The resume token is {durable: bytes held after fsync, digest: hex XXH3-128 of them}.
+
+Every name a peer sends is taken inside the storage root and trust group it authenticated into; every
+refusal is decided before anything is created; what a request can make the server hold is bounded by the
+operator's settings (max_disk_size, max_disks, max_uploads, the digest block size, the upload length of a
+disk, header_timeout for a request's header and read_timeout for its body).
 
 Certificate mode is HTTPS with a required client certificate from our CA (no certificate, another CA,
 an expired one or one without clientAuth fails the TLS handshake itself, counted as tls_refused).
@@ -47,6 +53,9 @@ MiB = 1 << 20
 DEFAULT_PORTS = {"cert": 8084, "kerberos": 8083}
 WRITE_SIZE, WRITE_DEPTH = MiB, 4     # spool writes of 1 MiB, up to 4 of them buffered per upload
 PRINCIPAL = web.RequestKey("principal", str)
+MAX_DISK_SIZE = 64 << 40          # VHDX's own limit; operators lower it (max_disk_size)
+MAX_DIGEST_BLOCK = 16 * MiB       # a digest request holds one window of max(8 MiB, block size)
+MAX_NAME = 255
 _MACHINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")     # a machine name, as replicatord.toml's
 
 
@@ -146,7 +155,13 @@ class ReplicaServer:
     def __init__(self, entries: list[AuthorizationEntry], *, mode: str = "cert", host: str = "127.0.0.1",
                  port: int | None = None, certfile: str | None = None, keyfile: str | None = None,
                  cafile: str | None = None, keytab: str | None = None, service: str | None = None,
-                 sync_interval: int = 16 * MiB, lock_timeout: float = 15.0, read_timeout: float = 60.0):
+                 sync_interval: int = 16 * MiB, lock_timeout: float = 15.0, read_timeout: float = 60.0,
+                 header_timeout: float = 30.0, max_disk_size: int = MAX_DISK_SIZE, max_disks: int = 1024,
+                 max_uploads: int = 8, digest_requests: int = 2):
+        """read_timeout: a body (upload, JSON, digest answer) that makes no progress that long is dropped;
+        header_timeout: a connection that sends no complete request header that long is closed;
+        max_disk_size, max_disks (per trust group and root), max_uploads (spooled per disk),
+        digest_requests (digest answers computed at once) bound what peers can make this server hold."""
         if mode not in DEFAULT_PORTS:
             raise UsageError(f"unknown authentication mode {mode!r}: use cert or kerberos")
         if mode == "cert" and not (certfile and keyfile and cafile):
@@ -159,6 +174,16 @@ class ReplicaServer:
         self.certfile, self.keyfile, self.cafile = certfile, keyfile, cafile
         self.keytab, self.service = keytab, service
         self.sync_interval, self.lock_timeout, self.read_timeout = sync_interval, lock_timeout, read_timeout
+        for what, v in (("read_timeout", read_timeout), ("header_timeout", header_timeout),
+                        ("max_disk_size", max_disk_size), ("max_disks", max_disks), ("max_uploads", max_uploads),
+                        ("digest_requests", digest_requests)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise UsageError(f"{what} must be a positive number, not {v!r}")
+        self.header_timeout, self.max_disk_size, self.max_disks = header_timeout, int(max_disk_size), int(max_disks)
+        self.max_uploads = int(max_uploads)
+        self._digesting: asyncio.Semaphore | None = None
+        self._digest_requests = int(digest_requests)
+        self._lock_users: collections.Counter = collections.Counter()
         self.counters: collections.Counter = collections.Counter()
         self._stores: dict = {}
         self._owners: dict[str, Ownership] = {}
@@ -198,13 +223,30 @@ class ReplicaServer:
             ctx = self.ssl_context()
         else:
             self._gss_creds = acceptor_credentials(self.keytab, self.service)
+        self._digesting = asyncio.Semaphore(self._digest_requests)
+        await asyncio.get_running_loop().run_in_executor(None, self._sweep)
+        # keepalive_timeout runs from the connection's start and after each answer, and closes a connection
+        # whose next request header has not fully arrived by then (aiohttp's RequestHandler)
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
-                                     read_bufsize=MiB)
+                                     read_bufsize=MiB, keepalive_timeout=self.header_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx, backlog=128)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
+
+    def _sweep(self) -> None:
+        """Open every disk of every root once: interrupted cycles are finished and spools nothing can use
+        any more are removed (store.ReplicaDisk.sweep_spools) before the first request."""
+        for entry in self.entries:
+            if not os.path.isdir(os.path.join(entry.storage_root, "disks")):
+                continue                        # nothing stored there yet (and nothing is created for it)
+            store = self._store(entry)
+            for disk_id in store.disk_ids():
+                try:
+                    store.disk(disk_id)
+                except (ReplicatorError, OSError) as e:
+                    log.warning("replica disk %s in %s: %s", disk_id, store.root, getattr(e, "message", e))
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -256,8 +298,9 @@ class ReplicaServer:
         return await asyncio.get_running_loop().run_in_executor(None, kerberos_accept, self._gss_creds, token)
 
     # ------------------------------------------------------------------ storage mapping
-    def _resolve(self, request: web.Request, claim: bool = False):
-        """(store, disk id, entry) for this principal, checking the entry's trust group owns the disk."""
+    def _resolve(self, request: web.Request):
+        """(store, disk id, entry) for this principal, checking no other trust group owns the disk (nothing
+        is claimed here: put_disk claims once everything else was accepted)."""
         principal = request[PRINCIPAL]
         entry = self._entry(principal)
         try:
@@ -266,7 +309,7 @@ class ReplicaServer:
             raise UsageError(f"invalid disk id {request.match_info['disk']!r}") from None
         store = self._store(entry)
         try:
-            self._owners[store.root].check(disk_id, entry, principal, claim=claim)
+            self._owners[store.root].check(disk_id, entry, principal)
         except AuthorizationError:
             self.counters["unauthorized"] += 1
             raise
@@ -289,6 +332,31 @@ class ReplicaServer:
 
     def _lock(self, *key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _held(self, key: tuple, timeout: float | None = None):
+        """Hold the lock of `key`; it is forgotten when nobody holds or waits for it, so stream ids a peer
+        makes up do not pile up locks."""
+        self._lock_users[key] += 1
+        try:
+            lock = self._lock(*key)
+            if timeout is None:
+                await lock.acquire()
+            else:
+                try:
+                    await asyncio.wait_for(lock.acquire(), timeout)
+                except asyncio.TimeoutError:
+                    raise Busy("another request is still using this upload; retry shortly") from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                if len(key) > 2:                # upload locks; disk locks are shared with the replica site
+                    self._locks.pop(key, None)
 
     def stores(self) -> dict[str, ReplicaStore]:
         """Every storage root's store, shared with the replica site's operations (one ReplicaDisk object per
@@ -313,7 +381,7 @@ class ReplicaServer:
 
     async def _in_disk(self, store, disk_id: str, fn, *args):
         """Run a state-changing call on the disk in a thread, one at a time per disk."""
-        async with self._lock(store.root, disk_id):
+        async with self._held((store.root, disk_id)):
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def _count(self, store, disk_id: str, what: str) -> None:
@@ -333,46 +401,91 @@ class ReplicaServer:
         return web.json_response({"deleted": removed})
 
     async def put_disk(self, request: web.Request) -> web.Response:
-        store, disk_id, _ = self._resolve(request, claim=True)
-        body = await _json(request)
-        try:
-            size, block_size, name = int(body["size"]), int(body.get("block_size", 2 * MiB)), str(body.get("name", ""))
-            machine = str(body.get("machine", ""))       # absent (older primaries): the machine is unknown
-        except (KeyError, TypeError, ValueError):
-            raise UsageError("disk request needs an integer size (and optionally name, block_size, machine)") from None
+        """Create or check a disk. Everything is decided before anything is created: the body, the limits,
+        the owner; the disk is made whole (store.ensure_disk) before its id is claimed for the group."""
+        store, disk_id, entry = self._resolve(request)
+        size, block_size, name, machine = self._disk_request(await self._body(request))
+        owners = self._owners[store.root]
+
+        def ensure():
+            owners.check(disk_id, entry, request[PRINCIPAL])
+            if owners.owner(disk_id) is None and disk_id not in store.disk_ids() \
+                    and owners.count(entry.group) >= self.max_disks:
+                raise UsageError(f"trust group {entry.group!r} already holds {self.max_disks} disks here "
+                                 "(the replica's max_disks)")
+            disk = store.ensure_disk(disk_id, size, name=name, block_size=block_size, machine=machine)
+            owners.claim(disk_id, entry)
+            return disk
+        disk = await self._in_disk(store, disk_id, ensure)
+        return web.json_response(_disk_view(disk))
+
+    def _disk_request(self, body: dict) -> tuple[int, int, str, str]:
+        """(size, block size, name, machine) of a disk request, every field checked."""
+        size, block_size = body.get("size"), body.get("block_size", 2 * MiB)
+        name, machine = body.get("name", ""), body.get("machine", "")    # machine absent: older primaries
+        if not _is_int(size) or not _is_int(block_size) or not isinstance(name, str) or not isinstance(machine, str):
+            raise UsageError("disk request needs an integer size (and optionally a string name, an integer "
+                             "block_size, a string machine)")
+        if not 0 < size <= self.max_disk_size or size % 512:
+            raise UsageError(f"disk size {size}: a multiple of 512 bytes up to {self.max_disk_size} (the "
+                             "replica's max_disk_size)")
+        if not MiB <= block_size <= 256 * MiB or block_size & (block_size - 1):
+            raise UsageError(f"block_size {block_size}: a power of two from 1 MiB to 256 MiB")
+        if len(name) > MAX_NAME or not name.isprintable():
+            raise UsageError(f"disk name {name[:80]!r}: printable, at most {MAX_NAME} characters")
         if machine and not _MACHINE.match(machine):
             raise UsageError(f"machine name {machine[:80]!r}: letters, digits, '.', '_', '-' (at most 64)")
-        disk = await self._in_disk(store, disk_id, lambda: store.ensure_disk(disk_id, size, name=name,
-                                                                             block_size=block_size, machine=machine))
-        return web.json_response(_disk_view(disk))
+        return size, block_size, name, machine
+
+    async def _body(self, request: web.Request) -> dict:
+        """The JSON body, read within read_timeout (aiohttp bounds its size: client_max_size)."""
+        try:
+            return await asyncio.wait_for(_json(request), self.read_timeout)
+        except asyncio.TimeoutError:
+            raise UsageError(f"request body not received within {self.read_timeout} s") from None
 
     async def get_digests(self, request: web.Request) -> web.Response:
         """Block digests of the replica image, so a primary's checksum resync sends only what differs."""
         store, disk_id, _ = self._resolve(request)
         disk = await self._disk(store, disk_id)
-        try:
-            block_size = int(request.query.get("block_size", "65536"))
-        except ValueError:
-            block_size = 0
-        if block_size < 4096 or block_size > 256 * MiB or block_size & (block_size - 1):
-            raise UsageError(f"block_size must be a power of two from 4096 to {256 * MiB}, not "
-                             f"{request.query.get('block_size')!r}")
+        raw = request.query.get("block_size", "65536")
+        block_size = int(raw) if raw.isdigit() and len(raw) < 12 else 0
+        if block_size < 4096 or block_size > MAX_DIGEST_BLOCK or block_size & (block_size - 1):
+            raise UsageError(f"block_size must be a power of two from 4096 to {MAX_DIGEST_BLOCK}, not {raw[:40]!r}")
         if disk.generation == 0 and not disk.state.adopted:
             return web.Response(status=204)
+        async with self._digesting, self._held((store.root, disk_id)):
+            return await self._stream_digests(request, disk, block_size)
 
-        def compute() -> bytes:
-            from ..resync.scan import digest_disk
-            with disk.open_image() as img:
-                return digest_disk(img, block_size)[0].astype("<u8").tobytes()
-        return web.Response(body=await self._in_disk(store, disk_id, compute), content_type="application/octet-stream")
+    async def _stream_digests(self, request: web.Request, disk, block_size: int) -> web.StreamResponse:
+        """The digests window by window: the server holds one window's buffer, whatever the disk's size.
+        The length is announced first, so a client sees an answer cut short by a failure."""
+        from ..resync.engine import Grid, digest_window
+        run = asyncio.get_running_loop().run_in_executor
+        img = await run(None, disk.open_image)
+        try:
+            grid = Grid(block_size, img.size)
+            buf = bytearray(grid.window_blocks * block_size)
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = grid.n_blocks * 16
+            await resp.prepare(request)
+            for index in range(grid.n_windows):
+                w = await run(None, digest_window, img, grid, index, buf)
+                await asyncio.wait_for(resp.write(w.digests.astype("<u8").tobytes()), self.read_timeout)
+            await resp.write_eof()
+            return resp
+        finally:
+            await run(None, img.close)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         store, disk_id, _ = self._resolve(request)
         disk = await self._disk(store, disk_id)
-        body = await _json(request)
+        body = await self._body(request)
         try:
-            generation, point, prepared = int(body["generation"]), int(body["point"]), bool(body.get("prepared"))
-            keep = None if body.get("additional_points") is None else int(body["additional_points"])
+            generation, point, prepared = body["generation"], body["point"], bool(body.get("prepared"))
+            keep = body.get("additional_points")
+            if not _is_int(generation) or not _is_int(point) or not (keep is None or _is_int(keep)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise UsageError("checkpoint needs integer generation and point (and optionally prepared, "
                              "additional_points)") from None
@@ -402,15 +515,8 @@ class ReplicaServer:
         disk = await self._disk(store, disk_id)
         stream = request.match_info["stream"]
         disk.spool_path(stream)                        # validates the stream id
-        lock = self._lock(store.root, disk_id, stream)
-        try:
-            await asyncio.wait_for(lock.acquire(), self.lock_timeout)
-        except asyncio.TimeoutError:
-            raise Busy("another request is still using this upload; retry shortly") from None
-        try:
+        async with self._held((store.root, disk_id, stream), self.lock_timeout):
             yield store, disk_id, disk, stream
-        finally:
-            lock.release()
 
     async def get_upload(self, request: web.Request) -> web.Response:
         async with self._upload(request) as (_, _, disk, stream):
@@ -424,17 +530,22 @@ class ReplicaServer:
                 upload.close()
 
     async def put_upload(self, request: web.Request) -> web.Response:
-        try:
-            offset = int(request.query["offset"])
-        except (KeyError, ValueError):
-            raise UsageError("upload needs ?offset=N (the durable length the sender resumes from)") from None
+        raw = request.query.get("offset", "")
+        if not raw.isdigit() or len(raw) > 20:
+            raise UsageError("upload needs ?offset=N (the durable length the sender resumes from)")
+        offset = int(raw)
         async with self._upload(request) as (store, disk_id, disk, stream):
+            path = disk.spool_path(stream)
+            held = os.path.getsize(path) if os.path.exists(path) else None
+            if offset != (held or 0):                  # refused before any spool is created
+                await self._count(store, disk_id, "upload_refused_offset")
+                raise SequenceError(f"upload {stream} continues at byte {held or 0}, not at {offset}: "
+                                    "ask for the resume token first")
+            if held is None and len(_spools(disk)) >= self.max_uploads:
+                raise Busy(f"disk {disk_id} already holds {self.max_uploads} unfinished uploads (the replica's "
+                           "max_uploads): commit or delete one first")
             upload = disk.open_upload(stream)
             try:
-                if offset != upload.size:
-                    await self._count(store, disk_id, "upload_refused_offset")
-                    raise SequenceError(f"upload {stream} continues at byte {upload.size}, not at {offset}: "
-                                        "ask for the resume token first")
                 durable = await self._receive(request, store, disk_id, disk, stream, upload)
             finally:
                 upload.close()
@@ -450,9 +561,13 @@ class ReplicaServer:
         watchdog = self._watch(request, writer, -1)
         try:
             try:
+                limit = _upload_limit(disk.state.size) - upload.size
                 async for chunk in request.content.iter_any():
                     self.counters["bytes_received"] += len(chunk)
                     writer.received += len(chunk)
+                    if writer.received > limit:
+                        raise UsageError(f"upload {stream} is longer than any stream of a {disk.state.size}-byte "
+                                         f"disk can be ({_upload_limit(disk.state.size)} bytes)")
                     await writer.feed(chunk)
             except (ReplicatorError, asyncio.CancelledError):
                 raise
@@ -463,6 +578,11 @@ class ReplicaServer:
             writer.wait()
             os.truncate(upload.path, upload.durable)
             await self._count(store, disk_id, f"upload_{_status_of(e)[1]}")
+            raise
+        except UsageError:                    # too long: nothing of it can ever be committed
+            writer.wait()
+            disk.abort(stream)
+            await self._count(store, disk_id, "upload_refused_length")
             raise
         finally:
             watchdog.cancel()
@@ -557,6 +677,21 @@ async def _json(request: web.Request) -> dict:
     return body
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _upload_limit(disk_size: int) -> int:
+    """The longest stream of a disk: all of it as raw frames (frame headers are 1/1000 of the data even at
+    the smallest frames a primary writes) plus the header and trailer."""
+    return disk_size + disk_size // 64 + 64 * MiB
+
+
+def _spools(disk) -> list[str]:
+    spool = os.path.join(disk.path, "spool")
+    return sorted(n for n in os.listdir(spool) if n.endswith(".delta"))
+
+
 def _empty_digest() -> bytes:
     from ..kernels import Xxh3Hasher
     return Xxh3Hasher().digest()
@@ -564,8 +699,7 @@ def _empty_digest() -> bytes:
 
 def _disk_view(disk) -> dict:
     spool = os.path.join(disk.path, "spool")
-    uploads = {n[:-len(".delta")]: os.path.getsize(os.path.join(spool, n))
-               for n in sorted(os.listdir(spool)) if n.endswith(".delta")}
+    uploads = {n[:-len(".delta")]: os.path.getsize(os.path.join(spool, n)) for n in _spools(disk)}
     s = disk.state
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,

@@ -9,6 +9,7 @@ import errno
 import os
 
 from ..disk.base import pread_exact, pwrite_all
+from ..disk.locks import lock_image
 from ..errors import DiskIOError
 
 
@@ -23,6 +24,13 @@ class FileIO:
             self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
             raise DiskIOError(f"{path}: cannot open: {e.strerror}") from None
+        if writable:                    # QEMU's image locks: nobody else may write or lock out writers
+            try:
+                lock_image(self.fd, path, write=True)
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -89,19 +97,35 @@ class DirectWriteIO(FileIO):
         if self._buf is None:
             import mmap
             self._buf = mmap.mmap(-1, self.CHUNK)            # page-aligned, reused for every write
-        pos = 0
+        failed = self._write_direct(mv, offset)
+        if failed is not None:      # raised here, outside the handler: no traceback keeps a view of the buffer
+            raise DiskIOError(failed)
+
+    def _write_direct(self, mv: memoryview, offset: int) -> str | None:
+        """Copy through the aligned buffer and write; the error's message, or None. Every view of the
+        buffer is released before this returns, so the buffer can always be closed."""
+        pos, n = 0, len(mv)
         with memoryview(self._buf) as aligned:
             while pos < n:
                 k = min(self.CHUNK, n - pos)
-                aligned[:k] = mv[pos:pos + k]
-                self._io(pwrite_all, self.direct_fd, aligned[:k], offset + pos)
+                with aligned[:k] as piece:
+                    piece[:] = mv[pos:pos + k]
+                    try:
+                        self._io(pwrite_all, self.direct_fd, piece, offset + pos)
+                    except DiskIOError as e:
+                        e.__traceback__ = None
+                        return e.message
                 pos += k
+        return None
 
     def close(self) -> None:
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
             self.direct_fd = -1
         if self._buf is not None:
-            self._buf.close()
-            self._buf = None
+            buf, self._buf = self._buf, None
+            try:
+                buf.close()
+            except BufferError:     # a view still held somewhere: the mapping goes with its last reference
+                pass
         super().close()
