@@ -1,8 +1,13 @@
-"""Small durable-file helpers shared by every state file the project keeps."""
+"""Small durable-file helpers shared by every state file and every output file the project writes."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
+
+from .errors import UsageError
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -20,8 +25,67 @@ def write_json_atomic(path: str, obj) -> None:
 
 def fsync_dir(directory: str) -> None:
     """Make a rename or a new name in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    fsync_path(directory)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or folder by name."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def temp_name(path: str) -> str:
+    """A fresh name beside `path` (same folder, so the rename stays on one file system), hidden, keeping the
+    extension (writers that look at it see the same one), and marked as unfinished."""
+    directory, base = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(base)
+    return os.path.join(directory, f".{stem}.partial-{os.getpid()}-{secrets.token_hex(4)}{ext}")
+
+
+@contextlib.contextmanager
+def output_path(path: str, *, replace: bool = False):
+    """Every output file a command writes goes through here: the writer is given a temporary path in the
+    output's own folder (nothing exists there yet), and only when the block ends without an exception is the
+    file fsynced and renamed to `path`. Any failure or interruption removes the temporary file: nothing is
+    ever left at `path` that the command did not finish. An existing `path` is refused unless `replace`
+    (and then is swapped atomically: readers see the old file or the new one)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot write {path}: the folder {directory} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {path}: it is a folder")
+    if not replace and os.path.lexists(path):
+        raise UsageError(f"{path} already exists")
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        _publish(tmp, path, replace)
+        fsync_dir(directory)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def output_file(path: str, mode: str = "wb", *, replace: bool = False, **open_kw):
+    """output_path for writers that want an open file object."""
+    with output_path(path, replace=replace) as tmp, open(tmp, mode, **open_kw) as f:
+        yield f
+
+
+def _publish(tmp: str, path: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:                          # a hard link never replaces a file that appeared meanwhile
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists (it appeared while it was being written)") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.replace(tmp, path)     # a file system without hard links: the check above has to do

@@ -106,3 +106,22 @@ class KernelSelfTestError(ReplicatorError):
     """The native kernels gave a wrong known answer at start-up: a bad build, refuse to run."""
 
     exit_code = 70
+
+
+class CannotListen(ReplicatorError):
+    """A server could not listen on its address (the port is taken, or not ours to use)."""
+
+    exit_code = 20
+
+
+class ExportUnavailable(ReplicatorError):
+    """A machine's export process could not be started, reached, or did what it was asked."""
+
+    exit_code = 16
+
+
+class ImageLocked(ReplicatorError):
+    """Another process (QEMU, a VM, another replicator) holds the disk image's lock: it writes the image, or
+    reads it and lets nobody write it. The message names the holder where it can be found."""
+
+    exit_code = 15

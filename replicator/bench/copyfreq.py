@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..cli.common import human
+from ..durable import output_file, output_path
+from ..errors import UsageError
 from ..replication import DiskReplicator
 from ..targets import Decorator, LocalTarget
 from ..targets.base import PointInfo
@@ -142,9 +144,18 @@ def _cycle(svc, tracked, rep, target, wl: Workload, i: int, j: int, cut: float) 
                  cpu_replica=target.cpu, log_bytes=log_bytes)
 
 
+def check_workdir(workdir: str | None) -> None:
+    """The scratch folder the operator named must exist and be a folder (it is not created: a typo would
+    put gigabytes of simulated disks somewhere unexpected)."""
+    if workdir is not None and not os.path.isdir(workdir):
+        raise UsageError(f"work folder {workdir} does not exist (create it, or leave --work out for a temporary "
+                         "folder)")
+
+
 def run_all(wl: Workload, intervals: list[float], *, workdir: str | None = None, max_log_share: float = 0.5,
             progress=None) -> list[Run]:
     """One fresh primary and replica per frequency, removed afterwards."""
+    check_workdir(workdir)
     base = tempfile.mkdtemp(prefix="copyfreq-", dir=workdir)
     runs = []
     try:
@@ -374,14 +385,15 @@ def write_reports(wl: Workload, runs: list[Run], link: float, out_dir: str, meta
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"copy-frequency-{wl.name}")
     png = stem + ".png"
-    plot(runs, link, png)
-    with open(stem + ".md", "w") as f:
+    with output_path(png, replace=True) as tmp:
+        plot(runs, link, tmp)
+    with output_file(stem + ".md", "w", replace=True) as f:
         f.write(markdown(wl, runs, link, meta, png))
     doc = {"workload": {"name": wl.name, "description": wl.description, "disk_size": wl.disk_size,
                         "duration": wl.duration, "writes": len(wl.t), "bytes_written": wl.bytes_written},
            "link_bytes_per_second": link, "meta": meta, "model": __doc__,
            "results": [analyze(r, link) for r in runs], "recommendation": recommend(runs, link),
            "runs": [as_dict(r) for r in runs]}
-    with open(stem + ".json", "w") as f:
+    with output_file(stem + ".json", "w", replace=True) as f:
         json.dump(doc, f, indent=1)
     return {"markdown": stem + ".md", "json": stem + ".json", "png": png}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ReplicatorError
+from ..errors import DiskIOError, ReplicatorError
 from . import azure as azure_cmd
 from . import bench as bench_cmd
 from . import certs as certs_cmd
@@ -48,9 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except BrokenPipeError:
         return 1
+    except OSError as e:              # the system refused something the user asked for: say what, one line
+        print(f"replicator: error: {describe_os_error(e)}", file=sys.stderr)
+        return DiskIOError.exit_code
     except KeyboardInterrupt:
         print("replicator: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(e: OSError) -> str:
+    """'PATH: No such file or directory' (and the second path of a rename or link)."""
+    what = e.strerror or str(e) or type(e).__name__
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {what}" if names else what
 
 
 if __name__ == "__main__":

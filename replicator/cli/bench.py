@@ -75,6 +75,7 @@ def cmd_cpu(args) -> int:
 def cmd_copy_frequency(args) -> int:
     from ..bench import copyfreq, workloads
     from .common import parse_size
+    copyfreq.check_workdir(args.work)
     intervals = sorted({parse_duration(x) for x in args.frequencies.split(",") if x.strip()})
     if not intervals:
         raise UsageError("give at least one frequency")

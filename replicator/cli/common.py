@@ -37,3 +37,17 @@ def add_config(parser) -> None:
     parser.add_argument("--config", default=default,
                         help=f"the daemon's replicatord.toml (default: $REPLICATOR_CONFIG or {DEFAULT_CONFIG}; "
                              f"now {default})")
+
+
+def require_files(args, *names: str) -> None:
+    """Every file option given (e.g. --cert, --key, --ca) must name a readable file: said up front, by option,
+    instead of a nameless 'No such file or directory' from deep inside TLS set-up."""
+    for name in names:
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if not os.path.isfile(path):
+            raise UsageError(f"{option} {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"{option} {path}: not readable by this user")

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
+from ..durable import output_path
+from ..errors import UsageError
 from ..replica import ReplicaStore
 
 
@@ -17,17 +20,27 @@ def register(sub) -> None:
     for name, func, hlp in (("export", cmd_export, "write a recovery point as a standalone VHDX (failover)"),
                             ("test-failover", cmd_test, "a differencing disk of a point; replication continues")):
         c = cmds.add_parser(name, help=hlp)
-        c.add_argument("--root", required=True)
-        c.add_argument("disk", help="disk id")
+        c.add_argument("--root", required=True, help="replica store root")
+        c.add_argument("disk", help="disk id (points list shows them)")
         c.add_argument("--generation", type=int, help="recovery point (default: the latest)")
         if name == "export":
-            c.add_argument("--out", required=True, help="VHDX to create")
+            c.add_argument("--out", required=True,
+                           help="VHDX to create (written under a temporary name, renamed when complete)")
         c.set_defaults(func=func)
     cl = cmds.add_parser("cleanup", help="remove a test-failover disk")
-    cl.add_argument("--root", required=True)
-    cl.add_argument("disk")
-    cl.add_argument("test_disk")
+    cl.add_argument("--root", required=True, help="replica store root")
+    cl.add_argument("disk", help="disk id")
+    cl.add_argument("test_disk", help="the test-failover disk test-failover printed")
     cl.set_defaults(func=cmd_cleanup)
+
+
+def open_store(root: str) -> ReplicaStore:
+    """An existing replica store; a wrong --root is said so (ReplicaStore would create an empty one)."""
+    if not os.path.isdir(root):
+        raise UsageError(f"replica store {root} does not exist")
+    if not os.path.isdir(os.path.join(root, "disks")):
+        raise UsageError(f"{root} is not a replica store (it has no disks/ folder)")
+    return ReplicaStore(root)
 
 
 def _point(rd, generation):
@@ -35,7 +48,7 @@ def _point(rd, generation):
 
 
 def cmd_list(args) -> int:
-    store = ReplicaStore(args.root)
+    store = open_store(args.root)
     out = []
     for disk_id in store.disk_ids():
         rd = store.disk(disk_id)
@@ -55,20 +68,25 @@ def cmd_list(args) -> int:
 
 
 def cmd_export(args) -> int:
-    rd = ReplicaStore(args.root).disk(args.disk)
-    path = rd.materialize(_point(rd, args.generation), args.out)
-    print(f"exported point {_point(rd, args.generation)} of {args.disk} to {path}")
+    rd = open_store(args.root).disk(args.disk)
+    point = _point(rd, args.generation)
+    if point not in {p.generation for p in rd.points}:     # said before a whole disk is copied for nothing
+        raise UsageError(f"{args.disk} has no recovery point at generation {point} (have "
+                         f"{[p.generation for p in rd.points]})")
+    with output_path(args.out) as tmp:
+        rd.materialize(point, tmp)
+    print(f"exported point {point} of {args.disk} to {args.out}")
     return 0
 
 
 def cmd_test(args) -> int:
-    rd = ReplicaStore(args.root).disk(args.disk)
+    rd = open_store(args.root).disk(args.disk)
     path = rd.test_failover(_point(rd, args.generation))
     print(f"test failover disk: {path}")
     return 0
 
 
 def cmd_cleanup(args) -> int:
-    ReplicaStore(args.root).disk(args.disk).cleanup_test_failover(args.test_disk)
+    open_store(args.root).disk(args.disk).cleanup_test_failover(args.test_disk)
     print(f"removed {args.test_disk}")
     return 0

@@ -1,6 +1,7 @@
 """`replicator replica serve`: receive replication from authorized primaries into replica stores."""
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -29,8 +30,10 @@ def cmd_serve(args) -> int:
     from ..errors import UsageError
     from ..transport.auth import parse_allow
     from ..transport.server import ReplicaServer
+    from .common import require_files
     if not args.allow:
         raise UsageError("no --allow PATTERN[=ROOT] entries: no primary could replicate here")
+    require_files(args, "cert", "key", "ca", "keytab")
     entries = [parse_allow(spec, args.root) for spec in args.allow]
     server = ReplicaServer(entries, mode=args.auth, host=args.host, port=args.port, certfile=args.cert,
                            keyfile=args.key, cafile=args.ca, keytab=args.keytab, service=args.service,
@@ -41,6 +44,14 @@ def cmd_serve(args) -> int:
             print(f"allow {e.principal_pattern} -> {e.storage_root}", flush=True)
         print(f"serving on {srv.url} (pid {os.getpid()})", flush=True)
 
-    server.serve_forever(on_ready=ready)
+    try:
+        server.serve_forever(on_ready=ready)
+    except OSError as e:
+        if e.filename is None and e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            from ..errors import CannotListen
+            port = args.port or ("8084" if args.auth == "cert" else "8083")
+            raise CannotListen(f"cannot listen on {args.host}:{port}: {e.strerror} (another server there? "
+                               "choose another --port or --host)") from None
+        raise
     print("stopped cleanly", flush=True)
     return 0

@@ -14,7 +14,7 @@ from ..replication import DiskReplicator
 from ..targets.factory import open_target
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
-from .common import human, parse_size
+from .common import human, parse_size, require_files
 
 FREQUENCIES = {"30s": 30, "5m": 300, "15m": 900}
 
@@ -38,6 +38,7 @@ def register(sub) -> None:
 def cmd_replicate(args) -> int:
     if args.socket and not args.every:
         raise UsageError("--socket serves the disks while replicating continuously: add --every")
+    require_files(args, "cert", "key", "ca")
     limit = parse_size(args.bandwidth_limit) if args.bandwidth_limit else None
     target = open_target(args.to, cert=args.cert, key=args.key, ca=args.ca, kerberos=args.kerberos,
                          bandwidth_limit=limit)

@@ -7,6 +7,7 @@ import sys
 
 from ..disk.copy import copy_disk
 from ..disk.probe import FORMATS, create_disk, detect_format, open_disk
+from ..durable import output_path
 from ..errors import ConsistencyError, UsageError
 from .common import human, parse_size
 
@@ -103,13 +104,8 @@ def cmd_convert(args) -> int:
         if args.target_format == "vhdx":
             opts = dict(block_size=parse_size(args.block_size), fixed=args.subformat == "fixed",
                         logical_sector_size=src.logical_sector_size)
-        try:
-            with create_disk(args.target, args.target_format, src.size, **opts) as dst:
-                stats = copy_disk(src, dst)
-        except BaseException:
-            if os.path.exists(args.target):
-                os.unlink(args.target)
-            raise
+        with output_path(args.target) as tmp, create_disk(tmp, args.target_format, src.size, **opts) as dst:
+            stats = copy_disk(src, dst)
     print(f"converted {args.source} -> {args.target} ({args.target_format}): {human(stats.data_bytes)} of data, "
           f"{human(stats.zero_bytes)} zero")
     return 0

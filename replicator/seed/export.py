@@ -15,6 +15,9 @@ import uuid
 
 from .. import delta
 from ..disk.base import ExtentKind
+from ..delta.encoder import ZERO_RUN_MIN
+from ..delta.format import FRAME, TRAILER, zstd_bound
+from ..durable import output_file
 from ..errors import ResyncCancelled, UsageError
 from ..kernels import Xxh3Hasher
 from ..tracking import TrackedDisk
@@ -26,8 +29,8 @@ CHUNK = 1 << 20
 class _VolumeSink:
     """A volume file that hashes what it writes."""
 
-    def __init__(self, path: str):
-        self.f = open(path, "wb")
+    def __init__(self, f):
+        self.f = f
         self.hasher = Xxh3Hasher()
         self.size = 0
 
@@ -36,18 +39,31 @@ class _VolumeSink:
         self.hasher.update(data)
         self.size += len(data)
 
-    def close(self) -> str:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return self.hasher.hexdigest()
+
+def _frames_bound(n: int) -> int:
+    """The most bytes the encoder writes for `n` bytes of data it was given: their payload at worst (zstd's
+    bound, above RAW's n), and a frame header for every piece the zero-run split can cut them into."""
+    if n <= 0:
+        return 0
+    pieces = 2 * (-(-n // ZERO_RUN_MIN)) + 2
+    return zstd_bound(n) + pieces * (FRAME.size + 64)
+
+
+def volume_reserve(held: int) -> int:
+    """Room a volume must still have before one more chunk is read into it: what the encoder holds (`held`
+    bytes not yet written as frames), the chunk itself, and the trailer."""
+    return _frames_bound(held) + _frames_bound(CHUNK) + TRAILER.size
+
+
+MIN_VOLUME = 4 * CHUNK
 
 
 def export_machine(machine: str, disks: dict[str, TrackedDisk], out_dir: str, *, volume_size: int,
                    compress: bool = True, cancel: threading.Event | None = None, progress=None) -> media.SeedManifest:
     """Export (or continue exporting) every disk; returns the manifest."""
-    if volume_size < 4 * CHUNK:
-        raise UsageError("volume size must be at least 4 MiB")
+    if volume_size < MIN_VOLUME:
+        raise UsageError(f"volume size {volume_size} bytes is too small: a volume holds at least "
+                         f"{MIN_VOLUME >> 20} MiB")
     machine_dir = os.path.join(out_dir, machine)
     os.makedirs(machine_dir, exist_ok=True)
     if os.path.exists(media.manifest_path(machine_dir)):         # continue an interrupted export
@@ -97,27 +113,32 @@ def _write_volume(manifest, machine_dir, entry, tracker, start: int) -> int:
                                 generation=k + 1, base_generation=k, consistency="crash", source_logs=[],
                                 created=entry.created, kind="full", extra={"seed": manifest.machine,
                                                                            "volume": k + 1})
-    sink = _VolumeSink(os.path.join(machine_dir, rel))
-    enc = delta.DeltaEncoder(header, sink, compress=manifest.compress)
-    limit = manifest.volume_size - 4 * CHUNK      # room for what the encoder still holds, and the trailer
-    pos = start
+    with output_file(os.path.join(machine_dir, rel), replace=True) as f:   # a half volume is never left
+        sink = _VolumeSink(f)
+        with delta.DeltaEncoder(header, sink, compress=manifest.compress) as enc:
+            pos = _fill_volume(enc, sink, tracker, start, manifest.volume_size)
+            enc.finish()
+    entry.volumes.append(media.Volume(rel, stream_id, k + 1, start, pos, sink.size, sink.hasher.hexdigest()))
+    return pos if pos > start else tracker.size
+
+
+def _fill_volume(enc, sink: _VolumeSink, tracker, start: int, volume_size: int) -> int:
+    """Data from `start` while the volume can still take a whole chunk with room for what the encoder holds
+    and the trailer: a volume never exceeds volume_size. Returns where the next volume starts."""
+    pos, added = start, 0
     buf = bytearray(CHUNK)
     for ext in tracker.disk.extents(start, tracker.size - start):
         if ext.kind is ExtentKind.ZERO:            # the new replica reads as zeros already
             pos = ext.end
             continue
         for at in range(ext.offset, ext.end, CHUNK):
+            held = added - enc.stats.plain_bytes - enc.stats.zeroed_bytes
+            if added and sink.size + volume_reserve(held) > volume_size:
+                return pos
             n = min(CHUNK, ext.end - at)
             view = memoryview(buf)[:n]
             tracker.disk.readinto(at, view)
             enc.add_data(at, view)
+            added += n
             pos = at + n
-            if sink.size >= limit:
-                break
-        else:
-            continue
-        break
-    enc.finish()
-    digest = sink.close()
-    entry.volumes.append(media.Volume(rel, stream_id, k + 1, start, pos, sink.size, digest))
-    return pos if pos > start else tracker.size
+    return pos
