@@ -15,6 +15,7 @@ from typing import Iterator
 
 from ..errors import DiskIOError, UsageError
 from .base import BlockDevice, Extent, ExtentKind, pread_exact, pwrite_all
+from .locks import lock_image
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -156,22 +157,47 @@ class RawDisk(BlockDevice):
 
 
 def open_file(path: str, read_only: bool) -> int:
-    """Open an existing image for reading (or reading and writing), errors as DiskIOError."""
+    """Open an existing image for reading (or reading and writing), errors as DiskIOError.
+
+    A read-write open takes QEMU's image locks (ImageLocked when another process writes the image or
+    lets nobody write it); a read-only open takes none."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
     with io_errors(str(path), "open"):
-        return os.open(path, flags)
+        fd = os.open(path, flags)
+    if not read_only:
+        _lock_or_close(fd, str(path))
+    return fd
+
+
+def _lock_or_close(fd: int, path: str) -> None:
+    try:
+        lock_image(fd, path, write=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def create_file(path: str, overwrite: bool) -> int:
-    """Create an image file read-write; refuses to clobber an existing file unless told to."""
+    """Create an image file read-write; refuses to clobber an existing file unless told to, and an
+    existing file is emptied only once its image locks are ours."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-    flags |= os.O_TRUNC if overwrite else os.O_EXCL
+    if not overwrite:
+        flags |= os.O_EXCL
     try:
-        return os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o644)
     except FileExistsError:
         raise UsageError(f"{path}: already exists (refusing to overwrite it)") from None
     except OSError as e:
         raise DiskIOError(f"{path}: create: {e.strerror or e}") from e
+    _lock_or_close(fd, str(path))
+    if overwrite:
+        try:
+            with io_errors(str(path), "emptying the old contents"):
+                os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def discard_file(fd: int, path) -> None:

@@ -5,12 +5,14 @@ in `io_path.py` (mixed in), so this module is only about getting to a trustworth
 """
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..disk.base import BlockDevice
+from ..disk.locks import lock_image
 from ..errors import FormatError, LogReplayRequired, ParentError, UnsupportedFeature
 from . import structures as S
 from .bat import BatLayout, PayloadState, validate_bat
@@ -38,13 +40,22 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, path: str, read_only: bool = True, *, io_factory=FileIO, _depth: int = 0) -> "VhdxDisk":
+    def open(cls, path: str, read_only: bool = True, *, io_factory=FileIO, _depth: int = 0,
+             _chain_lock: bool = False, _children: tuple = ()) -> "VhdxDisk":
+        """A read-write open locks the file as QEMU's writers do (in FileIO) and its parents as QEMU locks
+        backing files (`_chain_lock`: read, and let nobody write). A read-only open locks nothing."""
         self = object.__new__(cls)
         self.path = path
         self.read_only = read_only
         self.io = io_factory(path, not read_only)
         self.parent = None
+        self._chain_lock = _chain_lock or not read_only
+        self._chain_files = _children
         try:
+            st = os.fstat(self.io.fd)
+            self._chain_files = _children + ((st.st_dev, st.st_ino),)    # to refuse a chain that loops
+            if read_only and _chain_lock:
+                lock_image(self.io.fd, path, write=False)
             self._load(io_factory, _depth)
         except BaseException:
             self._close_files()
@@ -205,7 +216,15 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
         if depth > 64:
             raise ParentError(f"{self.path}: differencing chain deeper than 64 disks (a loop?)")
         parent_path = resolve_parent(self.path, self.parent_locator)
-        parent = open_any_parent(parent_path, io_factory, depth + 1)
+        try:
+            st = os.stat(parent_path)
+        except OSError:
+            pass                            # opening it reports the problem
+        else:
+            if (st.st_dev, st.st_ino) in self._chain_files:
+                raise ParentError(f"{self.path}: parent {parent_path} is a disk of its own differencing chain "
+                                  "(a loop)")
+        parent = open_any_parent(parent_path, io_factory, depth + 1, self._chain_lock, self._chain_files)
         self.parent = parent
         data_guid = getattr(parent, "header", None)
         if data_guid is None:
@@ -297,5 +316,6 @@ def region_name(guid: uuid.UUID) -> str:
     return {S.BAT_GUID: "BAT region", S.METADATA_GUID: "metadata region"}.get(guid, f"region {guid}")
 
 
-def open_any_parent(path: str, io_factory, depth: int):
-    return VhdxDisk.open(path, read_only=True, io_factory=io_factory, _depth=depth)
+def open_any_parent(path: str, io_factory, depth: int, lock: bool = False, children: tuple = ()):
+    return VhdxDisk.open(path, read_only=True, io_factory=io_factory, _depth=depth, _chain_lock=lock,
+                         _children=children)
