@@ -180,8 +180,8 @@ class Daemon:
 
     @web.middleware
     async def _auth(self, request, handler):
-        header = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(header, f"Bearer {self.token}"):
+        header = request.headers.get("Authorization", "")       # whatever bytes a client sent: compare bytes
+        if not hmac.compare_digest(header.encode("utf-8", "backslashreplace"), f"Bearer {self.token}".encode()):
             return web.json_response({"error": "missing or wrong admin token"}, status=401)
         return await handler(request)
 
