@@ -1,19 +1,34 @@
-"""An NBD server (fixed-newstyle handshake, simple replies) on asyncio, serving tracked disks.
+"""An NBD server (fixed-newstyle handshake) on an asyncio Protocol, serving tracked disks.
 
 Protocol: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md. Options: EXPORT_NAME,
-ABORT, LIST, INFO, GO (anything else gets NBD_REP_ERR_UNSUP). Commands: READ, WRITE, DISC, FLUSH, TRIM,
-WRITE_ZEROES, with FUA. Requests are handled in order per connection, and disk I/O runs on the loop, so
-every request is atomic with respect to the others and to log cuts. A malformed request gets the
-protocol's error reply or, when the stream can no longer be trusted, a clean disconnect of that client.
+ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`);
+anything else gets NBD_REP_ERR_UNSUP. Commands: READ (simple, or structured with data and hole chunks,
+honouring DF), WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES (NO_HOLE, FAST_ZERO), BLOCK_STATUS
+(REQ_ONE), with FUA.
+
+How a connection runs. The transmission phase parses requests straight out of the bytes the transport
+hands over (no coroutine per request), serves them in order, and queues the replies, which go out in one
+write per batch without waiting for the socket to drain. Only when the transport's buffer passes its high
+mark (pause_writing) does the connection stop parsing and pause reading, until resume_writing; so a client
+that does not read its replies holds at most the high mark plus one reply, and one unparsed request.
+
+Every request runs to completion on the loop thread inside one data_received call, and cuts run on the
+same loop between those calls: each request is atomic with respect to the others and to log cuts.
+
+A malformed request gets the protocol's error reply or, when the stream can no longer be trusted, a clean
+disconnect of that client alone.
 """
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
+import socket
 import struct
 
+from ..disk.base import ExtentKind
+from ..disk.raw import RawDisk
 from ..errors import DiskIOError, OutOfRange, ReadOnlyError, ReplicatorError
+from ..vhdx import VhdxDisk
 
 log = logging.getLogger("replicator.nbd")
 
@@ -22,29 +37,95 @@ IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC_OPT = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
-REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN, REP_ERR_TOO_BIG = (
     0x80000001, 0x80000002, 0x80000003, 0x80000006, 0x80000009)
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 
 T_HAS_FLAGS, T_READ_ONLY, T_SEND_FLUSH, T_SEND_FUA = 1, 2, 4, 8
-T_SEND_TRIM, T_SEND_WRITE_ZEROES, T_CAN_MULTI_CONN = 32, 64, 256
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-CMD_FLAG_FUA = 1
+T_SEND_TRIM, T_SEND_WRITE_ZEROES, T_SEND_DF, T_CAN_MULTI_CONN = 32, 64, 128, 256
+T_SEND_CACHE, T_SEND_FAST_ZERO = 1024, 2048
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, CMD_FLAG_FAST_ZERO = 1, 2, 4, 8, 16
+
+REPLY_FLAG_DONE = 1
+REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_BLOCK_STATUS = 0, 1, 2, 5
+REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET = 0x8001, 0x8002
+STATE_HOLE, STATE_ZERO = 1, 2
+BASE_ALLOCATION = "base:allocation"
+ALLOCATION_ID = 1                    # the metadata context id of base:allocation on every connection
+
+# NBD error values (the protocol fixes them; they equal Linux's errno numbers)
+EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
 
 MAX_OPTION = 64 << 10
 MAX_PAYLOAD = 32 << 20
+MAX_CACHE = 32 << 20                 # CACHE warms at most this much of a request (the rest is a no-op)
+HOLE_CHUNKS_FROM = 64 << 10          # structured reads this long or longer send zero extents as holes
+FLUSH_REPLIES_AT = 256 << 10         # queued reply bytes that are handed to the transport mid-batch
+WRITE_HIGH, WRITE_LOW = 4 << 20, 1 << 20
+_ZEROS = bytes(1 << 20)
+
 _REQ = struct.Struct(">IHHQQI")
 _OPT = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_CHUNK_DATA = struct.Struct(">IHHQIQ")          # a chunk header and the offset of OFFSET_DATA
+_CHUNK_HOLE = struct.Struct(">IHHQIQI")
+_REQ_SIZE, _SIMPLE_SIZE, _DATA_HEAD = _REQ.size, _SIMPLE.size, _CHUNK_DATA.size
+
+_VALID_FLAGS = {                     # FUA is valid on every command (the spec: clients set it on others)
+    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF, CMD_WRITE: CMD_FLAG_FUA, CMD_DISC: CMD_FLAG_FUA,
+    CMD_FLUSH: CMD_FLAG_FUA, CMD_TRIM: CMD_FLAG_FUA, CMD_CACHE: CMD_FLAG_FUA,
+    CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+}
+_PHASE_FLAGS, _PHASE_OPTIONS, _PHASE_TRANSMISSION = 0, 1, 2
 
 
 class Disconnect(Exception):
     """The client broke the protocol badly enough that the stream cannot continue."""
+
+
+def _zero_state(disk) -> int:
+    """base:allocation flags for a ZERO extent of this disk. A VHDX reports ZERO only where the block has no
+    payload in the file (not present, zero or unmapped; a differencing child's not-present block is a hole
+    in the child whatever its parent holds) and a raw file only for its holes: both are unallocated, so
+    HOLE|ZERO. Any other format may read zeros from allocated space (a VHD's sector bitmap): ZERO alone."""
+    inner = getattr(disk, "disk", disk)               # a TrackedDisk wraps its VhdxDisk
+    return STATE_HOLE | STATE_ZERO if isinstance(inner, (VhdxDisk, RawDisk)) else STATE_ZERO
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) of a LIST/SET_META_CONTEXT option, or None when the lengths do not add up."""
+    if len(data) < 8:
+        return None
+    nlen = struct.unpack_from(">I", data)[0]
+    if 4 + nlen + 4 > len(data):
+        return None
+    name = data[4:4 + nlen].decode("utf-8", "replace")
+    pos = 4 + nlen
+    count = struct.unpack_from(">I", data, pos)[0]
+    pos += 4
+    if count > (len(data) - pos) // 4:               # each query needs at least its length field
+        return None
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            return None
+        qlen = struct.unpack_from(">I", data, pos)[0]
+        pos += 4
+        if pos + qlen > len(data):
+            return None
+        queries.append(data[pos:pos + qlen].decode("utf-8", "replace"))
+        pos += qlen
+    return (name, queries) if pos == len(data) else None
 
 
 class Export:
@@ -53,189 +134,525 @@ class Export:
 
     @property
     def flags(self) -> int:
-        f = T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM | T_SEND_WRITE_ZEROES | T_CAN_MULTI_CONN
-        return f | (T_READ_ONLY if self.read_only else 0)
+        """Transmission flags; a connection that negotiated structured replies adds T_SEND_DF.
+
+        T_CAN_MULTI_CONN holds because every connection to every export is served by one event loop in one
+        process, on the same disk object: a write is in the disk (and its log) when its reply is queued, so
+        a FLUSH or FUA on any connection makes every write acknowledged on any connection durable."""
+        f = T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_CAN_MULTI_CONN | T_SEND_CACHE
+        if self.read_only:
+            return f | T_READ_ONLY
+        return f | T_SEND_TRIM | T_SEND_WRITE_ZEROES | T_SEND_FAST_ZERO
 
 
 def errno_for(e: Exception) -> int:
     if isinstance(e, OutOfRange):
-        return errno.EINVAL
+        return EINVAL
     if isinstance(e, ReadOnlyError):
-        return errno.EPERM
+        return EPERM
     if isinstance(e, DiskIOError) and "disk full" in e.message:
-        return errno.ENOSPC
-    return errno.EIO
+        return ENOSPC
+    return EIO
 
 
 class NbdServer:
     def __init__(self, exports: list[Export]):
         self.exports = {e.name: e for e in exports}
         self.default = exports[0] if len(exports) == 1 else None
-        self.clients: set[asyncio.Task] = set()
+        self.clients: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.stats = {"connections": 0, "protocol_errors": 0, "requests": 0}
 
     async def start_unix(self, path: str) -> None:
-        self.server = await asyncio.start_unix_server(self._client, path=path)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: _Connection(self), path=path)
 
     async def start_tcp(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._client, host=host, port=port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Connection(self), host=host, port=port,
+                                               reuse_address=True)
         return self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening and drop every connection. No request runs after this returns."""
         if self.server is not None:
             self.server.close()
-        for t in list(self.clients):
-            t.cancel()
-        await asyncio.gather(*self.clients, return_exceptions=True)
+        for conn in list(self.clients):
+            conn.drop()
         if self.server is not None:
             await self.server.wait_closed()
+        for _ in range(100):                    # let connection_lost run for the dropped transports
+            if not self.clients:
+                break
+            await asyncio.sleep(0.01)
+        self.clients.clear()
 
-    # ------------------------------------------------------------------ connection
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self.clients.add(task)
+    def lookup(self, name: str) -> Export | None:
+        return self.exports.get(name) or (self.default if name == "" else None)
+
+
+class _Connection(asyncio.Protocol):
+    """One client: the handshake, then requests parsed from a buffer and served in order."""
+
+    def __init__(self, server: NbdServer):
+        self.server = server
+        self.stats = server.stats
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()           # received bytes not parsed yet (an incomplete message)
+        self.need = 4                    # bytes the buffer must hold before parsing can progress
+        self.phase = _PHASE_FLAGS
+        self.no_zeroes = False
+        self.structured = False
+        self.meta_export: Export | None = None       # the export base:allocation was selected for
+        self.export: Export | None = None
+        self.block_status = False
+        self.paused = False              # the transport's buffer is above its high mark
+        self.closing = False
+        self.running = False
+        self.out: list = []
+        self.out_bytes = 0
+
+    # ------------------------------------------------------------------ transport callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server.clients.add(self)
         self.stats["connections"] += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:                                # pragma: no cover - best effort
+                pass
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        transport.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.buf = bytearray()
+        self.out = []
+        self.server.clients.discard(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.closing:
+            return
+        self.transport.resume_reading()
+        if self.buf and not self.running:
+            self._run(self.buf)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        buf = self.buf
+        if buf or self.paused or self.running or len(data) < self.need:
+            buf += data
+            if len(buf) >= self.need and not self.paused and not self.running:
+                self._run(buf)
+        else:
+            self._run(data)
+
+    def eof_received(self):
+        return False                                       # the client is done: close our side too
+
+    def drop(self) -> None:
+        """Close at once (server shutdown): nothing more is parsed or served."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ parsing
+    def _run(self, data) -> None:
+        """Serve every complete message in `data` (the buffer or a fresh chunk); keep the rest."""
+        self.running = True
+        pos = 0
         try:
-            export = await self._handshake(reader, writer)
-            if export is not None:
-                await self._transmission(export, reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass                                   # the client went away: only its connection ends
+            pos = self._parse(data)
+            if self.out:
+                self._flush()
         except Disconnect as e:
             self.stats["protocol_errors"] += 1
             log.warning("disconnecting NBD client: %s", e)
-        except asyncio.CancelledError:
-            pass
+            self._abort()
+            return
+        except Exception:                                  # a bug, not the client's doing: drop only it
+            log.exception("NBD connection failed; disconnecting the client")
+            self._abort()
+            return
         finally:
-            self.clients.discard(task)
-            writer.close()
+            self.running = False
+        if self.closing:
+            self.buf = bytearray()
+        elif pos:
+            # a fresh buffer for the rest, never a resize of the old one: views of it went to the disk
+            self.buf = bytearray(memoryview(data)[pos:]) if pos < len(data) else bytearray()
+        elif data is not self.buf:
+            self.buf = bytearray(data)
 
-    async def _handshake(self, reader, writer) -> Export | None:
-        writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        await writer.drain()
-        client_flags = struct.unpack(">I", await reader.readexactly(4))[0]
-        if client_flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
-            raise Disconnect(f"unknown client flags 0x{client_flags:x}")
-        no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
-        while True:
-            magic, opt, length = _OPT.unpack(await reader.readexactly(_OPT.size))
+    def _abort(self) -> None:
+        self.closing = True
+        self.buf = bytearray()
+        self.out = []
+        self.transport.abort()
+
+    def _flush(self) -> None:
+        out = self.out
+        self.out, self.out_bytes = [], 0
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            self.transport.writelines(out)
+
+    def _parse(self, data) -> int:
+        n = len(data)
+        pos = 0
+        if self.phase != _PHASE_TRANSMISSION:
+            pos = self._handshake(data)
+            if self.phase != _PHASE_TRANSMISSION or self.closing:
+                return pos
+        mv = memoryview(data)
+        unpack = _REQ.unpack_from
+        serve = self._serve
+        while n - pos >= _REQ_SIZE and not self.paused and not self.closing:
+            magic, flags, cmd, cookie, offset, length = unpack(data, pos)
+            if magic != REQUEST_MAGIC:
+                raise Disconnect(f"bad request magic 0x{magic:x}")
+            if cmd == CMD_WRITE:
+                if length > MAX_PAYLOAD:
+                    raise Disconnect(f"write of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
+                end = pos + _REQ_SIZE + length
+                if end > n:
+                    self.need = end - pos
+                    return pos
+                serve(flags, cmd, cookie, offset, length, mv[pos + _REQ_SIZE:end])
+                pos = end
+            else:
+                pos += _REQ_SIZE
+                serve(flags, cmd, cookie, offset, length, None)
+            if self.out_bytes >= FLUSH_REPLIES_AT:
+                self._flush()
+        self.need = _REQ_SIZE
+        return pos
+
+    # ------------------------------------------------------------------ handshake
+    def _handshake(self, data) -> int:
+        pos, n = 0, len(data)
+        while not self.closing and self.phase != _PHASE_TRANSMISSION:
+            if self.phase == _PHASE_FLAGS:
+                if n - pos < 4:
+                    self.need = 4
+                    return pos
+                client_flags = struct.unpack_from(">I", data, pos)[0]
+                pos += 4
+                if client_flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+                    raise Disconnect(f"unknown client flags 0x{client_flags:x}")
+                self.no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+                self.phase = _PHASE_OPTIONS
+                continue
+            if n - pos < _OPT.size:
+                self.need = _OPT.size
+                return pos
+            magic, opt, length = _OPT.unpack_from(data, pos)
             if magic != IHAVEOPT:
                 raise Disconnect(f"bad option magic 0x{magic:x}")
             if length > MAX_OPTION:
                 raise Disconnect(f"option {opt} of {length} bytes is too large")
-            data = await reader.readexactly(length)
-            if opt == OPT_EXPORT_NAME:
-                export = self._lookup(data.decode("utf-8", "replace"))
-                if export is None:
-                    raise Disconnect("NBD_OPT_EXPORT_NAME for an unknown export")
-                writer.write(struct.pack(">QH", export.disk.size, export.flags) + (b"" if no_zeroes else bytes(124)))
-                await writer.drain()
-                return export
-            if opt == OPT_ABORT:
-                self._reply(writer, opt, REP_ACK)
-                await writer.drain()
-                return None
-            if opt == OPT_LIST:
-                self._list(writer, data)
-            elif opt in (OPT_INFO, OPT_GO):
-                export = self._info(writer, opt, data)
-                if export is not None and opt == OPT_GO:
-                    await writer.drain()
-                    return export
-            else:
-                self._reply(writer, opt, REP_ERR_UNSUP, b"option not supported")
-            await writer.drain()
+            if n - pos < _OPT.size + length:
+                self.need = _OPT.size + length
+                return pos
+            payload = bytes(data[pos + _OPT.size:pos + _OPT.size + length])
+            pos += _OPT.size + length
+            self._option(opt, payload)
+        self.need = _REQ_SIZE
+        return pos
 
-    def _lookup(self, name: str) -> Export | None:
-        return self.exports.get(name) or (self.default if name == "" else None)
+    def _reply(self, opt: int, kind: int, data: bytes = b"") -> None:
+        self.out.append(_OPT_REPLY.pack(REPLY_MAGIC_OPT, opt, kind, len(data)) + data)
 
-    def _reply(self, writer, opt: int, kind: int, data: bytes = b"") -> None:
-        writer.write(_OPT_REPLY.pack(REPLY_MAGIC_OPT, opt, kind, len(data)) + data)
+    def _flags(self, export: Export) -> int:
+        return export.flags | (T_SEND_DF if self.structured else 0)
 
-    def _list(self, writer, data: bytes) -> None:
-        if data:
-            self._reply(writer, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
-            return
-        for name in self.exports:
-            raw = name.encode()
-            self._reply(writer, OPT_LIST, REP_SERVER, struct.pack(">I", len(raw)) + raw)
-        self._reply(writer, OPT_LIST, REP_ACK)
+    def _option(self, opt: int, data: bytes) -> None:
+        if opt == OPT_EXPORT_NAME:
+            export = self.server.lookup(data.decode("utf-8", "replace"))
+            if export is None:
+                raise Disconnect("NBD_OPT_EXPORT_NAME for an unknown export")
+            self.out.append(struct.pack(">QH", export.disk.size, self._flags(export))
+                            + (b"" if self.no_zeroes else bytes(124)))
+            self._enter(export)
+        elif opt == OPT_ABORT:
+            self._reply(opt, REP_ACK)
+            self._flush()
+            self.closing = True
+            self.transport.close()
+        elif opt == OPT_LIST:
+            if data:
+                self._reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                return
+            for name in self.server.exports:
+                raw = name.encode()
+                self._reply(opt, REP_SERVER, struct.pack(">I", len(raw)) + raw)
+            self._reply(opt, REP_ACK)
+        elif opt in (OPT_INFO, OPT_GO):
+            export = self._info(opt, data)
+            if export is not None and opt == OPT_GO:
+                self._enter(export)
+        elif opt == OPT_STRUCTURED_REPLY:
+            if data:
+                self._reply(opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+                return
+            self.structured = True
+            self._reply(opt, REP_ACK)
+        elif opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._meta_context(opt, data)
+        else:
+            self._reply(opt, REP_ERR_UNSUP, b"option not supported")
 
-    def _info(self, writer, opt: int, data: bytes) -> Export | None:
+    def _enter(self, export: Export) -> None:
+        """Options are over: the transmission phase starts on this export."""
+        self.export = export
+        # block status only for the export the contexts were selected for (the spec's "same export name")
+        self.block_status = self.meta_export is export
+        self.zero_state = _zero_state(export.disk)
+        self.phase = _PHASE_TRANSMISSION
+
+    def _info(self, opt: int, data: bytes) -> Export | None:
         if len(data) < 6:
-            self._reply(writer, opt, REP_ERR_INVALID, b"option too short")
+            self._reply(opt, REP_ERR_INVALID, b"option too short")
             return None
         nlen = struct.unpack_from(">I", data)[0]
         if 4 + nlen + 2 > len(data):
-            self._reply(writer, opt, REP_ERR_INVALID, b"name length beyond the option")
+            self._reply(opt, REP_ERR_INVALID, b"name length beyond the option")
             return None
         name = data[4:4 + nlen].decode("utf-8", "replace")
         n = struct.unpack_from(">H", data, 4 + nlen)[0]
         if len(data) != 4 + nlen + 2 + 2 * n:
-            self._reply(writer, opt, REP_ERR_INVALID, b"information request count does not match the length")
+            self._reply(opt, REP_ERR_INVALID, b"information request count does not match the length")
             return None
         wanted = struct.unpack_from(f">{n}H", data, 4 + nlen + 2)
-        export = self._lookup(name)
+        export = self.server.lookup(name)
         if export is None:
-            self._reply(writer, opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            self._reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return None
-        self._reply(writer, opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.disk.size, export.flags))
+        self._reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.disk.size, self._flags(export)))
         if INFO_BLOCK_SIZE in wanted:
-            self._reply(writer, opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_PAYLOAD))
+            self._reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_PAYLOAD))
         if INFO_NAME in wanted:
-            self._reply(writer, opt, REP_INFO, struct.pack(">H", INFO_NAME) + export.name.encode())
+            self._reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + export.name.encode())
         if INFO_DESCRIPTION in wanted and export.description:
-            self._reply(writer, opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION) + export.description.encode())
-        self._reply(writer, opt, REP_ACK)
+            self._reply(opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION) + export.description.encode())
+        self._reply(opt, REP_ACK)
         return export
 
-    # ------------------------------------------------------------------ transmission
-    async def _transmission(self, export: Export, reader, writer) -> None:
-        disk = export.disk
-        while True:
-            magic, flags, cmd, handle, offset, length = _REQ.unpack(await reader.readexactly(_REQ.size))
-            if magic != REQUEST_MAGIC:
-                raise Disconnect(f"bad request magic 0x{magic:x}")
-            self.stats["requests"] += 1
-            payload = None
-            if cmd == CMD_WRITE:
-                if length > MAX_PAYLOAD:
-                    raise Disconnect(f"write of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-                payload = await reader.readexactly(length)
-            if cmd == CMD_DISC:
-                disk.flush()
-                return
-            err, data = self._execute(export, cmd, flags, offset, length, payload)
-            writer.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, handle))
-            if data is not None:
-                writer.write(data)
-            await writer.drain()
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        """LIST / SET_META_CONTEXT: export name, then queries; `base:allocation` is the one context."""
+        setting = opt == OPT_SET_META_CONTEXT
+        if setting:
+            self.meta_export = None              # a SET replaces the selection, even when it fails
+        if not self.structured:
+            self._reply(opt, REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")
+            return
+        queries = _parse_meta_request(data)
+        if queries is None:
+            self._reply(opt, REP_ERR_INVALID, b"malformed metadata context request")
+            return
+        name, queries = queries
+        export = self.server.lookup(name)
+        if export is None:
+            self._reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return
+        if setting:
+            selected = BASE_ALLOCATION in queries               # "base:" selects nothing in SET
+        else:
+            selected = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        if selected:
+            ident = ALLOCATION_ID if setting else 0             # LIST replies carry id 0
+            self._reply(opt, REP_META_CONTEXT, struct.pack(">I", ident) + BASE_ALLOCATION.encode())
+            if setting:
+                self.meta_export = export
+        self._reply(opt, REP_ACK)
 
-    def _execute(self, export: Export, cmd: int, flags: int, offset: int, length: int, payload):
+    # ------------------------------------------------------------------ transmission
+    def _serve(self, flags: int, cmd: int, cookie: int, offset: int, length: int, payload) -> None:
+        self.stats["requests"] += 1
+        export = self.export
         disk = export.disk
-        fua = bool(flags & CMD_FLAG_FUA)
-        if cmd in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
-            if offset + length > disk.size:
-                return errno.EINVAL, None
-            if cmd == CMD_READ and length > MAX_PAYLOAD:
-                return errno.EINVAL, None
-            if cmd != CMD_READ and export.read_only:
-                return errno.EPERM, None
+        valid = _VALID_FLAGS.get(cmd)
+        if valid is None:
+            return self._error(cmd, cookie, EINVAL, f"unknown command {cmd}")
+        if flags & ~valid:
+            return self._error(cmd, cookie, EINVAL, f"flags 0x{flags:x} are not valid for command {cmd}")
+        fua = flags & CMD_FLAG_FUA
         try:
             if cmd == CMD_READ:
-                return 0, disk.read(offset, length)
+                return self._read(flags, cookie, offset, length)
             if cmd == CMD_WRITE:
-                disk.write(offset, payload, fua=fua)
+                if export.read_only:
+                    return self._error(cmd, cookie, EPERM, "the export is read-only")
+                if offset + length > disk.size:
+                    return self._error(cmd, cookie, ENOSPC, "write beyond the end of the disk")
+                disk.write(offset, payload, fua=bool(fua))
             elif cmd == CMD_FLUSH:
                 disk.flush()
-            elif cmd == CMD_TRIM:
-                disk.trim(offset, length, fua=fua)
-            elif cmd == CMD_WRITE_ZEROES:
-                disk.write_zeroes(offset, length, fua=fua)
-            else:
-                return errno.EINVAL, None
+            elif cmd == CMD_WRITE_ZEROES or cmd == CMD_TRIM:
+                if export.read_only:
+                    return self._error(cmd, cookie, EPERM, "the export is read-only")
+                if offset + length > disk.size:
+                    return self._error(cmd, cookie, ENOSPC if cmd == CMD_WRITE_ZEROES else EINVAL,
+                                       "request beyond the end of the disk")
+                if cmd == CMD_TRIM:
+                    disk.trim(offset, length, fua=bool(fua))
+                elif flags & CMD_FLAG_NO_HOLE:
+                    if flags & CMD_FLAG_FAST_ZERO:     # provisioning means writing every zero: not fast
+                        return self._error(cmd, cookie, ENOTSUP, "zeroing without a hole is not fast here")
+                    self._write_provisioned_zeroes(disk, offset, length, fua)
+                else:
+                    # Without NO_HOLE the disk deallocates whole blocks and writes zeros only into the
+                    # partial blocks at the ends: never slower than the same WRITE, so FAST_ZERO is met.
+                    disk.write_zeroes(offset, length, fua=bool(fua))
+            elif cmd == CMD_CACHE:
+                if offset + length > disk.size:
+                    return self._error(cmd, cookie, EINVAL, "request beyond the end of the disk")
+                self._cache(disk, offset, length)
+            elif cmd == CMD_BLOCK_STATUS:
+                return self._block_status(flags, cookie, offset, length)
+            elif cmd == CMD_DISC:
+                disk.flush()
+                self.closing = True
+                if self.out:
+                    self._flush()
+                self.transport.close()
+                return None
         except ReplicatorError as e:
             log.error("NBD command %d at %d+%d failed: %s", cmd, offset, length, e.message)
-            return errno_for(e), None
-        return 0, None
+            return self._error(cmd, cookie, errno_for(e), e.message)
+        except OSError as e:
+            log.error("NBD command %d at %d+%d failed: %s", cmd, offset, length, e)
+            return self._error(cmd, cookie, EIO, str(e))
+        self.out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self.out_bytes += _SIMPLE_SIZE
+        return None
+
+    def _error(self, cmd: int, cookie: int, err: int, message: str) -> None:
+        """The error reply: an error chunk with its message when structured replies are on (a READ's
+        reply must then be structured), else a simple reply."""
+        if self.structured:
+            msg = message.encode("utf-8", "replace")[:4096]
+            self.out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie,
+                                        6 + len(msg)) + struct.pack(">IH", err, len(msg)) + msg)
+        else:
+            self.out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie))
+        self.out_bytes += 64
+
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        disk = self.export.disk
+        if flags & CMD_FLAG_DF and not self.structured:
+            return self._error(CMD_READ, cookie, EINVAL, "NBD_CMD_FLAG_DF needs structured replies")
+        if offset + length > disk.size:
+            return self._error(CMD_READ, cookie, EINVAL, "read beyond the end of the disk")
+        if length > MAX_PAYLOAD:
+            return self._error(CMD_READ, cookie, EINVAL, f"read of {length} bytes exceeds {MAX_PAYLOAD}")
+        if not self.structured:
+            reply = bytearray(_SIMPLE_SIZE + length)
+            disk.readinto(offset, memoryview(reply)[_SIMPLE_SIZE:])
+            _SIMPLE.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
+        elif length == 0:
+            reply = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+        elif length >= HOLE_CHUNKS_FROM and not flags & CMD_FLAG_DF:
+            return self._read_sparse(cookie, offset, length)
+        else:
+            reply = bytearray(_DATA_HEAD + length)
+            disk.readinto(offset, memoryview(reply)[_DATA_HEAD:])
+            _CHUNK_DATA.pack_into(reply, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                                  cookie, 8 + length, offset)
+        self.out.append(reply)
+        self.out_bytes += len(reply)
+        return None
+
+    def _read_sparse(self, cookie: int, offset: int, length: int) -> None:
+        """A structured read in content chunks: zero extents as OFFSET_HOLE, data as OFFSET_DATA. Every
+        read happens before the first chunk is queued, so an error replaces the whole reply."""
+        disk = self.export.disk
+        extents = list(disk.extents(offset, length))
+        if len(extents) == 1 and extents[0].kind is not ExtentKind.ZERO:
+            extents = []
+        chunks = []
+        if not extents:
+            chunk = bytearray(_DATA_HEAD + length)
+            disk.readinto(offset, memoryview(chunk)[_DATA_HEAD:])
+            _CHUNK_DATA.pack_into(chunk, 0, STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_DATA, cookie,
+                                  8 + length, offset)
+            chunks.append(chunk)
+        for ext in extents:
+            if ext.kind is ExtentKind.ZERO:
+                chunks.append(bytearray(_CHUNK_HOLE.pack(STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_HOLE,
+                                                         cookie, 12, ext.offset, ext.length)))
+            else:
+                chunk = bytearray(_DATA_HEAD + ext.length)
+                disk.readinto(ext.offset, memoryview(chunk)[_DATA_HEAD:])
+                _CHUNK_DATA.pack_into(chunk, 0, STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_DATA, cookie,
+                                      8 + ext.length, ext.offset)
+                chunks.append(chunk)
+        chunks[-1][4:6] = struct.pack(">H", REPLY_FLAG_DONE)
+        self.out.extend(chunks)
+        self.out_bytes += length
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        disk = self.export.disk
+        if not self.block_status:
+            return self._error(CMD_BLOCK_STATUS, cookie, EINVAL, "no metadata context was selected")
+        if length == 0 or offset + length > disk.size:
+            return self._error(CMD_BLOCK_STATUS, cookie, EINVAL, "block status beyond the end of the disk")
+        zero = self.zero_state
+        descriptors = []
+        for ext in disk.extents(offset, length):
+            state = zero if ext.kind is ExtentKind.ZERO else 0
+            if descriptors and descriptors[-1][1] == state:
+                descriptors[-1][0] += ext.length
+            else:
+                descriptors.append([ext.length, state])
+            if flags & CMD_FLAG_REQ_ONE:
+                break
+        if flags & CMD_FLAG_REQ_ONE:
+            descriptors = descriptors[:1]            # never longer than the request: extents lie inside it
+        body = struct.pack(f">I{2 * len(descriptors)}I", ALLOCATION_ID, *(v for d in descriptors for v in d))
+        self.out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie,
+                                    len(body)) + body)
+        self.out_bytes += 20 + len(body)
+        return None
+
+    @staticmethod
+    def _write_provisioned_zeroes(disk, offset: int, length: int, fua: int) -> None:
+        """WRITE_ZEROES with NO_HOLE: the range must stay allocated, and the disk's write_zeroes deallocates
+        whole blocks, so zeros are written (and logged) as data."""
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROS), end - offset)
+            disk.write(offset, memoryview(_ZEROS)[:n])
+            offset += n
+        if fua:
+            disk.flush()
+
+    @staticmethod
+    def _cache(disk, offset: int, length: int) -> None:
+        """Read the data extents of the range (up to MAX_CACHE) so the host's page cache holds them; zero
+        extents need no caching. The reply says nothing more than that the request was valid."""
+        budget = MAX_CACHE
+        scratch = None
+        for ext in disk.extents(offset, length):
+            if budget <= 0:
+                break
+            if ext.kind is ExtentKind.ZERO:
+                continue
+            pos, end = ext.offset, ext.offset + min(ext.length, budget)
+            budget -= end - pos
+            if scratch is None:
+                scratch = memoryview(bytearray(1 << 20))
+            while pos < end:
+                n = min(len(scratch), end - pos)
+                disk.readinto(pos, scratch[:n])
+                pos += n
