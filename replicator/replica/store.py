@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from .. import delta
-from ..disk.base import pwrite_all
+from ..disk.base import ExtentKind, pwrite_all
 from ..durable import fsync_dir, write_json_atomic
 from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
 from ..vhdx import VhdxDisk, create_vhdx
@@ -355,8 +355,9 @@ class ReplicaDisk:
         and (undo_bytes) the undo log still to be captured (at most the bytes the stream touches)."""
         with self.open_image() as img:
             need = img.allocation_needed(ranges)
-        if undo_bytes:
-            need += sum(n for _, n in undo._union(ranges)) + PREFLIGHT_MARGIN
+            if undo_bytes:                  # the undo log holds the data the ranges cover (zeros cost nothing)
+                need += PREFLIGHT_MARGIN + sum(e.length for off, n in undo._union(ranges)
+                                               for e in img.extents(off, n) if e.kind is not ExtentKind.ZERO)
         if not need:
             return
         st = os.statvfs(self.path)
