@@ -7,6 +7,7 @@ import io
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -35,6 +36,11 @@ def real_files(limit: int) -> bytes:
     return buf.getvalue()
 
 
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def qemu(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
 
@@ -61,9 +67,10 @@ def replication_stage(work: str, payload: bytes):
     certs.issue(pki, "replica", dns=["localhost"])
     certs.issue(pki, "primary")
     root = os.path.join(work, "replica-root")
-    server = ServerThread(ReplicaServer([AuthorizationEntry("primary", root)], mode="cert", port=0,
-                                        certfile=f"{pki}/replica.pem", keyfile=f"{pki}/replica.key",
-                                        cafile=f"{pki}/ca.pem")).start()
+    server_thread = ServerThread(ReplicaServer([AuthorizationEntry("primary", root)], mode="cert", port=0,
+                                               certfile=f"{pki}/replica.pem", keyfile=f"{pki}/replica.key",
+                                               cafile=f"{pki}/ca.pem"))
+    server = server_thread.start()
     url = f"https://localhost:{server.port}"
     print(f"   replica listening at {url}")
 
@@ -102,7 +109,7 @@ def replication_stage(work: str, payload: bytes):
     finally:
         svc._call(target.close())     # its HTTP session lives on the export's loop
         svc.stop()
-        server.stop()
+        server_thread.stop()          # the thread's loop awaits the server's stop
     rd = ReplicaStore(root).disk(disk_id)
     latest = rd.points[-1].generation
     test = rd.test_failover(latest)
@@ -131,7 +138,7 @@ def azure_stage(work: str, payload: bytes):
         d.write(0, payload[:16 * MiB])
     lines, ok = [], True
     os.makedirs(os.path.join(work, "azurite"), exist_ok=True)
-    with Azurite(workspace=os.path.join(work, "azurite")).start() as azurite:
+    with Azurite(workspace=os.path.join(work, "azurite")) as azurite:      # stopped whatever happens
         tracker = TrackedDisk(primary)
         container = ContainerClient.from_connection_string(azurite.connection_string, "replicas")
         target = AzureTarget(container, retention=4, concurrency=4)
@@ -165,6 +172,8 @@ def azure_stage(work: str, payload: bytes):
 
 
 def main() -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):        # unwind (stop Azurite, the servers) as on Ctrl-C
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "..", "var", "demo"))
     ap.add_argument("--size", type=int, default=512, help="virtual size in MiB")
@@ -202,7 +211,7 @@ def main() -> int:
     print("   qemu-img compare:", compare.stdout.strip() or compare.stderr.strip())
 
     step("differencing child: write on top, the parent stays untouched")
-    parent_digest = hashlib.sha256(open(base, "rb").read()).hexdigest()
+    parent_digest = file_digest(base)
     with create_vhdx(child, 0, parent=base, block_size=2 * MiB) as disk:
         for _ in range(50):
             off, n = rng.randrange(size - 8192), rng.randrange(1, 8192)
@@ -211,7 +220,7 @@ def main() -> int:
             shadow[off:off + n] = chunk
     with VhdxDisk.open(child) as disk:
         chain_ok = disk.read(0, size) == shadow
-    parent_ok = hashlib.sha256(open(base, "rb").read()).hexdigest() == parent_digest
+    parent_ok = file_digest(base) == parent_digest
     problems = check_vhdx(child)
     print(f"   chain reads equal shadow: {chain_ok}; parent unchanged: {parent_ok}; check: "
           f"{'no errors' if not problems else problems}")

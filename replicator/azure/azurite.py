@@ -92,6 +92,9 @@ class Azurite:
         return f"http://{self.host}:{self.port}/{DEV_ACCOUNT}"
 
     def start(self, timeout: float = 60.0) -> "Azurite":
+        """Start the service; a no-op when it runs already (`with Azurite().start()` enters it again)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         if self.binary is None:
             raise AzuriteError("azurite is not installed: run ./tools/bootstrap (npm package under tools/azurite)")
         if self.workspace is None:
@@ -158,3 +161,4 @@ class Azurite:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+

@@ -31,7 +31,7 @@ class AzureNotFound(AzureError):
 
 
 class ContainerMissing(AzureNotFound):
-    """The container does not exist: create it (replication never creates containers on its own)."""
+    """The container does not exist (replication creates it for a new replica; reading from it cannot)."""
 
 
 class WriterConflict(AzureError):
@@ -83,7 +83,7 @@ def classify(e: BaseException, what: str) -> ReplicatorError:
         return AzureAuthError(f"{what}: the storage account rejected the credentials ({code or status}): check the "
                               "account key, connection string or SAS token (permissions, expiry)")
     if code == "ContainerNotFound":
-        return ContainerMissing(f"{what}: the container does not exist (create it first, or check its name)")
+        return ContainerMissing(f"{what}: the container does not exist (check its name and account)")
     if code in LEASE_CODES:
         return WriterConflict(f"{what}: the blob is held or was changed by another writer ({code}); refusing to "
                               "write. Stop the other writer, or break its lease with `replicator azure cleanup "

@@ -113,7 +113,11 @@ class AzureTarget(ReplicaTarget):
         if size <= 0 or blob_size(size) > PAGE_BLOB_MAX:
             raise BlobTooLarge(f"disk {disk_id} of {size} bytes needs a page blob of {blob_size(size)} bytes; the "
                                f"page-blob limit is {PAGE_BLOB_MAX} (8 TiB) including the 512-byte VHD footer")
-        state = await self._read_state(disk_id, missing_ok=True)
+        try:
+            state = await self._read_state(disk_id, missing_ok=True)
+        except ContainerMissing:             # a new replica in a new container: made, as azcopy would
+            await self._create_container()
+            state = None
         if state is None:
             state = await self._create(disk_id, size, name)
         elif state.disk_size != size:
@@ -263,6 +267,17 @@ class AzureTarget(ReplicaTarget):
     async def _save(self, disk_id, lease: str, state: BlobState) -> None:
         await self._call(f"update metadata of {self._where(disk_id)}", self.blob(disk_id).set_blob_metadata,
                          state.to_metadata(), lease=lease)
+
+    async def _create_container(self) -> None:
+        """Create the container (private access); one made meanwhile by another writer serves as well."""
+        from azure.core.exceptions import ResourceExistsError
+
+        async def create(**kw):
+            try:
+                await self.container.create_container(**kw)
+            except ResourceExistsError:
+                pass
+        await self._call(f"create container {self.container.container_name}", create)
 
     async def _create(self, disk_id, size: int, name: str) -> BlobState:
         state = BlobState(str(disk_id), size, name)

@@ -4,9 +4,11 @@ oversized disk give clear errors; no recovery point is ever made from a partial 
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from replicator.azure import AzureAuthError, BlobTooLarge, ContainerMissing, WriterConflict
 from replicator.azure.azurite import RequestCounter
@@ -181,14 +183,24 @@ def test_wrong_credentials(azurite, tmp_path):
     run(go())
 
 
-def test_missing_container(azurite, tmp_path):
+def test_missing_container_is_created_for_a_new_replica(azurite, tmp_path):
+    """As azcopy does: the first writer creates the container; two writers at once both succeed; reading
+    from a container that is not there stays an error (nothing is created by a reader)."""
     async def go():
         c = await new_container(azurite, create=False)
         t = target(c)
         with pytest.raises(ContainerMissing, match="container does not exist"):
-            await t.ensure_disk(uuid.uuid4(), 1 * MiB)
-        with pytest.raises(ContainerMissing):
             await t.disk_info(uuid.uuid4())
+        with pytest.raises(ContainerMissing):
+            await t.points(uuid.uuid4())
+        with pytest.raises(ResourceNotFoundError):     # the readers above made nothing
+            await c.get_container_properties()
+        a, b = uuid.uuid4(), uuid.uuid4()
+        infos = await asyncio.gather(t.ensure_disk(a, 1 * MiB), target(other_client(azurite, c)).ensure_disk(b, 2 * MiB))
+        assert [i.generation for i in infos] == [0, 0]
+        props = await c.get_container_properties()
+        assert props.public_access is None                     # private, as replicas must be
+        assert (await t.disk_info(b)).size == 2 * MiB
         await c.close()
     run(go())
 
@@ -265,3 +277,17 @@ def test_corrupt_stream_writes_nothing(azurite, tmp_path):
         await c.delete_container()
         await c.close()
     run(go())
+
+
+def test_azurite_started_twice_runs_once_and_stops():
+    """`with Azurite().start() as az` (start, then the context manager's enter) once left the first
+    process running after the block: the demo's leftover Azurite."""
+    from replicator.azure.azurite import Azurite, azurite_binary
+    if azurite_binary() is None:
+        pytest.skip("azurite is not installed")
+    az = Azurite(in_memory=True).start()
+    first = az.proc.pid
+    with az.start() as again:
+        assert again.proc.pid == first
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)

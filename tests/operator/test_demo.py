@@ -1,0 +1,72 @@
+"""tools/demo.py ends clean: no un-awaited coroutine, no unclosed file, no traceback, and no process of its
+own (Azurite, servers) left running, whether it finishes or is stopped with SIGTERM half-way."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from replicator.azure.azurite import azurite_binary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "tools", "demo.py")
+
+pytestmark = pytest.mark.skipif(azurite_binary() is None, reason="azurite is not installed")
+
+
+def processes_using(folder: str) -> list[str]:
+    """Command lines of live processes that name `folder` (Azurite gets --location inside it)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if folder in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def demo(folder, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-W", "always::ResourceWarning", "-W", "always::RuntimeWarning", DEMO,
+                             "--dir", str(folder), "--size", "64"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+
+def test_demo_finishes_clean(tmp_path):
+    folder = tmp_path / "demo"
+    p = demo(folder)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, out + err
+    assert "OK: qemu-img agrees byte for byte" in out
+    for bad in ("never awaited", "Traceback", "unclosed file", "Unclosed client session"):
+        assert bad not in err, err
+    assert processes_using(str(folder)) == []
+
+
+def test_demo_stopped_half_way_leaves_nothing_running(tmp_path):
+    folder = tmp_path / "demo"
+    p = demo(folder)
+    line = ""
+    while "Azure:" not in line:                 # Azurite is starting or running
+        line = p.stdout.readline()
+        assert line, p.stderr.read()
+    time.sleep(3)
+    assert processes_using(str(folder)), "Azurite should be running now"
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while processes_using(str(folder)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_using(str(folder)) == []
