@@ -542,7 +542,7 @@ class ReplicaServer:
                 raise SequenceError(f"upload {stream} continues at byte {held or 0}, not at {offset}: "
                                     "ask for the resume token first")
             if held is None and len(_spools(disk)) >= self.max_uploads:
-                raise Busy(f"disk {disk_id} already holds {self.max_uploads} unfinished uploads (the replica's "
+                raise UsageError(f"disk {disk_id} already holds {self.max_uploads} unfinished uploads (the replica's "
                            "max_uploads): commit or delete one first")
             upload = disk.open_upload(stream)
             try:
