@@ -4,7 +4,11 @@ unplanned failover (latest or a chosen point), commit or cancel it, reverse repl
 reverse replication on the former primary -- on the admin API.
 
 Machines: the primary names the machine of every disk it ensures (ensure_disk's `machine`); a disk from a
-primary that does not is a machine of its own, named after the disk. A machine's recovery points are the
+primary that does not is a machine of its own, named after the disk. A machine is identified by that name
+*within* the storage root and trust group its primary authenticated into (the transport's ownership of
+each disk): primaries of other trust groups never add disks to it, whatever they call their machines.
+With one root and trust group configured a machine's key is its name; with several, NAME@SCOPE (SCOPE
+the trust group, made file-name safe), so two tenants' machines of one name stay two machines. A machine's recovery points are the
 primary's checkpoints -- one cut across its disks, see ReplicaTarget.checkpoint -- that every disk still
 holds; without checkpoints, the generations every disk holds.
 
@@ -26,6 +30,7 @@ Unknown machine or point: 404; refused by the state or the sites: 409; bad setti
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -77,8 +82,9 @@ class DiskRef:
 
 @dataclass
 class ReplicatedMachine:
-    name: str
+    name: str                   # the key this site knows the machine by (see the module's docstring)
     disks: list[DiskRef]
+    scope: tuple = ()           # (storage root, trust group) every disk of the machine belongs to
 
     def points(self) -> list[dict]:
         """Recovery points at which every disk of the machine is at the same cut, oldest first."""
@@ -224,13 +230,20 @@ class ReplicaSite(ReverseReplication):
     def machines(self) -> dict[str, ReplicatedMachine]:
         if self.daemon.replica_server is None:
             return {}
-        found: dict[str, list[DiskRef]] = {}
-        for store in self._server().stores().values():
+        server = self._server()
+        found: dict[tuple, list[DiskRef]] = {}
+        for store in server.stores().values():
             for disk_id in store.disk_ids():
                 d = store.disk(disk_id)
                 name = next((n for n in (d.state.machine, d.state.name) if n and _NAME.match(n)), disk_id)
-                found.setdefault(name, []).append(DiskRef(store, d))
-        return {n: ReplicatedMachine(n, sorted(ds, key=lambda r: r.name)) for n, ds in sorted(found.items())}
+                found.setdefault((_disk_scope(server, store, disk_id), name), []).append(DiskRef(store, d))
+        scopes = _configured_scopes(server) | {scope for scope, _ in found}
+        qualify = len(scopes) > 1
+        machines = {}
+        for (scope, name), ds in sorted(found.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+            key = f"{name}@{_scope_label(scope, scopes)}" if qualify else name
+            machines[key] = ReplicatedMachine(key, sorted(ds, key=lambda r: r.name), scope)
+        return dict(sorted(machines.items()))
 
     def _machine(self, name: str) -> ReplicatedMachine:
         machines = self.machines()
@@ -506,6 +519,31 @@ class ReplicaSite(ReverseReplication):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _configured_scopes(server) -> set[tuple]:
+    return {(os.path.abspath(e.storage_root), e.group) for e in server.entries}
+
+
+def _disk_scope(server, store, disk_id: str) -> tuple:
+    """(storage root, trust group) of a disk: the group that owns it in its root; a disk no primary claimed
+    (a seed imported or a disk adopted on this host) belongs to the root's group when only one is mapped
+    there, else to the root alone."""
+    owner = server._owners[store.root].owner(disk_id) if store.root in server._owners else None
+    if owner is None:
+        groups = {g for root, g in _configured_scopes(server) if root == store.root}
+        owner = groups.pop() if len(groups) == 1 else None
+    return store.root, owner
+
+
+def _scope_label(scope: tuple, scopes: set[tuple]) -> str:
+    """A file- and URL-safe name of a scope among `scopes`: its trust group where that is safe and no other
+    root has the group, else a cleaned form with a digest of the whole scope (no two scopes share one)."""
+    root, group = scope
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", group or "local")[:40]
+    if group and clean == group and sum(1 for _, g in scopes if g == group) == 1:
+        return group
+    return f"{clean}-{hashlib.sha256(repr(scope).encode()).hexdigest()[:8]}"
+
+
 def _materialize(disk, generation: int, path: str) -> None:
     """The point as a standalone VHDX at `path`, written beside it and renamed into place; any tracking
     state left there by an earlier life of the file goes (the new file is tracked from scratch)."""
