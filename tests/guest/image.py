@@ -43,6 +43,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 
 BUILD_VERSION = "1"
@@ -364,6 +365,27 @@ def _locked(root: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+STALE_AFTER = 3 * 86400
+
+
+def _prune(root: str, keep: set[str]) -> None:
+    """Mark what this build uses as used now; remove cached builds, .debs and extractions that no build
+    has used for STALE_AFTER seconds (a kernel update leaves the old ones behind)."""
+    now = time.time()
+    for path in keep:
+        os.utime(path, (now, now))
+    candidates = [os.path.join(root, n) for n in os.listdir(root) if n.startswith("img-")]
+    for sub in ("x", "debs"):
+        candidates += [os.path.join(root, sub, n) for n in os.listdir(os.path.join(root, sub))]
+    for path in candidates:
+        if path not in keep and now - os.lstat(path).st_mtime > STALE_AFTER:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
 def build(root: str | None = None) -> GuestImage:
     """The guest's kernel and initramfs, built when no cached build has the same inputs. Safe to call from
     several processes at once (a lock file)."""
@@ -372,8 +394,8 @@ def build(root: str | None = None) -> GuestImage:
         debs = os.path.join(root, "debs")
         os.makedirs(debs, exist_ok=True)
         kpkg, kver, apkg, aver = _resolve()
-        kdir = _extracted(root, _deb(debs, kpkg, kver))
-        adir = _extracted(root, _deb(debs, apkg, aver))
+        kdeb, adeb = _deb(debs, kpkg, kver), _deb(debs, apkg, aver)
+        kdir, adir = _extracted(root, kdeb), _extracted(root, adeb)
         kv = sorted(os.listdir(os.path.join(kdir, "lib", "modules")))[-1]
         vmlinuz = os.path.join(kdir, "boot", f"vmlinuz-{kv}")
         agent = os.path.join(adir, "usr", "sbin", "qemu-ga")
@@ -396,11 +418,11 @@ def build(root: str | None = None) -> GuestImage:
                 f.write(data)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp, out)
+        _prune(root, keep={kdeb, adeb, kdir, adir, out})
         return GuestImage(os.path.join(out, "vmlinuz"), os.path.join(out, "initramfs.cpio.gz"), key, kv)
 
 
 if __name__ == "__main__":
-    import time
     t = time.monotonic()
     img = build()
     print(f"{img} in {time.monotonic() - t:.1f} s")

@@ -21,7 +21,7 @@ from replicator.vhdx import VhdxDisk
 
 from ..tracking.helpers import copy_file, sealed_log_paths, start_serve, stop_serve, tracked
 from .conftest import requires_qemu
-from .harness import GuestError, make_disk_image, verify_image
+from .harness import Guest, GuestError, make_disk_image, verify_image
 
 pytestmark = [requires_qemu, pytest.mark.timeout(300)]
 
@@ -42,7 +42,7 @@ def report(g, what: str) -> None:
         (r0, t0), (r1, t1) = times[0], times[-1]
         rate = (r1 - r0) / (t1 - t0) if t1 > t0 else float("inf")
         gaps = [b[1] - a[1] for a, b in zip(times, times[1:])]
-        log(f"{what}: {up.split()[-1]} at boot, {r1} rounds, {rate:.2f} rounds/s between round {r0} and {r1}, "
+        log(f"{what}: GUEST_UP at guest {up.split()[-1]} s, {r1} rounds, {rate:.2f} rounds/s between round {r0} and {r1}, "
             f"longest gap between rounds {max(gaps):.2f} s, qemu ran {g.elapsed():.1f} s")
 
 
@@ -106,10 +106,30 @@ def test_guest_writes_through_tracked_export_with_cuts(tmp_path, guest):
         n = verify_image(replica, crash_consistent=(kind == "running"))
         log(f"replica at the {kind} cut after round {at}: {n} files verified")
         assert n >= FILES * at, (kind, at, n)
+        if kind == "frozen":
+            failover, failover_at = copy_file(replica, tmp_path / "failover.vhdx"), at
     with VhdxDisk.open(replica, read_only=False) as d:
         apply_chain(d, logs[done:])
     same = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "vhdx", disk, replica], capture_output=True)
     assert same.returncode == 0, same.stdout.decode() + same.stderr.decode()
+
+    # the point taken while the guest was frozen boots: a new guest mounts it and carries on writing
+    svc = ExportService({"failover.vhdx": tracked(failover)}, socket_path=sock).start()
+    try:
+        with Guest(tmp_path / "guest2", image=guest.image) as g2:
+            g2.start(sock, export="failover.vhdx", files=FILES)
+            mounted = g2.wait_for("GUEST_MOUNTED", BOOT_TIMEOUT)
+            first = int(mounted.split("first_round=")[1].split()[0])
+            assert first > failover_at, mounted
+            g2.wait_rounds(first + 1, 120)
+            g2.shutdown()
+            assert_no_errors(g2)
+            last = g2.rounds()
+    finally:
+        svc.stop()
+    n = verify_image(failover)
+    log(f"failover copy booted at round {first}, wrote up to round {last}: {n} files verified")
+    assert n >= FILES * last - (FILES - 1)
 
     # verify_image can fail: a changed file and a missing one in a copy of the image are both caught
     raw = str(tmp_path / "tampered.raw")
@@ -144,6 +164,8 @@ def test_guest_carries_on_when_export_is_killed_and_restarted(tmp_path, guest):
 
         guest.wait_rounds(before + 5, 120)
         log(f"round {before + 5} reached {time.monotonic() - killed_at:.1f} s after the kill")
+        (blk,) = [b for b in guest.qmp("query-block") if "/vblk0/" in b.get("qdev", "")]
+        assert blk.get("io-status", "ok") == "ok", blk
         took = guest.shutdown()
         report(guest, f"export killed -9 and restarted, shutdown {took:.1f} s")
         assert_no_errors(guest)
