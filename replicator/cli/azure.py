@@ -8,6 +8,7 @@ import json
 import time
 
 from ..errors import UsageError
+from .common import add_json
 
 
 def register(sub) -> None:
@@ -31,7 +32,7 @@ def register(sub) -> None:
             c.add_argument("--blob", help="only this test-failover blob")
             c.add_argument("--break-lease", action="store_true",
                            help="also free the replica blob from a writer that is certainly gone")
-        c.add_argument("--json", action="store_true")
+        add_json(c)
         c.set_defaults(func=func)
 
 

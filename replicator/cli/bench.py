@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from ..errors import UsageError
+from .common import add_json
 
 _DECIMAL = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 _BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -43,7 +44,7 @@ def register(sub) -> None:
     c = cmds.add_parser("cpu", help="kernel, compression and TLS throughput on this host")
     c.add_argument("--size", default="256M", help="bytes per kernel/TLS measurement (default 256M)")
     c.add_argument("--runs", type=int, default=3, help="repetitions; the best is reported (default 3)")
-    c.add_argument("--json", action="store_true")
+    add_json(c, "the measurements")
     c.set_defaults(func=cmd_cpu)
     f = cmds.add_parser("copy-frequency", help="simulate a workload at several copy frequencies (time-compressed)")
     f.add_argument("--workload", default="zipf",
@@ -55,7 +56,7 @@ def register(sub) -> None:
     f.add_argument("--link", default="100Mbit", help="link bandwidth: 10M = 10 MiB/s, 100Mbit = 100 Mbit/s")
     f.add_argument("--disk-size", default="4G", help="virtual disk size (default 4G; hrl: the logs' extent)")
     f.add_argument("--max-log-share", type=float, default=0.5, help="resync threshold, share of the disk")
-    f.add_argument("--seed", type=int, default=1)
+    f.add_argument("--seed", type=int, default=1, help="random seed of the synthetic workloads (default 1)")
     f.add_argument("--work", default=None, help="scratch directory for the simulated disks (default: temp)")
     f.add_argument("--out", default=".", help="directory for the Markdown, JSON and PNG reports")
     f.set_defaults(func=cmd_copy_frequency)

@@ -8,9 +8,9 @@ def register(sub) -> None:
     p = sub.add_parser("certs", help="private CA and host certificates for replication over mutual TLS")
     cmds = p.add_subparsers(dest="command", required=True)
     i = cmds.add_parser("init", help="make a CA: DIR/ca.pem and DIR/ca.key (0600)")
-    i.add_argument("dir")
+    i.add_argument("dir", help="folder for the CA (created)")
     i.add_argument("--name", default="replicator CA", help="the CA's common name")
-    i.add_argument("--days", type=int, default=3650)
+    i.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     i.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="EC P-256 (default) or RSA-2048")
     i.add_argument("--force", action="store_true", help="replace an existing CA (its certificates stop working)")
     i.set_defaults(func=cmd_init)
@@ -20,8 +20,8 @@ def register(sub) -> None:
     s.add_argument("--dns", action="append", default=[], help="another DNS name (repeatable)")
     s.add_argument("--ip", action="append", default=None, help="an IP address (repeatable; default 127.0.0.1)")
     s.add_argument("--out", help="where to write the files (default: the CA directory)")
-    s.add_argument("--days", type=int, default=825)
-    s.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    s.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    s.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="EC P-256 (default) or RSA-2048")
     s.set_defaults(func=cmd_issue)
 
 

@@ -51,3 +51,8 @@ def require_files(args, *names: str) -> None:
             raise UsageError(f"{option} {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
         if not os.access(path, os.R_OK):
             raise UsageError(f"{option} {path}: not readable by this user")
+
+
+def add_json(parser, what: str = "the result") -> None:
+    """--json, said the same way everywhere."""
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON (for scripts) instead of text")

@@ -17,7 +17,7 @@ import os
 import time
 
 from ..errors import ReplicatorError
-from .common import add_config
+from .common import add_config, add_json
 from .status import call
 
 POLL = 0.5
@@ -30,12 +30,12 @@ REVERSE_KEYS = ("target", "auth", "frequency", "additional_points", "bandwidth_l
 def register(sub) -> None:
     ls = sub.add_parser("replica-machines", help="machines replicated to this replica site (from replicatord)")
     add_config(ls)
-    ls.add_argument("--json", action="store_true")
+    add_json(ls, "the machines")
     ls.set_defaults(func=cmd_list)
     m = sub.add_parser("replica-machine", help="fail over, test, reverse a replicated machine (replica site)")
     add_config(m)
-    m.add_argument("name")
-    m.add_argument("op", choices=MACHINE_OPS)
+    m.add_argument("name", help="the replicated machine's name")
+    m.add_argument("op", choices=MACHINE_OPS, help="the operation")
     m.add_argument("--point", type=int, help="recovery point (default: the latest)")
     m.add_argument("--planned", action="store_true", help="failover: complete a planned failover (zero loss)")
     for key in REVERSE_KEYS:
@@ -47,19 +47,19 @@ def register(sub) -> None:
     m.add_argument("--from", dest="principal", help="accept-reverse: the certificate name (or Kerberos principal) "
                    "of the site that replicates the machine back")
     m.add_argument("--force", action="store_true", help="accept-reverse even though the machine is Replicating")
-    m.add_argument("--json", action="store_true")
+    add_json(m, "the daemon's answer")
     m.set_defaults(func=cmd_machine)
     pl = sub.add_parser("plans", help="recovery plans of this replica site and their last run")
     add_config(pl)
-    pl.add_argument("--json", action="store_true")
+    add_json(pl, "the plans")
     pl.set_defaults(func=cmd_plans)
     p = sub.add_parser("plan", help="run a recovery plan, follow it, confirm its manual actions")
     add_config(p)
-    p.add_argument("name")
-    p.add_argument("op", choices=PLAN_OPS)
+    p.add_argument("name", help="the recovery plan's name")
+    p.add_argument("op", choices=PLAN_OPS, help="run it (test, planned, unplanned), or act on its run")
     p.add_argument("action", nargs="?", help="confirm/decline: the manual action's id (as the log shows it)")
     p.add_argument("--wait", action="store_true", help="follow the run until it ends; exit 1 when it failed")
-    p.add_argument("--json", action="store_true")
+    add_json(p, "the run")
     p.set_defaults(func=cmd_plan)
 
 

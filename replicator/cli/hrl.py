@@ -6,23 +6,23 @@ import json
 from ..disk.probe import open_disk
 from ..hrl import HrlReader, apply_chain, open_chain
 from ..hrl.format import EPOCH_2000
-from .common import human
+from .common import add_json, human
 
 
 def register(sub) -> None:
     p = sub.add_parser("hrl", help="Hyper-V Replica Logs (.hrl): inspect, verify, apply")
     cmds = p.add_subparsers(dest="command", required=True)
     d = cmds.add_parser("dump", help="print a log's header, metadata blocks and writes")
-    d.add_argument("log")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("log", help="an .hrl file")
+    add_json(d, "the log")
     d.add_argument("--extents", action="store_true", help="also print the coalesced extent map")
     d.set_defaults(func=cmd_dump)
     v = cmds.add_parser("verify", help="verify logs and the chain between them (every checksum)")
-    v.add_argument("logs", nargs="+")
+    v.add_argument("logs", nargs="+", help=".hrl files, oldest first")
     v.set_defaults(func=cmd_verify)
     a = cmds.add_parser("apply", help="apply a log chain to a disk (verified completely first)")
-    a.add_argument("disk")
-    a.add_argument("logs", nargs="+")
+    a.add_argument("disk", help="the disk to apply them to (written)")
+    a.add_argument("logs", nargs="+", help=".hrl files, oldest first")
     a.set_defaults(func=cmd_apply)
 
 

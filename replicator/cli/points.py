@@ -8,6 +8,7 @@ import time
 from ..durable import output_path
 from ..errors import UsageError
 from ..replica import ReplicaStore
+from .common import add_json
 
 
 def register(sub) -> None:
@@ -15,7 +16,7 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="command", required=True)
     ls = cmds.add_parser("list", help="disks and their recovery points")
     ls.add_argument("--root", required=True, help="replica store root")
-    ls.add_argument("--json", action="store_true")
+    add_json(ls, "the disks and points")
     ls.set_defaults(func=cmd_list)
     for name, func, hlp in (("export", cmd_export, "write a recovery point as a standalone VHDX (failover)"),
                             ("test-failover", cmd_test, "a differencing disk of a point; replication continues")):

@@ -15,6 +15,7 @@ class ProgressBar:
         self.enabled = self.stream.isatty()
         self.label = label
         self.start = time.monotonic()
+        self.drawn = False
 
     def __call__(self, name: str, done: int, total: int) -> None:
         if not self.enabled or total <= 0:
@@ -26,10 +27,13 @@ class ProgressBar:
         self.stream.write(f"\r{self.label}{name} [{bar:<30}] {frac:6.1%} {human(done)} of {human(total)} "
                           f"ETA {eta:5.0f} s ")
         self.stream.flush()
+        self.drawn = True
 
     def close(self) -> None:
-        if self.enabled:
+        """End the bar's line; the next use (another cycle) starts a new one, with its own ETA."""
+        if self.drawn:
             self.stream.write("\n")
+        self.drawn, self.start = False, time.monotonic()
 
 
 class JobDisplay:

@@ -12,7 +12,8 @@ def register(sub) -> None:
     s.add_argument("--root", help="storage root for --allow entries that name none")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     s.add_argument("--port", type=int, help="default 8084 with certificates, 8083 with Kerberos")
-    s.add_argument("--auth", choices=("cert", "kerberos"), default="cert")
+    s.add_argument("--auth", choices=("cert", "kerberos"), default="cert",
+                   help="cert: HTTPS with mutual TLS (default); kerberos: HTTP with SPNEGO")
     s.add_argument("--cert", help="this server's certificate (certs issue)")
     s.add_argument("--key", help="its private key")
     s.add_argument("--ca", help="the CA certificate primaries' certificates must chain to")

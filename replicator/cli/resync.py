@@ -11,13 +11,13 @@ import time
 from ..disk.probe import open_disk
 from ..resync import (DEFAULT_BLOCK_SIZE, ResyncPaths, ResyncStats, checkpoint_path_for, manifest_path_for, resync,
                       scan)
-from .common import human, parse_size
+from .common import add_json, human, parse_size
 
 
 def register(sub) -> None:
     r = sub.add_parser("resync", help="make TARGET equal SOURCE, copying only the blocks whose digests differ")
-    r.add_argument("source")
-    r.add_argument("target")
+    r.add_argument("source", help="the disk to copy from (read only)")
+    r.add_argument("target", help="the disk to make equal to SOURCE")
     r.add_argument("--block-size", default="64K", help="comparison block size (default 64K)")
     r.add_argument("--manifest-dir", help="keep digest manifests here (default: DISK.digests next to each disk)")
     r.add_argument("--no-manifest", action="store_true", help="neither use nor save digest manifests")
@@ -25,11 +25,11 @@ def register(sub) -> None:
     r.add_argument("--json", action="store_true", help="print the statistics and change set as JSON")
     r.set_defaults(func=cmd_resync)
     s = sub.add_parser("scan", help="change set of a disk since its last digest manifest")
-    s.add_argument("disk")
+    s.add_argument("disk", help="the disk to scan")
     s.add_argument("--manifest", help="manifest path (default: DISK.digests)")
     s.add_argument("--block-size", help="block size for a new baseline (default 64K, or the manifest's)")
     s.add_argument("--no-save", action="store_true", help="do not replace the manifest with the new digests")
-    s.add_argument("--json", action="store_true")
+    add_json(s, "the change set")
     s.set_defaults(func=cmd_scan)
 
 

@@ -13,7 +13,7 @@ import urllib.request
 
 from ..errors import ReplicatorError, UsageError
 from ..orchestration.jobs import format_progress
-from .common import add_config
+from .common import add_config, add_json
 from .progress import JobDisplay
 
 POLL = 0.5          # seconds between looks at a followed job
@@ -22,12 +22,12 @@ POLL = 0.5          # seconds between looks at a followed job
 def register(sub) -> None:
     s = sub.add_parser("status", help="state and health of every protected machine (from replicatord)")
     add_config(s)
-    s.add_argument("--json", action="store_true")
+    add_json(s, "the daemon's status")
     s.set_defaults(func=cmd_status)
     m = sub.add_parser("machine", help="operate a protected machine through replicatord")
     add_config(m)
-    m.add_argument("name")
-    m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"))
+    m.add_argument("name", help="the machine's name in replicatord.toml")
+    m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"), help="the operation")
     m.add_argument("--wait", action="store_true",
                    help="follow the operation's job until it ends (a progress bar on a terminal)")
     m.set_defaults(func=cmd_machine)
@@ -37,7 +37,7 @@ def register(sub) -> None:
     j.add_argument("--machine", help="only this machine's jobs")
     j.add_argument("--follow", action="store_true",
                    help="follow the job (or every running job) until it ends; exit 1 when one failed")
-    j.add_argument("--json", action="store_true")
+    add_json(j, "the jobs")
     j.set_defaults(func=cmd_jobs)
 
 

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 from ..tracking.state import Sidecar
+from .common import add_json
 
 
 def register(sub) -> None:
@@ -25,8 +26,8 @@ def register(sub) -> None:
                    help="a log larger than this share of its disk forces a resync (default 0.5)")
     s.set_defaults(func=cmd_serve)
     t = cmds.add_parser("status", help="tracking state of a disk")
-    t.add_argument("disk")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("disk", help="a tracked VHDX")
+    add_json(t, "the state")
     t.set_defaults(func=cmd_status)
 
 

@@ -9,7 +9,7 @@ from ..disk.copy import copy_disk
 from ..disk.probe import FORMATS, create_disk, detect_format, open_disk
 from ..durable import output_path
 from ..errors import ConsistencyError, UsageError
-from .common import human, parse_size
+from .common import add_json, human, parse_size
 
 
 def register(sub) -> None:
@@ -17,39 +17,41 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="command", required=True)
 
     c = cmds.add_parser("create", help="create a VHDX (dynamic by default)")
-    c.add_argument("path")
+    c.add_argument("path", help="the VHDX file to create")
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (not with --parent)")
     kind = c.add_mutually_exclusive_group()
     kind.add_argument("--fixed", action="store_true", help="allocate every block now")
     kind.add_argument("--parent", help="make a differencing disk over this VHDX")
-    c.add_argument("--block-size", default="32M")
-    c.add_argument("--logical-sector-size", type=int, default=512, choices=(512, 4096))
-    c.add_argument("--physical-sector-size", type=int, default=4096, choices=(512, 4096))
+    c.add_argument("--block-size", default="32M", help="block size, 1M-256M (default 32M)")
+    c.add_argument("--logical-sector-size", type=int, default=512, choices=(512, 4096),
+                   help="sector size the guest sees (default 512)")
+    c.add_argument("--physical-sector-size", type=int, default=4096, choices=(512, 4096),
+                   help="sector size reported as physical (default 4096)")
     c.set_defaults(func=cmd_create)
 
     i = cmds.add_parser("info", help="describe a disk image")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("path", help="a VHDX, VHD or raw disk image")
+    add_json(i, "the description")
     i.set_defaults(func=cmd_info)
 
     k = cmds.add_parser("check", help="verify every structure; exit non-zero on any inconsistency")
-    k.add_argument("path")
+    k.add_argument("path", help="the VHDX file to check (never written to)")
     k.set_defaults(func=cmd_check)
 
     v = cmds.add_parser("convert", help="convert between raw, vhdx and vhd")
-    v.add_argument("source")
-    v.add_argument("target")
-    v.add_argument("-f", "--source-format", choices=FORMATS)
-    v.add_argument("-O", "--target-format", choices=FORMATS, required=True)
+    v.add_argument("source", help="the disk image to read")
+    v.add_argument("target", help="the image to create (must not exist; renamed into place when complete)")
+    v.add_argument("-f", "--source-format", choices=FORMATS, help="format of SOURCE (default: detected)")
+    v.add_argument("-O", "--target-format", choices=FORMATS, required=True, help="format of TARGET")
     v.add_argument("--subformat", choices=("dynamic", "fixed"), default="dynamic",
                    help="vhdx target: dynamic or fixed (vhd targets are always fixed)")
-    v.add_argument("--block-size", default="32M")
+    v.add_argument("--block-size", default="32M", help="vhdx target: block size (default 32M)")
     v.set_defaults(func=cmd_convert)
 
     t = cmds.add_parser("cat", help="write the virtual disk's bytes to stdout")
-    t.add_argument("path")
-    t.add_argument("--offset", default="0")
-    t.add_argument("--length")
+    t.add_argument("path", help="a VHDX, VHD or raw disk image")
+    t.add_argument("--offset", default="0", help="first byte, e.g. 1M (default 0)")
+    t.add_argument("--length", help="how many bytes, e.g. 4K (default: to the end)")
     t.set_defaults(func=cmd_cat)
 
 
