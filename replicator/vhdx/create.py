@@ -65,7 +65,7 @@ def create_vhdx(path: str, size: int, *, block_size: int = DEFAULT_BLOCK_SIZE, l
 
     locator = None
     if parent is not None:
-        with VhdxDisk.open(parent, read_only=True) as p:
+        with VhdxDisk.open(parent, read_only=True, _chain_lock=True) as p:    # refused before anything exists
             size, logical_sector_size = p.size, p.logical_sector_size
             locator = make_locator(path, parent, p.header.data_write_guid)
         fixed = False
