@@ -18,7 +18,7 @@ from ..errors import DiskIOError
 NBDMAGIC, IHAVEOPT, OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
 REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
 OPT_GO, REP_ACK, REP_INFO, INFO_EXPORT = 7, 1, 3, 0
-CMD_READ, CMD_DISC = 0, 2
+CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 MAX_READ = 32 << 20
 
 
@@ -91,6 +91,16 @@ class NbdClient:
                         raise DiskIOError(f"{self.socket_path}: the server closed the connection mid-read")
                     got += k
                 pos += n
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """A write, as a guest's (tests and tools; replicatord never writes a protected disk)."""
+        with self._lock:
+            self._handle += 1
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, self._handle, offset, len(data)))
+            self.sock.sendall(data)
+            magic, err, handle = struct.unpack(">IIQ", self._recv(16))
+            if magic != SIMPLE_REPLY_MAGIC or handle != self._handle or err:
+                raise DiskIOError(f"NBD write of {len(data)} bytes at {offset} failed (errno {err})")
 
     def close(self) -> None:
         sock = getattr(self, "sock", None)

@@ -78,6 +78,7 @@ class ExportProcess:
         self.watchers = 0
         self.serving = True
         self.done = asyncio.Event()
+        self._changing = asyncio.Lock()     # one change of tracking state at a time (a cut awaits its fsyncs)
         self._inodes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -121,6 +122,10 @@ class ExportProcess:
 
     async def shutdown(self) -> None:
         """Clean stop: clients disconnected, logs sealed, disks closed (their locks released)."""
+        async with self._changing:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
         if self.done.is_set():
             return
         await self.stop_serving()
@@ -162,7 +167,11 @@ class ExportProcess:
                         self.watchers += 1
                     continue
                 try:
-                    reply = {"ok": await self._do(op, req)}
+                    if op in ("hello", "extents", "dirty_extents"):
+                        reply = {"ok": await self._do(op, req)}
+                    else:
+                        async with self._changing:
+                            reply = {"ok": await self._do(op, req)}
                 except ReplicatorError as e:
                     reply = {"error": e.message, "type": type(e).__name__}
                 except (KeyError, TypeError, ValueError) as e:
@@ -190,8 +199,8 @@ class ExportProcess:
                     "disks": {n: d.path for n, d in self.disks.items()}, "clients": self.nbd_clients()}
         if op == "status":
             return {n: disk_status(d) for n, d in self.disks.items()}
-        if op == "cut":
-            sealed = self.group.cut()
+        if op == "cut":               # the guest's requests go on through the cut's fsyncs (tracker.cut)
+            sealed = await self.group.cut_async()
             return {n: {"sealed": _sealed(s), "status": disk_status(d)}
                     for (n, d), s in zip(self.disks.items(), sealed)}
         if op == "stop_serving":
@@ -199,11 +208,11 @@ class ExportProcess:
             return {"serving": False}
         if op == "detach":
             if req.get("exit_if_idle") and not self.nbd_clients():
-                await self.shutdown()
+                await self._shutdown()          # (control requests hold self._changing)
                 return {"exiting": True}
             return {"exiting": False, "clients": self.nbd_clients()}
         if op == "shutdown":
-            await self.shutdown()
+            await self._shutdown()
             return {"exiting": True}
         d = self._disk(req)
         if op == "acknowledge":

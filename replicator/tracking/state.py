@@ -15,6 +15,7 @@ import base64
 import enum
 import json
 import os
+import threading
 import zlib
 from dataclasses import asdict, dataclass, field
 
@@ -73,6 +74,8 @@ class Sidecar:
         self.state_path = os.path.join(self.dir, "state.json")
         self.bitmap_path = os.path.join(self.dir, "dirty.bitmap")
         self._bitmap_fd = -1
+        self._taken = self._written = 0
+        self._save_lock = threading.Lock()
 
     def exists(self) -> bool:
         return os.path.exists(self.state_path)
@@ -94,10 +97,24 @@ class Sidecar:
         return state
 
     def save(self, state: SidecarState) -> None:
-        try:
-            write_json_atomic(self.state_path, asdict(state))
-        except OSError as e:
-            raise DiskIOError(f"{self.state_path}: cannot save tracking state: {e.strerror}") from None
+        self.write(self.snapshot(state))
+
+    def snapshot(self, state: SidecarState) -> tuple[int, dict]:
+        """The state as it is now, numbered: taken where the state changes (the I/O path), written by
+        write() on any thread; an older snapshot never replaces a newer one."""
+        self._taken += 1
+        return self._taken, asdict(state)
+
+    def write(self, snap: tuple[int, dict]) -> None:
+        number, data = snap
+        with self._save_lock:
+            if number <= self._written:
+                return
+            try:
+                write_json_atomic(self.state_path, data)
+            except OSError as e:
+                raise DiskIOError(f"{self.state_path}: cannot save tracking state: {e.strerror}") from None
+            self._written = number
 
     # ---- dirty bitmap: one byte per 8 regions, rewritten in place
     def load_bitmap(self, n_regions: int) -> np.ndarray:

@@ -24,6 +24,17 @@ from .state import (DEFAULT_REGION_SIZE, SealedLogRecord, Sidecar, SidecarState,
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
+@dataclass
+class PendingCut:
+    """A cut between its pointer switch (on the I/O path) and its durable record (see TrackedDisk.cut)."""
+    log: HrlWriter
+    name: str
+    regions: np.ndarray
+    data_write_guid: uuid.UUID
+    header: object = None
+    error: str | None = None
+
+
 @dataclass(frozen=True)
 class SealedLog:
     path: str
@@ -120,7 +131,7 @@ class TrackedDisk:
     def reason(self) -> str | None:
         return self.state.reason
 
-    def _start_log(self) -> None:
+    def _start_log(self, save: bool = True) -> None:
         self.log: HrlWriter | None = None
         if self.resync_required:
             self.state.active_log = None
@@ -134,7 +145,8 @@ class TrackedDisk:
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
-        self.sidecar.save(self.state)
+        if save:
+            self.sidecar.save(self.state)
 
     def _require_resync(self, reason: str, persist: bool = True) -> None:
         """Enter RESYNC_REQUIRED; the first reason is kept, it is the one that explains the others."""
@@ -152,6 +164,10 @@ class TrackedDisk:
 
     def readinto(self, offset: int, buf) -> None:
         self.disk.readinto(offset, buf)
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        """DATA and ZERO ranges of the disk (NBD block status, sparse copies)."""
+        return self.disk.extents(offset, self.size - offset if length is None else length)
 
     def _mark(self, offset: int, length: int) -> None:
         """Durably mark the regions a write touches before the write itself (see state.py)."""
@@ -211,21 +227,60 @@ class TrackedDisk:
 
     # ------------------------------------------------------------------ cuts
     def cut(self) -> SealedLog | None:
-        """Seal the active log (the replica ships it) and chain a new one. None when resync is required."""
+        """Seal the active log (the replica ships it) and chain a new one. None when resync is required.
+
+        Three phases, so that the export process keeps the guest's requests flowing through the fsyncs:
+        cut_begin() on the I/O path is a pointer switch; cut_sync() on any thread makes the disk's data and
+        the sealed log durable; cut_record() back on the I/O path commits the metadata of blocks allocated
+        before the cut (rarely any) and records the log; then the state is saved (on any thread). A crash
+        anywhere in between leaves the log unsealed or unrecorded: the next open requires a resync."""
+        pending = self.cut_begin()
+        if pending is None:
+            return None
+        self.cut_sync(pending)
+        sealed = self.cut_record(pending)
+        self.sidecar.save(self.state)
+        return sealed
+
+    def cut_begin(self) -> PendingCut | None:
         if self.log is None:
             return None
-        self.disk.flush()
-        log, name = self.log, self.state.active_log
-        try:
-            header = log.seal(self.disk.data_write_guid)
-        except ReplicatorError as e:
-            self._require_resync(f"log write failed: {e.message}")
-            return None
-        self._record_sealed(name, header, log.data_bytes)
+        old = self.log
+        pending = PendingCut(old, self.state.active_log, self.cycle.copy(), self.disk.data_write_guid)
+        self.state.last_unique_id = str(old.unique_id)
         self._new_cycle()
-        self._start_log()
-        return SealedLog(os.path.join(self.sidecar.logs_dir, name), header.unique_id, header.previous_unique_id,
-                         log.data_bytes)
+        self._start_log(save=False)
+        return pending
+
+    def cut_sync(self, pending: PendingCut) -> None:
+        """Any thread: the disk's data up to the cut, then the sealed log, made durable (fsync is safe
+        beside the I/O path's writes; the old log is no longer touched by it)."""
+        try:
+            self.disk.io.fsync()
+            pending.header = pending.log.seal(pending.data_write_guid)
+        except ReplicatorError as e:
+            pending.error = e.message
+        except OSError as e:
+            pending.error = e.strerror or str(e)
+
+    def cut_record(self, pending: PendingCut) -> SealedLog | None:
+        if pending.error is not None:
+            pending.log.close()
+            self._require_resync(f"log write failed: {pending.error}", persist=False)
+            return None
+        try:
+            if self.disk._dirty_count():        # blocks allocated before the cut: their BAT entries
+                self.disk.flush()
+        except ReplicatorError as e:
+            self._require_resync(f"disk flush failed: {e.message}", persist=False)
+            return None
+        header, log = pending.header, pending.log
+        self.state.sealed_logs.append(SealedLogRecord(pending.name, str(header.unique_id),
+                                                      str(header.previous_unique_id), pack_regions(pending.regions),
+                                                      log.data_bytes))
+        self.state.data_write_guid = str(pending.data_write_guid)
+        return SealedLog(os.path.join(self.sidecar.logs_dir, pending.name), header.unique_id,
+                         header.previous_unique_id, log.data_bytes)
 
     def _record_sealed(self, name: str, header, data_bytes: int) -> None:
         self.state.sealed_logs.append(SealedLogRecord(name, str(header.unique_id), str(header.previous_unique_id),
@@ -332,3 +387,15 @@ class TrackingGroup:
     def cut(self) -> list[SealedLog | None]:
         # Callers run this between requests on the export's event loop, so no write is in flight.
         return [d.cut() for d in self.disks]
+
+    async def cut_async(self) -> list[SealedLog | None]:
+        """The same cut with the guest's requests flowing through its fsyncs: only the pointer switch (one
+        instant across the disks) runs on the loop; the caller serializes it with other state changes."""
+        import asyncio
+        pending = [d.cut_begin() for d in self.disks]
+        live = [(d, p) for d, p in zip(self.disks, pending) if p is not None]
+        await asyncio.to_thread(lambda: [d.cut_sync(p) for d, p in live])
+        sealed = [None if p is None else d.cut_record(p) for d, p in zip(self.disks, pending)]
+        snaps = [d.sidecar.snapshot(d.state) for d in self.disks]
+        await asyncio.to_thread(lambda: [d.sidecar.write(s) for d, s in zip(self.disks, snaps)])
+        return sealed

@@ -1,13 +1,14 @@
 """Two ways to run the primary side for orchestration tests, both on real disks and a real replica store:
 
 - `Machine`: one PrimaryMachine in this process on a FakeClock (the scheduler's), so windows and scheduled
-  starts can be crossed in milliseconds; writes go through its trackers on the export's loop.
+  starts can be crossed in milliseconds; writes go through its export process over NBD, as a guest's.
 - `Daemon`: replicatord as an operator runs it (a config file, the process, the CLI, qemu-io over NBD).
 
 Both compare bytes: the replica's image (ReplicaStore(root).disk(id).image_path) against the primary's.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -22,6 +23,7 @@ import urllib.request
 from replicator.daemon.primary import PrimaryMachine
 from replicator.orchestration import FakeClock, JobRegistry, parse_config
 from replicator.replica import ReplicaStore
+from replicator.tracking.nbdclient import NbdClient
 from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import tool
@@ -87,25 +89,29 @@ class Machine:
         return await self.pm.run_cycle()
 
     async def write(self, disk: str, offset: int, data: bytes) -> None:
-        async def do():
-            self.pm.disks[disk].write(offset, data)
-        await self.pm._on_export_loop(do())
+        """A guest's write, through the machine's export."""
+        client = NbdClient(self.pm.export.nbd_socket, disk)
+        try:
+            await asyncio.to_thread(client.pwrite, offset, data)
+        finally:
+            client.close()
 
     async def primary_bytes(self, disk: str) -> bytes:
-        async def do():
-            d = self.pm.disks[disk]
-            return d.read(0, d.size)
-        return await self.pm._on_export_loop(do())
+        d = self.pm.disks[disk].open_reader()
+        try:
+            return await asyncio.to_thread(d.read, 0, d.size)
+        finally:
+            d.close()
 
     async def replica_equals_primary(self, disk: str = "d0.vhdx") -> bool:
-        disk_id = str(self.pm.disks[disk].disk.virtual_disk_id)
+        disk_id = str(self.pm.disks[disk].virtual_disk_id)
         return replica_bytes(self.folder, disk_id) == await self.primary_bytes(disk)
 
     def set_time(self, ts: float) -> None:
         self.clock._now = ts                 # the machine reads the clock; nothing sleeps on it here
 
-    def close(self) -> None:
-        self.pm.stop()
+    async def close(self) -> None:
+        await self.pm.stop()
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ def test_scheduled_initial_replication_waits_for_its_time_of_day(tmp_path):
             assert job["bytes_done"] == job["bytes_total"] > 0
             assert await m.replica_equals_primary()
         finally:
-            m.close()
+            await m.close()
     run(main())
 
 
@@ -48,7 +48,7 @@ def test_the_scheduled_time_survives_a_restart_and_an_operator_can_start_early(t
     async def main():
         m = Machine(tmp_path, SCHEDULED, start=local_time(2025, 6, 2, 22, 30))    # just after 22:00: tomorrow
         assert await m.tick() is None and m.pm.due_at() == local_time(2025, 6, 3, 22)
-        m.close()
+        await m.close()
         m = Machine(tmp_path, SCHEDULED, start=local_time(2025, 6, 3, 9), reopen=True)
         try:
             assert m.pm.due_at() == local_time(2025, 6, 3, 22)               # not moved by the restart
@@ -57,7 +57,7 @@ def test_the_scheduled_time_survives_a_restart_and_an_operator_can_start_early(t
             assert job.state.value == "succeeded" and job.kind == "initial" and m.state == "Replicating"
             assert await m.replica_equals_primary()
         finally:
-            m.close()
+            await m.close()
     run(main())
 
 
@@ -72,7 +72,7 @@ def test_existing_mode_is_refused_for_a_target_that_cannot_level_a_copy(tmp_path
             await task
             assert job.state.value == "failed" and "cannot" in job.error
         finally:
-            m.close()
+            await m.close()
     run(main())
 
 

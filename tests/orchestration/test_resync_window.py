@@ -124,7 +124,7 @@ def test_automatic_resync_waits_for_its_window_then_runs(tmp_path):
             history = [h["to"] for h in m.pm.state.history]
             assert history[-3:] == ["WaitingForStartResynchronize", "Resynchronizing", "Replicating"]
         finally:
-            m.close()
+            await m.close()
     run(main())
 
 
@@ -148,7 +148,7 @@ def test_operator_resync_starts_at_once_outside_the_window(tmp_path):
             assert job.state.value == "succeeded" and m.state == "Replicating"
             assert await m.replica_equals_primary()
         finally:
-            m.close()
+            await m.close()
     run(main())
 
 
@@ -174,5 +174,5 @@ def test_manual_resync_waits_for_the_operator(tmp_path):
             assert job.state.value == "succeeded" and m.state == "Replicating"
             assert await m.replica_equals_primary()
         finally:
-            m.close()
+            await m.close()
     run(main())
