@@ -39,6 +39,16 @@ def register(sub) -> None:
                    help="follow the job (or every running job) until it ends; exit 1 when one failed")
     add_json(j, "the jobs")
     j.set_defaults(func=cmd_jobs)
+    r = sub.add_parser("reload", help="replicatord reads its configuration again (as SIGHUP and `systemctl "
+                       "reload` do); guests keep their disks; an invalid configuration changes nothing")
+    add_config(r)
+    r.set_defaults(func=cmd_reload)
+
+
+def cmd_reload(args) -> int:
+    call(args.config, "POST", "/v1/reload")
+    print("replicatord is reloading its configuration (the machines' exports stay)")
+    return 0
 
 
 def _admin(config_path: str):
