@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import random
@@ -125,7 +126,6 @@ def verify_image(vhdx_path, crash_consistent: bool = False, workdir=None) -> int
         with open(manifest) as f:
             lines = f.read().splitlines()
         bad, verified = [], 0
-        import hashlib
         for i, line in enumerate(lines):
             m = re.fullmatch(r"([0-9a-f]{64})  (data/\S+)", line)
             if not m:

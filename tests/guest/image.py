@@ -110,12 +110,14 @@ while [ ! -e /run/stop ]; do
     while [ $k -le $files ]; do
         f=data/r${n}_f${k}
         kb=$(( $(od -An -N2 -tu2 /dev/urandom) % maxkb + 1 ))
-        dd if=/dev/urandom of=/mnt/$f bs=1k count=$kb conv=fsync 2>/tmp/dd.err || io_error "dd $f rc=$? $(tail -n 1 /tmp/dd.err)"
+        dd if=/dev/urandom of=/mnt/$f bs=1k count=$kb conv=fsync 2>/tmp/dd.err ||
+            io_error "dd $f rc=$? $(tail -n 1 /tmp/dd.err)"
         (cd /mnt && sha256sum $f >>MANIFEST.sha256) || io_error "manifest $f rc=$?"
         k=$((k+1))
     done
     sync || io_error "sync round $n rc=$?"
-    grep -q '^/dev/vda /mnt ext4 rw' /proc/mounts || io_error "/mnt is not mounted read-write: $(grep /mnt /proc/mounts)"
+    grep -q '^/dev/vda /mnt ext4 rw' /proc/mounts ||
+        io_error "/mnt is not mounted read-write: $(grep /mnt /proc/mounts)"
     echo "GUEST_ROUND $n files=$files uptime=$(up)"
     [ "$pause" = 0 ] || sleep $pause
 done
@@ -399,9 +401,12 @@ def build(root: str | None = None) -> GuestImage:
         kv = sorted(os.listdir(os.path.join(kdir, "lib", "modules")))[-1]
         vmlinuz = os.path.join(kdir, "boot", f"vmlinuz-{kv}")
         agent = os.path.join(adir, "usr", "sbin", "qemu-ga")
+        if not os.path.exists(BUSYBOX) or subprocess.run(["ldd", BUSYBOX], capture_output=True).returncode == 0:
+            raise RuntimeError(f"{BUSYBOX} is missing or not static: install busybox-static (./tools/bootstrap)")
         libs = _libraries(agent)
         h = hashlib.sha256()
-        for part in (BUILD_VERSION, INIT, SHUTDOWN, " ".join(MODULES), kdir, adir):
+        parts = (BUILD_VERSION, INIT, SHUTDOWN, " ".join(MODULES), os.path.basename(kdir), os.path.basename(adir))
+        for part in parts:
             h.update(part.encode() + b"\0")
         for path in [BUSYBOX, *libs]:
             h.update(path.encode() + b"\0" + _sha256_file(path).encode())

@@ -42,8 +42,9 @@ def report(g, what: str) -> None:
         (r0, t0), (r1, t1) = times[0], times[-1]
         rate = (r1 - r0) / (t1 - t0) if t1 > t0 else float("inf")
         gaps = [b[1] - a[1] for a, b in zip(times, times[1:])]
-        log(f"{what}: GUEST_UP at guest {up.split()[-1]} s, {r1} rounds, {rate:.2f} rounds/s between round {r0} and {r1}, "
-            f"longest gap between rounds {max(gaps):.2f} s, qemu ran {g.elapsed():.1f} s")
+        log(f"{what}: GUEST_UP at guest {up.split()[-1]} s, {r1} rounds, "
+            f"{rate:.2f} rounds/s between round {r0} and {r1}, longest gap between rounds {max(gaps):.2f} s, "
+            f"qemu ran {g.elapsed():.1f} s")
 
 
 def assert_no_errors(g) -> None:
