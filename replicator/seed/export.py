@@ -116,29 +116,28 @@ def _write_volume(manifest, machine_dir, entry, tracker, start: int) -> int:
     with output_file(os.path.join(machine_dir, rel), replace=True) as f:   # a half volume is never left
         sink = _VolumeSink(f)
         with delta.DeltaEncoder(header, sink, compress=manifest.compress) as enc:
-            pos = _fill_volume(enc, sink, tracker, start, manifest.volume_size)
+            end = _fill_volume(enc, sink, tracker, start, manifest.volume_size)
             enc.finish()
-    entry.volumes.append(media.Volume(rel, stream_id, k + 1, start, pos, sink.size, sink.hasher.hexdigest()))
-    return pos if pos > start else tracker.size
+    entry.volumes.append(media.Volume(rel, stream_id, k + 1, start, end, sink.size, sink.hasher.hexdigest()))
+    return end
 
 
 def _fill_volume(enc, sink: _VolumeSink, tracker, start: int, volume_size: int) -> int:
     """Data from `start` while the volume can still take a whole chunk with room for what the encoder holds
-    and the trailer: a volume never exceeds volume_size. Returns where the next volume starts."""
-    pos, added = start, 0
+    and the trailer: a volume never exceeds volume_size. Returns the end of the range it covers, where the
+    next volume starts: the end of the disk when it took everything that was left (zeros need nothing)."""
+    added = 0
     buf = bytearray(CHUNK)
     for ext in tracker.disk.extents(start, tracker.size - start):
         if ext.kind is ExtentKind.ZERO:            # the new replica reads as zeros already
-            pos = ext.end
             continue
         for at in range(ext.offset, ext.end, CHUNK):
             held = added - enc.stats.plain_bytes - enc.stats.zeroed_bytes
             if added and sink.size + volume_reserve(held) > volume_size:
-                return pos
+                return at
             n = min(CHUNK, ext.end - at)
             view = memoryview(buf)[:n]
             tracker.disk.readinto(at, view)
             enc.add_data(at, view)
             added += n
-            pos = at + n
-    return pos
+    return tracker.size

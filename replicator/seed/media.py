@@ -182,6 +182,8 @@ class _Checker:
                 raise self.bad(f"disks[{k}].disk_id", f"disk {disk.disk_id} is listed twice")
             seen.add(disk.disk_id)
             m.disks.append(disk)
+        if not m.disks:
+            raise self.bad("disks", "the seed holds no disk")
         return m
 
     def disk(self, raw, where: str) -> SeedDisk:
@@ -204,12 +206,15 @@ class _Checker:
         if disk.size % disk.logical_sector_size:
             raise self.bad(f"{where}.size", f"{disk.size} is not a multiple of the sector size")
         files = set()
-        for k, v in enumerate(self.list(raw.get("volumes", []), f"{where}.volumes")):
+        for k, v in enumerate(self.list(raw["volumes"], f"{where}.volumes")):
             vol = self.volume(v, f"{where}.volumes[{k}]", disk, k)
             if vol.file in files:
                 raise self.bad(f"{where}.volumes[{k}].file", f"{vol.file} is listed twice")
             files.add(vol.file)
             disk.volumes.append(vol)
+        if disk.complete and (not disk.volumes or disk.volumes[-1].end != disk.size):
+            raise self.bad(f"{where}.volumes", f"the export is marked complete, but its volumes cover "
+                           f"{disk.volumes[-1].end if disk.volumes else 0} of {disk.size} bytes")
         return disk
 
     def volume(self, raw, where: str, disk: SeedDisk, k: int) -> Volume:
@@ -238,7 +243,7 @@ class _Checker:
         return vol
 
 
-_OPTIONAL = {"SeedDisk": ("volumes", "complete")}
+_OPTIONAL = {"SeedDisk": ("complete",)}
 
 
 def _kind(value) -> str:
