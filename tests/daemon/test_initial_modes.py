@@ -77,10 +77,10 @@ def test_existing_mode_is_refused_for_a_target_that_cannot_level_a_copy(tmp_path
 
 
 def test_scheduled_start_wakes_a_real_daemon_at_its_moment(tmp_path):
-    at = dt.datetime.now() + dt.timedelta(seconds=4)
+    at = dt.datetime.now() + dt.timedelta(seconds=12)
     if at.date() != dt.date.today():                 # keep the time of day on this side of midnight
         time.sleep(5)
-        at = dt.datetime.now() + dt.timedelta(seconds=4)
+        at = dt.datetime.now() + dt.timedelta(seconds=12)
     d = Daemon(tmp_path, f'initial_replication = {{ mode = "scheduled", at = {at.strftime("%H:%M:%S")} }}',
                disks=(("d0.vhdx", 16),))
     try:
