@@ -6,6 +6,7 @@ A copy is only reported once its content digest equals the snapshot's; a copy th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -64,16 +65,21 @@ async def failover(target: AzureTarget, disk_id, *, generation: int | None = Non
     meta = {PREFIX + "failover_of": str(uuid.UUID(str(disk_id))), PREFIX + "generation": str(point.generation),
             PREFIX + "time": repr(point.time), PREFIX + "consistency": point.consistency,
             PREFIX + "test": "1" if test else "0"}
-    res = await target._call(f"copy {point.snapshot} to {name}", dst.start_copy_from_url, src.url, metadata=meta)
-    await wait_copy(target, dst, res, f"copy to {name}")
-    size = (await target._call(f"read {name}", dst.get_blob_properties)).size
-    digest = await blob_digest(target, dst, size)
-    if verify:
-        want = await blob_digest(target, src, size)
-        if want != digest:
-            await target._call(f"delete bad copy {name}", dst.delete_blob)
-            raise VerifyError(f"copy of point {point.generation} to {name} differs from the snapshot "
-                              f"({digest.hex()} != {want.hex()}); the copy was deleted")
+    try:        # as with files (durable.output_path): a copy that did not finish and verify is not left behind
+        res = await target._call(f"copy {point.snapshot} to {name}", dst.start_copy_from_url, src.url,
+                                 metadata=meta)
+        await wait_copy(target, dst, res, f"copy to {name}")
+        size = (await target._call(f"read {name}", dst.get_blob_properties)).size
+        digest = await blob_digest(target, dst, size)
+        if verify:
+            want = await blob_digest(target, src, size)
+            if want != digest:
+                raise VerifyError(f"copy of point {point.generation} to {name} differs from the snapshot "
+                                  f"({digest.hex()} != {want.hex()}); the copy was deleted")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(target._call(f"delete unfinished copy {name}", dst.delete_blob))
+        raise
     return FailoverResult(name, dst.url.split("?")[0], point.generation, point.time, point.consistency, test,
                           digest.hex(), size, time.monotonic() - start)
 
