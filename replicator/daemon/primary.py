@@ -659,10 +659,13 @@ class PrimaryMachine:
                 "export": {"pid": self.export.pid, "serving": self.exporting},
                 "last_cycle": self.last_result}
 
-    async def stop(self) -> None:
-        """replicatord stops: the export stays while a guest is connected to it (else it closes)."""
+    async def stop(self, final: bool = False) -> None:
+        """replicatord stops: the export stays while a guest is connected to it (else it closes).
+        final: the machine is no longer protected here; its export ends, clients or not."""
         await self.target.close()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.export.watch_fd())
-        if not await asyncio.to_thread(self.export.detach):
+        if final:
+            await asyncio.to_thread(self.export.shutdown)
+        elif not await asyncio.to_thread(self.export.detach):
             log.info("%s: its export (pid %d) keeps serving the guest", self.name, self.export.pid)

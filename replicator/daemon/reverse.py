@@ -113,7 +113,7 @@ class ReverseReplication:
         if not pm.state.can(event):
             raise StateError(f"{name}: accepting reverse replication is not possible in state {pm.state.state.value}")
         store = self._store_for(principal, name)
-        disks = {str(d.disk.virtual_disk_id): (n, d.path) for n, d in pm.disks.items()}
+        disks = {str(d.virtual_disk_id): (n, d.path) for n, d in pm.disks.items()}
         self._begin(name)
         try:
             await self._unprotect(name)
@@ -174,4 +174,4 @@ class ReverseReplication:
             await d.scheduler.remove(name)
         pm = d.machines.pop(name)
         await asyncio.gather(*pm.tasks, return_exceptions=True)
-        await asyncio.to_thread(pm.stop)
+        await pm.stop(final=True)           # the disks become the replica: their export ends for good

@@ -95,6 +95,7 @@ class Machine:
             await asyncio.to_thread(client.pwrite, offset, data)
         finally:
             client.close()
+        await asyncio.to_thread(self.pm.export.refresh)      # what the trackers made of it (a resync trigger)
 
     async def primary_bytes(self, disk: str) -> bytes:
         d = self.pm.disks[disk].open_reader()
