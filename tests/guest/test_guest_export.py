@@ -161,7 +161,10 @@ def test_guest_carries_on_when_export_is_killed_and_restarted(tmp_path, guest):
         stop_serve(serve, sig=9)
         time.sleep(1)
         serve = start_serve([disk], sock)
-        log(f"export restarted {time.monotonic() - killed_at:.1f} s after the kill: {serve.lines}")
+        restarted_at = time.monotonic()
+        log(f"export restarted {restarted_at - killed_at:.1f} s after the kill: {serve.lines}")
+        guest.wait_rounds(before + 2, 120)
+        log(f"round {before + 2} done {time.monotonic() - restarted_at:.1f} s after the restart")
 
         guest.wait_rounds(before + 5, 120)
         log(f"round {before + 5} reached {time.monotonic() - killed_at:.1f} s after the kill")
@@ -171,9 +174,11 @@ def test_guest_carries_on_when_export_is_killed_and_restarted(tmp_path, guest):
         report(guest, f"export killed -9 and restarted, shutdown {took:.1f} s")
         assert_no_errors(guest)
         rounds = guest.rounds()
-    finally:
+    except BaseException:
         if serve.poll() is None:
-            stop_serve(serve)
+            stop_serve(serve, sig=9)          # the test's own failure is the one to report
+        raise
+    stop_serve(serve)                         # a clean stop: checked
     log(f"restarted export's output: {serve.lines}")
     assert verify_image(disk) == FILES * rounds
 
