@@ -66,7 +66,7 @@ EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22
 MAX_OPTION = 64 << 10
 MAX_PAYLOAD = 32 << 20
 MAX_CACHE = 32 << 20                 # CACHE warms at most this much of a request (the rest is a no-op)
-HOLE_CHUNKS_FROM = 64 << 10          # structured reads this long or longer send zero extents as holes
+HOLE_CHUNKS_FROM = 128 << 10         # structured reads this long or longer send zero extents as holes
 FLUSH_REPLIES_AT = 256 << 10         # queued reply bytes that are handed to the transport mid-batch
 WRITE_HIGH, WRITE_LOW = 4 << 20, 1 << 20
 _ZEROS = bytes(1 << 20)
@@ -161,7 +161,7 @@ class NbdServer:
         self.default = exports[0] if len(exports) == 1 else None
         self.clients: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.stats = {"connections": 0, "protocol_errors": 0, "requests": 0}
+        self.stats = {"connections": 0, "protocol_errors": 0, "requests": 0, "block_status": 0}
 
     async def start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -603,6 +603,7 @@ class _Connection(asyncio.Protocol):
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
         disk = self.export.disk
+        self.stats["block_status"] += 1
         if not self.block_status:
             return self._error(CMD_BLOCK_STATUS, cookie, EINVAL, "no metadata context was selected")
         if length == 0 or offset + length > disk.size:
