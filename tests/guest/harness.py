@@ -260,16 +260,81 @@ class Qmp:
         self.conn.close()
 
 
+# --------------------------------------------------------------------------- the console
+class ConsoleLog:
+    """The guest's serial console as a file (qemu `-serial file:`, or libvirt's `<serial type='file'>`):
+    the writer loop's markers (image.py) and the errors. `alive()` says whether the VM still runs (a
+    waiting call fails at once when it does not); `describe()` adds to a failure's message."""
+
+    def __init__(self, path, alive=lambda: True, describe=lambda: ""):
+        self.console_path = str(path)
+        self.alive, self.describe = alive, describe
+
+    def console(self) -> str:
+        try:
+            with open(self.console_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def lines(self) -> list[str]:
+        return [line.rstrip("\r") for line in self.console().split("\n")]
+
+    def tail(self, n: int = 40) -> str:
+        extra = self.describe()
+        return "--- console (last lines) ---\n" + "\n".join(self.lines()[-n:]) + (f"\n{extra}" if extra else "")
+
+    def rounds(self) -> int:
+        """The highest round the guest reported finished (all its data synced to the disk)."""
+        found = re.findall(r"GUEST_ROUND (\d+)", self.console())
+        return max(map(int, found)) if found else 0
+
+    def round_times(self) -> list[tuple[int, float]]:
+        """(round, guest uptime in seconds) of every GUEST_ROUND line."""
+        return [(int(n), float(u)) for n, u in re.findall(r"GUEST_ROUND (\d+) files=\d+ uptime=([\d.]+)",
+                                                           self.console())]
+
+    def errors(self) -> list[str]:
+        """Every console line that says the guest saw an I/O problem."""
+        return [line for line in self.lines()
+                if any(m in line for m in ERROR_MARKERS) or KERNEL_ERROR_RE.search(line)]
+
+    def _wait(self, done, what: str, timeout: float, allow_errors: bool):
+        deadline = time.monotonic() + timeout
+        while True:
+            result = done()
+            if result:
+                return result
+            if not allow_errors and self.errors():
+                raise GuestError(f"error lines while waiting for {what}: {self.errors()}\n{self.tail()}")
+            if not self.alive():
+                raise GuestError(f"the VM stopped before {what}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise GuestError(f"no {what} within {timeout} s (at round {self.rounds()})\n{self.tail()}")
+            time.sleep(0.1)
+
+    def wait_for(self, marker: str, timeout: float = 120, allow_errors: bool = False) -> str:
+        """The first console line containing `marker`, waiting up to `timeout` seconds. Raises GuestError
+        when the VM stops first, or (unless allow_errors) when an error line shows up meanwhile."""
+        return self._wait(lambda: next((line for line in self.lines() if marker in line), None),
+                          repr(marker), timeout, allow_errors)
+
+    def wait_rounds(self, n: int, timeout: float = 120, allow_errors: bool = False) -> int:
+        """Wait until the guest has finished round n (rounds count on across boots of one disk)."""
+        return self._wait(lambda: self.rounds() if self.rounds() >= n else 0, f"round {n}", timeout,
+                          allow_errors)
+
+
 # --------------------------------------------------------------------------- the guest
-class Guest:
+class Guest(ConsoleLog):
     """One qemu-system-x86_64 (TCG, nice 19) booting the cached kernel + initramfs, its disk an NBD
     export. Files in `workdir`: console.log (ttyS0), qemu.log (qemu's stderr), qga.sock, qmp.sock."""
 
     def __init__(self, workdir, image: guest_image.GuestImage | None = None):
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
+        super().__init__(os.path.join(self.workdir, "console.log"), self.running, self._qemu_stderr)
         self.image = image
-        self.console_path = os.path.join(self.workdir, "console.log")
         self.qemu_log = os.path.join(self.workdir, "qemu.log")
         self.qga_path = os.path.join(self.workdir, "qga.sock")
         self.qmp_path = os.path.join(self.workdir, "qmp.sock")
@@ -291,8 +356,7 @@ class Guest:
                 os.unlink(p)
         nbd = {"driver": "nbd", "node-name": "nbd0", "export": export, "reconnect-delay": int(reconnect_delay),
                "server": {"type": "unix", "path": str(nbd_socket)}}
-        cmdline = (f"console=ttyS0 panic=-1 quiet guest.files={files} guest.maxkb={maxkb} "
-                   f"guest.pause={pause} {append}").strip()
+        cmdline = guest_image.kernel_cmdline(files=files, maxkb=maxkb, pause=pause, extra=append)
         argv = ["nice", "-n", "19", QEMU, "-nodefaults", "-no-user-config", "-machine", "q35,accel=tcg",
                 "-cpu", "max", "-smp", "1", "-m", str(memory_mb), "-display", "none", "-no-reboot",
                 "-kernel", self.image.kernel, "-initrd", self.image.initramfs, "-append", cmdline,
@@ -311,6 +375,14 @@ class Guest:
         _log(f"qemu pid {self.proc.pid} started, disk nbd+unix:///{export}?socket={nbd_socket} "
              f"reconnect-delay={reconnect_delay}")
         return self
+
+    def _qemu_stderr(self) -> str:
+        text = ""
+        with contextlib.suppress(FileNotFoundError):
+            with open(self.qemu_log, errors="replace") as f:
+                text = f.read()[-2000:]
+        exit_status = f"qemu exit status {self.proc.returncode}\n" if self.proc and self.proc.poll() is not None else ""
+        return exit_status + (f"--- qemu stderr ---\n{text}" if text.strip() else "")
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -354,71 +426,6 @@ class Guest:
 
     def __exit__(self, *exc) -> None:
         self.kill()
-
-    # ----------------------------------------------------------------- the console
-    def console(self) -> str:
-        try:
-            with open(self.console_path, "rb") as f:
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def lines(self) -> list[str]:
-        return [line.rstrip("\r") for line in self.console().split("\n")]
-
-    def tail(self, n: int = 40) -> str:
-        qemu = ""
-        with contextlib.suppress(FileNotFoundError):
-            with open(self.qemu_log, errors="replace") as f:
-                qemu = f.read()[-2000:]
-        return "--- console (last lines) ---\n" + "\n".join(self.lines()[-n:]) + \
-            ("\n--- qemu stderr ---\n" + qemu if qemu.strip() else "")
-
-    def rounds(self) -> int:
-        """The highest round the guest reported finished (all its data synced to the disk)."""
-        found = re.findall(r"GUEST_ROUND (\d+)", self.console())
-        return max(map(int, found)) if found else 0
-
-    def round_times(self) -> list[tuple[int, float]]:
-        """(round, guest uptime in seconds) of every GUEST_ROUND line."""
-        return [(int(n), float(u)) for n, u in re.findall(r"GUEST_ROUND (\d+) files=\d+ uptime=([\d.]+)",
-                                                           self.console())]
-
-    def errors(self) -> list[str]:
-        """Every console line that says the guest saw an I/O problem."""
-        return [line for line in self.lines()
-                if any(m in line for m in ERROR_MARKERS) or KERNEL_ERROR_RE.search(line)]
-
-    def wait_for(self, marker: str, timeout: float = 120, allow_errors: bool = False) -> str:
-        """The first console line containing `marker`, waiting up to `timeout` seconds. Raises GuestError
-        when qemu exits first, or (unless allow_errors) when an error line shows up meanwhile."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines():
-                if marker in line:
-                    return line
-            if not allow_errors and self.errors():
-                raise GuestError(f"error lines while waiting for {marker!r}: {self.errors()}\n{self.tail()}")
-            if not self.running():
-                raise GuestError(f"qemu exited ({self.proc and self.proc.returncode}) before {marker!r}\n"
-                                 f"{self.tail()}")
-            if time.monotonic() > deadline:
-                raise GuestError(f"no {marker!r} within {timeout} s\n{self.tail()}")
-            time.sleep(0.1)
-
-    def wait_rounds(self, n: int, timeout: float = 120, allow_errors: bool = False) -> int:
-        """Wait until the guest has finished round n (counted from round 1 of this disk); returns rounds()."""
-        deadline = time.monotonic() + timeout
-        while self.rounds() < n:
-            if not allow_errors and self.errors():
-                raise GuestError(f"error lines while waiting for round {n}: {self.errors()}\n{self.tail()}")
-            if not self.running():
-                raise GuestError(f"qemu exited ({self.proc and self.proc.returncode}) before round {n}\n"
-                                 f"{self.tail()}")
-            if time.monotonic() > deadline:
-                raise GuestError(f"round {n} not reached within {timeout} s (at {self.rounds()})\n{self.tail()}")
-            time.sleep(0.1)
-        return self.rounds()
 
     # ----------------------------------------------------------------- the agent and the monitor
     def agent(self, cmd: str, timeout: float = 60, **args):

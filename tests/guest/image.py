@@ -136,6 +136,12 @@ class GuestImage:
     kernel_version: str
 
 
+def kernel_cmdline(files: int = 4, maxkb: int = 64, pause: float = 0, extra: str = "") -> str:
+    """The kernel command line for this guest (console on ttyS0, the writer loop's knobs); for a libvirt
+    domain it is `<cmdline>`, with `<kernel>` and `<initrd>` from GuestImage."""
+    return f"console=ttyS0 panic=-1 quiet guest.files={files} guest.maxkb={maxkb} guest.pause={pause} {extra}".strip()
+
+
 # --------------------------------------------------------------------------- cache and .deb handling
 def cache_root() -> str:
     env = os.environ.get("REPLICATOR_GUEST_CACHE")
