@@ -195,10 +195,10 @@ def test_harness_sees_io_errors_when_export_stays_away(tmp_path, guest):
     finally:
         svc.stop()
     t = time.monotonic()
-    deadline = t + 90
-    while not guest.errors():
-        assert guest.running() and time.monotonic() < deadline, f"no error line\n{guest.tail()}"
+    while not guest.errors():                       # the kernel's own console lines come first
+        assert guest.running() and time.monotonic() < t + 90, f"no error line\n{guest.tail()}"
         time.sleep(0.2)
-    time.sleep(1)
     log(f"guest reported errors {time.monotonic() - t:.1f} s after the export stopped: {guest.errors()[:4]}")
-    assert any("GUEST_IO_ERROR" in e or "GUEST_KERNEL_ERROR" in e for e in guest.errors())
+    # and the guest's own reports: a failed command, or the kmsg watcher
+    guest.wait_for("GUEST_IO_ERROR", 60, allow_errors=True)
+    guest.wait_for("GUEST_KERNEL_ERROR", 60, allow_errors=True)
