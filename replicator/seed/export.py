@@ -109,8 +109,11 @@ def _write_volume(manifest, machine_dir, entry, tracker, start: int) -> int:
     k = len(entry.volumes)
     rel = os.path.join(entry.disk_id, f"{k + 1:04d}.delta")
     stream_id = uuid.uuid4().hex
+    # read through a running export (replicatord), the volumes are a fuzzy copy: whole with the log after it
+    fuzzy = getattr(tracker, "blocking", False)
     header = delta.StreamHeader(disk_id=uuid.UUID(entry.disk_id), disk_size=entry.size, block_size=CHUNK,
-                                generation=k + 1, base_generation=k, consistency="crash", source_logs=[],
+                                generation=k + 1, base_generation=k,
+                                consistency="inconsistent" if fuzzy else "crash", source_logs=[],
                                 created=entry.created, kind="full", extra={"seed": manifest.machine,
                                                                            "volume": k + 1})
     with output_file(os.path.join(machine_dir, rel), replace=True) as f:   # a half volume is never left
