@@ -26,6 +26,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import random
+import time
 from dataclasses import dataclass
 
 from ..errors import ImageLocked
@@ -46,6 +48,7 @@ _GETLK = getattr(fcntl, "F_OFD_GETLK", None)
 # where the file system cannot lock (some FUSE and network file systems) the image is used unlocked,
 # as QEMU's locking=auto does
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_ATTEMPTS = 4
 
 
 class _Flock(ctypes.Structure):
@@ -65,33 +68,51 @@ def _bits(mask: int):
 
 def lock_image(fd: int, path: str, write: bool) -> None:
     """Take QEMU's locks for a writer (write=True) or a reader that refuses writers (write=False) on `fd`,
-    or raise ImageLocked naming the holder. The locks last until the descriptor's description is closed."""
+    or raise ImageLocked naming the holder. The locks last until the descriptor's description is closed.
+
+    Two processes opening at the same instant can each see the other's half-taken locks; both then step
+    back and try again after a random pause (QEMU itself does not retry), so one of them gets the image
+    and a holder that is really there is still refused within a tenth of a second."""
     if _SETLK is None:
         return
-    perm, shared = WRITER if write else READER
+    for attempt in range(_ATTEMPTS):
+        conflict = _try_lock(fd, *(WRITER if write else READER))
+        if conflict is None:
+            return
+        if attempt + 1 < _ATTEMPTS:
+            time.sleep(random.uniform(0.005, 0.03))
+    byte, words = conflict
+    raise ImageLocked(_message(fd, path, write, byte, words))
+
+
+def _try_lock(fd: int, perm: int, shared: int) -> tuple[int, str] | None:
+    """Lock our bytes, then look for others' (so two racing openers cannot both pass). None when the
+    image is ours; else the conflicting byte and QEMU's words for it, with our locks dropped again."""
     wanted = [PERM_BASE + i for i, _ in _bits(perm)] + [SHARED_BASE + i for i, _ in _bits(ALL & ~shared)]
     try:
-        for byte in wanted:                  # first mark ours, then look: two racing openers cannot both pass
+        for byte in wanted:
             try:
                 _fcntl(fd, _SETLK, fcntl.F_RDLCK, byte)
             except OSError as e:
                 if e.errno in _NO_LOCKS:
                     unlock_image(fd)
-                    return
+                    return None
                 if e.errno in (errno.EAGAIN, errno.EACCES):   # someone holds a write lock on the byte
-                    raise ImageLocked(_message(fd, path, write, byte, "lock byte %d" % byte)) from None
+                    unlock_image(fd)
+                    return byte, f"failed to lock byte {byte}"
                 raise
         for i, bit in _bits(perm):
             if _conflicts(fd, SHARED_BASE + i):
-                raise ImageLocked(_message(fd, path, write, SHARED_BASE + i,
-                                           f'failed to get "{PERM_NAMES[bit]}" lock'))
+                unlock_image(fd)
+                return SHARED_BASE + i, f'failed to get "{PERM_NAMES[bit]}" lock'
         for i, bit in _bits(ALL & ~shared):
             if _conflicts(fd, PERM_BASE + i):
-                raise ImageLocked(_message(fd, path, write, PERM_BASE + i,
-                                           f'failed to get shared "{PERM_NAMES[bit]}" lock'))
+                unlock_image(fd)
+                return PERM_BASE + i, f'failed to get shared "{PERM_NAMES[bit]}" lock'
     except BaseException:
         unlock_image(fd)
         raise
+    return None
 
 
 def unlock_image(fd: int) -> None:
@@ -200,7 +221,7 @@ def describe_holder(fd: int, byte: int) -> str:
     pick = with_byte or with_locks or holders
     if not pick:
         what = "writes it" if byte < SHARED_BASE else "lets nobody write it"
-        return f"another process (not visible to this user) {what}"
+        return f"another process {what} (it has just closed it, or /proc does not show it to this user)"
     h = pick[0]
     who = f"this process (pid {h.pid})" if h.pid == os.getpid() else f"pid {h.pid} ({h.command})"
     role = _role(h.locked) if h.locked else ("writes it" if byte < SHARED_BASE else "has it open")

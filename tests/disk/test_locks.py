@@ -379,3 +379,55 @@ def test_the_bytes_are_qemus(tmp_path):
 
     assert qemu_bytes(read_only=False) == our_bytes(write=True) == [100, 101, 103, 201, 203]
     assert qemu_bytes(read_only=True) == our_bytes(write=False) == [100, 201, 203]
+
+
+# ------------------------------------------------------------------------------------- racing openers
+def test_an_opener_that_steps_away_does_not_refuse_us(tmp_path):
+    """Another description holding one of the bytes for a few milliseconds (a racing opener that lost and
+    dropped its locks) does not make us refuse; one that stays does."""
+    import threading
+
+    from replicator.disk import locks
+    disk = make_vhdx(tmp_path / "vm.vhdx")
+    passing = os.open(disk, os.O_RDONLY)
+    locks._fcntl(passing, locks._SETLK, locks.fcntl.F_RDLCK, 201)
+    threading.Timer(0.003, os.close, (passing,)).start()
+    with open_vhdx(disk, read_only=False):
+        pass
+    staying = os.open(disk, os.O_RDONLY)
+    try:
+        locks._fcntl(staying, locks._SETLK, locks.fcntl.F_RDLCK, 201)
+        with pytest.raises(ImageLocked, match='"write" lock'):
+            open_vhdx(disk, read_only=False)
+    finally:
+        os.close(staying)
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from replicator.errors import ImageLocked
+    from replicator.vhdx import open_vhdx
+    sys.stdin.readline()
+    try:
+        d = open_vhdx(sys.argv[1], read_only=False)
+    except ImageLocked:
+        print("refused", flush=True)
+    else:
+        print("opened", flush=True)
+        time.sleep(1.5)
+        d.close()
+""")
+
+
+def test_of_four_processes_opening_at_once_exactly_one_gets_the_disk(tmp_path):
+    disk = make_vhdx(tmp_path / "vm.vhdx")
+    for _ in range(2):
+        procs = [subprocess.Popen([sys.executable, "-c", RACER, disk], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        time.sleep(1.5)                                     # all imported and waiting on their stdin
+        for p in procs:
+            p.stdin.write("go\n")
+        for p in procs:
+            p.stdin.flush()
+        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert results == ["opened", "refused", "refused", "refused"], results
