@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 
 import pytest
 
@@ -360,4 +361,72 @@ def test_many_abusers_then_real_clients(env):
             assert c.flags().go() == SIZE
             c.request(N.CMD_WRITE, 6 * MiB, 512, b"\x99" * 100)
             c.close()
+    env.assert_healthy()
+
+
+def test_unread_replies_pause_the_connection(env):
+    """A client that sends many reads and does not read the replies: the server stops serving it once its
+    reply buffer is full (bounded memory), serves others meanwhile, and carries on in order once the client
+    reads."""
+    c = opened(env)
+    n = 120
+    c.send(b"".join(struct.pack(">IHHQQI", N.REQUEST_MAGIC, 0, N.CMD_READ, i, 6 * MiB, MiB) for i in range(n)))
+    before = env.svc.server.stats["requests"]
+    time.sleep(0.5)
+    served = env.svc.server.stats["requests"]
+    time.sleep(0.5)
+    assert env.svc.server.stats["requests"] == served, "the server kept serving a client that does not read"
+    assert served - before < 24, f"{served - before} MiB of replies queued for a client that reads nothing"
+    # another client is served while this one is paused
+    assert nbdinfo_json(env.svc.uri("disk"))["exports"][0]["export-size"] == SIZE
+    for i in range(n):
+        assert c.simple_reply(MiB) == (0, i, FILL)
+    c.close()
+    env.assert_healthy()
+
+
+def test_invalid_flags_keep_the_stream_in_step(env):
+    """A write with a flag that is not valid for it is refused, and its payload is still consumed."""
+    c = opened(env)
+    c.request(N.CMD_WRITE, 6 * MiB, 4096, b"\x99" * 4096, handle=1, flags=N.CMD_FLAG_DF)
+    assert c.simple_reply() == (errno.EINVAL, 1, b"")
+    c.request(N.CMD_WRITE, 6 * MiB, 4096, b"\x99" * 4096, handle=2, flags=0x8000)
+    assert c.simple_reply() == (errno.EINVAL, 2, b"")
+    c.request(N.CMD_WRITE_ZEROES, 6 * MiB, 4096, handle=3, flags=N.CMD_FLAG_REQ_ONE)
+    assert c.simple_reply() == (errno.EINVAL, 3, b"")
+    c.request(N.CMD_FLUSH, 0, 0, handle=4, flags=N.CMD_FLAG_FUA)          # FUA is accepted everywhere
+    assert c.simple_reply() == (0, 4, b"")
+    c.request(N.CMD_READ, 6 * MiB, 4096, handle=5)
+    assert c.simple_reply(4096) == (0, 5, FILL[:4096])
+    c.close()
+    env.assert_healthy()
+
+
+def test_hostile_structured_negotiation(env):
+    """Oversized or inconsistent metadata-context options and block status requests: ERR_INVALID or EINVAL
+    error chunks, and the session goes on."""
+    c = env.connect().flags()
+    c.option(N.OPT_STRUCTURED_REPLY)
+    assert c.reply()[:2] == (N.OPT_STRUCTURED_REPLY, N.REP_ACK)
+    for bad in (struct.pack(">I", 0xFFFFFFFF) + b"disk", struct.pack(">I", 4) + b"disk" + struct.pack(">I", 1 << 30),
+                struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 0xFFFFFF00) + b"base:allocation"):
+        c.option(N.OPT_LIST_META_CONTEXT, bad)
+        assert c.reply()[:2] == (N.OPT_LIST_META_CONTEXT, N.REP_ERR_INVALID)
+    q = b"base:allocation"
+    c.option(N.OPT_SET_META_CONTEXT, struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, len(q)) + q)
+    assert c.reply()[1] == N.REP_META_CONTEXT and c.reply()[1] == N.REP_ACK
+    assert c.go() == SIZE
+    for i, (off, length) in enumerate([(0, 0xFFFFFFFF), (2**64 - 1, 1), (SIZE, 512)]):
+        c.request(N.CMD_BLOCK_STATUS, off, length, handle=10 + i)
+        magic, flags, kind, handle, n = struct.unpack(">IHHQI", c.recv(20))
+        payload = c.recv(n)
+        assert (magic, flags, kind, handle) == (N.STRUCTURED_REPLY_MAGIC, N.REPLY_FLAG_DONE, N.REPLY_TYPE_ERROR,
+                                                10 + i)
+        assert struct.unpack(">I", payload[:4])[0] == errno.EINVAL
+    c.request(N.CMD_BLOCK_STATUS, 0, SIZE, handle=20)
+    magic, flags, kind, handle, n = struct.unpack(">IHHQI", c.recv(20))
+    assert (kind, handle) == (N.REPLY_TYPE_BLOCK_STATUS, 20)
+    ctx, *desc = struct.unpack(f">{n // 4}I", c.recv(n))
+    assert sum(desc[0::2]) == SIZE and ctx == N.ALLOCATION_ID
+    c.close()
     env.assert_healthy()
