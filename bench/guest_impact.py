@@ -478,7 +478,7 @@ def phase_paused(site: Site, job: str, args, region, logs: str) -> dict:
 
 def phase_steady(site: Site, job: str, args, region, logs: str) -> dict:
     cycles, stop = [], threading.Event()
-    before = site.primary.machine()["stats"]["successful_cycles"]
+    before = site.primary.machine()["stats"]["totals"]
 
     def driver():                      # --cycle-every: an operator's cycle every S seconds, on a fixed grid
         nxt = time.time() + args.cycle_every
@@ -501,11 +501,15 @@ def phase_steady(site: Site, job: str, args, region, logs: str) -> dict:
             th.join()
     r = measure(fio)
     m = site.primary.machine()
-    r["cycles"] = (len(cycles) if th else m["stats"]["successful_cycles"] - before)
+    after = m["stats"]["totals"]           # the scheduler's cycles are not jobs: counted, not timed
+    r["cycles"] = len(cycles) if th else after["success"] - before["success"]
+    r["cycles_missed"] = after["missed"] - before["missed"]
     r["cycle_source"] = f"admin API every {args.cycle_every} s" if th else "replicatord's scheduler (30s)"
     if th:
         r["cycle_s"] = [c["s"] for c in cycles]
         r["cycles_failed"] = sum(not c["ok"] for c in cycles)
+    else:
+        r["cycles_failed"] = after["failed"] - before["failed"]
     r.update(site.tracking())
     log("b", job, brief(r), f"({r['cycles']} cycles)")
     return r
