@@ -29,9 +29,11 @@ from ..errors import ReplicatorError, SequenceError
 from ..hrl import HrlReader
 from ..targets import ReplicaTarget
 from ..targets.outbox import OutboxStream
+from ..disk.base import ExtentKind
 from ..tracking import TrackedDisk
 
 STREAM_BLOCK = 1 << 20
+SEGMENT = 512 << 20         # disk bytes per stream of a copy read from a running export (scratch space bound)
 RESYNC_BLOCK = 64 << 10
 SPENT = "spent.bin"         # the last sent stream's file, written over by the next (OutboxStream.recycle)
 ZSTD_LANES = 2              # compression threads per stream (delta.encoder); the replica decodes any number
@@ -96,10 +98,6 @@ class DiskReplicator:
     async def _resync(self, generation: int, consistency: str, result: CycleResult) -> int:
         """Send every region that may differ (all of it on first use), then resume normal tracking."""
         extents = await self._tracker("begin_resync")
-        stream_id = uuid.uuid4().hex
-        path = os.path.join(self.outbox, f"{stream_id}.delta")
-        if self.blocking:                    # read while the guest writes: whole only with the next log
-            consistency = "inconsistent"
         kind = "full" if result.kind == "initial" else "resync"
         theirs = await self.target.digests(self.disk_id, RESYNC_BLOCK)
         if theirs is not None:               # checksum resync: only blocks that differ travel
@@ -108,22 +106,48 @@ class DiskReplicator:
             else:
                 extents = self._differing(theirs, extents)   # on the loop: the export must not write meanwhile
             kind = result.kind = "resync"
-        header = self._header(generation, kind, consistency, [])
-
-        def encode(sink):
-            disk = self.tracker.disk
-            if kind == "full":               # the new replica reads as zeros: only allocated data travels
-                return delta.encode_disk(disk, header, sink, compress=self.compress, progress=self.progress)
-            return delta.encode_extents(disk, extents, header, sink, compress=self.compress,
-                                        progress=self.progress)
         if self.blocking:
-            point = await self._send_while_encoding(stream_id, path, encode, result)
+            generation = await self._resync_segments(generation, kind, extents, result)
         else:
+            stream_id = uuid.uuid4().hex
+            path = os.path.join(self.outbox, f"{stream_id}.delta")
+            header = self._header(generation, kind, consistency, [])
             with open(path, "wb") as sink:
-                stats = encode(sink)
-            point = await self._send(stream_id, path, result, stats)
+                disk = self.tracker.disk
+                if kind == "full":           # the new replica reads as zeros: only allocated data travels
+                    stats = delta.encode_disk(disk, header, sink, compress=self.compress, progress=self.progress)
+                else:
+                    stats = delta.encode_extents(disk, extents, header, sink, compress=self.compress,
+                                                 progress=self.progress)
+            generation = (await self._send(stream_id, path, result, stats)).generation
         await self._tracker("end_resync")
-        return point.generation
+        return generation
+
+    async def _resync_segments(self, generation: int, kind: str, extents, result: CycleResult) -> int:
+        """The copy read through the export while the guest writes ("inconsistent": the log after it makes
+        it whole), in streams of at most SEGMENT bytes of the disk each, sent as they are encoded and
+        committed one by one: the primary's scratch space is one segment's stream (the outbox file is
+        recycled), never the disk, and a copy cut short resumes with a checksum resync of what is missing
+        instead of starting over."""
+        if kind == "full":                   # the new replica reads as zeros: only allocated data travels
+            extents = [(e.offset, e.length) for e in await asyncio.to_thread(self.tracker.extents)
+                       if e.kind is ExtentKind.DATA]
+        segments = split_ranges(extents, SEGMENT)
+        total, done = sum(n for _, n in extents), 0
+        for i, ranges in enumerate(segments):
+            # only the first stream of an initial copy may claim "full" (a target may zero the disk for it)
+            header = self._header(generation, kind if i == 0 else "resync", "inconsistent", [])
+            stream_id = uuid.uuid4().hex
+            path = os.path.join(self.outbox, f"{stream_id}.delta")
+            progress = None if self.progress is None else (
+                lambda d, _t, base=done: self.progress(base + d, total))
+
+            def encode(sink, ranges=ranges, header=header, progress=progress):
+                return delta.encode_extents(self.tracker.disk, ranges, header, sink, compress=self.compress,
+                                            progress=progress)
+            generation = (await self._send_while_encoding(stream_id, path, encode, result)).generation
+            done += sum(n for _, n in ranges)
+        return generation
 
     async def _ship_log(self, rec, generation, consistency, committed, result) -> int:
         stream_id = uuid.UUID(rec.unique_id).hex
@@ -214,3 +238,20 @@ class DiskReplicator:
         result.points.append(point)
         OutboxStream.recycle(path, os.path.join(self.outbox, SPENT))
         return point
+
+
+def split_ranges(ranges, limit: int) -> list[list[tuple[int, int]]]:
+    """(offset, length) ranges in groups of at most `limit` bytes (a range is cut where a group fills);
+    always at least one group, so an empty copy still makes one (empty) stream."""
+    groups, cur, room = [], [], limit
+    for off, n in ranges:
+        while n:
+            take = min(n, room)
+            cur.append((off, take))
+            off, n, room = off + take, n - take, room - take
+            if room == 0:
+                groups.append(cur)
+                cur, room = [], limit
+    if cur or not groups:
+        groups.append(cur)
+    return groups
