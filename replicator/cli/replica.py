@@ -5,6 +5,9 @@ import errno
 import os
 
 
+from ..replica.limits import LIMITS, describe
+
+
 def register(sub) -> None:
     p = sub.add_parser("replica", help="the replica server")
     cmds = p.add_subparsers(dest="command", required=True)
@@ -24,21 +27,29 @@ def register(sub) -> None:
                    help="authorize primaries (certificate CN or Kerberos principal, one '*' wildcard) "
                         "into ROOT (default --root); repeatable")
     s.add_argument("--sync-mib", type=int, default=16, help="sync the spool every N MiB received")
+    for limit in LIMITS:
+        s.add_argument("--" + limit.name.replace("_", "-"), metavar={"bytes": "SIZE", "seconds": "SECONDS"}.get(limit.unit, "N"),
+                       help=f"{limit.help} (default {describe(limit)})")
     s.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     from ..errors import UsageError
+    from ..replica.limits import ReplicaLimits
     from ..transport.auth import parse_allow
     from ..transport.server import ReplicaServer
     from .common import require_files
     if not args.allow:
         raise UsageError("no --allow PATTERN[=ROOT] entries: no primary could replicate here")
     require_files(args, "cert", "key", "ca", "keytab")
+    limits, problems = ReplicaLimits.read({k.name: getattr(args, k.name) for k in LIMITS
+                                           if getattr(args, k.name) is not None})
+    for name, reason in problems:
+        raise UsageError(f"--{name.replace('_', '-')} {reason}")
     entries = [parse_allow(spec, args.root) for spec in args.allow]
     server = ReplicaServer(entries, mode=args.auth, host=args.host, port=args.port, certfile=args.cert,
                            keyfile=args.key, cafile=args.ca, keytab=args.keytab, service=args.service,
-                           sync_interval=args.sync_mib << 20)
+                           sync_interval=args.sync_mib << 20, limits=limits)
 
     def ready(srv) -> None:
         for e in entries:

@@ -21,5 +21,6 @@ async def start_replica_role(settings) -> ReplicaRole:
     entries = [AuthorizationEntry(a.principal, a.storage, a.trust_group) for a in settings.allow]
     mode = "kerberos" if settings.auth == "kerberos" else "cert"
     server = ReplicaServer(entries, mode=mode, host=settings.listen, port=settings.port, certfile=settings.cert,
-                           keyfile=settings.key, cafile=settings.ca, keytab=settings.keytab)
+                           keyfile=settings.key, cafile=settings.ca, keytab=settings.keytab,
+                           limits=settings.limits)
     return ReplicaRole(await server.start())

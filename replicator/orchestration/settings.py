@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..replica.limits import LIMITS, ReplicaLimits
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
 
@@ -135,6 +136,7 @@ class ReplicaSettings:
     failover_dir: str = ""                      # failed-over machines' disks: FAILOVER_DIR/MACHINE/DISK
     test_failover_dir: str = ""                 # test-failover disks: TEST_FAILOVER_DIR/MACHINE/DISK
     reverse: dict = field(default_factory=dict)  # protection keys for reverse replication (raw, paths absolute)
+    limits: ReplicaLimits = ReplicaLimits()     # what primaries can make the replica server hold
 
 
 @dataclass
@@ -487,8 +489,11 @@ def _replica(t: _Table, state_dir: str) -> ReplicaSettings:
     for k, v in dirs.items():
         if os.path.exists(v) and not os.path.isdir(v):
             t.rep.error(t.at(k), f"{v} is not a directory")
+    limits, problems = ReplicaLimits.read({k.name: t.data[k.name] for k in LIMITS if k.name in t.data})
+    for key, reason in problems:
+        t.rep.error(t.at(key), reason)
     return ReplicaSettings(listen, t.int("port", 1, 65535, None) or DEFAULT_PORTS[auth], auth, allow=allow,
-                           reverse=_reverse(t), **dirs, **files)
+                           reverse=_reverse(t), limits=limits, **dirs, **files)
 
 
 def _groups(root: _Table) -> tuple[dict[str, Protection], dict[str, dict]]:
@@ -656,7 +661,7 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
         ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
-                     "test_failover_dir", "reverse"}))}
+                     "test_failover_dir", "reverse", *(k.name for k in LIMITS)}))}
     daemon = _daemon(sub["daemon"])
     replica = _replica(sub["replica"], daemon.state_dir) if isinstance(data.get("replica"), dict) else None
     groups, partials = _groups(root)

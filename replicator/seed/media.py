@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field, fields
 from ..delta.format import read_header
 from ..durable import write_json_atomic
 from ..errors import FormatError
+from ..vhdx.structures import MAX_DISK_SIZE     # what the replica accepts
 
 FORMAT = "replicator-seed"
 VERSION = 1
 MAX_MANIFEST = 64 << 20            # a manifest of a thousand disks of a thousand volumes is a few MiB
-MAX_DISK_SIZE = 64 << 40           # what the replica accepts
 SECTOR_SIZES = (512, 4096)
 _HEX = re.compile(r"[0-9a-f]+")
 

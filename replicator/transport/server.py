@@ -31,6 +31,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -44,6 +45,7 @@ from aiohttp import web
 
 from ..errors import DiskIOError, FormatError, ReplicatorError, UsageError
 from ..replica import ReplicaStore, SequenceError
+from ..replica.limits import ReplicaLimits
 from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, Ownership, acceptor_credentials,
                    authorize, certificate_principal, counting_sslobject, kerberos_accept)
 
@@ -53,7 +55,6 @@ MiB = 1 << 20
 DEFAULT_PORTS = {"cert": 8084, "kerberos": 8083}
 WRITE_SIZE, WRITE_DEPTH = MiB, 4     # spool writes of 1 MiB, up to 4 of them buffered per upload
 PRINCIPAL = web.RequestKey("principal", str)
-MAX_DISK_SIZE = 64 << 40          # VHDX's own limit; operators lower it (max_disk_size)
 MAX_DIGEST_BLOCK = 16 * MiB       # a digest request holds one window of max(8 MiB, block size)
 MAX_NAME = 255
 _MACHINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")     # a machine name, as replicatord.toml's
@@ -155,34 +156,32 @@ class ReplicaServer:
     def __init__(self, entries: list[AuthorizationEntry], *, mode: str = "cert", host: str = "127.0.0.1",
                  port: int | None = None, certfile: str | None = None, keyfile: str | None = None,
                  cafile: str | None = None, keytab: str | None = None, service: str | None = None,
-                 sync_interval: int = 16 * MiB, lock_timeout: float = 15.0, read_timeout: float = 60.0,
-                 header_timeout: float = 30.0, max_disk_size: int = MAX_DISK_SIZE, max_disks: int = 1024,
-                 max_uploads: int = 8, digest_requests: int = 2):
-        """read_timeout: a body (upload, JSON, digest answer) that makes no progress that long is dropped;
+                 sync_interval: int = 16 * MiB, lock_timeout: float = 15.0, limits: ReplicaLimits | None = None,
+                 **overrides):
+        """limits (replica/limits.py), or single ones as keywords, bound what peers can make this server
+        hold: read_timeout: a body (upload, JSON, digest answer) that makes no progress that long is dropped;
         header_timeout: a connection that sends no complete request header that long is closed;
         max_disk_size, max_disks (per trust group and root), max_uploads (spooled per disk),
-        digest_requests (digest answers computed at once) bound what peers can make this server hold."""
+        digest_requests (digest answers computed at once)."""
         if mode not in DEFAULT_PORTS:
             raise UsageError(f"unknown authentication mode {mode!r}: use cert or kerberos")
         if mode == "cert" and not (certfile and keyfile and cafile):
             raise UsageError("certificate mode needs the server certificate, its key and the CA certificate")
         if not entries:
             raise UsageError("no authorization entries: no primary could replicate here")
+        self.limits = dataclasses.replace(limits or ReplicaLimits(), **overrides)
+        for what, reason in self.limits.problems():
+            raise UsageError(f"{what} {reason}")
         self.entries = list(entries)
         self.mode, self.host = mode, host
         self.port = DEFAULT_PORTS[mode] if port is None else port
         self.certfile, self.keyfile, self.cafile = certfile, keyfile, cafile
         self.keytab, self.service = keytab, service
-        self.sync_interval, self.lock_timeout, self.read_timeout = sync_interval, lock_timeout, read_timeout
-        for what, v in (("read_timeout", read_timeout), ("header_timeout", header_timeout),
-                        ("max_disk_size", max_disk_size), ("max_disks", max_disks), ("max_uploads", max_uploads),
-                        ("digest_requests", digest_requests)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise UsageError(f"{what} must be a positive number, not {v!r}")
-        self.header_timeout, self.max_disk_size, self.max_disks = header_timeout, int(max_disk_size), int(max_disks)
-        self.max_uploads = int(max_uploads)
+        self.sync_interval, self.lock_timeout = sync_interval, lock_timeout
+        lim = self.limits
+        self.read_timeout, self.header_timeout = lim.read_timeout, lim.header_timeout
+        self.max_disk_size, self.max_disks, self.max_uploads = lim.max_disk_size, lim.max_disks, lim.max_uploads
         self._digesting: asyncio.Semaphore | None = None
-        self._digest_requests = int(digest_requests)
         self._lock_users: collections.Counter = collections.Counter()
         self.counters: collections.Counter = collections.Counter()
         self._stores: dict = {}
@@ -223,7 +222,7 @@ class ReplicaServer:
             ctx = self.ssl_context()
         else:
             self._gss_creds = acceptor_credentials(self.keytab, self.service)
-        self._digesting = asyncio.Semaphore(self._digest_requests)
+        self._digesting = asyncio.Semaphore(self.limits.digest_requests)
         await asyncio.get_running_loop().run_in_executor(None, self._sweep)
         # keepalive_timeout runs from the connection's start and after each answer, and closes a connection
         # whose next request header has not fully arrived by then (aiohttp's RequestHandler)

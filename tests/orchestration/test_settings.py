@@ -9,6 +9,7 @@ import pytest
 
 from replicator.errors import UsageError
 from replicator.orchestration.settings import ConfigError, load_config, parse_config
+from replicator.replica.limits import ReplicaLimits
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "replicatord.example.toml")
 
@@ -61,7 +62,7 @@ def test_example_config_loads_with_only_file_warnings():
     assert web1.protection.replica_port == 8084 and web1.protection.quiesce.provider == "qga"
     assert c.groups["bulk"].initial_replication.at == dt.time(23, 30)
     assert archive.protection.initial_replication.mode == "existing" and archive.protection.resync == "manual"
-    assert c.replica.port == 8084 and len(c.replica.allow) == 2
+    assert c.replica.port == 8084 and len(c.replica.allow) == 2 and c.replica.limits.max_disks == 1024
     assert c.daemon.admin_host == "127.0.0.1" and c.daemon.admin_port == 8085
     assert c.warnings and all("does not exist" in w for w in c.warnings)
 
@@ -233,6 +234,26 @@ def test_kerberos_ports_and_replica_role(tmp_path, disks):
     assert "more than one '*'" in p["replica.allow[0].principal"] and p["replica.allow[1].principal"] == "missing"
     for k in ("cert", "key", "ca"):
         assert "certificate authentication needs" in p[f"replica.{k}"]
+
+
+def test_replica_server_limits(tmp_path, disks):
+    rep = '[replica]\nauth = "kerberos"\n{}\n[[replica.allow]]\nprincipal = "p@R"\nstorage = "r"\n'
+    c = parse_config(rep.format(""), base_dir=str(tmp_path))
+    assert c.replica.limits == ReplicaLimits() and c.replica.limits.max_disk_size == 64 << 40
+    assert (c.replica.limits.max_disks, c.replica.limits.max_uploads, c.replica.limits.digest_requests) == (1024, 8, 2)
+    assert (c.replica.limits.header_timeout, c.replica.limits.read_timeout) == (30.0, 60.0)
+    c = parse_config(rep.format('max_disk_size = "1.5T"\nmax_disks = 10\nmax_uploads = 1\nheader_timeout = "2m"\n'
+                                'read_timeout = 0.5\ndigest_requests = 64'), base_dir=str(tmp_path))
+    assert c.replica.limits == ReplicaLimits(3 << 39, 10, 1, 120.0, 0.5, 64)
+    assert parse_config(rep.format("max_disk_size = 1048576"), base_dir=str(tmp_path)).replica.limits.max_disk_size \
+        == 1 << 20
+    p = problems(tmp_path, rep.format('max_disk_size = "65T"\nmax_disks = -1\nmax_uploads = "eight"\n'
+                                      'header_timeout = 0\nread_timeout = true\ndigest_requests = 65\nmax_disk = 1'))
+    assert "from 1M to 64T" in p["replica.max_disk_size"] and "from 1 to 1048576" in p["replica.max_disks"]
+    assert "whole number from 1 to 1024, not 'eight'" in p["replica.max_uploads"]
+    assert "seconds from 0.1 to 3600" in p["replica.header_timeout"] and "True" in p["replica.read_timeout"]
+    assert "from 1 to 64" in p["replica.digest_requests"] and "unknown key" in p["replica.max_disk"]
+    assert "max_disk_size" in p["replica.max_disk"]     # the known keys are listed
 
 
 def test_admin_api_is_loopback_only(tmp_path, disks):
