@@ -125,3 +125,37 @@ class ImageLocked(ReplicatorError):
     reads it and lets nobody write it. The message names the holder where it can be found."""
 
     exit_code = 15
+
+
+class HypervisorError(ReplicatorError):
+    """The virtual machine manager (libvirt) could not be reached or refused what was asked of a domain or
+    a network; the message names the domain and the manager's own reason."""
+
+    exit_code = 17
+
+
+class DomainNotFound(HypervisorError):
+    """No domain of that name is defined on the hypervisor."""
+
+
+class DomainExists(HypervisorError):
+    """A domain of that name is already defined (a failover or test failover would replace it)."""
+
+
+class DomainStateError(HypervisorError):
+    """The domain is not in a state that allows the operation (e.g. running where it must be shut off)."""
+
+
+class NetworkError(HypervisorError):
+    """A hypervisor network could not be created, found or deleted."""
+
+
+class GuestAgentError(HypervisorError):
+    """The guest agent is missing, did not answer in time, or refused the command (freeze, exec ...)."""
+
+    exit_code = 18
+
+
+class QuiesceExpired(GuestAgentError):
+    """The guest was thawed by the watchdog before the quiesced block ended: what was taken meanwhile is not
+    application-consistent."""
