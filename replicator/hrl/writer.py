@@ -17,6 +17,7 @@ from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, M
                      entries_per_block, hrl_time, pack_metadata)
 
 
+BUFFER = 256 << 10                     # appended data is written in pieces of about this size
 ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are logged in 1 GiB pieces
 ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
 
@@ -45,6 +46,8 @@ class HrlWriter:
         self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
         self.cursor = HEADER_SIZE + metadata_size
         self.sealed = False
+        self._buf = bytearray()              # appended data not yet written, from self._buf_at to the cursor
+        self._buf_at = self.cursor
 
     @property
     def unique_id(self) -> uuid.UUID:
@@ -57,8 +60,16 @@ class HrlWriter:
     def append(self, disk_offset: int, data) -> None:
         """Record one write: its data now, its metadata entry with the batch."""
         mv = memoryview(data).cast("B")
-        self._write(mv, self.cursor)
+        if len(mv) >= BUFFER:
+            self._drain()
+            self._write(mv, self.cursor)
+        else:                                # small writes leave in batches: one pwrite, not one each
+            if not self._buf:
+                self._buf_at = self.cursor
+            self._buf += mv
         self.cursor += len(mv)
+        if len(self._buf) >= BUFFER:
+            self._drain()
         self.data_bytes += len(mv)
         self.pending.append(MetadataEntry(disk_offset, len(mv), hrl_time(time.time()), 1, checksum(mv)))
         if len(self.pending) == self.per_block:
@@ -67,6 +78,7 @@ class HrlWriter:
     def append_zeroes(self, disk_offset: int, length: int) -> None:
         """Record zeroing as writes of zeros (MS-HRL knows only writes). The zeros are a hole in the log
         file: they cost no space and read back as zeros."""
+        self._drain()
         while length:
             n = min(length, ZERO_PIECE)
             self.cursor += n
@@ -78,6 +90,7 @@ class HrlWriter:
 
     def commit(self, durable: bool = False) -> None:
         """Write the metadata block for the pending entries; durable=True also flushes the log."""
+        self._drain()
         if self.pending:
             block = pack_metadata(self.cursor - self.last_metadata, self.pending, self.metadata_size)
             self._write(block, self.cursor)
@@ -103,6 +116,11 @@ class HrlWriter:
         self.sealed = True
         self.close()
         return self.header
+
+    def _drain(self) -> None:
+        if self._buf:
+            self._write(self._buf, self._buf_at)
+            self._buf = bytearray()
 
     def close(self) -> None:
         if self.fd >= 0:
