@@ -17,6 +17,7 @@ replica has a consistent point only at that log's cut. When the tracker lives in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -60,6 +61,22 @@ class DiskReplicator:
         os.makedirs(self.outbox, exist_ok=True)
         self.progress = None     # progress(done, total): changed bytes of the current stream encoded so far
         self.blocking = getattr(tracker, "blocking", False)    # an export process owns the disk (remote.py)
+        self.sweep_outbox()
+
+    def sweep_outbox(self) -> list[str]:
+        """Remove the streams no cycle can use any more (a copy or resync cut short by a failure or a kill:
+        the next one reads the disk again under new stream ids); keep the streams of pending logs, which
+        are resent byte for byte, and the recycled file. Returns the names removed."""
+        keep = {f"{uuid.UUID(r.unique_id).hex}.delta" for r in self.tracker.state.sealed_logs} | {SPENT}
+        gone = []
+        for name in os.listdir(self.outbox):
+            if name not in keep:
+                try:
+                    os.unlink(os.path.join(self.outbox, name))
+                    gone.append(name)
+                except OSError:
+                    pass
+        return gone
 
     async def _tracker(self, method: str, *args):
         """A tracker call: on a worker thread when it waits on the export process, else right here (the
@@ -145,7 +162,12 @@ class DiskReplicator:
             def encode(sink, ranges=ranges, header=header, progress=progress):
                 return delta.encode_extents(self.tracker.disk, ranges, header, sink, compress=self.compress,
                                             progress=progress)
-            generation = (await self._send_while_encoding(stream_id, path, encode, result)).generation
+            try:
+                generation = (await self._send_while_encoding(stream_id, path, encode, result)).generation
+            except BaseException:
+                with contextlib.suppress(OSError):      # never resent: the next copy reads the disk again
+                    os.unlink(path)
+                raise
             done += sum(n for _, n in ranges)
         return generation
 

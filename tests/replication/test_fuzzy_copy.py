@@ -101,3 +101,29 @@ def test_initial_copy_under_writes_is_one_instant(tmp_path, monkeypatch):
 
 def test_resync_under_writes_is_one_instant(tmp_path, monkeypatch):
     _copy_under_writes(tmp_path, monkeypatch, resync=True)
+
+
+def test_outbox_keeps_only_streams_a_cycle_can_use(tmp_path):
+    """Streams of copies cut short (a kill during an initial copy or a resync) are removed when the
+    replicator starts; the streams of pending logs stay, to be resent byte for byte."""
+    from replicator.replication.cycle import SPENT, DiskReplicator
+    from replicator.targets.local import LocalTarget
+    from ..tracking.helpers import make_vhdx, tracked
+    import os
+    import uuid
+
+    t = tracked(make_vhdx(tmp_path / "d.vhdx", 8 * MiB))
+    try:
+        t.write(0, b"\x01" * 4096)
+        sealed = t.cut()
+        target = LocalTarget(str(tmp_path / "replica"))
+        outbox = os.path.join(t.sidecar.dir, "outbox")
+        os.makedirs(outbox, exist_ok=True)
+        pending = f"{sealed.unique_id.hex}.delta"
+        for name in (pending, SPENT, f"{uuid.uuid4().hex}.delta", f"{uuid.uuid4().hex}.delta"):
+            with open(os.path.join(outbox, name), "wb") as f:
+                f.write(b"x" * 1000)
+        DiskReplicator(t, target)
+        assert sorted(os.listdir(outbox)) == sorted([pending, SPENT])
+    finally:
+        t.close()
