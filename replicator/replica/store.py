@@ -17,6 +17,8 @@ visible half-applied, and a failure while applying rolls the disk back with the 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from .. import delta
 from ..disk.base import ExtentKind, pwrite_all
 from ..durable import fsync_dir, write_json_atomic
-from ..errors import DiskIOError, ReplicatorError, SequenceError, UsageError
+from ..errors import DiskIOError, ImageLocked, ReplicatorError, SequenceError, UsageError
 from ..vhdx import VhdxDisk, create_vhdx
 from ..vhdx.fileio import DirectWriteIO, FileIO
 from . import undo
@@ -75,20 +77,18 @@ class DiskState:
 
 class ReplicaStore:
     def __init__(self, root: str):
+        """Opening a store writes nothing: ROOT/disks is made with the first disk (a read-only command, or
+        a mistyped --root, creates no folder)."""
         self.root = os.path.abspath(root)
-        base = os.path.join(self.root, "disks")
-        os.makedirs(base, exist_ok=True)
+        self.base = os.path.join(self.root, "disks")
         self._disks: dict[str, ReplicaDisk] = {}
-        for name in os.listdir(base):             # a creation or a removal a crash stopped half-way
-            if name.startswith((".new-", ".deleting-")):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
     def disk(self, disk_id: uuid.UUID | str) -> "ReplicaDisk":
         key = str(disk_id)
         if key in self._disks and not self._disks[key].current():
             del self._disks[key]             # another process (a seed import, `points`) changed it: reload
         if key not in self._disks:
-            path = os.path.join(self.root, "disks", key)
+            path = os.path.join(self.base, key)
             if not os.path.exists(os.path.join(path, "state.json")):
                 raise UsageError(f"replica store {self.root} holds no disk {key}")
             self._disks[key] = ReplicaDisk(path)
@@ -99,11 +99,12 @@ class ReplicaStore:
         """The replica of a disk, created empty on first use. `machine` (when the primary sends it) groups
         the disks of one protected machine for failover; a disk failed over here takes no more cycles."""
         key = str(uuid.UUID(str(disk_id)))
-        path = os.path.join(self.root, "disks", key)
-        if not os.path.exists(os.path.join(path, "state.json")):
-            self._create(key, lambda image: create_vhdx(image, size, block_size=block_size,
-                                                        logical_sector_size=logical_sector_size).close(),
-                         DiskState(key, name, size, block_size))
+        if not os.path.exists(os.path.join(self.base, key, "state.json")):
+            with self._creating(key):
+                if not os.path.exists(os.path.join(self.base, key, "state.json")):    # not made meanwhile
+                    self._create(key, lambda image: create_vhdx(image, size, block_size=block_size,
+                                                                logical_sector_size=logical_sector_size).close(),
+                                 DiskState(key, name, size, block_size))
         d = self.disk(key)
         if d.state.failover:
             raise SequenceError(f"disk {d.state.name or key} of machine {d.state.machine or '(unknown)'} was failed "
@@ -122,11 +123,11 @@ class ReplicaStore:
         point: it is copied into the store, and the primary's first cycle sends only the blocks that differ."""
         from ..disk.copy import copy_disk
         from ..disk.probe import open_disk
-        key = str(disk_id)
-        path = os.path.join(self.root, "disks", key)
-        if os.path.exists(os.path.join(path, "state.json")) and self.disk(key).generation > 0:
-            raise SequenceError(f"the replica of {key} already holds generation {self.disk(key).generation}")
-        with open_disk(existing) as src:
+        key = str(uuid.UUID(str(disk_id)))
+        with self._creating(key), open_disk(existing) as src:
+            if os.path.exists(os.path.join(self.base, key, "state.json")) and self.disk(key).generation > 0:
+                raise SequenceError(f"the replica of {key} already holds generation {self.disk(key).generation}")
+
             def build(image):
                 with create_vhdx(image, src.size, block_size=block_size,
                                  logical_sector_size=src.logical_sector_size) as dst:
@@ -134,12 +135,60 @@ class ReplicaStore:
             self._create(key, build, DiskState(key, name, src.size, block_size, adopted=True, machine=machine))
         return self.disk(key)
 
+    @contextlib.contextmanager
+    def _creating(self, key: str):
+        """Hold the right to create disk `key` in this store, across processes (a seed import beside the
+        server, two imports at once): another creator of the same id is refused in one line, naming it. The
+        lock (flock on disks/.new-KEY.lock) goes with the process, so a creator killed half-way leaves
+        nothing that blocks the next; its half-made .new-KEY is removed by the next creation."""
+        os.makedirs(self.base, exist_ok=True)
+        path = os.path.join(self.base, f".new-{key}.lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ImageLocked(f"disk {key} is being created in {self.root} by another process (pid {holder}): "
+                                  "try again once it has finished") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:         # its holder finished and removed it while we waited
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self.sweep_leftovers()
+            yield
+        finally:
+            os.unlink(path)                    # under the lock: a waiter that opened it sees another inode
+            os.close(fd)
+
+    def sweep_leftovers(self) -> list[str]:
+        """Remove what creations and removals a crash stopped half-way left (.new-KEY, .deleting-KEY), unless
+        a live process is still creating that disk. Returns the names removed."""
+        removed = []
+        for name in os.listdir(self.base) if os.path.isdir(self.base) else ():
+            path = os.path.join(self.base, name)
+            if name.startswith(".new-") and name.endswith(".lock"):
+                if not _held(path):
+                    os.unlink(path)         # a waiter that opened it finds another inode and opens again
+                    removed.append(name)
+            elif name.startswith(".deleting-") or (name.startswith(".new-") and not _held(path + ".lock")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+        return removed
+
     def _create(self, key: str, build, state: DiskState) -> None:
-        """A disk's folder made whole beside the others (.new-KEY) and renamed into place: a failure (full
-        volume, bad size) leaves nothing behind, and the id is never seen half-made."""
-        base = os.path.join(self.root, "disks")
+        """A disk's folder made whole beside the others (.new-KEY, under _creating) and renamed into place: a
+        failure (full volume, bad size) leaves nothing behind, and the id is never seen half-made."""
+        base = self.base
         tmp = os.path.join(base, f".new-{key}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)     # a creator of this id killed half-way (we hold its lock)
         try:
             for sub in ("chain", "spool", "undo", "tests"):
                 os.makedirs(os.path.join(tmp, sub))
@@ -159,7 +208,7 @@ class ReplicaStore:
         """Move a replica out of the way (to ROOT/retired/), kept for a look rather than deleted: after a
         failback it is superseded by the failed-over disk, which becomes the replica's new base."""
         key = str(disk_id)
-        path = os.path.join(self.root, "disks", key)
+        path = os.path.join(self.base, key)
         if not os.path.exists(path):
             return None
         out = os.path.join(self.root, "retired", f"{key}-{int(time.time() * 1000)}")
@@ -173,24 +222,24 @@ class ReplicaStore:
         """Delete a replica with its recovery points (protection removed); refused while it is failed over
         or a test failover uses it. False when the store holds no such disk."""
         key = str(disk_id)
-        path = os.path.join(self.root, "disks", key)
+        path = os.path.join(self.base, key)
         if not os.path.exists(os.path.join(path, "state.json")):
             return False
         d = self.disk(key)
         if d.state.failover or d.state.tests:
             raise SequenceError(f"the replica of {key} is failed over or under a test failover: finish that "
                                 "before deleting it")
-        doomed = os.path.join(self.root, "disks", f".deleting-{key}")
+        doomed = os.path.join(self.base, f".deleting-{key}")
         os.rename(path, doomed)                  # gone at once for every reader; the files follow
         fsync_dir(os.path.dirname(path))
-        shutil.rmtree(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)     # what is left is swept (sweep_leftovers)
         self._disks.pop(key, None)
         return True
 
     def disk_ids(self) -> list[str]:
-        base = os.path.join(self.root, "disks")
-        return sorted(d for d in os.listdir(base)
-                      if not d.startswith(".") and os.path.exists(os.path.join(base, d, "state.json")))
+        base = self.base
+        names = os.listdir(base) if os.path.isdir(base) else []
+        return sorted(d for d in names if not d.startswith(".") and os.path.exists(os.path.join(base, d, "state.json")))
 
 
 class Upload:
@@ -582,6 +631,7 @@ class ReplicaDisk:
         the same virtual disk, and reverse replication finds its old copy on the former primary by it."""
         from ..disk.copy import copy_disk
         self.settle()
+        self._point_index(generation)          # a point it does not hold is refused before anything is copied
         with self.open_image() as src, create_vhdx(out_path, src.size, block_size=self.state.block_size,
                                                    logical_sector_size=src.logical_sector_size,
                                                    virtual_disk_id=uuid.UUID(self.state.disk_id)) as dst:
@@ -649,6 +699,21 @@ class ReplicaDisk:
             return _stamp(self.state_path) == self._stamp
         except FileNotFoundError:
             return False
+
+
+def _held(lock_path: str) -> bool:
+    """Whether a live process holds this creation lock (see ReplicaStore._creating)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _save(path: str, state: DiskState) -> None:

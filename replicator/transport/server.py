@@ -43,7 +43,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from ..errors import DiskIOError, FormatError, ReplicatorError, UsageError
+from ..errors import DiskIOError, FormatError, ImageLocked, ReplicatorError, UsageError
 from ..replica import ReplicaStore, SequenceError
 from ..replica.limits import ReplicaLimits
 from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, Ownership, acceptor_credentials,
@@ -69,7 +69,8 @@ class Busy(ReplicatorError):
 
 
 _REFUSALS = [(AuthenticationError, 401, "unauthenticated"), (AuthorizationError, 403, "forbidden"),
-             (NotFound, 404, "not_found"), (Busy, 409, "busy"), (SequenceError, 409, "sequence"),
+             (NotFound, 404, "not_found"), (Busy, 409, "busy"), (ImageLocked, 409, "busy"),
+             (SequenceError, 409, "sequence"),
              (FormatError, 422, "format")]
 
 
@@ -229,8 +230,11 @@ class ReplicaServer:
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
                                      read_bufsize=MiB, keepalive_timeout=self.header_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx, backlog=128)
-        await site.start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx, backlog=128).start()
+        except BaseException:                   # a busy port: nothing of the runner may stay behind
+            await self.stop()
+            raise
         self.port = self._runner.addresses[0][1]
         return self
 
@@ -241,6 +245,7 @@ class ReplicaServer:
             if not os.path.isdir(os.path.join(entry.storage_root, "disks")):
                 continue                        # nothing stored there yet (and nothing is created for it)
             store = self._store(entry)
+            store.sweep_leftovers()
             for disk_id in store.disk_ids():
                 try:
                     store.disk(disk_id)
@@ -655,7 +660,11 @@ class ServerThread:
 
     def start(self) -> ReplicaServer:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        except BaseException:                   # e.g. a busy port: the loop's thread goes with it
+            self.stop()
+            raise
         return self.server
 
     def stop(self) -> None:
@@ -663,7 +672,9 @@ class ServerThread:
             asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
-        self.loop.close()
+        if not self.loop.is_closed() and not self.loop.is_running():
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())    # its threads too
+            self.loop.close()
 
 
 async def _json(request: web.Request) -> dict:
