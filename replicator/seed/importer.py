@@ -55,10 +55,14 @@ def _check_volume(path: str, vol: media.Volume) -> str | None:
 
 
 async def import_seed(machine_dir: str, target: ReplicaTarget, *, machine: str | None = None,
-                      progress=None) -> media.SeedManifest:
+                      progress=None, claim=None) -> media.SeedManifest:
+    """claim(disk ids): called once the seed verified, before anything reaches the replica (the owner of the
+    disks recorded first, so no other primary can take them meanwhile)."""
     manifest = verify_seed(machine_dir)
     if machine is not None and manifest.machine != machine:
         raise UsageError(f"the seed is of machine {manifest.machine}, not {machine}")
+    if claim is not None:
+        claim([uuid.UUID(disk.disk_id) for disk in manifest.disks])
     for disk in manifest.disks:
         disk_id = uuid.UUID(disk.disk_id)
         info = await target.ensure_disk(disk_id, disk.size, disk.name)
