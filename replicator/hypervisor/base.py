@@ -256,9 +256,11 @@ class Hypervisor:
     def undefine(self, name: str) -> None: raise NotImplementedError
     def shutdown(self, name: str, timeout: float = 60, agent: bool = True) -> None: raise NotImplementedError
 
-    def resume(self, name: str) -> bool:
+    def resume(self, name: str, timeout: float = 0.0, settle: float = 0.5) -> bool:
         """Resume a paused domain (after the export is back: paused by error_policy=stop, QEMU retries the
-        failed requests). True when it was paused and runs now; False when it was not paused."""
+        failed requests). QEMU's NBD client reconnects in the background, so the first retried requests
+        may fail again and pause it again: resume is repeated until the domain has run for `settle`
+        seconds, or `timeout` passed. True when it runs; False when it was not paused, or paused again."""
         raise NotImplementedError
 
     def create_isolated_network(self, name: str) -> str:

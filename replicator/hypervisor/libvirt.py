@@ -244,6 +244,8 @@ def domain_xml_from_fields(config: DomainConfig) -> ET.Element:
     wrote, without libvirt's definition): type, vCPUs, memory, boot, disks, NICs, agent channel."""
     root = ET.Element("domain", {"type": config.domain_type or "kvm"})
     _el(root, "name", config.name)
+    if config.uuid:
+        _el(root, "uuid", config.uuid)
     _el(root, "memory", config.memory_kib, unit="KiB")
     _el(root, "vcpu", config.vcpus)
     os_el = _el(root, "os", **({"firmware": config.boot.firmware} if config.boot.firmware == "efi" else {}))
@@ -519,13 +521,23 @@ class LibvirtHypervisor(Hypervisor):
                 raise DomainStateError(f"domain {name!r} did not shut off within {timeout} s")
             time.sleep(0.1)
 
-    def resume(self, name):
+    def resume(self, name, timeout=0.0, settle=0.5):
         dom = self._dom(name)
         if self.state(name).state != "paused":
             return False
-        with _mapped(f"resume {name!r}"):
-            dom.resume()
-        return self.state(name).state == "running"
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(DomainStateError):     # running already (resumed by someone else)
+                with _mapped(f"resume {name!r}"):
+                    dom.resume()
+            t = time.monotonic()
+            while self.state(name).state == "running":
+                if time.monotonic() - t >= settle:
+                    return True
+                time.sleep(0.05)
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     # ------------------------------------------------------------- networks
     def create_isolated_network(self, name):

@@ -20,7 +20,8 @@ How, and why (the traps of this machine, learnt from ../shared/recipes/libvirt-p
   daemon, then kills any QEMU whose pid file is still in the state directory.
 
 The daemon runs in the foreground as a child of this process (no --daemon, so its pid is ours) and dies
-with it (PR_SET_PDEATHSIG); its log is WORKDIR/root/libvirtd.log.
+with it (PR_SET_PDEATHSIG); its log is WORKDIR/root/libvirtd.log. Its pid file is given (-p) too: by
+default it is /run/libvirtd.pid, the host's, locked, and a second daemon would refuse to start.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ class PrivateLibvirtd:
         mounts += [f"mount --bind {self.root}/passwd /etc/passwd", f"mount --bind {self.root}/group /etc/group"]
         if not self.host_network:
             mounts.append("ip link set lo up")
-        script = "set -e; " + "; ".join(mounts) + f"; exec libvirtd -f {self.root}/etc/libvirtd.conf"
+        daemon = f"exec libvirtd -f {self.root}/etc/libvirtd.conf -p {self.root}/libvirtd.pid"
+        script = "set -e; " + "; ".join(mounts + [daemon])
         ns = ["-m", "--propagation", "private"] + ([] if self.host_network else ["-n"])
         argv = ["taskset", "-c", str(self.cpu), "unshare", *ns, "/bin/sh", "-c", script]
         self.out = open(os.path.join(self.root, "libvirtd.stderr"), "ab")

@@ -131,3 +131,26 @@ def test_define_maps_networks_and_refuses_a_taken_name(hv, two_disk_domain, work
                 hv.undefine(n)
         hv.delete_network("iso1")
     assert not hv.network_exists("iso1")
+
+
+def test_defines_from_the_fields_alone(hv, two_disk_domain, workdir):
+    """A configuration without libvirt's definition (written by another manager) is defined from its
+    fields: the same vCPUs, memory, boot, disks (pointed at their new sources), NICs and agent."""
+    c = hv.domain_config(two_disk_domain)
+    bare = DomainConfig.from_dict({**c.to_dict(), "definition": "", "name": "db9"})
+    hv.create_isolated_network("iso9")
+    try:
+        d = hv.define(bare, disks={"vda": f"{workdir}/a.qcow2", "vdb": f"{workdir}/b.raw"},
+                      network_map={"lan": "iso9", "dmz": "iso9"}, keep_uuid=False)   # db1 has that one
+        t = hv.domain_config("db9")
+        assert d.notes == () and t.uuid != c.uuid
+        assert (t.vcpus, t.memory_kib, t.domain_type, t.guest_agent) == (2, 384 * 1024, "qemu", True)
+        assert (t.boot.kernel, t.boot.initrd, t.boot.cmdline) == (c.boot.kernel, c.boot.initrd, c.boot.cmdline)
+        assert [(x.target, x.bus, x.source) for x in t.disks] == [
+            ("vda", "virtio", DiskSource.file(f"{workdir}/a.qcow2", "qcow2")),
+            ("vdb", "virtio", DiskSource.file(f"{workdir}/b.raw", "raw"))]
+        assert [(n.mac, n.model, n.source) for n in t.nics] == [(n.mac, n.model, "iso9") for n in c.nics]
+    finally:
+        if hv.exists("db9"):
+            hv.undefine("db9")
+        hv.delete_network("iso9")
