@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 
 from .. import errors
 from ..errors import ReplicatorError
@@ -215,9 +216,10 @@ class ExportProcess:
             await self._shutdown()
             return {"exiting": True}
         d = self._disk(req)
-        if op == "acknowledge":
-            import uuid
-            d.acknowledge(uuid.UUID(req["unique_id"]))
+        if op == "acknowledge":       # the state file is written off the I/O path
+            d.acknowledge(uuid.UUID(req["unique_id"]), save=False)
+            snap = d.sidecar.snapshot(d.state)
+            await asyncio.to_thread(d.sidecar.write, snap)
         elif op == "begin_resync":
             return {"extents": d.begin_resync(), "status": disk_status(d)}
         elif op == "end_resync":

@@ -291,25 +291,37 @@ class TrackedDisk:
         self.state.last_unique_id = str(header.unique_id)
         self.state.data_write_guid = str(self.disk.data_write_guid)
 
-    def acknowledge(self, unique_id: uuid.UUID) -> None:
-        """The replica holds this log (and every earlier one) durably: forget them and their regions."""
+    def acknowledge(self, unique_id: uuid.UUID, save: bool = True) -> None:
+        """The replica holds this log (and every earlier one) durably: forget them and their regions.
+        save=False: the caller writes the state (Sidecar.snapshot/write, off the I/O path)."""
         names = [r.unique_id for r in self.state.sealed_logs]
         if str(unique_id) not in names:
             raise ReplicatorError(f"{self.path}: log {unique_id} is not pending")
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
-        for rec in self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]:
+        acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
+        for rec in acked:
             path = os.path.join(self.sidecar.logs_dir, rec.name)
             if os.path.exists(path):
                 os.unlink(path)
         self.state.sealed_logs = keep
-        self.sidecar.save(self.state)
+        if save:
+            self.sidecar.save(self.state)
         if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
-            self._rebuild_dirty()
+            recent = np.zeros(self.n_regions, dtype=bool)
+            for rec in acked:
+                recent |= unpack_regions(rec.regions, self.n_regions)
+            self._rebuild_dirty(recent)
 
-    def _rebuild_dirty(self) -> None:
+    def _rebuild_dirty(self, recent=None) -> None:
+        """The dirty bits: the active cycle's and pending logs' regions, and (hysteresis) those of the logs
+        acknowledged just now, cleared only at the next acknowledgement if not written again. A region the
+        guest writes every cycle so keeps its bit: its next first write needs no fdatasync of the bitmap on
+        the I/O path. The bitmap stays a superset of what may differ from the replica."""
         bits = self.cycle.copy()
         for rec in self.state.sealed_logs:
             bits |= unpack_regions(rec.regions, self.n_regions)
+        if recent is not None:
+            bits |= recent
         self.dirty = bits
         self.sidecar.rewrite_bitmap(bits)
 
