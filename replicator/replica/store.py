@@ -499,7 +499,7 @@ class ReplicaDisk:
     def _run_journal(self, ranges=None, captured: str | None = None) -> RecoveryPoint:
         j = self.state.journal
         spool = self.spool_path(j["stream"])
-        undo_path = os.path.join(self.path, "undo", f"{j['generation']}.hrl") if j.get("undo", True) else None
+        undo_path = self._journal_undo_path()
         if j["phase"] == "undo":
             if os.path.exists(undo_path):
                 os.unlink(undo_path)
@@ -630,14 +630,46 @@ class ReplicaDisk:
         """A standalone VHDX of a recovery point (failover). It keeps the primary disk's VirtualDiskId: it is
         the same virtual disk, and reverse replication finds its old copy on the former primary by it."""
         from ..disk.copy import copy_disk
-        self.settle()
+        half_applied = self._settled_or_undo()
         self._point_index(generation)          # a point it does not hold is refused before anything is copied
         with self.open_image() as src, create_vhdx(out_path, src.size, block_size=self.state.block_size,
                                                    logical_sector_size=src.logical_sector_size,
                                                    virtual_disk_id=uuid.UUID(self.state.disk_id)) as dst:
             copy_disk(src, dst)
+            if half_applied is not None:       # the copy, not the image, is taken back to the last good point
+                undo.apply_undo(half_applied, dst)
             self._rewind(dst, generation)
         return out_path
+
+    def _settled_or_undo(self) -> str | None:
+        """Settle the disk for reading (see settle). When even that cannot write (a full volume: the apply
+        stopped and its rollback too), the image holds a cycle half-written over the last good point, and
+        the journaled cycle's undo log -- sealed before the apply began -- is returned: applied to a copy, it
+        gives that point back, so a failover needs no space on the replica's volume. None: the image is
+        the last good point."""
+        try:
+            self.settle()
+            return None
+        except (DiskIOError, OSError) as e:
+            j = self.state.journal
+            if not j or j["phase"] == "undo":
+                return None                     # the image was not written (or is rolled back already)
+            path = self._journal_undo_path()
+            if path is not None and os.path.exists(path):
+                log.warning("%s: reading the last good point through the undo log of the unfinished cycle %s: %s",
+                            self.path, j["generation"], getattr(e, "message", e))
+                return path
+            if path is not None:
+                return None                     # removed only once the rollback was complete
+            raise DiskIOError(f"{self.image_path}: the cycle to generation {j['generation']} stopped half-applied "
+                              f"and cannot be finished ({getattr(e, 'message', None) or e.strerror}); with no "
+                              "additional recovery points kept there is no undo log to read the last point "
+                              "through: free space on the replica's volume") from None
+
+    def _journal_undo_path(self) -> str | None:
+        """The undo log of the journaled cycle (None when no points are kept: redo only)."""
+        j = self.state.journal
+        return os.path.join(self.path, "undo", f"{j['generation']}.hrl") if j.get("undo", True) else None
 
     def test_failover(self, generation: int, out: str | None = None) -> str:
         """A differencing disk showing the point, over a frozen replica image: no copy, and replication
