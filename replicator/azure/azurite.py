@@ -104,8 +104,12 @@ class Azurite:
             with open(os.path.join(self.workspace, "azurite.log"), "ab") as log:
                 self.proc = subprocess.Popen(self._argv(), cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True)
-            if self._wait_ready(timeout):
-                return self
+            try:
+                if self._wait_ready(timeout):
+                    return self
+            except BaseException:        # interrupted while it starts (SIGTERM, Ctrl-C): no __exit__ will run
+                self._kill()
+                raise
             self._kill()
         with open(os.path.join(self.workspace, "azurite.log"), "rb") as f:
             log = f.read()[-2000:].decode(errors="replace")
