@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import libvirt
 import libvirt_qemu
