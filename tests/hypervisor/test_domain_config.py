@@ -154,3 +154,10 @@ def test_defines_from_the_fields_alone(hv, two_disk_domain, workdir):
         if hv.exists("db9"):
             hv.undefine("db9")
         hv.delete_network("iso9")
+
+
+def test_an_unreachable_hypervisor_is_one_error(workdir):
+    from replicator.hypervisor import Hypervisor
+    with pytest.raises(HypervisorError, match="connect to") as e:
+        Hypervisor.open(f"qemu+unix:///system?socket={workdir}/no-such-sock")
+    assert e.value.exit_code == 17
