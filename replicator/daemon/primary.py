@@ -133,6 +133,8 @@ class PrimaryMachine:
                 except ReplicatorError as e:
                     log.error("%s: the export could not be restarted (tried again in 5 s): %s", self.name, e.message)
                     await asyncio.sleep(5)
+            for d in self.disks.values():
+                d.close_reader()            # connections to the export that died
             for r in self.replicators:
                 r.tracker = self.export.disks[os.path.basename(r.tracker.path)]
             self.disks = self.export.disks
@@ -311,14 +313,7 @@ class PrimaryMachine:
                 # Cut it across the machine now and ship it: the replica's first consistent point.
                 await self.cut()
                 logs = await self._all_disks(consistency)
-                for first, then in zip(results, logs):
-                    then.kind, then.streams = first.kind, first.streams + then.streams
-                    then.bytes_sent += first.bytes_sent
-                    then.stream_bytes += first.stream_bytes
-                    then.plain_bytes += first.plain_bytes
-                    then.seconds += first.seconds
-                    then.points[:0] = first.points
-                results = logs
+                results = [copy.then(log) for copy, log in zip(results, logs)]
         finally:
             for r in self.replicators:
                 r.progress = None

@@ -51,6 +51,13 @@ class CycleResult:
     seconds: float = 0.0
     points: list = field(default_factory=list)
 
+    def then(self, later: "CycleResult") -> "CycleResult":
+        """This cycle followed by `later` (a copy, then the log that makes it whole): one result of the
+        first's kind, ending where the later one ends."""
+        return CycleResult(self.kind, self.streams + later.streams, self.bytes_sent + later.bytes_sent,
+                           self.stream_bytes + later.stream_bytes, self.plain_bytes + later.plain_bytes,
+                           later.generation, self.seconds + later.seconds, self.points + later.points)
+
 
 class DiskReplicator:
     def __init__(self, tracker: TrackedDisk, target: ReplicaTarget, *, compress: bool = True, name: str = ""):
