@@ -28,7 +28,8 @@ def register(sub) -> None:
                         "into ROOT (default --root); repeatable")
     s.add_argument("--sync-mib", type=int, default=16, help="sync the spool every N MiB received")
     for limit in LIMITS:
-        s.add_argument("--" + limit.name.replace("_", "-"), metavar={"bytes": "SIZE", "seconds": "SECONDS"}.get(limit.unit, "N"),
+        s.add_argument("--" + limit.name.replace("_", "-"),
+                       metavar={"bytes": "SIZE", "seconds": "SECONDS"}.get(limit.unit, "N"),
                        help=f"{limit.help} (default {describe(limit)})")
     s.set_defaults(func=cmd_serve)
 

@@ -183,7 +183,14 @@ class Daemon:
         header = request.headers.get("Authorization", "")       # whatever bytes a client sent: compare bytes
         if not hmac.compare_digest(header.encode("utf-8", "backslashreplace"), f"Bearer {self.token}".encode()):
             return web.json_response({"error": "missing or wrong admin token"}, status=401)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPException as e:           # aiohttp's own refusals (no such route, method, ...): as ours
+            if e.status < 400:
+                raise
+            allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            return web.json_response({"error": f"{e.reason}: {request.method} {request.path[:200]}"},
+                                     status=e.status, headers=allow)
 
     async def _reload(self, request):
         if self.reload_requested is None:
