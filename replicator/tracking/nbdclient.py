@@ -1,18 +1,21 @@
 """A small synchronous NBD client: how the control plane reads a live disk without touching its file.
 
-replicatord never opens a protected disk itself: the export process owns it (and its image lock). Initial
-replication, resync digests and seed export read the disk through the export, as any NBD client would,
-so their reads are served between the guest's requests and always see the disk as the guest does.
+replicatord never opens a protected disk for writing: the export process owns it (and its image lock).
+Initial replication, resync digests and seed export read the disk with the export's help: the export
+says where each range lives (its BAT), the data of fully present blocks is read from the file in this
+process (read-only, no lock, like `qemu-img -U`), and anything else through the export as any NBD client
+would. Such a read is fuzzy while the guest writes; the log begun before it makes the copy whole.
 Fixed-newstyle handshake with NBD_OPT_GO; simple replies only (reads and flushes, nothing else).
 Protocol: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 
-from ..disk.base import BlockDevice, Extent, ExtentKind
+from ..disk.base import BlockDevice, Extent, ExtentKind, pread_exact
 from ..errors import DiskIOError
 
 NBDMAGIC, IHAVEOPT, OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
@@ -115,23 +118,55 @@ class NbdClient:
 
 
 class NbdDisk(BlockDevice):
-    """A live disk read through its export: the BlockDevice the encoders and digest scans take.
-    Extents come from the export process (its BAT), given as a callable."""
+    """A live disk read by the control plane: the BlockDevice the encoders and digest scans take.
+    Extents come from the export process (its BAT), given as a callable. With `mapper` (the export's map
+    of where each range lives) and the image's `path`, data in fully present blocks is read from the file
+    right here, on the caller's thread: a disk read held up by a busy device then delays this reader, never
+    a guest request on the export's loop. Anything else (zeros aside) is read through the export."""
 
     format_name = "nbd"
 
     def __init__(self, socket_path: str, export: str, *, extents=None, virtual_disk_id=None,
-                 logical_sector_size: int = 512, path: str = ""):
-        self.client = NbdClient(socket_path, export)
-        self.size = self.client.size
+                 logical_sector_size: int = 512, path: str = "", mapper=None, size: int | None = None):
+        self.socket_path, self.export = socket_path, export
+        self._client = None if size is not None else NbdClient(socket_path, export)
+        self.size = size if size is not None else self._client.size
         self.read_only = True
         self.path = path or f"nbd+unix:///{export}?socket={socket_path}"
         self.virtual_disk_id = virtual_disk_id
         self.logical_sector_size = logical_sector_size
         self._extent_source = extents
+        self._mapper = mapper
+        self._fd = -1
+        if mapper is not None and path:
+            try:
+                self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                self.close()
+                raise DiskIOError(f"{path}: cannot open for reading: {e.strerror}") from None
+
+    @property
+    def client(self) -> NbdClient:
+        """The connection to the export, opened on first use (a reader of fully present blocks may never
+        need one)."""
+        if self._client is None:
+            self._client = NbdClient(self.socket_path, self.export)
+        return self._client
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        self.client.pread_into(offset, buf)
+        if self._fd < 0:
+            self.client.pread_into(offset, buf)
+            return
+        for voff, n, kind, foff in self._mapper(offset, len(buf)):
+            view = buf[voff - offset:voff - offset + n]
+            if kind == "file":
+                got = pread_exact(self._fd, view, foff)
+                if got < n:                  # a block cut short by truncation reads as zeros past the end
+                    view[got:] = bytes(n - got)
+            elif kind == "zero":
+                view[:] = bytes(n)
+            else:
+                self.client.pread_into(voff, view)
 
     def _extents(self, offset: int, length: int):
         if self._extent_source is None:
@@ -144,4 +179,9 @@ class NbdDisk(BlockDevice):
                 yield Extent(lo, hi - lo, ExtentKind(kind))
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

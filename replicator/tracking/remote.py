@@ -128,9 +128,12 @@ class RemoteTrackedDisk:
         return self._disk
 
     def open_reader(self) -> NbdDisk:
-        return NbdDisk(self.export.nbd_socket, self.name, extents=self._extents,
+        return NbdDisk(self.export.nbd_socket, self.name, extents=self._extents, mapper=self._map,
                        virtual_disk_id=self.virtual_disk_id, logical_sector_size=self.logical_sector_size,
-                       path=self.path)
+                       path=self.path, size=self.size)
+
+    def _map(self, offset: int, length: int):
+        return self.export.control.call("map", disk=self.name, offset=offset, length=length)["map"]
 
     def _extents(self, offset: int, length: int):
         return self.export.control.call("extents", disk=self.name, offset=offset, length=length)["extents"]

@@ -169,7 +169,7 @@ class ExportProcess:
                         self.watchers += 1
                     continue
                 try:
-                    if op in ("hello", "extents", "dirty_extents"):
+                    if op in ("hello", "extents", "dirty_extents", "map"):
                         reply = {"ok": await self._do(op, req)}
                     else:
                         async with self._changing:
@@ -209,6 +209,10 @@ class ExportProcess:
             await self.stop_serving()
             return {"serving": False}
         if op == "detach":
+            for _ in range(20):             # replicatord's own readers may be a moment from gone
+                if not self.nbd_clients():
+                    break
+                await asyncio.sleep(0.025)
             if req.get("exit_if_idle") and not self.nbd_clients():
                 await self._shutdown()          # (control requests hold self._changing)
                 return {"exiting": True}
@@ -230,6 +234,8 @@ class ExportProcess:
                 d._require_resync(str(req["reason"]))
         elif op == "dirty_extents":
             return {"extents": d.dirty_extents()}
+        elif op == "map":
+            return {"map": d.disk.map_range(int(req["offset"]), int(req["length"]))}
         elif op == "extents":
             off, n = int(req["offset"]), int(req["length"])
             return {"extents": [[e.offset, e.length, e.kind.value] for e in d.extents(off, n)]}

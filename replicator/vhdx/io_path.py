@@ -67,6 +67,30 @@ class VhdxIOMixin:
         else:
             out[:] = bytes(len(out))
 
+    def map_range(self, offset: int, length: int) -> list[tuple[int, int, str, int]]:
+        """Where [offset, offset+length) lives, for a reader in another process: (virtual offset, length,
+        kind, file offset) with kind "file" (read this file at the offset), "zero", or "other" (partly
+        present, or in a parent: read it through the disk's owner). A payload block never moves while the
+        file is open (trimmed blocks' space is not reused), so an answer stays good for a fuzzy copy."""
+        bs, out, pos, end = self.geometry.block_size, [], offset, offset + length
+        while pos < end:
+            inblock = pos % bs
+            n = min(bs - inblock, end - pos)
+            state, foff = self._entry(pos // bs)
+            if state == PayloadState.FULLY_PRESENT:
+                kind, at = "file", foff + inblock
+            elif state == PayloadState.PARTIALLY_PRESENT or (state == PayloadState.NOT_PRESENT and self.parent):
+                kind, at = "other", 0
+            else:
+                kind, at = "zero", 0
+            last = out[-1] if out else None
+            if last and last[2] == kind and (kind != "file" or last[3] + last[1] == at):
+                out[-1] = (last[0], last[1] + n, kind, last[3])
+            else:
+                out.append((pos, n, kind, at))
+            pos += n
+        return out
+
     def _read_file(self, out: memoryview, file_offset: int) -> None:
         n = self.io.readinto(out, file_offset)
         if n < len(out):          # a block cut short by truncation reads as zeros past the end

@@ -133,3 +133,31 @@ def test_control_refuses_nonsense(tmp_path, disk):
     finally:
         h.shutdown()
     time.sleep(0)
+
+
+def test_reads_from_the_file_equal_reads_through_the_export(tmp_path):
+    """The control plane reads fully present blocks from the file itself and the rest (a differencing
+    disk's partly present blocks and its parent's) through the export: the same bytes either way."""
+    from replicator.vhdx import create_vhdx
+    parent = make_vhdx(tmp_path / "base.vhdx", 16 * MiB, fill=[(0, pattern(7, 4 * MiB))])
+    child = create_vhdx(str(tmp_path / "d0.vhdx"), 16 * MiB, block_size=MiB, parent=parent)
+    child.close()
+    tracked(str(tmp_path / "d0.vhdx")).close()
+    h = _handle(tmp_path, str(tmp_path / "d0.vhdx"))
+    try:
+        qemu_io(h.uri("d0.vhdx"), f"write -P 0x21 {MiB + 512} 4096", f"write -P 0x22 {6 * MiB} {2 * MiB}",
+                f"write -z -u {9 * MiB} {MiB}")
+        d = h.disks["d0.vhdx"]
+        kinds = {k for _, _, k, _ in d._map(0, 16 * MiB)}
+        assert kinds == {"file", "zero", "other"}
+        reader = d.open_reader()
+        try:
+            direct = reader.read(0, 16 * MiB)
+            through = bytearray(16 * MiB)
+            reader.client.pread_into(0, memoryview(through))
+        finally:
+            reader.close()
+        assert direct == bytes(through)
+        assert direct[6 * MiB:8 * MiB] == b"\x22" * (2 * MiB) and direct[:MiB] == pattern(7, 4 * MiB)[:MiB]
+    finally:
+        h.shutdown()
