@@ -10,17 +10,21 @@ import secrets
 from .errors import UsageError
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new, never half."""
+def write_json_atomic(path: str, obj, durable: bool = True) -> None:
+    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new, never half.
+    durable=False skips the fsyncs (still never half a file to a reader) for a state that a crash makes
+    moot anyway: no forced journal commit, which on ext4 stalls every other writer of the volume."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: str) -> None:

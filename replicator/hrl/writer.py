@@ -101,18 +101,22 @@ class HrlWriter:
         if durable:
             self._fsync()
 
-    def seal(self, vhd2_data_write_guid: uuid.UUID | None = None) -> LogHeader:
+    def seal(self, vhd2_data_write_guid: uuid.UUID | None = None, durable: bool = True) -> LogHeader:
         """Close the log cleanly: EOLLocation set, checksums written, flushed. The disk's DataWriteGuid as
-        of the seal is recorded so that a later change made without tracking can be detected."""
+        of the seal is recorded so that a later change made without tracking can be detected.
+        durable=False leaves the flushing to the kernel, for a log whose loss in a crash costs a resync
+        anyway (a running tracker's: see TrackedDisk.cut)."""
         self.commit()
         if vhd2_data_write_guid is not None:
             self.header = self.header.evolve(vhd2_data_write_guid=vhd2_data_write_guid)
         self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
                                          last_modified_timestamp=hrl_time(time.time()),
                                          total_metadata_entries=self.total_entries)
-        self._fsync()                     # data and metadata before the header that vouches for them
+        if durable:
+            self._fsync()                 # data and metadata before the header that vouches for them
         self._write(self.header.pack(), 0)
-        self._fsync()
+        if durable:
+            self._fsync()
         self.sealed = True
         self.close()
         return self.header

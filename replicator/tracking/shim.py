@@ -27,11 +27,12 @@ from .. import errors
 from ..errors import ReplicatorError
 from .nbd import Export, NbdServer
 from .service import new_event_loop
-from .tracker import TrackedDisk, TrackingGroup
+from .tracker import TrackedDisk, TrackingGroup, remove_files
 
 log = logging.getLogger("replicator.export")
 MAX_CONTROL_LINE = 1 << 20
 PRIORITY_BOOST = -5          # nice steps above replicatord (root only)
+WRITEBACK = 32 << 20         # the guest's written bytes a disk may have in the page cache before a writeback
 
 
 def disk_status(d: TrackedDisk) -> dict:
@@ -96,8 +97,10 @@ class ExportProcess:
         log.info("export of %s serving %s on %s (pid %d)", self.name, ", ".join(self.disks), self.nbd_socket,
                  os.getpid())
         idle = asyncio.create_task(self._idle_watch())
+        pacing = asyncio.create_task(self._writeback())
         await self.done.wait()
         idle.cancel()
+        pacing.cancel()
 
     def nbd_clients(self) -> int:
         return len(self.server.clients)
@@ -115,6 +118,19 @@ class ExportProcess:
                          self.name)
                 await self.shutdown()
                 return
+
+    async def _writeback(self) -> None:
+        """Write the guest's data back in steps of WRITEBACK bytes (or each second), on a worker thread:
+        a page cache full of dirty data makes the kernel stall every writer at once, the guest's first."""
+        quiet = 0.0
+        while True:
+            await asyncio.sleep(0.1)
+            quiet += 0.1
+            due = [d for d in self.disks.values() if d.disk is not None and
+                   (d.unsynced >= WRITEBACK or (d.unsynced and quiet >= 1.0))]
+            if due:
+                quiet = 0.0
+                await asyncio.to_thread(lambda: [d.writeback() for d in due])
 
     async def stop_serving(self) -> None:
         """Disconnect every NBD client and accept no more (a planned failover's primary stops)."""
@@ -221,10 +237,11 @@ class ExportProcess:
             await self._shutdown()
             return {"exiting": True}
         d = self._disk(req)
-        if op == "acknowledge":       # the state file is written off the I/O path
-            d.acknowledge(uuid.UUID(req["unique_id"]), save=False)
+        if op == "acknowledge":       # the disk's data made durable and the state written off the I/O path
+            await asyncio.to_thread(d.sync_data)
+            gone = d.acknowledge(uuid.UUID(req["unique_id"]), save=False, synced=True, unlink=False)
             snap = d.sidecar.snapshot(d.state)
-            await asyncio.to_thread(d.sidecar.write, snap)
+            await asyncio.to_thread(lambda: (d.sidecar.write(snap, False), remove_files(gone)))
         elif op == "begin_resync":
             return {"extents": d.begin_resync(), "status": disk_status(d)}
         elif op == "end_resync":

@@ -105,13 +105,13 @@ class Sidecar:
         self._taken += 1
         return self._taken, asdict(state)
 
-    def write(self, snap: tuple[int, dict]) -> None:
+    def write(self, snap: tuple[int, dict], durable: bool = True) -> None:
         number, data = snap
         with self._save_lock:
             if number <= self._written:
                 return
             try:
-                write_json_atomic(self.state_path, data)
+                write_json_atomic(self.state_path, data, durable=durable)
             except OSError as e:
                 raise DiskIOError(f"{self.state_path}: cannot save tracking state: {e.strerror}") from None
             self._written = number
