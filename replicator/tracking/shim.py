@@ -27,7 +27,7 @@ from .. import errors
 from ..errors import ReplicatorError
 from .nbd import Export, NbdServer
 from .service import new_event_loop
-from .tracker import TrackedDisk, TrackingGroup, remove_files
+from .tracker import TrackedDisk, TrackingGroup
 
 log = logging.getLogger("replicator.export")
 MAX_CONTROL_LINE = 1 << 20
@@ -78,6 +78,8 @@ class ExportProcess:
         self.nbd_socket, self.control = nbd_socket, control
         self.idle_grace = idle_grace
         self.server = NbdServer([Export(n, d) for n, d in disks.items()])
+        for d in disks.values():
+            d.deferring = True          # no file work that may wait on the journal on the I/O path
         self.watchers = 0
         self.serving = True
         self.done = asyncio.Event()
@@ -101,6 +103,12 @@ class ExportProcess:
         await self.done.wait()
         idle.cancel()
         pacing.cancel()
+
+    def _run_deferred(self) -> None:
+        """The trackers' queued file work (state saves, bitmap rewrites, unlinks: tracker._later)."""
+        for d in self.disks.values():
+            if d.disk is not None:
+                d.run_deferred()
 
     def nbd_clients(self) -> int:
         return len(self.server.clients)
@@ -190,6 +198,7 @@ class ExportProcess:
                     else:
                         async with self._changing:
                             reply = {"ok": await self._do(op, req)}
+                            await asyncio.to_thread(self._run_deferred)
                 except ReplicatorError as e:
                     reply = {"error": e.message, "type": type(e).__name__}
                 except (KeyError, TypeError, ValueError) as e:
@@ -237,11 +246,8 @@ class ExportProcess:
             await self._shutdown()
             return {"exiting": True}
         d = self._disk(req)
-        if op == "acknowledge":       # the disk's data made durable and the state written off the I/O path
-            await asyncio.to_thread(d.sync_data)
-            gone = d.acknowledge(uuid.UUID(req["unique_id"]), save=False, synced=True, unlink=False)
-            snap = d.sidecar.snapshot(d.state)
-            await asyncio.to_thread(lambda: (d.sidecar.write(snap, False), remove_files(gone)))
+        if op == "acknowledge":       # its file work runs after, off the I/O path (_run_deferred)
+            d.acknowledge(uuid.UUID(req["unique_id"]))
         elif op == "begin_resync":
             return {"extents": d.begin_resync(), "status": disk_status(d)}
         elif op == "end_resync":

@@ -76,6 +76,7 @@ class Sidecar:
         self._bitmap_fd = -1
         self._taken = self._written = 0
         self._save_lock = threading.Lock()
+        self._bitmap_lock = threading.Lock()     # the I/O path sets bits while a worker may rewrite them
 
     def exists(self) -> bool:
         return os.path.exists(self.state_path)
@@ -127,16 +128,19 @@ class Sidecar:
         return np.concatenate((bits, np.zeros(n_regions - len(bits), dtype=np.uint8))).astype(bool)
 
     def persist_bitmap(self, bits: np.ndarray, regions: np.ndarray) -> None:
-        """Make the given regions' bits durable (rewrites only the bytes holding them)."""
-        if self._bitmap_fd < 0:
-            self._bitmap_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        packed = np.packbits(bits, bitorder="little").tobytes()
-        lo, hi = int(regions.min()) // 8, int(regions.max()) // 8 + 1
-        try:
-            os.pwrite(self._bitmap_fd, packed[lo:hi], lo)
-            os.fdatasync(self._bitmap_fd)
-        except OSError as e:
-            raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
+        """Make the given regions' bits durable (rewrites only the bytes holding them). The bits are packed
+        under the lock, so a rewrite on a worker thread and the I/O path's marking never undo each other."""
+        with self._bitmap_lock:
+            if self._bitmap_fd < 0:
+                self._bitmap_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                                          0o644)
+            packed = np.packbits(bits, bitorder="little").tobytes()
+            lo, hi = int(regions.min()) // 8, int(regions.max()) // 8 + 1
+            try:
+                os.pwrite(self._bitmap_fd, packed[lo:hi], lo)
+                os.fdatasync(self._bitmap_fd)
+            except OSError as e:
+                raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
 
     def rewrite_bitmap(self, bits: np.ndarray) -> None:
         self.persist_bitmap(bits, np.array([0, max(0, len(bits) - 1)]))

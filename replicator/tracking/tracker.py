@@ -50,6 +50,8 @@ class TrackedDisk:
         self.path = path
         self.max_log_share = max_log_share
         self.sidecar = Sidecar(path)
+        self.deferring = False   # the export process: slow file work goes to run_deferred() (see _later)
+        self._deferred: list = []
         self.unsynced = 0        # bytes written since the last writeback() (the export's writeback pacing)
         self.disk = VhdxDisk.open(path, read_only=False)
         self.size = self.disk.size
@@ -147,6 +149,31 @@ class TrackedDisk:
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
         if save:
+            self._save_state()
+
+    # ------------------------------------------------------------------ slow file work
+    def _later(self, work) -> None:
+        """File work that may wait on the volume's journal -- a state save, a bitmap rewrite that clears
+        bits, an unlink, an fdatasync -- done now, or, in the export process (`deferring`), queued in
+        order for run_deferred() on a worker thread, so that the guest's requests never wait for it."""
+        if self.deferring:
+            self._deferred.append(work)
+        else:
+            work()
+
+    def run_deferred(self) -> None:
+        """Any thread: the queued file work, in order (the export runs it before answering a control
+        request, which are serialized; a failure stops the queue and is raised)."""
+        while self._deferred:
+            self._deferred.pop(0)()
+
+    def _save_state(self) -> None:
+        """While the export runs, the state is written without fsync: a crash always ends in a resync of
+        the durable dirty regions (the state is not clean), so its durability buys nothing."""
+        if self.deferring:
+            snap = self.sidecar.snapshot(self.state)
+            self._deferred.append(lambda: self.sidecar.write(snap, durable=False))
+        else:
             self.sidecar.save(self.state)
 
     def _require_resync(self, reason: str, persist: bool = True) -> None:
@@ -157,7 +184,7 @@ class TrackedDisk:
             self.log.close()
             self.log = None
         if persist:
-            self.sidecar.save(self.state)
+            self._save_state()
 
     # ------------------------------------------------------------------ I/O
     def read(self, offset: int, length: int) -> bytes:
@@ -320,33 +347,25 @@ class TrackedDisk:
         self.state.last_unique_id = str(header.unique_id)
         self.state.data_write_guid = str(self.disk.data_write_guid)
 
-    def acknowledge(self, unique_id: uuid.UUID, save: bool = True, synced: bool = False,
-                    unlink: bool = True) -> list[str]:
+    def acknowledge(self, unique_id: uuid.UUID) -> None:
         """The replica holds this log (and every earlier one) durably: forget them and their regions.
-        Dirty bits are cleared only once the disk's data is durable (a crash must not lose a write the
-        replica has while its region reads clean): synced=True says the caller made it so (sync_data(),
-        off the I/O path). save=False: the caller writes the state (Sidecar.snapshot/write); unlink=False:
-        the caller removes the returned log files (unlinking a large file takes the volume's journal for
-        100 ms or more: never on the I/O path)."""
-        if not synced:
-            self.sync_data()
+        On disk, dirty bits are cleared only once the disk's data is durable (a crash must not lose a write
+        the replica has while its region reads clean). Unlinking a large log takes the volume's journal
+        for 100 ms or more: like the rest of the file work, the export process does it off the I/O path."""
         names = [r.unique_id for r in self.state.sealed_logs]
         if str(unique_id) not in names:
             raise ReplicatorError(f"{self.path}: log {unique_id} is not pending")
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
         acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
         gone = [os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked]
-        if unlink:
-            remove_files(gone)
+        self._later(lambda: remove_files(gone))
         self.state.sealed_logs = keep
-        if save:
-            self.sidecar.save(self.state)
+        self._save_state()
         if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
             recent = np.zeros(self.n_regions, dtype=bool)
             for rec in acked:
                 recent |= unpack_regions(rec.regions, self.n_regions)
             self._rebuild_dirty(recent)
-        return gone
 
     def _rebuild_dirty(self, recent=None) -> None:
         """The dirty bits: the active cycle's and pending logs' regions, and (hysteresis) those of the logs
@@ -359,7 +378,8 @@ class TrackedDisk:
         if recent is not None:
             bits |= recent
         self.dirty = bits
-        self.sidecar.rewrite_bitmap(bits)
+        self._later(self.sync_data)               # the data before the bits that vouch for it go
+        self._later(lambda: self.sidecar.rewrite_bitmap(bits))
 
     def begin_resync(self) -> list[tuple[int, int]]:
         """Start bringing the replica level: returns the extents to compare or copy, and starts a fresh
@@ -374,9 +394,9 @@ class TrackedDisk:
         self.state.last_unique_id = ZERO_UUID
         self._new_cycle()
         self._start_log()
-        for name in os.listdir(self.sidecar.logs_dir):   # every older log, sealed or left open by a crash
-            if name != self.state.active_log:
-                os.unlink(os.path.join(self.sidecar.logs_dir, name))
+        older = [os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
+                 if n != self.state.active_log]          # every older log, sealed or left open by a crash
+        self._later(lambda: remove_files(older))
         return extents
 
     def end_resync(self) -> None:
@@ -385,7 +405,7 @@ class TrackedDisk:
             raise ReplicatorError(f"{self.path}: no resynchronization is in progress")
         self.state.state, self.state.reason = TrackingState.TRACKING.value, None
         self._rebuild_dirty()
-        self.sidecar.save(self.state)
+        self._save_state()
 
     def resync_done(self) -> None:
         """A resync made the replica equal to this disk as of now (begin and end at once)."""
@@ -410,6 +430,8 @@ class TrackedDisk:
         if self.disk is None:
             return
         try:
+            self.deferring = False
+            self.run_deferred()
             if self.log is not None:
                 self.disk.flush()
                 try:
@@ -455,6 +477,6 @@ class TrackingGroup:
         live = [(d, p) for d, p in zip(self.disks, pending) if p is not None]
         await asyncio.to_thread(lambda: [d.cut_sync(p, durable=False) for d, p in live])
         sealed = [None if p is None else d.cut_record(p) for d, p in zip(self.disks, pending)]
-        snaps = [d.sidecar.snapshot(d.state) for d in self.disks]
-        await asyncio.to_thread(lambda: [d.sidecar.write(s, durable=False) for d, s in zip(self.disks, snaps)])
+        for d in self.disks:
+            d._save_state()                 # queued: the export runs the file work off the loop
         return sealed
