@@ -41,6 +41,7 @@ from ..seed import media as seed_media
 from ..targets.base import TargetUnavailable
 from ..targets.factory import open_target
 from ..tracking.remote import ExportHandle
+from .domains import DomainProtection
 
 log = logging.getLogger("replicatord")
 LOG_CYCLES_FROM = 64 << 20      # scheduled cycles smaller than this are logged at debug level only
@@ -89,7 +90,18 @@ class PrimaryMachine:
                                   bandwidth_limit=p.bandwidth_limit, machine=machine.name)
         sock_dir = os.path.join(state_dir, "nbd")
         os.makedirs(sock_dir, exist_ok=True)
-        self.export = ExportHandle(machine.name, {os.path.basename(p): p for p in machine.disks}, sock_dir).start()
+        export = ExportHandle(machine.name, {os.path.basename(p): p for p in machine.disks}, sock_dir)
+        self.domain = DomainProtection(machine, self.state) if machine.domain else None
+        if self.domain is not None:             # a libvirt domain (domains.py): refused before the export starts
+            self.domain.check(export.nbd_socket)
+        self.export = export.start()
+        if self.domain is not None:
+            try:
+                self.domain.point(self.export)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.export.detach()
+                raise
         self.disks = self.export.disks
         self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
                             for n, d in self.disks.items()]
@@ -97,6 +109,8 @@ class PrimaryMachine:
             "target": p.target, "cert": p.cert, "key": p.key, "ca": p.ca, "kerberos": p.auth == "kerberos",
             "delete_replica_on_remove": p.delete_replica_on_remove,
             "disks": {n: {"path": d.path, "disk_id": str(d.virtual_disk_id)} for n, d in self.disks.items()}}
+        if self.domain is not None:
+            self.state.data["protection"]["domain"] = self.domain.removal_record()
         self.state.save()
         self.last_result = None
         self.exporting = self.export.serving      # the NBD export serves the VM (a planned failover stops it)
@@ -105,6 +119,9 @@ class PrimaryMachine:
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.export.watch_fd(), self._export_gone)
+        if self.domain is not None:
+            self.domain.start(lambda: self.exporting)
+            self._background(self.domain.resume_if_paused("its export is up"), "resume-domain")
         for d in self.disks.values():
             if d.resync_required and self.state.state in (S.Replicating, S.Error):
                 reason = d.reason or ""
@@ -144,6 +161,13 @@ class PrimaryMachine:
             if needing and self.state.can(Event.resync_needed):
                 self.state.fire(Event.resync_needed, f"the export process was restarted: {needing[0].reason}")
             log.info("%s: export restarted (pid %d)", self.name, self.export.pid)
+        if self.domain is not None:             # paused by error_policy='stop' while the export was away
+            await self.domain.resume_if_paused("its export process was restarted")
+
+    def _background(self, work, what: str) -> None:
+        task = asyncio.create_task(work, name=f"{what}-{self.name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # ------------------------------------------------------------------ scheduler hooks
     async def cut(self) -> None:
@@ -172,6 +196,9 @@ class PrimaryMachine:
                     raise
                 self._after_success(kind, results)
                 await self._checkpoint(results)
+                if self.domain is not None and results:
+                    await self.domain.replicate_config(
+                        self.target, {n: str(d.virtual_disk_id) for n, d in self.disks.items()})
             except Waiting as e:
                 self._explain(e.message)
                 if own:
@@ -310,9 +337,10 @@ class PrimaryMachine:
             results = await self._all_disks(consistency)
             if any(r.kind in ("initial", "resync") for r in results):
                 # The copies were read while the guest wrote: the log begun at their start makes them whole.
-                # Cut it across the machine now and ship it: the replica's first consistent point.
+                # Cut it across the machine now and ship it: the replica's first consistent point. That cut is
+                # not quiesced (the scheduler's quiesce covered the first one): crash-consistent.
                 await self.cut()
-                logs = await self._all_disks(consistency)
+                logs = await self._all_disks("crash")
                 results = [copy.then(log) for copy, log in zip(results, logs)]
         finally:
             for r in self.replicators:
@@ -652,12 +680,15 @@ class PrimaryMachine:
                               "nbd": self.export.uri(n) if self.exporting else None}
                           for n, d in self.disks.items()},
                 "export": {"pid": self.export.pid, "serving": self.exporting},
-                "last_cycle": self.last_result}
+                "last_cycle": self.last_result,
+                **({"domain": self.domain.view()} if self.domain is not None else {})}
 
     async def stop(self, final: bool = False) -> None:
         """replicatord stops: the export stays while a guest is connected to it (else it closes).
         final: the machine is no longer protected here; its export ends, clients or not."""
         await self.target.close()
+        if self.domain is not None:
+            await self.domain.stop()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.export.watch_fd())
         if final:

@@ -48,6 +48,7 @@ from ..orchestration.states import Event, MachineState, ReplicationState, StateE
 from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 from ..tracking.state import Sidecar
+from . import domains
 from .reverse import RUNNING_HERE, ReverseReplication
 
 log = logging.getLogger("replicatord")
@@ -201,10 +202,12 @@ class ReplicaSite(ReverseReplication):
             failover = st.data.get("failover")
             if st.data.get("role") == "replica" and (st.test_failover or {}).get("disks"):
                 await self._serve_tests(name, st.test_failover["disks"])
+                await self._resume_domain(name, st.test_failover.get("domain"))
             if st.data.get("role") != "replica" or not failover:
                 continue
             if st.state in RUNNING_HERE:
                 await self._run_here(name, failover)
+                await self._resume_domain(name, failover.get("domain"))
             elif st.state is S.RecoveryInProgress:
                 asyncio.create_task(self._resume_failover(name), name=f"failover-{name}")
 
@@ -350,6 +353,15 @@ class ReplicaSite(ReverseReplication):
             st.test_failover["disks"] = made
             st.save()
             await self._serve_tests(name, made)
+            try:
+                await self._boot_test(m, st, made)
+            except BaseException:
+                served = self.testing.pop(name, None)
+                if served is not None:
+                    await asyncio.to_thread(served.stop)
+                await self._remove_tests(m, folder)
+                st.stop_test_failover()
+                raise
         finally:
             self.busy.discard(name)
         log.info("%s: test failover at point %d in %s", name, pt["point"], folder)
@@ -362,6 +374,12 @@ class ReplicaSite(ReverseReplication):
             raise StateError(f"{name}: no test failover is running")
         self._begin(name)
         try:
+            dom = st.test_failover.get("domain")
+            if dom:                             # the test machine goes before its disks
+                for done in await asyncio.to_thread(domains.remove, dom["libvirt"], dom["name"], dom.get("network")):
+                    log.info("%s: cleanup of the test failover: %s", name, done)
+                st.test_failover.pop("domain")
+                st.save()
             served = self.testing.pop(name, None)
             if served is not None:
                 await asyncio.to_thread(served.stop)
@@ -376,6 +394,74 @@ class ReplicaSite(ReverseReplication):
         differencing disk itself). Their tracking sidecars live in the test folder and go with it."""
         paths = {os.path.basename(p): p for p in disks.values()}
         self.testing[name] = await asyncio.to_thread(FailedOverMachine, paths, self._socket(f"{name}.test"))
+
+    # ------------------------------------------------------------------ the machine's domain (domains.py)
+    def _domain_payload(self, m: ReplicatedMachine) -> dict | None:
+        """The machine's replicated domain configuration when this site boots domains ([replica] libvirt)."""
+        if not self.settings.libvirt:
+            return None
+        return domains.replicated_domain([d.disk.path for d in m.disks])
+
+    async def _boot_test(self, m: ReplicatedMachine, st: MachineState, made: dict[str, str]) -> None:
+        """`NAME - Test` on the test disks' exports, every NIC on the isolated test network, started."""
+        payload = self._domain_payload(m)
+        if payload is None:
+            return
+        sock = self._socket(f"{m.name}.test")
+        sources = {d.id: (sock, os.path.basename(made[d.name])) for d in m.disks if d.name in made}
+        name = f"{payload['domain']['name']} - Test"
+        info = await asyncio.to_thread(domains.boot, self.settings.libvirt, payload, name, sources, {},
+                                       test_network=self.settings.test_network,
+                                       console=os.path.join(st.test_failover["path"], "console.log"))
+        for note in info["notes"]:
+            log.info("%s: test failover: %s", m.name, note)
+        log.info("%s: test failover: domain %r started on the isolated network %r", m.name, name,
+                 self.settings.test_network)
+        st.test_failover["domain"] = info
+        st.save()
+
+    async def _boot_failover(self, m: ReplicatedMachine, st: MachineState, job) -> None:
+        """The domain defined under its own name on the failed-over disks' exports, its NICs on the networks
+        network_map gives (the others unplugged, said in the job's log), started."""
+        payload = self._domain_payload(m)
+        fo = st.data["failover"]
+        if payload is None:
+            if self.settings.libvirt:
+                job.note(f"no replicated domain configuration of {m.name}: its disks are served over NBD only")
+            return
+        name = payload["domain"]["name"]
+        sock = self._socket(m.name)
+        sources = {d.id: (sock, os.path.basename(fo["paths"][d.id])) for d in m.disks}
+        folder = os.path.dirname(next(iter(fo["paths"].values())))
+        info = await asyncio.to_thread(domains.boot, self.settings.libvirt, payload, name, sources,
+                                       self.settings.network_map, console=os.path.join(folder, f"{m.name}.console.log"))
+        for note in info["notes"]:
+            job.note(f"domain {name!r}: {note}")
+        job.note(f"domain {name!r} defined and started (uuid {info['uuid']})")
+        fo["domain"] = info
+        st.save()
+
+    async def _remove_domain(self, name: str, info: dict | None, job=None) -> None:
+        if not info:
+            return
+        for done in await asyncio.to_thread(domains.remove, info["libvirt"], info["name"], info.get("network"),
+                                            undefine=not info.get("existing")):
+            log.info("%s: %s", name, done)
+            if job is not None:
+                job.note(done)
+
+    async def _resume_domain(self, name: str, info: dict | None) -> None:
+        """A domain whose NBD exports this daemon serves again (a restart) was paused on the I/O error."""
+        if not info:
+            return
+        try:
+            resumed = await asyncio.to_thread(domains.resume_paused, info["libvirt"], info["name"])
+        except ReplicatorError as e:
+            log.error("%s: domain %r could not be resumed: %s", name, info["name"], e.message)
+            return
+        if resumed is not None:
+            log.log(logging.INFO if resumed else logging.ERROR, "%s: domain %r %s", name, info["name"],
+                    "resumed" if resumed else "stays paused on an I/O error")
 
     async def _remove_tests(self, m: ReplicatedMachine, folder: str) -> None:
         for d in m.disks:
@@ -407,7 +493,8 @@ class ReplicaSite(ReverseReplication):
             paths = {d.id: (st.data.get("primary_disks") or {}).get(d.id)
                      or os.path.join(self.settings.failover_dir, name, names[d.id]) for d in m.disks}
             st.data["failover"] = {"kind": kind, "point": pt["point"], "generations": pt["generations"],
-                                   "paths": paths, "time": time.time()}
+                                   "paths": paths, "time": time.time(),
+                                   "domain": (st.data.get("failover") or {}).get("domain")}   # goes first
             st.save()
             await self._materialize_and_run(m, st)
         finally:
@@ -430,6 +517,7 @@ class ReplicaSite(ReverseReplication):
         fo = st.data["failover"]
         job = self.daemon.jobs.create("failover", m.name, total=sum(d.disk.state.size for d in m.disks))
         try:
+            await self._remove_domain(m.name, fo.pop("domain", None), job)   # another point: its domain goes first
             await self._stop_here(m.name)               # another point of a machine already failed over
             for d in m.disks:
                 job.note(f"{d.name}: point {fo['point']} (generation {fo['generations'][d.id]}) -> {fo['paths'][d.id]}")
@@ -439,6 +527,7 @@ class ReplicaSite(ReverseReplication):
                                                                   "time": fo["time"], "path": fo["paths"][d.id]})
                 job.add(d.disk.state.size)
             await self._run_here(m.name, fo)
+            await self._boot_failover(m, st, job)
         except BaseException as e:
             job.fail(getattr(e, "message", None) or repr(e))
             await self._undo_failover(m, st, f"failover failed: {getattr(e, 'message', e)}")
@@ -450,7 +539,9 @@ class ReplicaSite(ReverseReplication):
     async def _undo_failover(self, m: ReplicatedMachine, st: MachineState, reason: str) -> None:
         """Back to replicating: the failed-over disks go (what the machine wrote here is discarded), the
         replica takes the primary's cycles again."""
-        fo = st.data.pop("failover", None) or {}
+        fo = st.data.get("failover") or {}
+        await self._remove_domain(m.name, fo.get("domain"))
+        st.data.pop("failover", None)
         await self._stop_here(m.name)
         for d in m.disks:
             async with self._lock(d):

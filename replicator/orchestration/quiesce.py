@@ -10,6 +10,13 @@ socket): a 0xFF byte (flushes the agent's parser) and `guest-sync` with a random
 the one echoing that id, then `guest-fsfreeze-freeze` (returns the number of frozen filesystems; on error
 the agent thaws them itself) and later `guest-fsfreeze-thaw`. Each step uses a fresh connection that
 starts with its own guest-sync, so a freeze that timed out cannot leave stale replies in the thaw's way.
+
+LibvirtQuiesce freezes a protected libvirt domain through libvirt (Hypervisor.quiesce: virDomainFSFreeze /
+FSThaw, never a second client on the agent's channel), with the hypervisor's watchdog thawing the guest if
+the cut outlives the timeout. A point is application-consistent only if the freeze succeeded (at least one
+filesystem frozen) and held until after the cut: a watchdog thaw raises QuiesceExpired out of the block
+(not QuiesceFailed), so the scheduler never labels that cut "application"; its cycle fails and the sealed
+logs go with the next one, crash-consistent.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import random
 
 from ..errors import ReplicatorError
@@ -189,10 +197,78 @@ def _describe(error) -> str:
     return str(error)
 
 
+class LibvirtQuiesce(QuiesceProvider):
+    """A libvirt domain's filesystems frozen through its guest agent, by libvirt (Hypervisor.quiesce)."""
+
+    name = "libvirt quiesce"
+
+    def __init__(self, uri: str | None, domain: str, timeout: float = 30.0):
+        super().__init__(timeout)
+        self.uri, self.domain = uri, domain
+        self.frozen: int | None = None
+        self.expired = False
+        self._held = None               # (hypervisor, context manager) while frozen
+
+    async def _freeze(self) -> None:
+        from ..hypervisor import Hypervisor
+        self.expired, self.frozen = False, None
+
+        def freeze():
+            hv = Hypervisor.open(self.uri)
+            try:
+                cm = hv.quiesce(self.domain, timeout=self.timeout)
+                q = cm.__enter__()
+            except BaseException:
+                hv.close()
+                raise
+            return hv, cm, q
+        hv, cm, q = await asyncio.to_thread(freeze)
+        self._held = (hv, cm)
+        self.frozen = q.frozen
+        self.log.append(f"{self.domain}: {q.frozen} filesystems frozen through libvirt")
+        if not q.frozen:
+            raise QuiesceFailed(f"{self.name}: the guest agent of {self.domain!r} froze no filesystem")
+
+    async def _thaw(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            # a freeze that timed out here may still complete in the guest: the hypervisor's watchdog thaws it
+            # `timeout` seconds after it does; a freeze that failed was thawed by Hypervisor.quiesce itself
+            return
+        hv, cm = held
+
+        def thaw():
+            try:
+                cm.__exit__(None, None, None)
+            finally:
+                hv.close()
+        from ..errors import QuiesceExpired
+        try:
+            await asyncio.to_thread(thaw)
+        except QuiesceExpired as e:
+            self.expired = True
+            self.log.append(e.message)
+            return
+        self.log.append(f"{self.domain}: thawed")
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        await super().__aexit__(exc_type, exc, tb)
+        if self.expired and exc is None:
+            from ..errors import QuiesceExpired
+            logging.getLogger("replicatord").warning(
+                "%s: the guest was thawed by the watchdog after %g s, before the cut was known to be taken: "
+                "not application-consistent (the cut's logs go with the next cycle)", self.domain, self.timeout)
+            raise QuiesceExpired(f"{self.name}: {self.domain!r} was thawed by the watchdog after {self.timeout:g} s "
+                                 "before the cut ended: not an application-consistent point")
+        return False
+
+
 def provider_from_settings(q) -> QuiesceProvider | None:
     """The provider for a settings.QuiesceSettings (None stays None)."""
     if q is None:
         return None
+    if q.provider == "libvirt":
+        return LibvirtQuiesce(q.uri, q.domain, q.timeout)
     if q.provider == "qga":
         return QemuGuestAgentQuiesce(q.socket, q.timeout)
     return ScriptQuiesce(q.pre_freeze, q.post_thaw, q.timeout)

@@ -13,6 +13,7 @@ that exists but is not a file is an error. `strict=True` turns warnings into err
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
@@ -32,7 +33,7 @@ AUTH_MODES = ("certificate", "kerberos")
 DEFAULT_PORTS = {"certificate": 8084, "kerberos": 8083}
 INITIAL_MODES = {"network": (), "scheduled": ("at",), "offline": ("seed_dir",), "existing": ("path",)}
 RESYNC_MODES = ("auto", "manual")
-QUIESCE_PROVIDERS = {"script": ("pre_freeze", "post_thaw"), "qga": ("socket",)}
+QUIESCE_PROVIDERS = {"script": ("pre_freeze", "post_thaw"), "qga": ("socket",), "libvirt": ()}
 DEFAULT_ADMIN = "127.0.0.1:8085"
 PROTECTION_KEYS = frozenset({
     "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
@@ -70,6 +71,8 @@ class QuiesceSettings:
     post_thaw: str | None = None
     socket: str | None = None
     timeout: float = 30.0
+    domain: str | None = None                   # libvirt: the domain frozen through its guest agent
+    uri: str | None = None                      # libvirt: the connection URI
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,12 @@ class Protection:
 class Machine:
     name: str
     disks: tuple[str, ...]                      # the protected disks (listed minus excluded)
-    excluded: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()              # disk paths; a domain machine's: disk targets (vdb ...)
     group: str | None = None
     protection: Protection = Protection()
+    domain: str | None = None                   # a libvirt domain whose disks these are (daemon/domains.py)
+    libvirt: str = "qemu:///system"             # the domain's libvirt connection URI
+    targets: tuple[tuple[str, str], ...] = ()   # a domain machine's (disk target, VHDX path), as disks
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,9 @@ class ReplicaSettings:
     test_failover_dir: str = ""                 # test-failover disks: TEST_FAILOVER_DIR/MACHINE/DISK
     reverse: dict = field(default_factory=dict)  # protection keys for reverse replication (raw, paths absolute)
     limits: ReplicaLimits = ReplicaLimits()     # what primaries can make the replica server hold
+    libvirt: str | None = None                  # failovers define and start replicated domains here
+    network_map: dict = field(default_factory=dict)   # source network -> this site's network (None: unplugged)
+    test_network: str = "replicator-test"       # the isolated network test failovers create on demand
 
 
 @dataclass
@@ -338,7 +347,7 @@ def _quiesce(v, path: str, rep: _Report, base: str) -> QuiesceSettings | None:
     t = _Table(v, path, rep, {"provider", "pre_freeze", "post_thaw", "socket", "timeout"}, base)
     provider = t.str("provider")
     if provider not in QUIESCE_PROVIDERS:
-        rep.error(t.at("provider"), f"must be \"script\" or \"qga\", not {provider!r}")
+        rep.error(t.at("provider"), f"must be \"script\", \"qga\" or \"libvirt\" (a domain machine), not {provider!r}")
         return None
     for k in ("pre_freeze", "post_thaw", "socket"):
         if k in v and k not in QUIESCE_PROVIDERS[provider]:
@@ -493,7 +502,33 @@ def _replica(t: _Table, state_dir: str) -> ReplicaSettings:
     for key, reason in problems:
         t.rep.error(t.at(key), reason)
     return ReplicaSettings(listen, t.int("port", 1, 65535, None) or DEFAULT_PORTS[auth], auth, allow=allow,
-                           reverse=_reverse(t), limits=limits, **dirs, **files)
+                           reverse=_reverse(t), limits=limits, **dirs, **files, **_replica_domains(t))
+
+
+def _replica_domains(t: _Table) -> dict:
+    """[replica] libvirt = URI (failovers boot replicated domains there), network_map = { "src" = "dst" or
+    "none" }, test_network = NAME (the isolated network of test failovers)."""
+    out: dict = {}
+    uri = t.str("libvirt")
+    if uri is not None and (not urlsplit(uri).scheme or not uri.isprintable()):
+        t.rep.error(t.at("libvirt"), f"must be a libvirt URI (qemu:///system ...), not {uri!r}")
+    elif uri is not None:
+        out["libvirt"] = uri
+    nmap = t.table("network_map") or {}
+    for src, dst in nmap.items():
+        if not src or not isinstance(dst, str) or not dst or not dst.isprintable() or len(dst) > 64:
+            t.rep.error(f"{t.at('network_map')}.{src}", f"must be this site's network name, or \"none\" (NICs "
+                        f"left unplugged), not {dst!r}")
+    out["network_map"] = {k: (None if v == "none" else v) for k, v in nmap.items() if isinstance(v, str) and v}
+    net = t.str("test_network")
+    if net is not None and (len(net) > 64 or not _NAME.match(net)):
+        t.rep.error(t.at("test_network"), f"must be a network name (letters, digits, '.', '_', '-'), not {net!r}")
+    elif net is not None:
+        out["test_network"] = net
+    if (nmap or net) and uri is None:
+        t.rep.error(t.at("libvirt"), "missing: network_map and test_network apply to domains a failover starts "
+                    "through libvirt")
+    return out
 
 
 def _groups(root: _Table) -> tuple[dict[str, Protection], dict[str, dict]]:
@@ -541,12 +576,93 @@ def _disks(t: _Table, owners: dict[str, str], name: str) -> tuple[tuple[str, ...
     return disks, tuple(excluded)
 
 
+_TARGET = re.compile(r"^[a-z][a-z0-9]{1,15}$")          # a domain's disk target: vda, sdb, hdc, xvda ...
+CONVERT_HINT = ("make it once from the domain's disk while the domain is shut off: "
+                "`replicator vhdx convert -O vhdx SOURCE {path}` (docs/operations.md, \"Protecting a libvirt domain\")")
+
+
+def _domain_disks(t: _Table, owners: dict[str, str], name: str):
+    """A domain machine's disks: `domain = NAME`, `libvirt = URI`, `disks = { TARGET = "VHDX" }` (the domain's
+    disk targets and the VHDX files that are the protected disks), `exclude = [TARGET]` (targets not
+    protected). Returns (domain, uri, ((target, path) ...), excluded targets)."""
+    domain = t.str("domain")
+    if domain is not None and (len(domain) > 200 or not domain.isprintable() or "/" in domain):
+        t.rep.error(t.at("domain"), f"must be a libvirt domain name (printable, no '/', at most 200), not {domain!r}")
+    uri = t.str("libvirt", "qemu:///system")
+    if not isinstance(uri, str) or not urlsplit(uri).scheme or not uri.isprintable():
+        t.rep.error(t.at("libvirt"), f"must be a libvirt URI (qemu:///system, qemu+unix:///system?socket=PATH, "
+                    f"qemu+ssh://HOST/system), not {uri!r}")
+        uri = "qemu:///system"
+    raw = t.data.get("disks")
+    targets: list[tuple[str, str]] = []
+    if "disks" not in t.data:
+        t.rep.error(t.at("disks"), "missing: the domain's disk targets and their VHDX files, "
+                    "e.g. disks = { vda = \"/srv/vms/web1.vhdx\" }")
+    elif not isinstance(raw, dict):
+        t.rep.error(t.at("disks"), "a domain machine maps its disk targets to VHDX files: "
+                    f"disks = {{ vda = \"/srv/vms/web1.vhdx\" }}, not {_kind(raw)}")
+        raw = {}
+    for target, value in (raw or {}).items():
+        where = f"{t.at('disks')}.{target}"
+        if not _TARGET.match(target):
+            t.rep.error(where, f"{target!r} is not a disk target (vda, sdb, hdc ...)")
+            continue
+        if not isinstance(value, str) or not value:
+            t.rep.error(where, f"must be the path of a VHDX file, not {_kind(value)}")
+            continue
+        path = os.path.normpath(os.path.join(t.base, os.path.expanduser(value)))
+        real = os.path.realpath(path)
+        same_file = [x for x, p in targets if os.path.basename(p) == os.path.basename(path)]
+        if not path.lower().endswith(".vhdx"):
+            t.rep.error(where, f"{path} must be a VHDX file (.vhdx): the protected disk is a VHDX the export "
+                        f"serves to the domain; {CONVERT_HINT.format(path=os.path.splitext(path)[0] + '.vhdx')}")
+        elif same_file:
+            t.rep.error(where, f"{path} has the file name of disks.{same_file[0]}'s (the export names disks "
+                        "by file name)")
+        elif real in owners and owners[real] != name:
+            t.rep.error(where, f"{path} is also a disk of machine {owners[real]!r}")
+        elif os.path.exists(path) and not os.path.isfile(path):
+            t.rep.error(where, f"{path} is not a file")
+        else:
+            if not os.path.exists(path):
+                t.rep.warn(where, f"{path} does not exist (yet): the machine is not protected until it does; "
+                           + CONVERT_HINT.format(path=path))
+            owners.setdefault(real, name)
+            targets.append((target, path))
+    excluded = []
+    for i, x in enumerate(t.items("exclude", str)):
+        where = f"{t.at('exclude')}[{i}]"
+        if not _TARGET.match(x):
+            t.rep.error(where, f"{x!r} is not a disk target (a domain machine excludes targets: vdb, sdc ...)")
+        elif x in dict(targets) or x in (raw or {}):
+            t.rep.error(where, f"{x} is mapped in disks: a target is protected or excluded, not both")
+        else:
+            excluded.append(x)
+    if isinstance(t.data.get("disks"), dict) and not t.data["disks"]:
+        t.rep.error(t.at("disks"), "maps no disk: nothing to protect")
+    return domain, uri, tuple(targets), tuple(excluded)
+
+
+def _domain_quiesce(p: Protection, t: _Table, domain: str, uri: str) -> Protection:
+    """A domain machine is quiesced through libvirt (the guest agent's fsfreeze), never by scripts: its
+    application-consistent points need no quiesce table; one given must say provider = "libvirt"."""
+    q = p.quiesce
+    if q is not None and q.provider != "libvirt":
+        t.rep.error(t.at("quiesce"), f"a domain machine is quiesced through libvirt (its guest agent), not by "
+                    f"provider {q.provider!r}: quiesce = {{ provider = \"libvirt\", timeout = 30 }}, or leave it out")
+        q = None
+    if q is None and not p.app_consistent_hours:
+        return p
+    q = q or QuiesceSettings("libvirt")
+    return dataclasses.replace(p, quiesce=dataclasses.replace(q, domain=domain, uri=uri))
+
+
 def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, dict]) -> list[Machine]:
     machines, names, owners = [], set(), {}
     for i, raw in enumerate(root.items("machine", dict)):
         name = raw.get("name")
         t = _Table(raw, f"machine[{name if isinstance(name, str) and name else i}]", root.rep,
-                   PROTECTION_KEYS | {"name", "disks", "exclude", "group"}, root.base)
+                   PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt"}, root.base)
         if not isinstance(name, str) or not _NAME.match(name):
             root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
         elif name in names:
@@ -555,16 +671,31 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
         group = t.str("group")
         if group is not None and group not in partials:
             root.rep.error(t.at("group"), f"no group named {group!r}")
-        disks, excluded = _disks(t, owners, name)
+        domain = uri = None
+        targets: tuple = ()
+        if "domain" in raw:
+            domain, uri, targets, excluded = _domain_disks(t, owners, name)
+            disks = tuple(path for _, path in targets)
+        else:
+            if isinstance(raw.get("disks"), dict):
+                root.rep.error(t.at("disks"), "a table of disk targets needs domain = \"NAME\" (a libvirt domain); "
+                               "a machine of disk files lists them: disks = [\"os.vhdx\"]")
+            if "libvirt" in raw:
+                root.rep.error(t.at("libvirt"), "only applies to a domain machine (domain = \"NAME\")")
+            disks, excluded = _disks(t, owners, name) if not isinstance(raw.get("disks"), dict) else ((), ())
         own = _protection(t)
         p = Protection(**{**partials.get(group, {}), **own})
+        if domain is not None:
+            p = _domain_quiesce(p, t, domain, uri)
+        elif p.quiesce is not None and p.quiesce.provider == "libvirt":
+            root.rep.error(t.at("quiesce"), "provider \"libvirt\" quiesces a domain machine's guest: set domain")
         inherited = set(_contradictions(groups[group], final=False)) if group in groups else set()
         for key, reason in _contradictions(p, final=True):
             if (key, reason) not in inherited:
                 root.rep.error(t.at(key), reason)
         if p.quiesce and not p.app_consistent_hours:
             root.rep.warn(t.at("quiesce"), "is never used: app_consistent_hours is not set")
-        machines.append(Machine(str(name), disks, excluded, group, p))
+        machines.append(Machine(str(name), disks, excluded, group, p, domain, uri or "qemu:///system", targets))
     return machines
 
 
@@ -661,7 +792,8 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
         ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
-                     "test_failover_dir", "reverse", *(k.name for k in LIMITS)}))}
+                     "test_failover_dir", "reverse", "libvirt", "network_map", "test_network",
+                     *(k.name for k in LIMITS)}))}
     daemon = _daemon(sub["daemon"])
     replica = _replica(sub["replica"], daemon.state_dir) if isinstance(data.get("replica"), dict) else None
     groups, partials = _groups(root)

@@ -77,6 +77,12 @@ class ReplicaTarget:
         the hourly recovery points the protection keeps. Targets that cannot keep it ignore it: their machine
         points fall back to generations common to all disks."""
 
+    async def put_config(self, machine: str, payload: dict, disk_ids: list[str]) -> bool:
+        """Keep the machine's replicated configuration (a libvirt domain's: daemon/domains.py) next to the
+        replica of each of `disk_ids`, for a failover to define the machine from; False when the target keeps
+        none (Azure, an older replica host)."""
+        return False
+
     async def close(self) -> None:
         pass
 
@@ -106,6 +112,9 @@ class Decorator(ReplicaTarget):
 
     async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
         return await self.inner.checkpoint(disk_id, generation, point, prepared, additional_points)
+
+    async def put_config(self, machine, payload, disk_ids):
+        return await self.inner.put_config(machine, payload, disk_ids)
 
     async def close(self):
         await self.inner.close()
@@ -145,6 +154,9 @@ class Retry(Decorator):
     async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
         return await self._with_retry(lambda: self.inner.checkpoint(disk_id, generation, point, prepared,
                                                                     additional_points))
+
+    async def put_config(self, machine, payload, disk_ids):
+        return await self._with_retry(lambda: self.inner.put_config(machine, payload, disk_ids))
 
 
 class ForMachine(Decorator):

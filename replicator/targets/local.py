@@ -59,6 +59,12 @@ class LocalTarget(ReplicaTarget):
         await asyncio.to_thread(self.store.disk(disk_id).record_checkpoint, generation, point, prepared,
                                 additional_points)
 
+    async def put_config(self, machine: str, payload: dict, disk_ids: list[str]) -> bool:
+        from ..daemon.domains import write_config
+        for disk_id in disk_ids:
+            await asyncio.to_thread(write_config, self.store.disk(disk_id).path, payload)
+        return True
+
 
 def _info(disk_id, rd) -> DiskInfo:
     return DiskInfo(str(disk_id), rd.state.size, rd.generation, tuple(sid for sid, _ in rd.state.committed),

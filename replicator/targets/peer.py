@@ -54,6 +54,19 @@ class PeerTarget(ReplicaTarget):
             if not _older_replica(e) or prepared:
                 raise
 
+    async def put_config(self, machine: str, payload: dict, disk_ids: list[str]) -> bool:
+        """PUT /v1/disks/ID/domain for each disk (through the client's request path: its retries and
+        authentication); False when the replica host predates the route."""
+        try:
+            for disk_id in disk_ids:
+                await self.client._retrying(self.client._request, "PUT", f"/v1/disks/{disk_id}/domain",
+                                            json=payload)
+        except ReplicaRefused as e:
+            if _older_replica(e):
+                return False
+            raise
+        return True
+
     async def close(self) -> None:
         await self.client.close()
 

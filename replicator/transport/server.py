@@ -6,6 +6,8 @@ Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and
   GET    /v1/disks/{disk}/digests?block_size=N     XXH3-128 of every block (octet-stream, streamed window by
                                                    window with its length announced; 204: empty replica)
   POST   /v1/disks/{disk}/checkpoint               {generation, point, prepared, additional_points}: a cycle ended
+  PUT    /v1/disks/{disk}/domain                   the machine's replicated domain configuration (at most 1 MiB),
+                                                   kept beside this disk's replica (daemon/domains.py)
   GET    /v1/disks/{disk}/uploads/{stream}         resume token {durable, digest}
   PUT    /v1/disks/{disk}/uploads/{stream}?offset=N  body: stream bytes from N (streamed, synced) -> {durable}
   DELETE /v1/disks/{disk}/uploads/{stream}         drop a spooled upload
@@ -212,6 +214,7 @@ class ReplicaServer:
         d, u = "/v1/disks/{disk}", "/v1/disks/{disk}/uploads/{stream}"
         app.add_routes([web.put(d, self.put_disk), web.get(d, self.get_disk), web.delete(d, self.delete_disk),
                         web.get(d + "/digests", self.get_digests), web.post(d + "/checkpoint", self.checkpoint),
+                        web.put(d + "/domain", self.put_domain),
                         web.get(u, self.get_upload), web.put(u, self.put_upload),
                         web.delete(u, self.delete_upload), web.post(u + "/commit", self.commit),
                         web.get("/v1/health", self.health)])
@@ -495,6 +498,18 @@ class ReplicaServer:
                              "additional_points)") from None
         await self._in_disk(store, disk_id, disk.record_checkpoint, generation, point, prepared, keep)
         return web.json_response(_disk_view(disk))
+
+    async def put_domain(self, request: web.Request) -> web.Response:
+        """The machine's domain configuration, kept in the disk's folder: only a primary of the trust group
+        owning the disk can write it (as every disk route), the body bounded (aiohttp's client_max_size,
+        1 MiB, and domains.MAX_CONFIG), checked before it is written."""
+        from ..daemon.domains import write_config
+        store, disk_id, _ = self._resolve(request)
+        disk = await self._disk(store, disk_id)
+        payload = await self._body(request)
+        await self._in_disk(store, disk_id, write_config, disk.path, payload)
+        self.counters["domain_configs"] += 1
+        return web.json_response({"kept": True})
 
     async def get_disk(self, request: web.Request) -> web.Response:
         store, disk_id, _ = self._resolve(request)

@@ -1,0 +1,375 @@
+"""Machines that are libvirt domains (issue 13): what replicatord does with the domain around its disks.
+
+On the primary site (`DomainProtection`, used by PrimaryMachine for a `[[machine]]` with `domain = NAME`):
+- before the export takes the disks, the domain is checked: it exists and is persistent, each of its disks
+  is either mapped to a VHDX file (`disks = { vda = "/srv/web1.vhdx" }`) or excluded (`exclude = ["vdb"]`),
+  every mapped VHDX exists (else the refusal says how to make it: `replicator vhdx convert`), and the domain
+  does not run on its own disks (what it wrote there until its next boot would never reach the VHDX it boots
+  from then: it must be shut off first) nor were those disks written after their VHDX was made;
+- then the mapped disks are pointed at the export (Hypervisor.point_disks_at_export: NBD over the export's
+  Unix socket, export names = the VHDX file names, error_policy='stop'); the disks' previous definitions are
+  kept in the machine's state file (data["domain"]["originals"], and in data["protection"] for removal.py);
+- after the export process was restarted, a domain paused on the I/O error is resumed;
+- with every cycle the domain's configuration (DomainConfig as JSON, with the disk target -> replica disk
+  id mapping) is written next to the replica: `domain.json` in each replica disk's folder (local store, or
+  the peer's PUT /v1/disks/ID/domain); Azure targets do not keep it.
+
+On the replica site (`replicated_domain`, `boot`, `remove`, used by ReplicaSite): a test failover or a
+failover defines the domain from the newest replicated configuration (`NAME - Test` on the isolated test
+network, or NAME on the networks `[replica] network_map` maps to), each replicated disk on its failed-over
+data served over NBD, and starts it; cleanup and cancel destroy and undefine it.
+
+Every hypervisor call is blocking (libvirt-python): callers run them in a thread (asyncio.to_thread), each on
+a connection of its own, closed at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+
+from ..durable import write_json_atomic
+from ..errors import DomainExists, DomainStateError, HypervisorError, ReplicatorError, UsageError
+from ..hypervisor import NOW, DomainConfig, DomainState, Hypervisor
+
+log = logging.getLogger("replicatord")
+CONFIG_FILE = "domain.json"         # in a replica disk's folder: the machine's replicated domain configuration
+CONFIG_VERSION = 1
+MAX_CONFIG = 1 << 20                # bytes: a replicated configuration is a few KiB
+STATE_EVERY = 2.0                   # seconds between two looks at the domain's state (status)
+RESUME_TIMEOUT = 30.0               # seconds a resume keeps trying (the guest may pause again at first)
+RESUME_BACKOFF = 30.0               # seconds before a resume that did not hold is tried again
+
+
+def convert_hint(path: str) -> str:
+    return (f"make it once from the domain's disk while the domain is shut off: `replicator vhdx convert -O vhdx "
+            f"SOURCE {path}` (docs/operations.md, \"Protecting a libvirt domain\")")
+
+
+def _on_export(disk, socket: str, export: str) -> bool:
+    s = disk.source
+    return s is not None and s.kind == "nbd" and s.socket == socket and s.export == export
+
+
+class DomainProtection:
+    """The domain of one protected machine (see the module's docstring)."""
+
+    def __init__(self, machine, state):
+        self.machine = machine.name
+        self.name = machine.domain
+        self.uri = machine.libvirt
+        self.targets = dict(machine.targets)            # disk target -> VHDX path
+        self.excluded = tuple(machine.excluded)         # disk targets not protected
+        self.state = state                              # the machine's MachineState: data["domain"]
+        self.seen: DomainState | None = None            # the domain's state at the last look
+        self.seen_error: str | None = None
+        self.seen_at = 0.0
+        self.config_sent: dict | None = None            # the last configuration replicated: when, where
+        self._watch: asyncio.Task | None = None
+        self._export_up = lambda: False
+        self._resume_after = 0.0
+
+    def _open(self) -> Hypervisor:
+        return Hypervisor.open(self.uri)
+
+    @property
+    def record(self) -> dict:
+        return self.state.data.setdefault("domain", {})
+
+    # ------------------------------------------------------------------ before the export starts
+    def check(self, socket: str) -> DomainConfig:
+        """Refused (a one-line reason) unless the domain can be protected now; `socket`: the export's."""
+        missing = [(t, p) for t, p in self.targets.items() if not os.path.isfile(p)]
+        if missing:
+            t, p = missing[0]
+            raise UsageError(f"{self.machine}: {t} of domain {self.name!r} is to be protected as {p}, which does "
+                             f"not exist: {convert_hint(p)}")
+        with self._open() as hv:
+            config = hv.domain_config(self.name)
+            st = hv.state(self.name)
+        disks = {d.target: d for d in config.disks if d.device in ("disk", "lun")}
+        unknown = sorted(t for t in self.targets if t not in disks)
+        if unknown:
+            raise UsageError(f"{self.machine}: domain {self.name!r} has no disk {', '.join(unknown)} (its disks: "
+                             f"{', '.join(disks) or 'none'})")
+        loose = sorted(t for t in disks if t not in self.targets and t not in self.excluded)
+        if loose:
+            raise UsageError(f"{self.machine}: disk {', '.join(loose)} of domain {self.name!r} is neither protected "
+                             "(disks = { TARGET = VHDX }) nor excluded (exclude = [TARGET])")
+        own = {t: disks[t] for t, p in self.targets.items() if not _on_export(disks[t], socket, os.path.basename(p))}
+        if own and st.state != "shutoff":
+            raise DomainStateError(
+                f"{self.machine}: domain {self.name!r} is {st.state} on its own disk{'s' if len(own) > 1 else ''} "
+                f"({', '.join(_where(d) for d in own.values())}): what it writes there until its next boot would "
+                "never reach the VHDX it would boot from then. Shut it off; protection starts then (tried again "
+                "every 30 s)")
+        for t, d in own.items():
+            src, vhdx = d.source, self.targets[t]
+            if src is not None and src.kind == "file" and os.path.isfile(src.path) \
+                    and os.path.getmtime(src.path) > os.path.getmtime(vhdx):
+                raise UsageError(f"{self.machine}: {src.path} ({t} of domain {self.name!r}) was written after {vhdx} "
+                                 f"was made from it: {convert_hint(vhdx)}, again")
+        return config
+
+    # ------------------------------------------------------------------ once the export serves
+    def point(self, export) -> str:
+        """Point the mapped disks at the export; returns NOW or NEXT_BOOT, also kept in the state file."""
+        exports = {t: (export.nbd_socket, os.path.basename(p)) for t, p in self.targets.items()}
+        with self._open() as hv:
+            mode, originals = hv.point_disks_at_export(self.name, exports)
+            self.seen, self.seen_at = hv.state(self.name), time.monotonic()
+        rec = self.record
+        stored = rec.setdefault("originals", {})
+        stored.update(originals)
+        if originals or "disks_pointed" not in rec:
+            rec["disks_pointed"] = mode if originals else NOW
+        rec.update(name=self.name, uri=self.uri, targets={t: os.path.basename(p) for t, p in self.targets.items()},
+                   socket=export.nbd_socket)
+        if originals:
+            log.info("%s: disk%s %s of domain %r now on the export %s (%s)", self.machine,
+                     "s" if len(originals) > 1 else "", ", ".join(sorted(originals)), self.name, export.nbd_socket,
+                     rec["disks_pointed"])
+        return rec["disks_pointed"]
+
+    def removal_record(self) -> dict:
+        """What removal.py needs to give the domain its disks back."""
+        rec = self.record
+        return {"name": self.name, "uri": self.uri, "originals": dict(rec.get("originals") or {}),
+                "targets": dict(self.targets)}
+
+    # ------------------------------------------------------------------ while protected
+    def start(self, export_up) -> None:
+        """Look at the domain every STATE_EVERY seconds (status); one paused on an I/O error while the
+        export serves (`export_up()`) -- its export went away and came back, e.g. while replicatord was
+        down, or before the guest's next request found it gone -- is resumed."""
+        self._export_up = export_up
+        self._watch = asyncio.create_task(self._look_every(), name=f"domain-{self.machine}")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _look_every(self) -> None:
+        while True:
+            st = await self.look()
+            if st is not None and st.paused_on_io_error and self._export_up() \
+                    and time.monotonic() >= self._resume_after:
+                await self.resume_if_paused("its export serves")
+            await asyncio.sleep(STATE_EVERY)
+
+    async def look(self) -> DomainState | None:
+        def get():
+            with self._open() as hv:
+                return hv.state(self.name)
+        try:
+            self.seen, self.seen_error = await asyncio.to_thread(get), None
+        except ReplicatorError as e:
+            self.seen, self.seen_error = None, e.message
+        self.seen_at = time.monotonic()
+        return self.seen
+
+    async def resume_if_paused(self, why: str) -> bool:
+        """Resume the domain when it is paused on an I/O error (its export went away and is back)."""
+        def resume():
+            with self._open() as hv:
+                if not hv.state(self.name).paused_on_io_error:
+                    return None
+                return hv.resume(self.name, timeout=RESUME_TIMEOUT)
+        try:
+            done = await asyncio.to_thread(resume)
+        except ReplicatorError as e:
+            log.error("%s: domain %r could not be resumed (%s): %s", self.machine, self.name, why, e.message)
+            return False
+        if done is None:
+            return False
+        if done:
+            log.info("%s: domain %r was paused on an I/O error; resumed (%s)", self.machine, self.name, why)
+        else:
+            self._resume_after = time.monotonic() + RESUME_BACKOFF
+            log.error("%s: domain %r pauses again on I/O errors although %s (tried %d s; again in %d s)",
+                      self.machine, self.name, why, RESUME_TIMEOUT, RESUME_BACKOFF)
+        await self.look()
+        return bool(done)
+
+    def view(self) -> dict:
+        rec = self.record
+        st = self.seen
+        state = None if st is None else st.state + (f" ({st.reason})" if st.state == "paused" else "")
+        return {"name": self.name, "libvirt": self.uri, "state": state, "error": self.seen_error,
+                "disks_pointed": rec.get("disks_pointed"), "targets": rec.get("targets"),
+                "excluded": list(self.excluded), "config_replicated": self.config_sent}
+
+    # ------------------------------------------------------------------ the configuration, with every cycle
+    async def replicate_config(self, target, disk_ids: dict[str, str]) -> bool:
+        """Write the domain's configuration next to the replica; `disk_ids`: VHDX file name -> disk id.
+        False when the target keeps no configuration (Azure); a failure is logged, never fails the cycle."""
+        def read():
+            with self._open() as hv:
+                return hv.domain_config(self.name)
+        try:
+            config = await asyncio.to_thread(read)
+            payload = {"version": CONFIG_VERSION, "machine": self.machine, "time": time.time(),
+                       "domain": config.to_dict(), "excluded": list(self.excluded),
+                       "targets": {t: disk_ids[os.path.basename(p)] for t, p in self.targets.items()}}
+            kept = await target.put_config(self.machine, payload, sorted(set(payload["targets"].values())))
+        except Exception as e:          # noqa: BLE001 - never fails the cycle that replicated the disks
+            log.warning("%s: the configuration of domain %r was not replicated: %s", self.machine, self.name,
+                        getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+            return False
+        if kept:
+            self.config_sent = {"time": payload["time"], "uuid": config.uuid, "vcpus": config.vcpus,
+                                "memory_kib": config.memory_kib, "networks": config.networks}
+        elif self.config_sent is None:
+            log.info("%s: target %s keeps no domain configuration: a failover there gives disks only",
+                     self.machine, target.name)
+            self.config_sent = {"time": None, "kept": False}
+        return bool(kept)
+
+
+def _where(disk) -> str:
+    s = disk.source
+    if s is None:
+        return f"{disk.target}: empty"
+    return f"{disk.target}: {s.path or s.socket}"
+
+
+# ---------------------------------------------------------------------------------------------- replica side
+def write_config(disk_dir: str, payload: dict) -> None:
+    """Keep a replicated configuration in a replica disk's folder (atomic; the newest wins on read)."""
+    check_payload(payload)
+    write_json_atomic(os.path.join(disk_dir, CONFIG_FILE), payload)
+
+
+def check_payload(payload) -> None:
+    if not isinstance(payload, dict) or payload.get("version") != CONFIG_VERSION:
+        raise UsageError(f"a domain configuration must be a JSON object of version {CONFIG_VERSION}")
+    if not isinstance(payload.get("domain"), dict) or not isinstance(payload.get("targets"), dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in payload["targets"].items()):
+        raise UsageError("a domain configuration needs domain (an object) and targets ({target: disk id})")
+    if len(json.dumps(payload)) > MAX_CONFIG:
+        raise UsageError(f"a domain configuration is at most {MAX_CONFIG} bytes")
+    DomainConfig.from_dict(payload["domain"])          # HypervisorError when malformed
+
+
+def replicated_domain(disk_dirs) -> dict | None:
+    """The newest configuration kept in any of a machine's replica disk folders, or None."""
+    best = None
+    for d in disk_dirs:
+        path = os.path.join(d, CONFIG_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                payload = json.load(f)
+            check_payload(payload)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, ReplicatorError) as e:
+            log.warning("%s: unusable domain configuration: %s", path, getattr(e, "message", e))
+            continue
+        if best is None or float(payload.get("time") or 0) > float(best.get("time") or 0):
+            best = payload
+    return best
+
+
+def boot(uri: str, payload: dict, name: str, sources: dict[str, tuple[str, str]], network_map: dict, *,
+         test_network: str | None = None, console: str | None = None) -> dict:
+    """Define the domain `name` from a replicated configuration, each replicated disk on its failed-over data
+    (`sources`: disk id -> (NBD socket, export)), its NICs on `network_map`'s networks (a test failover: every
+    network on the isolated `test_network`, created on demand), and start it. Returns what was done (name,
+    uuid, notes). Blocking: run it in a thread."""
+    config = DomainConfig.from_dict(payload["domain"])
+    disks, notes = {}, []
+    for target, disk_id in sorted(payload["targets"].items()):
+        if disk_id in sources:
+            disks[target] = sources[disk_id]
+        else:
+            notes.append(f"{target}: its replica disk {disk_id} is not part of this failover, left out")
+    if not disks:
+        raise HypervisorError(f"{name}: none of the replicated disks of domain {config.name!r} is here")
+    with Hypervisor.open(uri) as hv:
+        if not test_network and hv.exists(name):
+            return _start_existing(hv, name, disks, notes, uri)
+        if test_network:
+            hv.create_isolated_network(test_network)
+            nmap = {n.source: test_network for n in config.nics if n.kind in ("network", "bridge") and n.source}
+        else:
+            nmap = dict(network_map)
+        defined = None
+        try:
+            defined = hv.define(config, name, disks, nmap, console_path=console)
+            hv.start(name)
+        except BaseException:
+            with contextlib.suppress(ReplicatorError):      # nothing of a failed boot stays behind
+                if defined is not None:
+                    hv.destroy(name)
+                    hv.undefine(name)
+                if test_network:
+                    _delete_unused(hv, test_network)
+            raise
+    return {"name": defined.name, "uuid": defined.uuid, "notes": notes + list(defined.notes),
+            "network": test_network, "libvirt": uri, "started": time.time()}
+
+
+def _start_existing(hv, name: str, disks: dict, notes: list, uri: str) -> dict:
+    """A failover onto a site where the domain is defined already (a failback to the original site, whose
+    definition points at the very exports this site now serves): started as it is, never redefined."""
+    have = hv.domain_config(name)
+    wrong = []
+    for target, (socket, export) in disks.items():
+        try:
+            ok = _on_export(have.disk(target), socket, export)
+        except KeyError:
+            ok = False
+        if not ok:
+            wrong.append(target)
+    if wrong:
+        raise DomainExists(f"a domain named {name!r} is already defined on this site and its disk"
+                           f"{'s' if len(wrong) > 1 else ''} {', '.join(wrong)} not the failed-over data: undefine or "
+                           "rename it, or point it at the exports `replicator replica-machines` lists")
+    if hv.state(name).state == "shutoff":
+        hv.start(name)
+        notes.append("the domain defined on this site already uses the failed-over disks: started as it is")
+    else:
+        notes.append("the domain defined on this site already uses the failed-over disks and is "
+                     f"{hv.state(name).state}")
+    return {"name": name, "uuid": have.uuid, "notes": notes, "network": None, "libvirt": uri,
+            "started": time.time(), "existing": True}
+
+
+def remove(uri: str, name: str, network: str | None = None, undefine: bool = True) -> list[str]:
+    """Destroy and undefine the domain (gone already: nothing to do; undefine=False: a definition that was
+    there before the failover, stopped only); delete `network` when no other domain has a NIC on it.
+    Returns what was done. Blocking: run it in a thread."""
+    done = []
+    with Hypervisor.open(uri) as hv:
+        if hv.exists(name):
+            hv.destroy(name)
+            if undefine:
+                hv.undefine(name)
+            done.append(f"domain {name!r} destroyed" + (" and undefined" if undefine else " (its definition stays)"))
+        if network:
+            done += _delete_unused(hv, network)
+    return done
+
+
+def _delete_unused(hv, network: str) -> list[str]:
+    """Delete the network unless a domain has a NIC on it."""
+    if not hv.network_exists(network):
+        return []
+    users = [d for d in hv.list_domains() if any(n.source == network for n in hv.domain_config(d).nics)]
+    if users:
+        return [f"network {network!r} kept: {', '.join(users)} use{'s' if len(users) == 1 else ''} it"]
+    hv.delete_network(network)
+    return [f"network {network!r} deleted"]
+
+
+def resume_paused(uri: str, name: str) -> bool | None:
+    """Resume a domain paused on an I/O error (its NBD export came back); None when it was not paused."""
+    with Hypervisor.open(uri) as hv:
+        if not hv.exists(name) or not hv.state(name).paused_on_io_error:
+            return None
+        return hv.resume(name, timeout=RESUME_TIMEOUT)
