@@ -18,6 +18,7 @@ libvirtd, with a real TCG guest:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -31,6 +32,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from replicator.errors import QuiesceExpired
+from replicator.orchestration.quiesce import LibvirtQuiesce, QuiesceFailed
 from replicator.vhdx import VhdxDisk
 
 from ..daemon.two_sites import BIN, ROOT, free_port, make_pki, same
@@ -119,6 +122,22 @@ def _vhdx_bytes(path: str, copy: str) -> bytes:
         dst.write(src.read())
     with VhdxDisk.open(copy, read_only=False) as d:
         return d.read(0, d.size)
+
+
+async def _quiesce_provider(uri: str, hv) -> None:
+    q = LibvirtQuiesce(uri, "vm", timeout=4)
+    async with q:
+        assert q.frozen >= 1 and await asyncio.to_thread(hv.agent_command, "vm", "guest-fsfreeze-status") == "frozen"
+    assert not q.expired and hv.agent_command("vm", "guest-fsfreeze-status") == "thawed"
+    with pytest.raises(QuiesceExpired):
+        async with q:
+            await asyncio.sleep(6)
+            assert await asyncio.to_thread(hv.agent_command, "vm", "guest-fsfreeze-status") == "thawed"
+    assert q.expired and hv.agent_command("vm", "guest-fsfreeze-status") == "thawed"
+    assert not issubclass(QuiesceExpired, QuiesceFailed)
+    with pytest.raises(QuiesceFailed):                      # no such domain: the freeze fails, cleanly
+        async with LibvirtQuiesce(uri, "no-such-vm", timeout=5):
+            pass
 
 
 def _replica_image(site: Site, disk_id: str) -> bytes:
@@ -218,6 +237,9 @@ quiesce = {{ provider = "libvirt", timeout = 20 }}
         assert "thawed by the watchdog" not in a.text()
         assert hv.agent_command("vm", "guest-fsfreeze-status") == "thawed"
         con.wait_rounds(at + 2, 120)
+        # the provider itself: frozen inside, thawed after; a block outliving the timeout is thawed by the
+        # watchdog and raises QuiesceExpired (not QuiesceFailed: the scheduler labels no such cut "application")
+        asyncio.run(_quiesce_provider(uri, hv))
 
         # ---- the export killed: the domain pauses on the I/O error, replicatord resumes it
         pid = a.machine()["export"]["pid"]
@@ -394,3 +416,36 @@ def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workd
         assert "was written after" in check('disks = { vda = "os.vhdx" }\nexclude = ["vdb"]\n')
     finally:
         hv.undefine("refused")
+
+
+def test_the_local_target_keeps_the_configuration_beside_each_replica_disk(tmp_path):
+    """What a local:// target keeps per cycle, and what the replica site reads back: the newest copy among the
+    machine's disks; a malformed one is refused before anything is written."""
+    import uuid
+
+    from replicator.daemon.domains import CONFIG_FILE, replicated_domain
+    from replicator.errors import ReplicatorError
+    from replicator.hypervisor import Boot, DomainConfig
+    from replicator.targets.local import LocalTarget
+    config = DomainConfig(name="vm", uuid=str(uuid.uuid4()), vcpus=2, memory_kib=262144, boot=Boot(), disks=(),
+                          nics=(), guest_agent=True)
+    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    target = LocalTarget(str(tmp_path))
+
+    async def run():
+        for i in ids:
+            await target.ensure_disk(uuid.UUID(i), MiB, name=f"{i}.vhdx", machine="vm")
+        payload = {"version": 1, "machine": "vm", "time": 1.0, "domain": config.to_dict(),
+                   "targets": {"vda": ids[0], "vdb": ids[1]}}
+        assert await target.put_config("vm", payload, ids)
+        assert await target.put_config("vm", {**payload, "time": 2.0}, ids[1:])
+        with pytest.raises(ReplicatorError):
+            await target.put_config("vm", {**payload, "domain": {"version": 1, "name": "x"}}, ids)
+        with pytest.raises(ReplicatorError):
+            await target.put_config("vm", {**payload, "version": 7}, ids)
+    asyncio.run(run())
+    dirs = [str(tmp_path / "disks" / i) for i in ids]
+    assert all(os.path.exists(os.path.join(d, CONFIG_FILE)) for d in dirs)
+    got = replicated_domain(dirs)
+    assert got["time"] == 2.0 and DomainConfig.from_dict(got["domain"]) == config
+    assert replicated_domain([str(tmp_path)]) is None
