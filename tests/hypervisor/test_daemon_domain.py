@@ -449,3 +449,57 @@ def test_the_local_target_keeps_the_configuration_beside_each_replica_disk(tmp_p
     got = replicated_domain(dirs)
     assert got["time"] == 2.0 and DomainConfig.from_dict(got["domain"]) == config
     assert replicated_domain([str(tmp_path)]) is None
+
+
+def test_the_peer_route_keeps_the_configuration_for_the_disk_owner_only(tmp_path):
+    """PUT /v1/disks/ID/domain: the primary whose trust group owns the disk keeps its configuration there;
+    another group's primary is refused (403), a malformed or oversized one too, nothing written."""
+    import uuid
+
+    from replicator.daemon.domains import replicated_domain
+    from replicator.errors import ReplicatorError
+    from replicator.hypervisor import Boot, DomainConfig
+    from replicator.targets.peer import PeerTarget
+    from replicator.transport import AuthorizationEntry, certs
+    from replicator.transport.auth import AuthorizationError, ReplicaRefused
+    from replicator.transport.server import ReplicaServer, ServerThread
+    pki = str(tmp_path / "pki")
+    certs.init_ca(pki)
+    certs.issue(pki, "replica1", dns=["localhost"])
+    for n in ("primary1", "intruder"):
+        certs.issue(pki, n)
+    root = str(tmp_path / "root")
+    thread = ServerThread(ReplicaServer([AuthorizationEntry("primary1", root, "a"),
+                                         AuthorizationEntry("intruder", root, "b")], mode="cert", port=0,
+                                        cafile=f"{pki}/ca.pem", certfile=f"{pki}/replica1.pem",
+                                        keyfile=f"{pki}/replica1.key"))
+    server = thread.start()
+    disk = uuid.uuid4()
+    config = DomainConfig(name="vm", uuid=str(uuid.uuid4()), vcpus=1, memory_kib=131072, boot=Boot(), disks=(),
+                          nics=(), guest_agent=False)
+    payload = {"version": 1, "machine": "vm", "time": 1.0, "domain": config.to_dict(), "targets": {"vda": str(disk)}}
+
+    def target(name: str) -> PeerTarget:
+        return PeerTarget(server.url, cert=f"{pki}/{name}.pem", key=f"{pki}/{name}.key", ca=f"{pki}/ca.pem",
+                          retries=0)
+
+    async def go():
+        owner, other = target("primary1"), target("intruder")
+        try:
+            await owner.ensure_disk(disk, 16 * MiB, name="vm.vhdx", machine="vm")
+            assert await owner.put_config("vm", payload, [str(disk)])
+            with pytest.raises(AuthorizationError, match="trust group"):
+                await other.put_config("vm", {**payload, "time": 9.0}, [str(disk)])
+            with pytest.raises(ReplicaRefused):
+                await owner.put_config("vm", {**payload, "version": 7, "time": 9.0}, [str(disk)])
+            with pytest.raises(ReplicatorError):
+                await owner.put_config("vm", {**payload, "time": 9.0, "pad": "x" * (2 << 20)}, [str(disk)])
+        finally:
+            await owner.close()
+            await other.close()
+    try:
+        asyncio.run(go())
+    finally:
+        thread.stop()
+    got = replicated_domain([os.path.join(root, "disks", str(disk))])
+    assert got["time"] == 1.0 and DomainConfig.from_dict(got["domain"]) == config
