@@ -63,6 +63,7 @@ class DomainProtection:
         self.uri = machine.libvirt
         self.targets = dict(machine.targets)            # disk target -> VHDX path
         self.excluded = tuple(machine.excluded)         # disk targets not protected
+        self.app_consistent = bool(machine.protection.app_consistent_hours)
         self.state = state                              # the machine's MachineState: data["domain"]
         self.seen: DomainState | None = None            # the domain's state at the last look
         self.seen_error: str | None = None
@@ -112,6 +113,9 @@ class DomainProtection:
                     and os.path.getmtime(src.path) > os.path.getmtime(vhdx):
                 raise UsageError(f"{self.machine}: {src.path} ({t} of domain {self.name!r}) was written after {vhdx} "
                                  f"was made from it: {convert_hint(vhdx)}, again")
+        if self.app_consistent and not config.guest_agent:
+            log.warning("%s: domain %r has no guest agent channel (org.qemu.guest_agent.0): its application-"
+                        "consistent points will be crash-consistent, with a warning each time", self.machine, self.name)
         return config
 
     # ------------------------------------------------------------------ once the export serves
