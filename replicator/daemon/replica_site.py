@@ -210,6 +210,7 @@ class ReplicaSite(ReverseReplication):
                 await self._resume_domain(name, failover.get("domain"))
             elif st.state is S.RecoveryInProgress:
                 asyncio.create_task(self._resume_failover(name), name=f"failover-{name}")
+        self._domain_watch = asyncio.create_task(self._watch_domains(), name="replica-domains")
 
     async def _resume_failover(self, name: str) -> None:
         try:
@@ -218,6 +219,10 @@ class ReplicaSite(ReverseReplication):
             log.error("%s: the failover interrupted by the stop could not be finished: %s", name, e.message)
 
     async def stop(self) -> None:
+        watch = getattr(self, "_domain_watch", None)
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await self.plans.stop()
         for fo in [*self.running.values(), *self.testing.values()]:
             await asyncio.to_thread(fo.stop)
@@ -450,18 +455,36 @@ class ReplicaSite(ReverseReplication):
             if job is not None:
                 job.note(done)
 
-    async def _resume_domain(self, name: str, info: dict | None) -> None:
+    async def _resume_domain(self, name: str, info: dict | None) -> bool | None:
         """A domain whose NBD exports this daemon serves again (a restart) was paused on the I/O error."""
         if not info:
-            return
+            return None
         try:
             resumed = await asyncio.to_thread(domains.resume_paused, info["libvirt"], info["name"])
         except ReplicatorError as e:
             log.error("%s: domain %r could not be resumed: %s", name, info["name"], e.message)
-            return
+            return False
         if resumed is not None:
             log.log(logging.INFO if resumed else logging.ERROR, "%s: domain %r %s", name, info["name"],
-                    "resumed" if resumed else "stays paused on an I/O error")
+                    "was paused on an I/O error; resumed" if resumed else "stays paused on an I/O error")
+        return resumed
+
+    async def _watch_domains(self, every: float = 3.0, backoff: float = 30.0) -> None:
+        """The domains booted on exports this site serves (test failovers, failovers) pause on an I/O error
+        when their exports went away (a restart) and the guest's next request found them gone, which may be
+        after the restart: each one paused while served is resumed (a resume that did not hold is tried
+        again after `backoff` seconds)."""
+        later: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(every)
+            for name in [*self.testing, *self.running]:
+                if name in self.busy or later.get(name, 0) > time.monotonic():
+                    continue
+                st = self._state(name)
+                info = (st.test_failover or {}).get("domain") if name in self.testing else \
+                    (st.data.get("failover") or {}).get("domain")
+                if await self._resume_domain(name, info) is False:
+                    later[name] = time.monotonic() + backoff
 
     async def _remove_tests(self, m: ReplicatedMachine, folder: str) -> None:
         for d in m.disks:

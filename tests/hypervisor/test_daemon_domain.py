@@ -269,6 +269,16 @@ quiesce = {{ provider = "libvirt", timeout = 20 }}
         test_con.wait_for("GUEST_MOUNTED", 180)
         hv.wait_agent("vm - Test", 120)
         log(f"'vm - Test' booted from point {app_point} in {time.monotonic() - t:.1f} s")
+        # site B restarts: the test VM's disk goes away with it (paused on the I/O error) and comes back
+        test_con.wait_rounds(test_con.rounds() + 1, 120)
+        b.stop()
+        time.sleep(1)
+        b.start()
+        t = time.monotonic()
+        test_con.wait_rounds(test_con.rounds() + 2, 120)
+        assert hv.state("vm - Test").state == "running" and test_con.errors() == [], test_con.tail()
+        log(f"site B restarted under 'vm - Test': writing again within {time.monotonic() - t:.1f} s; daemon: "
+            f"{'resumed it' if 'was paused on an I/O error; resumed' in b.text() else 'never paused'}")
         # replication goes on meanwhile
         before = b.replica()["latest_point"]
         a.op("/v1/machines/vm/cycle")
