@@ -424,6 +424,22 @@ def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workd
         assert "has no disk vdc" in check('disks = { vda = "os.vhdx", vdc = "x.vhdx" }\nexclude = ["vdb"]\n')
         os.utime(raw[0], (time.time() + 30, time.time() + 30))
         assert "was written after" in check('disks = { vda = "os.vhdx" }\nexclude = ["vdb"]\n')
+        # running on its own disk (firmware looking for a bootable disk, for ever): what it writes there would
+        # never reach the VHDX it boots from next; refused, its definition untouched
+        root = ET.fromstring(hv.conn.lookupByName("refused").XMLDesc(0))
+        os_el = root.find("os")
+        for tag in ("kernel", "initrd", "cmdline"):
+            os_el.remove(os_el.find(tag))
+        ET.SubElement(os_el, "boot", dev="hd")
+        hv.conn.defineXML(ET.tostring(root, encoding="unicode"))
+        before = hv.domain_config("refused").disks
+        os.utime(raw[0], (time.time() - 60, time.time() - 60))
+        hv.start("refused")
+        try:
+            assert "is running on its own disk" in check('disks = { vda = "os.vhdx" }\nexclude = ["vdb"]\n')
+            assert hv.domain_config("refused").disks == before
+        finally:
+            hv.destroy("refused")
     finally:
         hv.undefine("refused")
 
