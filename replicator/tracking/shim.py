@@ -58,6 +58,7 @@ def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk
             while True:
                 try:
                     opened[name] = TrackedDisk(path)
+                    opened[name].disk.prepare_for_writes()     # the guest's first write pays no header flush
                     break
                 except ReplicatorError as e:
                     if locked is None or not isinstance(e, locked) or time.monotonic() > deadline:

@@ -245,6 +245,11 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
             self.io.fsync()
             self.header, self.header_slot = new, slot
 
+    def prepare_for_writes(self) -> None:
+        """Change the session's GUIDs now (two header writes, each flushed) rather than at the first write:
+        for a disk about to serve a guest, whose first write must not wait for them."""
+        self._begin_modification(user_visible=True)
+
     def _begin_modification(self, user_visible: bool) -> None:
         """New FileWriteGuid before the first change of a session; new DataWriteGuid before the first change
         a reader could see (change logs compare it to detect writes made while they were not tracking)."""
