@@ -18,6 +18,8 @@ from replicator.orchestration.jobs import JobRegistry
 from replicator.transport import AuthorizationEntry, AuthorizationError
 from replicator.vhdx import VhdxDisk
 
+from replicator.orchestration.settings import ReplicaSettings
+
 from .conftest import MiB, Peer, Primary, image_bytes, tree
 
 
@@ -25,8 +27,8 @@ def _site(server, tmp_path) -> ReplicaSite:
     """The replica site's operations over a running server (the daemon's parts they use, and no more)."""
     state = str(tmp_path / "state")
     os.makedirs(state, exist_ok=True)
-    settings = types.SimpleNamespace(failover_dir=str(tmp_path / "failover"),
-                                     test_failover_dir=str(tmp_path / "test-failover"))
+    settings = ReplicaSettings(failover_dir=str(tmp_path / "failover"),
+                               test_failover_dir=str(tmp_path / "test-failover"))
     daemon = types.SimpleNamespace(config=types.SimpleNamespace(replica=settings, plans={}, machines=[]),
                                    state_dir=state, jobs=JobRegistry(state), machines={},
                                    replica_server=ReplicaRole(server))
