@@ -189,7 +189,8 @@ class Daemon:
             if e.status < 400:
                 raise
             allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-            return web.json_response({"error": f"{e.reason}: {request.method} {request.path[:200]}"},
+            # the path as sent (still percent-encoded): a decoded %0a would break the one-line error
+            return web.json_response({"error": f"{e.reason}: {request.method} {request.rel_url.raw_path[:200]}"},
                                      status=e.status, headers=allow)
 
     async def _reload(self, request):

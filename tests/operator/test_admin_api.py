@@ -41,3 +41,19 @@ def test_the_right_token_still_works(site):
     token = (site.dir / "state" / "admin.token").read_bytes().strip()
     assert raw_get(site.admin, b"Bearer \xff") == 401
     assert raw_get(site.admin, b"Bearer " + token) == 200
+
+
+def test_an_unknown_route_with_an_encoded_newline_is_a_one_line_error(site):
+    """Found by the admin fuzzer: the 404 echoed the decoded path, so %0a made the error two lines."""
+    import json
+    token = (site.dir / "state" / "admin.token").read_bytes().strip()
+    with socket.create_connection(("127.0.0.1", site.admin), timeout=30) as s:
+        s.sendall(b"POST /status/x%0ay HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n"
+                  b"Authorization: Bearer " + token + b"\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"404"
+    error = json.loads(body)["error"]
+    assert "\n" not in error and "%0a" in error
