@@ -44,7 +44,6 @@ from ..tracking.remote import ExportHandle
 from .domains import DomainProtection
 
 log = logging.getLogger("replicatord")
-LOG_CYCLES_FROM = 64 << 20      # scheduled cycles smaller than this are logged at debug level only
 S = ReplicationState
 
 CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, S.WaitingForInitialReplication,
@@ -545,9 +544,12 @@ class PrimaryMachine:
         self.last_result = {"time": time.time(), "kinds": sorted({r.kind for r in results}),
                             "bytes_sent": sum(r.bytes_sent for r in results)}
         sent, secs = self.last_result["bytes_sent"], max((r.seconds for r in results), default=0.0)
-        level = logging.INFO if kind != "delta" or sent >= LOG_CYCLES_FROM else logging.DEBUG
-        log.log(level, "%s: %s cycle replicated %d stream(s), %.1f MiB in %.1f s", self.name, kind,
-                sum(r.streams for r in results), sent / (1 << 20), secs)
+        changed, stream = sum(r.plain_bytes for r in results), sum(r.stream_bytes for r in results)
+        # every cycle leaves one line; which bytes: changed (the data the cycle carries), stream (encoded),
+        # sent (uploaded now: less than the stream when an interrupted upload resumed)
+        log.info("%s: %s cycle replicated %d stream(s): %.1f MiB changed, %.1f MiB encoded, %.1f MiB sent, "
+                 "in %.1f s", self.name, kind, sum(r.streams for r in results), changed / (1 << 20),
+                 stream / (1 << 20), sent / (1 << 20), secs)
 
     def _after_failure(self, e: ReplicatorError) -> None:
         self.stats.record_failure(e)

@@ -48,5 +48,9 @@ def test_reload_applies_the_new_configuration_and_keeps_the_export(tmp_path):
         d.run("machine", "vm01", "cycle")
         time.sleep(0.2)
         assert d.replica_equals_primary()
+        # every cycle leaves a line saying which bytes (the initial one carried the disk's 1 MiB of data)
+        log = d.daemon_log()
+        assert "initial cycle replicated" in log and "1.0 MiB changed" in log
+        assert "delta cycle replicated" in log and "0.1 MiB changed" in log
     finally:
         d.stop()
