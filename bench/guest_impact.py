@@ -60,6 +60,9 @@ import urllib.request
 
 import numpy as np
 
+from replicator.disk.base import ExtentKind
+from replicator.disk.raw import file_extents
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
@@ -160,15 +163,9 @@ def write_region(raw: str, vhdx: str, want: int) -> tuple[int, int]:
     used = np.zeros(-(-size // bs), dtype=bool)
     fd = os.open(raw, os.O_RDONLY)
     try:
-        off = 0
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            used[start // bs:-(-end // bs)] = True
-            off = end
+        for e in file_extents(fd, 0, size):
+            if e.kind is ExtentKind.DATA:
+                used[e.offset // bs:-(-(e.offset + e.length) // bs)] = True
     finally:
         os.close(fd)
     best, run_start = (0, 0), None

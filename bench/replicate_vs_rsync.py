@@ -52,6 +52,9 @@ sys.path.insert(0, HERE)
 
 import transport_throughput as tt      # noqa: E402  (ceiling, _server, make_file, vm_hwm)
 
+from replicator.disk.base import ExtentKind      # noqa: E402
+from replicator.disk.raw import file_extents    # noqa: E402
+
 MiB, GiB = 1 << 20, 1 << 30
 BLOCK = 64 << 10
 RSS_LIMIT = 256 * MiB
@@ -101,15 +104,9 @@ def data_blocks(path: str) -> list[int]:
     out, size = [], os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        off = 0
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.extend(range(start // BLOCK * BLOCK, end, BLOCK))
-            off = end
+        for e in file_extents(fd, 0, size):
+            if e.kind is ExtentKind.DATA:
+                out.extend(range(e.offset // BLOCK * BLOCK, e.offset + e.length, BLOCK))
     finally:
         os.close(fd)
     return sorted(set(out))
