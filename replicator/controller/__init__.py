@@ -1,0 +1,1 @@
+"""replicator-controller: the management plane's store, REST API and job queue (docs/management-plane.md)."""

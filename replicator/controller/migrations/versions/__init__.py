@@ -1,0 +1,1 @@
+"""Alembic revisions of the controller's schema, applied in order at every start (db.upgrade)."""
