@@ -36,6 +36,7 @@ from ..vhdx import VhdxDisk, create_vhdx
 from ..vhdx.fileio import DirectWriteIO, FileIO
 from . import undo
 from .precheck import PENDING_SUFFIX, Precheck, Prechecked
+from .retention import keep_points
 
 log = logging.getLogger("replicator.replica")
 
@@ -581,16 +582,10 @@ class ReplicaDisk:
         self._retain()
 
     def _retain(self) -> None:
-        """Keep the latest point and, for the N most recent earlier hours, the last point of each."""
+        """Keep the points retention.keep_points names (the latest, hourly, application-consistent)."""
         pts = self.state.points
-        keep = {len(pts) - 1}
-        hours = []
-        for i in range(len(pts) - 2, -1, -1):
-            hour = int(pts[i].time // 3600)
-            if hour != int(pts[i + 1].time // 3600) and len(hours) < self.state.additional_points:
-                hours.append(hour)
-                keep.add(i)
-        for i in sorted(set(range(len(pts))) - keep, reverse=True):
+        keep = keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points)
+        for i in sorted(set(range(len(pts))) - set(keep), reverse=True):
             self._drop_point(i)
 
     def _drop_point(self, i: int) -> None:
