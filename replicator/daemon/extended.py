@@ -1,0 +1,303 @@
+"""Extended replication: a replica site forwards a machine's cycles on to a third site.
+
+Primary -> replica -> extended replica, never primary -> both (Hyper-V Replica's extended replication). The
+leg runs on the replica host, from its replica store, at its own frequency (5 or 15 minutes), with its own
+recovery points on the third site, compression and bandwidth limit, and its own statistics and health.
+
+One extended cycle of a machine:
+1. choose the newest machine cut every disk of the machine is at (the primary's checkpoint: one cut
+   across its disks); while the primary is half-way through a machine cycle, wait a little;
+2. per disk, encode the merged ranges of every generation since the one last forwarded, read from the
+   replica image (replica/forward.py: no lock, checked against concurrent commits, read again if raced)
+   into the leg's outbox; the first cycle of a disk copies it whole (a fuzzy copy, labelled
+   `inconsistent`) and levels it at once with the ranges noted meanwhile;
+3. send and commit each stream on the third site, then record the machine cut there (its recovery points);
+4. only then forget what was forwarded.
+
+Everything needed to finish a cycle is persisted before it is sent (STATE_DIR/extended/MACHINE.json):
+after kill -9 the stream is sent again from its outbox file, resuming, and a commit the third site already
+made is recognised by its stream id; nothing the replica applied is ever skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .. import delta
+from ..durable import write_json_atomic
+from ..errors import ReplicatorError, UsageError
+from ..orchestration.health import MachineStats
+from ..replica.forward import ChangeJournal, RacedCommit, Snapshot, encode_forward, new_stream_id, snapshot, \
+    snapshot_settled
+
+log = logging.getLogger("replicatord")
+
+FREQUENCIES = (300.0, 900.0)          # Hyper-V offers 5 and 15 minutes for the extended leg
+RACE_RETRIES = 20
+
+
+@dataclass
+class ExtendedSettings:
+    """`[[extended]]` of a replica host's replicatord.toml."""
+    machine: str
+    target: str
+    storage: str                       # the storage root holding the machine's replica disks
+    frequency: float = 300.0
+    additional_points: int = 0
+    compression: bool = True
+    bandwidth_limit: int | None = None
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    kerberos: bool = False
+
+
+@dataclass
+class ExtendedResult:
+    point: int | None
+    bytes_sent: int = 0
+    bytes_changed: int = 0             # the merged ranges read from the replica (the stream carries them)
+    seconds: float = 0.0
+    disks: dict = field(default_factory=dict)
+
+
+class ExtendedLeg:
+    """One machine's extended leg from this replica store to a third site (a ReplicaTarget)."""
+
+    def __init__(self, settings: ExtendedSettings, target, state_dir: str, *, clock=time.time):
+        self.settings, self.target, self.clock = settings, target, clock
+        self.name = settings.machine
+        self.state_path = os.path.join(state_dir, "extended", f"{self.name}.json")
+        self.outbox = os.path.join(state_dir, "extended", "outbox")
+        os.makedirs(self.outbox, exist_ok=True)
+        self.stats = MachineStats(self.name, settings.frequency, clock=clock)
+        self.data = self._load()
+        self.stats.restore(self.data.get("stats", {}))
+        self.state = self.data.get("state", "NotStarted")
+        self.reason: str | None = self.data.get("reason")
+
+    # ------------------------------------------------------------------ persisted state
+    def _load(self) -> dict:
+        try:
+            with open(self.state_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {"disks": {}}
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{self.state_path}: unreadable extended-replication state: {e}") from None
+
+    def _save(self) -> None:
+        self.data["stats"] = self.stats.snapshot()
+        self.data["state"], self.data["reason"] = self.state, self.reason
+        write_json_atomic(self.state_path, self.data)
+
+    # ------------------------------------------------------------------ the machine's disks
+    def disk_paths(self) -> dict[str, str]:
+        """disk id -> replica disk folder, for the disks of this machine in the storage root."""
+        base = os.path.join(self.settings.storage, "disks")
+        found = {}
+        try:
+            names = sorted(os.listdir(base))
+        except FileNotFoundError:
+            return {}
+        for key in names:
+            try:
+                with open(os.path.join(base, key, "state.json")) as f:
+                    st = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if st.get("machine") == self.name or (not st.get("machine") and st.get("name") == self.name):
+                found[key] = os.path.join(base, key)
+        return found
+
+    def _cut(self, paths: dict[str, str]) -> tuple[int | None, dict[str, Snapshot], dict[str, dict]]:
+        """The newest machine point every disk is at now: (point, snapshots, state documents). Without
+        checkpoints (a primary that sends none) a disk's own latest generation is its cut."""
+        snaps, states, common = {}, {}, None
+        for key, path in paths.items():
+            snaps[key] = snapshot(path)
+            with open(os.path.join(path, "state.json")) as f:
+                states[key] = json.load(f)
+            at = {int(p) for p, g in states[key].get("cuts", []) if int(g) == snaps[key].generation}
+            common = at if common is None else common & at
+        if common:
+            return max(common), snaps, states
+        if all(not s.get("cuts") for s in states.values()):
+            return None, snaps, states
+        raise RacedCommit(f"{self.name}: the primary is between machine cuts")
+
+    # ------------------------------------------------------------------ one cycle
+    async def cycle(self) -> ExtendedResult:
+        """Forward the newest machine cut to the third site; resumes a cycle a crash interrupted first."""
+        started = time.monotonic()
+        try:
+            result = await self._cycle()
+        except (ReplicatorError, OSError) as e:
+            self.stats.record_failure(e)
+            self.state, self.reason = "Error", (getattr(e, "message", None) or str(e)).splitlines()[0]
+            self._save()
+            raise
+        result.seconds = time.monotonic() - started
+        cut_time = max((d.get("time", 0.0) for d in result.disks.values()), default=None)
+        self.stats.record_success(result.bytes_sent, result.seconds, cut_time or None)
+        self.state, self.reason = "Replicating", None
+        self._save()
+        return result
+
+    async def _cycle(self) -> ExtendedResult:
+        await self._finish_pending()
+        paths = self.disk_paths()
+        if not paths:
+            raise UsageError(f"machine {self.name} has no replica disks in {self.settings.storage} yet")
+        for path in paths.values():
+            ChangeJournal(path).enable()           # noted from now on, before anything is read
+        result = ExtendedResult(point=None)
+        initial = [k for k in paths if k not in self.data["disks"]]
+        if initial:
+            self.state = "InitialReplicationInProgress"
+            self._save()
+            await self._initial(paths, initial, result)
+        for attempt in range(RACE_RETRIES):
+            try:
+                point, prepared = await asyncio.to_thread(self._prepare, paths)
+                break
+            except RacedCommit:
+                await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
+        else:
+            raise RacedCommit(f"{self.name}: the replica kept changing while the extended cycle read it; "
+                              "trying again at the next cycle")
+        result.point = point
+        await self._ship(prepared, point, result)
+        return result
+
+    async def _initial(self, paths: dict[str, str], keys: list[str], result: ExtendedResult) -> None:
+        """The first copy of disks the third site does not hold yet: read whole while the replica may change
+        (labelled inconsistent); the ranges noted since its generation level it in the same cycle."""
+        for key in keys:
+            info = await self.target.disk_info(uuid.UUID(key)) if await self._exists(key) else None
+            if info is not None and info.generation > 0:
+                raise UsageError(f"the extended site already holds disk {key} at generation {info.generation}, "
+                                 "and this replica has no record of forwarding it: remove it there (or seed it) "
+                                 "first")
+            size = (await asyncio.to_thread(snapshot_settled, paths[key])).size
+            await self.target.ensure_disk(uuid.UUID(key), size, name=key, machine=self.name)
+            stream = new_stream_id()
+            path = os.path.join(self.outbox, f"{stream}.delta")
+            header_for = lambda snap: delta.StreamHeader(   # noqa: E731
+                disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size, generation=1,
+                base_generation=0, consistency="inconsistent", created=snap.time or self.clock(), kind="full")
+            snap, header, stats = await asyncio.to_thread(self._fuzzy_copy, paths[key], header_for, path)
+            self.data["disks"][key] = {"forwarded": snap.generation, "generation": 0,
+                                       "pending": {"stream": stream, "path": path, "generation": 1,
+                                                   "forwarded": snap.generation, "point": None,
+                                                   "time": header.created}}
+            self._save()
+            result.bytes_changed += stats.plain_bytes
+            result.bytes_sent += await self._send_pending(key)
+
+    def _fuzzy_copy(self, disk_path: str, make_header, path: str):
+        """Copy the whole disk as it stands (worker thread): (snapshot, header, stats); a read that a
+        commit broke is made again."""
+        for attempt in range(RACE_RETRIES):
+            snap = snapshot_settled(disk_path)
+            header = make_header(snap)
+            try:
+                with open(path, "wb") as sink:
+                    return snap, header, encode_forward(disk_path, snap, None, header, sink,
+                                                        compress=self.settings.compression, full=True, fuzzy=True)
+            except RacedCommit:
+                time.sleep(min(0.05 * (attempt + 1), 1.0))
+        raise RacedCommit(f"{disk_path}: the replica kept changing while it was copied; trying again later")
+
+    async def _exists(self, key: str) -> bool:
+        try:
+            await self.target.disk_info(uuid.UUID(key))
+            return True
+        except ReplicatorError:
+            return False
+
+    def _prepare(self, paths: dict[str, str]) -> tuple[int | None, dict]:
+        """Encode every disk's merged change at one machine cut (worker thread). RacedCommit: start over."""
+        point, snaps, states = self._cut(paths)
+        prepared = {}
+        for key, path in paths.items():
+            snap, mine = snaps[key], self.data["disks"][key]
+            ranges = ChangeJournal(path).changes(mine["forwarded"], snap.generation)
+            header = delta.StreamHeader(disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size,
+                                        generation=mine["generation"] + 1, base_generation=mine["generation"],
+                                        consistency=snap.consistency, created=snap.time or self.clock(),
+                                        kind="delta", extra={"extended_from": snap.generation})
+            stream = new_stream_id()
+            out = os.path.join(self.outbox, f"{stream}.delta")
+            try:
+                with open(out, "wb") as sink:
+                    encode_forward(path, snap, ranges, header, sink, compress=self.settings.compression)
+            except BaseException:
+                for done in [out] + [x["path"] for x in prepared.values()]:
+                    if os.path.exists(done):
+                        os.unlink(done)
+                raise
+            prepared[key] = {"stream": stream, "path": out, "generation": header.generation,
+                             "forwarded": snap.generation, "point": point, "time": header.created,
+                             "changed": sum(n for _, n in ranges)}
+        return point, prepared
+
+    async def _ship(self, prepared: dict, point: int | None, result: ExtendedResult) -> None:
+        for key, pending in prepared.items():        # durable before anything is sent
+            self.data["disks"][key]["pending"] = pending
+        self._save()
+        for key, pending in prepared.items():
+            result.bytes_changed += pending.get("changed", 0)
+            result.bytes_sent += await self._send_pending(key)
+            result.disks[key] = {"generation": pending["generation"], "time": pending["time"]}
+
+    async def _send_pending(self, key: str) -> int:
+        """Send, commit and record one disk's pending stream, then forget what it forwarded."""
+        mine = self.data["disks"][key]
+        pending = mine["pending"]
+        disk_id = uuid.UUID(key)
+        info = await self.target.disk_info(disk_id)
+        sent = 0
+        if pending["stream"] not in info.committed and info.generation < pending["generation"]:
+            if not os.path.exists(pending["path"]):
+                mine["pending"] = None              # lost before it was sent: the ranges are still noted
+                self._save()
+                raise UsageError(f"{self.name}: the extended stream of disk {key} was lost before it was "
+                                 "sent; the next cycle sends its changes again")
+            sent = await self.target.send(disk_id, pending["stream"], pending["path"])
+            await self.target.commit(disk_id, pending["stream"])
+        if pending.get("point") is not None:
+            await self.target.checkpoint(disk_id, pending["generation"], pending["point"],
+                                         additional_points=self.settings.additional_points)
+        mine["generation"], mine["forwarded"], mine["pending"] = pending["generation"], pending["forwarded"], None
+        self._save()
+        paths = self.disk_paths()
+        if key in paths:
+            ChangeJournal(paths[key]).trim(pending["forwarded"])
+        if os.path.exists(pending["path"]):
+            os.unlink(pending["path"])
+        return sent
+
+    async def _finish_pending(self) -> None:
+        for key, mine in list(self.data["disks"].items()):
+            if mine.get("pending"):
+                await self._send_pending(key)
+        for name in os.listdir(self.outbox):        # streams of cycles that never became pending
+            full = os.path.join(self.outbox, name)
+            if not any((m.get("pending") or {}).get("path") == full for m in self.data["disks"].values()):
+                os.unlink(full)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        health = self.stats.health() if hasattr(self.stats, "health") else None
+        return {"machine": self.name, "relationship": "Extended", "target": self.settings.target,
+                "state": self.state, "reason": self.reason, "frequency": self.settings.frequency,
+                "stats": self.stats.to_dict() if hasattr(self.stats, "to_dict") else self.stats.snapshot(),
+                "health": health.to_dict() if health is not None else None,
+                "disks": {k: {"generation": v["generation"], "forwarded": v["forwarded"]}
+                          for k, v in self.data["disks"].items()}}

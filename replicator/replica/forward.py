@@ -1,0 +1,198 @@
+"""What a replica forwards to an extended replica (a third site, as Hyper-V Replica's extended replication).
+
+The replica role already holds every cycle of a machine as a verified, consistent cut. To forward them:
+
+- **Change journal.** Each replica disk with an extended leg has `forward/changes.jsonl`: before a cycle's
+  apply begins, the ranges it will write are appended as one fsync'd JSON line `{"g": GENERATION, "r":
+  [[offset, length], ...]}`. A cycle that is retried or rolled back only leaves a superset behind, never
+  less, so nothing the replica applied can be missed. Lines are dropped once the third site has what they
+  cover.
+- **Merged reads.** An extended cycle sends the union of the ranges noted since the generation it last
+  forwarded, read from the replica image: several primary cycles become one stream, last write wins, and
+  the disk is never read whole. The image is read without any lock and without delaying a primary's
+  commit; a commit that began or ended meanwhile changes the state file (every save replaces it), so the
+  read is checked against the state before and after and done again if it raced.
+
+Both are plain synchronous code; daemon/extended.py runs them on worker threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from .. import delta
+from ..delta.sources import encode_disk, encode_extents
+from ..durable import fsync_dir, write_json_atomic
+from ..errors import DiskIOError, ReplicatorError, UsageError
+from ..vhdx import VhdxDisk
+
+FORWARD_DIR = "forward"
+CHANGES = "changes.jsonl"
+
+
+def coalesce(ranges) -> list[tuple[int, int]]:
+    """Sorted, merged (offset, length) ranges: overlapping and touching ranges become one."""
+    out: list[list[int]] = []
+    for off, n in sorted((int(o), int(n)) for o, n in ranges if n > 0):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(o, n) for o, n in out]
+
+
+class ChangeJournal:
+    """The ranges each applied generation of one replica disk wrote, for its extended leg."""
+
+    def __init__(self, disk_path: str):
+        self.dir = os.path.join(disk_path, FORWARD_DIR)
+        self.path = os.path.join(self.dir, CHANGES)
+
+    @property
+    def enabled(self) -> bool:
+        """Noted only for disks with an extended leg (the folder is made when the leg starts)."""
+        return os.path.isdir(self.dir)
+
+    def enable(self) -> None:
+        if not self.enabled:
+            os.makedirs(self.dir)
+            fsync_dir(os.path.dirname(self.dir))
+
+    def record(self, generation: int, ranges) -> None:
+        """Note the ranges generation `generation` writes; durable before the apply that writes them."""
+        line = json.dumps({"g": int(generation), "r": [list(r) for r in coalesce(ranges)]},
+                          separators=(",", ":")) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def entries(self) -> list[tuple[int, list]]:
+        """(generation, ranges) in the order noted. A torn last line (a crash while appending, before the
+        apply it announces began) is ignored."""
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return []
+        out = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                e = json.loads(raw)
+                out.append((int(e["g"]), [(int(o), int(n)) for o, n in e["r"]]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def changes(self, after: int, upto: int) -> list[tuple[int, int]]:
+        """The merged ranges of generations after `after` up to and including `upto`."""
+        return coalesce(r for g, rs in self.entries() if after < g <= upto for r in rs)
+
+    def trim(self, upto: int) -> None:
+        """Forget generations up to `upto` (the third site holds them)."""
+        keep = [(g, rs) for g, rs in self.entries() if g > upto]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for g, rs in keep:
+                f.write(json.dumps({"g": g, "r": [list(r) for r in rs]}, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class RacedCommit(ReplicatorError):
+    """A commit began or ended on the replica while an extended cycle read it; the read is done again."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a replica disk's state file said when a read began."""
+    stamp: tuple[int, int]
+    generation: int
+    image: str
+    size: int
+    block_size: int
+    disk_id: str
+    time: float = 0.0                  # the recovery point at `generation`: when its data is from
+    consistency: str = "crash"
+
+
+def _read_state(disk_path: str) -> tuple[tuple[int, int], dict]:
+    state_path = os.path.join(disk_path, "state.json")
+    with open(state_path) as f:
+        st = os.fstat(f.fileno())
+        return (st.st_ino, st.st_mtime_ns), json.load(f)
+
+
+def snapshot(disk_path: str) -> Snapshot:
+    """The replica disk's settled state, read from its state file without taking it over (the replica
+    server owns the disk; nothing here writes it). Refused while a cycle is journaled there."""
+    stamp, raw = _read_state(disk_path)
+    if raw.get("journal"):
+        raise RacedCommit(f"{disk_path}: a cycle is being applied")
+    generation = int(raw.get("generation", 0))
+    point = next((p for p in raw.get("points", []) if p.get("generation") == generation), {})
+    return Snapshot(stamp, generation, os.path.join(disk_path, "chain", raw.get("chain", ["base.vhdx"])[-1]),
+                    int(raw["size"]), int(raw["block_size"]), raw["disk_id"], float(point.get("time", 0.0)),
+                    point.get("consistency", "crash"))
+
+
+def snapshot_settled(disk_path: str, attempts: int = 200, pause: float = 0.05) -> Snapshot:
+    """snapshot(), waiting out a cycle being applied (each takes moments)."""
+    for _ in range(attempts - 1):
+        try:
+            return snapshot(disk_path)
+        except RacedCommit:
+            time.sleep(pause)
+    return snapshot(disk_path)
+
+
+def still(disk_path: str, snap: Snapshot) -> bool:
+    """Whether no commit began or ended since `snap`: the same state file (every save replaces it), at
+    the same generation, with no journal (the generation guards a file name reused within one tick of
+    the file system's clock)."""
+    try:
+        stamp, raw = _read_state(disk_path)
+    except (OSError, ValueError):
+        return False
+    return stamp == snap.stamp and int(raw.get("generation", 0)) == snap.generation and not raw.get("journal")
+
+
+def encode_forward(disk_path: str, snap: Snapshot, ranges, header: delta.StreamHeader, sink, *,
+                   compress: bool = True, full: bool = False, fuzzy: bool = False, progress=None):
+    """Encode the ranges (or, with `full`, every allocated extent: the extended leg's initial copy) of the
+    replica image as it stands at `snap` into `sink`. Raises RacedCommit when the replica changed meanwhile:
+    a consistent stream is then worthless and the caller starts again; a fuzzy `full` copy is still whole
+    and is levelled by the ranges noted since `snap` (fuzzy=True: only a read that failed raises)."""
+    if header.disk_size != snap.size:
+        raise UsageError(f"stream header names {header.disk_size} bytes, the replica holds {snap.size}")
+    try:
+        with VhdxDisk.open(snap.image, read_only=True) as disk:
+            if full:
+                stats = encode_disk(disk, header, sink, compress=compress, progress=progress)
+            else:
+                stats = encode_extents(disk, ranges, header, sink, compress=compress, progress=progress)
+    except (DiskIOError, OSError) as e:
+        if not still(disk_path, snap):          # read through a commit that rewrote the image
+            raise RacedCommit(f"{disk_path}: a cycle was applied while the extended cycle read it") from None
+        raise
+    if not fuzzy and not still(disk_path, snap):
+        raise RacedCommit(f"{disk_path}: a cycle was applied while the extended cycle read it")
+    return stats
+
+
+def new_stream_id() -> str:
+    return str(uuid.uuid4())
+
+
+def write_leg_state(path: str, state: dict) -> None:
+    write_json_atomic(path, state)
