@@ -1,0 +1,182 @@
+"""Protected machines (operator to act, read-only to see). Every action is a desired-state change plus a job:
+the job waits for the host that must carry it out (its `host`) and says so; the host channel reports how it
+ends. Nothing here pretends a host did something it has not reported."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from sqlalchemy import func, select
+
+from .. import jobs
+from .. import models as m
+from .. import schemas as sc
+from ..auth import Principal, operator, reader
+from .common import DB, ERRORS, bump_revision, conflict, host_by_ref, note, one, ref
+from .jobs import job_out
+
+router = APIRouter(prefix="/v1", responses=ERRORS, tags=["machines"])
+NamePath = Path(pattern=sc.NAME_PATTERN)
+
+
+def machine_out(x: m.Machine) -> sc.MachineOut:
+    return sc.MachineOut(
+        id=x.id, name=x.name, cloud=x.cloud.name,
+        primary_host=x.primary_host.hostname if x.primary_host else None,
+        replica_host=x.replica_host.hostname if x.replica_host else None, domain=x.domain, disks=list(x.disks),
+        excluded=list(x.excluded), policy=effective_policy(x).name if effective_policy(x) else None,
+        desired_state=x.desired_state, observed_state=x.observed_state, health=x.health,
+        rpo_seconds=x.rpo_seconds, last_success_at=x.last_success_at,
+        owner_site=x.owner_site.name if x.owner_site else None, fencing_epoch=x.fencing_epoch,
+        created_at=x.created_at)
+
+
+def effective_policy(x: m.Machine) -> m.ProtectionPolicy | None:
+    """The machine's own policy, else its pair's."""
+    if x.policy is not None:
+        return x.policy
+    pair = x.cloud.pair
+    return pair.association.policy if pair and pair.association else None
+
+
+def _state_job(s, x: m.Machine, kind: str, by: str, **params) -> m.Job:
+    """Record a desired-state change for the machine's hosts and the job that follows it."""
+    bump_revision(s, [x.primary_host_id, x.replica_host_id])
+    s.flush()
+    host = x.primary_host
+    if host is None:
+        msg = "waiting for a primary host to be placed (none is)"
+    else:
+        s.refresh(host)
+        params["revision"] = host.desired_revision
+        msg = f"waiting for host {host.hostname} to apply desired revision {host.desired_revision}"
+    return jobs.enqueue(s, kind, machine=x, host_id=host.id if host else None, params=params, created_by=by,
+                        message=msg)
+
+
+def _place_replica(s, recovery: m.Cloud) -> m.Host | None:
+    """The recovery cloud's host with the fewest replicas placed on it (ties: by hostname)."""
+    load = (select(m.Host, func.count(m.Machine.id).label("n"))
+            .outerjoin(m.Machine, m.Machine.replica_host_id == m.Host.id)
+            .where(m.Host.cloud_id == recovery.id).group_by(m.Host.id).order_by("n", m.Host.hostname))
+    row = s.execute(load).first()
+    return row[0] if row else None
+
+
+@router.get("/machines", response_model=list[sc.MachineOut], dependencies=[Depends(reader)])
+def list_machines(s: DB, cloud: str | None = Query(None, pattern=sc.NAME_PATTERN)):
+    q = select(m.Machine).order_by(m.Machine.name)
+    if cloud is not None:
+        q = q.join(m.Cloud, m.Machine.cloud_id == m.Cloud.id).where(m.Cloud.name == cloud)
+    return [machine_out(x) for x in s.scalars(q)]
+
+
+@router.post("/machines", status_code=201, response_model=sc.MachineOut)
+def enable_protection(body: sc.MachineIn, s: DB, request: Request, who: Principal = Depends(operator)):
+    """Enable protection of a machine in a paired primary cloud: placed on a replica host of the recovery
+    cloud, following the pair's policy (or its own). A job tracks its hosts applying it."""
+    note(request, f"machine/{body.name}", cloud=body.cloud)
+    cloud = ref(s, m.Cloud, "cloud", "cloud", name=body.cloud)
+    if cloud.pair is None or cloud.pair_role != "primary":
+        raise HTTPException(422, f"cloud: {cloud.name!r} is not the primary cloud of a pair")
+    recovery = cloud.pair.cloud("recovery")
+    policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
+    if policy is None and cloud.pair.association is None:
+        raise HTTPException(422, f"policy: pair {cloud.pair.name!r} has no policy; associate one or give policy")
+    if s.scalar(select(m.Machine.id).where(m.Machine.name == body.name)):
+        raise conflict(f"machine {body.name!r} is already protected")
+    if body.primary_host:
+        primary = host_by_ref(s, body.primary_host, "primary_host")
+        if primary.cloud_id != cloud.id:
+            raise HTTPException(422, f"primary_host: {primary.hostname!r} is not in cloud {cloud.name!r}")
+    elif len(cloud.hosts) == 1:
+        primary = cloud.hosts[0]
+    else:
+        raise HTTPException(422, f"primary_host: cloud {cloud.name!r} has {len(cloud.hosts)} hosts; say which "
+                                 f"one runs {body.name!r}")
+    if body.replica_host:
+        replica = host_by_ref(s, body.replica_host, "replica_host")
+        if recovery is None or replica.cloud_id != recovery.id:
+            raise HTTPException(422, f"replica_host: {replica.hostname!r} is not in the recovery cloud")
+    else:
+        replica = _place_replica(s, recovery) if recovery else None
+    x = m.Machine(name=body.name, cloud=cloud, primary_host=primary, replica_host=replica, domain=body.domain,
+                  disks=list(body.disks), excluded=list(body.excluded), policy=policy, desired_state="enabled",
+                  owner_site_id=cloud.site_id)
+    s.add(x)
+    s.flush()
+    job = _state_job(s, x, "enable-protection", who.name)
+    if replica is None:
+        jobs.log(s, job.id, f"no host in recovery cloud {recovery.name if recovery else '?'} yet: the replica "
+                            f"side is placed when one joins")
+    return machine_out(x)
+
+
+@router.get("/machines/{name}", response_model=sc.MachineOut, dependencies=[Depends(reader)])
+def get_machine(s: DB, name: str = NamePath):
+    return machine_out(one(s, m.Machine, "machine", name=name))
+
+
+# (action, states it applies from, desired state after, job kind)
+ACTIONS = {"pause": (("enabled",), "paused", "pause-protection"),
+           "resume": (("paused",), "enabled", "resume-protection"),
+           "resync": (("enabled",), "enabled", "resync"),
+           "disable": (("enabled", "paused"), "disabled", "disable-protection"),
+           "enable": (("disabled",), "enabled", "enable-protection")}
+
+
+def _act(action: str, s, request: Request, name: str, who: Principal) -> sc.JobOut:
+    note(request, f"machine/{name}", action=action)
+    x = one(s, m.Machine, "machine", name=name)
+    allowed, after, kind = ACTIONS[action]
+    if x.desired_state not in allowed:
+        raise conflict(f"machine {name!r} is {x.desired_state}: {action} applies to {' or '.join(allowed)}")
+    x.desired_state = after
+    if action == "resync":
+        x.resync_requested += 1
+    return job_out(_state_job(s, x, kind, who.name, desired_state=after))
+
+
+def _action_route(action: str, doc: str):
+    def route(s: DB, request: Request, name: str = NamePath, who: Principal = Depends(operator)):
+        return _act(action, s, request, name, who)
+    route.__name__ = f"{action}_machine"
+    route.__doc__ = doc
+    router.post(f"/machines/{{name}}/{action}", status_code=202, response_model=sc.JobOut)(route)
+
+
+_action_route("pause", "Pause replication (the replica keeps its points).")
+_action_route("resume", "Resume a paused machine's replication.")
+_action_route("resync", "Ask for a resynchronization (compares both sides, sends what differs).")
+_action_route("disable", "Disable protection (the pair's policy says whether the replica is deleted).")
+_action_route("enable", "Enable protection again after a disable.")
+
+
+@router.delete("/machines/{name}", status_code=204, response_class=Response)
+def remove_machine(s: DB, request: Request, name: str = NamePath, _=Depends(operator)):
+    """Forget a machine whose protection is disabled."""
+    note(request, f"machine/{name}")
+    x = one(s, m.Machine, "machine", name=name)
+    if x.desired_state != "disabled":
+        raise conflict(f"machine {name!r} is {x.desired_state}: disable its protection first")
+    if s.scalar(select(func.count()).select_from(m.PlanMember).where(m.PlanMember.machine_id == x.id)):
+        raise conflict(f"machine {name!r} is in a recovery plan: take it out first")
+    s.delete(x)
+
+
+@router.post("/machines/{name}/failover", status_code=202, response_model=sc.JobOut)
+def failover_machine(body: sc.FailoverIn, s: DB, request: Request, name: str = NamePath,
+                     who: Principal = Depends(operator)):
+    """Ask for a failover; the job waits until the machine's hosts carry it out and report."""
+    note(request, f"machine/{name}", kind=body.kind, force=body.force)
+    x = one(s, m.Machine, "machine", name=name)
+    if x.desired_state == "disabled":
+        raise conflict(f"machine {name!r} is not protected (disabled)")
+    if x.replica_host is None:
+        raise conflict(f"machine {name!r} has no replica host placed: nothing to fail over to")
+    host = x.primary_host if body.kind == "planned" and x.primary_host else x.replica_host
+    job = jobs.enqueue(s, "failover", machine=x, host_id=host.id,
+                       params={"kind": body.kind, "force": body.force, "epoch": x.fencing_epoch},
+                       created_by=who.name,
+                       message=f"{body.kind} failover: waiting for host {host.hostname} to pick it up")
+    if body.force:
+        jobs.log(s, job.id, f"forced by {who.name}")
+    return job_out(job)

@@ -1,0 +1,123 @@
+"""The controller's ASGI app: `create_app(store, data_dir=...)` with every REST router, errors as one-line
+JSON (`{"error": "..."}`, 4xx; validation errors too), an audit entry for every request that changes something
+(or tried to), and the Prometheus endpoint. Other pieces add their routers with `app.include_router(...)`.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import metrics
+from . import models as m
+from .api import ROUTERS
+from .db import Store
+
+log = logging.getLogger("replicator.controller")
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _error(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    message = _one_line(message)
+    request.state.error = message
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """The first problem as 'where: why' (FastAPI's list of dicts is for programs, not people)."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    where = ".".join(str(p) for p in (loc[1:] if loc[:1] == ["body"] else loc))
+    why = first.get("msg", "invalid").removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {why}{more}" if where else f"{why}{more}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code in (404, 405) and request.scope.get("route") is None:
+            what = "no such route" if exc.status_code == 404 else "method not allowed on"
+            return _error(request, exc.status_code, f"{what} {request.method} {request.url.path}",
+                          getattr(exc, "headers", None))
+        return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _error(request, 422, validation_message(exc))
+
+    @app.exception_handler(IntegrityError)
+    async def integrity(request: Request, exc: IntegrityError):
+        # a concurrent request took the name first, or a reference vanished between check and write
+        return _error(request, 409, "conflicts with a concurrent change; read the resource again and retry")
+
+    @app.exception_handler(DataError)
+    async def data(request: Request, exc: DataError):
+        return _error(request, 422, f"the database refused a value: {_one_line(str(exc.orig), 200)}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(request, 500, f"internal error ({type(exc).__name__}); the controller's log has the details")
+
+    @app.exception_handler(OperationalError)
+    async def unavailable(request: Request, exc: OperationalError):
+        log.error("database unavailable: %s", _one_line(str(exc.orig), 300))
+        return _error(request, 503, "the controller's database is unavailable; retry shortly")
+
+
+def install_audit(app: FastAPI) -> None:
+    """Every request that is not a read leaves an audit entry: who, what (method and route), on what, outcome.
+    Written after the request's own transaction, so a refused change is recorded as refused."""
+
+    def write(entry: m.AuditEntry) -> None:
+        with app.state.store.session() as s:
+            s.add(entry)
+
+    @app.middleware("http")
+    async def audit(request: Request, call_next):
+        response = await call_next(request)
+        if request.method in READS:
+            return response
+        route = request.scope.get("route")
+        action = f"{request.method} {getattr(route, 'path', request.url.path)}"[:64]
+        status = response.status_code
+        outcome = f"{status} " + ("ok" if status < 400 else getattr(request.state, "error", "refused"))
+        state = request.state
+        entry = m.AuditEntry(actor=getattr(state, "actor", None) or "anonymous", action=action,
+                             target=(getattr(state, "audit_target", None) or request.url.path)[:255],
+                             outcome=outcome[:255], detail=getattr(state, "audit_detail", None) or {})
+        try:
+            await run_in_threadpool(write, entry)
+        except Exception as e:                    # the change stands; say loudly that its record is missing
+            log.error("audit entry not written (%s %s by %s): %s", action, entry.target, entry.actor, e)
+        return response
+
+
+def create_app(store: Store, *, data_dir: str | None = None, title: str = "replicator controller") -> FastAPI:
+    """The REST API on `store`. Extend it with `app.include_router(router)`; `app.state.store` is the store."""
+    app = FastAPI(title=title, version="1", description="The management plane of replicator: sites, hosts, "
+                  "clouds, pairs, policies, mappings, machines, jobs, recovery plans, tokens and the audit log. "
+                  "Errors are {\"error\": \"...\"}.")
+    app.state.store = store
+    app.state.data_dir = data_dir
+    install_error_handlers(app)
+    install_audit(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.include_router(metrics.router)
+    from .hosts_api import install as install_host_channel; install_host_channel(app)   # noqa: E702 (H2's line)
+    return app

@@ -1,0 +1,103 @@
+"""replicator-controller: the management plane's service (docs/management-plane.md).
+
+    replicator-controller --data DIR [--listen HOST:PORT] [--database URL]
+
+DIR holds controller.db (SQLite, the default store) and admin.token (the first admin token, made at the first
+start, 0600). --database postgresql://USER@HOST/DB puts the store on PostgreSQL instead (several controller
+processes may share it). Migrations are applied at every start. SIGTERM or SIGINT stops it cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from ..errors import ReplicatorError
+from .app import create_app
+from .auth import ADMIN_TOKEN_FILE, ensure_admin_token
+from .db import Store, sqlite_url
+
+DEFAULT_LISTEN = "127.0.0.1:8086"
+log = logging.getLogger("replicator.controller")
+
+
+def listen_address(v: str) -> tuple[str, int]:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. {DEFAULT_LISTEN}), not {v!r}")
+    return host.strip("[]"), int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="replicator-controller", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, metavar="DIR", help="the controller's directory (made if missing)")
+    ap.add_argument("--listen", type=listen_address, default=listen_address(DEFAULT_LISTEN), metavar="HOST:PORT",
+                    help=f"where the REST API listens (default {DEFAULT_LISTEN})")
+    ap.add_argument("--database", metavar="URL", help="sqlite:///PATH or postgresql://USER@HOST[:PORT]/DB "
+                    "(default: DIR/controller.db)")
+    ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    tls = ap.add_argument_group("HTTPS and host certificates (the deployment CA in DIR/ca)")
+    tls.add_argument("--name", action="append", default=[], metavar="NAME",
+                     help="another host name or address the controller's certificate names (repeatable)")
+    tls.add_argument("--public-url", metavar="URL", help="the URL hosts reach the controller at, written in "
+                     "registration keys (default https://LISTEN)")
+    tls.add_argument("--cert-lifetime", type=float, default=30 * 86400, metavar="SECONDS",
+                     help="lifetime of the host certificates the CA issues (default 30 days; hosts renew "
+                     "after two thirds)")
+    return ap
+
+
+def listener_options(args, app) -> dict:
+    """uvicorn options of the listener beyond host and port: HTTPS with the deployment CA's certificate for
+    the listen address and --name names, client certificates optional (a registering host has none) but
+    verified and handed to the host channel (tls.py)."""
+    import datetime as dt
+    import socket
+
+    from .tls import uvicorn_options
+    host, port = args.listen
+    app.state.ca.lifetime = dt.timedelta(seconds=args.cert_lifetime)
+    app.state.public_url = args.public_url or f"https://{host if ':' not in host else f'[{host}]'}:{port}"
+    names = [host, *args.name] + ([socket.getfqdn()] if host in ("0.0.0.0", "::") else [])
+    return uvicorn_options(app.state.ca, names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.cert_lifetime >= 10:
+        print(f"replicator-controller: error: --cert-lifetime must be at least 10 seconds, not {args.cert_lifetime}",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        os.makedirs(args.data, mode=0o700, exist_ok=True)
+        store = Store.open(args.database or sqlite_url(args.data))
+    except ReplicatorError as e:
+        print(f"replicator-controller: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"replicator-controller: error: {e.filename or args.data}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:          # the database refused the connection or the migration: one line, no trace
+        print(f"replicator-controller: error: cannot open the store: {' '.join(str(e).split())[:300]}",
+              file=sys.stderr)
+        return 1
+    try:
+        if ensure_admin_token(store, args.data):
+            log.info("admin token in %s", os.path.join(args.data, ADMIN_TOKEN_FILE))
+        app = create_app(store, data_dir=args.data)
+        host, port = args.listen
+        config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
+                                **listener_options(args, app))
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
