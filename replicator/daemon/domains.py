@@ -34,6 +34,7 @@ import time
 from ..durable import write_json_atomic
 from ..errors import DomainExists, DomainStateError, HypervisorError, ReplicatorError, UsageError
 from ..hypervisor import NOW, DomainConfig, DomainState, Hypervisor
+from ..orchestration import failover_ips
 
 log = logging.getLogger("replicatord")
 CONFIG_FILE = "domain.json"         # in a replica disk's folder: the machine's replicated domain configuration
@@ -64,6 +65,7 @@ class DomainProtection:
         self.targets = dict(machine.targets)            # disk target -> VHDX path
         self.excluded = tuple(machine.excluded)         # disk targets not protected
         self.app_consistent = bool(machine.protection.app_consistent_hours)
+        self.failover_ips = tuple(getattr(machine, "failover_ips", ()))   # FailoverIp: set after a failover
         self.state = state                              # the machine's MachineState: data["domain"]
         self.seen: DomainState | None = None            # the domain's state at the last look
         self.seen_error: str | None = None
@@ -113,6 +115,11 @@ class DomainProtection:
                     and os.path.getmtime(src.path) > os.path.getmtime(vhdx):
                 raise UsageError(f"{self.machine}: {src.path} ({t} of domain {self.name!r}) was written after {vhdx} "
                                  f"was made from it: {convert_hint(vhdx)}, again")
+        for note in failover_ips.resolve(self.failover_ips, config.nics)[1]:
+            log.warning("%s: %s (failover_ip)", self.machine, note)
+        if self.failover_ips and not config.guest_agent:
+            log.warning("%s: domain %r has no guest agent channel: its failover IPs will not be set in the guest "
+                        "(recovery-plan scripts get them)", self.machine, self.name)
         if self.app_consistent and not config.guest_agent:
             log.warning("%s: domain %r has no guest agent channel (org.qemu.guest_agent.0): its application-"
                         "consistent points will be crash-consistent, with a warning each time", self.machine, self.name)
@@ -219,6 +226,7 @@ class DomainProtection:
             config = await asyncio.to_thread(read)
             payload = {"version": CONFIG_VERSION, "machine": self.machine, "time": time.time(),
                        "domain": config.to_dict(), "excluded": list(self.excluded),
+                       "failover_ips": failover_ips.to_payload(self.failover_ips),
                        "targets": {t: disk_ids[os.path.basename(p)] for t, p in self.targets.items()}}
             kept = await target.put_config(self.machine, payload, sorted(set(payload["targets"].values())))
         except Exception as e:          # noqa: BLE001 - never fails the cycle that replicated the disks
@@ -369,6 +377,45 @@ def _delete_unused(hv, network: str) -> list[str]:
         return [f"network {network!r} kept: {', '.join(users)} use{'s' if len(users) == 1 else ''} it"]
     hv.delete_network(network)
     return [f"network {network!r} deleted"]
+
+
+def settle(uri: str, name: str, payload: dict, timeout: float, ips: bool = True) -> dict:
+    """After a boot: wait until the domain runs and, with a guest agent, answers guest-ping; then set the
+    failover IPs in the guest (`ips`). Returns {running, agent: seconds after the start, ips: {netK: address
+    or the error}, notes}. Raises when the domain does not run or its agent does not answer in `timeout`
+    seconds. Blocking: run it in a thread."""
+    config = DomainConfig.from_dict(payload["domain"])
+    wanted, notes = failover_ips.resolve(failover_ips.from_payload(payload.get("failover_ips")) if ips else (),
+                                         config.nics)
+    out: dict = {"running": None, "agent": None, "ips": {}, "notes": notes}
+    t0 = time.monotonic()
+    with Hypervisor.open(uri) as hv:
+        hv.wait_running(name, timeout)
+        out["running"] = round(time.monotonic() - t0, 1)
+        if not config.guest_agent:
+            notes.append("no guest agent channel: running is all there is to wait for"
+                         + ("; the failover IPs are not set in the guest (recovery-plan scripts get them)"
+                            if wanted else ""))
+            return out
+        hv.guest_ping(name, max(1.0, timeout - (time.monotonic() - t0)))
+        out["agent"] = round(time.monotonic() - t0, 1)
+        for k, mac, ip in wanted:
+            out["ips"][f"net{k}"] = _set_ip(hv, name, mac, ip)
+    return out
+
+
+def _set_ip(hv, name: str, mac: str, ip, wait: float = 30) -> str:
+    """The address set on the guest's NIC (retried while the guest has not brought that NIC up yet: its
+    driver may load after the agent started); returns the address, or the error."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            hv.set_guest_ip(name, mac, ip.address, ip.gateway)
+            return ip.address
+        except ReplicatorError as e:
+            if "no interface with MAC" not in e.message or time.monotonic() > deadline:
+                return f"not set: {e.message}"
+        time.sleep(0.5)
 
 
 def resume_paused(uri: str, name: str) -> bool | None:

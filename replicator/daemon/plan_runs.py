@@ -79,7 +79,7 @@ class PlanRunner:
             raise StateError(f"recovery plan {name!r} names machines this replica site does not hold: "
                              f"{', '.join(missing)}")
         job = self.jobs.create("recovery-plan", name)
-        run = PlanRun(plan, kind, self._operation, job=job)
+        run = PlanRun(plan, kind, self._operation, job=job, env=self.site.failover_ip_env(plan.members))
         task = asyncio.create_task(run.run(), name=f"plan-{name}")
         entry = self.runs[name] = Run(run, job, task)
         task.add_done_callback(lambda t: self._ended(name, entry, t))
@@ -97,11 +97,14 @@ class PlanRunner:
             return
         entry.result = task.result()
 
-    async def _operation(self, member: str, kind: str) -> None:
+    async def _operation(self, member: str, kind: str) -> str | None:
+        """The member's failover; returns once its domain (when one was booted) runs and its guest agent
+        answered guest-ping, so the next group starts after this one is up."""
         if kind == "test":
             await self.site.test_failover(member)
         else:
             await self.site.failover(member, planned=kind == "planned")
+        return await self.site.booted(member)
 
     def confirm(self, name: str, action: str, ok: bool) -> dict:
         self._plan(name)

@@ -49,6 +49,7 @@ from ..tracking import TrackedDisk
 from ..tracking.service import ExportService
 from ..tracking.state import Sidecar
 from . import domains
+from .replica_domains import ReplicaDomains
 from .reverse import RUNNING_HERE, ReverseReplication
 
 log = logging.getLogger("replicatord")
@@ -148,7 +149,7 @@ class FailedOverMachine:
 
 
 # ---------------------------------------------------------------------------------------------- the site
-class ReplicaSite(ReverseReplication):
+class ReplicaSite(ReplicaDomains, ReverseReplication):
     """The replica side's operations, attached to the Daemon (its machines, scheduler, jobs, replica server).
     Created before the daemon starts its protected machines: it takes out those handed over to the other
     site and adds those reverse replication protects from here."""
@@ -162,6 +163,7 @@ class ReplicaSite(ReverseReplication):
         self.testing: dict[str, FailedOverMachine] = {}     # test-failover disks served to an isolated VM
         self.handed_over: dict = {}                 # config machines whose replica this site now holds
         self.busy: set[str] = set()                 # machines with an operation under way
+        self.settling: dict[str, asyncio.Task] = {}  # booted domains followed until they answer (replica_domains)
         self.plans = PlanRunner(self, daemon.config.plans, daemon.jobs)
         self._arrange_machines()
 
@@ -224,6 +226,9 @@ class ReplicaSite(ReverseReplication):
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         await self.plans.stop()
+        for task in self.settling.values():
+            task.cancel()
+        await asyncio.gather(*self.settling.values(), return_exceptions=True)
         for fo in [*self.running.values(), *self.testing.values()]:
             await asyncio.to_thread(fo.stop)
         self.running.clear()
@@ -380,6 +385,7 @@ class ReplicaSite(ReverseReplication):
         self._begin(name)
         try:
             dom = st.test_failover.get("domain")
+            self._cancel_settle(name)
             if dom:                             # the test machine goes before its disks
                 for done in await asyncio.to_thread(domains.remove, dom["libvirt"], dom["name"], dom.get("network")):
                     log.info("%s: cleanup of the test failover: %s", name, done)
@@ -399,92 +405,6 @@ class ReplicaSite(ReverseReplication):
         differencing disk itself). Their tracking sidecars live in the test folder and go with it."""
         paths = {os.path.basename(p): p for p in disks.values()}
         self.testing[name] = await asyncio.to_thread(FailedOverMachine, paths, self._socket(f"{name}.test"))
-
-    # ------------------------------------------------------------------ the machine's domain (domains.py)
-    def _domain_payload(self, m: ReplicatedMachine) -> dict | None:
-        """The machine's replicated domain configuration when this site boots domains ([replica] libvirt)."""
-        if not self.settings.libvirt:
-            return None
-        return domains.replicated_domain([d.disk.path for d in m.disks])
-
-    async def _boot_test(self, m: ReplicatedMachine, st: MachineState, made: dict[str, str]) -> None:
-        """`NAME - Test` on the test disks' exports, every NIC on the isolated test network, started."""
-        payload = self._domain_payload(m)
-        if payload is None:
-            return
-        sock = self._socket(f"{m.name}.test")
-        sources = {d.id: (sock, os.path.basename(made[d.name])) for d in m.disks if d.name in made}
-        name = f"{payload['domain']['name']} - Test"
-        info = await asyncio.to_thread(domains.boot, self.settings.libvirt, payload, name, sources, {},
-                                       test_network=self.settings.test_network,
-                                       console=os.path.join(st.test_failover["path"], "console.log"))
-        for note in info["notes"]:
-            log.info("%s: test failover: %s", m.name, note)
-        log.info("%s: test failover: domain %r started on the isolated network %r", m.name, name,
-                 self.settings.test_network)
-        st.test_failover["domain"] = info
-        st.save()
-
-    async def _boot_failover(self, m: ReplicatedMachine, st: MachineState, job) -> None:
-        """The domain defined under its own name on the failed-over disks' exports, its NICs on the networks
-        network_map gives (the others unplugged, said in the job's log), started."""
-        payload = self._domain_payload(m)
-        fo = st.data["failover"]
-        if payload is None:
-            if self.settings.libvirt:
-                job.note(f"no replicated domain configuration of {m.name}: its disks are served over NBD only")
-            return
-        name = payload["domain"]["name"]
-        sock = self._socket(m.name)
-        sources = {d.id: (sock, os.path.basename(fo["paths"][d.id])) for d in m.disks}
-        folder = os.path.dirname(next(iter(fo["paths"].values())))
-        info = await asyncio.to_thread(domains.boot, self.settings.libvirt, payload, name, sources,
-                                       self.settings.network_map, console=os.path.join(folder, f"{m.name}.console.log"))
-        for note in info["notes"]:
-            job.note(f"domain {name!r}: {note}")
-        job.note(f"domain {name!r} defined and started (uuid {info['uuid']})")
-        fo["domain"] = info
-        st.save()
-
-    async def _remove_domain(self, name: str, info: dict | None, job=None) -> None:
-        if not info:
-            return
-        for done in await asyncio.to_thread(domains.remove, info["libvirt"], info["name"], info.get("network"),
-                                            undefine=not info.get("existing")):
-            log.info("%s: %s", name, done)
-            if job is not None:
-                job.note(done)
-
-    async def _resume_domain(self, name: str, info: dict | None) -> bool | None:
-        """A domain whose NBD exports this daemon serves again (a restart) was paused on the I/O error."""
-        if not info:
-            return None
-        try:
-            resumed = await asyncio.to_thread(domains.resume_paused, info["libvirt"], info["name"])
-        except ReplicatorError as e:
-            log.error("%s: domain %r could not be resumed: %s", name, info["name"], e.message)
-            return False
-        if resumed is not None:
-            log.log(logging.INFO if resumed else logging.ERROR, "%s: domain %r %s", name, info["name"],
-                    "was paused on an I/O error; resumed" if resumed else "stays paused on an I/O error")
-        return resumed
-
-    async def _watch_domains(self, every: float = 3.0, backoff: float = 30.0) -> None:
-        """The domains booted on exports this site serves (test failovers, failovers) pause on an I/O error
-        when their exports went away (a restart) and the guest's next request found them gone, which may be
-        after the restart: each one paused while served is resumed (a resume that did not hold is tried
-        again after `backoff` seconds)."""
-        later: dict[str, float] = {}
-        while True:
-            await asyncio.sleep(every)
-            for name in [*self.testing, *self.running]:
-                if name in self.busy or later.get(name, 0) > time.monotonic():
-                    continue
-                st = self._state(name)
-                info = (st.test_failover or {}).get("domain") if name in self.testing else \
-                    (st.data.get("failover") or {}).get("domain")
-                if await self._resume_domain(name, info) is False:
-                    later[name] = time.monotonic() + backoff
 
     async def _remove_tests(self, m: ReplicatedMachine, folder: str) -> None:
         for d in m.disks:

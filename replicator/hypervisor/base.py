@@ -271,7 +271,22 @@ class Hypervisor:
     def delete_network(self, name: str) -> None: raise NotImplementedError
     def network_exists(self, name: str) -> bool: raise NotImplementedError
 
+    def wait_running(self, name: str, timeout: float = 60) -> float:
+        """Wait until the domain runs; returns the seconds it took. DomainStateError when it shut off or
+        crashed meanwhile, or after `timeout` seconds."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------- the guest agent
+    def guest_ping(self, name: str, timeout: float = 120) -> float:
+        """Wait until the guest agent answers `guest-ping` (a freshly started guest's agent answers once the
+        guest runs it); returns the seconds it took. GuestAgentError after `timeout` seconds, or when the
+        domain stopped meanwhile."""
+        raise NotImplementedError
+
+    def guest_exec(self, name: str, argv: list[str], timeout: float = 30) -> tuple[int, str, str]:
+        """Run a program in the guest through the agent; (exit code, stdout, stderr)."""
+        raise NotImplementedError
+
     def agent_ping(self, name: str, timeout: float = 10) -> bool:
         """True when the guest agent answers guest-ping within `timeout` seconds, False otherwise."""
         raise NotImplementedError

@@ -605,6 +605,22 @@ class LibvirtHypervisor(Hypervisor):
         except GuestAgentError:
             return False
 
+    def wait_running(self, name, timeout=60):
+        t0 = time.monotonic()
+        while True:
+            st = self.state(name)
+            if st.state == "running":
+                return time.monotonic() - t0
+            if st.state in ("shutoff", "crashed"):
+                raise DomainStateError(f"domain {name!r} is {st.state} ({st.reason}), not running")
+            if time.monotonic() - t0 > timeout:
+                raise DomainStateError(f"domain {name!r} does not run after {timeout:g} s (it is {st.state} "
+                                       f"({st.reason}))")
+            time.sleep(0.1)
+
+    def guest_ping(self, name, timeout=120):
+        return self.wait_agent(name, timeout)
+
     def wait_agent(self, name: str, timeout: float = 120) -> float:
         """Wait until the guest agent answers (a freshly started guest's agent connects when it runs);
         returns the seconds it took, raises GuestAgentError after `timeout`."""

@@ -3,7 +3,8 @@ group -- members of a group in parallel -- with pre- and post-actions per group:
 steps that wait for an operator to confirm them through the API.
 
 The same plan serves test, planned and unplanned failover: the per-member operation is injected
-(`operation(member, kind)`), so the plan only orders, waits and logs. A member that fails lets the rest of
+(`operation(member, kind)`, which returns when the member's machine is up: the replica site waits until its
+domain runs and answers guest-ping), so the plan only orders, waits and logs. A member that fails lets the rest of
 its group finish, then stops the plan: no later group starts and the group's post-actions are skipped,
 because they assume its machines are up. Every step goes to the run's log (and to a Job when one is given).
 """
@@ -39,7 +40,7 @@ class ScriptAction:
         return f"script {self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)}"
 
     async def run(self, plan_run: "PlanRun", action_id: str) -> str:
-        env = {"REPLICATOR_PLAN": plan_run.plan.name, "REPLICATOR_FAILOVER": plan_run.kind,
+        env = {**plan_run.env, "REPLICATOR_PLAN": plan_run.plan.name, "REPLICATOR_FAILOVER": plan_run.kind,
                "REPLICATOR_ACTION": action_id}
         try:
             code, text = await run_script(self.cmd, env, self.timeout)
@@ -111,10 +112,12 @@ class PlanResult:
 class PlanRun:
     """One execution of a plan. `confirm(action_id)` releases a waiting manual action."""
 
-    def __init__(self, plan: RecoveryPlan, kind: str, operation, *, job=None, clock=time.time):
+    def __init__(self, plan: RecoveryPlan, kind: str, operation, *, job=None, clock=time.time,
+                 env: dict[str, str] | None = None):
         if kind not in KINDS:
             raise PlanError(f"failover kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.plan, self.kind, self.operation, self.job, self.clock = plan, kind, operation, job, clock
+        self.env = dict(env or {})              # given to every script action (e.g. REPLICATOR_IP_<MACHINE>_NET0)
         self.log: list[dict] = []
         self.members = dict.fromkeys(plan.members, "not started")
         self._waiting: dict[str, tuple[ManualAction, asyncio.Event, list]] = {}
@@ -197,13 +200,13 @@ class PlanRun:
         self.members[member] = "running"
         self._note(f"{member}: {self.kind} failover started", group=k, member=member)
         try:
-            await self.operation(member, self.kind)
+            done = await self.operation(member, self.kind)
         except Exception as e:      # one member's failure is reported; its group's others go on
             self.members[member] = f"failed: {e}"
             self._note(f"{member}: failed: {e}", "error", group=k, member=member)
             return False
         self.members[member] = "ok"
-        self._note(f"{member}: ok", group=k, member=member)
+        self._note(f"{member}: ok" + (f": {done}" if isinstance(done, str) and done else ""), group=k, member=member)
         return True
 
     def _note(self, text: str, level: str = "info", **fields) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..replica.limits import LIMITS, ReplicaLimits
+from . import failover_ips
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
 
@@ -112,6 +113,7 @@ class Machine:
     domain: str | None = None                   # a libvirt domain whose disks these are (daemon/domains.py)
     libvirt: str = "qemu:///system"             # the domain's libvirt connection URI
     targets: tuple[tuple[str, str], ...] = ()   # a domain machine's (disk target, VHDX path), as disks
+    failover_ips: tuple = ()                    # a domain machine's FailoverIp per NIC (failover_ips.py)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class ReplicaSettings:
     libvirt: str | None = None                  # failovers define and start replicated domains here
     network_map: dict = field(default_factory=dict)   # source network -> this site's network (None: unplugged)
     test_network: str = "replicator-test"       # the isolated network test failovers create on demand
+    boot_timeout: int = 300                     # seconds a booted domain has to run and answer guest-ping
 
 
 @dataclass
@@ -525,6 +528,9 @@ def _replica_domains(t: _Table) -> dict:
         t.rep.error(t.at("test_network"), f"must be a network name (letters, digits, '.', '_', '-'), not {net!r}")
     elif net is not None:
         out["test_network"] = net
+    timeout = t.int("boot_timeout", 10, 3600)
+    if timeout is not None:
+        out["boot_timeout"] = timeout
     if (nmap or net) and uri is None:
         t.rep.error(t.at("libvirt"), "missing: network_map and test_network apply to domains a failover starts "
                     "through libvirt")
@@ -662,7 +668,8 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
     for i, raw in enumerate(root.items("machine", dict)):
         name = raw.get("name")
         t = _Table(raw, f"machine[{name if isinstance(name, str) and name else i}]", root.rep,
-                   PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt"}, root.base)
+                   PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt", "failover_ip"},
+                   root.base)
         if not isinstance(name, str) or not _NAME.match(name):
             root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
         elif name in names:
@@ -683,6 +690,14 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
             if "libvirt" in raw:
                 root.rep.error(t.at("libvirt"), "only applies to a domain machine (domain = \"NAME\")")
             disks, excluded = _disks(t, owners, name) if not isinstance(raw.get("disks"), dict) else ((), ())
+        ips: tuple = ()
+        if "failover_ip" in raw:
+            ips, problems = failover_ips.parse(raw["failover_ip"])
+            for key, reason in problems:
+                root.rep.error(f"{t.at('failover_ip')}{'.' + key if key else ''}", reason)
+            if domain is None:
+                root.rep.error(t.at("failover_ip"), "only applies to a domain machine (domain = \"NAME\"): it is set "
+                               "in the guest through its agent")
         own = _protection(t)
         p = Protection(**{**partials.get(group, {}), **own})
         if domain is not None:
@@ -695,7 +710,8 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
                 root.rep.error(t.at(key), reason)
         if p.quiesce and not p.app_consistent_hours:
             root.rep.warn(t.at("quiesce"), "is never used: app_consistent_hours is not set")
-        machines.append(Machine(str(name), disks, excluded, group, p, domain, uri or "qemu:///system", targets))
+        machines.append(Machine(str(name), disks, excluded, group, p, domain, uri or "qemu:///system", targets,
+                                ips))
     return machines
 
 
@@ -792,7 +808,7 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
         ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
-                     "test_failover_dir", "reverse", "libvirt", "network_map", "test_network",
+                     "test_failover_dir", "reverse", "libvirt", "network_map", "test_network", "boot_timeout",
                      *(k.name for k in LIMITS)}))}
     daemon = _daemon(sub["daemon"])
     replica = _replica(sub["replica"], daemon.state_dir) if isinstance(data.get("replica"), dict) else None

@@ -95,6 +95,9 @@ if [ -s /mnt/MANIFEST.sha256 ]; then
 fi
 echo "GUEST_MOUNTED first_round=$((n+1)) uptime=$(up)"
 
+# NIC drivers a test appended under /netmods (guest.netmods=a,b,c, in order), loaded before the agent runs
+for m in $(arg netmods "" | tr , ' '); do insmod /netmods/$m.ko || echo "GUEST_BOOT_ERROR insmod $m"; done
+
 port=
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}

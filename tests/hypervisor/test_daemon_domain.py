@@ -23,11 +23,7 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -36,84 +32,15 @@ from replicator.errors import QuiesceExpired
 from replicator.orchestration.quiesce import LibvirtQuiesce, QuiesceFailed
 from replicator.vhdx import VhdxDisk
 
-from ..daemon.two_sites import BIN, ROOT, free_port, make_pki, same
+from ..daemon.two_sites import free_port, make_pki, same
 from ..guest.harness import MiB, make_disk_image, verify_image
 from .conftest import log
-from .helpers import console_of, primary_domain_xml, wait_state
+from .helpers import Site, console_of, primary_domain_xml, wait_state
 
 pytestmark = pytest.mark.timeout(420)
 FILES = 4
 MAC = "52:54:00:30:00:01"
 HOUR = 3600
-
-
-class Site:
-    def __init__(self, folder: str, name: str, body: str):
-        self.dir, self.name = folder, name
-        os.makedirs(folder, exist_ok=True)
-        self.admin = free_port()
-        self.config = os.path.join(folder, "replicatord.toml")
-        with open(self.config, "w") as f:
-            f.write(f'[daemon]\nstate_dir = "state"\nadmin_listen = "127.0.0.1:{self.admin}"\n\n{body}')
-        self.proc = None
-
-    def start(self, clock_shift: float = 0) -> None:
-        self.out = open(os.path.join(self.dir, "daemon.log"), "ab")
-        cmd = [sys.executable, "-m", "tests.daemon.shifted_replicatord", "--config", self.config] if clock_shift \
-            else [os.path.join(BIN, "replicatord"), "--config", self.config]
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "REPLICATOR_TEST_CLOCK_SHIFT": str(clock_shift)})
-        self.wait(lambda: self.api("GET", "/v1/status")[0] == 200, "the admin API")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        if self.proc is not None:
-            self.out.close()
-            self.proc = None
-
-    def text(self) -> str:
-        with open(os.path.join(self.dir, "daemon.log"), errors="replace") as f:
-            return f.read()[-5000:]
-
-    def wait(self, predicate, what: str, timeout: float = 60):
-        deadline, last = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            assert self.proc is None or self.proc.poll() is None, f"{self.name} exited:\n{self.text()}"
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except (OSError, KeyError, ValueError, IndexError, StopIteration) as e:
-                last = e
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name}: no {what} within {timeout} s (last: {last})\n{self.text()}")
-
-    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        with open(os.path.join(self.dir, "state", "admin.token")) as f:
-            token = f.read().strip()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=180) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def machine(self) -> dict:
-        return self.api("GET", "/v1/status")[1]["machines"][0]
-
-    def replica(self, name: str = "vm") -> dict:
-        code, data = self.api("GET", f"/v1/replica/machines/{name}")
-        assert code == 200, data
-        return data
-
-    def op(self, path: str, body: dict | None = None) -> dict:
-        code, data = self.api("POST", path, body or {})
-        assert code == 200, f"POST {path}: {code} {data}\n{self.text()}"
-        return data
 
 
 def _vhdx_bytes(path: str, copy: str) -> bytes:
@@ -364,6 +291,11 @@ def test_domain_machine_settings_are_checked_with_their_field(tmp_path):
     assert (m.domain, m.libvirt, m.targets, m.excluded) == ("web 1", "qemu:///system",
                                                             (("vda", str(tmp_path / "os.vhdx")),), ("vdb",))
     assert m.disks == (str(tmp_path / "os.vhdx"),)
+    ips = parse_config(_config(tmp_path, 'domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { net1 = '
+                                         '"10.0.0.5/24", "52:54:00:AA:00:01" = { address = "fd00::5/64", gateway = '
+                                         '"fd00::1" } }\n'), base_dir=str(tmp_path)).machines[0].failover_ips
+    assert [(i.nic, i.address, i.gateway) for i in ips] == [("net1", "10.0.0.5/24", None),
+                                                            ("52:54:00:aa:00:01", "fd00::5/64", "fd00::1")]
     q = m.protection.quiesce                                # a domain is quiesced through libvirt
     assert (q.provider, q.domain, q.uri) == ("libvirt", "web 1", "qemu:///system")
     cases = [
@@ -379,6 +311,18 @@ def test_domain_machine_settings_are_checked_with_their_field(tmp_path):
         ('disks = ["os.vhdx"]\nlibvirt = "qemu:///system"\n', "machine[vm].libvirt", "only applies"),
         ('disks = ["os.vhdx"]\nquiesce = { provider = "libvirt" }\napp_consistent_hours = 1\nadditional_points = 2\n',
          "machine[vm].quiesce", "set domain"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { eth0 = "10.0.0.5/24" }\n',
+         "machine[vm].failover_ip.eth0", "not a NIC"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { net0 = "10.0.0.5" }\n',
+         "machine[vm].failover_ip.net0", "prefix length"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { net0 = "10.0.0.500/24" }\n',
+         "machine[vm].failover_ip.net0", "does not appear to be an IPv4 or IPv6 interface"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { net0 = { address = "10.0.0.5/24", '
+         'gateway = "fe80::1" } }\n', "machine[vm].failover_ip.net0", "IP version"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nfailover_ip = { net0 = { addr = "10.0.0.5/24" } }\n',
+         "machine[vm].failover_ip.net0", "must be"),
+        ('disks = ["os.vhdx"]\nfailover_ip = { net0 = "10.0.0.5/24" }\n', "machine[vm].failover_ip",
+         "only applies to a domain machine"),
     ]
     for text, field, reason in cases:
         with pytest.raises(ConfigError) as e:
@@ -392,6 +336,11 @@ def test_domain_machine_settings_are_checked_with_their_field(tmp_path):
     assert "replica.libvirt" in dict(e.value.problems)
     c = parse_config(f'[daemon]\nstate_dir = "s"\n{replica}libvirt = "qemu:///system"\n', base_dir=str(tmp_path))
     assert c.replica.network_map == {"lan": "lan-b", "dmz": None} and c.replica.test_network == "replicator-test"
+    assert c.replica.boot_timeout == 300
+    with pytest.raises(ConfigError) as e:
+        parse_config(f'[daemon]\nstate_dir = "s"\n{replica}libvirt = "qemu:///system"\nboot_timeout = 5\n',
+                     base_dir=str(tmp_path))
+    assert "between 10 and 3600" in dict(e.value.problems)["replica.boot_timeout"]
 
 
 def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workdir, guest_boot):
