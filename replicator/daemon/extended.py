@@ -31,30 +31,20 @@ from dataclasses import dataclass, field
 from .. import delta
 from ..durable import write_json_atomic
 from ..errors import ReplicatorError, UsageError
+from ..orchestration.extended import ExtendedSettings
 from ..orchestration.health import MachineStats
 from ..replica.forward import ChangeJournal, RacedCommit, Snapshot, encode_forward, new_stream_id, snapshot, \
     snapshot_settled
 
 log = logging.getLogger("replicatord")
 
-FREQUENCIES = (300.0, 900.0)          # Hyper-V offers 5 and 15 minutes for the extended leg
 RACE_RETRIES = 20
 
 
-@dataclass
-class ExtendedSettings:
-    """`[[extended]]` of a replica host's replicatord.toml."""
-    machine: str
-    target: str
-    storage: str                       # the storage root holding the machine's replica disks
-    frequency: float = 300.0
-    additional_points: int = 0
-    compression: bool = True
-    bandwidth_limit: int | None = None
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
-    kerberos: bool = False
+class NothingYet(ReplicatorError):
+    """The machine has no replica disks on this site yet: the extended leg waits for the primary leg."""
+
+    exit_code = 13
 
 
 @dataclass
@@ -80,6 +70,7 @@ class ExtendedLeg:
         self.stats.restore(self.data.get("stats", {}))
         self.state = self.data.get("state", "NotStarted")
         self.reason: str | None = self.data.get("reason")
+        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ persisted state
     def _load(self) -> dict:
@@ -133,10 +124,19 @@ class ExtendedLeg:
 
     # ------------------------------------------------------------------ one cycle
     async def cycle(self) -> ExtendedResult:
-        """Forward the newest machine cut to the third site; resumes a cycle a crash interrupted first."""
+        """Forward the newest machine cut to the third site; resumes a cycle a crash interrupted first.
+        One at a time (the schedule's and an operator's)."""
+        async with self._lock:
+            return await self._locked_cycle()
+
+    async def _locked_cycle(self) -> ExtendedResult:
         started = time.monotonic()
         try:
             result = await self._cycle()
+        except NothingYet as e:                     # not a failure: the primary leg has not begun
+            self.state, self.reason = "NotStarted", e.message
+            self._save()
+            raise
         except (ReplicatorError, OSError) as e:
             self.stats.record_failure(e)
             self.state, self.reason = "Error", (getattr(e, "message", None) or str(e)).splitlines()[0]
@@ -153,7 +153,7 @@ class ExtendedLeg:
         await self._finish_pending()
         paths = self.disk_paths()
         if not paths:
-            raise UsageError(f"machine {self.name} has no replica disks in {self.settings.storage} yet")
+            raise NothingYet(f"waiting for the first replica of {self.name} in {self.settings.storage}")
         for path in paths.values():
             ChangeJournal(path).enable()           # noted from now on, before anything is read
         result = ExtendedResult(point=None)
@@ -185,7 +185,9 @@ class ExtendedLeg:
                                  "and this replica has no record of forwarding it: remove it there (or seed it) "
                                  "first")
             size = (await asyncio.to_thread(snapshot_settled, paths[key])).size
-            await self.target.ensure_disk(uuid.UUID(key), size, name=key, machine=self.name)
+            with open(os.path.join(paths[key], "state.json")) as f:
+                name = json.load(f).get("name") or key      # the primary's disk name goes on with it
+            await self.target.ensure_disk(uuid.UUID(key), size, name=name, machine=self.name)
             stream = new_stream_id()
             path = os.path.join(self.outbox, f"{stream}.delta")
             header_for = lambda snap: delta.StreamHeader(   # noqa: E731
@@ -292,12 +294,27 @@ class ExtendedLeg:
             if not any((m.get("pending") or {}).get("path") == full for m in self.data["disks"].values()):
                 os.unlink(full)
 
-    # ------------------------------------------------------------------ status
+    # ------------------------------------------------------------------ running
+    async def run(self, stop: asyncio.Event) -> None:
+        """A cycle every `frequency` seconds until `stop` is set; each leaves one log line."""
+        while not stop.is_set():
+            try:
+                r = await self.cycle()
+                log.info("%s: extended cycle to %s: point %s, %.1f MiB changed, %.1f MiB sent in %.1f s", self.name,
+                         self.settings.target, r.point, r.bytes_changed / 2**20, r.bytes_sent / 2**20, r.seconds)
+            except (ReplicatorError, OSError) as e:
+                log.warning("%s: extended cycle to %s failed: %s", self.name, self.settings.target,
+                            self.reason or e)
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.frequency)
+            except asyncio.TimeoutError:
+                pass
+
     def status(self) -> dict:
-        health = self.stats.health() if hasattr(self.stats, "health") else None
+        """What `replicator status` shows for the leg (Measure-VMReplication -ReplicationRelationshipType
+        Extended)."""
         return {"machine": self.name, "relationship": "Extended", "target": self.settings.target,
                 "state": self.state, "reason": self.reason, "frequency": self.settings.frequency,
-                "stats": self.stats.to_dict() if hasattr(self.stats, "to_dict") else self.stats.snapshot(),
-                "health": health.to_dict() if health is not None else None,
+                "stats": self.stats.to_dict(),
                 "disks": {k: {"generation": v["generation"], "forwarded": v["forwarded"]}
                           for k, v in self.data["disks"].items()}}

@@ -1,26 +1,71 @@
 """The replica role of replicatord: the transport server with the configured authorization entries and
-storage locations."""
+storage locations, and the extended replication legs that forward what it applies to a third site."""
 from __future__ import annotations
 
+import asyncio
+
+from aiohttp import web
+
+from ..errors import ReplicatorError
+from ..targets.factory import open_target
 from ..transport.auth import AuthorizationEntry
 from ..transport.server import ReplicaServer
+from .extended import ExtendedLeg
 
 
 class ReplicaRole:
-    def __init__(self, server: ReplicaServer):
+    def __init__(self, server: ReplicaServer, legs: list[ExtendedLeg] = ()):
         self.server = server
+        self.legs = list(legs)
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(leg.run(self._stop), name=f"extended-{leg.name}") for leg in self.legs]
 
     def status(self) -> dict:
-        return {"url": self.server.url, "mode": self.server.mode, "counters": dict(self.server.counters)}
+        out = {"url": self.server.url, "mode": self.server.mode, "counters": dict(self.server.counters)}
+        if self.legs:
+            out["extended"] = [leg.status() for leg in self.legs]
+        return out
+
+    def add_routes(self, app: web.Application) -> None:
+        """Admin API: GET /v1/extended (every leg's status), POST /v1/extended/NAME/cycle (one now)."""
+        app.router.add_get("/v1/extended", self._list)
+        app.router.add_post("/v1/extended/{name}/cycle", self._cycle)
+
+    async def _list(self, request) -> web.Response:
+        return web.json_response({"extended": [leg.status() for leg in self.legs]})
+
+    async def _cycle(self, request) -> web.Response:
+        leg = next((g for g in self.legs if g.name == request.match_info["name"]), None)
+        if leg is None:
+            return web.json_response({"error": f"no extended leg for machine {request.match_info['name']!r}"},
+                                     status=404)
+        try:
+            r = await leg.cycle()
+        except (ReplicatorError, OSError) as e:
+            return web.json_response({"error": leg.reason or str(e)}, status=409)
+        return web.json_response({"point": r.point, "bytes_sent": r.bytes_sent, "bytes_changed": r.bytes_changed,
+                                  "seconds": r.seconds, "status": leg.status()})
 
     async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:               # a leg mid-cycle resumes from its persisted state next start
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for leg in self.legs:
+            await leg.target.close()
         await self.server.stop()
 
 
-async def start_replica_role(settings) -> ReplicaRole:
+async def start_replica_role(settings, config=None) -> ReplicaRole:
     entries = [AuthorizationEntry(a.principal, a.storage, a.trust_group) for a in settings.allow]
     mode = "kerberos" if settings.auth == "kerberos" else "cert"
     server = ReplicaServer(entries, mode=mode, host=settings.listen, port=settings.port, certfile=settings.cert,
                            keyfile=settings.key, cafile=settings.ca, keytab=settings.keytab,
                            limits=settings.limits)
-    return ReplicaRole(await server.start())
+    await server.start()
+    legs = []
+    for ext in getattr(config, "extended", None) or []:
+        target = open_target(ext.target, cert=ext.cert, key=ext.key, ca=ext.ca, kerberos=ext.kerberos,
+                             bandwidth_limit=ext.bandwidth_limit, machine=ext.machine)
+        legs.append(ExtendedLeg(ext, target, config.daemon.state_dir))
+    return ReplicaRole(server, legs)
