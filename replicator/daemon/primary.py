@@ -16,6 +16,12 @@ What a cycle does follows the state and the settings: the initial replication (o
 scheduled time, from an offline seed, or levelling an existing copy on the replica), a resynchronization
 (automatic inside its window, or on demand), or the sealed logs. A machine that must not start now says
 why and until when in its reason (`Waiting`).
+
+Fencing (docs/management-plane.md): a machine with an epoch in the host's fencing table (fencing.py) sends
+it with every request to its replica. When the replica refuses it as stale (the machine was failed over),
+the machine is marked fenced (its state's `fenced` field, its reason one line saying why): no cycle runs
+and no request is sent for it until its epoch is raised (a reload with a newer table), it leaves the table
+(standalone), or an operator resumes it; the host's other machines go on.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ from ..seed import media as seed_media
 from ..targets.base import TargetUnavailable
 from ..targets.factory import open_target
 from ..tracking.remote import ExportHandle
+from ..transport.auth import Fenced
+from . import fencing
 from .domains import DomainProtection
 
 log = logging.getLogger("replicatord")
@@ -85,8 +93,10 @@ class PrimaryMachine:
         self.jobs = jobs if jobs is not None else JobRegistry(None)
         self.clock = clock or SystemClock()
         p = self.settings
+        self.epoch = fencing.epoch_of(state_dir, machine.name)     # None: standalone, no epoch sent
+        fencing.lift_if_raised(self.state, self.epoch)
         self.target = open_target(p.target, cert=p.cert, key=p.key, ca=p.ca, kerberos=p.auth == "kerberos",
-                                  bandwidth_limit=p.bandwidth_limit, machine=machine.name)
+                                  bandwidth_limit=p.bandwidth_limit, machine=machine.name, epoch=self.epoch)
         sock_dir = os.path.join(state_dir, "nbd")
         os.makedirs(sock_dir, exist_ok=True)
         export = ExportHandle(machine.name, {os.path.basename(p): p for p in machine.disks}, sock_dir)
@@ -178,6 +188,10 @@ class PrimaryMachine:
         "cycle" starts a scheduled initial replication early, "resync" a resync outside its window; an
         operator also hears (Waiting, StateError) why nothing ran."""
         async with self._lock:
+            if self.state.fenced:               # no request at all until the fence is lifted
+                if forced:
+                    raise StateError(f"{self.name}: {self.state.reason}")
+                return None
             if self.state.state not in CYCLING_STATES:
                 if forced:
                     raise StateError(f"{self.name}: no replication in state {self.state.state.value}")
@@ -353,8 +367,8 @@ class PrimaryMachine:
         done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False) for r in self.replicators),
                                     return_exceptions=True)
         failed = [x for x in done if isinstance(x, BaseException)]
-        if failed:
-            raise failed[0]
+        if failed:                          # a fenced disk says the most: the machine stops on it
+            raise next((x for x in failed if isinstance(x, Fenced)), failed[0])
         return done
 
     def _poster(self, meter: PartsProgress | None):
@@ -559,6 +573,8 @@ class PrimaryMachine:
             self.state.fire(Event.error, e.message)
         elif self.state.state == S.InitialReplicationInProgress:
             self.state.fire(Event.initial_failed, e.message)
+        if isinstance(e, Fenced):
+            fencing.fence(self.state, self.epoch, e)
 
     def keep_stats(self) -> None:
         """Statistics go into the machine's state file, so a restarted daemon goes on counting."""
@@ -575,7 +591,8 @@ class PrimaryMachine:
         """The primary stops (its NBD clients are disconnected and no more are accepted), a final cycle
         ships everything: zero data loss; the machine is then PreparedForFailover on the replica site."""
         self._check_planned_failover()
-
+        if self.domain is not None:             # the guest stops first: all it wrote goes with the final cycle
+            await self.domain.shut_down(job)
         await asyncio.to_thread(self.export.stop_serving)
         self.exporting = False
         results = await self.cycle_now(job=job)
@@ -617,6 +634,12 @@ class PrimaryMachine:
         self.state.fire(Event.pause, "paused by the operator")
 
     def resume(self) -> None:
+        """Resume a paused machine; on a fenced one, the operator lifts the fence: its next cycle asks the
+        replica again (and is fenced again if the epoch is still stale)."""
+        if self.state.fenced is not None:
+            self.state.unfence(f"fence lifted by the operator: the next cycle tries epoch {self.epoch} again")
+            if not self.state.can(Event.resume):
+                return
         self.state.fire(Event.resume, "resumed by the operator")
 
     async def request_resync(self) -> None:
@@ -637,6 +660,8 @@ class PrimaryMachine:
     async def begin(self, op: str) -> tuple[Job, asyncio.Task]:
         """Start an operator's operation as a job running in the background; refused at once (StateError)
         when the machine's state does not allow it."""
+        if self.state.fenced is not None and op in OPERATIONS:
+            raise StateError(f"{self.name}: {self.state.reason}")
         if op == "resync":
             await self.request_resync()
             work = lambda job: self.run_cycle(job=job, forced="resync")      # noqa: E731
@@ -682,7 +707,7 @@ class PrimaryMachine:
                               "nbd": self.export.uri(n) if self.exporting else None}
                           for n, d in self.disks.items()},
                 "export": {"pid": self.export.pid, "serving": self.exporting},
-                "last_cycle": self.last_result,
+                "last_cycle": self.last_result, "epoch": self.epoch, "fenced": self.state.fenced,
                 **({"domain": self.domain.view()} if self.domain is not None else {})}
 
     async def stop(self, final: bool = False) -> None:

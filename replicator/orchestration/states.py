@@ -8,7 +8,9 @@ WaitingForStartResynchronize, "Prepared for planned failover" for PreparedForFai
 replication complete") and "Failover in progress" for RecoveryInProgress. docs/states.md draws the graph.
 
 Test failover is not a state: as in Hyper-V, replication goes on while a test copy runs, so it is a
-field (`test_failover`) beside the state.
+field (`test_failover`) beside the state. Fencing is not a state either (Hyper-V has none for it): a
+primary whose replica refused its epoch keeps the state the failure left (Error) and records why in its
+`fenced` field, which stops its cycles until it is lifted (daemon/primary.py).
 """
 from __future__ import annotations
 
@@ -147,6 +149,7 @@ class MachineState:
         self.history: list[dict] = []
         self.reversed = False               # True while the replica site runs the machine (after reverse)
         self.test_failover: dict | None = None
+        self.fenced: dict | None = None     # {"epoch", "replica_epoch", "failed_over", "time"}: no cycles
         self.data: dict = {}                # free-form for callers (job ids, chosen point); persisted as is
 
     # ------------------------------------------------------------------ transitions
@@ -197,6 +200,17 @@ class MachineState:
         self._note("test_failover_stop", f"removed {done['path']}")
         return done
 
+    def fence(self, info: dict, reason: str) -> None:
+        """Record that the replica refused this machine's epoch: its cycles stop until unfence()."""
+        self.fenced, self.reason = {**info, "time": self.clock()}, reason
+        self._note("fenced", reason)
+
+    def unfence(self, reason: str) -> None:
+        if self.fenced is None:
+            raise StateError(f"{self.name}: it is not fenced (state {self.state.value})")
+        self.fenced, self.reason = None, reason
+        self._note("unfenced", reason)
+
     def _note(self, event: str, reason: str) -> None:
         self.updated = self.clock()
         self.history.append({"time": self.updated, "event": event, "from": self.state.value,
@@ -208,7 +222,8 @@ class MachineState:
     def to_dict(self) -> dict:
         return {"name": self.name, "state": self.state.value, "wmi_state": WMI_VALUES[self.state],
                 "reason": self.reason, "since": self.since, "updated": self.updated, "reversed": self.reversed,
-                "test_failover": self.test_failover, "history": self.history, "data": self.data}
+                "test_failover": self.test_failover, "fenced": self.fenced, "history": self.history,
+                "data": self.data}
 
     def save(self) -> None:
         if self.path:
@@ -230,6 +245,7 @@ class MachineState:
             m.since, m.updated = float(d["since"]), float(d["updated"])
             m.history = list(d.get("history", []))[-history_limit:]
             m.reversed, m.test_failover = bool(d.get("reversed")), d.get("test_failover")
+            m.fenced = d.get("fenced")          # absent in files from before fencing
             m.data = dict(d.get("data") or {})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StateFileError(f"{path}: unreadable machine state ({e}); fix or remove it") from None

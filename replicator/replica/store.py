@@ -35,6 +35,7 @@ from ..errors import DiskIOError, ImageLocked, ReplicatorError, SequenceError, U
 from ..vhdx import VhdxDisk, create_vhdx
 from ..vhdx.fileio import DirectWriteIO, FileIO
 from . import undo
+from .forward import ChangeJournal
 from .precheck import PENDING_SUFFIX, Precheck, Prechecked
 from .retention import keep_points
 
@@ -74,6 +75,15 @@ class DiskState:
     cuts: list[list] = field(default_factory=list)        # [machine point, generation]: one cut across the machine
     prepared: int | None = None    # the primary's final generation before a planned failover (zero loss)
     failover: dict | None = None   # failed over on this site: cycles from the former primary are refused
+    epoch: int | None = None       # the machine's fencing epoch as this replica knows it (None: never told)
+
+
+class StaleEpoch(SequenceError):
+    """A request carries an older fencing epoch than the disk knows: its primary was failed over."""
+
+    def __init__(self, message: str, known: int, failed_over: bool):
+        super().__init__(message)
+        self.known, self.failed_over = known, failed_over
 
 
 class ReplicaStore:
@@ -361,8 +371,11 @@ class ReplicaDisk:
             os.unlink(path)
 
     # ------------------------------------------------------------------ apply
-    def commit(self, stream_id: str) -> RecoveryPoint:
-        """Verify the spooled stream, then apply it crash-safely and record the recovery point."""
+    def commit(self, stream_id: str, epoch: int | None = None) -> RecoveryPoint:
+        """Verify the spooled stream, then apply it crash-safely and record the recovery point. `epoch`: the
+        sender's fencing epoch, checked again here, under the disk's lock (a failover may have come between
+        the request's first check and now)."""
+        self.check_epoch(epoch)
         spool = self.spool_path(stream_id)
         self.settle()
         for sid, generation in self.state.committed:
@@ -388,6 +401,9 @@ class ReplicaDisk:
             raise UsageError(f"no upload {stream_id} to commit") from None
         keep_undo = self._needs_undo()
         self._preflight(stream_id, ranges, undo_bytes=keep_undo and pre is None)
+        forward = ChangeJournal(self.path)
+        if forward.enabled:                 # an extended leg forwards this disk: what changes is noted first
+            forward.record(header.generation, ranges)
         self.state.journal = {"stream": stream_id, "phase": "undo" if keep_undo else "apply", "undo": keep_undo,
                               "generation": header.generation, "time": header.created,
                               "consistency": header.consistency}
@@ -711,9 +727,35 @@ class ReplicaDisk:
         self._save()
 
     def set_failover(self, info: dict | None) -> None:
-        """Mark (or, with None, unmark) this replica as failed over on its site."""
+        """Mark (or, with None, unmark) this replica as failed over on its site. Failing over raises the
+        fencing epoch by one by itself (kept in the info as `epoch`), so the former primary's requests are
+        refused even when no controller told anyone; failing over again (another point) keeps it, and
+        unmarking (a cancelled failover) never lowers it: epochs only go up (docs/management-plane.md)."""
+        if info is not None:
+            if not self.state.failover:
+                self.state.epoch = (self.state.epoch or 0) + 1
+            info = {**info, "epoch": self.state.epoch}
         self.state.failover = info
         self._save()
+
+    def check_epoch(self, epoch: int | None) -> None:
+        """Fencing: a request's epoch older than the one this disk knows is refused (StaleEpoch); a newer
+        one becomes the known one (the controller failed the machine over, and maybe back); None (a primary
+        without a controller) is not checked. Call it holding the disk's lock when it may raise the epoch."""
+        if epoch is None:
+            return
+        known = self.state.epoch
+        if known is not None and epoch < known:
+            fo = self.state.failover or {}
+            failed_over = fo.get("epoch") == known
+            why = (f"the replica site failed machine {self.state.machine or '(unknown)'} over at epoch {known}"
+                   if failed_over else f"this replica knows epoch {known} for machine "
+                   f"{self.state.machine or '(unknown)'} (a newer primary took it over)")
+            self.count("rejected_fenced")
+            raise StaleEpoch(f"fenced: {why}; the request's epoch is {epoch}", known, failed_over)
+        if known is None or epoch > known:
+            self.state.epoch = epoch
+            self._save()
 
     def _save(self) -> None:
         _save(self.state_path, self.state)

@@ -10,8 +10,9 @@ from .base import BandwidthLimit, ForMachine, ReplicaTarget, Retry
 
 def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca: str | None = None,
                 kerberos: bool = False, bandwidth_limit: float | None = None, retries: int = 5,
-                machine: str = "") -> ReplicaTarget:
-    """`machine`: the protected machine whose disks go there (the replica groups them by it)."""
+                machine: str = "", epoch: int | None = None) -> ReplicaTarget:
+    """`machine`: the protected machine whose disks go there (the replica groups them by it); `epoch`: its
+    fencing epoch, sent to a peer replica with every request (daemon/fencing.py)."""
     parsed = urlparse(url)
     target: ReplicaTarget
     if parsed.scheme == "local":
@@ -19,7 +20,8 @@ def open_target(url: str, *, cert: str | None = None, key: str | None = None, ca
         target = LocalTarget(parsed.path)
     elif parsed.scheme in ("https", "http"):
         from .peer import PeerTarget
-        target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos, bandwidth_limit=bandwidth_limit)
+        target = PeerTarget(url, cert=cert, key=key, ca=ca, kerberos=kerberos, bandwidth_limit=bandwidth_limit,
+                            epoch=epoch)
         bandwidth_limit = None                  # the client's own token bucket covers the whole link
     elif parsed.scheme == "azure":
         from ..azure import open_target as open_azure

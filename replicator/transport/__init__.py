@@ -3,10 +3,10 @@ mutual authentication (port 8083), authorization entries with storage mapping, r
 
 The server and client import aiohttp (and gssapi only in Kerberos mode) when first used.
 """
-from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, ReplicaRefused,
+from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, Fenced, ReplicaRefused,
                    ResumeTokenError, TransportError, authorize)
 
-__all__ = ["AuthenticationError", "AuthorizationEntry", "AuthorizationError", "ReplicaClient", "ReplicaRefused",
+__all__ = ["AuthenticationError", "AuthorizationEntry", "AuthorizationError", "Fenced", "ReplicaClient", "ReplicaRefused",
            "ReplicaServer", "ResumeTokenError", "ServerThread", "TransportError", "authorize"]
 
 

@@ -58,6 +58,35 @@ class ReplicaRefused(TransportError):
         self.code = code
 
 
+# Fencing (docs/management-plane.md): a primary sends its machine's epoch with every request about the
+# machine's disks; the replica refuses an older one than it knows (409, code "fenced").
+EPOCH_HEADER = "X-Replicator-Epoch"
+MAX_EPOCH = (1 << 63) - 1
+
+
+class Fenced(ReplicaRefused):
+    """The replica refused our fencing epoch as stale: this machine was failed over (or taken over by a
+    newer primary); `epoch` is the one the replica knows, `failed_over` whether its own failover set it."""
+
+    exit_code = 25
+
+    def __init__(self, message: str, *, epoch: int | None = None, failed_over: bool = False):
+        super().__init__(message, status=409, code="fenced")
+        self.epoch, self.failed_over = epoch, failed_over
+
+
+def parse_epoch(values: list[str]) -> int | None:
+    """The epoch of a request from its X-Replicator-Epoch header values (none: no epoch, a standalone
+    primary); anything but one decimal integer from 0 to 2^63-1 is refused in one line (UsageError)."""
+    if not values:
+        return None
+    raw = values[0].strip()
+    if len(values) > 1 or not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_EPOCH:
+        shown = ", ".join(repr(v[:40]) for v in values[:3])
+        raise UsageError(f"{EPOCH_HEADER} must be one integer from 0 to {MAX_EPOCH}, not {shown}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class AuthorizationEntry:
     principal_pattern: str

@@ -7,6 +7,10 @@ whole, and a replica whose report does not match what was sent is refused (Resum
 
 Compression is a property of the stream: `compression` is the protection setting the caller hands to
 the delta encoder; the transport never recompresses.
+
+Fencing: a client given an `epoch` (the machine's, from the host's fencing table) sends it with every
+request (X-Replicator-Epoch); a replica that knows a newer one answers 409 fenced, raised as Fenced and
+never retried.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import aiohttp
 from ..errors import ReplicatorError, UsageError
 from ..targets.base import TokenBucket
 from ..targets.outbox import OutboxStream
-from .auth import AuthenticationError, AuthorizationError, ReplicaRefused, ResumeTokenError, TransportError
+from .auth import (EPOCH_HEADER, AuthenticationError, AuthorizationError, Fenced, ReplicaRefused, ResumeTokenError,
+                   TransportError)
 
 MiB = 1 << 20
 _DROPPED = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError)
@@ -83,7 +88,7 @@ class ReplicaClient:
     def __init__(self, url: str, *, cert: str | None = None, key: str | None = None, ca: str | None = None,
                  kerberos: bool = False, service: str | None = None, ccache: str | None = None,
                  bandwidth_limit: float | None = None, compression: bool = True, retries: int = 5,
-                 backoff: float = 0.2, chunk_size: int = MiB, timeout: float = 600.0):
+                 backoff: float = 0.2, chunk_size: int = MiB, timeout: float = 600.0, epoch: int | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"replica URL {url!r} must be http(s)://HOST:PORT")
@@ -95,6 +100,7 @@ class ReplicaClient:
         self.kerberos, self.ccache = kerberos, ccache
         self.service = service or f"HTTP@{parts.hostname}"
         self.compression = compression
+        self.epoch = epoch                  # the machine's fencing epoch; None: standalone, none sent
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
         # small bursts: the limit shapes the stream instead of letting a second's worth out at once
         self.bucket = TokenBucket(bandwidth_limit, max(16 << 10, min(int(bandwidth_limit) // 8, MiB))) \
@@ -128,6 +134,8 @@ class ReplicaClient:
         """One request; replica refusals become errors carrying its reason, drops become _Retry. `raw`: a
         successful answer's body as bytes (not JSON)."""
         headers = dict(kw.pop("headers", {}))
+        if self.epoch is not None:
+            headers[EPOCH_HEADER] = str(self.epoch)
         ctx = None
         if self.kerberos:
             ctx, token = await asyncio.get_running_loop().run_in_executor(None, self._negotiate)
@@ -361,6 +369,10 @@ def _refusal(status: int, body: dict, method: str, path: str) -> Exception:
         return AuthenticationError(f"replica refused our credentials: {reason}")
     if status == 403:
         return AuthorizationError(f"replica refused: {reason}")
+    if code == "fenced" and status == 409:
+        known = body.get("epoch")
+        return Fenced(reason, epoch=known if isinstance(known, int) else None,
+                      failed_over=body.get("failed_over") is True)
     if code == "busy" or status in (502, 503, 504):
         return _Retry(f"{method} {path}: replica busy: {reason}")
     if code == "sequence" and method == "PUT" and "/uploads/" in path:

@@ -13,8 +13,14 @@ Routes (JSON unless noted; every refusal is {"error": CODE, "message": TEXT} and
   DELETE /v1/disks/{disk}/uploads/{stream}         drop a spooled upload
   POST   /v1/disks/{disk}/uploads/{stream}/commit  verify and apply -> {point, generation}
   GET    /v1/health                                server counters and this primary's disks' counters
-Refusals: 400 refused, 401 unauthenticated, 403 forbidden, 404 not_found, 409 busy|sequence, 422 format,
+Refusals: 400 refused, 401 unauthenticated, 403 forbidden, 404 not_found, 409 busy|sequence|fenced, 422 format,
 500 io, 507 disk_full. The resume token is {durable: bytes held after fsync, digest: hex XXH3-128 of them}.
+
+Fencing (docs/management-plane.md): every disk route reads `X-Replicator-Epoch: E` when a primary sends
+it. An E older than the disk's known epoch is refused 409 {"error": "fenced", "message": "fenced: ...",
+"epoch": KNOWN, "failed_over": BOOL} and counted (rejected_fenced); a newer E becomes the known one; a
+request without the header is not checked (standalone). A failover on this site raises the known epoch
+itself (ReplicaDisk.set_failover). A malformed header is a one-line 400.
 
 Every name a peer sends is taken inside the storage root and trust group it authenticated into; every
 refusal is decided before anything is created; what a request can make the server hold is bounded by the
@@ -46,10 +52,11 @@ from dataclasses import asdict
 from aiohttp import web
 
 from ..errors import DiskIOError, FormatError, ImageLocked, ReplicatorError, UsageError
-from ..replica import ReplicaStore, SequenceError
+from ..replica import ReplicaStore, SequenceError, StaleEpoch
 from ..replica.limits import ReplicaLimits
-from .auth import (AuthenticationError, AuthorizationEntry, AuthorizationError, Ownership, acceptor_credentials,
-                   authorize, certificate_principal, counting_sslobject, kerberos_accept)
+from .auth import (EPOCH_HEADER, AuthenticationError, AuthorizationEntry, AuthorizationError, Ownership,
+                   acceptor_credentials, authorize, certificate_principal, counting_sslobject, kerberos_accept,
+                   parse_epoch)
 
 log = logging.getLogger("replicator.transport")
 
@@ -57,6 +64,7 @@ MiB = 1 << 20
 DEFAULT_PORTS = {"cert": 8084, "kerberos": 8083}
 WRITE_SIZE, WRITE_DEPTH = MiB, 4     # spool writes of 1 MiB, up to 4 of them buffered per upload
 PRINCIPAL = web.RequestKey("principal", str)
+EPOCH = web.RequestKey("epoch", object)     # the request's fencing epoch (int), None without the header
 MAX_DIGEST_BLOCK = 16 * MiB       # a digest request holds one window of max(8 MiB, block size)
 MAX_NAME = 255
 _MACHINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")     # a machine name, as replicatord.toml's
@@ -72,7 +80,7 @@ class Busy(ReplicatorError):
 
 _REFUSALS = [(AuthenticationError, 401, "unauthenticated"), (AuthorizationError, 403, "forbidden"),
              (NotFound, 404, "not_found"), (Busy, 409, "busy"), (ImageLocked, 409, "busy"),
-             (SequenceError, 409, "sequence"),
+             (StaleEpoch, 409, "fenced"), (SequenceError, 409, "sequence"),
              (FormatError, 422, "format")]
 
 
@@ -286,7 +294,11 @@ class ReplicaServer:
         status, code = _status_of(e)
         self.counters[f"refused:{code}"] += 1
         log.warning("%s %s refused (%s): %s", request.method, request.path, code, e.message)
-        resp = web.json_response({"error": code, "message": e.message}, status=status)
+        body = {"error": code, "message": e.message}
+        if isinstance(e, StaleEpoch):                  # the client tells its operator which epoch won
+            self.counters["rejected_fenced"] += 1
+            body.update(epoch=e.known, failed_over=e.failed_over)
+        resp = web.json_response(body, status=status)
         if status == 401 and self.mode == "kerberos":
             resp.headers["WWW-Authenticate"] = "Negotiate"
         return resp
@@ -305,9 +317,30 @@ class ReplicaServer:
         return await asyncio.get_running_loop().run_in_executor(None, kerberos_accept, self._gss_creds, token)
 
     # ------------------------------------------------------------------ storage mapping
-    def _resolve(self, request: web.Request):
+    async def _resolve(self, request: web.Request):
         """(store, disk id, entry) for this principal, checking no other trust group owns the disk (nothing
-        is claimed here: put_disk claims once everything else was accepted)."""
+        is claimed here: put_disk claims once everything else was accepted), then the request's fencing
+        epoch against the disk's (_fence)."""
+        store, disk_id, entry = self._resolve_disk(request)
+        await self._fence(request, store, disk_id)
+        return store, disk_id, entry
+
+    async def _fence(self, request: web.Request, store, disk_id: str) -> None:
+        """Fencing: every disk route refuses an epoch older than the disk knows (409 fenced, counted as
+        rejected_fenced) and adopts a newer one; no header, no check (standalone primaries). A disk not
+        created yet takes the epoch when put_disk makes it. The disk's lock is taken only when something
+        is written (a refusal's count, a new epoch); commit checks again under it."""
+        epoch = request[EPOCH] = parse_epoch(request.headers.getall(EPOCH_HEADER, []))
+        if epoch is None:
+            return
+        try:
+            disk = store.disk(disk_id)
+        except UsageError:
+            return
+        if disk.state.epoch != epoch:
+            await self._in_disk(store, disk_id, disk.check_epoch, epoch)
+
+    def _resolve_disk(self, request: web.Request):
         principal = request[PRINCIPAL]
         entry = self._entry(principal)
         try:
@@ -402,7 +435,7 @@ class ReplicaServer:
     # ------------------------------------------------------------------ disks
     async def delete_disk(self, request: web.Request) -> web.Response:
         """The primary removed protection with delete_replica_on_remove: the replica and its points go."""
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         removed = await self._in_disk(store, disk_id, store.remove, disk_id)
         self.counters["disks_deleted"] += int(removed)
         return web.json_response({"deleted": removed})
@@ -410,7 +443,7 @@ class ReplicaServer:
     async def put_disk(self, request: web.Request) -> web.Response:
         """Create or check a disk. Everything is decided before anything is created: the body, the limits,
         the owner; the disk is made whole (store.ensure_disk) before its id is claimed for the group."""
-        store, disk_id, entry = self._resolve(request)
+        store, disk_id, entry = await self._resolve(request)
         size, block_size, name, machine = self._disk_request(await self._body(request))
         owners = self._owners[store.root]
 
@@ -420,7 +453,10 @@ class ReplicaServer:
                     and owners.count(entry.group) >= self.max_disks:
                 raise UsageError(f"trust group {entry.group!r} already holds {self.max_disks} disks here "
                                  "(the replica's max_disks)")
+            with contextlib.suppress(UsageError):                  # before a failed-over disk says "sequence"
+                store.disk(disk_id).check_epoch(request[EPOCH])
             disk = store.ensure_disk(disk_id, size, name=name, block_size=block_size, machine=machine)
+            disk.check_epoch(request[EPOCH])                         # a new disk starts at the sender's epoch
             owners.claim(disk_id, entry)
             return disk
         disk = await self._in_disk(store, disk_id, ensure)
@@ -453,7 +489,7 @@ class ReplicaServer:
 
     async def get_digests(self, request: web.Request) -> web.Response:
         """Block digests of the replica image, so a primary's checksum resync sends only what differs."""
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         disk = await self._disk(store, disk_id)
         raw = request.query.get("block_size", "65536")
         block_size = int(raw) if raw.isdigit() and len(raw) < 12 else 0
@@ -485,7 +521,7 @@ class ReplicaServer:
             await run(None, img.close)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         disk = await self._disk(store, disk_id)
         body = await self._body(request)
         try:
@@ -504,7 +540,7 @@ class ReplicaServer:
         owning the disk can write it (as every disk route), the body bounded (aiohttp's client_max_size,
         1 MiB, and domains.MAX_CONFIG), checked before it is written."""
         from ..daemon.domains import write_config
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         disk = await self._disk(store, disk_id)
         payload = await self._body(request)
         await self._in_disk(store, disk_id, write_config, disk.path, payload)
@@ -512,7 +548,7 @@ class ReplicaServer:
         return web.json_response({"kept": True})
 
     async def get_disk(self, request: web.Request) -> web.Response:
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         return web.json_response(_disk_view(await self._disk(store, disk_id)))
 
     async def health(self, request: web.Request) -> web.Response:
@@ -530,7 +566,7 @@ class ReplicaServer:
     async def _upload(self, request: web.Request):
         """(store, disk id, disk, stream id) of the request, holding that upload's lock: one request at a
         time per upload (a resume waits for the torn-down half of a dropped connection)."""
-        store, disk_id, _ = self._resolve(request)
+        store, disk_id, _ = await self._resolve(request)
         disk = await self._disk(store, disk_id)
         stream = request.match_info["stream"]
         disk.spool_path(stream)                        # validates the stream id
@@ -639,7 +675,7 @@ class ReplicaServer:
         async with self._upload(request) as (store, disk_id, disk, stream):
             if not os.path.exists(disk.spool_path(stream)):
                 raise NotFound(f"no upload {stream} to commit on disk {disk_id}")
-            point = await self._in_disk(store, disk_id, disk.commit, stream)
+            point = await self._in_disk(store, disk_id, disk.commit, stream, request[EPOCH])
         self.counters["commits"] += 1
         return web.json_response({"point": asdict(point), "generation": disk.generation})
 
@@ -729,4 +765,4 @@ def _disk_view(disk) -> dict:
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,
             "committed": [sid for sid, _ in s.committed], "machine": s.machine, "prepared": s.prepared,
-            "failed_over": bool(s.failover), "adopted": s.adopted}
+            "failed_over": bool(s.failover), "adopted": s.adopted, "epoch": s.epoch}
