@@ -109,6 +109,14 @@ def cmd_status(args) -> int:
     if data.get("replica"):
         print(f"replica role: {data['replica']['url']} ({data['replica']['mode']}); replicated machines: "
               f"`replicator replica-machines --config {args.config}`")
+        for leg in data["replica"].get("extended") or []:
+            st = leg["stats"]
+            last = st.get("last_replication_time")
+            ago = f"{time.time() - last:.0f} s ago" if last else "never"
+            print(f"{leg['machine']} (Extended -> {leg['target']}): {leg['state']}"
+                  f"{' (' + leg['reason'] + ')' if leg.get('reason') else ''} health {st.get('health')}; "
+                  f"last replication {ago}; cycles ok {st.get('successful_cycles')}, failed "
+                  f"{st.get('failed_cycles')}")
     return 0
 
 

@@ -65,7 +65,7 @@ class ExtendedLeg:
         self.state_path = os.path.join(state_dir, "extended", f"{self.name}.json")
         self.outbox = os.path.join(state_dir, "extended", "outbox")
         os.makedirs(self.outbox, exist_ok=True)
-        self.stats = MachineStats(self.name, settings.frequency, clock=clock)
+        self.stats = MachineStats(self.name, settings.frequency, clock=clock, labels={"relationship": "Extended"})
         self.data = self._load()
         self.stats.restore(self.data.get("stats", {}))
         self.state = self.data.get("state", "NotStarted")

@@ -38,8 +38,10 @@ class HealthReport:
 class MachineStats:
     """Accumulates one machine's cycle outcomes. Times are wall-clock seconds (time.time())."""
 
-    def __init__(self, machine: str, rpo_target: float, *, clock=time.time):
+    def __init__(self, machine: str, rpo_target: float, *, clock=time.time, labels: dict | None = None):
+        """labels: added to the machine's Prometheus samples (relationship="Extended" for an extended leg)."""
         self.machine, self.rpo_target, self.clock = machine, float(rpo_target), clock
+        self.labels = dict(labels or {})
         self.monitoring_start = clock()
         self.last_replication_time: float | None = None   # the cut of the last successful cycle
         self.last_cycle_failed = False
@@ -228,7 +230,7 @@ def render_prometheus(stats, now: float | None = None, states: dict[str, str] | 
             v = value(s, t)
             for extra, number in (v if isinstance(v, list) else [({}, v)]):
                 if number is not None:
-                    lines.append(_sample(name, {"machine": s.machine, **extra}, number))
+                    lines.append(_sample(name, {"machine": s.machine, **s.labels, **extra}, number))
     if states is not None:
         lines += ["# HELP replicator_machine_state The machine's replication state (1 for the current one).",
                   "# TYPE replicator_machine_state gauge"]

@@ -59,6 +59,13 @@ additional_points = 2
         for disk, _ in MACHINES["vm01"]:
             same(c.replica_bytes(ids[disk]), a.disk_bytes(a.dir / disk), f"C's {disk} after B's restart")
         leg = b.api("GET", "/v1/extended")[1]["extended"][0]
+        shown = b.cli("status").stdout
+        assert "vm01 (Extended -> https://127.0.0.1:" in shown and "Replicating" in shown, shown
+        token = (b.dir / "state" / "admin.token").read_text().strip()
+        import urllib.request
+        metrics = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{b.admin}/metrics", headers={"Authorization": f"Bearer {token}"})).read().decode()
+        assert 'replicator_health{machine="vm01",relationship="Extended"} 0' in metrics, metrics[:2000]
         assert leg["state"] == "Replicating" and leg["stats"]["health"] == "Normal", leg
         # site C on its own (A and B gone): a test failover, then an unplanned failover, of the latest point
         expected = {disk: a.disk_bytes(a.dir / disk) for disk, _ in MACHINES["vm01"]}
