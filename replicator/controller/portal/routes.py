@@ -1,0 +1,99 @@
+"""The web console: static files under /ui/ and the live-update stream /v1/events.
+
+The console is a static front end that reads and changes everything through the REST API with the user's
+bearer token (kept in sessionStorage, never a cookie: a forged cross-site request carries no credential, so
+the console needs no CSRF tokens). What the controller serves here is only those files and one read-only
+stream; the stream authenticates like the API. Every page is served with a Content-Security-Policy that lets
+the browser load nothing from anywhere but the controller itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+
+from pydantic import BaseModel
+
+from .. import auth
+from ..schemas import Error
+from . import live
+
+STATIC = Path(__file__).with_name("static")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-cache"}
+POLL_SECONDS = 1.0
+KEEPALIVE_SECONDS = 15.0
+
+router = APIRouter(include_in_schema=False)
+
+
+class Me(BaseModel):
+    name: str
+    role: str
+
+
+@router.get("/v1/whoami", response_model=Me, include_in_schema=True, tags=["access"],
+            responses={401: {"model": Error, "description": "no or bad API token"}})
+def whoami(who: auth.Principal = Depends(auth.reader)) -> Me:
+    """The token's name and role: the console shows only the actions the role may take."""
+    return Me(name=who.name, role=who.role)
+
+
+@router.get("/ui")
+def ui_root() -> RedirectResponse:
+    return RedirectResponse("/ui/", status_code=307)
+
+
+@router.get("/ui/")
+def ui_index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers=HEADERS, media_type="text/html")
+
+
+@router.get("/ui/static/{path:path}")
+def ui_static(path: str) -> FileResponse:
+    """A file of the console; anything outside static/ (.., absolute, symlinks out) is a 404."""
+    target = (STATIC / path).resolve()
+    if not target.is_relative_to(STATIC.resolve()) or not target.is_file():
+        raise HTTPException(404, f"no such console file: {path}")
+    return FileResponse(target, headers=HEADERS)
+
+
+def _frame(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    store = request.app.state.store
+    watcher = live.Watcher()
+
+    def look() -> list[tuple[str, dict]]:
+        with store.session() as s:
+            return watcher.poll(s)
+
+    quiet = 0.0
+    yield b"retry: 2000\n\n"
+    while not await request.is_disconnected():
+        try:
+            events = await asyncio.to_thread(look)
+        except Exception as exc:            # a database hiccup: say so on the stream, try again next second
+            events = [("problem", {"error": f"database: {type(exc).__name__}"})]
+        for event, data in events:
+            yield _frame(event, data)
+        quiet = 0.0 if events else quiet + POLL_SECONDS
+        if quiet >= KEEPALIVE_SECONDS:
+            quiet = 0.0
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(POLL_SECONDS)
+
+
+@router.get("/v1/events", dependencies=[Depends(auth.reader)])
+def events(request: Request) -> StreamingResponse:
+    """Server-sent events: `ready` once, then `job`, `machine`, `machine_removed` and `plan_run` as rows change."""
+    return StreamingResponse(_stream(request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,126 @@
+// One machine: what it is and where it replicates, its RPO against the target over time, its disks, its jobs
+// and audit entries, and the actions an operator may take (each confirmed, each one REST call).
+
+import { api, ago, clear, confirmAndCall, dataTable, fmtDuration, fmtTime, h, healthBadge, section, session,
+         stateBadge } from '../lib.js';
+import { subscribe } from '../events.js';
+import { rpoTarget } from './common.js';
+import { lastTestFailover } from './machine_data.js';
+
+const RPO_POINTS = 720;
+
+export async function render(view, [name]) {
+  const path = `/v1/machines/${encodeURIComponent(name)}`;
+  const [machine, policies, jobs, audit] = await Promise.all([
+    api(path), api('/v1/policies'), api(`/v1/jobs?machine=${encodeURIComponent(name)}&limit=200`),
+    api('/v1/audit?limit=1000')]);
+  const target = () => rpoTarget(machine, policies);
+
+  const summary = h('dl', { class: 'kv', id: 'machine-summary' });
+  const actions = h('div', { class: 'actions', id: 'machine-actions' });
+  const canvas = h('canvas', { id: 'rpo-chart', role: 'img', 'aria-label': 'RPO over time' });
+  const jobsBox = h('div', { id: 'machine-jobs' });
+  const mine = audit.filter((a) => a.target === `machine/${name}`);
+
+  function drawSummary() {
+    const test = lastTestFailover(name, jobs);
+    clear(summary,
+      h('dt', {}, 'Health'), h('dd', { id: 'machine-health' }, healthBadge(machine.health)),
+      h('dt', {}, 'State'), h('dd', { id: 'machine-state' }, machine.observed_state || '(not reported yet)'),
+      h('dt', {}, 'Protection'), h('dd', { id: 'machine-desired' }, machine.desired_state),
+      h('dt', {}, 'RPO now / target'), h('dd', { id: 'machine-rpo' }, `${fmtDuration(machine.rpo_seconds)} / ${fmtDuration(target())}`),
+      h('dt', {}, 'Last success'), h('dd', {}, machine.last_success_at ? `${fmtTime(machine.last_success_at)} (${ago(machine.last_success_at)})` : 'never'),
+      h('dt', {}, 'Last test failover'), h('dd', {}, test ? fmtTime(test.finished_at) : 'never'),
+      h('dt', {}, 'Cloud'), h('dd', {}, machine.cloud),
+      h('dt', {}, 'Policy'), h('dd', {}, machine.policy || '—'),
+      h('dt', {}, 'Primary host'), h('dd', {}, machine.primary_host || '—'),
+      h('dt', {}, 'Replica host'), h('dd', {}, machine.replica_host || '—'),
+      h('dt', {}, 'Owner site / epoch'), h('dd', {}, `${machine.owner_site || '—'} / ${machine.fencing_epoch}`));
+  }
+
+  function act(label, what, call, body, danger) {
+    return h('button', { type: 'button', class: danger ? 'danger' : null, 'data-action': call.split('/').pop() + (body?.kind ? `-${body.kind}` : ''),
+      onclick: async () => {
+        const job = await confirmAndCall(label, `${what} (machine ${name})`, `${path}/${call}`, { body, label });
+        if (job) { jobs.unshift(job); drawJobs(); await refresh(); }
+      } }, label);
+  }
+
+  function drawActions() {
+    if (!session.can('operator')) { clear(actions); return; }
+    const d = machine.desired_state;
+    clear(actions,
+      d === 'enabled' && act('Pause', 'Pause replication; the replica keeps its recovery points.', 'pause'),
+      d === 'paused' && act('Resume', 'Resume replication.', 'resume'),
+      d === 'enabled' && act('Resync', 'Compare both sides and send what differs.', 'resync'),
+      d !== 'disabled' && act('Test failover', 'Start a test copy from the latest recovery point on an isolated network; replication goes on.', 'failover', { kind: 'test' }),
+      d !== 'disabled' && act('Planned failover', 'Stop the primary, send the last changes, and run the machine on the replica site (no data loss).', 'failover', { kind: 'planned' }, true),
+      d !== 'disabled' && act('Unplanned failover', 'Run the machine on the replica site from its latest recovery point (the primary is lost).', 'failover', { kind: 'unplanned' }, true),
+      d !== 'disabled' && act('Disable protection', 'Stop protecting this machine.', 'disable', undefined, true),
+      d === 'disabled' && act('Enable protection', 'Protect this machine again.', 'enable'));
+  }
+
+  function drawJobs() {
+    clear(jobsBox, dataTable([
+      { key: 'id', label: 'Job', render: (j) => h('a', { href: `#/jobs/${j.id}` }, `#${j.id}`) },
+      { key: 'kind', label: 'Kind', value: (j) => j.kind + (j.params?.kind ? ` (${j.params.kind})` : '') },
+      { key: 'state', label: 'State', render: (j) => stateBadge(j.state) },
+      { key: 'progress', label: 'Progress', render: (j) => `${j.progress}%` },
+      { key: 'message', label: 'Message' },
+      { key: 'created_at', label: 'Created', render: (j) => fmtTime(j.created_at) },
+    ], jobs, { empty: 'No jobs for this machine.', id: 'machine-job-table' }));
+  }
+
+  async function refresh() {
+    Object.assign(machine, await api(path));
+    drawSummary(); drawActions();
+  }
+
+  clear(view,
+    h('h1', {}, h('a', { href: '#/items' }, 'Replicated items'), ' / ', name),
+    h('div', { class: 'grid' }, section('Summary', summary, actions),
+      section('RPO over time', h('div', { class: 'chart-box wide' }, canvas),
+        h('p', { class: 'muted' }, 'Sampled while this page is open (the API keeps no RPO history yet); the line is the target.'))),
+    h('div', { class: 'grid' },
+      section('Disks', h('ul', { class: 'plain', id: 'machine-disks' },
+        machine.domain ? h('li', {}, `libvirt domain ${machine.domain}`) : null,
+        machine.disks.map((d) => h('li', {}, d)),
+        machine.excluded.map((d) => h('li', { class: 'muted' }, `${d} (excluded)`)))),
+      section('Events (audit log)', dataTable([
+        { key: 'at', label: 'When', render: (a) => fmtTime(a.at) },
+        { key: 'actor', label: 'Who' }, { key: 'action', label: 'What' }, { key: 'outcome', label: 'Outcome' },
+      ], mine, { empty: 'No actions recorded on this machine.', id: 'machine-events' }))),
+    section('Jobs', jobsBox));
+
+  const samples = [];
+  const chart = new window.Chart(canvas, {
+    type: 'line',
+    data: { datasets: [
+      { label: 'RPO (s)', data: samples, borderColor: '#2563eb', pointRadius: 2, tension: 0 },
+      { label: 'target (s)', data: [], borderColor: '#dc2626', borderDash: [6, 4], pointRadius: 0 }] },
+    options: { maintainAspectRatio: false, animation: false, parsing: false,
+      scales: { x: { type: 'linear', ticks: { callback: (v) => new Date(v).toLocaleTimeString() } },
+                y: { beginAtZero: true, title: { display: true, text: 'seconds' } } } },
+  });
+  function sample() {
+    if (machine.rpo_seconds !== null && machine.rpo_seconds !== undefined) {
+      samples.push({ x: Date.now(), y: machine.rpo_seconds });
+      if (samples.length > RPO_POINTS) samples.shift();
+    }
+    const t = target();
+    chart.data.datasets[1].data = t !== null && samples.length ? [{ x: samples[0].x, y: t }, { x: samples[samples.length - 1].x, y: t }] : [];
+    chart.update();
+  }
+
+  drawSummary(); drawActions(); drawJobs(); sample();
+  const offs = [
+    subscribe('machine', (ev) => { if (ev.name === name) { Object.assign(machine, ev); drawSummary(); drawActions(); sample(); } }),
+    subscribe('job', (ev) => {
+      if (ev.machine !== name) return;
+      const i = jobs.findIndex((j) => j.id === ev.id);
+      if (i >= 0) Object.assign(jobs[i], ev); else jobs.unshift(ev);
+      drawJobs(); drawSummary();
+    }),
+  ];
+  return () => { offs.forEach((off) => off()); chart.destroy(); };
+}

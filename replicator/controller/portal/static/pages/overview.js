@@ -1,0 +1,108 @@
+// Overview: the fleet at a glance -- health donut, machines by state, RPO breaches, jobs needing input,
+// configuration problems, and errors by cause with the number of machines affected. Everything is derived
+// from the REST API's lists; machine and job changes arrive on the live stream.
+
+import { api, clear, fmtDuration, h, section, ago, stateBadge } from '../lib.js';
+import { subscribe } from '../events.js';
+import { rpoTarget, machineLink, problemsOf } from './common.js';
+
+const HEALTH = ['Normal', 'Warning', 'Critical', 'Unknown'];
+const COLORS = { Normal: '#16a34a', Warning: '#d97706', Critical: '#dc2626', Unknown: '#94a3b8' };
+const DAY = 86400 * 1000;
+
+export async function render(view) {
+  const [machines, jobs, policies, hosts, pairs] = await Promise.all([
+    api('/v1/machines'), api('/v1/jobs'), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs')]);
+  const byId = new Map(machines.map((x) => [x.id, x]));
+
+  const donutCanvas = h('canvas', { id: 'health-donut', 'aria-label': 'machines by health', role: 'img' });
+  const counts = h('ul', { class: 'plain', id: 'health-counts' });
+  const states = h('div', { id: 'by-state' });
+  const breaches = h('div', { id: 'rpo-breaches' });
+  const waiting = h('div', { id: 'needs-input' });
+  const jobStats = h('div', { id: 'job-stats' });
+  const config = h('div', { id: 'config-problems' });
+  const errors = h('div', { id: 'errors-by-cause' });
+  clear(view,
+    h('h1', {}, 'Overview'),
+    h('div', { class: 'grid' },
+      section('Replication health', h('div', { class: 'chart-box' }, donutCanvas), counts),
+      section('Machines by state', states),
+      section('Jobs', jobStats, h('h3', {}, 'Waiting for input'), waiting)),
+    h('div', { class: 'grid' },
+      section('RPO breaches', breaches),
+      section('Configuration problems', config),
+      section('Errors by cause (last 24 hours)', errors)));
+
+  const chart = new window.Chart(donutCanvas, {
+    type: 'doughnut',
+    data: { labels: HEALTH, datasets: [{ data: [0, 0, 0, 0], backgroundColor: HEALTH.map((k) => COLORS[k]) }] },
+    options: { maintainAspectRatio: false, animation: false, plugins: { legend: { position: 'right' } } },
+  });
+
+  function draw() {
+    const all = [...byId.values()];
+    const health = Object.fromEntries(HEALTH.map((k) => [k, 0]));
+    for (const x of all) health[HEALTH.includes(x.health) ? x.health : 'Unknown'] += 1;
+    chart.data.datasets[0].data = HEALTH.map((k) => health[k]);
+    chart.update();
+    clear(counts, HEALTH.map((k) => h('li', { 'data-health': k }, h('span', { class: 'stat-inline' }, `${k}: `),
+      h('strong', {}, String(health[k])))));
+
+    const byState = {};
+    for (const x of all) { const s = x.observed_state || `(not reported; ${x.desired_state})`; byState[s] = (byState[s] || 0) + 1; }
+    const stateRows = Object.entries(byState).sort((a, b) => b[1] - a[1]);
+    clear(states, stateRows.length ? h('table', { class: 'data' }, h('tbody', {}, stateRows.map(([s, n]) =>
+      h('tr', {}, h('td', {}, s), h('td', {}, String(n)))))) : h('p', { class: 'muted' }, 'No protected machines yet.'));
+
+    const late = all.filter((x) => x.rpo_seconds !== null && rpoTarget(x, policies) !== null && x.rpo_seconds > rpoTarget(x, policies));
+    clear(breaches, late.length ? h('table', { class: 'data' }, h('tbody', {}, late.map((x) => h('tr', {},
+      h('td', {}, machineLink(x.name)), h('td', { class: 'breach' }, `RPO ${fmtDuration(x.rpo_seconds)}`),
+      h('td', {}, `target ${fmtDuration(rpoTarget(x, policies))}`), h('td', {}, `last success ${ago(x.last_success_at)}`)))))
+      : h('p', { class: 'muted' }, 'Every machine is within its RPO target.'));
+  }
+
+  function drawJobs() {
+    const now = Date.now();
+    const running = jobs.filter((j) => j.state === 'running' || j.state === 'queued');
+    const failed = jobs.filter((j) => j.state === 'failed' && j.finished_at && now - new Date(j.finished_at) < DAY);
+    const input = jobs.filter((j) => j.state === 'waiting_for_input');
+    clear(jobStats, h('ul', { class: 'plain' },
+      h('li', { id: 'jobs-running' }, h('a', { href: '#/jobs' }, `${running.length} in progress`)),
+      h('li', { id: 'jobs-failed' }, h('a', { href: '#/jobs' }, `${failed.length} failed in the last 24 hours`)),
+      h('li', { id: 'jobs-waiting' }, `${input.length} waiting for input`)));
+    clear(waiting, input.length ? h('ul', { class: 'plain' }, input.map((j) => h('li', {},
+      h('a', { href: '#/jobs' }, `#${j.id} ${j.kind}`), ' ', j.machine || '', ' ', stateBadge(j.state), ' ', j.message)))
+      : h('p', { class: 'muted' }, 'Nothing is waiting for an operator.'));
+
+    // Errors by cause: failed jobs of the last day grouped by their message, with the machines they hit.
+    const causes = new Map();
+    for (const j of failed) {
+      const cause = j.message || `${j.kind} failed`;
+      if (!causes.has(cause)) causes.set(cause, { jobs: 0, machines: new Set() });
+      causes.get(cause).jobs += 1;
+      if (j.machine) causes.get(cause).machines.add(j.machine);
+    }
+    const rows = [...causes.entries()].sort((a, b) => b[1].machines.size - a[1].machines.size || b[1].jobs - a[1].jobs);
+    clear(errors, rows.length ? h('table', { class: 'data' }, h('thead', {}, h('tr', {}, h('th', {}, 'Cause'),
+      h('th', {}, 'Machines'), h('th', {}, 'Jobs'))), h('tbody', {}, rows.map(([cause, v]) => h('tr', {},
+      h('td', {}, cause), h('td', {}, String(v.machines.size)), h('td', {}, String(v.jobs))))))
+      : h('p', { class: 'muted' }, 'No failed jobs in the last 24 hours.'));
+  }
+
+  const problems = problemsOf({ machines, hosts, pairs });
+  clear(config, problems.length ? h('ul', { class: 'plain' }, problems.map((p) => h('li', {}, p)))
+    : h('p', { class: 'muted' }, 'No configuration problems found.'));
+
+  draw();
+  drawJobs();
+  const offs = [
+    subscribe('machine', (ev) => { const x = byId.get(ev.id); if (x) { Object.assign(x, ev); draw(); } }),
+    subscribe('job', (ev) => {
+      const i = jobs.findIndex((j) => j.id === ev.id);
+      if (i >= 0) Object.assign(jobs[i], ev); else jobs.unshift(ev);
+      drawJobs();
+    }),
+  ];
+  return () => { offs.forEach((off) => off()); chart.destroy(); };
+}

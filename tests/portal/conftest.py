@@ -1,0 +1,122 @@
+"""Fixtures for the console's browser tests: the real controller app served by uvicorn on loopback (SQLite in
+the test's tmp dir), and a real headless Chromium (Debian's) driven by Playwright, which refuses and records
+every request to a host other than loopback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from replicator.controller.db import Store
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Portal:
+    url: str
+    store: Store
+    admin_token: str
+
+    def make_token(self, role: str, name: str | None = None) -> str:
+        from replicator.controller.auth import create_token
+        with self.store.session() as s:
+            return create_token(s, name or f"{role}-{os.urandom(3).hex()}", role, created_by="tests")
+
+    def api(self, method: str, path: str, token: str | None = None, **kw):
+        import httpx
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {token or self.admin_token}"},
+                             timeout=10, **kw)
+
+
+@pytest.fixture
+def portal(tmp_path):
+    """The controller (every REST router and the console) listening on 127.0.0.1 at a free port."""
+    import uvicorn
+
+    from replicator.controller.app import create_app
+    from replicator.controller.auth import ensure_admin_token
+    from replicator.controller.portal.routes import router
+
+    data = tmp_path / "controller-data"
+    data.mkdir()
+    store = Store.open(f"sqlite:///{data / 'controller.db'}")
+    token = ensure_admin_token(store, str(data))
+    app = create_app(store, data_dir=str(data))
+    if not any(getattr(r, "path", None) == "/v1/events" for r in app.routes):
+        app.include_router(router)            # until the app factory includes the console itself
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2, lifespan="off"))
+    thread = threading.Thread(target=server.run, name="controller", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the controller did not start"
+        time.sleep(0.05)
+    try:
+        yield Portal(f"http://127.0.0.1:{port}", store, token)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        store.close()
+
+
+@dataclasses.dataclass
+class Browser:
+    context: object
+    external: list
+
+    def page(self):
+        return self.context.new_page()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A fresh headless Chromium profile; any request to a non-loopback host is aborted and fails the test."""
+    from playwright.sync_api import sync_playwright
+
+    external: list[str] = []
+
+    def guard(route):
+        host = urllib.parse.urlsplit(route.request.url).hostname or ""
+        if route.request.url.startswith(("data:", "blob:")) or host in LOOPBACK:
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
+                                                   headless=True, args=CHROMIUM_ARGS,
+                                                   viewport={"width": 1400, "height": 900})
+        ctx.set_default_timeout(10_000)
+        ctx.route("**/*", guard)
+        try:
+            yield Browser(ctx, external)
+        finally:
+            ctx.close()
+    assert not external, f"the console asked for non-loopback URLs: {external}"
+
+
+def login(page, portal: Portal, token: str) -> None:
+    """Open the console and sign in with `token`; returns once the Overview is shown."""
+    page.goto(portal.url + "/ui/")
+    page.fill("#token", token)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("#page-overview")

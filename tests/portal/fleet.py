@@ -1,0 +1,61 @@
+"""A small fleet for the console's tests, built through the REST API where the API builds it (sites, clouds,
+policy, pair, machines); hosts are rows as registration leaves them and machines' observed columns are set
+as a host's report sets them (the host channel is H2's and tested with real hosts in tests/controller)."""
+from __future__ import annotations
+
+import datetime as dt
+
+from replicator.controller import models as m
+
+
+def _ok(resp, status=(200, 201, 202, 204)):
+    assert resp.status_code in status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
+    return resp.json() if resp.content else None
+
+
+def add_host(portal, hostname: str, site: str, *, seen_ago: float | None = 5, cert_days: float = 300) -> str:
+    now = m.utcnow()
+    with portal.store.session() as s:
+        site_id = s.query(m.Site.id).filter_by(name=site).scalar()
+        h = m.Host(hostname=hostname, site_id=site_id, admin_url=f"https://{hostname}:8443",
+                   data_url=f"https://{hostname}:8444",
+                   last_seen=None if seen_ago is None else now - dt.timedelta(seconds=seen_ago),
+                   cert_not_after=now + dt.timedelta(days=cert_days), desired_revision=1, applied_revision=1)
+        s.add(h)
+        s.flush()
+        return h.id
+
+
+def observe(portal, machine: str, **values) -> None:
+    """What a host's report writes about a machine (observed_state, health, rpo_seconds, last_success_at)."""
+    values.setdefault("observed_at", m.utcnow())
+    with portal.store.session() as s:
+        x = s.query(m.Machine).filter_by(name=machine).one()
+        for k, v in values.items():
+            setattr(x, k, v)
+
+
+def build(portal) -> dict:
+    api = portal.api
+    for site in ("alpha", "beta"):
+        _ok(api("POST", "/v1/sites", json={"name": site}))
+    _ok(api("POST", "/v1/clouds", json={"name": "gold", "site": "alpha"}))
+    _ok(api("POST", "/v1/clouds", json={"name": "gold-dr", "site": "beta"}))
+    _ok(api("POST", "/v1/policies", json={"name": "five-min", "frequency": "5m"}))
+    _ok(api("POST", "/v1/pairs", json={"name": "gold-pair", "primary": "gold", "recovery": "gold-dr",
+                                        "policy": "five-min"}))
+    hosts = {"hv1": add_host(portal, "hv1", "alpha"), "hv2": add_host(portal, "hv2", "alpha"),
+             "dr1": add_host(portal, "dr1", "beta", seen_ago=3600, cert_days=3)}
+    _ok(api("PUT", "/v1/hosts/hv1/cloud", json={"cloud": "gold"}))
+    _ok(api("PUT", "/v1/hosts/hv2/cloud", json={"cloud": "gold"}))
+    _ok(api("PUT", "/v1/hosts/dr1/cloud", json={"cloud": "gold-dr"}))
+    now = m.utcnow()
+    machines = [("web01", "hv1", "Replicating", "Normal", 40.0), ("web02", "hv1", "Replicating", "Warning", 900.0),
+                ("db01", "hv2", "Error", "Critical", 4000.0), ("app01", "hv2", None, None, None)]
+    for name, host, state, health, rpo in machines:
+        _ok(api("POST", "/v1/machines", json={"name": name, "cloud": "gold", "primary_host": host,
+                                              "disks": [f"/var/lib/vms/{name}.vhdx"]}))
+        if state:
+            observe(portal, name, observed_state=state, health=health, rpo_seconds=rpo,
+                    last_success_at=now - dt.timedelta(seconds=rpo))
+    return {"hosts": hosts, "machines": [x[0] for x in machines]}
