@@ -17,6 +17,7 @@ from . import metrics
 from . import models as m
 from .api import ROUTERS
 from .db import Store
+from .portal.routes import router as portal_router
 
 log = logging.getLogger("replicator.controller")
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -119,5 +120,6 @@ def create_app(store: Store, *, data_dir: str | None = None, title: str = "repli
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(metrics.router)
+    app.include_router(portal_router)
     from .hosts_api import install as install_host_channel; install_host_channel(app)   # noqa: E702 (H2's line)
     return app
