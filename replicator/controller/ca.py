@@ -36,13 +36,14 @@ class CSRRefused(ValueError):
 class Issued:
     pem: str
     serial: str                          # hex
-    not_before: dt.datetime
+    not_before: dt.datetime              # a little before issued_at, for hosts whose clock is behind
     not_after: dt.datetime
+    issued_at: dt.datetime
 
     @property
     def renew_after(self) -> dt.datetime:
         """Two thirds into the lifetime: time to renew, with a third left for an unreachable controller."""
-        return self.not_before + (self.not_after - self.not_before) * 2 / 3
+        return self.issued_at + (self.not_after - self.issued_at) * 2 / 3
 
 
 def ca_fingerprint(ca_pem: bytes) -> str:
@@ -142,4 +143,4 @@ class CertificateAuthority:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                                critical=False)
                 .sign(self.key, hashes.SHA256()))
-        return Issued(cert.public_bytes(serialization.Encoding.PEM).decode(), format(serial, "x"), start, end)
+        return Issued(cert.public_bytes(serialization.Encoding.PEM).decode(), format(serial, "x"), start, end, now)

@@ -64,6 +64,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.reload_requested = None         # set by serve(): ask for a reload
         self.jobs = JobRegistry(self.state_dir)
+        self.agent = None                    # the controller agent (agent.py), when run from a controller
 
     async def _run_cycle(self, name: str, consistency: str):
         pm = self.machines[name]
@@ -203,10 +204,15 @@ class Daemon:
         self.reload_requested()
         return web.json_response({"reloading": True})
 
+    def status_document(self) -> dict:
+        """GET /v1/status; also what the controller agent reports."""
+        return {"machines": [pm.status() for pm in self.machines.values()]
+                + [self._unavailable_view(n) for n in sorted(self.unavailable)],
+                "replica": self.replica_server.status() if self.replica_server else None,
+                **({"controller": self.agent.status()} if self.agent is not None else {})}
+
     async def _status(self, request):
-        return web.json_response({"machines": [pm.status() for pm in self.machines.values()]
-                                  + [self._unavailable_view(n) for n in sorted(self.unavailable)],
-                                  "replica": self.replica_server.status() if self.replica_server else None})
+        return web.json_response(self.status_document())
 
     async def _metrics(self, request):
         text = render_prometheus([pm.stats for pm in self.machines.values()],
@@ -262,10 +268,11 @@ class Daemon:
         return web.json_response({**pm.status(), **({"job": job.summary()} if job else {})})
 
 
-async def serve(config) -> None:
+async def serve(config, agent=None) -> None:
     """Run until SIGTERM/SIGINT. SIGHUP (or POST /v1/reload) reads the configuration again and restarts the
     daemon's parts on it; the export processes stay, so no guest loses its disk. An invalid configuration
-    is refused with its reason and the running one goes on."""
+    is refused with its reason and the running one goes on. With a controller `agent`, the configuration is
+    its desired.json and the agent asks for the reloads (agent.py)."""
     loop = asyncio.get_running_loop()
     stopping, reload = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -275,9 +282,13 @@ async def serve(config) -> None:
         daemon = Daemon(config)
         daemon.stopping = stopping
         daemon.reload_requested = reload.set
+        daemon.agent = agent
         await daemon.start()
+        if agent is not None:
+            agent.attach(daemon, reload.set)
         listener = f"; replica listener {daemon.replica_server.server.url}" if daemon.replica_server else ""
-        print(f"replicatord: {', '.join(config.roles)} role{'s' if len(config.roles) > 1 else ''}{listener}; admin "
+        roles = f"{', '.join(config.roles)} role{'s' if len(config.roles) > 1 else ''}" if config.roles else "no role yet"
+        print(f"replicatord: {roles}{listener}; admin "
               f"API on http://{config.daemon.admin_host}:{config.daemon.admin_port}", flush=True)
         while True:
             waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(reload.wait())]
@@ -285,6 +296,8 @@ async def serve(config) -> None:
             for w in waits:
                 w.cancel()
             if stopping.is_set():
+                if agent is not None:
+                    await agent.stop()
                 await daemon.stop()
                 print("replicatord: stopped cleanly", flush=True)
                 return
@@ -297,6 +310,8 @@ async def serve(config) -> None:
             for w in new.warnings:
                 log.warning("%s", w)
             log.info("reloading the configuration from %s (the exports stay)", config.path)
+            if agent is not None:
+                agent.daemon = None              # no report of a daemon being stopped
             await daemon.stop()
             config = new
             break
@@ -304,10 +319,17 @@ async def serve(config) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="replicatord", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", help="run from this replicatord.toml (standalone)")
     ap.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    from .agent_cli import add_options, run_from_controller
+    add_options(ap)                  # --state, --register, --key ...: run from a controller (agent_cli.py)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (args.config is None) == (args.state is None):
+        ap.error("give --config FILE (standalone) or --state DIR (run from a controller, with --register the "
+                 "first time)")
+    if args.state is not None:
+        return run_from_controller(args, serve)
     try:
         config = load_config(args.config)
     except ReplicatorError as e:

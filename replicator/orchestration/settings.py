@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -803,6 +804,13 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("(syntax)", str(e))], source) from None
+    return parse_config_data(data, base_dir=base_dir, source=source, strict=strict)
+
+
+def parse_config_data(data: dict, *, base_dir: str = ".", source: str = "replicatord.toml", strict: bool = False,
+                      allow_empty: bool = False) -> Config:
+    """The configuration's tables as data (TOML read, or the JSON a controller renders: same schema).
+    allow_empty: a host a controller has given nothing to do yet runs idle instead of being refused."""
     rep = _Report()
     root = _Table(data, "", rep, {"daemon", "replica", "group", "machine", "plan"}, os.path.abspath(base_dir))
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
@@ -815,7 +823,7 @@ def parse_config(text: str, *, base_dir: str = ".", source: str = "replicatord.t
     groups, partials = _groups(root)
     machines = _machines(root, groups, partials)
     plans = _plans(root, replica)
-    if replica is None and not machines and not rep.errors:
+    if replica is None and not machines and not rep.errors and not allow_empty:
         rep.error("(top)", "nothing to run: add [[machine]] entries (primary role), a [replica] table, or both")
     problems = rep.errors + (rep.warnings if strict else [])
     if problems:
@@ -834,9 +842,20 @@ def parse_machine(raw: dict, *, base_dir: str, source: str = "machine") -> Machi
 
 
 def load_config(path: str, *, strict: bool = False) -> Config:
+    """replicatord.toml, or a controller's desired document (.json: its "config", same schema; relative
+    paths are taken from the document's folder, the agent's STATE/controller)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([("(file)", f"cannot read {path}: {e}")], path) from None
-    return parse_config(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path, strict=strict)
+    base = os.path.dirname(os.path.abspath(path))
+    if not path.endswith(".json"):
+        return parse_config(text, base_dir=base, source=path, strict=strict)
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ConfigError([("(syntax)", f"not JSON: {e}")], path) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise ConfigError([("config", "missing: a desired document holds the configuration in \"config\"")], path)
+    return parse_config_data(doc["config"], base_dir=base, source=path, strict=strict, allow_empty=True)

@@ -1,0 +1,193 @@
+"""A host's desired configuration, rendered from the store: what its replicatord.toml would say if an operator
+wrote it by hand, as JSON in the same schema (orchestration/settings.py), plus the fencing table.
+
+- Machines whose primary is this host: the policy's settings (the machine's own policy, else its pair's), the
+  replica host's data URL as target, this host's certificate files for the data path.
+- On a replica host, `[replica]`: the listener from its data URL, an allow entry per primary host of every
+  pair whose recovery cloud holds it (and of every machine placed on it), by certificate CN (the host id),
+  with the storage root from the pair's storage mappings; the network map from the pair's network mappings.
+
+Paths to the agent's own files are relative: replicatord reads the document from STATE/controller/desired.json
+and takes relative paths from that folder, so "host.pem" is the agent's certificate and ".." its state
+directory, wherever the host keeps it.
+
+The revision: each new rendering of a host is an audit entry (actor "controller", action "host.desired",
+target the host id, detail {revision, digest}: the SHA-256 of the rendering); when the rendering's digest
+differs from the last entry's, the host's desired_revision is raised. The audit log so also says which
+configuration revision each host was given, and when. So any change that alters what a host should run (a policy edited, a machine
+enabled, a mapping added, a peer's address) gives a new revision, and a change that alters nothing does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from urllib.parse import urlsplit
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from .models import AuditEntry, CloudPair, Host, Machine, ProtectionPolicy
+
+CERT_FILES = {"cert": "host.pem", "key": "host.key", "ca": "ca.pem"}
+DEFAULT_ROOT = "../replica"               # a replica host's store when the pair maps no storage (STATE/replica)
+KERBEROS_PORT = 8083
+
+
+def _listen(url: str | None, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url or "")
+    return parts.hostname or "0.0.0.0", parts.port or default_port
+
+
+def _protection(policy: ProtectionPolicy, replica: Host, domain: bool) -> dict:
+    """The [[machine]] protection keys of a policy, aimed at the replica host."""
+    out: dict = {"frequency": policy.frequency, "additional_points": policy.additional_points,
+                 "compression": policy.compression, "auth": policy.auth, "resync": policy.resync,
+                 "delete_replica_on_remove": policy.delete_replica_on_remove,
+                 "bandwidth_limit": policy.bandwidth_limit or "none"}
+    # application-consistent points need a quiesce provider: a domain machine has libvirt's; a machine of
+    # plain disk files has none the controller knows of, so its points stay crash-consistent
+    if policy.app_consistent_hours and domain:
+        out["app_consistent_hours"] = policy.app_consistent_hours
+    if policy.resync_window and policy.resync == "auto":
+        out["resync_window"] = policy.resync_window
+    mode = policy.initial_method
+    initial = {"mode": mode}
+    for key, value in (("at", policy.initial_at), ("seed_dir", policy.initial_seed_dir),
+                       ("path", policy.initial_path)):
+        if value and key in {"scheduled": ("at",), "offline": ("seed_dir",), "existing": ("path",)}.get(mode, ()):
+            initial[key] = value
+    out["initial_replication"] = initial
+    if policy.target_kind == "azure":
+        out["target"] = f"azure://{policy.azure_storage_account}/{policy.azure_container}"
+        return out
+    host, port = _listen(replica.data_url, 8084)
+    if policy.port:
+        port = policy.port
+    if policy.auth == "kerberos":
+        out["target"] = f"http://{host}:{policy.port or KERBEROS_PORT}"
+    else:
+        out["target"] = f"https://{host}:{port}"
+        out.update(CERT_FILES)
+    return out
+
+
+def _machine_policy(m: Machine) -> ProtectionPolicy | None:
+    if m.policy is not None:
+        return m.policy
+    pair = m.cloud.pair if m.cloud is not None else None
+    return pair.association.policy if pair is not None and pair.association is not None else None
+
+
+def _storage_root(pair: CloudPair | None, disks: list[str]) -> str:
+    """The target root of the pair's storage mapping whose source root holds most of these disks (the longest
+    matching prefix per disk), else the pair's first mapping, else DEFAULT_ROOT."""
+    mappings = sorted(pair.storage_mappings, key=lambda s: s.id) if pair is not None else []
+    votes: dict[str, int] = {}
+    for d in disks:
+        best = max((s for s in mappings if os.path.normpath(d).startswith(os.path.normpath(s.source_root) + os.sep)),
+                   key=lambda s: len(s.source_root), default=None)
+        if best is not None:
+            votes[best.target_root] = votes.get(best.target_root, 0) + 1
+    if votes:
+        return max(votes, key=lambda r: votes[r])
+    return mappings[0].target_root if mappings else DEFAULT_ROOT
+
+
+def _disk_paths(m: Machine) -> list[str]:
+    return list(m.disks.values()) if isinstance(m.disks, dict) else list(m.disks or [])
+
+
+def _machine_entry(m: Machine, policy: ProtectionPolicy) -> dict:
+    entry: dict = {"name": m.name}
+    if m.domain:
+        entry.update(domain=m.domain, disks=dict(m.disks))
+    else:
+        entry["disks"] = list(m.disks or [])
+    if m.excluded:
+        entry["exclude"] = list(m.excluded)
+    entry.update(_protection(policy, m.replica_host, bool(m.domain)))
+    return entry
+
+
+def _replica_section(s: Session, host: Host, placed: list[Machine]) -> dict | None:
+    """[replica] for a host in a pair's recovery cloud, or one that machines are placed on; else None."""
+    pairs = []
+    if host.cloud is not None and host.cloud.pair is not None and host.cloud.pair_role == "recovery":
+        pairs.append(host.cloud.pair)
+    if not pairs and not placed:
+        return None
+    allow: dict[str, dict] = {}
+    for pair in pairs:
+        primary_cloud = pair.cloud("primary")
+        for h in sorted(primary_cloud.hosts if primary_cloud else [], key=lambda h: h.id):
+            disks = [d for m in placed if m.primary_host_id == h.id for d in _disk_paths(m)]
+            allow[h.id] = {"principal": h.id, "storage": _storage_root(pair, disks), "trust_group": pair.name}
+    for m in placed:
+        if m.primary_host_id and m.primary_host_id not in allow:
+            pair = m.cloud.pair if m.cloud is not None else None
+            allow[m.primary_host_id] = {"principal": m.primary_host_id,
+                                        "storage": _storage_root(pair, _disk_paths(m)),
+                                        "trust_group": pair.name if pair is not None else m.primary_host_id}
+    listen, port = _listen(host.data_url, 8084)
+    section: dict = {"listen": listen, "port": port, **CERT_FILES, "allow": list(allow.values())}
+    networks = {n.source_network: n.target_network for p in pairs for n in p.network_mappings}
+    if networks:
+        # the network map applies to domains a failover starts through libvirt (settings require the URI)
+        section.update(libvirt="qemu:///system", network_map=networks)
+    return section
+
+
+def render(s: Session, host: Host) -> dict:
+    """{"config": replicatord configuration, "fencing": {machine: {epoch, role}}, "operations": {machine:
+    {"state": enabled|paused, "resync": N}}} for this host (operations: what the agent applies at runtime,
+    as an operator's pause/resume/resync through the admin API would; a raised N asks for one resync)."""
+    admin_host, admin_port = _listen(host.admin_url, 8085)
+    config: dict = {"daemon": {"state_dir": "..", "admin_listen": f"{admin_host}:{admin_port}"}}
+    fencing: dict = {}
+    operations: dict = {}
+    machines = s.scalars(select(Machine).where(or_(Machine.primary_host_id == host.id,
+                                                   Machine.replica_host_id == host.id))
+                         .order_by(Machine.name)).all()
+    entries = []
+    for m in machines:
+        if m.desired_state == "disabled":
+            continue
+        if m.primary_host_id == host.id:
+            policy = _machine_policy(m)
+            if policy is None or (m.replica_host is None and policy.target_kind != "azure"):
+                continue               # not placed yet: nothing this host can run for it
+            if m.domain and not isinstance(m.disks, dict):
+                continue               # a domain needs its disk targets' VHDX files, which the store lacks yet
+            entries.append(_machine_entry(m, policy))
+            fencing[m.name] = {"epoch": m.fencing_epoch, "role": "primary"}
+            operations[m.name] = {"state": m.desired_state, "resync": m.resync_requested}
+        else:
+            fencing[m.name] = {"epoch": m.fencing_epoch, "role": "replica"}
+    if entries:
+        config["machine"] = entries
+    placed = [m for m in machines if m.replica_host_id == host.id and m.desired_state != "disabled"]
+    replica = _replica_section(s, host, placed)
+    if replica is not None:
+        config["replica"] = replica
+    return {"config": config, "fencing": fencing, "operations": operations}
+
+
+def digest(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def current(s: Session, host: Host) -> dict:
+    """The host's desired document with its revision, raising the revision if the rendering changed."""
+    doc = render(s, host)
+    d = digest(doc)
+    last = s.scalars(select(AuditEntry).where(AuditEntry.action == "host.desired", AuditEntry.target == host.id)
+                     .order_by(AuditEntry.id.desc()).limit(1)).first()
+    if last is None or last.detail.get("digest") != d:
+        # raised unless a route already raised it since the last rendering (api/common.py bump_revision)
+        if last is not None and last.detail.get("revision") == host.desired_revision:
+            host.desired_revision = (host.desired_revision or 0) + 1
+        s.add(AuditEntry(actor="controller", action="host.desired", target=host.id,
+                         detail={"revision": host.desired_revision, "digest": d}))
+        s.flush()
+    return {"revision": host.desired_revision, **doc}

@@ -1,0 +1,288 @@
+"""The host channel (docs/management-plane.md): registration with a key, certificate renewal, each host's
+desired configuration and its reports; and the admin route that makes registration keys.
+
+Hosts authenticate by the client certificate this controller's CA issued them (subject CN = host id), which
+the TLS layer verifies (tls.py) and hands over in the ASGI scope. Only GET /v1/ca and POST /v1/register are
+answered without one: the first is public (a host checks it against the key's hash before trusting it), the
+second is authenticated by the registration key's token.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from . import desired
+from . import models as m
+from .api.common import DB, ERRORS, note, one
+from .auth import Principal, admin, hash_token
+from .ca import CertificateAuthority, CSRRefused
+from .tls import peer_common_name
+
+router = APIRouter(tags=["host channel"])
+KEY_TTL = dt.timedelta(hours=24)
+MAX_KEY_TTL = dt.timedelta(days=30)
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+
+def _url(v: str) -> str:
+    parts = urlsplit(v)
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"has a bad port: {v!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"must be http(s)://HOST:PORT, not {v!r}")
+    return v
+
+
+Url = Annotated[str, Field(max_length=512), AfterValidator(_url)]
+Hostname = Annotated[str, Field(pattern=_HOSTNAME.pattern, max_length=253)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterIn(_In):
+    token: str = Field(min_length=1, max_length=256)
+    hostname: Hostname
+    csr: str = Field(min_length=1, max_length=16384, description="PEM certificate signing request")
+    admin_url: Url = Field(description="the host's admin API (loopback on the host: http://127.0.0.1:8085)")
+    data_url: Url = Field(description="where other hosts reach its replica listener (https://HOST:8084)")
+    site: str | None = Field(None, max_length=64, description="the site the key file names (checked)")
+
+
+class RegisterOut(BaseModel):
+    host_id: str
+    certificate: str
+    ca: str
+    renew_after: dt.datetime
+
+
+class RenewIn(_In):
+    csr: str = Field(min_length=1, max_length=16384)
+
+
+class RenewOut(BaseModel):
+    certificate: str
+    renew_after: dt.datetime
+
+
+class DesiredOut(BaseModel):
+    revision: int
+    config: dict[str, Any] = Field(description="replicatord's configuration (replicatord.toml's schema) as JSON")
+    fencing: dict[str, dict[str, Any]]
+    operations: dict[str, dict[str, Any]] = Field(description="per machine: state (enabled, paused) and resync "
+                                                  "(a counter: raised, it asks for one resync)")
+
+
+class ReportIn(BaseModel):
+    revision: int = Field(ge=0, description="the desired revision the host runs")
+    status: dict[str, Any] = Field(description="the host's admin API /v1/status document")
+    jobs: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
+    problems: list[Annotated[str, Field(max_length=4000)]] = Field(default_factory=list, max_length=50)
+
+
+class ReportOut(BaseModel):
+    revision: int = Field(description="the newest desired revision: behind if above the one reported")
+
+
+class KeyIn(_In):
+    expires_in: int = Field(int(KEY_TTL.total_seconds()), ge=60, le=int(MAX_KEY_TTL.total_seconds()),
+                            description="seconds the key stays usable (default a day)")
+
+
+class KeyOut(BaseModel):
+    controller: str
+    site: str
+    token: str
+    ca_sha256: str
+    expires: dt.datetime
+
+
+def install(app) -> None:
+    """Add the host channel to the controller's app: its routes, and the CA from DATA/ca (made at the first
+    start). Set `app.state.ca.lifetime` to change the lifetime of the certificates it issues."""
+    if getattr(app.state, "data_dir", None):
+        app.state.ca = CertificateAuthority.open(app.state.data_dir)
+    app.include_router(router)
+
+
+def authority(request: Request) -> CertificateAuthority:
+    ca = getattr(request.app.state, "ca", None)
+    if ca is None:
+        raise HTTPException(503, "this controller runs without a data folder, so without a CA: no host channel")
+    return ca
+
+
+CA = Annotated[CertificateAuthority, Depends(authority)]
+
+
+def this_host(request: Request, s: DB) -> m.Host:
+    """The host whose certificate this request came with: 401 without one, 403 when no longer registered."""
+    host_id = peer_common_name(request.scope)
+    if host_id is None:
+        raise HTTPException(401, "this route needs the host's client certificate (issued at registration)")
+    host = s.get(m.Host, host_id)
+    if host is None:
+        raise HTTPException(403, f"host {host_id[:64]} is not registered here (removed): register it again "
+                                 "with a new key")
+    request.state.actor = f"host:{host.hostname}"
+    host.last_seen = m.utcnow()
+    return host
+
+
+Self = Annotated[m.Host, Depends(this_host)]
+
+
+def _names(body: RegisterIn) -> list[str]:
+    """SANs of a host certificate: its hostname and the host its data URL names (what peers connect to)."""
+    return [body.hostname, urlsplit(body.data_url).hostname or body.hostname]
+
+
+def _sign(ca: CertificateAuthority, csr: str, host_id: str, names: list[str]):
+    try:
+        return ca.sign(csr, host_id, names)
+    except CSRRefused as e:
+        raise HTTPException(422, f"csr: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- routes
+@router.get("/v1/ca", response_class=PlainTextResponse, responses={200: {"content": {"application/x-pem-file": {}}}})
+def get_ca(ca: CA) -> PlainTextResponse:
+    """The deployment CA's certificate (public); a registering host checks it against its key's ca_sha256."""
+    return PlainTextResponse(ca.pem.decode(), media_type="application/x-pem-file")
+
+
+def issue_key(s: Session, site: m.Site, ca: CertificateAuthority, controller_url: str, ttl: dt.timedelta,
+              created_by: str) -> dict:
+    """A registration key document for `site`; only the token's hash is stored."""
+    token = "rrk_" + secrets.token_urlsafe(32)
+    expires = m.utcnow().replace(microsecond=0) + ttl
+    s.add(m.RegistrationKey(token_hash=hash_token(token), site_id=site.id, expires_at=expires,
+                            created_by=created_by))
+    s.flush()
+    return {"controller": controller_url.rstrip("/"), "site": site.name, "token": token, "ca_sha256": ca.sha256,
+            "expires": expires.isoformat()}
+
+
+@router.post("/v1/sites/{site}/registration-keys", response_model=KeyOut, responses=ERRORS)
+def create_key(site: str, request: Request, s: DB, ca: CA, who: Annotated[Principal, Depends(admin)],
+               body: KeyIn | None = None) -> dict:
+    """A registration key for one site: single use, expiring. Save the answer as the host's key file."""
+    row = one(s, m.Site, "site", name=site)
+    note(request, site)
+    url = getattr(request.app.state, "public_url", None) or str(request.base_url)
+    return issue_key(s, row, ca, url, dt.timedelta(seconds=(body or KeyIn()).expires_in), who.name)
+
+
+@router.post("/v1/register", response_model=RegisterOut, responses=ERRORS)
+def register(body: RegisterIn, request: Request, s: DB, ca: CA) -> dict:
+    """A host joins with a registration key: its certificate is issued (CN = its new host id)."""
+    request.state.actor = f"host:{body.hostname}"
+    note(request, body.hostname)
+    key = s.scalar(select(m.RegistrationKey).where(m.RegistrationKey.token_hash == hash_token(body.token)))
+    if key is None:
+        raise HTTPException(403, "registration key refused: unknown token (ask an admin for a new key)")
+    if key.expires_at <= m.utcnow():
+        raise HTTPException(403, f"registration key refused: it expired at {key.expires_at.isoformat()}")
+    if body.site is not None and body.site != key.site.name:
+        raise HTTPException(403, f"registration key refused: it is for site {key.site.name!r}, not {body.site!r}")
+    host = s.scalar(select(m.Host).where(m.Host.hostname == body.hostname))
+    if key.used_by is not None and (host is None or key.used_by != host.id):
+        raise HTTPException(403, "registration key refused: already used by another host (a key registers one "
+                                 "host)")
+    if host is not None and host.site_id != key.site_id:
+        raise HTTPException(403, f"registration key refused: host {body.hostname} is registered in site "
+                                 f"{host.site.name!r}; this key is for site {key.site.name!r}")
+    if host is None:
+        host = m.Host(id=m.new_host_id(), hostname=body.hostname, site_id=key.site_id)
+        s.add(host)
+    host.admin_url, host.data_url = body.admin_url, body.data_url
+    s.flush()
+    # taken by a conditional UPDATE: two hosts racing with one key (two controllers on one database) get one winner
+    taken = s.execute(update(m.RegistrationKey)
+                      .where(m.RegistrationKey.id == key.id,
+                             (m.RegistrationKey.used_by.is_(None)) | (m.RegistrationKey.used_by == host.id))
+                      .values(used_by=host.id, used_at=m.utcnow())
+                      .execution_options(synchronize_session=False)).rowcount
+    if not taken:
+        raise HTTPException(403, "registration key refused: already used by another host")
+    issued = _sign(ca, body.csr, host.id, _names(body))
+    host.cert_serial, host.cert_not_after, host.last_seen = issued.serial, issued.not_after, m.utcnow()
+    request.state.audit_detail = {"host_id": host.id, "site": key.site.name, "serial": issued.serial}
+    return {"host_id": host.id, "certificate": issued.pem, "ca": ca.pem.decode(), "renew_after": issued.renew_after}
+
+
+@router.post("/v1/hosts/self/renew", response_model=RenewOut, responses=ERRORS)
+def renew(body: RenewIn, request: Request, host: Self, ca: CA) -> dict:
+    """A new certificate for this host (its CSR, signed by its key), before the current one expires."""
+    note(request, host.id)
+    data_host = urlsplit(host.data_url or "").hostname
+    issued = _sign(ca, body.csr, host.id, [host.hostname, data_host or host.hostname])
+    host.cert_serial, host.cert_not_after = issued.serial, issued.not_after
+    request.state.audit_detail = {"serial": issued.serial, "not_after": issued.not_after.isoformat()}
+    return {"certificate": issued.pem, "renew_after": issued.renew_after}
+
+
+@router.get("/v1/hosts/self/desired", response_model=DesiredOut, responses=ERRORS)
+def get_desired(s: DB, host: Self) -> dict:
+    """What this host should run: replicatord's configuration, the fencing table, and their revision."""
+    return desired.current(s, host)
+
+
+def _observe(s: Session, host: m.Host, status: dict) -> None:
+    """The machines this host runs as primary take its report's state, health, RPO and last success."""
+    entries = {e.get("name"): e for e in status.get("machines") or [] if isinstance(e, dict)}
+    if not entries:
+        return
+    now = m.utcnow()
+    for machine in s.scalars(select(m.Machine).where(m.Machine.primary_host_id == host.id,
+                                                     m.Machine.name.in_([n for n in entries if isinstance(n, str)]))):
+        e = entries[machine.name]
+        stats = e.get("stats") if isinstance(e.get("stats"), dict) else {}
+        machine.observed_state = str(e.get("state"))[:64] if e.get("state") is not None else None
+        machine.health = str(stats.get("health"))[:32] if stats.get("health") is not None else None
+        rpo = stats.get("achieved_rpo")
+        machine.rpo_seconds = float(rpo) if isinstance(rpo, (int, float)) and not isinstance(rpo, bool) else None
+        last = stats.get("last_replication_time")
+        if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
+            machine.last_success_at = dt.datetime.fromtimestamp(last, dt.timezone.utc)
+        machine.observed_at = now
+
+
+STATE_JOBS = ("enable-protection", "pause-protection", "resume-protection", "resync", "disable-protection")
+
+
+def _applied(s: Session, host: m.Host, revision: int) -> None:
+    """Jobs waiting for this host to apply a desired revision (api/machines.py) succeed once it runs it."""
+    now = m.utcnow()
+    for job in s.scalars(select(m.Job).where(m.Job.host_id == host.id, m.Job.state == "queued",
+                                             m.Job.claimed_by.is_(None), m.Job.kind.in_(STATE_JOBS))):
+        wanted = (job.params or {}).get("revision")
+        if isinstance(wanted, int) and wanted <= revision:
+            job.state, job.progress, job.started_at, job.finished_at = "succeeded", 100, job.started_at or now, now
+            job.message = f"host {host.hostname} runs desired revision {revision}"
+            s.add(m.JobLogLine(job_id=job.id, line=job.message))
+
+
+@router.post("/v1/hosts/self/report", response_model=ReportOut, responses=ERRORS)
+def report(body: ReportIn, s: DB, host: Self) -> dict:
+    """The host's status, jobs and problems; the answer says the newest revision (a host sees it is behind)."""
+    doc = body.model_dump()
+    doc["received_at"] = m.utcnow().isoformat()
+    host.last_report = doc
+    host.applied_revision = body.revision
+    _observe(s, host, body.status)
+    _applied(s, host, body.revision)
+    return {"revision": desired.current(s, host)["revision"]}
+

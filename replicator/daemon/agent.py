@@ -1,0 +1,248 @@
+"""The host side of the controller channel (docs/management-plane.md): replicatord run from what the
+controller wants of this host, pulled, applied, reported, its certificate renewed -- and, when the controller is
+away, replicatord keeps running from the last desired document it received (STATE/controller/desired.json).
+
+The agent is one asyncio task on the daemon's loop, outside the data path: it only talks HTTPS to the
+controller (aiohttp, this host's certificate), writes small files and asks for the daemon's ordinary reload
+(serve() in main.py: the parts restart on the new configuration, the guests' exports stay). Every poll
+(10 s by default):
+  1. GET /v1/hosts/self/desired. A new revision is validated with the configuration loader; a valid one is
+     written to desired.json (and its fencing part to fencing.json, daemon/fencing.py), then the daemon
+     reloads; an invalid one changes nothing and is reported as a problem.
+  2. POST /v1/renew once two thirds of the certificate's lifetime have passed (same key, new certificate),
+     then a reload so the replica listener and the peers' TLS use it.
+  3. POST /v1/hosts/self/report: the revision running, the daemon's status document, its jobs, problems.
+An unreachable controller is noted ("unreachable since ...") in the status document and the log (once);
+a controller that refuses this host (removed, certificate expired) is said in one line, and the daemon goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import aiohttp
+
+from ..durable import write_json_atomic
+from ..errors import ReplicatorError
+from ..orchestration.settings import ConfigError, parse_config_data
+from . import fencing
+from .enrol import HostFiles, _error_of
+
+log = logging.getLogger("replicatord.agent")
+POLL_INTERVAL = 10.0
+TIMEOUT = aiohttp.ClientTimeout(total=15)
+_UNREACHABLE = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Refused(ReplicatorError):
+    """The controller answered 401/403: it no longer knows this host (or its certificate)."""
+
+
+class Agent:
+    def __init__(self, state_dir: str, poll_interval: float = POLL_INTERVAL):
+        self.files = HostFiles(state_dir)
+        self.info = self.files.read_info()
+        self.url = self.info["controller"]
+        self.poll_interval = poll_interval
+        self.applied = self._held_revision()      # the revision replicatord runs (desired.json's)
+        self.latest: int | None = None            # the newest the controller has said
+        self.unreachable_since: dt.datetime | None = None
+        self.refused: str | None = None
+        self.problems: list[str] = []             # about the newest desired document, for the next report
+        self.last_contact: dt.datetime | None = None
+        self.daemon = None                        # the running Daemon (serve() sets it at every start)
+        self.reload: Callable[[], None] | None = None
+        self._task: asyncio.Task | None = None
+        self._operating: asyncio.Task | None = None
+
+    def _held_revision(self) -> int:
+        try:
+            with open(self.files.desired, encoding="utf-8") as f:
+                return int(json.load(f).get("revision", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    # ------------------------------------------------------------------ talking to the controller
+    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One request with this host's certificate; Refused on 401/403, ReplicatorError on another refusal,
+        the _UNREACHABLE errors when the controller cannot be reached."""
+        ctx = self.files.client_context()          # read every time: a renewal replaces the files
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            async with s.request(method, f"{self.url}{path}", json=body, ssl=ctx) as r:
+                if r.status in (401, 403):
+                    raise Refused(await _error_of(r))
+                if r.status != 200:
+                    raise ReplicatorError(f"{method} {path}: HTTP {r.status}: {await _error_of(r)}")
+                return await r.json()
+
+    async def fetch_desired(self) -> dict:
+        doc = await self._call("GET", "/v1/hosts/self/desired")
+        if not isinstance(doc, dict) or not isinstance(doc.get("revision"), int) or not isinstance(doc.get("config"),
+                                                                                                   dict):
+            raise ReplicatorError("the controller's desired document has no revision or config")
+        self.latest = doc["revision"]
+        return doc
+
+    def accept(self, doc: dict) -> bool:
+        """Validate a desired document and keep it (desired.json, fencing.json); False if it is refused."""
+        try:
+            parse_config_data(doc["config"], base_dir=self.files.dir, source=f"desired revision {doc['revision']}",
+                              allow_empty=True)
+            changes = fencing.update(self.files.state_dir, doc.get("fencing") or {})
+        except ConfigError as e:
+            self.problems = [f"desired revision {doc['revision']} refused, revision {self.applied} runs on: "
+                             + "; ".join(f"{p}: {r}" for p, r in e.problems)]
+            log.error("%s", self.problems[0])
+            return False
+        except ReplicatorError as e:
+            self.problems = [f"desired revision {doc['revision']} refused: {e.message}"]
+            log.error("%s", self.problems[0])
+            return False
+        write_json_atomic(self.files.desired, {**doc, "received_at": _now().isoformat()})
+        for line in changes:
+            log.info("fencing: %s", line)
+        log.info("desired revision %d from the controller (was %d)", doc["revision"], self.applied)
+        self.applied, self.problems = doc["revision"], []
+        return True
+
+    async def renew_if_due(self) -> bool:
+        renew_after = dt.datetime.fromisoformat(self.info["renew_after"])
+        if _now() < renew_after:
+            return False
+        answer = await self._call("POST", "/v1/hosts/self/renew", {"csr": self.files.csr(self.info["hostname"])})
+        self.files.write_cert(answer["certificate"])
+        self.info["renew_after"] = answer["renew_after"]
+        self.files.write_info(self.info)
+        log.info("certificate renewed: valid until %s, renewed again after %s",
+                 self.files.not_after().isoformat(), answer["renew_after"])
+        return True
+
+    async def report(self) -> None:
+        daemon = self.daemon
+        body = {"revision": self.applied, "problems": list(self.problems),
+                "status": daemon.status_document() if daemon is not None else {"machines": [], "replica": None},
+                "jobs": daemon.jobs.summaries()[-50:] if daemon is not None else []}
+        answer = await self._call("POST", "/v1/hosts/self/report", body)
+        if isinstance(answer.get("revision"), int):
+            self.latest = answer["revision"]
+
+    # ------------------------------------------------------------------ the loop
+    async def poll_once(self) -> None:
+        """One round: desired, renewal, report. Never raises: what went wrong is the agent's state."""
+        try:
+            doc = await self.fetch_desired()
+            changed = doc["revision"] != self.applied and self.accept(doc)
+            renewed = await self.renew_if_due()
+            if (changed or renewed) and self.reload is not None and self.daemon is not None:
+                self.reload()
+            await self.report()
+        except Refused as e:
+            if self.refused != e.message:
+                log.error("the controller refuses this host (%s): running on from desired revision %d; register "
+                          "again with a new key if it was removed", e.message, self.applied)
+            self.refused = e.message
+            return
+        except _UNREACHABLE as e:
+            if self.files.not_after() <= _now():
+                self.refused = (f"this host's certificate expired at {self.files.not_after().isoformat()}: "
+                                "register again with a new key")
+            if self.unreachable_since is None:
+                self.unreachable_since = _now()
+                log.warning("controller %s unreachable (%s): running on from desired revision %d", self.url,
+                            str(e) or type(e).__name__, self.applied)
+            return
+        except ReplicatorError as e:
+            log.error("controller %s: %s", self.url, e.message)
+            return
+        if self.unreachable_since is not None:
+            log.info("controller %s reachable again (unreachable since %s)", self.url,
+                     self.unreachable_since.isoformat())
+        self.unreachable_since, self.refused, self.last_contact = None, None, _now()
+
+    async def first_config(self) -> None:
+        """Before the daemon first starts without a desired.json: poll until the controller gave one."""
+        while not os.path.exists(self.files.desired):
+            await self.poll_once()
+            if not os.path.exists(self.files.desired):
+                await asyncio.sleep(self.poll_interval)
+
+    async def _loop(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self.poll_interval)
+
+    def attach(self, daemon, reload: Callable[[], None]) -> None:
+        """serve() started a daemon from desired.json: apply the document's operations, poll on."""
+        self.daemon, self.reload = daemon, reload
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="controller-agent")
+        self._operating = asyncio.create_task(self.apply_operations(daemon), name="controller-operations")
+
+    async def apply_operations(self, daemon) -> None:
+        """The desired document's `operations`: pause or resume a machine when the controller's desired state
+        for it changed since last applied, and run one resync per raise of its resync counter. Changes only:
+        an operator's pause through the admin API stands until the controller says otherwise."""
+        try:
+            with open(self.files.desired, encoding="utf-8") as f:
+                wanted = json.load(f).get("operations") or {}
+            with open(self.files.operations, encoding="utf-8") as f:
+                done = json.load(f)
+        except FileNotFoundError:
+            done = {}
+        except (OSError, ValueError) as e:
+            log.error("operations not applied: %s", e)
+            return
+        for name, op in sorted(wanted.items()):
+            pm, last = daemon.machines.get(name), done.get(name)
+            if pm is None or not isinstance(op, dict):
+                continue
+            try:
+                if last is not None and op.get("state") != last.get("state") and op.get("state") in ("paused",
+                                                                                                      "enabled"):
+                    if op["state"] == "paused":
+                        pm.pause()
+                        daemon.scheduler.pause(name)
+                    else:
+                        pm.resume()
+                        daemon.scheduler.resume(name)
+                    log.info("%s: %s by the controller", name, "paused" if op["state"] == "paused" else "resumed")
+                if last is not None and isinstance(op.get("resync"), int) and op["resync"] > last.get("resync", 0):
+                    await pm.begin("resync")
+                    daemon.scheduler.resume(name)
+                    log.info("%s: resynchronization asked by the controller", name)
+            except ReplicatorError as e:
+                self.problems.append(f"{name}: {e.message}")
+                log.error("%s: the controller's operation is refused: %s", name, e.message)
+            done[name] = {"state": op.get("state"), "resync": op.get("resync", 0)}
+        write_json_atomic(self.files.operations, done)
+
+    async def stop(self) -> None:
+        for task in (self._task, self._operating):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._operating = None
+
+    def status(self) -> dict:
+        """The `controller` part of the daemon's status document."""
+        if self.refused:
+            state = f"refused: {self.refused}"
+        elif self.unreachable_since is not None:
+            state = f"unreachable since {self.unreachable_since.isoformat(timespec='seconds')}"
+        elif self.last_contact is not None:
+            state = "connected"
+        else:
+            state = "not contacted yet"
+        return {"url": self.url, "host_id": self.info["host_id"], "site": self.info.get("site"), "state": state,
+                "revision": self.applied, "latest_revision": self.latest, "problems": list(self.problems),
+                "last_contact": self.last_contact.isoformat() if self.last_contact else None,
+                "certificate_not_after": self.files.not_after().isoformat(),
+                "renew_after": self.info["renew_after"]}
