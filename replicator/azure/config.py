@@ -16,7 +16,7 @@ from .azurite import DEV_ACCOUNT, DEV_KEY
 ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_SAS = "AZURE_STORAGE_SAS_TOKEN"
 ENV_KEY = "AZURE_STORAGE_KEY"
-OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age")   # our query keys; the rest is the SAS
+OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age", "key_file")   # our query keys; the rest is the SAS
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 
@@ -50,7 +50,8 @@ class AzureConfig:
 
 
 def parse_azure_url(url: str, *, env: dict | None = None) -> AzureConfig:
-    """`azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&endpoint=URL&retention=N&concurrency=N&writer=ID]`.
+    """`azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&endpoint=URL&retention=N&concurrency=N&writer=ID&key_file=PATH]`
+    (key_file: encrypt stored data with the customer's key, see crypto.py).
     Credentials: a SAS in the URL, else the environment; ACCOUNT `-` takes everything from the
     connection string in AZURE_STORAGE_CONNECTION_STRING."""
     env = os.environ if env is None else env

@@ -11,14 +11,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .. import kernels
 from ..errors import UsageError
 from .errors import VerifyError
 from .meta import PREFIX, Point
+from .meta import FOOTER
+from .pages import MAX_PUT
+from .reader import blob_digest, read_ranges
 from .target import AzureTarget, wait_copy
-
-PIECE = 8 << 20                  # digest reads, per request
-READ_AHEAD = 4                   # digest reads in flight
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,13 @@ async def pick_point(target: AzureTarget, disk_id, generation: int | None) -> Po
 
 
 async def failover(target: AzureTarget, disk_id, *, generation: int | None = None, dest: str | None = None,
-                   test: bool = False, verify: bool = True) -> FailoverResult:
-    """Copy a point (the latest by default) to a new page blob and verify it. `dest` names the blob;
-    by default DISK-failover-gN.vhd, or DISK-test-gN-TIME.vhd for a test failover."""
+                   test: bool = False, verify: bool = True, point: Point | None = None) -> FailoverResult:
+    """Copy a point (the latest by default, or `point`) to a new page blob and verify it. `dest` names the
+    blob; by default DISK-failover-gN.vhd, or DISK-test-gN-TIME.vhd for a test failover. An encrypted point
+    is decrypted into the new blob (a wrong or missing key is refused before the blob is made)."""
     start = time.monotonic()
-    point = await pick_point(target, disk_id, generation)
+    point = point or await pick_point(target, disk_id, generation)
+    cipher = target.cipher_for(disk_id, point.key_id)
     name = dest or _dest_name(target, disk_id, point.generation, test)
     src = target.container.get_blob_client(target.blob_name(disk_id), snapshot=point.snapshot)
     dst = target.container.get_blob_client(name)
@@ -66,13 +67,16 @@ async def failover(target: AzureTarget, disk_id, *, generation: int | None = Non
             PREFIX + "time": repr(point.time), PREFIX + "consistency": point.consistency,
             PREFIX + "test": "1" if test else "0"}
     try:        # as with files (durable.output_path): a copy that did not finish and verify is not left behind
-        res = await target._call(f"copy {point.snapshot} to {name}", dst.start_copy_from_url, src.url,
-                                 metadata=meta)
-        await wait_copy(target, dst, res, f"copy to {name}")
+        if cipher is None:
+            res = await target._call(f"copy {point.snapshot} to {name}", dst.start_copy_from_url, src.url,
+                                     metadata=meta)
+            await wait_copy(target, dst, res, f"copy to {name}")
+        else:
+            await decrypting_copy(target, src, dst, cipher, meta)
         size = (await target._call(f"read {name}", dst.get_blob_properties)).size
         digest = await blob_digest(target, dst, size)
         if verify:
-            want = await blob_digest(target, src, size)
+            want = await blob_digest(target, src, size, size - FOOTER, cipher)
             if want != digest:
                 raise VerifyError(f"copy of point {point.generation} to {name} differs from the snapshot "
                                   f"({digest.hex()} != {want.hex()}); the copy was deleted")
@@ -115,59 +119,15 @@ async def cleanup(target: AzureTarget, disk_id, *, blob: str | None = None, brea
     return names
 
 
-async def blob_digest(target: AzureTarget, blob, size: int) -> bytes:
-    """XXH3-128 of a blob's content (0..size), reading only its valid page ranges: the rest reads as zeros.
-    Equal content gives equal digests however the pages came to be (written zeros or never written)."""
-    ranges = await _ranges(target, blob, size)
-    hasher, pos = kernels.Xxh3Hasher(), 0
-    pieces = [(s, min(s + PIECE, e)) for s, e in ranges for s in range(s, e, PIECE)]
-    for i in range(0, len(pieces), READ_AHEAD):
-        batch = pieces[i:i + READ_AHEAD]
-        datas = await asyncio.gather(*(_read(target, blob, s, e - s) for s, e in batch))
-        for (s, e), data in zip(batch, datas):
-            _zeros(hasher, s - pos)
-            hasher.update(data)
-            pos = e
-    _zeros(hasher, size - pos)
-    return hasher.digest()
-
-
-async def _ranges(target: AzureTarget, blob, size: int) -> list[tuple[int, int]]:
-    """Valid page ranges, merged and clipped, as [start, end) pairs in order."""
-    out: list[tuple[int, int]] = []
-
-    async def collect(**kw):
-        out.clear()
-        async for r in blob.list_page_ranges(**kw):
-            if r.cleared:
-                continue
-            s, e = r.start, min(r.end + 1, size)
-            if out and out[-1][1] >= s:
-                out[-1] = (out[-1][0], max(out[-1][1], e))
-            elif s < e:
-                out.append((s, e))
-    await target._call(f"list page ranges of {blob.blob_name}", collect)
-    return out
-
-
-async def _read(target: AzureTarget, blob, offset: int, length: int) -> bytes:
-    async def get(**kw):
-        stream = await blob.download_blob(offset=offset, length=length, **kw)
-        return await stream.readall()
-    data = await target._call(f"read {blob.blob_name} [{offset}, {offset + length})", get)
-    if len(data) != length:
-        raise VerifyError(f"{blob.blob_name}: read {len(data)} of {length} bytes at {offset}")
-    return data
-
-
-_ZERO = bytes(PIECE)
-
-
-def _zeros(hasher, n: int) -> None:
-    while n > 0:
-        k = min(n, PIECE)
-        hasher.update(memoryview(_ZERO)[:k])
-        n -= k
+async def decrypting_copy(target: AzureTarget, src, dst, cipher, meta: dict) -> None:
+    """The snapshot's plaintext into a new page blob (the footer is stored in the clear already)."""
+    size = (await target._call(f"read {src.blob_name}", src.get_blob_properties)).size
+    await target._call(f"create {dst.blob_name}", dst.create_page_blob, size, metadata=meta, if_none_match="*")
+    async for offset, data in read_ranges(target, src, size, size - FOOTER, cipher):
+        for at in range(0, len(data), MAX_PUT):
+            piece = data[at:at + MAX_PUT]
+            await target._call(f"write {dst.blob_name}", dst.upload_page, piece, offset=offset + at,
+                               length=len(piece))
 
 
 def _dest_name(target: AzureTarget, disk_id, generation: int, test: bool) -> str:

@@ -53,6 +53,12 @@ class BlobState:
     committed: list[tuple[str, int]] = field(default_factory=list)
     zeroed: bool = True                  # never written since creation (or cleared): reads as zeros
     ip: InProgress | None = None
+    machine: str = ""                    # the protected machine (machine points group its disks by it)
+    cut_time: float = 0.0                # the primary's time of the current generation's stream (its cut)
+    cut_consistency: str = "crash"
+    additional: int = 0                  # the protection's additional (hourly) points, as last told
+    key_id: str = ""                     # encryption (crypto.py): the master key's id, and the disk key's
+    key_check: str = ""                  # check value; "" = stored in the clear
 
     def committed_generation(self, stream: str) -> int | None:
         for sid, gen in self.committed:
@@ -66,7 +72,11 @@ class BlobState:
     def to_metadata(self) -> dict[str, str]:
         m = {"disk_id": self.disk_id, "disk_size": str(self.disk_size), "name": _ascii(self.name),
              "generation": str(self.generation), "committed": ",".join(f"{s}:{g}" for s, g in self.committed),
-             "zeroed": "1" if self.zeroed else "0"}
+             "zeroed": "1" if self.zeroed else "0", "machine": _ascii(self.machine),
+             "cut_time": repr(float(self.cut_time)), "cut_consistency": self.cut_consistency,
+             "additional": str(self.additional)}
+        if self.key_id:
+            m.update({"key_id": self.key_id, "key_check": self.key_check})
         if self.ip is not None:
             ip = self.ip
             m.update({"ip_stream": ip.stream, "ip_generation": str(ip.generation), "ip_base": str(ip.base),
@@ -77,11 +87,14 @@ class BlobState:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> "BlobState":
-        m = {k.lower()[len(PREFIX):]: v for k, v in (meta or {}).items() if k.lower().startswith(PREFIX)}
+        m = fields(meta)
         try:
             uuid.UUID(m["disk_id"])
             state = cls(m["disk_id"], int(m["disk_size"]), m.get("name", ""), int(m.get("generation", "0")),
-                        _committed(m.get("committed", "")), m.get("zeroed", "0") == "1")
+                        _committed(m.get("committed", "")), m.get("zeroed", "0") == "1",
+                        machine=m.get("machine", ""), cut_time=float(m.get("cut_time", "0")),
+                        cut_consistency=m.get("cut_consistency", "crash"), additional=int(m.get("additional", "0")),
+                        key_id=m.get("key_id", ""), key_check=m.get("key_check", ""))
             if m.get("ip_stream"):
                 state.ip = InProgress(m["ip_stream"], int(m["ip_generation"]), int(m["ip_base"]),
                                       float(m["ip_created"]), m["ip_consistency"], m["ip_kind"],
@@ -92,10 +105,18 @@ class BlobState:
         return state
 
 
-def point_metadata(generation: int, created: float, consistency: str, stream: str, kind: str) -> dict[str, str]:
-    """Metadata of a recovery-point snapshot."""
-    return {PREFIX + "generation": str(generation), PREFIX + "time": repr(float(created)),
-            PREFIX + "consistency": consistency, PREFIX + "stream": stream, PREFIX + "kind": kind}
+def point_metadata(generation: int, created: float, consistency: str, stream: str, kind: str,
+                   key_id: str = "", **extra) -> dict[str, str]:
+    """Metadata of a recovery-point snapshot (`key_id`: the key its data is encrypted with; `extra`: a
+    machine point's fields, see points.py)."""
+    m = {"generation": str(generation), "time": repr(float(created)), "consistency": consistency,
+         "stream": stream, "kind": kind, **({"key_id": key_id} if key_id else {}), **extra}
+    return {PREFIX + k: v for k, v in m.items()}
+
+
+def fields(meta: dict[str, str] | None) -> dict[str, str]:
+    """Our metadata keys without the prefix (Azure may return them in any case)."""
+    return {k.lower()[len(PREFIX):]: v for k, v in (meta or {}).items() if k.lower().startswith(PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -106,14 +127,16 @@ class Point:
     consistency: str
     stream: str
     snapshot: str                  # the snapshot's timestamp id
+    machine_point: int | None = None   # the machine point it belongs to (points.py), None: a plain cycle point
+    key_id: str = ""
 
 
 def point_from(snapshot: str, meta: dict[str, str] | None) -> Point | None:
     """The point a snapshot stands for, or None for a snapshot someone else took."""
-    m = {k.lower()[len(PREFIX):]: v for k, v in (meta or {}).items() if k.lower().startswith(PREFIX)}
+    m = fields(meta)
     try:
         return Point(int(m["generation"]), float(m["time"]), m.get("consistency", "crash"), m.get("stream", ""),
-                     snapshot)
+                     snapshot, int(m["point"]) if m.get("point") else None, m.get("key_id", ""))
     except (KeyError, ValueError):
         return None
 

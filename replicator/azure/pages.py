@@ -98,8 +98,9 @@ class Caller:
 class PageChannel:
     """Parallel page requests to one blob under a lease, in an order that keeps overlapping writes right."""
 
-    def __init__(self, blob, lease: str, caller: Caller, *, throttle=None, on_progress=None):
-        self.blob, self.lease, self.caller = blob, lease, caller
+    def __init__(self, blob, lease: str, caller: Caller, *, throttle=None, on_progress=None, cipher=None):
+        """`cipher` (crypto.DiskCipher): pages are encrypted on their way out and decrypted when read."""
+        self.blob, self.lease, self.caller, self.cipher = blob, lease, caller, cipher
         self.window = caller.window
         self.throttle, self.on_progress = throttle, on_progress
         self.watermark = 0
@@ -116,6 +117,8 @@ class PageChannel:
     async def put(self, offset: int, data: bytes, frames_done: int) -> None:
         if self.throttle is not None:
             await self.throttle(len(data))
+        if self.cipher is not None:
+            data = await asyncio.to_thread(self.cipher.encrypt, offset, data)
         await self._launch(offset, offset + len(data), frames_done, "Put Page", self.blob.upload_page, data,
                            offset=offset, length=len(data), lease=self.lease)
 
@@ -132,8 +135,12 @@ class PageChannel:
         """Current bytes of a range (to complete a partial sector), after any pending write to it."""
         await self._wait_overlaps(offset, offset + length)
         self._raise()
-        stream = await self.caller(f"read {self.name}", self.blob.download_blob, offset=offset, length=length)
-        return await stream.readall()
+        lo, hi = (align_down(offset), align_up(offset + length)) if self.cipher else (offset, offset + length)
+        stream = await self.caller(f"read {self.name}", self.blob.download_blob, offset=lo, length=hi - lo)
+        data = await stream.readall()
+        if self.cipher is not None:
+            data = self.cipher.decrypt(lo, data)[offset - lo:offset - lo + length]
+        return data
 
     async def drain(self) -> None:
         while self._inflight:

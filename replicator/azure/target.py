@@ -30,6 +30,7 @@ from ..errors import FormatError, ReplicatorError, SequenceError, UsageError
 from ..targets.base import DiskInfo, PointInfo, ReplicaTarget
 from ..targets.outbox import OutboxStream
 from .config import AzureConfig, parse_azure_url
+from .crypto import KeyRing, WrongKey
 from .errors import AzureNotFound, BlobTooLarge, ContainerMissing, WriterConflict, classify
 from .meta import PAGE_BLOB_MAX, BlobState, InProgress, Point, blob_size, disk_area, point_from, point_metadata
 from .pages import CLEAR_CHUNK, Caller, Checkpointer, PageApplier, PageChannel, Window, feed
@@ -57,11 +58,13 @@ class AzureTarget(ReplicaTarget):
     def __init__(self, where, *, retention: int = 8, max_age: float | None = None, concurrency: int = 8,
                  writer_id: str | None = None, prefix: str | None = None, checkpoint_bytes: int = 64 * MiB,
                  checkpoint_seconds: float = 5.0, zero_gap: int = 64 << 10, attempts: int = 6,
-                 request_timeout: float = 120.0, bridge_ratio: float = 0.048, client_kw: dict | None = None):
+                 request_timeout: float = 120.0, bridge_ratio: float = 0.048, client_kw: dict | None = None,
+                 key_file: str | None = None):
         """`where`: an asyncio ContainerClient, an AzureConfig, or an azure://ACCOUNT/CONTAINER URL.
         retention/max_age: recovery points kept (count, seconds); concurrency: page requests in flight at
         most; writer_id: the lease id (a UUID) naming this writer; checkpoint_*: how often progress is
-        recorded; zero_gap/bridge_ratio: zero gaps sent to save a request (initial upload only)."""
+        recorded; zero_gap/bridge_ratio: zero gaps sent to save a request (initial upload only); key_file:
+        encrypt stored data with the customer's key (crypto.py)."""
         if isinstance(where, str):
             where = parse_azure_url(where)
         if isinstance(where, AzureConfig):
@@ -70,6 +73,7 @@ class AzureTarget(ReplicaTarget):
             concurrency = opts.get("concurrency", concurrency)
             writer_id = writer_id or opts.get("writer")
             max_age = opts.get("max_age", max_age)
+            key_file = key_file or opts.get("key_file")
             prefix = where.prefix if prefix is None else prefix
             self.container = where.container_client(**(client_kw or {}))
             self._owns_client = True
@@ -86,6 +90,7 @@ class AzureTarget(ReplicaTarget):
         self.bridge_ratio = bridge_ratio
         self.last_send = SendStats()
         self.prune_error: ReplicatorError | None = None
+        self.keys = KeyRing.load(key_file) if key_file else None
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "AzureTarget":
@@ -119,11 +124,16 @@ class AzureTarget(ReplicaTarget):
             await self._create_container()
             state = None
         if state is None:
-            state = await self._create(disk_id, size, name)
+            state = await self._create(disk_id, size, name, machine)
         elif state.disk_size != size:
             raise SequenceError(f"replica blob {self._where(disk_id)} is for a disk of {state.disk_size} bytes, the "
                                 f"primary disk has {size}")
-        await self._lease(disk_id)
+        lease = await self._lease(disk_id)
+        changed = await self._take_key(disk_id, state)
+        if machine and state.machine != machine:     # the machine's points group its disks by it
+            state.machine, changed = machine, True
+        if changed:
+            await self._save(disk_id, lease, state)
         if state.generation == 0 and state.ip is None:
             await self._ensure_footer(disk_id, size)
         return _info(state)
@@ -145,7 +155,7 @@ class AzureTarget(ReplicaTarget):
             return 0
         if state.ip is None or state.ip.stream != stream_id:
             await self._begin(disk_id, lease, state, header, stream_id)
-        stats = await self._apply(disk_id, lease, state, path, throttle)
+        stats = await self._apply(disk_id, lease, state, path, throttle, self._cipher(disk_id, state))
         stats.seconds = time.monotonic() - start
         self.last_send = stats
         return stats.bytes_put
@@ -166,6 +176,7 @@ class AzureTarget(ReplicaTarget):
                                 "commit, no recovery point made (send it again first)")
         point = await self._find_point(disk_id, stream=stream_id) or await self._snapshot(disk_id, lease, ip)
         state.generation, state.ip = ip.generation, None
+        state.cut_time, state.cut_consistency = ip.created, ip.consistency
         state.add_committed(stream_id, ip.generation)
         await self._save(disk_id, lease, state)
         try:
@@ -194,19 +205,37 @@ class AzureTarget(ReplicaTarget):
         return sorted(out, key=lambda p: (p.generation, p.snapshot))
 
     async def prune(self, disk_id) -> list[Point]:
-        """Delete points beyond the retention count or older than max_age (never the latest)."""
+        """Delete plain cycle points (not machine points: points.py keeps those) beyond the retention count
+        or older than max_age, never the latest snapshot. Once the disk has machine points, a plain point is
+        only kept until a machine point covers its generation."""
         pts = await self.points(disk_id)
         if not pts:
             return []
-        kept = pts[-self.retention:]
-        if self.max_age is not None:
-            kept = [p for p in kept if p.time >= time.time() - self.max_age]
-        keep = {p.snapshot for p in kept} | {pts[-1].snapshot}
-        gone = [p for p in pts if p.snapshot not in keep]
-        for p in gone:
+        plain = [p for p in pts if p.machine_point is None]
+        newest_machine = max((p.generation for p in pts if p.machine_point is not None), default=None)
+        if newest_machine is not None:
+            plain = [p for p in plain if p.generation <= newest_machine] + \
+                [p for p in plain if p.generation > newest_machine][:-self.retention]
+        else:
+            kept = plain[-self.retention:]
+            if self.max_age is not None:
+                kept = [p for p in kept if p.time >= time.time() - self.max_age]
+            plain = [p for p in plain if p not in kept]
+        gone = [p for p in plain if p.snapshot != pts[-1].snapshot]
+        await self.delete_points(disk_id, gone)
+        return gone
+
+    async def delete_points(self, disk_id, points) -> None:
+        for p in points:
             snap = self.container.get_blob_client(self.blob_name(disk_id), snapshot=p.snapshot)
             await self._call(f"delete snapshot {p.snapshot} of {self._where(disk_id)}", snap.delete_blob)
-        return gone
+
+    async def checkpoint(self, disk_id, generation: int, point: int, prepared: bool = False,
+                         additional_points: int | None = None) -> None:
+        """The machine's cycle `point` ended at `generation` of this disk: snapshot it as the disk's part of
+        machine point `point` and apply the machine's retention (points.py)."""
+        from .points import checkpoint
+        await checkpoint(self, disk_id, generation, point, prepared, additional_points)
 
     async def _find_point(self, disk_id, *, stream: str | None = None, generation: int | None = None):
         for p in reversed(await self.points(disk_id)):
@@ -215,10 +244,59 @@ class AzureTarget(ReplicaTarget):
         return None
 
     async def _snapshot(self, disk_id, lease: str, ip: InProgress) -> Point:
-        meta = point_metadata(ip.generation, ip.created, ip.consistency, ip.stream, ip.kind)
+        meta = point_metadata(ip.generation, ip.created, ip.consistency, ip.stream, ip.kind, self._key_id(disk_id))
         res = await self._call(f"snapshot {self._where(disk_id)}", self.blob(disk_id).create_snapshot,
                                metadata=meta, lease=lease)
         return Point(ip.generation, ip.created, ip.consistency, ip.stream, res["snapshot"])
+
+    # ------------------------------------------------------------------ encryption (crypto.py)
+    async def _take_key(self, disk_id, state: BlobState) -> bool:
+        """Check the blob's key against ours before anything is written; a new blob takes our current key.
+        True when the state changed (to be saved)."""
+        where = self._where(disk_id)
+        if self.keys is None:
+            if state.key_id:
+                raise WrongKey(f"{where} is encrypted with key {state.key_id}: give the target its key file "
+                               "(key_file= in the azure:// URL)")
+            return False
+        cipher = self.keys.cipher(disk_id)
+        if not state.key_id:
+            if state.generation or state.ip is not None or not state.zeroed:
+                raise UsageError(f"{where} holds data stored in the clear: an encrypted replica needs a new blob "
+                                 "(disable and re-enable replication, or use another prefix)")
+            state.key_id, state.key_check = cipher.key_id, cipher.check
+            return True
+        if state.key_id != cipher.key_id:
+            raise WrongKey(f"{where} is encrypted with key {state.key_id}, the key file {self.keys.path} starts with "
+                           f"{cipher.key_id}: refusing to write (use the key file the replica was written with)")
+        if state.key_check != cipher.check:
+            raise WrongKey(f"{where}: the key check value does not match key {state.key_id}: refusing to write")
+        return False
+
+    def _cipher(self, disk_id, state: BlobState):
+        if not state.key_id and self.keys is None:
+            return None
+        if self.keys is None or state.key_id != self.keys.current_id:
+            raise WrongKey(f"{self._where(disk_id)} is encrypted with key {state.key_id or '(none)'}, this target's "
+                           f"key is {self.keys.current_id if self.keys else '(none)'}: run ensure_disk first")
+        return self.keys.cipher(disk_id)
+
+    def _key_id(self, disk_id) -> str:
+        return self.keys.current_id if self.keys else ""
+
+    def cipher_for(self, disk_id, key_id: str):
+        """The cipher that reads data stored under `key_id` ("" = in the clear: None)."""
+        if not key_id:
+            return None
+        if self.keys is None:
+            raise WrongKey(f"{self._where(disk_id)} is encrypted with key {key_id}: give the target its key file "
+                           "(key_file= in the azure:// URL)")
+        return self.keys.cipher(disk_id, key_id)
+
+    def check_keys(self, point) -> None:
+        """Refuse, before anything is written, a machine point some disk of which we cannot decrypt."""
+        for part in point.disks.values():
+            self.cipher_for(part.disk_id, part.key_id)
 
     # ------------------------------------------------------------------ lease
     async def _lease(self, disk_id) -> str:
@@ -279,8 +357,8 @@ class AzureTarget(ReplicaTarget):
                 pass
         await self._call(f"create container {self.container.container_name}", create)
 
-    async def _create(self, disk_id, size: int, name: str) -> BlobState:
-        state = BlobState(str(disk_id), size, name)
+    async def _create(self, disk_id, size: int, name: str, machine: str = "") -> BlobState:
+        state = BlobState(str(disk_id), size, name, machine=machine)
         try:
             await self._call(f"create {self._where(disk_id)}", self.blob(disk_id).create_page_blob, blob_size(size),
                              metadata=state.to_metadata(), if_none_match="*")
@@ -355,7 +433,7 @@ class AzureTarget(ReplicaTarget):
                                src.url, metadata=state.to_metadata(), destination_lease=lease)
         await wait_copy(self, blob, res, f"restore {self._where(disk_id)}")
 
-    async def _apply(self, disk_id, lease: str, state: BlobState, path: str, throttle) -> SendStats:
+    async def _apply(self, disk_id, lease: str, state: BlobState, path: str, throttle, cipher) -> SendStats:
         ip = state.ip
         resume = ip.frames_done
         stats = SendStats(resumed_at=resume)
@@ -367,7 +445,7 @@ class AzureTarget(ReplicaTarget):
             await blob.set_blob_metadata(state.to_metadata(), lease=lease, **kw)
         saver = Checkpointer(state, lambda: caller(f"checkpoint {where}", save), self.checkpoint_bytes,
                              self.checkpoint_seconds)
-        ch = PageChannel(self.blob(disk_id), lease, caller, throttle=throttle,
+        ch = PageChannel(self.blob(disk_id), lease, caller, throttle=throttle, cipher=cipher,
                          on_progress=lambda w: saver.progress(w, ch.bytes_put))
         applier = PageApplier(ch, state.disk_size, skip_zeros=ip.on_zeros, zero_gap=self.zero_gap,
                               bridge_ratio=self.bridge_ratio)

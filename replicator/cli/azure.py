@@ -1,5 +1,6 @@
-"""`replicator azure points | failover | test-failover | cleanup --to azure://ACCOUNT/CONTAINER[/PREFIX]`:
-recovery points of disks replicated to Azure page blobs, and failover from them."""
+"""`replicator azure points | failover | test-failover | cleanup | machine-points | export | keygen`:
+recovery points of disks and machines replicated to Azure page blobs (--to azure://ACCOUNT/CONTAINER[/PREFIX]),
+failover from them, and the key file of encrypted replicas."""
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +35,22 @@ def register(sub) -> None:
                            help="also free the replica blob from a writer that is certainly gone")
         add_json(c)
         c.set_defaults(func=func)
+    mp = cmds.add_parser("machine-points", help="recovery points of each machine (one cut across its disks)")
+    mp.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]")
+    mp.add_argument("--machine", help="only this machine")
+    add_json(mp)
+    mp.set_defaults(func=cmd_machine_points)
+    ex = cmds.add_parser("export", help="write a machine point's disks as fixed VHD files (decrypted)")
+    ex.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]")
+    ex.add_argument("machine")
+    ex.add_argument("--point", type=int, help="machine point (default: the latest)")
+    ex.add_argument("--out", required=True, help="existing folder; NAME.vhd per disk is written there")
+    ex.set_defaults(func=cmd_export)
+    kg = cmds.add_parser("keygen", help="write a new key file for encrypted replicas (key_file= in the URL)")
+    kg.add_argument("--out", required=True, help="key file to create (mode 0600)")
+    kg.add_argument("--rotate", metavar="OLD", help="start from this key file: the new key first, the old "
+                    "keys kept after it (older points stay readable)")
+    kg.set_defaults(func=cmd_keygen)
 
 
 def _run(args, work):
@@ -97,4 +114,42 @@ def cmd_cleanup(args) -> int:
             print(f"deleted {name}")
         if args.break_lease:
             print(f"lease on the replica of {args.disk} broken")
+    return 0
+
+
+def cmd_machine_points(args) -> int:
+    from ..azure.points import machine_points
+    found = _run(args, lambda t: machine_points(t, args.machine))
+    if args.json:
+        print(json.dumps({m: [dataclasses.asdict(p) for p in pts] for m, pts in found.items()}, indent=2))
+        return 0
+    for machine, pts in sorted(found.items()):
+        print(f"machine {machine}")
+        for p in pts:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.time))
+            gens = ", ".join(f"{d.name or d.disk_id}@{d.generation}" for d in p.disks.values())
+            print(f"   point {p.point:>6}  {when} UTC  {p.consistency:<11}  {p.kind:<6}  {gens}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..azure.export import export_point
+    mp, paths = _run(args, lambda t: export_point(t, args.machine, args.point, args.out))
+    print(f"exported point {mp.point} of {args.machine}: {', '.join(paths)}")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    import os
+
+    from ..azure.crypto import KeyRing, key_id, new_key_line
+    from ..durable import output_path
+    old = KeyRing.load(args.rotate).keys if args.rotate else []
+    line = new_key_line()
+    with output_path(args.out) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# replicator Azure encryption keys: the first is current. Keep a copy in escrow.\n")
+            f.write("\n".join([line] + [k.hex() for k in old]) + "\n")
+    print(f"key {key_id(bytes.fromhex(line))} written to {args.out}" + (f" ({len(old)} older kept)" if old else ""))
     return 0

@@ -26,11 +26,13 @@ class Primary:
         self.disk_id = disk_id or uuid.uuid4()
         self.generation = 0
         self.history: dict[int, bytes] = {}
+        self.clock = time.time               # the primary's clock: the cut time streams carry
+        self.consistency: str | None = None  # None: a random one per stream
 
     def _header(self, kind: str) -> delta.StreamHeader:
         return delta.StreamHeader(self.disk_id, self.size, block_size=256 * KiB, generation=self.generation + 1,
-                                  base_generation=self.generation, created=time.time(), kind=kind,
-                                  consistency=self.rng.choice(["crash", "application"]))
+                                  base_generation=self.generation, created=self.clock(), kind=kind,
+                                  consistency=self.consistency or self.rng.choice(["crash", "application"]))
 
     def scatter(self, n: int, max_len: int = 200 * KiB, aligned: bool = False) -> None:
         """Random writes (random bytes or text) without emitting a stream (initial content)."""

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from replicator import kernels
 from replicator.azure import VerifyError
 from replicator.azure import failover as fo
 from replicator.azure.azurite import DEV_ACCOUNT
@@ -73,8 +74,8 @@ def test_verify_catches_a_different_copy(azurite, tmp_path, monkeypatch):
         await replicate(t, p, 2)
         real = fo.blob_digest
 
-        async def lying_digest(target_, blob, size):
-            d = await real(target_, blob, size)
+        async def lying_digest(target_, blob, size, *rest):
+            d = await real(target_, blob, size, *rest)
             return d if blob.snapshot else bytes(16)          # the copy "differs"
         monkeypatch.setattr(fo, "blob_digest", lying_digest)
         with pytest.raises(VerifyError, match="differs"):
@@ -82,7 +83,7 @@ def test_verify_catches_a_different_copy(azurite, tmp_path, monkeypatch):
         monkeypatch.setattr(fo, "blob_digest", real)
         assert [b.name async for b in c.list_blobs()] == [t.blob_name(p.disk_id)]   # bad copy deleted
         digest_a = await fo.blob_digest(t, c.get_blob_client(t.blob_name(p.disk_id)), 2 * MiB + 512)
-        assert digest_a == fo.kernels.xxh3_128(await blob_bytes(c, t.blob_name(p.disk_id)))
+        assert digest_a == kernels.xxh3_128(await blob_bytes(c, t.blob_name(p.disk_id)))
         await t.close()
         await c.delete_container()
         await c.close()
