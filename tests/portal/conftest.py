@@ -51,15 +51,12 @@ def portal(tmp_path):
 
     from replicator.controller.app import create_app
     from replicator.controller.auth import ensure_admin_token
-    from replicator.controller.portal.routes import router
 
     data = tmp_path / "controller-data"
     data.mkdir()
     store = Store.open(f"sqlite:///{data / 'controller.db'}")
     token = ensure_admin_token(store, str(data))
     app = create_app(store, data_dir=str(data))
-    if not any(getattr(r, "path", None) == "/v1/events" for r in app.routes):
-        app.include_router(router)            # until the app factory includes the console itself
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2, lifespan="off"))

@@ -8,6 +8,7 @@ import { stopStream } from './events.js';
 const PAGES = [
   { path: 'overview', title: 'Overview', load: () => import('./pages/overview.js') },
   { path: 'items', title: 'Replicated items', load: () => import('./pages/items.js') },
+  { path: 'jobs', title: 'Jobs', load: () => import('./pages/jobs.js') },
 ];
 // Pages reached from others, not from the navigation.
 const HIDDEN = [
