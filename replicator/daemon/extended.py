@@ -126,6 +126,8 @@ class ExtendedLeg:
     async def cycle(self) -> ExtendedResult:
         """Forward the newest machine cut to the third site; resumes a cycle a crash interrupted first.
         One at a time (the schedule's and an operator's)."""
+        if self.state == "Continued":
+            raise UsageError(f"{self.name}: {self.reason}")
         async with self._lock:
             return await self._locked_cycle()
 
@@ -294,10 +296,19 @@ class ExtendedLeg:
             if not any((m.get("pending") or {}).get("path") == full for m in self.data["disks"].values()):
                 os.unlink(full)
 
+    def continued(self) -> None:
+        """The machine failed over to this site: it is protected from here towards the extended site now
+        (a primary leg of this site), and this leg forwards no more."""
+        self.state, self.reason = "Continued", ("the machine failed over to this site; it replicates from here "
+                                                f"to {self.settings.target} as a protected machine")
+        self._save()
+
     # ------------------------------------------------------------------ running
     async def run(self, stop: asyncio.Event) -> None:
         """A cycle every `frequency` seconds until `stop` is set; each leaves one log line."""
         while not stop.is_set():
+            if self.state == "Continued":
+                return
             try:
                 r = await self.cycle()
                 log.info("%s: extended cycle to %s: point %s, %.1f MiB changed, %.1f MiB sent in %.1f s", self.name,

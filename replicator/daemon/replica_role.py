@@ -3,6 +3,7 @@ storage locations, and the extended replication legs that forward what it applie
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -11,6 +12,8 @@ from ..targets.factory import open_target
 from ..transport.auth import AuthorizationEntry
 from ..transport.server import ReplicaServer
 from .extended import ExtendedLeg
+
+log = logging.getLogger("replicatord")
 
 
 class ReplicaRole:
@@ -45,6 +48,29 @@ class ReplicaRole:
             return web.json_response({"error": leg.reason or str(e)}, status=409)
         return web.json_response({"point": r.point, "bytes_sent": r.bytes_sent, "bytes_changed": r.bytes_changed,
                                   "seconds": r.seconds, "status": leg.status()})
+
+    async def continue_extended(self, name: str, site) -> None:
+        """`name`, which has an extended leg, was failed over to this site and the failover committed: the
+        leg goes on from here, this site now its primary (as Hyper-V's does). The point the failover used is
+        forwarded first, then the running machine is protected towards the extended site, whose copy is
+        the starting point (a checksum resync levels it after an unplanned failover)."""
+        leg = next((g for g in self.legs if g.name == name), None)
+        if leg is None or leg.state == "Continued":
+            return
+        try:
+            await leg.cycle()
+        except (ReplicatorError, OSError) as e:
+            log.warning("%s: the extended site could not take the last point before the leg continues from "
+                        "here: %s", name, leg.reason or e)
+        s = leg.settings
+        body = {"target": s.target, "frequency": int(s.frequency), "additional_points": s.additional_points,
+                "compression": s.compression}
+        body.update({k: v for k, v in (("cert", s.cert), ("key", s.key), ("ca", s.ca),
+                                       ("bandwidth_limit", s.bandwidth_limit)) if v})
+        if s.kerberos:
+            body["auth"] = "kerberos"
+        await site.reverse(name, body)
+        leg.continued()
 
     async def stop(self) -> None:
         self._stop.set()

@@ -498,6 +498,9 @@ class ReplicaSite(ReplicaDomains, ReverseReplication):
         m = self._machine(name)
         st = self._replica_state(m)
         st.fire(Event.commit_failover, f"failover to point {(st.data.get('failover') or {}).get('point')} committed")
+        if getattr(self.daemon, "replica_server", None) is not None:     # an extended leg goes on from here
+            await self.daemon.replica_server.continue_extended(name, self)
+            m = self._machine(name)
         return self.view(m)
 
     async def cancel_failover(self, name: str) -> dict:

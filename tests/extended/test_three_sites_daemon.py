@@ -81,3 +81,50 @@ additional_points = 2
     finally:
         for s in (a, b, c):
             s.stop()
+
+
+def three_sites(tmp_path):
+    pki = make_pki(tmp_path)
+    certs.issue(pki, "site-c")
+    a = Site(tmp_path / "site-a", pki, "site-a", machines=MACHINES)
+    b = Site(tmp_path / "site-b", pki, "site-b")
+    c = Site(tmp_path / "site-c", pki, "site-c")
+    a.write_config(b)
+    b.extra = f'''
+[[extended]]
+machine = "vm01"
+target = "https://127.0.0.1:{c.port}"
+frequency = "5m"
+'''
+    b.write_config(a)
+    c.write_config(b)
+    return a, b, c
+
+
+def test_failover_on_the_replica_site_keeps_the_extended_leg(tmp_path):
+    a, b, c = three_sites(tmp_path)
+    try:
+        c.start()
+        b.start()
+        a.start()
+        a.qemu_io("vm01", "vm01-a.vhdx", "write -P 0x41 1M 2M")
+        a.cli("machine", "vm01", "cycle")
+        assert b.api("POST", "/v1/extended/vm01/cycle")[0] == 200
+        ids = {d: a.machine("vm01")["disks"][d]["disk_id"] for d, _ in MACHINES["vm01"]}
+        a.stop(signal.SIGKILL)                         # site A is lost: B fails vm01 over
+        b.cli("replica-machine", "vm01", "failover")
+        b.cli("replica-machine", "vm01", "commit-failover")
+        b.qemu_io("vm01", "vm01-a.vhdx", "write -P 0x52 5M 1M")        # the machine runs on B now
+        leg = b.api("GET", "/v1/extended")[1]["extended"][0]
+        assert leg["state"] == "Continued", leg
+        st = b.machine("vm01")
+        assert st["target"] == f"https://127.0.0.1:{c.port}", st
+        b.cli("machine", "vm01", "cycle")
+        st = b.machine("vm01")
+        assert st["state"] == "Replicating" and st["last_cycle"]["bytes_sent"] < 2 << 20, st
+        for disk, _ in MACHINES["vm01"]:
+            same(c.replica_bytes(ids[disk]), b.disk_bytes(b.dir / "failover" / "vm01" / disk),
+                 f"C's {disk} continued from B")
+    finally:
+        for s in (a, b, c):
+            s.stop()
