@@ -50,7 +50,7 @@ def validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code in (404, 405) and request.scope.get("route") is None:
+        if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):   # routing's
             what = "no such route" if exc.status_code == 404 else "method not allowed on"
             return _error(request, exc.status_code, f"{what} {request.method} {request.url.path}",
                           getattr(exc, "headers", None))

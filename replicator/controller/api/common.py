@@ -56,7 +56,7 @@ def bump_revision(s: Session, host_ids: Iterable[str | None]) -> None:
     if ids:
         s.execute(update(m.Host).where(m.Host.id.in_(ids))
                   .values(desired_revision=m.Host.desired_revision + 1)
-                  .execution_options(synchronize_session=False))
+                  .execution_options(synchronize_session="fetch"))     # loaded hosts see their new revision
 
 
 def pair_hosts(pair: m.CloudPair) -> list[str]:
