@@ -33,18 +33,24 @@ from ..durable import write_json_atomic
 from ..errors import ReplicatorError, UsageError
 from ..orchestration.extended import ExtendedSettings
 from ..orchestration.health import MachineStats
-from ..replica.forward import ChangeJournal, RacedCommit, Snapshot, encode_forward, new_stream_id, snapshot, \
-    snapshot_settled
+from ..replica.forward import ChangeJournal, RacedCommit, SeedSource, Snapshot, encode_forward, new_stream_id, \
+    snapshot, snapshot_settled
 
 log = logging.getLogger("replicatord")
 
 RACE_RETRIES = 20
+SEED_VOLUME = 500 << 30                  # as `replicator seed export`'s default
 
 
 class NothingYet(ReplicatorError):
-    """The machine has no replica disks on this site yet: the extended leg waits for the primary leg."""
+    """Nothing to forward yet, and nothing wrong: the machine has no replica here yet (NotStarted), or its
+    seed is not imported on the extended site yet (WaitingForSeed)."""
 
     exit_code = 13
+
+    def __init__(self, message: str, state: str = "NotStarted"):
+        super().__init__(message)
+        self.state = state
 
 
 @dataclass
@@ -136,7 +142,7 @@ class ExtendedLeg:
         try:
             result = await self._cycle()
         except NothingYet as e:                     # not a failure: the primary leg has not begun
-            self.state, self.reason = "NotStarted", e.message
+            self.state, self.reason = e.state, e.message
             self._save()
             raise
         except (ReplicatorError, OSError) as e:
@@ -160,7 +166,9 @@ class ExtendedLeg:
             ChangeJournal(path).enable()           # noted from now on, before anything is read
         result = ExtendedResult(point=None)
         initial = [k for k in paths if k not in self.data["disks"]]
-        if initial:
+        if initial and self.settings.seed_dir:
+            await self._seeded(paths, initial)
+        elif initial:
             self.state = "InitialReplicationInProgress"
             self._save()
             await self._initial(paths, initial, result)
@@ -203,6 +211,49 @@ class ExtendedLeg:
             self._save()
             result.bytes_changed += stats.plain_bytes
             result.bytes_sent += await self._send_pending(key)
+
+    async def _seeded(self, paths: dict[str, str], keys: list[str]) -> None:
+        """Offline initial replication of the leg: the disks are written as a seed into seed_dir (once); the
+        leg waits until the extended site holds every volume (`replicator seed import` there), then goes on
+        with the changes noted since the seed's cut."""
+        seeds = self.data.setdefault("seeds", {})
+        if not all(k in seeds for k in keys):
+            self.state, self.reason = "InitialReplicationInProgress", f"writing a seed into {self.settings.seed_dir}"
+            self._save()
+            await asyncio.to_thread(self._export_seed, paths, [k for k in keys if k not in seeds], seeds)
+        waiting = []
+        for key in keys:
+            seed = seeds[key]
+            try:
+                info = await self.target.disk_info(uuid.UUID(key))
+            except ReplicatorError:
+                info = None
+            if info is not None and info.generation >= seed["volumes"]:
+                self.data["disks"][key] = {"forwarded": seed["forwarded"], "generation": info.generation,
+                                           "pending": None}
+                del seeds[key]
+            else:
+                waiting.append(key)
+        self._save()
+        if waiting:
+            raise NothingYet(f"waiting for the seed in {self.settings.seed_dir} to be imported on "
+                             f"{self.settings.target} (`replicator seed import {self.settings.seed_dir}/{self.name} "
+                             "--replica-root ROOT` there)", "WaitingForSeed")
+
+    def _export_seed(self, paths: dict[str, str], keys: list[str], seeds: dict) -> None:
+        from ..seed.export import export_machine
+        for key in keys:
+            src = SeedSource(paths[key])
+            try:
+                with open(os.path.join(paths[key], "state.json")) as f:
+                    name = json.load(f).get("name") or key
+                manifest = export_machine(self.name, {name: src}, self.settings.seed_dir, volume_size=SEED_VOLUME,
+                                          compress=self.settings.compression)
+            finally:
+                src.close()
+            entry = manifest.disk(key)
+            seeds[key] = {"forwarded": src.snap.generation, "volumes": len(entry.volumes)}
+            self._save()
 
     def _fuzzy_copy(self, disk_path: str, make_header, path: str):
         """Copy the whole disk as it stands (worker thread): (snapshot, header, stats); a read that a

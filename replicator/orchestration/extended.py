@@ -35,10 +35,11 @@ class ExtendedSettings:
     key: str | None = None
     ca: str | None = None
     kerberos: bool = False
+    seed_dir: str | None = None        # initial_replication = { mode = "offline", seed_dir = ... }
 
 
 KEYS = {"machine", "target", "frequency", "additional_points", "compression", "bandwidth_limit", "storage", "cert",
-        "key", "ca", "auth"}
+        "key", "ca", "auth", "initial_replication"}
 
 
 def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
@@ -82,6 +83,13 @@ def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
         auth = t.str("auth", "cert")
         if auth not in ("cert", "certificate", "kerberos"):
             root.rep.error(t.at("auth"), f"must be cert or kerberos, not {auth!r}")
+        seed_dir = None
+        initial = raw.get("initial_replication", "network")
+        if isinstance(initial, dict) and initial.get("mode") == "offline" and isinstance(initial.get("seed_dir"), str):
+            seed_dir = _Table(initial, t.at("initial_replication"), root.rep, {"mode", "seed_dir"}, root.base
+                              ).file("seed_dir")
+        elif initial not in ("network", {"mode": "network"}):
+            root.rep.error(t.at("initial_replication"), 'must be "network" or { mode = "offline", seed_dir = "..." }')
         if not target or storage is None:
             continue
         legs.append(ExtendedSettings(
@@ -89,5 +97,5 @@ def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
             additional_points=t.int("additional_points", 0, 24, 0), compression=t.get(
                 "compression", (bool,), "true or false", True), bandwidth_limit=out.get("bandwidth_limit"),
             cert=t.file("cert", replica.cert), key=t.file("key", replica.key), ca=t.file("ca", replica.ca),
-            kerberos=auth == "kerberos"))
+            kerberos=auth == "kerberos", seed_dir=seed_dir))
     return legs

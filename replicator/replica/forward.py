@@ -196,3 +196,30 @@ def new_stream_id() -> str:
 
 def write_leg_state(path: str, state: dict) -> None:
     write_json_atomic(path, state)
+
+
+class SeedSource:
+    """A replica disk as `seed export` reads a primary's tracker: the extended leg's offline initial copy.
+    Read while the replica may change (a fuzzy copy, labelled inconsistent); the change journal, enabled
+    before, holds every range written meanwhile, so the leg's first cycle after the import levels it."""
+
+    blocking = True                     # seed/export.py: volumes of a copy read from a live disk
+
+    class _State:
+        state = "resynchronizing"
+
+    def __init__(self, disk_path: str):
+        self.snap = snapshot_settled(disk_path)
+        self.disk = VhdxDisk.open(self.snap.image, read_only=True)
+        self.disk.virtual_disk_id = uuid.UUID(self.snap.disk_id)    # the primary's disk id, not the image's
+        self.size = self.snap.size
+        self.state, self.reason = self._State(), None
+
+    def begin_resync(self) -> None:
+        """The cut is the snapshot taken at open."""
+
+    def end_resync(self) -> None:
+        self.disk.close()
+
+    def close(self) -> None:
+        self.disk.close()

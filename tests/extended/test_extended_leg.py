@@ -113,3 +113,38 @@ def test_leg_interrupted_after_sending_resumes_without_loss(tmp_path):
         finally:
             await m.close()
     asyncio.run(main())
+
+
+def test_initial_replication_of_the_leg_from_a_seed(tmp_path):
+    from replicator.seed.importer import import_seed
+    from replicator.daemon.extended import NothingYet
+
+    async def main():
+        m = Machine(tmp_path, "", disks=DISKS, start=1.75e9)
+        try:
+            await m.tick()
+            await m.tick()
+            ids = {n: str(m.pm.disks[n].virtual_disk_id) for n, _ in DISKS}
+            seed_dir = tmp_path / "usb"
+            leg = leg_for(tmp_path, seed_dir=str(seed_dir))
+            try:
+                await leg.cycle()
+                raise AssertionError("the leg must wait for the seed")
+            except NothingYet as e:
+                assert "seed import" in e.message
+            assert leg.state == "WaitingForSeed"
+            await m.write("d0.vhdx", 3 * MiB, b"\x5c" * MiB)      # after the seed's cut, before the import
+            m.set_time(m.clock.now() + 30)
+            await m.tick()
+            c = open_target(f"local://{tmp_path / 'c'}")
+            await import_seed(str(seed_dir / "vm01"), c)           # carried to site C and imported there
+            sent_before = ReplicaStore(str(tmp_path / "c")).disk(ids["d0.vhdx"]).generation
+            res = await leg.cycle()
+            assert leg.state == "Replicating"
+            assert res.bytes_sent < 2 * MiB                         # the change since the cut, not the disks
+            for n, _ in DISKS:
+                assert site_c_bytes(tmp_path, ids[n]) == await m.primary_bytes(n), n
+            assert ReplicaStore(str(tmp_path / "c")).disk(ids["d0.vhdx"]).generation == sent_before + 1
+        finally:
+            await m.close()
+    asyncio.run(main())
