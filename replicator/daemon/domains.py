@@ -32,7 +32,7 @@ import os
 import time
 
 from ..durable import write_json_atomic
-from ..errors import DomainExists, DomainStateError, HypervisorError, ReplicatorError, UsageError
+from ..errors import DomainExists, DomainStateError, GuestAgentError, HypervisorError, ReplicatorError, UsageError
 from ..hypervisor import NOW, DomainConfig, DomainState, Hypervisor
 from ..orchestration import failover_ips
 
@@ -43,6 +43,7 @@ MAX_CONFIG = 1 << 20                # bytes: a replicated configuration is a few
 STATE_EVERY = 2.0                   # seconds between two looks at the domain's state (status)
 RESUME_TIMEOUT = 30.0               # seconds a resume keeps trying (the guest may pause again at first)
 RESUME_BACKOFF = 30.0               # seconds before a resume that did not hold is tried again
+SHUTDOWN_TIMEOUT = 120.0            # seconds a planned failover gives the guest to shut down before powering it off
 
 
 def convert_hint(path: str) -> str:
@@ -207,6 +208,39 @@ class DomainProtection:
         await self.look()
         return bool(done)
 
+    async def shut_down(self, job=None, timeout: float = SHUTDOWN_TIMEOUT) -> str:
+        """A planned failover stops the guest before the final cycle, so everything it wrote goes with it:
+        a clean shutdown (through its guest agent, else ACPI), powered off (destroy) after `timeout` s."""
+        def run() -> str:
+            with self._open() as hv:
+                if hv.state(self.name).state == "shutoff":
+                    return "shut off already"
+                t0 = time.monotonic()
+                ways = ([True] if hv.domain_config(self.name).guest_agent and hv.agent_ping(self.name, 5) else []) \
+                    + [False]
+                for agent in ways:
+                    try:
+                        hv.shutdown(self.name, timeout=max(1.0, timeout - (time.monotonic() - t0)), agent=agent)
+                        return (f"shut down cleanly in {time.monotonic() - t0:.1f} s "
+                                f"({'guest agent' if agent else 'ACPI'})")
+                    except GuestAgentError:
+                        continue                    # the agent did not take it: ACPI, in the time left
+                    except DomainStateError as e:
+                        if hv.state(self.name).state == "shutoff":
+                            return f"shut off in {time.monotonic() - t0:.1f} s"
+                        why = e.message
+                        break
+                else:
+                    why = "it could not be asked to"
+                hv.destroy(self.name)
+                return f"did not shut down cleanly ({why}): powered off (destroy)"
+        done = await asyncio.to_thread(run)
+        log.info("%s: planned failover: domain %r %s", self.machine, self.name, done)
+        if job is not None:
+            job.note(f"domain {self.name!r} {done}")
+        await self.look()
+        return done
+
     def view(self) -> dict:
         rec = self.record
         st = self.seen
@@ -304,7 +338,7 @@ def boot(uri: str, payload: dict, name: str, sources: dict[str, tuple[str, str]]
         raise HypervisorError(f"{name}: none of the replicated disks of domain {config.name!r} is here")
     with Hypervisor.open(uri) as hv:
         if not test_network and hv.exists(name):
-            return _start_existing(hv, name, disks, notes, uri)
+            return {**_start_existing(hv, name, disks, notes, uri), "targets": dict(payload["targets"])}
         if test_network:
             hv.create_isolated_network(test_network)
             nmap = {n.source: test_network for n in config.nics if n.kind in ("network", "bridge") and n.source}
@@ -323,7 +357,7 @@ def boot(uri: str, payload: dict, name: str, sources: dict[str, tuple[str, str]]
                     _delete_unused(hv, test_network)
             raise
     return {"name": defined.name, "uuid": defined.uuid, "notes": notes + list(defined.notes),
-            "network": test_network, "libvirt": uri, "started": time.time()}
+            "network": test_network, "libvirt": uri, "started": time.time(), "targets": dict(payload["targets"])}
 
 
 def _start_existing(hv, name: str, disks: dict, notes: list, uri: str) -> dict:

@@ -74,6 +74,10 @@ class ReverseReplication:
                                for k in unknown], "reverse")
         raw = {**(self.settings.reverse if self.settings else {}), **settings, "name": name,
                "disks": list(fo["paths"].values())}
+        dom = fo.get("domain") or {}
+        if dom.get("targets"):                                # the domain the failover booted here: protected
+            raw.update(domain=dom["name"], libvirt=dom["libvirt"],   # with its disks, shut down by a failback
+                       disks={t: fo["paths"][i] for t, i in dom["targets"].items() if i in fo["paths"]})
         return parse_machine(raw, base_dir=self.state_dir, source="reverse"), raw
 
     async def _check_other_site(self, machine, m: ReplicatedMachine) -> None:

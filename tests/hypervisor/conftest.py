@@ -53,6 +53,37 @@ def hv(private_libvirtd):
         h.close()
 
 
+@pytest.fixture(scope="session")
+def site_b_libvirtd(private_libvirtd, hv):
+    """A second private libvirtd: the recovery site's own hypervisor (a failover's domain is defined under
+    the machine's name there while the primary site's definition stays). It starts with a copy of the first
+    daemon's QEMU capability cache (the same CPU pinning), so it does not probe QEMU again."""
+    work = tempfile.mkdtemp(prefix="rlv-", dir="/tmp")
+    cache = os.path.join(private_libvirtd.root, "cache", "qemu")
+    if os.path.isdir(cache):
+        shutil.copytree(cache, os.path.join(work, "root", "cache", "qemu"))
+    d = libvirtd.PrivateLibvirtd(work, cpu=private_libvirtd.cpu).start()
+    log(f"site B's libvirtd pid {d.proc.pid} up: {d.uri}")
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hv_b(site_b_libvirtd):
+    from replicator.hypervisor import Hypervisor
+    h = Hypervisor.open(site_b_libvirtd.uri)
+    t = time.monotonic()
+    h.conn.getCapabilities()
+    log(f"site B's QEMU capabilities in {time.monotonic() - t:.1f} s")
+    try:
+        yield h
+    finally:
+        h.close()
+
+
 @pytest.fixture
 def workdir():
     d = tempfile.mkdtemp(prefix="hv-", dir="/tmp")
