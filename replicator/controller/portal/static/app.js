@@ -9,6 +9,7 @@ const PAGES = [
   { path: 'overview', title: 'Overview', load: () => import('./pages/overview.js') },
   { path: 'items', title: 'Replicated items', load: () => import('./pages/items.js') },
   { path: 'jobs', title: 'Jobs', load: () => import('./pages/jobs.js') },
+  { path: 'plans', title: 'Recovery plans', load: () => import('./pages/plans.js') },
   { path: 'infrastructure', title: 'Infrastructure', load: () => import('./pages/infrastructure.js') },
   { path: 'settings', title: 'Settings', load: () => import('./pages/settings.js') },
 ];

@@ -217,6 +217,9 @@ export function apiForm({ title, fields, submitLabel = 'Save', onSubmit, id }) {
         const [v, l] = Array.isArray(o) ? o : [o, o];
         return h('option', { value: v, selected: v === f.value }, l);
       }));
+    } else if (f.type === 'textarea') {
+      input = h('textarea', { name: f.name, rows: f.rows || 4, placeholder: f.placeholder });
+      input.value = f.value ?? '';
     } else if (f.type === 'checkbox') {
       input = h('input', { type: 'checkbox', name: f.name, checked: !!f.value });
     } else {
