@@ -17,6 +17,8 @@ Both are plain synchronous code; daemon/extended.py runs them on worker threads.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -45,7 +47,14 @@ def coalesce(ranges) -> list[tuple[int, int]]:
 
 
 class ChangeJournal:
-    """The ranges each applied generation of one replica disk wrote, for its extended leg."""
+    """The ranges each applied generation of one replica disk wrote, for its extended leg.
+
+    Entries are `{"g": LOW, "h": HIGH, "r": ranges}` (h omitted when equal to g): the ranges generations
+    LOW..HIGH wrote. A journal past COMPACT_AT bytes is folded into one entry covering all its generations,
+    which can only make a later read a superset. The commit path appends and the leg trims from different
+    threads or processes: both hold an flock on forward/lock, so a trim never loses an append."""
+
+    COMPACT_AT = 4 << 20
 
     def __init__(self, disk_path: str):
         self.dir = os.path.join(disk_path, FORWARD_DIR)
@@ -61,20 +70,38 @@ class ChangeJournal:
             os.makedirs(self.dir)
             fsync_dir(os.path.dirname(self.dir))
 
-    def record(self, generation: int, ranges) -> None:
-        """Note the ranges generation `generation` writes; durable before the apply that writes them."""
-        line = json.dumps({"g": int(generation), "r": [list(r) for r in coalesce(ranges)]},
-                          separators=(",", ":")) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    @contextlib.contextmanager
+    def _locked(self):
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
             os.close(fd)
 
-    def entries(self) -> list[tuple[int, list]]:
-        """(generation, ranges) in the order noted. A torn last line (a crash while appending, before the
-        apply it announces began) is ignored."""
+    def record(self, generation: int, ranges) -> None:
+        """Note the ranges generation `generation` writes; durable before the apply that writes them."""
+        line = _line(generation, generation, coalesce(ranges))
+        with self._locked():
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":     # a line torn by a crash ends here
+                    line = b"\n" + line
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if size + len(line) > self.COMPACT_AT:
+                self._rewrite(self._entries(), compact=True)
+
+    def entries(self) -> list[tuple[int, int, list]]:
+        """(low generation, high generation, ranges) in the order noted."""
+        with self._locked():
+            return self._entries()
+
+    def _entries(self) -> list[tuple[int, int, list]]:
+        """A torn line (a crash while appending, before the apply it announces began) is skipped."""
         try:
             with open(self.path, "rb") as f:
                 lines = f.read().split(b"\n")
@@ -86,25 +113,40 @@ class ChangeJournal:
                 continue
             try:
                 e = json.loads(raw)
-                out.append((int(e["g"]), [(int(o), int(n)) for o, n in e["r"]]))
+                g = int(e["g"])
+                out.append((g, int(e.get("h", g)), [(int(o), int(n)) for o, n in e["r"]]))
             except (ValueError, KeyError, TypeError):
                 continue
         return out
 
     def changes(self, after: int, upto: int) -> list[tuple[int, int]]:
-        """The merged ranges of generations after `after` up to and including `upto`."""
-        return coalesce(r for g, rs in self.entries() if after < g <= upto for r in rs)
+        """The merged ranges of generations after `after` up to and including `upto` (a superset where a
+        compacted entry straddles them)."""
+        return coalesce(r for lo, hi, rs in self.entries() if hi > after and lo <= upto for r in rs)
 
     def trim(self, upto: int) -> None:
-        """Forget generations up to `upto` (the third site holds them)."""
-        keep = [(g, rs) for g, rs in self.entries() if g > upto]
+        """Forget what only generations up to `upto` wrote (the third site holds them)."""
+        with self._locked():
+            self._rewrite([e for e in self._entries() if e[1] > upto])
+
+    def _rewrite(self, entries, compact: bool = False) -> None:
+        if compact and entries:
+            entries = [(min(e[0] for e in entries), max(e[1] for e in entries),
+                        coalesce(r for e in entries for r in e[2]))]
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for g, rs in keep:
-                f.write(json.dumps({"g": g, "r": [list(r) for r in rs]}, separators=(",", ":")) + "\n")
+        with open(tmp, "wb") as f:
+            for lo, hi, rs in entries:
+                f.write(_line(lo, hi, rs))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _line(lo: int, hi: int, ranges) -> bytes:
+    body = {"g": int(lo), "r": [list(r) for r in ranges]}
+    if hi != lo:
+        body["h"] = int(hi)
+    return (json.dumps(body, separators=(",", ":")) + "\n").encode()
 
 
 class RacedCommit(ReplicatorError):

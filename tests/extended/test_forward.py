@@ -30,7 +30,26 @@ def test_journal_notes_merges_trims_and_ignores_a_torn_line(tmp_path):
     assert j.changes(0, 3) == [(0, 12288), (1 << 20, 512)]
     assert j.changes(1, 2) == [(4096, 4096)]
     j.trim(2)
-    assert [g for g, _ in j.entries()] == [3]
+    assert [g for g, _, _ in j.entries()] == [3]
+    j.record(5, [(0, 512)])                          # after a torn line: a line of its own
+    assert [g for g, _, _ in j.entries()] == [3, 5]
+
+
+def test_a_compacted_journal_reads_a_superset_and_trims_only_what_was_forwarded(tmp_path):
+    j = ChangeJournal(str(tmp_path))
+    j.enable()
+    j.COMPACT_AT = 200
+    for g in range(1, 12):
+        j.record(g, [(g * 4096, 4096)])
+    assert len(j.entries()) < 11 and any(hi > lo for lo, hi, _ in j.entries())     # some were folded
+
+    def covered(ranges, g):
+        return any(o <= g * 4096 and g * 4096 + 4096 <= o + n for o, n in ranges)
+    assert all(covered(j.changes(4, 6), g) for g in (5, 6))     # a superset, never less
+    j.trim(6)
+    assert all(covered(j.changes(6, 11), g) for g in range(7, 12))
+    j.trim(11)
+    assert j.entries() == []
 
 
 def _send(store: ReplicaStore, disk_id: uuid.UUID, generation: int, writes, size: int = 8 * MiB) -> None:
