@@ -16,6 +16,11 @@ machine is absent (standalone: nothing is sent and the replica checks nothing, a
 machine fenced at epoch E (its replica refused E) cycles again once its epoch here is above E
 (daemon/primary.py).
 
+The role is the controller's word on who owns the machine; replicatord sends the epoch whatever the role
+(which machines it protects follows its configuration and their state's role, docs/states.md). Epochs are
+enforced by replica servers (transport/server.py): a local:// target writes its store directly and an
+azure:// one has no replica server, so neither carries one.
+
 API:
   table_path(state_dir) -> str
   load(state_dir) -> dict[name, Entry]        FencingError (one line, naming the file) when unreadable
