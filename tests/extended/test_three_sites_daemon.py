@@ -128,3 +128,51 @@ def test_failover_on_the_replica_site_keeps_the_extended_leg(tmp_path):
     finally:
         for s in (a, b, c):
             s.stop()
+
+
+def test_replica_site_killed_mid_forward_resumes_without_loss(tmp_path):
+    import os
+    import threading
+    import time
+
+    a, b, c = three_sites(tmp_path)
+    b.extra += 'bandwidth_limit = "1M"\n'
+    b.write_config(a)
+    try:
+        c.start()
+        b.start()
+        a.start()
+        assert b.api("POST", "/v1/extended/vm01/cycle")[0] == 200
+        ids = {d: a.machine("vm01")["disks"][d]["disk_id"] for d, _ in MACHINES["vm01"]}
+        a.qemu_io("vm01", "vm01-a.vhdx", "write -P 0x33 4M 1M")
+        a.cli("machine", "vm01", "cycle")
+        a.qemu_io("vm01", "vm01-b.vhdx", "write -P 0x34 0 1M")
+        a.cli("machine", "vm01", "cycle")
+        # random data so the stream cannot compress: several seconds at 1 MiB/s
+        import random
+        data = random.Random(5).randbytes(6 << 20)
+        (tmp_path / "rand.bin").write_bytes(data)
+        a.qemu_io("vm01", "vm01-a.vhdx", f"write -s {tmp_path / 'rand.bin'} 6M 6M")
+        a.cli("machine", "vm01", "cycle")
+        def forward():
+            try:
+                b.api("POST", "/v1/extended/vm01/cycle")
+            except OSError:                              # B is killed under it
+                pass
+        threading.Thread(target=forward, daemon=True).start()
+        outbox = b.dir / "state" / "extended" / "outbox"
+        deadline = time.time() + 30
+        while not any(outbox.iterdir()) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)                                  # the stream is on its way to C
+        assert any(outbox.iterdir()), "the kill must come while a stream is pending"
+        b.stop(signal.SIGKILL)
+        b.start()
+        code, r = b.api("POST", "/v1/extended/vm01/cycle")
+        assert code == 200, r
+        for disk, _ in MACHINES["vm01"]:
+            same(c.replica_bytes(ids[disk]), a.disk_bytes(a.dir / disk), f"C's {disk} after B died mid-forward")
+        assert list(outbox.iterdir()) == []
+    finally:
+        for s in (a, b, c):
+            s.stop()
