@@ -180,6 +180,8 @@ class PrimaryMachine:
 
     # ------------------------------------------------------------------ scheduler hooks
     async def cut(self) -> None:
+        if self.state.fenced:           # nothing ships while fenced: the writes stay in one open log
+            return
         await asyncio.to_thread(self.export.cut)
 
     async def run_cycle(self, consistency: str = "crash", *, job: Job | None = None, forced: str | None = None):

@@ -55,8 +55,12 @@ def test_a_fenced_primary_stops_until_its_epoch_is_raised(servers, pki, tmp_path
             assert st["fenced"]["epoch"] == 3 and st["fenced"]["replica_epoch"] == 4 and st["epoch"] == 3
             refused, requests = server.counters["rejected_fenced"], server.counters["requests"]
             assert refused == 1
-            # no more requests: the scheduler's ticks do nothing, an operator hears why
+            # no more requests: the scheduler's ticks do nothing (not even a cut), an operator hears why
+            await m.write("d0.vhdx", 3 << 20, b"\x7c" * 4096)
+            sealed = len(m.pm.disks["d0.vhdx"].state.sealed_logs)
             assert await m.tick() is None
+            await asyncio.to_thread(m.pm.export.refresh)
+            assert len(m.pm.disks["d0.vhdx"].state.sealed_logs) == sealed
             with pytest.raises(StateError) as e:
                 await m.pm.cycle_now()
             assert LINE in e.value.message
