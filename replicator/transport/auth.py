@@ -13,6 +13,7 @@ initiator name as the KDC vouches for it (`name@REALM`, matched case-sensitively
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import ssl
@@ -227,9 +228,16 @@ class Ownership:
                                      f"replicate disk {disk_id}, which belongs to trust group {owner!r}")
 
     def claim(self, disk_id: str, entry: AuthorizationEntry) -> None:
-        """Record the entry's trust group as the disk's owner, unless it has one (call once the disk exists)."""
+        """Record the entry's trust group as the disk's owner, unless it has one (call once the disk exists).
+        The replica server and `seed import` may claim in one root at once: the read-modify-write holds an
+        flock on ROOT/owners.lock as well as the thread lock, so neither loses the other's claim."""
         with self._lock:
-            owners = self._load()
-            if disk_id not in owners:
-                owners[disk_id] = entry.group
-                write_json_atomic(self.path, owners)
+            fd = os.open(self.path[:-len(".json")] + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                owners = self._load()
+                if disk_id not in owners:
+                    owners[disk_id] = entry.group
+                    write_json_atomic(self.path, owners)
+            finally:
+                os.close(fd)
