@@ -3,9 +3,11 @@
 On the primary site (`DomainProtection`, used by PrimaryMachine for a `[[machine]]` with `domain = NAME`):
 - before the export takes the disks, the domain is checked: it exists and is persistent, each of its disks
   is either mapped to a VHDX file (`disks = { vda = "/srv/web1.vhdx" }`) or excluded (`exclude = ["vdb"]`),
-  every mapped VHDX exists (else the refusal says how to make it: `replicator vhdx convert`), and the domain
-  does not run on its own disks (what it wrote there until its next boot would never reach the VHDX it boots
-  from then: it must be shut off first) nor were those disks written after their VHDX was made;
+  every mapped VHDX exists (else the refusal says how to make it: `replicator vhdx convert`), and those disks
+  were not written after their VHDX was made. A domain running on its own disks is protected from its next
+  boot: its persistent definition is pointed at the export at once (the running guest keeps its disks), the
+  machine's reason says `protection: pending next boot`, and once the domain is shut off each VHDX is made
+  again from the disk it ran on (what it wrote there is not lost) before the export starts;
 - then the mapped disks are pointed at the export (Hypervisor.point_disks_at_export: NBD over the export's
   Unix socket, export names = the VHDX file names, error_policy='stop'); the disks' previous definitions are
   kept in the machine's state file (data["domain"]["originals"], and in data["protection"] for removal.py);
@@ -29,11 +31,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import threading
 import time
 
 from ..durable import write_json_atomic
 from ..errors import DomainExists, DomainStateError, GuestAgentError, HypervisorError, ReplicatorError, UsageError
-from ..hypervisor import NOW, DomainConfig, DomainState, Hypervisor
+from ..hypervisor import NEXT_BOOT, NOW, DomainConfig, DomainState, Hypervisor
 from ..orchestration import failover_ips
 
 log = logging.getLogger("replicatord")
@@ -105,11 +110,9 @@ class DomainProtection:
                              "(disks = { TARGET = VHDX }) nor excluded (exclude = [TARGET])")
         own = {t: disks[t] for t, p in self.targets.items() if not _on_export(disks[t], socket, os.path.basename(p))}
         if own and st.state != "shutoff":
-            raise DomainStateError(
-                f"{self.machine}: domain {self.name!r} is {st.state} on its own disk{'s' if len(own) > 1 else ''} "
-                f"({', '.join(_where(d) for d in own.values())}): what it writes there until its next boot would "
-                "never reach the VHDX it would boot from then. Shut it off; protection starts then (tried again "
-                "every 30 s)")
+            self._point_for_next_boot(own, socket, st)
+        if self.record.get("pending"):
+            self._pending_done(st)
         for t, d in own.items():
             src, vhdx = d.source, self.targets[t]
             if src is not None and src.kind == "file" and os.path.isfile(src.path) \
@@ -125,6 +128,62 @@ class DomainProtection:
             log.warning("%s: domain %r has no guest agent channel (org.qemu.guest_agent.0): its application-"
                         "consistent points will be crash-consistent, with a warning each time", self.machine, self.name)
         return config
+
+    # ------------------------------------------------------------------ a running domain: at its next boot
+    def _point_for_next_boot(self, own: dict, socket: str, st: DomainState) -> None:
+        """A domain running on its own disks: what it writes there until it stops must reach the VHDX it boots
+        from next, so its persistent definition is pointed at the export now (the running guest keeps its
+        disks), and once it is shut off each VHDX is made again from its disk before the export starts
+        (`_pending_done`). Raises ProtectionPending, which status shows as the machine's reason."""
+        exports = {t: (socket, os.path.basename(self.targets[t])) for t in own}
+        with self._open() as hv:
+            _, originals = hv.point_disks_at_export(self.name, exports)
+        rec = self.record
+        rec.setdefault("originals", {}).update(originals)
+        rec.update(name=self.name, uri=self.uri, socket=socket, disks_pointed=NEXT_BOOT,
+                   pending=sorted(set(rec.get("pending") or ()) | set(own)))
+        self.state.save()
+        log.info("%s: domain %r runs on its own disks (%s): its definition uses the export from its next boot",
+                 self.machine, self.name, ", ".join(_where(d) for d in own.values()))
+        raise ProtectionPending(self._pending_reason(st))
+
+    def _pending_reason(self, st: DomainState) -> str:
+        return (f"protection: pending next boot: domain {self.name!r} is {st.state} on its own disks "
+                f"({', '.join(sorted(self.record['pending']))}); its definition uses the export from its next boot. "
+                "Once it is shut off, each VHDX is made again from its disk and protection starts (looked at every "
+                "30 s; a start before then fails, the export does not serve yet)")
+
+    def _pending_done(self, st: DomainState) -> None:
+        """Protection pending the next boot: raises ProtectionPending until the domain is shut off and every
+        VHDX was made again from the disk it ran on (in a thread: a large disk takes a while)."""
+        rec = self.record
+        if st.state != "shutoff":
+            raise ProtectionPending(self._pending_reason(st))
+        from .removal import original_disk
+        for t in list(rec["pending"]):
+            vhdx = self.targets[t]
+            kind, path, fmt = original_disk(rec["originals"][t])
+            if path is None:
+                raise UsageError(f"{self.machine}: {t} of domain {self.name!r} was not a file or block device: its "
+                                 f"VHDX cannot be made again from it: {convert_hint(vhdx)}, then remove "
+                                 f"'pending' from the machine's state file")
+            job = _REMAKES.get(vhdx)
+            if job is None:
+                _REMAKES[vhdx] = job = _Remake(path, fmt, vhdx)
+                log.info("%s: domain %r is shut off: making %s again from %s", self.machine, self.name, vhdx, path)
+                job.thread.join(2)                  # a small disk is done at once, a large one at a later look
+            if job.running():
+                raise ProtectionPending(f"protection: pending next boot: domain {self.name!r} is shut off; making "
+                                        f"{vhdx} again from {path} (its disk until now)")
+            del _REMAKES[vhdx]
+            if job.error is not None:
+                raise UsageError(f"{self.machine}: making {vhdx} again from {path} failed (tried again in 30 s): "
+                                 f"{job.error}")
+            rec["pending"].remove(t)
+            self.state.save()
+        rec.pop("pending")
+        rec["disks_pointed"] = NOW
+        self.state.save()
 
     # ------------------------------------------------------------------ once the export serves
     def point(self, export) -> str:
@@ -275,6 +334,48 @@ class DomainProtection:
                      self.machine, target.name)
             self.config_sent = {"time": None, "kept": False}
         return bool(kept)
+
+
+class ProtectionPending(DomainStateError):
+    """A running domain is protected from its next boot (status shows this as the machine's reason)."""
+
+
+_REMAKES: dict[str, "_Remake"] = {}     # VHDX path -> its conversion from the domain's own disk, under way
+
+
+class _Remake:
+    """The VHDX made again from a domain's own disk, in a thread, replacing it atomically: the project's
+    copy for raw and VHD disks, qemu-img for the others (qcow2 ...)."""
+
+    def __init__(self, source: str, fmt: str, vhdx: str):
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(source, fmt, vhdx), daemon=True,
+                                       name=f"remake-{os.path.basename(vhdx)}")
+        self.thread.start()
+
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def _run(self, source: str, fmt: str, vhdx: str) -> None:
+        from ..disk.copy import copy_disk
+        from ..disk.probe import create_disk, open_disk
+        from ..durable import output_path
+        from ..tracking.state import Sidecar
+        try:
+            with output_path(vhdx, replace=True) as tmp:
+                if fmt in ("raw", "vpc"):
+                    with open_disk(source, "vhd" if fmt == "vpc" else "raw") as src, \
+                            create_disk(tmp, "vhdx", src.size, logical_sector_size=src.logical_sector_size) as dst:
+                        copy_disk(src, dst)
+                else:
+                    done = subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "vhdx", "-o", "subformat=dynamic",
+                                           source, tmp], capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise OSError(done.stderr.strip()[-300:])
+            if os.path.isdir(Sidecar(vhdx).dir):        # tracking state of the VHDX it replaced
+                shutil.rmtree(Sidecar(vhdx).dir)
+        except Exception as e:      # noqa: BLE001 - reported as the machine's reason, tried again
+            self.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
 def _where(disk) -> str:

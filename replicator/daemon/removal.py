@@ -111,15 +111,22 @@ def _give_back_disks(state_dir: str, name: str, dom: dict) -> bool:
     return True
 
 
-def _write_back(name: str, target: str, vhdx: str, original_xml: str) -> None:
-    """What the VHDX holds, into the disk the domain had before protection (a file, replaced atomically, or
-    a block device, overwritten)."""
+def original_disk(original_xml: str) -> tuple[str, str | None, str]:
+    """(kind, path, format) of a disk's definition from before protection: a file or block device's path,
+    None for anything else (a network disk)."""
     disk = ET.fromstring(original_xml)
     src, driver = disk.find("source"), disk.find("driver")
     fmt = (driver.get("type") if driver is not None else None) or "raw"
     kind = disk.get("type", "file")
     path = src.get("file") if kind == "file" and src is not None else src.get("dev") if kind == "block" and \
         src is not None else None
+    return kind, path, fmt
+
+
+def _write_back(name: str, target: str, vhdx: str, original_xml: str) -> None:
+    """What the VHDX holds, into the disk the domain had before protection (a file, replaced atomically, or
+    a block device, overwritten)."""
+    kind, path, fmt = original_disk(original_xml)
     if not path:
         log.warning("%s: %s was not a file or block device before protection: what the guest wrote since is "
                     "in %s only", name, target, vhdx)

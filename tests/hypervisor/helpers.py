@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def wait_state(hv, name: str, pred, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"{name}: no {what} within {timeout} s (state {st})")
         time.sleep(0.05)
+
+
+def all_files_there(hv, name: str, lines: int) -> int:
+    """In the guest: the first `lines` entries of its manifest, each file with its checksum."""
+    script = (f"cd /mnt && n=$(head -n {lines} MANIFEST.sha256 | wc -l) && "
+              f"head -n {lines} MANIFEST.sha256 | sha256sum -c -s && echo $n")
+    code, out, err = hv.guest_exec(name, ["/bin/sh", "-c", script], timeout=60)
+    assert code == 0, (code, out, err)
+    return int(out.strip())
+
+
+def first_round(con) -> int:
+    line = [x for x in con.lines() if "GUEST_MOUNTED" in x][-1]
+    return int(re.search(r"first_round=(\d+)", line).group(1))
 
 
 class Site:

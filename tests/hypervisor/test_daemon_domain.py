@@ -345,7 +345,8 @@ def test_domain_machine_settings_are_checked_with_their_field(tmp_path):
 
 def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workdir, guest_boot):
     """Before the export takes the disks: a missing VHDX (with the conversion step), a disk neither mapped nor
-    excluded, a disk unknown to the domain, an original disk written after its VHDX was made."""
+    excluded, a disk unknown to the domain, an original disk written after its VHDX was made; a domain running
+    on its own disk is protected from its next boot (pending), its VHDX made again once it is shut off."""
     from replicator.daemon.domains import DomainProtection
     from replicator.errors import ReplicatorError
     from replicator.orchestration import MachineState, parse_config
@@ -373,22 +374,43 @@ def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workd
         assert "has no disk vdc" in check('disks = { vda = "os.vhdx", vdc = "x.vhdx" }\nexclude = ["vdb"]\n')
         os.utime(raw[0], (time.time() + 30, time.time() + 30))
         assert "was written after" in check('disks = { vda = "os.vhdx" }\nexclude = ["vdb"]\n')
-        # running on its own disk (firmware looking for a bootable disk, for ever): what it writes there would
-        # never reach the VHDX it boots from next; refused, its definition untouched
+        # running on its own disk (firmware looking for a bootable disk, for ever): not refused, protected from
+        # its next boot: its persistent definition is the export now, the running domain keeps its own disk
         root = ET.fromstring(hv.conn.lookupByName("refused").XMLDesc(0))
         os_el = root.find("os")
         for tag in ("kernel", "initrd", "cmdline"):
             os_el.remove(os_el.find(tag))
         ET.SubElement(os_el, "boot", dev="hd")
         hv.conn.defineXML(ET.tostring(root, encoding="unicode"))
-        before = hv.domain_config("refused").disks
+        data = os.urandom(64 << 10)
+        with open(raw[0], "r+b") as f:                       # what it holds (past its boot sector)
+            f.seek(4096)
+            f.write(data)
         os.utime(raw[0], (time.time() - 60, time.time() - 60))
+        c = parse_config(_config(workdir, f'domain = "refused"\nlibvirt = "{uri}"\ndisks = {{ vda = "os.vhdx" }}\n'
+                                          'exclude = ["vdb"]\n'), base_dir=workdir)
+        state = MachineState("vm")
         hv.start("refused")
         try:
-            assert "is running on its own disk" in check('disks = { vda = "os.vhdx" }\nexclude = ["vdb"]\n')
-            assert hv.domain_config("refused").disks == before
+            for _ in range(2):                               # and again at the next look while it runs
+                with pytest.raises(ReplicatorError) as e:
+                    DomainProtection(c.machines[0], state).check(f"{workdir}/vm.sock")
+                assert e.value.message.startswith("protection: pending next boot: domain 'refused' is running"), \
+                    e.value.message
+                assert state.data["domain"]["disks_pointed"] == "next-boot" and state.data["domain"]["pending"] == ["vda"]
+            vda = hv.domain_config("refused").disk("vda").source
+            assert (vda.kind, vda.socket, vda.export) == ("nbd", f"{workdir}/vm.sock", "os.vhdx"), vda
+            live = next(ET.fromstring(hv.conn.lookupByName("refused").XMLDesc(0)).iter("disk")).find("source")
+            assert live.get("file") == raw[0]
+            assert raw[0] in state.data["domain"]["originals"]["vda"]
         finally:
             hv.destroy("refused")
+        # shut off: the VHDX is made again from the disk it ran on, and protection may start
+        DomainProtection(c.machines[0], state).check(f"{workdir}/vm.sock")
+        assert "pending" not in state.data["domain"] and state.data["domain"]["disks_pointed"] == "now"
+        from replicator.vhdx import VhdxDisk
+        with VhdxDisk.open(f"{workdir}/os.vhdx", read_only=True) as d:
+            assert d.size == MiB and d.read(4096, len(data)) == data
     finally:
         hv.undefine("refused")
 

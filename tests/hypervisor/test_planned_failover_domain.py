@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 import time
 import xml.etree.ElementTree as ET
 
@@ -24,25 +23,11 @@ import pytest
 from ..daemon.two_sites import free_port, make_pki
 from ..guest.harness import MiB, make_disk_image
 from .conftest import log
-from .helpers import Site, console_of, primary_domain_xml, wait_state
+from .helpers import Site, all_files_there, console_of, first_round, primary_domain_xml, wait_state
 
 pytestmark = pytest.mark.timeout(300)
 FILES = 4
 MAC = "52:54:00:50:00:01"
-
-
-def _all_files_there(hv, name: str, lines: int) -> int:
-    """In the guest: the first `lines` entries of its manifest, each file with its checksum."""
-    script = (f"cd /mnt && n=$(head -n {lines} MANIFEST.sha256 | wc -l) && "
-              f"head -n {lines} MANIFEST.sha256 | sha256sum -c -s && echo $n")
-    code, out, err = hv.guest_exec(name, ["/bin/sh", "-c", script], timeout=60)
-    assert code == 0, (code, out, err)
-    return int(out.strip())
-
-
-def _first_round(con) -> int:
-    line = [x for x in con.lines() if "GUEST_MOUNTED" in x][-1]
-    return int(re.search(r"first_round=(\d+)", line).group(1))
 
 
 def test_planned_failover_and_failback_of_a_domain_lose_nothing(hv, hv_b, workdir, guest_boot, private_libvirtd,
@@ -118,9 +103,9 @@ target = "https://127.0.0.1:{b_port}"
         assert nic.find("source").get("network") == "lan-b"
         con_b = console_of(hv_b, "vm", f"{b_dir}/failover/vm/vm.console.log")
         con_b.wait_for("GUEST_MOUNTED", 120)
-        assert _first_round(con_b) == rounds + 1, con_b.tail()
+        assert first_round(con_b) == rounds + 1, con_b.tail()
         hv_b.wait_agent("vm", 120)
-        assert _all_files_there(hv_b, "vm", FILES * rounds) == FILES * rounds
+        assert all_files_there(hv_b, "vm", FILES * rounds) == FILES * rounds
         con_b.wait_rounds(rounds + 2, 120)
         log(f"planned failover: {rounds} rounds on A, all there on B ({time.monotonic() - t:.1f} s)")
 
@@ -140,7 +125,7 @@ target = "https://127.0.0.1:{b_port}"
         view = a.op("/v1/replica/machines/vm/failover", {"planned": True})
         assert view["failover"]["domain"].get("existing"), view             # A's own definition, started
         hv.wait_agent("vm", 120)
-        assert _all_files_there(hv, "vm", FILES * rounds_b) == FILES * rounds_b
+        assert all_files_there(hv, "vm", FILES * rounds_b) == FILES * rounds_b
         vda = hv.domain_config("vm").disk("vda").source
         assert (vda.kind, vda.socket) == ("nbd", f"{a_dir}/state/nbd/vm.sock"), vda
         log(f"failback: {rounds_b} rounds in all, all there on A again ({time.monotonic() - t:.1f} s)")
@@ -152,7 +137,7 @@ target = "https://127.0.0.1:{b_port}"
         # is resumed by the daemon; B keeps its definition, shut off
         wait_state(hv, "vm", lambda s: s.state == "running", 60, "running on A's protected export")
         assert hv_b.state("vm").state == "shutoff"
-        assert _all_files_there(hv, "vm", FILES * rounds_b) == FILES * rounds_b
+        assert all_files_there(hv, "vm", FILES * rounds_b) == FILES * rounds_b
         log(f"{time.monotonic() - t0:.1f} s in all")
     finally:
         a.stop()

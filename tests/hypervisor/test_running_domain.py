@@ -1,0 +1,96 @@
+"""Protecting a domain that runs on its own disk, with replicatord and a real TCG guest (private libvirtd):
+
+- the guest runs on its raw disk and writes; its VHDX was made from that disk before (so it is stale now);
+- replicatord is not refused: it points the domain's persistent definition at the export (the running guest
+  keeps its disk) and status says `protection: pending next boot`;
+- the guest shuts down cleanly; replicatord makes the VHDX again from the disk the guest ran on, and protection
+  starts (initial replication to a local target);
+- the domain starts on the export, and the guest finds every file it wrote on its own disk (carrying on at
+  the next round, every manifest entry with its checksum).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from ..daemon.two_sites import BIN
+from ..guest.harness import MiB
+from .conftest import log
+from .helpers import Site, all_files_there, console_of, first_round, primary_domain_xml
+
+pytestmark = pytest.mark.timeout(300)
+FILES = 4
+
+
+def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boot, private_libvirtd):
+    kernel, initrd = guest_boot
+    a_dir = f"{workdir}/a"
+    os.makedirs(a_dir)
+    original = f"{a_dir}/vm.raw"
+    with open(original, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", original],
+                   check=True, capture_output=True)
+    subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", original, f"{a_dir}/vm.vhdx"],
+                   check=True, capture_output=True)
+    a = Site(a_dir, "site-a", f'''[[machine]]
+name = "vm"
+domain = "vm"
+libvirt = "{private_libvirtd.uri}"
+disks = {{ vda = "vm.vhdx" }}
+target = "local://{a_dir}/replica"
+frequency = "30s"
+''')
+    console = f"{a_dir}/console.log"
+    hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
+                                         memory_mib=192, files=FILES, pause=0.3))
+    t0 = time.monotonic()
+    hv.start("vm")
+    try:
+        con = console_of(hv, "vm", console)
+        con.wait_for("GUEST_MOUNTED", 120)
+        hv.wait_agent("vm", 120)
+        con.wait_rounds(2, 120)
+
+        # ---- running on its own disk: pending next boot, its persistent definition on the export
+        a.start()
+        m = a.wait(lambda: "pending next boot" in ((x := a.machine()).get("reason") or "") and x, "pending", 30)
+        assert m["reason"].startswith("protection: pending next boot: domain 'vm' is running"), m
+        vda = hv.domain_config("vm").disk("vda").source
+        assert (vda.kind, vda.socket) == ("nbd", f"{a_dir}/state/nbd/vm.sock"), vda
+        live = next(ET.fromstring(hv.conn.lookupByName("vm").XMLDesc(0)).iter("disk")).find("source")
+        assert live.get("file") == original and hv.state("vm").state == "running"
+        con.wait_rounds(con.rounds() + 2, 120)               # the guest writes on, on its own disk
+
+        # ---- shut off: the VHDX is made again from its disk, protection starts
+        hv.shutdown("vm", timeout=60, agent=True)
+        con.wait_for("GUEST_UMOUNT_OK", 5)
+        rounds = con.rounds()
+        t = time.monotonic()
+        m = a.wait(lambda: (x := a.machine())["state"] == "Replicating" and x, "protection", 75)
+        assert m["domain"]["disks_pointed"] == "now", m
+        assert "making" in a.text() and "again from" in a.text(), a.text()
+        log(f"shut off after {rounds} rounds; protected {time.monotonic() - t:.1f} s later")
+
+        # ---- its next boot is on the export, with everything it wrote on its own disk
+        hv.start("vm")
+        con = console_of(hv, "vm", console)
+        con.wait_for("GUEST_MOUNTED", 120)
+        assert first_round(con) == rounds + 1, con.tail()
+        hv.wait_agent("vm", 120)
+        assert all_files_there(hv, "vm", FILES * rounds) == FILES * rounds
+        live = next(ET.fromstring(hv.conn.lookupByName("vm").XMLDesc(0)).iter("disk")).find("source")
+        assert live.get("protocol") == "nbd", ET.tostring(live)
+        con.wait_rounds(rounds + 2, 120)
+        a.op("/v1/machines/vm/cycle")
+        assert con.errors() == [], con.tail()
+        log(f"{time.monotonic() - t0:.1f} s in all")
+    finally:
+        a.stop()
+        if hv.exists("vm"):
+            hv.destroy("vm")
+            hv.undefine("vm")
