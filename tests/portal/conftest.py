@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import threading
 import time
@@ -18,6 +19,9 @@ from replicator.controller.db import Store
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Chromium logs every 4xx answer; the API's refusals (bad token, role, conflict, validation) are shown on the
+# page and asserted there, so only those are not errors here (a 404 for a console file still is).
+REFUSAL = re.compile(r"the server responded with a status of (401|403|409|422)\b")
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
@@ -78,9 +82,19 @@ def portal(tmp_path):
 class Browser:
     context: object
     external: list
+    errors: list = dataclasses.field(default_factory=list)
 
     def page(self):
-        return self.context.new_page()
+        """A new tab; script errors and console errors in it (a CSP refusal is one) fail the test."""
+        page = self.context.new_page()
+        page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
+        page.on("console", lambda msg: self.errors.append(f"{page.url}: {msg.text}")
+                if msg.type == "error" and not REFUSAL.search(msg.text) else None)
+        return page
+
+    def expect_errors(self, *fragments: str) -> None:
+        """Drop the errors a test provoked on purpose (each must contain one of `fragments`)."""
+        self.errors[:] = [e for e in self.errors if not any(f in e for f in fragments)]
 
 
 @pytest.fixture
@@ -104,11 +118,13 @@ def browser(tmp_path):
                                                    viewport={"width": 1400, "height": 900})
         ctx.set_default_timeout(10_000)
         ctx.route("**/*", guard)
+        browser = Browser(ctx, external)
         try:
-            yield Browser(ctx, external)
+            yield browser
         finally:
             ctx.close()
     assert not external, f"the console asked for non-loopback URLs: {external}"
+    assert not browser.errors, f"errors in the browser: {browser.errors}"
 
 
 def login(page, portal: Portal, token: str) -> None:

@@ -45,7 +45,7 @@ def test_hosts_links_sites_and_registration_key(portal, browser):
         site_id = s.scalar(select(m.Site.id).where(m.Site.name == "gamma"))
         assert s.scalar(select(m.RegistrationKey.expires_at).where(m.RegistrationKey.site_id == site_id))
 
-    viewer = browser.context.new_page()
+    viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "viewer"))
     viewer.click("nav >> text=Infrastructure")
     expect(viewer.locator("#sites tbody tr", has_text="gamma")).to_be_visible()

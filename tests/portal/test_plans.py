@@ -36,7 +36,7 @@ def test_plan_run_followed_live_and_manual_action_confirmed(portal, browser):
     expect(page.locator("[data-group='1']")).to_contain_text("after: manual — Check the database")
     expect(page.locator("[data-group='2']")).to_contain_text("web02")
 
-    op = browser.context.new_page()
+    op = browser.page()
     login(op, portal, portal.make_token("operator", "dr-lead"))
     op.goto(portal.url + "/ui/#/plans/gold-recovery")
     op.click("button[data-action=run-test]")
@@ -55,7 +55,7 @@ def test_plan_run_followed_live_and_manual_action_confirmed(portal, browser):
     _drive(portal, run["id"], state="waiting_for_input", waiting_action_id=action_id)
     expect(op.locator("#waiting-action")).to_contain_text("Check the database")
 
-    viewer = browser.context.new_page()
+    viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "viewer"))
     viewer.goto(portal.url + "/ui/#/plans/gold-recovery")
     expect(viewer.locator("#waiting-action")).to_contain_text("Check the database")

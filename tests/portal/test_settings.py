@@ -64,7 +64,7 @@ def test_settings_create_with_the_apis_validation(portal, browser):
     assert [(x["source"], x["target"]) for x in pair["storage_mappings"]] == [("/var/lib/vms", "/srv/replica")]
     assert [(x["source"], x["target"]) for x in pair["network_mappings"]] == [("prod", "dr-prod")]
 
-    viewer = browser.context.new_page()
+    viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "auditor"))
     viewer.click("nav >> text=Settings")
     expect(viewer.locator("#policies tbody tr", has_text="gold-policy")).to_be_visible()
