@@ -39,9 +39,10 @@ class WrongKey(UsageError):
 class DiskCipher:
     """AES-256-XTS of one disk: sector-aligned ranges in, same-length ranges out."""
 
-    def __init__(self, master: bytes, key_id: str, disk_id):
+    def __init__(self, master: bytes, key_id: str, disk_id, purpose: str = "disk"):
+        """`purpose`: "disk" for the data, "digests" for the digest sidecar (a key of its own)."""
         self.key_id = key_id
-        info = b"replicator-xts-disk:" + uuid.UUID(str(disk_id)).bytes
+        info = f"replicator-xts-{purpose}:".encode() + uuid.UUID(str(disk_id)).bytes
         key = HKDF(hashes.SHA256(), 64, salt=None, info=info).derive(master)
         self._alg = algorithms.AES(key)
         self.check = hmac.new(key, b"replicator key check", hashlib.sha256).hexdigest()[:32]
@@ -101,13 +102,13 @@ class KeyRing:
     def current_id(self) -> str:
         return self.ids[0]
 
-    def cipher(self, disk_id, wanted_id: str | None = None) -> DiskCipher:
+    def cipher(self, disk_id, wanted_id: str | None = None, purpose: str = "disk") -> DiskCipher:
         """The disk's cipher under the current key, or under the key `wanted_id` names (refused if absent)."""
         kid = wanted_id or self.current_id
         if kid not in self.ids:
             raise WrongKey(f"the data is encrypted with key {kid}; the key file {self.path} holds "
                             f"{', '.join(self.ids)}: use the key file the replica was written with")
-        return DiskCipher(self.keys[self.ids.index(kid)], kid, disk_id)
+        return DiskCipher(self.keys[self.ids.index(kid)], kid, disk_id, purpose)
 
 
 def key_id(master: bytes) -> str:

@@ -224,13 +224,18 @@ class PageApplier:
         self.at = 0
         self.index = 0
         self.high = 0                # end of the furthest frame so far; skipping needs frames in disk order
+        self.on_frame = None         # sees every frame, applied or passed (digests.DigestUpdate.frame)
 
     def passed(self, frame) -> None:
         """A frame before the resume point: not applied again, but it counts for the ordering check."""
         self._order(frame)
+        if self.on_frame is not None:
+            self.on_frame(frame)
 
     async def apply(self, index: int, frame) -> None:
         self.index = index
+        if self.on_frame is not None:
+            self.on_frame(frame)
         skip = self._order(frame) and self.skip
         if frame.data is None:
             if not skip:

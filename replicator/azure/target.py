@@ -18,6 +18,7 @@ writer after the fact.) The lease outlives close(); `release()` gives the blob u
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -30,12 +31,15 @@ from ..errors import FormatError, ReplicatorError, SequenceError, UsageError
 from ..targets.base import DiskInfo, PointInfo, ReplicaTarget
 from ..targets.outbox import OutboxStream
 from .config import AzureConfig, parse_azure_url
-from .crypto import KeyRing, WrongKey
+from .crypto import KeyRing
+from .keys import KeyedTarget
+from .digests import DigestUpdate, apply_update, digests, sidecar_name
 from .errors import AzureNotFound, BlobTooLarge, ContainerMissing, WriterConflict, classify
 from .meta import PAGE_BLOB_MAX, BlobState, InProgress, Point, blob_size, disk_area, point_from, point_metadata
 from .pages import CLEAR_CHUNK, Caller, Checkpointer, PageApplier, PageChannel, Window, feed
 
 MiB = 1 << 20
+log = logging.getLogger("replicator.azure")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class SendStats:
     seconds: float = 0.0
 
 
-class AzureTarget(ReplicaTarget):
+class AzureTarget(KeyedTarget, ReplicaTarget):
     name = "azure"
 
     def __init__(self, where, *, retention: int = 8, max_age: float | None = None, concurrency: int = 8,
@@ -249,54 +253,18 @@ class AzureTarget(ReplicaTarget):
                                metadata=meta, lease=lease)
         return Point(ip.generation, ip.created, ip.consistency, ip.stream, res["snapshot"])
 
-    # ------------------------------------------------------------------ encryption (crypto.py)
-    async def _take_key(self, disk_id, state: BlobState) -> bool:
-        """Check the blob's key against ours before anything is written; a new blob takes our current key.
-        True when the state changed (to be saved)."""
-        where = self._where(disk_id)
-        if self.keys is None:
-            if state.key_id:
-                raise WrongKey(f"{where} is encrypted with key {state.key_id}: give the target its key file "
-                               "(key_file= in the azure:// URL)")
-            return False
-        cipher = self.keys.cipher(disk_id)
-        if not state.key_id:
-            if state.generation or state.ip is not None or not state.zeroed:
-                raise UsageError(f"{where} holds data stored in the clear: an encrypted replica needs a new blob "
-                                 "(disable and re-enable replication, or use another prefix)")
-            state.key_id, state.key_check = cipher.key_id, cipher.check
-            return True
-        if state.key_id != cipher.key_id:
-            raise WrongKey(f"{where} is encrypted with key {state.key_id}, the key file {self.keys.path} starts with "
-                           f"{cipher.key_id}: refusing to write (use the key file the replica was written with)")
-        if state.key_check != cipher.check:
-            raise WrongKey(f"{where}: the key check value does not match key {state.key_id}: refusing to write")
-        return False
+    # ------------------------------------------------------------------ digests (digests.py)
+    async def _update_digests(self, disk_id, state: BlobState, update, cipher) -> None:
+        """The digest sidecar follows the blob; if that fails it is only in doubt (rebuilt when needed)."""
+        try:
+            await apply_update(self, disk_id, state, update, cipher)
+        except ReplicatorError as e:
+            log.warning("%s: digest sidecar not updated (rebuilt from the blob when a resync needs it): %s",
+                        self._where(disk_id), e.message)
 
-    def _cipher(self, disk_id, state: BlobState):
-        if not state.key_id and self.keys is None:
-            return None
-        if self.keys is None or state.key_id != self.keys.current_id:
-            raise WrongKey(f"{self._where(disk_id)} is encrypted with key {state.key_id or '(none)'}, this target's "
-                           f"key is {self.keys.current_id if self.keys else '(none)'}: run ensure_disk first")
-        return self.keys.cipher(disk_id)
-
-    def _key_id(self, disk_id) -> str:
-        return self.keys.current_id if self.keys else ""
-
-    def cipher_for(self, disk_id, key_id: str):
-        """The cipher that reads data stored under `key_id` ("" = in the clear: None)."""
-        if not key_id:
-            return None
-        if self.keys is None:
-            raise WrongKey(f"{self._where(disk_id)} is encrypted with key {key_id}: give the target its key file "
-                           "(key_file= in the azure:// URL)")
-        return self.keys.cipher(disk_id, key_id)
-
-    def check_keys(self, point) -> None:
-        """Refuse, before anything is written, a machine point some disk of which we cannot decrypt."""
-        for part in point.disks.values():
-            self.cipher_for(part.disk_id, part.key_id)
+    async def digests(self, disk_id, block_size: int):
+        """Per-block digests for a checksum resync, from the digest sidecar (digests.py)."""
+        return await digests(self, disk_id, block_size)
 
     # ------------------------------------------------------------------ lease
     async def _lease(self, disk_id) -> str:
@@ -309,12 +277,17 @@ class AzureTarget(ReplicaTarget):
         return self.writer_id
 
     async def delete_disk(self, disk_id) -> bool:
-        """The blob and its snapshots (recovery points), under our lease."""
+        """The blob and its snapshots (recovery points), under our lease, and its digest sidecar."""
         if await self._read_state(disk_id, missing_ok=True) is None:
             return False
         lease = await self._lease(disk_id)
         await self._call(f"delete {self._where(disk_id)}", self.blob(disk_id).delete_blob,
                          delete_snapshots="include", lease=lease)
+        side = self.container.get_blob_client(sidecar_name(self, disk_id))
+        try:
+            await self._call(f"delete {side.blob_name}", side.delete_blob)
+        except AzureNotFound:
+            pass
         return True
 
     async def release(self, disk_id) -> None:
@@ -450,9 +423,12 @@ class AzureTarget(ReplicaTarget):
         applier = PageApplier(ch, state.disk_size, skip_zeros=ip.on_zeros, zero_gap=self.zero_gap,
                               bridge_ratio=self.bridge_ratio)
         saver.base_bytes = ip.bytes_done
+        update = DigestUpdate(state.disk_size)
+        applier.on_frame = update.frame
         try:
             stats.frames = await feed(path, applier, resume)
             await saver.wait()
+            await self._update_digests(disk_id, state, update, cipher)
         except BaseException as e:
             ch.abort()
             if isinstance(e, asyncio.CancelledError):

@@ -11,6 +11,7 @@ from replicator import kernels
 from replicator.azure import VerifyError
 from replicator.azure import failover as fo
 from replicator.azure.azurite import DEV_ACCOUNT
+from replicator.azure.digests import sidecar_name
 from replicator.azure.meta import disk_area
 from replicator.cli import azure as azure_cli
 from replicator.disk.vhd import FIXED, parse_footer
@@ -58,7 +59,7 @@ def test_failover_and_test_failover(azurite, tmp_path):
         assert await fo.cleanup(t, p.disk_id) == [tr.blob]
         assert await fo.test_blobs(t, p.disk_id) == []
         names = [b.name async for b in c.list_blobs()]
-        assert sorted(names) == sorted([t.blob_name(p.disk_id), r.blob])   # the real failover stays
+        assert sorted(names) == sorted([t.blob_name(p.disk_id), sidecar_name(t, p.disk_id), r.blob])   # failover stays
         await t.close()
         await c.delete_container()
         await c.close()
@@ -81,7 +82,7 @@ def test_verify_catches_a_different_copy(azurite, tmp_path, monkeypatch):
         with pytest.raises(VerifyError, match="differs"):
             await fo.failover(t, p.disk_id)
         monkeypatch.setattr(fo, "blob_digest", real)
-        assert [b.name async for b in c.list_blobs()] == [t.blob_name(p.disk_id)]   # bad copy deleted
+        assert [b.name async for b in c.list_blobs()] == sorted([t.blob_name(p.disk_id), sidecar_name(t, p.disk_id)])
         digest_a = await fo.blob_digest(t, c.get_blob_client(t.blob_name(p.disk_id)), 2 * MiB + 512)
         assert digest_a == kernels.xxh3_128(await blob_bytes(c, t.blob_name(p.disk_id)))
         await t.close()
