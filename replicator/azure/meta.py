@@ -59,6 +59,8 @@ class BlobState:
     additional: int = 0                  # the protection's additional (hourly) points, as last told
     key_id: str = ""                     # encryption (crypto.py): the master key's id, and the disk key's
     key_check: str = ""                  # check value; "" = stored in the clear
+    rekey_from: str = ""                 # a key rotation under way: sectors from rekey_at on are still under
+    rekey_at: int = 0                    # the key rekey_from (keys.py)
 
     def committed_generation(self, stream: str) -> int | None:
         for sid, gen in self.committed:
@@ -77,6 +79,8 @@ class BlobState:
              "additional": str(self.additional)}
         if self.key_id:
             m.update({"key_id": self.key_id, "key_check": self.key_check})
+        if self.rekey_from:
+            m.update({"rekey_from": self.rekey_from, "rekey_at": str(self.rekey_at)})
         if self.ip is not None:
             ip = self.ip
             m.update({"ip_stream": ip.stream, "ip_generation": str(ip.generation), "ip_base": str(ip.base),
@@ -94,7 +98,8 @@ class BlobState:
                         _committed(m.get("committed", "")), m.get("zeroed", "0") == "1",
                         machine=m.get("machine", ""), cut_time=float(m.get("cut_time", "0")),
                         cut_consistency=m.get("cut_consistency", "crash"), additional=int(m.get("additional", "0")),
-                        key_id=m.get("key_id", ""), key_check=m.get("key_check", ""))
+                        key_id=m.get("key_id", ""), key_check=m.get("key_check", ""),
+                        rekey_from=m.get("rekey_from", ""), rekey_at=int(m.get("rekey_at", "0")))
             if m.get("ip_stream"):
                 state.ip = InProgress(m["ip_stream"], int(m["ip_generation"]), int(m["ip_base"]),
                                       float(m["ip_created"]), m["ip_consistency"], m["ip_kind"],

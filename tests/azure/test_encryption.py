@@ -1,15 +1,17 @@
 """Stored data encrypted with the customer's key (azure/crypto.py): the blob and its snapshots hold no
 plaintext (read with the plain SDK), failover, test failover and export decrypt byte-identical to the
-primary, a wrong or missing key is refused before anything is written, and the metadata names the key
-without holding it."""
+primary, a wrong or missing key is refused before anything is written, the metadata names the key
+without holding it, and a key rotation re-encrypts the blob while older points stay readable."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+from replicator import kernels
 from replicator.azure import failover as fo
 from replicator.azure.crypto import DiskCipher, KeyRing, WrongKey, new_key_line
+from replicator.azure.digests import BLOCK
 from replicator.azure.export import export_point
 from replicator.azure.meta import disk_area, fields
 
@@ -100,6 +102,51 @@ def test_encrypted_replica_failover_export_and_wrong_keys(azurite, tmp_path):
         with pytest.raises(Exception, match="stored in the clear"):
             await target(c, prefix="clear", key_file=good).ensure_disk(p.disk_id, p.size)
         for x in (t, wrong, none, plain):
+            await x.close()
+        await c.delete_container()
+        await c.close()
+    run(go())
+
+
+def test_a_cycle_after_key_rotation(azurite, tmp_path):
+    """`keygen --rotate`: the blob is re-encrypted under the new key at the next ensure_disk, cycles go on,
+    old points stay readable with the old key kept in the file (and not without it)."""
+    old_line, new_line = new_key_line(), new_key_line()
+    first = key_file(tmp_path / "k1.key", old_line)
+    rotated = key_file(tmp_path / "k2.key", new_line, old_line)
+    only_new = key_file(tmp_path / "k3.key", new_line)
+
+    async def go():
+        c = await new_container(azurite)
+        t = target(c, key_file=first)
+        p = Primary(tmp_path, 3 * MiB, seed=43)
+        p.scatter(10)
+        await t.ensure_disk(p.disk_id, p.size)
+        for _ in range(2):
+            sid, path = p.initial() if p.generation == 0 else p.cycle()
+            await t.send(p.disk_id, sid, path)
+            await t.commit(p.disk_id, sid)
+        await t.close()
+        t2 = target(c, key_file=rotated)
+        await t2.ensure_disk(p.disk_id, p.size)                     # re-encrypts under the new key
+        ring = KeyRing.load(rotated)
+        state = await t2._read_state(p.disk_id)
+        assert state.key_id == ring.ids[0] and not state.rekey_from
+        sid, path = p.cycle()
+        await t2.send(p.disk_id, sid, path)
+        await t2.commit(p.disk_id, sid)
+        raw = await blob_bytes(c, t2.blob_name(p.disk_id))
+        assert MARK in p.history[3] and MARK not in raw
+        assert (await t2.digests(p.disk_id, BLOCK) == kernels.xxh3_128_blocks(p.history[3], BLOCK)).all()
+        pts = await t2.points(p.disk_id)
+        assert [x.key_id for x in pts][-1] == ring.ids[0] and ring.ids[1] in [x.key_id for x in pts]
+        for x in pts:                                               # old and new points decrypt
+            r = await fo.failover(t2, p.disk_id, generation=x.generation, dest=f"fo-{x.generation}.vhd")
+            assert (await blob_bytes(c, r.blob))[:p.size] == p.history[x.generation]
+        t3 = target(c, key_file=only_new)                           # the old key dropped: old points unreadable
+        with pytest.raises(WrongKey, match="encrypted with key"):
+            await fo.failover(t3, p.disk_id, generation=pts[0].generation, dest="never.vhd")
+        for x in (t2, t3):
             await x.close()
         await c.delete_container()
         await c.close()
