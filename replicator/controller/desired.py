@@ -11,9 +11,9 @@ Paths to the agent's own files are relative: replicatord reads the document from
 and takes relative paths from that folder, so "host.pem" is the agent's certificate and ".." its state
 directory, wherever the host keeps it.
 
-The revision: each new rendering of a host is an audit entry (actor "controller", action "host.desired",
-target the host id, detail {revision, digest}: the SHA-256 of the rendering); when the rendering's digest
-differs from the last entry's, the host's desired_revision is raised. The audit log so also says which
+The revision: each (revision, rendering) a host is served is an audit entry (actor "controller", action
+"host.desired", target the host id, detail {revision, digest}: the SHA-256 of the rendering); when the
+rendering's digest differs from the one last served under the host's desired_revision, it is raised. The audit log so also says which
 configuration revision each host was given, and when. So any change that alters what a host should run (a policy edited, a machine
 enabled, a mapping added, a peer's address) gives a new revision, and a change that alters nothing does not.
 """
@@ -129,6 +129,8 @@ def _replica_section(s: Session, host: Host, placed: list[Machine]) -> dict | No
             allow[m.primary_host_id] = {"principal": m.primary_host_id,
                                         "storage": _storage_root(pair, _disk_paths(m)),
                                         "trust_group": pair.name if pair is not None else m.primary_host_id}
+    if not allow:
+        return None                # no primary host to serve yet (the replica server refuses to start so)
     listen, port = _listen(host.data_url, 8084)
     section: dict = {"listen": listen, "port": port, **CERT_FILES, "allow": list(allow.values())}
     networks = {n.source_network: n.target_network for p in pairs for n in p.network_mappings}
@@ -183,10 +185,11 @@ def current(s: Session, host: Host) -> dict:
     d = digest(doc)
     last = s.scalars(select(AuditEntry).where(AuditEntry.action == "host.desired", AuditEntry.target == host.id)
                      .order_by(AuditEntry.id.desc()).limit(1)).first()
-    if last is None or last.detail.get("digest") != d:
-        # raised unless a route already raised it since the last rendering (api/common.py bump_revision)
-        if last is not None and last.detail.get("revision") == host.desired_revision:
-            host.desired_revision = (host.desired_revision or 0) + 1
+    # a revision names one rendering: a new one is raised when the rendering changed under the revision last
+    # served (a route may also have raised it already, api/common.py bump_revision: then that one is used)
+    if last is not None and last.detail.get("digest") != d and last.detail.get("revision") == host.desired_revision:
+        host.desired_revision = (host.desired_revision or 0) + 1
+    if last is None or last.detail.get("digest") != d or last.detail.get("revision") != host.desired_revision:
         s.add(AuditEntry(actor="controller", action="host.desired", target=host.id,
                          detail={"revision": host.desired_revision, "digest": d}))
         s.flush()

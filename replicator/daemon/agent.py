@@ -30,7 +30,7 @@ from ..durable import write_json_atomic
 from ..errors import ReplicatorError
 from ..orchestration.settings import ConfigError, parse_config_data
 from . import fencing
-from .enrol import HostFiles, _error_of
+from .enrol import HostFiles, _error_of, reason
 
 log = logging.getLogger("replicatord.agent")
 POLL_INTERVAL = 10.0
@@ -57,6 +57,7 @@ class Agent:
         self.unreachable_since: dt.datetime | None = None
         self.refused: str | None = None
         self.problems: list[str] = []             # about the newest desired document, for the next report
+        self.failed_revision: int | None = None   # validated but could not start: not tried again
         self.last_contact: dt.datetime | None = None
         self.daemon = None                        # the running Daemon (serve() sets it at every start)
         self.reload: Callable[[], None] | None = None
@@ -106,11 +107,25 @@ class Agent:
             self.problems = [f"desired revision {doc['revision']} refused: {e.message}"]
             log.error("%s", self.problems[0])
             return False
+        if os.path.exists(self.files.desired):           # what roll_back() returns to
+            os.replace(self.files.desired, self.files.previous)
         write_json_atomic(self.files.desired, {**doc, "received_at": _now().isoformat()})
         for line in changes:
             log.info("fencing: %s", line)
         log.info("desired revision %d from the controller (was %d)", doc["revision"], self.applied)
         self.applied, self.problems = doc["revision"], []
+        return True
+
+    def roll_back(self, why: str) -> bool:
+        """The daemon could not start on the newest desired document: back to the previous one (False if
+        there is none). That revision is not tried again; the next one from the controller is."""
+        if not os.path.exists(self.files.previous):
+            return False
+        failed = self.applied
+        os.replace(self.files.previous, self.files.desired)
+        self.applied, self.failed_revision = self._held_revision(), failed
+        self.problems = [f"desired revision {failed} could not start ({why}): revision {self.applied} runs again"]
+        log.error("%s", self.problems[0])
         return True
 
     async def renew_if_due(self) -> bool:
@@ -139,7 +154,7 @@ class Agent:
         """One round: desired, renewal, report. Never raises: what went wrong is the agent's state."""
         try:
             doc = await self.fetch_desired()
-            changed = doc["revision"] != self.applied and self.accept(doc)
+            changed = doc["revision"] not in (self.applied, self.failed_revision) and self.accept(doc)
             renewed = await self.renew_if_due()
             if (changed or renewed) and self.reload is not None and self.daemon is not None:
                 self.reload()
@@ -157,7 +172,7 @@ class Agent:
             if self.unreachable_since is None:
                 self.unreachable_since = _now()
                 log.warning("controller %s unreachable (%s): running on from desired revision %d", self.url,
-                            str(e) or type(e).__name__, self.applied)
+                            reason(e), self.applied)
             return
         except ReplicatorError as e:
             log.error("controller %s: %s", self.url, e.message)

@@ -42,6 +42,7 @@ class HostFiles:
         self.key, self.cert, self.ca = (os.path.join(self.dir, n) for n in ("host.key", "host.pem", "ca.pem"))
         self.info = os.path.join(self.dir, "controller.json")
         self.desired = os.path.join(self.dir, "desired.json")
+        self.previous = os.path.join(self.dir, "desired.previous.json")  # the one before, until it started
         self.operations = os.path.join(self.dir, "operations.json")     # what the agent applied of them
 
     @property
@@ -101,6 +102,11 @@ def read_key_file(path: str) -> dict:
     return doc
 
 
+def reason(e: BaseException) -> str:
+    """One line for a failed connection (aiohttp's connector error would name its SSL context object)."""
+    return str(getattr(e, "os_error", None) or e) or type(e).__name__
+
+
 async def _error_of(r: aiohttp.ClientResponse) -> str:
     try:
         body = await r.json(content_type=None)
@@ -119,7 +125,7 @@ async def fetch_pinned_ca(url: str, ca_sha256: str) -> str:
                     raise EnrolError(f"{url} did not give its CA: {await _error_of(r)}")
                 pem = await r.text()
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise EnrolError(f"cannot reach the controller at {url}: {e or type(e).__name__}") from None
+        raise EnrolError(f"cannot reach the controller at {url}: {reason(e)}") from None
     try:
         got = ca_fingerprint(pem.encode())
     except ValueError:
@@ -148,7 +154,7 @@ async def register(files: HostFiles, url: str, key_path: str, *, hostname: str, 
                     raise EnrolError(f"the controller refused the registration: {await _error_of(r)}")
                 answer = await r.json()
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise EnrolError(f"cannot reach the controller at {url}: {e or type(e).__name__}") from None
+        raise EnrolError(f"cannot reach the controller at {url}: {reason(e)}") from None
     files.write_cert(answer["certificate"])
     info = {"controller": url, "host_id": answer["host_id"], "site": key["site"], "hostname": hostname,
             "ca_sha256": key["ca_sha256"].lower(), "renew_after": answer["renew_after"],

@@ -156,16 +156,19 @@ class Daemon:
         return pm
 
     async def stop(self) -> None:
+        """Stop every part; also the parts a start() that failed halfway had started."""
         if self._retrying is not None:
             self._retrying.cancel()
-        await self.site.stop()
+        if hasattr(self, "site"):
+            await self.site.stop()
         await self.scheduler.stop(wait=True)
         for pm in self.machines.values():         # operators' operations end too, as running cycles do
             await asyncio.gather(*pm.tasks, return_exceptions=True)
             await pm.stop()
         if self.replica_server is not None:
             await self.replica_server.stop()
-        await self.admin.cleanup()
+        if hasattr(self, "admin"):
+            await self.admin.cleanup()
 
     # ------------------------------------------------------------------ admin API
     def _admin_app(self) -> web.Application:
@@ -283,7 +286,16 @@ async def serve(config, agent=None) -> None:
         daemon.stopping = stopping
         daemon.reload_requested = reload.set
         daemon.agent = agent
-        await daemon.start()
+        try:
+            await daemon.start()
+        except ReplicatorError as e:
+            # a desired revision that validated but cannot start (a port taken ...): the last one that ran
+            # runs again, and the agent reports why; standalone (or nothing to go back to), replicatord stops
+            if agent is None or not agent.roll_back(e.message):
+                raise
+            await daemon.stop()
+            config = load_config(config.path)
+            continue
         if agent is not None:
             agent.attach(daemon, reload.set)
         listener = f"; replica listener {daemon.replica_server.server.url}" if daemon.replica_server else ""
