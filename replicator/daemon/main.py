@@ -288,10 +288,10 @@ async def serve(config, agent=None) -> None:
         daemon.agent = agent
         try:
             await daemon.start()
-        except ReplicatorError as e:
+        except (ReplicatorError, OSError) as e:
             # a desired revision that validated but cannot start (a port taken ...): the last one that ran
             # runs again, and the agent reports why; standalone (or nothing to go back to), replicatord stops
-            if agent is None or not agent.roll_back(e.message):
+            if agent is None or not agent.roll_back(getattr(e, "message", None) or str(e)):
                 raise
             await daemon.stop()
             config = load_config(config.path)

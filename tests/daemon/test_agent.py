@@ -45,8 +45,23 @@ def test_agent_renews_its_certificate_and_says_when_it_is_refused(tmp_path):
         p1.start()                     # registered, it is only a host of site east ...
         wait(lambda: len(ctl.ok("GET", "/v1/hosts")) == 2, "p1 registered", [r1, p1])
         p1.stop()
+        squatter = socket.socket()                 # r1's data port taken: the revision with [replica] cannot start
+        squatter.bind(("127.0.0.1", r1.data))
+        squatter.listen()
         ctl.ok("PUT", "/v1/hosts/p1/cloud", {"cloud": "gold"})    # ... until it joins the primary cloud
+        wait(lambda: r1.api("GET", "/v1/status")["controller"]["problems"], "the revision refused", [r1])
+        st = r1.api("GET", "/v1/status")
+        assert st["replica"] is None and "could not start" in st["controller"]["problems"][0], st
+        failed = st["controller"]["latest_revision"]
+        assert st["controller"]["revision"] < failed
+        wait(lambda: (ctl.ok("GET", "/v1/hosts/r1")["applied_revision"] == st["controller"]["revision"]), "the "
+             "report of the revision running again", [r1])
+        squatter.close()
+        time.sleep(1.5)                            # the failed revision is not tried again on its own ...
+        assert r1.api("GET", "/v1/status")["replica"] is None
+        ctl.ok("POST", "/v1/pairs/gold-pair/storage-mappings", {"source": "/srv", "target": str(tmp_path / "rs")})
         wait(lambda: r1.api("GET", "/v1/status")["replica"] is not None, "r1's replica listener", [r1])
+        assert r1.api("GET", "/v1/status")["controller"]["revision"] > failed   # ... the next one is
         first = _serial(r1)
         assert _served_serial(r1) == first
 
