@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import threading
 import time
 import urllib.parse
@@ -15,6 +14,7 @@ import urllib.parse
 import pytest
 
 from replicator.controller.db import Store
+from tests.controller.conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -23,12 +23,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # page and asserted there, so only those are not errors here (a 404 for a console file still is).
 REFUSAL = re.compile(r"the server responded with a status of (401|403|409|422)\b")
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -61,7 +55,7 @@ def portal(tmp_path):
     store = Store.open(f"sqlite:///{data / 'controller.db'}")
     token = ensure_admin_token(store, str(data))
     app = create_app(store, data_dir=str(data))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2, lifespan="off"))
     thread = threading.Thread(target=server.run, name="controller", daemon=True)

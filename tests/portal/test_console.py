@@ -48,6 +48,13 @@ def test_read_only_user_sees_no_action_buttons(portal, browser):
     expect(page.locator("#machine-state")).to_have_text("Replicating")
     expect(page.locator("#machine-actions button")).to_have_count(0)
     assert page.locator("button.danger, button[data-action]").count() == 0
+    # a host's report moves the page and adds a point to the RPO chart, without reload
+    rpo_points = "() => Chart.getChart('rpo-chart').data.datasets[0].data.map(p => p.y)"
+    assert page.evaluate(rpo_points) == [40]
+    fleet.observe(portal, "web01", rpo_seconds=400.0, health="Warning")
+    expect(page.locator("#machine-rpo")).to_have_text("6 min 40 s / 5 min")
+    expect(page.locator("#machine-health")).to_have_text("Warning")
+    assert page.evaluate(rpo_points) == [40, 400]
     # the same page as an operator has them
     op = browser.page()
     login(op, portal, portal.make_token("operator", "oper"))

@@ -4,7 +4,7 @@
 import { api, clear, h, session, notify } from './lib.js';
 import { stopStream } from './events.js';
 
-// Pages not listed here are not shipped yet (see docs/portal.md).
+// The navigation, in order (docs/portal.md says what each page shows and does).
 const PAGES = [
   { path: 'overview', title: 'Overview', load: () => import('./pages/overview.js') },
   { path: 'items', title: 'Replicated items', load: () => import('./pages/items.js') },

@@ -8,6 +8,7 @@ import { rpoTarget } from './common.js';
 import { lastTestFailover } from './machine_data.js';
 
 const RPO_POINTS = 720;
+const RPO_WINDOW_MS = 10 * 60 * 1000;
 
 export async function render(view, [name]) {
   const path = `/v1/machines/${encodeURIComponent(name)}`;
@@ -99,7 +100,7 @@ export async function render(view, [name]) {
       { label: 'RPO (s)', data: samples, borderColor: '#2563eb', pointRadius: 2, tension: 0 },
       { label: 'target (s)', data: [], borderColor: '#dc2626', borderDash: [6, 4], pointRadius: 0 }] },
     options: { maintainAspectRatio: false, animation: false, parsing: false,
-      scales: { x: { type: 'linear', ticks: { callback: (v) => new Date(v).toLocaleTimeString() } },
+      scales: { x: { type: 'linear', ticks: { maxTicksLimit: 6, callback: (v) => new Date(v).toLocaleTimeString() } },
                 y: { beginAtZero: true, title: { display: true, text: 'seconds' } } } },
   });
   function sample() {
@@ -107,12 +108,21 @@ export async function render(view, [name]) {
       samples.push({ x: Date.now(), y: machine.rpo_seconds });
       if (samples.length > RPO_POINTS) samples.shift();
     }
+    redraw();
+  }
+  function redraw() {
+    // the axis spans the samples and at least the last ten minutes, ending now
+    const now = Date.now();
+    const from = Math.min(samples.length ? samples[0].x : now, now - RPO_WINDOW_MS);
+    chart.options.scales.x.min = from;
+    chart.options.scales.x.max = now;
     const t = target();
-    chart.data.datasets[1].data = t !== null && samples.length ? [{ x: samples[0].x, y: t }, { x: samples[samples.length - 1].x, y: t }] : [];
+    chart.data.datasets[1].data = t !== null ? [{ x: from, y: t }, { x: now, y: t }] : [];
     chart.update();
   }
 
   drawSummary(); drawActions(); drawJobs(); sample();
+  const tick = setInterval(redraw, 15000);     // the axis moves on; points come from reports only
   const offs = [
     subscribe('machine', (ev) => { if (ev.name === name) { Object.assign(machine, ev); drawSummary(); drawActions(); sample(); } }),
     subscribe('job', (ev) => {
@@ -122,5 +132,5 @@ export async function render(view, [name]) {
       drawJobs(); drawSummary();
     }),
   ];
-  return () => { offs.forEach((off) => off()); chart.destroy(); };
+  return () => { offs.forEach((off) => off()); clearInterval(tick); chart.destroy(); };
 }

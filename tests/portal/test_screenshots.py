@@ -1,0 +1,40 @@
+"""A screenshot of every page over a small fleet with jobs and a plan run (into the test's tmp dir, or into
+$PORTAL_SCREENSHOTS, which is how docs/portal/ is made: PORTAL_SCREENSHOTS=docs/portal pytest ...)."""
+from __future__ import annotations
+
+import os
+
+from playwright.sync_api import expect
+
+from replicator.controller import jobs
+
+from . import fleet
+from .conftest import login
+
+PAGES = [("overview", "#/overview", "#health-counts"), ("items", "#/items", "#items"),
+         ("machine", "#/machines/web02", "#machine-summary"), ("jobs", "#/jobs", "#jobs"),
+         ("plan", "#/plans/gold-recovery", "#plan-runs"), ("infrastructure", "#/infrastructure", "#hosts"),
+         ("settings", "#/settings", "#policies")]
+
+
+def test_screenshot_every_page(portal, browser, tmp_path):
+    built = fleet.build(portal)
+    out = os.environ.get("PORTAL_SCREENSHOTS") or str(tmp_path)
+    os.makedirs(out, exist_ok=True)
+    portal.api("POST", "/v1/machines/web02/resync")
+    portal.api("POST", "/v1/plans", json={"name": "gold-recovery", "pair": "gold-pair", "groups": [
+        {"members": ["db01"], "post": [{"manual": "Check the database answers"}]}, {"members": ["web01", "web02"]}]})
+    portal.api("POST", "/v1/plans/gold-recovery/runs", json={"kind": "test"})
+    job = jobs.claim(portal.store, "hv1-agent", kinds=["resync"], host_id=built["hosts"]["hv1"])
+    jobs.renew(portal.store, job.id, "hv1-agent", progress=35)
+    failed = jobs.claim(portal.store, "hv2-agent", kinds=["enable-protection"], host_id=built["hosts"]["hv2"])
+    jobs.finish(portal.store, failed.id, "hv2-agent", "failed", "replica host dr1 unreachable")
+    page = browser.page()
+    login(page, portal, portal.admin_token)
+    for name, route, ready in PAGES:
+        page.goto(f"{portal.url}/ui/{route}")
+        expect(page.locator(ready)).to_be_visible()
+        page.wait_for_timeout(300)               # charts draw on their canvas
+        path = os.path.join(out, f"{name}.png")
+        page.screenshot(path=path, full_page=True)
+        assert os.path.getsize(path) > 10_000, path
