@@ -46,6 +46,17 @@ def register(sub) -> None:
     ex.add_argument("--point", type=int, help="machine point (default: the latest)")
     ex.add_argument("--out", required=True, help="existing folder; NAME.vhd per disk is written there")
     ex.set_defaults(func=cmd_export)
+    fm = cmds.add_parser("failover-machine", help="a machine point to fixed-VHD blobs plus the ARM template of its "
+                         "VM (deploy: az deployment group create -g RG --template-file FILE "
+                         "--parameters storageAccountId=ID)")
+    fm.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]")
+    fm.add_argument("machine")
+    fm.add_argument("--point", type=int, help="machine point (default: the latest)")
+    fm.add_argument("--test", action="store_true", help="test failover: test blobs, NICs on the test VNet")
+    fm.add_argument("--vm", required=True, help="VM spec (JSON: name, size, os_disk, nics, network_map, vnets, "
+                    "test_vnet; see docs/operations.md)")
+    fm.add_argument("--template", required=True, help="ARM template to write")
+    fm.set_defaults(func=cmd_failover_machine)
     kg = cmds.add_parser("keygen", help="write a new key file for encrypted replicas (key_file= in the URL)")
     kg.add_argument("--out", required=True, help="key file to create (mode 0600)")
     kg.add_argument("--rotate", metavar="OLD", help="start from this key file: the new key first, the old "
@@ -152,4 +163,22 @@ def cmd_keygen(args) -> int:
             f.write("# replicator Azure encryption keys: the first is current. Keep a copy in escrow.\n")
             f.write("\n".join([line] + [k.hex() for k in old]) + "\n")
     print(f"key {key_id(bytes.fromhex(line))} written to {args.out}" + (f" ({len(old)} older kept)" if old else ""))
+    return 0
+
+
+def cmd_failover_machine(args) -> int:
+    from ..azure.deploy import VmSpec, arm_template, failover_machine, write_template
+    try:
+        with open(args.vm) as f:
+            spec = VmSpec.from_json(json.load(f))
+    except OSError as e:
+        raise UsageError(f"cannot read the VM spec {args.vm}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{args.vm}: not JSON ({e.msg} at line {e.lineno})") from None
+    fo = _run(args, lambda t: failover_machine(t, args.machine, args.point, test=args.test, spec=spec))
+    write_template(args.template, arm_template(fo, spec))
+    for disk, r in fo.disks.items():
+        print(f"disk {fo.point.disks[disk].name or disk}: {r.url}")
+    print(f"template {args.template}: az deployment group create -g RG --template-file {args.template} "
+          "--parameters storageAccountId=ID")
     return 0
