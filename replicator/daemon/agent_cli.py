@@ -4,8 +4,9 @@
       [--hostname NAME] [--admin-listen 127.0.0.1:8085] [--data-url https://NAME:8084] [--poll SECONDS]
 
 The first run registers (enrol.py) and then runs; later runs (`replicatord --state DIR`, or the same command:
-a host already registered does not use the key again) run from the controller's desired configuration,
-starting at once from the last one received (desired.json) when there is one.
+a host already registered with that key does not use it again) run from the controller's desired
+configuration, starting at once from the last one received (desired.json) when there is one. Another key
+registers the host again (a host the controller removed, or whose certificate expired while it was away).
 """
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ def run_from_controller(args, serve) -> int:
     import uvloop
 
     async def run() -> int:
-        if args.register is not None and not files.registered:
+        if args.register is not None and (not files.registered or enrol.new_key(files, args.key)):
             info = await enrol.register(files, args.register, args.key, hostname=args.hostname,
                                         admin_url=f"http://{args.admin_listen}",
                                         data_url=args.data_url or f"https://{args.hostname}:8084")
             print(f"replicatord: registered with {info['controller']} as host {info['host_id']} "
                   f"(site {info['site']})", flush=True)
         elif args.register is not None:
-            print(f"replicatord: already registered ({files.info}); the key is not used again", flush=True)
+            print(f"replicatord: already registered with this key ({files.info}); it is not used again",
+                  flush=True)
         elif not files.registered:
             return fail(f"{files.dir} holds no registration: run once with --register URL --key FILE", 2)
         agent = Agent(args.state, poll_interval=args.poll)

@@ -11,6 +11,7 @@ hostname, pinned CA hash, when to renew).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import ssl
@@ -136,6 +137,19 @@ async def fetch_pinned_ca(url: str, ca_sha256: str) -> str:
     return pem
 
 
+def _key_digest(key: dict) -> str:
+    return hashlib.sha256(key["token"].encode()).hexdigest()
+
+
+def new_key(files: HostFiles, key_path: str) -> bool:
+    """Is this key file another, usable one than the one the host registered with? (Then it registers again.)
+    An unusable key (expired, say) does not stop a registered host: it runs on its registration."""
+    try:
+        return files.read_info().get("key_sha256") != _key_digest(read_key_file(key_path))
+    except ReplicatorError:
+        return False
+
+
 async def register(files: HostFiles, url: str, key_path: str, *, hostname: str, admin_url: str,
                    data_url: str) -> dict:
     """Register this host; returns controller.json's content. EnrolError (one line) when refused."""
@@ -158,6 +172,7 @@ async def register(files: HostFiles, url: str, key_path: str, *, hostname: str, 
     files.write_cert(answer["certificate"])
     info = {"controller": url, "host_id": answer["host_id"], "site": key["site"], "hostname": hostname,
             "ca_sha256": key["ca_sha256"].lower(), "renew_after": answer["renew_after"],
+            "key_sha256": _key_digest(key),
             "registered_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     files.write_info(info)
     return info

@@ -84,6 +84,17 @@ def test_agent_renews_its_certificate_and_says_when_it_is_refused(tmp_path):
         lines = [x for x in r1.text().splitlines() if "refuses this host" in x]
         assert len(lines) == 1 and "not registered here" in lines[0], lines
         assert r1.api("GET", "/v1/status")["replica"] is not None and r1.proc.poll() is None
+        # restarted with the same key: it runs on its registration; with a new key it registers again
+        r1.stop()
+        r1.start()
+        wait(lambda: r1.api("GET", "/v1/status")["controller"]["state"].startswith("refused: "), "still refused",
+             [r1])
+        assert "already registered with this key" in r1.text()
+        r1.stop()
+        r1.key = ctl.key_file(tmp_path, "west")
+        r1.start()
+        wait(lambda: r1.api("GET", "/v1/status")["controller"]["state"] == "connected", "registered again", [r1])
+        assert ctl.ok("GET", "/v1/hosts/r1")["id"] == r1.api("GET", "/v1/status")["controller"]["host_id"]
     finally:
         if r1 is not None:
             r1.stop()
