@@ -14,19 +14,26 @@ from .common import add_json
 def register(sub) -> None:
     p = sub.add_parser("points", help="recovery points held by a replica store")
     cmds = p.add_subparsers(dest="command", required=True)
-    ls = cmds.add_parser("list", help="disks and their recovery points")
-    ls.add_argument("--root", required=True, help="replica store root")
+    ls = cmds.add_parser("list", help="disks and their recovery points (--to azure://...: machines' points)")
+    ls.add_argument("--root", help="replica store root")
+    ls.add_argument("--to", metavar="azure://ACCOUNT/CONTAINER[/PREFIX]", help="an Azure target instead: "
+                    "its machine points (see `replicator azure machine-points`)")
+    ls.add_argument("--machine", help="with --to: only this machine")
     add_json(ls, "the disks and points")
     ls.set_defaults(func=cmd_list)
     for name, func, hlp in (("export", cmd_export, "write a recovery point as a standalone VHDX (failover)"),
                             ("test-failover", cmd_test, "a differencing disk of a point; replication continues")):
         c = cmds.add_parser(name, help=hlp)
-        c.add_argument("--root", required=True, help="replica store root")
-        c.add_argument("disk", help="disk id (points list shows them)")
+        c.add_argument("--root", required=name != "export", help="replica store root")
+        c.add_argument("disk", help="disk id (points list shows them); with --to, the machine")
         c.add_argument("--generation", type=int, help="recovery point (default: the latest)")
         if name == "export":
+            c.add_argument("--to", metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]",
+                           help="an Azure target instead: export a machine point, NAME.vhd per disk into --out")
+            c.add_argument("--point", type=int, help="with --to: the machine point (default: the latest)")
             c.add_argument("--out", required=True,
-                           help="VHDX to create (written under a temporary name, renamed when complete)")
+                           help="VHDX to create (written under a temporary name, renamed when complete); with "
+                                "--to, an existing folder")
         c.set_defaults(func=func)
     cl = cmds.add_parser("cleanup", help="remove a test-failover disk")
     cl.add_argument("--root", required=True, help="replica store root")
@@ -48,7 +55,17 @@ def _point(rd, generation):
     return generation if generation is not None else rd.generation
 
 
+def _azure(args) -> bool:
+    """--to (an Azure target) or --root (a replica store), exactly one."""
+    if bool(getattr(args, "to", None)) == bool(args.root):
+        raise UsageError("give either --root (a replica store) or --to (an azure:// target)")
+    return bool(getattr(args, "to", None))
+
+
 def cmd_list(args) -> int:
+    if _azure(args):
+        from .azure import cmd_machine_points
+        return cmd_machine_points(args)
     store = open_store(args.root)
     out = []
     for disk_id in store.disk_ids():
@@ -69,6 +86,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if _azure(args):
+        from .azure import cmd_export as azure_export
+        args.machine = args.disk
+        return azure_export(args)
     rd = open_store(args.root).disk(args.disk)
     point = _point(rd, args.generation)
     if point not in {p.generation for p in rd.points}:     # said before a whole disk is copied for nothing

@@ -5,14 +5,18 @@ primary at its cut; expired snapshots are deleted; a point only counts once ever
 that cannot fit in a page blob's 100 snapshots is refused in one line."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 import pytest
 
 from replicator.azure import points as mpts
+from replicator.azure.azurite import DEV_ACCOUNT
 from replicator.azure.export import export_point
 from replicator.azure.meta import disk_area
 from replicator.disk.vhd import parse_footer
+from replicator.cli import points as points_cli
 from replicator.errors import UsageError
 from replicator.replica.retention import keep_points
 
@@ -32,7 +36,7 @@ async def cycle(t, disks, point: int, additional: int) -> None:
         await t.checkpoint(p.disk_id, p.generation, point, False, additional)
 
 
-def test_machine_points_hourly_and_application_on_a_fake_clock(azurite, tmp_path):
+def test_machine_points_hourly_and_application_on_a_fake_clock(azurite, tmp_path, capsys):
     async def go():
         c = await new_container(azurite)
         t = target(c, retention=3)
@@ -99,7 +103,30 @@ def test_machine_points_hourly_and_application_on_a_fake_clock(azurite, tmp_path
         await t.close()
         await t2.close()
         await other.close()
-        await c.delete_container()
         await c.close()
-    run(go())
+        made.append((14, now[0], "crash"))
+        return c.container_name, a, made
+
+    name, a, made = run(go())
+    # `replicator points list / export` against the Azure target (what any host with the container sees)
+    parser = argparse.ArgumentParser()
+    points_cli.register(parser.add_subparsers(dest="area"))
+    url = f"azure://{DEV_ACCOUNT}/{name}?endpoint={azurite.account_url}"
+
+    def cli(*argv):
+        args = parser.parse_args(["points", *argv])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+    listed = json.loads(cli("list", "--to", url, "--json"))["vm1"]
+    want = keep_points([(tm, cons) for _, tm, cons in made], 2)
+    assert [x["point"] for x in listed] == [made[i][0] for i in sorted(want)]
+    assert 13 not in [x["point"] for x in listed]                 # 14 took its place as the hour's last
+    assert f"point {listed[-1]['point']:>6}" in cli("list", "--to", url)
+    out = tmp_path / "cli-export"
+    os.mkdir(out)
+    assert "exported point 11" in cli("export", "--to", url, "vm1", "--point", "11", "--out", str(out))
+    with open(out / "sys.vhd", "rb") as f:
+        assert f.read(a.size) == a.history[11]
+    with pytest.raises(UsageError, match="either --root"):
+        cli("list")
 
