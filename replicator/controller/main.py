@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("admin token in %s", os.path.join(args.data, ADMIN_TOKEN_FILE))
         app = create_app(store, data_dir=args.data)
         host, port = args.listen
+        # timeout_graceful_shutdown: an open console's event stream never ends by itself; stop waiting for it
         config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
-                                **listener_options(args, app))
+                                timeout_graceful_shutdown=5, **listener_options(args, app))
         server = uvicorn.Server(config)
         server.run()
         return 0 if server.started else 1

@@ -88,3 +88,26 @@ def test_watcher_sends_what_changed(store):  # noqa: F811 (the fixture: SQLite a
 def test_event_stream_refuses_without_bearer(portal, token):
     r = httpx.get(portal.url + "/v1/events", headers={"Authorization": token} if token else {})
     assert r.status_code == 401 and list(r.json()) == ["error"]
+
+
+def test_controller_stops_with_a_console_open(tmp_path):
+    """An open event stream never ends by itself: SIGTERM must not wait for the browser to go away."""
+    import signal
+    import ssl
+    import time
+
+    from tests.controller.test_host_channel import ControllerProc
+
+    ctl = ControllerProc(tmp_path).start()
+    try:
+        ctx = ssl.create_default_context(cafile=ctl.ca_path)
+        with httpx.stream("GET", ctl.url + "/v1/events", headers={"Authorization": f"Bearer {ctl.token}"},
+                          verify=ctx, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert _events(lines, 1)[0][0] == "ready"
+            started = time.monotonic()
+            ctl.proc.send_signal(signal.SIGTERM)
+            assert ctl.proc.wait(20) in (0, -signal.SIGTERM)   # uvicorn re-raises SIGTERM after its shutdown
+            assert time.monotonic() - started < 15
+    finally:
+        ctl.stop()
