@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from . import metrics
 from . import models as m
@@ -47,13 +48,24 @@ def validation_message(exc: RequestValidationError) -> str:
     return f"{where}: {why}{more}" if where else f"{why}{more}"
 
 
+def _allowed(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):   # routing's
-            what = "no such route" if exc.status_code == 404 else "method not allowed on"
-            return _error(request, exc.status_code, f"{what} {request.method} {request.url.path}",
-                          getattr(exc, "headers", None))
+            if exc.status_code == 404:
+                return _error(request, 404, f"no such route {request.method} {request.url.path}")
+            return _error(request, 405, f"method not allowed on {request.method} {request.url.path}",
+                          {"Allow": ", ".join(_allowed(request))})
         return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -78,6 +90,31 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: OperationalError):
         log.error("database unavailable: %s", _one_line(str(exc.orig), 300))
         return _error(request, 503, "the controller's database is unavailable; retry shortly")
+
+
+def known_query(request: Request) -> None:
+    """Refuse query parameters the route does not take: a mistyped filter (?stat=queued) must not silently
+    return everything."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    known = _QUERY_NAMES.get(id(route))
+    if known is None:
+        known = _QUERY_NAMES[id(route)] = frozenset(_query_names(dependant))
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise HTTPException(422, f"unknown query parameter {unknown[0][:64]!r}"
+                                 + (f"; this route takes {', '.join(sorted(known))}" if known else ""))
+
+
+_QUERY_NAMES: dict = {}
+
+
+def _query_names(dependant):
+    yield from (p.alias for p in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_names(sub)
 
 
 def install_audit(app: FastAPI) -> None:
@@ -110,7 +147,8 @@ def install_audit(app: FastAPI) -> None:
 
 def create_app(store: Store, *, data_dir: str | None = None, title: str = "replicator controller") -> FastAPI:
     """The REST API on `store`. Extend it with `app.include_router(router)`; `app.state.store` is the store."""
-    app = FastAPI(title=title, version="1", description="The management plane of replicator: sites, hosts, "
+    app = FastAPI(title=title, version="1", dependencies=[Depends(known_query)],
+                  description="The management plane of replicator: sites, hosts, "
                   "clouds, pairs, policies, mappings, machines, jobs, recovery plans, tokens and the audit log. "
                   "Errors are {\"error\": \"...\"}.")
     app.state.store = store

@@ -8,6 +8,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
 from . import models as m
+from .api.common import ERRORS
 from .auth import reader
 from .db import Store
 
@@ -64,9 +65,7 @@ def registry_for(store: Store) -> CollectorRegistry:
 
 @router.get("/metrics", response_class=Response, dependencies=[Depends(reader)],
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition format"}})
+                             "description": "Prometheus text exposition format"},
+                       **{k: v for k, v in ERRORS.items() if k in (401, 403, 422)}})
 def scrape(request: Request):
-    app = request.app
-    if getattr(app.state, "metrics_registry", None) is None:
-        app.state.metrics_registry = registry_for(app.state.store)
-    return Response(generate_latest(app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry_for(request.app.state.store)), media_type=CONTENT_TYPE_LATEST)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from sqlalchemy import select
 
 from .. import models as m
@@ -45,11 +45,16 @@ def revoke_token(s: DB, request: Request, who: Principal = Depends(admin), name:
 
 @router.get("/audit", response_model=list[sc.AuditOut], dependencies=[Depends(reader)], tags=["access"])
 def read_audit(s: DB, actor: str | None = Query(None, max_length=128, pattern=r"^[^\x00]*$"),
-               since: dt.datetime | None = None, limit: int = Query(100, ge=1, le=1000)):
+               since: str | None = Query(None, max_length=64, description="ISO 8601 date-time (UTC if no zone)"),
+               limit: int = Query(100, ge=1, le=1000)):
     """Newest first."""
     q = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
     if actor is not None:
         q = q.where(m.AuditEntry.actor == actor)
     if since is not None:
-        q = q.where(m.AuditEntry.at >= (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)))
+        try:
+            when = dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise HTTPException(422, f"since: must be an ISO 8601 date-time, not {since!r}") from None
+        q = q.where(m.AuditEntry.at >= (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)))
     return [sc.AuditOut.model_validate(a) for a in s.scalars(q)]
