@@ -57,6 +57,16 @@ def register(sub) -> None:
                     "test_vnet; see docs/operations.md)")
     fm.add_argument("--template", required=True, help="ARM template to write")
     fm.set_defaults(func=cmd_failover_machine)
+    fb = cmds.add_parser("failback", help="bring an Azure VM's disk (a failover blob) back into the on-premises "
+                         "disk: a pass while it runs, a final pass (--base) after it stops, or --full")
+    fb.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]")
+    fb.add_argument("blob", help="the Azure VM's disk blob (failover printed it)")
+    fb.add_argument("--disk", required=True, help="the on-premises disk to bring level (VHDX, VHD or raw)")
+    fb.add_argument("--base", metavar="SNAPSHOT", help="the previous pass's snapshot: read only what changed since")
+    fb.add_argument("--full", action="store_true", help="full download: write every block")
+    fb.add_argument("--done", action="store_true", help="the final pass: drop its snapshot afterwards")
+    add_json(fb)
+    fb.set_defaults(func=cmd_failback)
     kg = cmds.add_parser("keygen", help="write a new key file for encrypted replicas (key_file= in the URL)")
     kg.add_argument("--out", required=True, help="key file to create (mode 0600)")
     kg.add_argument("--rotate", metavar="OLD", help="start from this key file: the new key first, the old "
@@ -181,4 +191,30 @@ def cmd_failover_machine(args) -> int:
         print(f"disk {fo.point.disks[disk].name or disk}: {r.url}")
     print(f"template {args.template}: az deployment group create -g RG --template-file {args.template} "
           "--parameters storageAccountId=ID")
+    return 0
+
+
+def cmd_failback(args) -> int:
+    from ..azure import failback as fb
+    import os
+
+    from ..disk.probe import open_disk
+    if not os.path.isfile(args.disk):
+        raise UsageError(f"{args.disk}: no such disk file")
+    disk = open_disk(args.disk, read_only=False)
+    try:
+        async def work(t):
+            r = await fb.sync_pass(t, args.blob, disk, base=args.base, full=args.full)
+            if args.done:
+                await fb.finish(t, args.blob, r.snapshot)
+            return r
+        r = _run(args, work)
+    finally:
+        disk.close()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r), indent=2))
+    else:
+        print(f"failback pass: {r.blocks_written} of {r.blocks_compared} blocks differed, {r.bytes_written} bytes "
+              f"written to {args.disk}, {r.bytes_read} read from Azure ({r.seconds:.1f} s); "
+              + ("done" if args.done else f"next pass: --base {r.snapshot}"))
     return 0
