@@ -109,7 +109,10 @@ def browser(tmp_path):
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
                                                    headless=True, args=CHROMIUM_ARGS,
-                                                   viewport={"width": 1400, "height": 900})
+                                                   viewport={"width": 1400, "height": 900},
+                                                   # the real controller listens with its deployment CA's
+                                                   # certificate, which this fresh profile does not know
+                                                   ignore_https_errors=True)
         ctx.set_default_timeout(10_000)
         ctx.route("**/*", guard)
         browser = Browser(ctx, external)
@@ -121,8 +124,9 @@ def browser(tmp_path):
     assert not browser.errors, f"errors in the browser: {browser.errors}"
 
 
-def login(page, portal: Portal, token: str) -> None:
-    """Open the console and sign in with `token`; returns once the Overview is shown."""
+def login(page, portal, token: str) -> None:
+    """Open the console of `portal` (anything with a .url) and sign in with `token`; returns once the Overview
+    is shown."""
     page.goto(portal.url + "/ui/")
     page.fill("#token", token)
     page.click("#login button[type=submit]")

@@ -205,7 +205,8 @@ export function dataTable(columns, rows, { filter = false, empty = 'Nothing here
 // ------------------------------------------------------------------------------------------- forms
 /**
  * A form whose submit sends the fields to the API; the API's validation error is shown under the form,
- * as the API worded it. fields: [{name, label, type: text|number|checkbox|select, options, value, hint}].
+ * as the API worded it. fields: [{name, label, type: text|number|checkbox|select|textarea|list, options,
+ * value, hint}]; a list is typed comma-separated and sent as an array.
  */
 export function apiForm({ title, fields, submitLabel = 'Save', onSubmit, id }) {
   const error = h('p', { class: 'form-error', role: 'alert', hidden: true });
@@ -223,7 +224,8 @@ export function apiForm({ title, fields, submitLabel = 'Save', onSubmit, id }) {
     } else if (f.type === 'checkbox') {
       input = h('input', { type: 'checkbox', name: f.name, checked: !!f.value });
     } else {
-      input = h('input', { type: f.type || 'text', name: f.name, value: f.value ?? '', placeholder: f.placeholder });
+      input = h('input', { type: f.type === 'list' ? 'text' : (f.type || 'text'), name: f.name, value: f.value ?? '',
+                           placeholder: f.placeholder });
     }
     inputs[f.name] = { input, field: f };
     return h('label', { class: 'field' }, h('span', {}, f.label), input, f.hint ? h('small', {}, f.hint) : null);

@@ -1,12 +1,32 @@
 // Replicated items: every protected machine in a sortable, filterable table, kept current by the live stream.
 
-import { api, ago, dataTable, fmtDuration, h, healthBadge, clear } from '../lib.js';
+import { api, ago, apiForm, dataTable, fmtDuration, h, healthBadge, clear, notify, session } from '../lib.js';
 import { subscribe } from '../events.js';
 import { machineLink, rpoTarget } from './common.js';
 import { lastTestFailover } from './machine_data.js';
 
+/** The form that protects a machine (operator): POST /v1/machines, the API placing its replica. */
+function enableForm(clouds, hosts, policies, after) {
+  const primaries = clouds.filter((c) => c.pair && c.pair_role === 'primary');
+  return apiForm({ id: 'enable-form', title: 'Protect a machine', submitLabel: 'Enable protection', fields: [
+    { name: 'name', label: 'Machine' },
+    { name: 'cloud', label: 'Primary cloud', type: 'select', options: primaries.map((c) => c.name) },
+    { name: 'primary_host', label: 'Runs on host', type: 'select', options: [['', '(the cloud\'s only host)'], ...hosts.filter((x) => x.cloud && primaries.some((c) => c.name === x.cloud)).map((x) => x.hostname)] },
+    { name: 'domain', label: 'libvirt domain', hint: 'or disks' },
+    { name: 'disks', label: 'Disks', type: 'list', hint: 'VHDX paths, comma-separated' },
+    { name: 'excluded', label: 'Excluded disks', type: 'list', hint: 'targets (vdb) or paths' },
+    { name: 'policy', label: 'Policy', type: 'select', options: [['', '(the pair\'s)'], ...policies.map((p) => p.name)] }],
+    onSubmit: async (v) => {
+      const x = await api('/v1/machines', { method: 'POST', body: v });
+      notify(`Protection of ${x.name} enabled`, 'ok');
+      after(x);
+    } });
+}
+
 export async function render(view) {
   const [machines, policies, jobs] = await Promise.all([api('/v1/machines'), api('/v1/policies'), api('/v1/jobs')]);
+  const canEnable = session.can('operator');
+  const [clouds, hosts] = canEnable ? await Promise.all([api('/v1/clouds'), api('/v1/hosts')]) : [[], []];
   const byId = new Map(machines.map((x) => [x.id, x]));
   const rpo = (x) => {
     const target = rpoTarget(x, policies);
@@ -27,10 +47,13 @@ export async function render(view) {
   ];
   const table = dataTable(columns, [...byId.values()], { filter: true, id: 'items', sortKey: 'name',
     empty: 'No machines are protected yet.' });
-  clear(view, h('h1', {}, 'Replicated items'), h('section', { class: 'card' }, table));
+  const added = (x) => { byId.set(x.id, x); table.update([...byId.values()]); };
+  clear(view, h('h1', {}, 'Replicated items'), h('section', { class: 'card' }, table),
+    canEnable && h('section', { class: 'card' }, enableForm(clouds, hosts, policies, added)));
   const off = subscribe('machine', (ev) => {
-    const x = byId.get(ev.id);
-    if (x) { Object.assign(x, ev); table.update([...byId.values()]); }
+    byId.set(ev.id, Object.assign(byId.get(ev.id) || {}, ev));     // new machines appear too
+    table.update([...byId.values()]);
   });
-  return off;
+  const offRemoved = subscribe('machine_removed', (ev) => { byId.delete(ev.id); table.update([...byId.values()]); });
+  return () => { off(); offRemoved(); };
 }
