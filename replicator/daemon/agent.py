@@ -52,7 +52,8 @@ class Agent:
         self.info = self.files.read_info()
         self.url = self.info["controller"]
         self.poll_interval = poll_interval
-        self.applied = self._held_revision()      # the revision replicatord runs (desired.json's)
+        self.applied = self._held_revision()      # desired.json's revision (accepted)
+        self.running: int | None = None           # the revision the running daemon started on
         self.latest: int | None = None            # the newest the controller has said
         self.unreachable_since: dt.datetime | None = None
         self.refused: str | None = None
@@ -142,7 +143,7 @@ class Agent:
 
     async def report(self) -> None:
         daemon = self.daemon
-        body = {"revision": self.applied, "problems": list(self.problems),
+        body = {"revision": self.running or 0, "problems": list(self.problems),
                 "status": daemon.status_document() if daemon is not None else {"machines": [], "replica": None},
                 "jobs": daemon.jobs.summaries()[-50:] if daemon is not None else []}
         answer = await self._call("POST", "/v1/hosts/self/report", body)
@@ -158,7 +159,9 @@ class Agent:
             renewed = await self.renew_if_due()
             if (changed or renewed) and self.reload is not None and self.daemon is not None:
                 self.reload()
-            await self.report()
+                self.daemon = None             # reported again once it runs the new revision (attach)
+            elif self.daemon is not None or self.running is None:      # not while the daemon restarts
+                await self.report()
         except Refused as e:
             if self.refused != e.message:
                 log.error("the controller refuses this host (%s): running on from desired revision %d; register "
@@ -196,7 +199,7 @@ class Agent:
 
     def attach(self, daemon, reload: Callable[[], None]) -> None:
         """serve() started a daemon from desired.json: apply the document's operations, poll on."""
-        self.daemon, self.reload = daemon, reload
+        self.daemon, self.reload, self.running = daemon, reload, self.applied
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="controller-agent")
         self._operating = asyncio.create_task(self.apply_operations(daemon), name="controller-operations")
@@ -257,7 +260,7 @@ class Agent:
         else:
             state = "not contacted yet"
         return {"url": self.url, "host_id": self.info["host_id"], "site": self.info.get("site"), "state": state,
-                "revision": self.applied, "latest_revision": self.latest, "problems": list(self.problems),
+                "revision": self.running, "latest_revision": self.latest, "problems": list(self.problems),
                 "last_contact": self.last_contact.isoformat() if self.last_contact else None,
                 "certificate_not_after": self.files.not_after().isoformat(),
                 "renew_after": self.info["renew_after"]}

@@ -2,12 +2,12 @@
 registered to one `replicator-controller` with keys; sites, clouds, a pair, a policy and a storage mapping made
 only through the REST API; machines enabled through it replicate without anyone touching a host's files --
 the replica's point is byte-identical to the primary's disk at the cut; the policy's new frequency reaches
-the hosts; with the controller stopped the hosts replicate on, and once it is back it shows what happened."""
+the hosts; pause, resume and resync asked of the controller are run by the host; with the controller stopped
+the hosts replicate on, and once it is back it shows what happened."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +16,9 @@ import urllib.error
 import urllib.request
 
 from replicator.replica import ReplicaStore
-from replicator.vhdx import VhdxDisk, create_vhdx
+from replicator.vhdx import create_vhdx
 
-from ..externals import tool
+from ..daemon.two_sites import Site, read_vhdx, same
 from .conftest import free_port
 from .test_host_channel import ControllerProc
 
@@ -64,19 +64,9 @@ class FleetHost:
     def machine(self, name: str) -> dict:
         return next(m for m in self.api("GET", "/v1/status")["machines"] if m["name"] == name)
 
-    def qemu_io(self, machine: str, disk: str, *cmds: str) -> None:
-        sock = self.state / "nbd" / f"{machine}.sock"
-        args = [tool("qemu-io"), "-f", "raw"] + [x for c in cmds for x in ("-c", c)]
-        subprocess.run(args + [f"nbd+unix:///{disk}?socket={sock}"], check=True, capture_output=True, timeout=60)
-
-    def disk_bytes(self, path) -> bytes:
-        """The disk as the daemon left it at the cut: a copy with its log replayed."""
-        out = str(self.dir / f"copy-{os.path.basename(str(path))}")
-        shutil.copy(path, out)
-        with VhdxDisk.open(out, read_only=False) as d:
-            data = d.read(0, d.size)
-        os.unlink(out)
-        return data
+    # a guest's writes over NBD, and the disk as the daemon left it at the cut (STATE is DIR/state, as there)
+    qemu_io = Site.qemu_io
+    disk_bytes = Site.disk_bytes
 
 
 def wait(predicate, what: str, hosts, timeout: float = 60):
@@ -95,15 +85,7 @@ def wait(predicate, what: str, hosts, timeout: float = 60):
 
 
 def replica_bytes(root, disk_id: str) -> bytes:
-    with VhdxDisk.open(ReplicaStore(str(root)).disk(disk_id).image_path, read_only=True) as d:
-        return d.read(0, d.size)
-
-
-def same(a: bytes, b: bytes, what: str) -> None:
-    assert len(a) == len(b), f"{what}: {len(a)} bytes, expected {len(b)}"
-    if a != b:
-        first = next(i for i in range(0, len(a), 4096) if a[i:i + 4096] != b[i:i + 4096])
-        raise AssertionError(f"{what}: differs in the 4 KiB block at offset {first}")
+    return read_vhdx(ReplicaStore(str(root)).disk(disk_id).image_path)
 
 
 def test_fleet_replicates_from_the_controller_and_outlives_it(tmp_path, database_url):
@@ -175,6 +157,19 @@ def _fleet(tmp_path, ctl: ControllerProc, hosts: list) -> None:
     ctl.ok("PUT", "/v1/policies/fast", body)
     for h, vm in ((p1, "vm01"), (p2, "vm02")):
         wait(lambda h=h, vm=vm: h.machine(vm)["stats"]["rpo_target"] == 300, f"{vm} at 5 minutes", hosts)
+
+    # pause, resume and resync asked of the controller are run by the host, and their jobs finish
+    ctl.ok("POST", "/v1/machines/vm02/pause")
+    wait(lambda: p2.machine("vm02")["state"] == "Suspended", "vm02 paused by the controller", hosts)
+    ctl.ok("POST", "/v1/machines/vm02/resume")
+    wait(lambda: p2.machine("vm02")["state"] == "Replicating", "vm02 resumed", hosts)
+    ctl.ok("POST", "/v1/machines/vm02/resync")
+    wait(lambda: any(j["kind"] == "resync" and j["subject"] == "vm02" and j["state"] == "succeeded"
+                     for j in p2.api("GET", "/v1/jobs")["jobs"]), "vm02's resync on p2", hosts)
+    wait(lambda: {j["kind"]: j["state"] for j in ctl.ok("GET", "/v1/jobs") if j["kind"] != "enable-protection"}
+         == {"pause-protection": "succeeded", "resume-protection": "succeeded", "resync": "succeeded"},
+         "the controller's jobs done", hosts)
+    cycle_and_compare(p2, "vm02", 0x64, "13M")
 
     # the controller goes away: the hosts say so and replicate on
     ctl.stop()
