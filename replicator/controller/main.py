@@ -9,8 +9,10 @@ processes may share it). Migrations are applied at every start. SIGTERM or SIGIN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -48,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lifetime of the host certificates the CA issues (default 30 days; hosts renew "
                      "after two thirds)")
     return ap
+
+
+class StoppableServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM/SIGINT it shut down for ends the process with status 0 (uvicorn
+    raises the signal again once it has stopped, so a clean stop looked like a kill to service managers)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def listener_options(args, app) -> dict:
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # timeout_graceful_shutdown: an open console's event stream never ends by itself; stop waiting for it
         config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=5, **listener_options(args, app))
-        server = uvicorn.Server(config)
+        server = StoppableServer(config)
         server.run()
         return 0 if server.started else 1
     finally:
