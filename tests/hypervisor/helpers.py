@@ -78,6 +78,13 @@ def wait_state(hv, name: str, pred, timeout: float, what: str):
         time.sleep(0.05)
 
 
+def machine_toml(name: str, uri: str, target: str, extra: str = "") -> str:
+    """A [[machine]] table protecting domain `name` (its disk vda as NAME.vhdx) to `target`, every 30 s;
+    `extra`: more keys (TLS files, failover_ip, quiesce ...)."""
+    return (f'[[machine]]\nname = "{name}"\ndomain = "{name}"\nlibvirt = "{uri}"\ndisks = {{ vda = "{name}.vhdx" }}\n'
+            f'target = "{target}"\nfrequency = "30s"\n{extra}\n')
+
+
 def all_files_there(hv, name: str, lines: int) -> int:
     """In the guest: the first `lines` entries of its manifest, each file with its checksum."""
     script = (f"cd /mnt && n=$(head -n {lines} MANIFEST.sha256 | wc -l) && "

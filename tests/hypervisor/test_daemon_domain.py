@@ -35,7 +35,7 @@ from replicator.vhdx import VhdxDisk
 from ..daemon.two_sites import free_port, make_pki, same
 from ..guest.harness import MiB, make_disk_image, verify_image
 from .conftest import log
-from .helpers import Site, console_of, primary_domain_xml, wait_state
+from .helpers import Site, console_of, machine_toml, primary_domain_xml, wait_state
 
 pytestmark = pytest.mark.timeout(420)
 FILES = 4
@@ -96,17 +96,9 @@ test_network = "rtest"
 principal = "site-a"
 storage = "replica"
 ''')
-    a = Site(a_dir, "site-a", f'''[[machine]]
-name = "vm"
-domain = "vm"
-libvirt = "{uri}"
-disks = {{ vda = "vm.vhdx" }}
-target = "https://127.0.0.1:{b_port}"
-{tls("site-a")}frequency = "30s"
-additional_points = 2
-app_consistent_hours = 1
-quiesce = {{ provider = "libvirt", timeout = 20 }}
-''')
+    a = Site(a_dir, "site-a", machine_toml("vm", uri, f"https://127.0.0.1:{b_port}", tls("site-a") +
+                                           'additional_points = 2\napp_consistent_hours = 1\n'
+                                           'quiesce = { provider = "libvirt", timeout = 20 }'))
     # the operator's domain, on its own raw disk; its VHDX made from it once (here: a fresh filesystem)
     original = f"{a_dir}/vm.raw"
     with open(original, "wb") as f:

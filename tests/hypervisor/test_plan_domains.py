@@ -23,7 +23,7 @@ import pytest
 from ..daemon.two_sites import free_port, make_pki
 from ..guest.harness import MiB, make_disk_image
 from .conftest import NET_MODULES, log
-from .helpers import Site, primary_domain_xml
+from .helpers import Site, machine_toml, primary_domain_xml
 
 pytestmark = pytest.mark.timeout(300)
 MACS = {"vm1": "52:54:00:40:00:01", "vm2": "52:54:00:40:00:02"}
@@ -66,21 +66,10 @@ post = [{{ script = {script} }}]
 members = ["vm2"]
 pre = [{{ script = {script} }}]
 ''')
-    machines = ""
     ips = {"vm1": 'failover_ip = { net0 = { address = "10.20.0.5/24", gateway = "10.20.0.1" } }',
            "vm2": f'failover_ip = {{ "{MACS["vm2"]}" = "10.20.0.6/24" }}'}
-    for name in ("vm1", "vm2"):
-        machines += f'''[[machine]]
-name = "{name}"
-domain = "{name}"
-libvirt = "{uri}"
-disks = {{ vda = "{name}.vhdx" }}
-{ips[name]}
-target = "https://127.0.0.1:{b_port}"
-{tls("site-a")}frequency = "30s"
-
-'''
-    a = Site(a_dir, "site-a", machines)
+    a = Site(a_dir, "site-a", "".join(machine_toml(n, uri, f"https://127.0.0.1:{b_port}", tls("site-a") + ips[n])
+                                      for n in ("vm1", "vm2")))
     hv.create_isolated_network("lan")                       # site A's network
     hv.create_isolated_network("lan-b")                     # site B's, where the plan's machines go
     for name in ("vm1", "vm2"):

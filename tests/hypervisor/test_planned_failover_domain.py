@@ -23,7 +23,7 @@ import pytest
 from ..daemon.two_sites import free_port, make_pki
 from ..guest.harness import MiB, make_disk_image
 from .conftest import log
-from .helpers import Site, all_files_there, console_of, first_round, primary_domain_xml, wait_state
+from .helpers import Site, all_files_there, console_of, first_round, machine_toml, primary_domain_xml, wait_state
 
 pytestmark = pytest.mark.timeout(300)
 FILES = 4
@@ -57,15 +57,8 @@ target = "https://127.0.0.1:{peer_port}"
 {tls(site)}frequency = "30s"
 '''
     b = Site(b_dir, "site-b", replica("site-b", b_port, "site-a", a_port, site_b_libvirtd.uri, '{ lan = "lan-b" }'))
-    a = Site(a_dir, "site-a", replica("site-a", a_port, "site-b", b_port, private_libvirtd.uri, "{ }") + f'''
-[[machine]]
-name = "vm"
-domain = "vm"
-libvirt = "{private_libvirtd.uri}"
-disks = {{ vda = "vm.vhdx" }}
-target = "https://127.0.0.1:{b_port}"
-{tls("site-a")}frequency = "30s"
-''')
+    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"https://127.0.0.1:{b_port}", tls("site-a"))
+             + replica("site-a", a_port, "site-b", b_port, private_libvirtd.uri, "{ }"))
     original = f"{a_dir}/vm.raw"
     with open(original, "wb") as f:
         f.truncate(64 * MiB)

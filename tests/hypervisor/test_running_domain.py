@@ -20,7 +20,7 @@ import pytest
 from ..daemon.two_sites import BIN
 from ..guest.harness import MiB
 from .conftest import log
-from .helpers import Site, all_files_there, console_of, first_round, primary_domain_xml
+from .helpers import Site, all_files_there, console_of, first_round, machine_toml, primary_domain_xml
 
 pytestmark = pytest.mark.timeout(300)
 FILES = 4
@@ -37,14 +37,7 @@ def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boo
                    check=True, capture_output=True)
     subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", original, f"{a_dir}/vm.vhdx"],
                    check=True, capture_output=True)
-    a = Site(a_dir, "site-a", f'''[[machine]]
-name = "vm"
-domain = "vm"
-libvirt = "{private_libvirtd.uri}"
-disks = {{ vda = "vm.vhdx" }}
-target = "local://{a_dir}/replica"
-frequency = "30s"
-''')
+    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica"))
     console = f"{a_dir}/console.log"
     hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
                                          memory_mib=192, files=FILES, pause=0.3))
