@@ -40,9 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].split("=", 1)[0] == "--controller":        # the controller's REST API (cli/controller.py)
+        from . import controller as controller_cmd
+        command = lambda: controller_cmd.main(argv)                 # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command = lambda: args.func(args) or 0                      # noqa: E731
     try:
-        return args.func(args) or 0
+        return command()
     except ReplicatorError as e:
         print(f"replicator: error: {e.message}", file=sys.stderr)
         return e.exit_code
