@@ -13,7 +13,7 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer,
-                        MetaData, String, Text, TypeDecorator, UniqueConstraint)
+                        MetaData, String, Text, TypeDecorator, UniqueConstraint, event)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAME_LEN = 64
@@ -399,3 +399,10 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(255), default="")
     outcome: Mapped[str] = mapped_column(String(255), default="ok")
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+@event.listens_for(AuditEntry, "before_update")
+@event.listens_for(AuditEntry, "before_delete")
+def _append_only(mapper, connection, target):
+    """The audit log is append-only: an entry is never changed or removed through the ORM."""
+    raise PermissionError(f"audit entry {target.id} is append-only")

@@ -88,3 +88,14 @@ def test_bad_urls_are_one_line_errors(tmp_path):
         make_engine("::nonsense::")
     with pytest.raises(StoreError, match="no such directory"):
         Store.open(f"sqlite:///{tmp_path}/missing/controller.db")
+
+
+def test_the_audit_log_is_append_only(store):
+    with store.session() as s:
+        s.add(m.AuditEntry(actor="admin", action="POST /v1/sites", target="site/a"))
+    for change in (lambda e: setattr(e, "outcome", "forged"), lambda e: e._sa_instance_state.session.delete(e)):
+        with pytest.raises(PermissionError, match="append-only"):
+            with store.session() as s:
+                change(s.query(m.AuditEntry).one())
+    with store.session() as s:
+        assert s.query(m.AuditEntry).one().outcome == "ok"
