@@ -35,6 +35,25 @@ def observe(portal, machine: str, **values) -> None:
             setattr(x, k, v)
 
 
+def report(portal, hostname: str, entries: list[dict]) -> None:
+    """A host's report as the host channel stores it (hosts.last_report): its /v1/status machines' entries."""
+    with portal.store.session() as s:
+        h = s.query(m.Host).filter_by(hostname=hostname).one()
+        h.last_report = {"revision": h.applied_revision, "status": {"machines": entries}, "jobs": [],
+                         "problems": [], "received_at": m.utcnow().isoformat()}
+
+
+def entry(name: str, state: str, health: str, reasons: list[str], pending: int, **stats) -> dict:
+    """A machine's entry in a primary's status document (daemon/primary.py status(), health.py to_dict())."""
+    return {"name": name, "role": "primary", "state": state, "reason": None,
+            "stats": {"health": health, "health_reasons": reasons, "pending_size": pending, "successful_cycles": 12,
+                      "failed_cycles": 1 if health == "Critical" else 0, "missed_cycles": 0,
+                      "average_size": 3 << 20, "maximum_size": 9 << 20, "average_latency": 1.5,
+                      "maximum_latency": 4.0, **stats},
+            "disks": {f"{name}.vhdx": {"disk_id": "0" * 32, "tracking": "Tracking", "reason": None}},
+            "last_cycle": {"time": m.utcnow().timestamp() - 60, "kinds": ["delta"], "bytes_sent": 5 << 20}}
+
+
 def build(portal) -> dict:
     api = portal.api
     for site in ("alpha", "beta"):
@@ -58,4 +77,9 @@ def build(portal) -> dict:
         if state:
             observe(portal, name, observed_state=state, health=health, rpo_seconds=rpo,
                     last_success_at=now - dt.timedelta(seconds=rpo))
+    refused = "the last cycle failed: https://dr1:8444: connection refused"
+    report(portal, "hv1", [entry("web01", "Replicating", "Normal", [], 0),
+                           entry("web02", "Replicating", "Warning", ["4 of 12 cycles missed (33 % > 20 %)"],
+                                 12 << 20)])
+    report(portal, "hv2", [entry("db01", "Error", "Critical", [refused], 40 << 20, last_error=refused[22:])])
     return {"hosts": hosts, "machines": [x[0] for x in machines]}

@@ -26,6 +26,9 @@ def test_sign_in_refuses_a_bad_token_then_admin_sees_the_fleet(portal, browser, 
     expect(breaches).to_contain_text("db01")
     expect(breaches).to_contain_text("web02")
     expect(breaches).not_to_contain_text("web01")
+    causes = page.locator("#errors-by-cause tbody tr")
+    expect(causes.filter(has_text="connection refused")).to_contain_text("1")
+    expect(causes.filter(has_text="# of # cycles missed (# % > # %)")).to_be_visible()
     problems = page.locator("#config-problems")
     expect(problems).to_contain_text("Host dr1 has not reported for over 5 minutes.")
     expect(problems).to_contain_text("Host dr1's certificate expires in 2 days.")
@@ -75,11 +78,18 @@ def test_replicated_items_sort_and_filter(portal, browser):
     page.click("#items th[data-key=rpo]")
     expect(rows.first.locator("td[data-col=name]")).to_have_text("db01")
     expect(rows.first.locator("td[data-col=rpo] .breach")).to_have_count(1)
+    pending = rows.filter(has_text="web02").locator("td[data-col=pending]")
+    expect(pending).to_have_text("12.0 MiB")
+    expect(rows.filter(has_text="web02").locator("td[data-col=health] .badge")).to_have_attribute(
+        "title", "4 of 12 cycles missed (33 % > 20 %)")
     page.fill("input.filter", "critical")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("db01")
     page.click("#items td[data-col=name] a")
     expect(page.locator("#page-machines h1")).to_contain_text("db01")
+    expect(page.locator("#health-reasons")).to_contain_text("connection refused")
+    expect(page.locator("#machine-pending")).to_have_text("40.0 MiB")
+    expect(page.locator("#machine-cycles")).to_have_text("12 succeeded, 1 failed, 0 missed")
 
 
 def test_machine_action_goes_through_the_api_and_is_audited(portal, browser):

@@ -65,6 +65,12 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
 
         row.locator("td[data-col=name] a").click()
         expect(page.locator("#machine-state")).to_have_text("Replicating")
+        # the primary's own report, as it sent it: the initial copy counted, nothing pending, no problem
+        assert p1.machine("vm01")["stats"]["successful_cycles"] >= 1
+        expect(page.locator("#machine-cycles")).to_contain_text("0 failed")
+        expect(page.locator("#machine-cycles")).not_to_contain_text("0 succeeded")
+        expect(page.locator("#health-reasons")).to_have_text("No health problem reported.")
+        expect(page.locator("#machine-reported")).to_contain_text("Reported byp1, ")
         page.click("#machine-actions button[data-action=pause]")
         page.click("dialog.confirm button[data-confirm]")
         expect(page.locator("#machine-desired")).to_have_text("paused")
@@ -77,8 +83,9 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         page.click("dialog.confirm button[data-confirm]")
         expect(page.locator("#machine-state")).to_have_text("Replicating", timeout=60_000)
         assert p1.machine("vm01")["state"] == "Replicating"
-        page.close()
     finally:
+        for tab in browser.context.pages:      # before the controller goes: its event streams end cleanly
+            tab.close()
         for h in hosts:
             h.stop()
         ctl.stop()

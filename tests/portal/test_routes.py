@@ -111,3 +111,22 @@ def test_controller_stops_with_a_console_open(tmp_path):
             assert time.monotonic() - started < 15
     finally:
         ctl.stop()
+
+
+def test_observed_machines(portal):
+    from . import fleet
+    fleet.build(portal)
+    viewer = portal.make_token("read-only")
+    rows = {o["machine"]: o for o in portal.api("GET", "/v1/observed/machines", viewer).json()}
+    assert sorted(rows) == ["app01", "db01", "web01", "web02"]
+    assert rows["web02"]["primary"]["host"] == "hv1"
+    assert rows["web02"]["primary"]["entry"]["stats"]["pending_size"] == 12 << 20
+    assert rows["db01"]["primary"]["entry"]["state"] == "Error"
+    assert rows["app01"]["primary"] is None and rows["web01"]["replica"] is None    # nothing reported
+    one = portal.api("GET", "/v1/observed/machines?machine=db01", viewer).json()
+    assert [o["machine"] for o in one] == ["db01"]
+    r = portal.api("GET", "/v1/observed/machines?machine=nosuch", viewer)
+    assert r.status_code == 404 and r.json() == {"error": "no machine 'nosuch'"}
+    r = portal.api("GET", "/v1/observed/machines?machine=bad%20name", viewer)
+    assert r.status_code == 422 and list(r.json()) == ["error"]
+    assert httpx.get(portal.url + "/v1/observed/machines").status_code == 401

@@ -85,7 +85,9 @@ export function fmtBytes(n) {
 
 export function fmtDuration(s) {
   if (s === null || s === undefined) return '—';
-  s = Math.round(Number(s));
+  s = Number(s);
+  if (s > 0 && s < 10) return `${s.toFixed(1)} s`;
+  s = Math.round(s);
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60 ? `${s % 60} s` : ''}`.trim();
   if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;

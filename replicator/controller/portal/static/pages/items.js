@@ -1,9 +1,9 @@
 // Replicated items: every protected machine in a sortable, filterable table, kept current by the live stream.
 
-import { api, ago, apiForm, dataTable, fmtDuration, h, healthBadge, clear, notify, session } from '../lib.js';
+import { api, ago, apiForm, dataTable, fmtBytes, fmtDuration, h, healthBadge, clear, notify, session } from '../lib.js';
 import { subscribe } from '../events.js';
 import { machineLink, rpoTarget } from './common.js';
-import { lastTestFailover } from './machine_data.js';
+import { lastTestFailover, reportedStats } from './machine_data.js';
 
 /** The form that protects a machine (operator): POST /v1/machines, the API placing its replica. */
 function enableForm(clouds, hosts, policies, after) {
@@ -24,7 +24,10 @@ function enableForm(clouds, hosts, policies, after) {
 }
 
 export async function render(view) {
-  const [machines, policies, jobs] = await Promise.all([api('/v1/machines'), api('/v1/policies'), api('/v1/jobs')]);
+  const [machines, policies, jobs, observedList] = await Promise.all([
+    api('/v1/machines'), api('/v1/policies'), api('/v1/jobs'), api('/v1/observed/machines')]);
+  const observed = new Map(observedList.map((o) => [o.machine, o]));
+  const stats = (x) => reportedStats(observed.get(x.name));
   const canEnable = session.can('operator');
   const [clouds, hosts] = canEnable ? await Promise.all([api('/v1/clouds'), api('/v1/hosts')]) : [[], []];
   const byId = new Map(machines.map((x) => [x.id, x]));
@@ -36,10 +39,16 @@ export async function render(view) {
   const columns = [
     { key: 'name', label: 'Machine', render: (x) => machineLink(x.name) },
     { key: 'cloud', label: 'Cloud' },
-    { key: 'health', label: 'Health', render: (x) => healthBadge(x.health) },
+    { key: 'health', label: 'Health', render: (x) => {
+      const badge = healthBadge(x.health);
+      const why = stats(x).health_reasons || [];
+      if (why.length) badge.title = why.join('; ');
+      return badge;
+    } },
     { key: 'state', label: 'State', value: (x) => x.observed_state || x.desired_state },
     { key: 'rpo', label: 'RPO now / target', value: (x) => x.rpo_seconds, render: rpo },
     { key: 'last_success', label: 'Last success', value: (x) => x.last_success_at, render: (x) => ago(x.last_success_at) },
+    { key: 'pending', label: 'Pending', value: (x) => stats(x).pending_size ?? null, render: (x) => fmtBytes(stats(x).pending_size) },
     { key: 'last_test', label: 'Last test failover', value: (x) => lastTestFailover(x.name, jobs)?.finished_at ?? null,
       render: (x) => { const j = lastTestFailover(x.name, jobs); return j ? ago(j.finished_at) : 'never'; } },
     { key: 'primary_host', label: 'Primary host' },
@@ -50,9 +59,14 @@ export async function render(view) {
   const added = (x) => { byId.set(x.id, x); table.update([...byId.values()]); };
   clear(view, h('h1', {}, 'Replicated items'), h('section', { class: 'card' }, table),
     canEnable && h('section', { class: 'card' }, enableForm(clouds, hosts, policies, added)));
-  const off = subscribe('machine', (ev) => {
+  const off = subscribe('machine', async (ev) => {
     byId.set(ev.id, Object.assign(byId.get(ev.id) || {}, ev));     // new machines appear too
     table.update([...byId.values()]);
+    try {
+      const [o] = await api(`/v1/observed/machines?machine=${encodeURIComponent(ev.name)}`);
+      observed.set(ev.name, o);
+      table.update([...byId.values()]);
+    } catch { /* gone meanwhile */ }
   });
   const offRemoved = subscribe('machine_removed', (ev) => { byId.delete(ev.id); table.update([...byId.values()]); });
   return () => { off(); offRemoved(); };

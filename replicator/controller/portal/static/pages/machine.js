@@ -1,26 +1,29 @@
 // One machine: what it is and where it replicates, its RPO against the target over time, its disks, its jobs
 // and audit entries, and the actions an operator may take (each confirmed, each one REST call).
 
-import { api, ago, clear, confirmAndCall, dataTable, fmtDuration, fmtTime, h, healthBadge, section, session,
+import { api, ago, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, fmtTime, h, healthBadge, section, session,
          stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
 import { rpoTarget } from './common.js';
-import { lastTestFailover } from './machine_data.js';
+import { lastTestFailover, reportedStats } from './machine_data.js';
 
 const RPO_POINTS = 720;
 const RPO_WINDOW_MS = 10 * 60 * 1000;
 
 export async function render(view, [name]) {
   const path = `/v1/machines/${encodeURIComponent(name)}`;
-  const [machine, policies, jobs, audit] = await Promise.all([
+  const observedPath = `/v1/observed/machines?machine=${encodeURIComponent(name)}`;
+  const [machine, policies, jobs, audit, [observedFirst]] = await Promise.all([
     api(path), api('/v1/policies'), api(`/v1/jobs?machine=${encodeURIComponent(name)}&limit=200`),
-    api('/v1/audit?limit=1000')]);
+    api('/v1/audit?limit=1000'), api(observedPath)]);
+  let observed = observedFirst;
   const target = () => rpoTarget(machine, policies);
 
   const summary = h('dl', { class: 'kv', id: 'machine-summary' });
   const actions = h('div', { class: 'actions', id: 'machine-actions' });
   const canvas = h('canvas', { id: 'rpo-chart', role: 'img', 'aria-label': 'RPO over time' });
   const jobsBox = h('div', { id: 'machine-jobs' });
+  const reported = h('div', { id: 'machine-reported' });
   const mine = audit.filter((a) => a.target === `machine/${name}`);
 
   function drawSummary() {
@@ -37,6 +40,28 @@ export async function render(view, [name]) {
       h('dt', {}, 'Primary host'), h('dd', {}, machine.primary_host || '—'),
       h('dt', {}, 'Replica host'), h('dd', {}, machine.replica_host || '—'),
       h('dt', {}, 'Owner site / epoch'), h('dd', {}, `${machine.owner_site || '—'} / ${machine.fencing_epoch}`));
+  }
+
+  function drawReported() {
+    const side = observed?.primary;
+    if (!side) { clear(reported, h('p', { class: 'muted' }, 'Its primary host has not reported this machine yet.')); return; }
+    const st = reportedStats(observed);
+    const e = side.entry;
+    const reasons = st.health_reasons || [];
+    const last = e.last_cycle;
+    clear(reported,
+      reasons.length ? h('ul', { id: 'health-reasons', class: 'plain breach' }, reasons.map((r) => h('li', {}, r)))
+        : h('p', { id: 'health-reasons' }, 'No health problem reported.'),
+      h('dl', { class: 'kv' },
+        h('dt', {}, 'Reported by'), h('dd', {}, `${side.host}, ${ago(side.received_at)}`),
+        e.reason ? [h('dt', {}, 'Reason'), h('dd', {}, e.reason)] : null,
+        h('dt', {}, 'Pending'), h('dd', { id: 'machine-pending' }, fmtBytes(st.pending_size)),
+        h('dt', {}, 'Cycles'), h('dd', { id: 'machine-cycles' }, `${st.successful_cycles ?? 0} succeeded, ${st.failed_cycles ?? 0} failed, ${st.missed_cycles ?? 0} missed`),
+        h('dt', {}, 'Cycle size'), h('dd', {}, `average ${fmtBytes(st.average_size)}, largest ${fmtBytes(st.maximum_size)}`),
+        h('dt', {}, 'Cycle duration'), h('dd', {}, `average ${fmtDuration(st.average_latency)}, longest ${fmtDuration(st.maximum_latency)}`),
+        h('dt', {}, 'Last cycle'), h('dd', {}, last ? `${(last.kinds || []).join(', ')}: ${fmtBytes(last.bytes_sent)} sent, ${ago(new Date(last.time * 1000).toISOString())}` : '—'),
+        st.last_error ? [h('dt', {}, 'Last error'), h('dd', { class: 'breach' }, st.last_error)] : null,
+        h('dt', {}, 'Disks'), h('dd', {}, Object.entries(e.disks || {}).map(([n, d]) => h('div', {}, `${n}: ${d.tracking}${d.reason ? ` (${d.reason})` : ''}`)))));
   }
 
   function act(label, what, call, body, danger) {
@@ -82,7 +107,7 @@ export async function render(view, [name]) {
     h('div', { class: 'grid' }, section('Summary', summary, actions),
       section('RPO over time', h('div', { class: 'chart-box wide' }, canvas),
         h('p', { class: 'muted' }, 'Sampled while this page is open (the API keeps no RPO history yet); the line is the target.'))),
-    h('div', { class: 'grid' },
+    h('div', { class: 'grid' }, section('As its hosts report', reported),
       section('Disks', h('ul', { class: 'plain', id: 'machine-disks' },
         machine.domain ? h('li', {}, `libvirt domain ${machine.domain}`) : null,
         machine.disks.map((d) => h('li', {}, d)),
@@ -121,10 +146,14 @@ export async function render(view, [name]) {
     chart.update();
   }
 
-  drawSummary(); drawActions(); drawJobs(); sample();
+  drawSummary(); drawActions(); drawJobs(); drawReported(); sample();
   const tick = setInterval(redraw, 15000);     // the axis moves on; points come from reports only
   const offs = [
-    subscribe('machine', (ev) => { if (ev.name === name) { Object.assign(machine, ev); drawSummary(); drawActions(); sample(); } }),
+    subscribe('machine', async (ev) => {
+      if (ev.name !== name) return;
+      Object.assign(machine, ev); drawSummary(); drawActions(); sample();
+      try { [observed] = await api(observedPath); drawReported(); } catch { /* shown at the next report */ }
+    }),
     subscribe('job', (ev) => {
       if (ev.machine !== name) return;
       const i = jobs.findIndex((j) => j.id === ev.id);

@@ -15,3 +15,14 @@ export function lastTestFailover(name, jobs) {
   }
   return best;
 }
+
+/** The primary host's statistics for the machine, from GET /v1/observed/machines (or {}). */
+export function reportedStats(observed) {
+  const stats = observed?.primary?.entry?.stats;
+  return stats && typeof stats === 'object' ? stats : {};
+}
+
+/** Reasons behind a health that is not Normal, with numbers blanked so that equal causes group together. */
+export function causeOf(reason) {
+  return String(reason).replace(/\d+(\.\d+)?/g, '#');
+}

@@ -5,14 +5,16 @@
 import { api, clear, fmtDuration, h, section, ago, stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
 import { rpoTarget, machineLink, problemsOf } from './common.js';
+import { causeOf, reportedStats } from './machine_data.js';
 
 const HEALTH = ['Normal', 'Warning', 'Critical', 'Unknown'];
 const COLORS = { Normal: '#16a34a', Warning: '#d97706', Critical: '#dc2626', Unknown: '#94a3b8' };
 const DAY = 86400 * 1000;
 
 export async function render(view) {
-  const [machines, jobs, policies, hosts, pairs] = await Promise.all([
-    api('/v1/machines'), api('/v1/jobs'), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs')]);
+  const [machines, jobs, policies, hosts, pairs, observed] = await Promise.all([
+    api('/v1/machines'), api('/v1/jobs'), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs'),
+    api('/v1/observed/machines')]);
   const byId = new Map(machines.map((x) => [x.id, x]));
 
   const donutCanvas = h('canvas', { id: 'health-donut', 'aria-label': 'machines by health', role: 'img' });
@@ -32,7 +34,7 @@ export async function render(view) {
     h('div', { class: 'grid' },
       section('RPO breaches', breaches),
       section('Configuration problems', config),
-      section('Errors by cause (last 24 hours)', errors)));
+      section('Errors by cause', errors)));
 
   const chart = new window.Chart(donutCanvas, {
     type: 'doughnut',
@@ -75,19 +77,21 @@ export async function render(view) {
       h('a', { href: '#/jobs' }, `#${j.id} ${j.kind}`), ' ', j.machine || '', ' ', stateBadge(j.state), ' ', j.message)))
       : h('p', { class: 'muted' }, 'Nothing is waiting for an operator.'));
 
-    // Errors by cause: failed jobs of the last day grouped by their message, with the machines they hit.
+    // Errors by cause: what the hosts give as the reasons of a health that is not Normal, and the messages of
+    // the last day's failed jobs, each with the machines it hits.
     const causes = new Map();
-    for (const j of failed) {
-      const cause = j.message || `${j.kind} failed`;
+    const count = (cause, machine, job) => {
       if (!causes.has(cause)) causes.set(cause, { jobs: 0, machines: new Set() });
-      causes.get(cause).jobs += 1;
-      if (j.machine) causes.get(cause).machines.add(j.machine);
-    }
+      if (job) causes.get(cause).jobs += 1;
+      if (machine) causes.get(cause).machines.add(machine);
+    };
+    for (const o of observed) for (const r of reportedStats(o).health_reasons || []) count(causeOf(r), o.machine, false);
+    for (const j of failed) count(j.message || `${j.kind} failed`, j.machine, true);
     const rows = [...causes.entries()].sort((a, b) => b[1].machines.size - a[1].machines.size || b[1].jobs - a[1].jobs);
     clear(errors, rows.length ? h('table', { class: 'data' }, h('thead', {}, h('tr', {}, h('th', {}, 'Cause'),
       h('th', {}, 'Machines'), h('th', {}, 'Jobs'))), h('tbody', {}, rows.map(([cause, v]) => h('tr', {},
       h('td', {}, cause), h('td', {}, String(v.machines.size)), h('td', {}, String(v.jobs))))))
-      : h('p', { class: 'muted' }, 'No failed jobs in the last 24 hours.'));
+      : h('p', { class: 'muted' }, 'No host reports a problem; no job failed in the last 24 hours.'));
   }
 
   const problems = problemsOf({ machines, hosts, pairs });
