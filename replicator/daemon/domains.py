@@ -4,10 +4,12 @@ On the primary site (`DomainProtection`, used by PrimaryMachine for a `[[machine
 - before the export takes the disks, the domain is checked: it exists and is persistent, each of its disks
   is either mapped to a VHDX file (`disks = { vda = "/srv/web1.vhdx" }`) or excluded (`exclude = ["vdb"]`),
   every mapped VHDX exists (else the refusal says how to make it: `replicator vhdx convert`), and those disks
-  were not written after their VHDX was made. A domain running on its own disks is protected from its next
-  boot: its persistent definition is pointed at the export at once (the running guest keeps its disks), the
-  machine's reason says `protection: pending next boot`, and once the domain is shut off each VHDX is made
-  again from the disk it ran on (what it wrote there is not lost) before the export starts;
+  were not written after their VHDX was made. A domain running on its own disks has its persistent
+  definition pointed at the export at once, and is then switched onto the export while it runs (the export
+  started for it, each disk copied in and the guest pivoted onto it: `_LiveSwitch`, `disks_pointed: live`),
+  or -- `live_switch = false`, or the switch failed -- protected from its next boot: the machine's reason
+  says `protection: pending next boot`, and once the domain is shut off each VHDX is made again from the
+  disk it ran on (what it wrote there is not lost) before the export starts;
 - then the mapped disks are pointed at the export (Hypervisor.point_disks_at_export: NBD over the export's
   Unix socket, export names = the VHDX file names, error_policy='stop'); the disks' previous definitions are
   kept in the machine's state file (data["domain"]["originals"], and in data["protection"] for removal.py);
@@ -38,7 +40,7 @@ import time
 
 from ..durable import write_json_atomic
 from ..errors import DomainExists, DomainStateError, GuestAgentError, HypervisorError, ReplicatorError, UsageError
-from ..hypervisor import NEXT_BOOT, NOW, DomainConfig, DomainState, Hypervisor
+from ..hypervisor import LIVE, NEXT_BOOT, NOW, DomainConfig, DomainState, Hypervisor
 from ..orchestration import failover_ips
 
 log = logging.getLogger("replicatord")
@@ -72,6 +74,7 @@ class DomainProtection:
         self.excluded = tuple(machine.excluded)         # disk targets not protected
         self.app_consistent = bool(machine.protection.app_consistent_hours)
         self.failover_ips = tuple(getattr(machine, "failover_ips", ()))   # FailoverIp: set after a failover
+        self.live_switch = bool(getattr(machine, "live_switch", True))   # a running domain: onto the export now
         self.state = state                              # the machine's MachineState: data["domain"]
         self.seen: DomainState | None = None            # the domain's state at the last look
         self.seen_error: str | None = None
@@ -110,9 +113,10 @@ class DomainProtection:
                              "(disks = { TARGET = VHDX }) nor excluded (exclude = [TARGET])")
         own = {t: disks[t] for t, p in self.targets.items() if not _on_export(disks[t], socket, os.path.basename(p))}
         if own and st.state != "shutoff":
-            self._point_for_next_boot(own, socket, st)
+            self._point_for_next_boot(own, socket)
         if self.record.get("pending"):
             self._pending_done(st)
+            own = {}                                    # moved onto the export: nothing of their own to check
         for t, d in own.items():
             src, vhdx = d.source, self.targets[t]
             if src is not None and src.kind == "file" and os.path.isfile(src.path) \
@@ -130,11 +134,11 @@ class DomainProtection:
         return config
 
     # ------------------------------------------------------------------ a running domain: at its next boot
-    def _point_for_next_boot(self, own: dict, socket: str, st: DomainState) -> None:
-        """A domain running on its own disks: what it writes there until it stops must reach the VHDX it boots
-        from next, so its persistent definition is pointed at the export now (the running guest keeps its
-        disks), and once it is shut off each VHDX is made again from its disk before the export starts
-        (`_pending_done`). Raises ProtectionPending, which status shows as the machine's reason."""
+    def _point_for_next_boot(self, own: dict, socket: str) -> None:
+        """A domain running on its own disks: its persistent definition is pointed at the export now (the
+        running guest keeps its disks) and those disks are pending (`_pending_done`): switched onto the
+        export live, or, when that is off or failed, once the domain is shut off each VHDX is made again from
+        its disk (what the guest wrote there is not lost) before the export starts."""
         exports = {t: (socket, os.path.basename(self.targets[t])) for t in own}
         with self._open() as hv:
             _, originals = hv.point_disks_at_export(self.name, exports)
@@ -145,7 +149,6 @@ class DomainProtection:
         self.state.save()
         log.info("%s: domain %r runs on its own disks (%s): its definition uses the export from its next boot",
                  self.machine, self.name, ", ".join(_where(d) for d in own.values()))
-        raise ProtectionPending(self._pending_reason(st))
 
     def _pending_reason(self, st: DomainState) -> str:
         return (f"protection: pending next boot: domain {self.name!r} is {st.state} on its own disks "
@@ -158,7 +161,11 @@ class DomainProtection:
         VHDX was made again from the disk it ran on (in a thread: a large disk takes a while)."""
         rec = self.record
         if st.state != "shutoff":
-            raise ProtectionPending(self._pending_reason(st))
+            if not self.live_switch or rec.get("switch_error"):
+                raise ProtectionPending(self._pending_reason(st) + (f" (the switch while it ran failed: "
+                                                                    f"{rec['switch_error']})" if rec.get("switch_error")
+                                                                    else ""))
+            return self._switch_live()
         from .removal import original_disk
         for t in list(rec["pending"]):
             vhdx = self.targets[t]
@@ -182,8 +189,41 @@ class DomainProtection:
             rec["pending"].remove(t)
             self.state.save()
         rec.pop("pending")
+        rec.pop("switch_error", None)
         rec["disks_pointed"] = NOW
         self.state.save()
+
+    def _switch_live(self) -> None:
+        """The running domain's pending disks copied into the export and switched onto it while it runs
+        (Hypervisor.copy_to_export, in a thread with the machine's export started for it): raises
+        ProtectionPending while under way, and when it failed (then the next boot is the switch)."""
+        rec = self.record
+        sw = _SWITCHES.get(self.machine)
+        if sw is None:
+            sw = _SWITCHES[self.machine] = _LiveSwitch(self, rec["socket"], list(rec["pending"]))
+            log.info("%s: domain %r runs: copying %s into the export and switching onto it while it runs",
+                     self.machine, self.name, ", ".join(rec["pending"]))
+            sw.thread.join(2)                   # a small disk is done at once, a large one at a later look
+        if sw.thread.is_alive():
+            raise ProtectionPending(f"protection: switching live: domain {self.name!r} runs; copying {sw.progress} "
+                                    "into the export, then its disks switch onto it while it runs")
+        del _SWITCHES[self.machine]
+        if sw.error is not None:
+            rec["switch_error"] = sw.error
+            self.state.save()
+            log.error("%s: domain %r could not be switched onto the export while it runs (%s): protection starts at "
+                      "its next boot", self.machine, self.name, sw.error)
+            raise ProtectionPending(self._pending_reason(DomainState("running", "")) +
+                                    f" (the switch while it ran failed: {sw.error})")
+        rec.pop("pending")
+        rec["disks_pointed"] = LIVE
+        rec["live"] = {"time": time.time(), "error_policy": sw.policies}
+        self.state.save()
+        kept = {t: p for t, p in sw.policies.items() if p != "stop"}
+        log.info("%s: domain %r switched onto the export while it runs%s", self.machine, self.name,
+                 f"; until its next boot {', '.join(kept)} keep{'s' if len(kept) == 1 else ''} error policy "
+                 f"{', '.join(sorted(set(kept.values())))} (an export restart gives the guest I/O errors)"
+                 if kept else "")
 
     # ------------------------------------------------------------------ once the export serves
     def point(self, export) -> str:
@@ -306,7 +346,8 @@ class DomainProtection:
         state = None if st is None else st.state + (f" ({st.reason})" if st.state == "paused" else "")
         return {"name": self.name, "libvirt": self.uri, "state": state, "error": self.seen_error,
                 "disks_pointed": rec.get("disks_pointed"), "targets": rec.get("targets"),
-                "excluded": list(self.excluded), "config_replicated": self.config_sent}
+                "excluded": list(self.excluded), "config_replicated": self.config_sent,
+                **({"live": rec["live"]} if rec.get("disks_pointed") == LIVE and rec.get("live") else {})}
 
     # ------------------------------------------------------------------ the configuration, with every cycle
     async def replicate_config(self, target, disk_ids: dict[str, str]) -> bool:
@@ -341,6 +382,38 @@ class ProtectionPending(DomainStateError):
 
 
 _REMAKES: dict[str, "_Remake"] = {}     # VHDX path -> its conversion from the domain's own disk, under way
+_SWITCHES: dict[str, "_LiveSwitch"] = {}    # machine -> its running domain's switch onto the export, under way
+
+
+class _LiveSwitch:
+    """In a thread: the machine's export started (protection attaches to it later), each pending disk copied
+    into it and the running guest switched onto it; the export stays up for the guest when this ends."""
+
+    def __init__(self, dp: "DomainProtection", socket: str, targets: list[str]):
+        self.error: str | None = None
+        self.policies: dict[str, str] = {}          # target -> its error policy until the next boot
+        self.progress = ", ".join(targets)
+        paths = {os.path.basename(p): p for p in dp.targets.values()}
+        exports = {t: os.path.basename(dp.targets[t]) for t in targets}
+        self.thread = threading.Thread(target=self._run, args=(dp.machine, dp.uri, dp.name, paths, socket, exports),
+                                       daemon=True, name=f"switch-{dp.machine}")
+        self.thread.start()
+
+    def _run(self, machine: str, uri: str, name: str, paths: dict, socket: str, exports: dict) -> None:
+        from ..tracking.remote import ExportHandle
+        try:
+            export = ExportHandle(machine, paths, os.path.dirname(socket)).start()
+            try:
+                with Hypervisor.open(uri) as hv:
+                    for t, name_ in exports.items():
+                        def progress(done, total, t=t):
+                            self.progress = f"{t} ({100 * done // total if total else 0}%)"
+                        driver = hv.copy_to_export(name, t, export.nbd_socket, name_, progress)
+                        self.policies[t] = driver.get("error_policy", "report")
+            finally:
+                export.detach()                     # the guest on it keeps it up; protection attaches to it
+        except Exception as e:      # noqa: BLE001 - the machine's reason says it; the next boot is the switch
+            self.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
 class _Remake:

@@ -6,8 +6,8 @@
         ...
         hv.define(config, "web1 - Test", {"vda": failover_path}, {"lan": "replicator-test"})
 """
-from .base import (NEXT_BOOT, NOW, Boot, Defined, Disk, DiskSource, DomainConfig, DomainState, GuestInterface,
+from .base import (LIVE, NEXT_BOOT, NOW, Boot, Defined, Disk, DiskSource, DomainConfig, DomainState, GuestInterface,
                    Hypervisor, Nic, Quiesced)
 
 __all__ = ["Hypervisor", "DomainConfig", "DomainState", "Disk", "DiskSource", "Nic", "Boot", "Defined",
-           "GuestInterface", "Quiesced", "NOW", "NEXT_BOOT"]
+           "GuestInterface", "Quiesced", "NOW", "NEXT_BOOT", "LIVE"]

@@ -34,6 +34,7 @@ REASON_IOERROR = "ioerror"
 # How point_disks_at_export applied the change.
 NOW = "now"                  # the domain was shut off: its next start uses the export
 NEXT_BOOT = "next-boot"      # the domain runs: its persistent definition uses the export from its next boot
+LIVE = "live"                # the domain runs: it was switched onto the export while running (copy_to_export)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,16 @@ class Hypervisor:
         rerror_policy 'stop' (the guest pauses while the export is away, and `resume` carries it on).
         Returns (NOW or NEXT_BOOT, {target dev: the disk's previous definition}), the latter for
         `restore_disks`. A running domain keeps its current disks until it is shut off and started again."""
+        raise NotImplementedError
+
+    def copy_to_export(self, name: str, target: str, socket: str, export: str, progress=None,
+                       timeout: float | None = None) -> dict:
+        """Move a running domain's disk onto the export without stopping it: every block (zeros too) is
+        copied into the NBD export while the guest runs, its new writes mirrored, and the guest's disk is
+        switched onto the export once both are in sync (libvirt: block copy and pivot; QEMU: blockdev-mirror
+        and block-job-complete). A copy already under way (a restarted daemon) is waited for; a disk already
+        on the export is left as it is. `progress(done, total)` is called as it goes. Returns the driver
+        attributes of the running disk afterwards (the device keeps its error policy until the next boot)."""
         raise NotImplementedError
 
     def restore_disks(self, name: str, originals: Mapping[str, str]) -> str:

@@ -366,6 +366,55 @@ class LibvirtHypervisor(Hypervisor):
             self._redefine(name, root)
         return (NEXT_BOOT if active else NOW), originals
 
+    def copy_to_export(self, name, target, socket, export, progress=None, timeout=None):
+        dom = self._dom(name)
+        t0 = time.monotonic()
+
+        def live_disk():
+            with _mapped(f"domain {name!r}: read its running definition"):
+                disk = _find_disk(ET.fromstring(dom.XMLDesc(0)), target)
+            if disk is None:
+                raise HypervisorError(f"domain {name!r} has no disk {target!r}")
+            return disk
+
+        def job():
+            with _mapped(f"domain {name!r}: block job of {target}"):
+                return dom.blockJobInfo(target, 0)
+        if not _is_export(live_disk(), str(socket), export):
+            if not job():
+                dest = ET.Element("disk", {"type": "network", "device": "disk"})
+                _el(dest, "driver", name="qemu", type="raw")
+                src = _el(dest, "source", protocol="nbd", name=export)
+                _el(src, "host", transport="unix", socket=str(socket))
+                with _mapped(f"domain {name!r}: copy {target} into the export {socket}"):
+                    dom.blockCopy(target, _xml(dest), None, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+                                  | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+            while True:
+                info = job()
+                if not info:
+                    raise HypervisorError(f"domain {name!r}: the copy of {target} into the export ended by itself")
+                if progress is not None:
+                    progress(info.get("cur", 0), info.get("end", 0))
+                if info.get("end") and info.get("cur") == info.get("end"):
+                    try:                                # in sync: switch the guest's disk onto the export
+                        dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                        break
+                    except libvirt.libvirtError:        # not ready yet (new writes to mirror): again
+                        pass
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.blockJobAbort(target, 0)
+                    raise HypervisorError(f"domain {name!r}: the copy of {target} into the export did not get in "
+                                          f"sync within {timeout:g} s: cancelled")
+                time.sleep(0.25)
+            while job():
+                time.sleep(0.1)
+        disk = live_disk()
+        if not _is_export(disk, str(socket), export):
+            raise HypervisorError(f"domain {name!r}: {target} is not on the export after the switch")
+        driver = disk.find("driver")
+        return dict(driver.attrib) if driver is not None else {}
+
     def restore_disks(self, name, originals):
         dom = self._dom(name)
         with _mapped(f"domain {name!r}"):

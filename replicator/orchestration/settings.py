@@ -115,6 +115,7 @@ class Machine:
     libvirt: str = "qemu:///system"             # the domain's libvirt connection URI
     targets: tuple[tuple[str, str], ...] = ()   # a domain machine's (disk target, VHDX path), as disks
     failover_ips: tuple = ()                    # a domain machine's FailoverIp per NIC (failover_ips.py)
+    live_switch: bool = True                    # a running domain is switched onto the export while it runs
 
 
 @dataclass(frozen=True)
@@ -669,7 +670,8 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
     for i, raw in enumerate(root.items("machine", dict)):
         name = raw.get("name")
         t = _Table(raw, f"machine[{name if isinstance(name, str) and name else i}]", root.rep,
-                   PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt", "failover_ip"},
+                   PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt", "failover_ip",
+                                     "live_switch"},
                    root.base)
         if not isinstance(name, str) or not _NAME.match(name):
             root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
@@ -699,6 +701,9 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
             if domain is None:
                 root.rep.error(t.at("failover_ip"), "only applies to a domain machine (domain = \"NAME\"): it is set "
                                "in the guest through its agent")
+        live = t.get("live_switch", (bool,), "true or false", True)
+        if "live_switch" in raw and domain is None:
+            root.rep.error(t.at("live_switch"), "only applies to a domain machine (domain = \"NAME\")")
         own = _protection(t)
         p = Protection(**{**partials.get(group, {}), **own})
         if domain is not None:
@@ -712,7 +717,7 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
         if p.quiesce and not p.app_consistent_hours:
             root.rep.warn(t.at("quiesce"), "is never used: app_consistent_hours is not set")
         machines.append(Machine(str(name), disks, excluded, group, p, domain, uri or "qemu:///system", targets,
-                                ips))
+                                ips, live))
     return machines
 
 

@@ -315,6 +315,9 @@ def test_domain_machine_settings_are_checked_with_their_field(tmp_path):
          "machine[vm].failover_ip.net0", "must be"),
         ('disks = ["os.vhdx"]\nfailover_ip = { net0 = "10.0.0.5/24" }\n', "machine[vm].failover_ip",
          "only applies to a domain machine"),
+        ('disks = ["os.vhdx"]\nlive_switch = false\n', "machine[vm].live_switch", "only applies to a domain machine"),
+        ('domain = "vm"\ndisks = { vda = "os.vhdx" }\nlive_switch = "no"\n', "machine[vm].live_switch",
+         "must be true or false"),
     ]
     for text, field, reason in cases:
         with pytest.raises(ConfigError) as e:
@@ -380,7 +383,7 @@ def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workd
             f.write(data)
         os.utime(raw[0], (time.time() - 60, time.time() - 60))
         c = parse_config(_config(workdir, f'domain = "refused"\nlibvirt = "{uri}"\ndisks = {{ vda = "os.vhdx" }}\n'
-                                          'exclude = ["vdb"]\n'), base_dir=workdir)
+                                          'exclude = ["vdb"]\nlive_switch = false\n'), base_dir=workdir)
         state = MachineState("vm")
         hv.start("refused")
         try:

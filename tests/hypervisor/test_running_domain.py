@@ -1,5 +1,6 @@
-"""Protecting a domain that runs on its own disk, with replicatord and a real TCG guest (private libvirtd):
+"""Protecting a domain that runs on its own disk, with replicatord and a real TCG guest (private libvirtd).
 
+At its next boot (`live_switch = false`):
 - the guest runs on its raw disk and writes; its VHDX was made from that disk before (so it is stale now);
 - replicatord is not refused: it points the domain's persistent definition at the export (the running guest
   keeps its disk) and status says `protection: pending next boot`;
@@ -7,9 +8,16 @@
   starts (initial replication to a local target);
 - the domain starts on the export, and the guest finds every file it wrote on its own disk (carrying on at
   the next round, every manifest entry with its checksum).
+
+While it runs (the default): the VHDX made from a disk of random bytes (stale in every block), replicatord
+copies the running guest's disk into the export and switches the guest onto it (libvirt block copy + pivot),
+status shows `disks_pointed: live` and the error policy the disk keeps until its next boot; the guest writes
+on without an error, cycles replicate it; after a clean shutdown the replica holds every file the guest
+wrote, before and after the switch, and its next boot (on the export) finds them all.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -18,7 +26,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from ..daemon.two_sites import BIN
-from ..guest.harness import MiB
+from ..guest.harness import MiB, verify_image
 from .conftest import log
 from .helpers import Site, all_files_there, console_of, first_round, machine_toml, primary_domain_xml
 
@@ -37,7 +45,7 @@ def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boo
                    check=True, capture_output=True)
     subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", original, f"{a_dir}/vm.vhdx"],
                    check=True, capture_output=True)
-    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica"))
+    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica", "live_switch = false"))
     console = f"{a_dir}/console.log"
     hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
                                          memory_mib=192, files=FILES, pause=0.3))
@@ -82,6 +90,74 @@ def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boo
         a.op("/v1/machines/vm/cycle")
         assert con.errors() == [], con.tail()
         log(f"{time.monotonic() - t0:.1f} s in all")
+    finally:
+        a.stop()
+        if hv.exists("vm"):
+            hv.destroy("vm")
+            hv.undefine("vm")
+
+
+def _replica_raw(folder: str, out: str) -> None:
+    """The newest replica generation of the machine's one disk (local target) as a raw image."""
+    disk = next(os.scandir(f"{folder}/disks"))
+    with open(f"{disk.path}/state.json") as f:
+        chain = json.load(f)["chain"]
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", f"{disk.path}/chain/{chain[-1]}", out], check=True,
+                   capture_output=True)
+
+
+def test_a_running_domain_is_switched_onto_the_export_while_it_runs(hv, workdir, guest_boot, private_libvirtd):
+    kernel, initrd = guest_boot
+    a_dir = f"{workdir}/a"
+    os.makedirs(a_dir)
+    original = f"{a_dir}/vm.raw"
+    with open(original, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", original],
+                   check=True, capture_output=True)
+    stale = f"{a_dir}/stale.raw"                            # the VHDX: wrong in every block, zeros included
+    with open(stale, "wb") as f:
+        f.write(os.urandom(64 * MiB))
+    subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", stale, f"{a_dir}/vm.vhdx"],
+                   check=True, capture_output=True)
+    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica"))
+    console = f"{a_dir}/console.log"
+    hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
+                                         memory_mib=192, files=FILES, pause=0.3))
+    t0 = time.monotonic()
+    hv.start("vm")
+    try:
+        con = console_of(hv, "vm", console)
+        con.wait_for("GUEST_MOUNTED", 120)
+        hv.wait_agent("vm", 120)
+        con.wait_rounds(2, 120)
+        at = con.rounds()
+        a.start()
+        m = a.wait(lambda: (x := a.machine())["state"] == "Replicating" and x, "protection", 90)
+        assert m["domain"]["disks_pointed"] == "live" and m["domain"]["live"]["error_policy"] == {"vda": "report"}, m
+        assert "switched onto the export while it runs" in a.text(), a.text()
+        live = next(ET.fromstring(hv.conn.lookupByName("vm").XMLDesc(0)).iter("disk")).find("source")
+        assert live.get("protocol") == "nbd" and live.find("host").get("socket") == f"{a_dir}/state/nbd/vm.sock"
+        assert hv.state("vm").state == "running" and con.rounds() >= at     # it never stopped
+        vda = hv.domain_config("vm").disk("vda")
+        assert vda.source.kind == "nbd" and vda.driver.get("error_policy") == "stop"    # from its next boot
+        log(f"switched live and replicated {time.monotonic() - t0:.1f} s after the start (guest at round "
+            f"{con.rounds()}, from round {at})")
+        con.wait_rounds(con.rounds() + 3, 120)
+        a.op("/v1/machines/vm/cycle")
+        assert con.errors() == [], con.tail()
+
+        hv.shutdown("vm", timeout=60, agent=True)
+        con.wait_for("GUEST_UMOUNT_OK", 5)
+        rounds = con.rounds()
+        a.op("/v1/machines/vm/cycle")
+        _replica_raw(f"{a_dir}/replica", f"{workdir}/replica.raw")
+        assert verify_image(f"{workdir}/replica.raw") == FILES * rounds   # clean fs, every file, both sides of it
+        hv.start("vm")
+        con = console_of(hv, "vm", console)
+        con.wait_for("GUEST_MOUNTED", 120)
+        assert first_round(con) == rounds + 1, con.tail()
+        log(f"{rounds} rounds, all in the replica; {time.monotonic() - t0:.1f} s in all")
     finally:
         a.stop()
         if hv.exists("vm"):
