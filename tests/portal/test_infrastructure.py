@@ -45,9 +45,28 @@ def test_hosts_links_sites_and_registration_key(portal, browser):
         site_id = s.scalar(select(m.Site.id).where(m.Site.name == "gamma"))
         assert s.scalar(select(m.RegistrationKey.expires_at).where(m.RegistrationKey.site_id == site_id))
 
+    # a newly registered host goes into a cloud of its own site; the API's refusals are shown as worded
+    fleet.add_host(portal, "hv3", "alpha")
+    page.reload()
+    page.select_option("#host-cloud-form [name=host]", "hv3")
+    page.select_option("#host-cloud-form [name=cloud]", "gold-dr")
+    page.click("#host-cloud-form button[type=submit]")
+    expect(page.locator("#host-cloud-form .form-error")).to_have_text(
+        "cloud: 'gold-dr' is on site 'beta', host 'hv3' on 'alpha'")
+    page.select_option("#host-cloud-form [name=cloud]", "gold")
+    page.click("#host-cloud-form button[type=submit]")
+    expect(hosts.filter(has_text="hv3").locator("td[data-col=cloud]")).to_have_text("gold")
+    assert portal.api("GET", "/v1/hosts/hv3").json()["cloud"] == "gold"
+    page.select_option("#host-cloud-form [name=host]", "hv2")
+    page.select_option("#host-cloud-form [name=cloud]", "")
+    page.click("#host-cloud-form button[type=submit]")
+    expect(page.locator("#host-cloud-form .form-error")).to_contain_text("has 2 machine(s) placed on it")
+    assert portal.api("GET", "/v1/hosts/hv2").json()["cloud"] == "gold"
+
     viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "viewer"))
     viewer.click("nav >> text=Infrastructure")
     expect(viewer.locator("#sites tbody tr", has_text="gamma")).to_be_visible()
     expect(viewer.locator("button[data-action=registration-key]")).to_have_count(0)
     expect(viewer.locator("#site-form")).to_have_count(0)
+    expect(viewer.locator("#host-cloud-form")).to_have_count(0)

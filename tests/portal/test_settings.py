@@ -64,9 +64,24 @@ def test_settings_create_with_the_apis_validation(portal, browser):
     assert [(x["source"], x["target"]) for x in pair["storage_mappings"]] == [("/var/lib/vms", "/srv/replica")]
     assert [(x["source"], x["target"]) for x in pair["network_mappings"]] == [("prod", "dr-prod")]
 
+    # tokens: made here, shown once, usable at once; revoked here, refused at once
+    page.fill("#token-form [name=name]", "night-shift")
+    page.select_option("#token-form [name=role]", "operator")
+    page.click("#token-form button[type=submit]")
+    secret = page.locator("#new-token-secret").inner_text().strip()
+    assert portal.api("GET", "/v1/whoami", secret).json() == {"name": "night-shift", "role": "operator"}
+    page.locator("#tokens tbody tr", has_text="night-shift").locator("button[data-action=revoke]").click()
+    page.click("dialog.confirm button[data-confirm]")
+    expect(page.locator("#tokens tbody tr", has_text="night-shift").locator("td[data-col=revoked_at]")).not_to_have_text("no")
+    assert portal.api("GET", "/v1/whoami", secret).status_code == 401
+    expect(page.locator("#tokens tbody tr", has_text="admin").locator("button")).to_have_count(0)   # not itself
+    expect(page.locator("#audit tbody tr", has_text="token/night-shift").first).to_contain_text("DELETE /v1/tokens/{name}")
+
     viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "auditor"))
     viewer.click("nav >> text=Settings")
     expect(viewer.locator("#policies tbody tr", has_text="gold-policy")).to_be_visible()
     expect(viewer.locator("form.api-form")).to_have_count(0)
     expect(viewer.locator("button[data-action=delete]")).to_have_count(0)
+    expect(viewer.locator("#tokens")).to_have_count(0)
+    expect(viewer.locator("#audit tbody tr", has_text="POST /v1/policies").first).to_be_visible()

@@ -24,7 +24,8 @@ export async function render(view) {
   const keyBox = h('div', { id: 'registration-key' });
 
   async function draw() {
-    const [sites, hosts, machines] = await Promise.all([api('/v1/sites'), api('/v1/hosts'), api('/v1/machines')]);
+    const [sites, hosts, machines, clouds] = await Promise.all([api('/v1/sites'), api('/v1/hosts'), api('/v1/machines'),
+      api('/v1/clouds')]);
     const admin = session.can('admin');
     const now = Date.now();
     const hostCount = (site) => hosts.filter((x) => x.site === site).length;
@@ -75,7 +76,15 @@ export async function render(view) {
         fields: [{ name: 'name', label: 'Name' }, { name: 'description', label: 'Description' }],
         onSubmit: async (v) => { await api('/v1/sites', { method: 'POST', body: v }); notify(`Site ${v.name} created`, 'ok'); await draw(); } }),
         keyBox),
-      section('Hosts', hostTable),
+      section('Hosts', hostTable, admin && hosts.length > 0 && apiForm({ id: 'host-cloud-form', title: 'Put a host in a cloud',
+        submitLabel: 'Move host', fields: [
+          { name: 'host', label: 'Host', type: 'select', options: hosts.map((x) => x.hostname) },
+          { name: 'cloud', label: 'Cloud (of its site)', type: 'select', options: [['', '(none)'], ...clouds.map((c) => [c.name, `${c.name} (${c.site})`])] }],
+        onSubmit: async ({ host, cloud }) => {
+          await api(`/v1/hosts/${encodeURIComponent(host)}/cloud`, { method: 'PUT', body: { cloud: cloud ?? null } });
+          notify(`Host ${host} ${cloud ? `is in cloud ${cloud}` : 'is in no cloud'}`, 'ok');
+          await draw();
+        } })),
       section('Replication links', linkTable));
   }
   await draw();

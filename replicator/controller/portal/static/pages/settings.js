@@ -1,7 +1,9 @@
-// Settings: clouds, cloud pairs, protection policies, network and storage mappings. Admins get the forms;
+// Settings: clouds, cloud pairs, protection policies, network and storage mappings, API tokens and the
+// audit log. Admins get the forms;
 // every form posts to the REST API and shows its validation error as the API words it (the console checks
 // nothing on its own, so it can never disagree with the API).
 
+import { accessSections } from './access.js';
 import { api, apiForm, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, h, section, session, notify } from '../lib.js';
 
 const yesNo = (v) => (v ? 'yes' : 'no');
@@ -106,7 +108,7 @@ export async function render(view) {
 
     clear(view, h('h1', {}, 'Settings'), policySection, cloudSection, pairSection,
       mappingSection('network', 'Network mappings', 'a network name'),
-      mappingSection('storage', 'Storage mappings', 'an absolute path'));
+      mappingSection('storage', 'Storage mappings', 'an absolute path'), await accessSections(draw));
   }
   await draw();
 }
