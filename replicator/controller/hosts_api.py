@@ -14,7 +14,7 @@ import secrets
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from . import desired
 from . import models as m
 from .api.common import DB, ERRORS, note, one
-from .auth import Principal, admin, hash_token
+from .auth import Principal, admin, hash_token, reader
 from .ca import CertificateAuthority, CSRRefused
 from .tls import peer_common_name
 
@@ -94,6 +94,10 @@ class ReportIn(BaseModel):
 
 class ReportOut(BaseModel):
     revision: int = Field(description="the newest desired revision: behind if above the one reported")
+
+
+class LastReport(ReportIn):
+    received_at: dt.datetime
 
 
 class KeyIn(_In):
@@ -286,3 +290,16 @@ def report(body: ReportIn, s: DB, host: Self) -> dict:
     _applied(s, host, body.revision)
     return {"revision": desired.current(s, host)["revision"]}
 
+
+
+@router.get("/v1/hosts/{host}/report", response_model=LastReport, dependencies=[Depends(reader)], responses=ERRORS,
+            tags=["hosts"])
+def last_report(s: DB, host: str = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")) -> dict:
+    """What a host (id or hostname) last reported: the revision it runs, its status document, jobs, problems
+    (and, in status.controller, since when it could not reach the controller, if it could not)."""
+    h = s.scalar(select(m.Host).where((m.Host.id == host) | (m.Host.hostname == host)))
+    if h is None:
+        raise HTTPException(404, f"no host {host!r}")
+    if not h.last_report:
+        raise HTTPException(404, f"host {h.hostname} has not reported yet")
+    return h.last_report

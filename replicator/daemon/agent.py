@@ -60,6 +60,7 @@ class Agent:
         self.problems: list[str] = []             # about the newest desired document, for the next report
         self.failed_revision: int | None = None   # validated but could not start: not tried again
         self.last_contact: dt.datetime | None = None
+        self.last_away: dict | None = None        # {from, to}: the last time the controller was unreachable
         self.daemon = None                        # the running Daemon (serve() sets it at every start)
         self.reload: Callable[[], None] | None = None
         self._task: asyncio.Task | None = None
@@ -155,6 +156,7 @@ class Agent:
         """One round: desired, renewal, report. Never raises: what went wrong is the agent's state."""
         try:
             doc = await self.fetch_desired()
+            self._reached()
             changed = doc["revision"] not in (self.applied, self.failed_revision) and self.accept(doc)
             renewed = await self.renew_if_due()
             if (changed or renewed) and self.reload is not None and self.daemon is not None:
@@ -179,10 +181,14 @@ class Agent:
             return
         except ReplicatorError as e:
             log.error("controller %s: %s", self.url, e.message)
-            return
+
+    def _reached(self) -> None:
+        """The controller answered: no longer unreachable (the time it was goes in the next report)."""
         if self.unreachable_since is not None:
             log.info("controller %s reachable again (unreachable since %s)", self.url,
                      self.unreachable_since.isoformat())
+            self.last_away = {"from": self.unreachable_since.isoformat(timespec="seconds"),
+                              "to": _now().isoformat(timespec="seconds")}
         self.unreachable_since, self.refused, self.last_contact = None, None, _now()
 
     async def first_config(self) -> None:
@@ -262,5 +268,6 @@ class Agent:
         return {"url": self.url, "host_id": self.info["host_id"], "site": self.info.get("site"), "state": state,
                 "revision": self.running, "latest_revision": self.latest, "problems": list(self.problems),
                 "last_contact": self.last_contact.isoformat() if self.last_contact else None,
+                "last_unreachable": self.last_away,
                 "certificate_not_after": self.files.not_after().isoformat(),
                 "renew_after": self.info["renew_after"]}

@@ -6,6 +6,7 @@ the hosts; pause, resume and resync asked of the controller are run by the host;
 the hosts replicate on, and once it is back it shows what happened."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -77,7 +78,7 @@ def wait(predicate, what: str, hosts, timeout: float = 60):
         try:
             if predicate():
                 return
-        except (OSError, KeyError, StopIteration, ValueError, urllib.error.URLError):
+        except (OSError, KeyError, StopIteration, TypeError, ValueError, urllib.error.URLError):
             pass
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(f"--- {h.name}\n{h.text()[-3000:]}"
@@ -182,10 +183,16 @@ def _fleet(tmp_path, ctl: ControllerProc, hosts: list) -> None:
 
     # back: the reports of what happened meanwhile reach it
     ctl.start()
-    wait(lambda: (ctl.ok("GET", "/v1/machines/vm01")["last_success_at"] or "") >= time.strftime(
-        "%Y-%m-%dT%H:%M:%S", time.gmtime(int(last_offline))), "the controller to learn of the offline cycle", hosts)
+    wait(lambda: dt.datetime.fromisoformat(ctl.ok("GET", "/v1/machines/vm01")["last_success_at"]).timestamp()
+         >= last_offline - 0.001, "the controller to learn of the offline cycle", hosts)
     vm01 = ctl.ok("GET", "/v1/machines/vm01")
     assert vm01["observed_state"] == "Replicating" and vm01["health"] in ("Normal", "Warning"), vm01
     for h in hosts:
         wait(lambda h=h: h.api("GET", "/v1/status")["controller"]["state"] == "connected", f"{h.name} back", hosts)
     assert "unreachable" in p1.text() and "reachable again" in p1.text()
+    report = ctl.ok("GET", "/v1/hosts/p1/report")                  # what p1 says of the time it was cut off
+    away = report["status"]["controller"]["last_unreachable"]
+    vm01 = next(x for x in report["status"]["machines"] if x["name"] == "vm01")
+    assert vm01["stats"]["successful_cycles"] >= offline_cycles
+    span = [dt.datetime.fromisoformat(away[k]).timestamp() for k in ("from", "to")]
+    assert span[0] - 1 <= last_offline <= span[1] + 1, (away, last_offline)    # (whole seconds)
