@@ -679,7 +679,7 @@ class LibvirtHypervisor(Hypervisor):
             if st.state in ("shutoff", "crashed"):
                 raise GuestAgentError(f"domain {name!r} is {st.state} ({st.reason}): no guest agent")
             if time.monotonic() - t0 > timeout:
-                raise GuestAgentError(f"domain {name!r}: the guest agent did not answer within {timeout} s")
+                raise GuestAgentError(f"domain {name!r}: the guest agent did not answer within {timeout:.0f} s")
             time.sleep(0.25)
         return time.monotonic() - t0
 

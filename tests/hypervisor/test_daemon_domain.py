@@ -398,6 +398,21 @@ def test_protection_refuses_a_domain_it_cannot_protect_with_the_reason(hv, workd
             live = next(ET.fromstring(hv.conn.lookupByName("refused").XMLDesc(0)).iter("disk")).find("source")
             assert live.get("file") == raw[0]
             assert raw[0] in state.data["domain"]["originals"]["vda"]
+            # what a failover waits for after the boot (domains.settle): without an agent channel, running is all;
+            # with one that never answers (this firmware runs no guest), the wait ends in a one-line error
+            from replicator.daemon.domains import settle
+            from replicator.errors import GuestAgentError
+            config = hv.domain_config("refused").to_dict()
+            payload = {"domain": {**config, "guest_agent": False}, "targets": {"vda": "x"},
+                       "failover_ips": {"net0": "10.0.0.5/24"}}
+            out = settle(uri, "refused", payload, timeout=10)
+            assert out["running"] is not None and out["agent"] is None and out["ips"] == {}, out
+            assert any("no guest agent channel" in n for n in out["notes"]), out["notes"]
+            assert any("has no NIC net0" in n for n in out["notes"]), out["notes"]
+            t = time.monotonic()
+            with pytest.raises(GuestAgentError, match="the guest agent did not answer within"):
+                settle(uri, "refused", {**payload, "domain": config}, timeout=3)
+            assert time.monotonic() - t < 15
         finally:
             hv.destroy("refused")
         # shut off: the VHDX is made again from the disk it ran on, and protection may start
