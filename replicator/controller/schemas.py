@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from ..orchestration import settings
 from ..orchestration.plans import KINDS as FAILOVER_KINDS
-from ..orchestration.plans import MAX_GROUPS
+from ..orchestration.plans import MAX_GROUPS, PlanError, PlanGroup, RecoveryPlan
 from . import models as m
 
 NAME_PATTERN = settings._NAME.pattern
@@ -361,12 +361,11 @@ class PlanIn(In):
 
     @model_validator(mode="after")
     def _members_once(self):
-        seen: dict[str, int] = {}
-        for k, g in enumerate(self.groups, 1):
-            for name in g.members:
-                if name in seen:
-                    raise ValueError(f"groups: {name!r} is in group {seen[name]} and group {k}")
-                seen[name] = k
+        """The orchestrator's own rules for a plan (a machine in one group, at most 7 groups)."""
+        try:
+            RecoveryPlan(self.name, [PlanGroup(list(g.members)) for g in self.groups])
+        except PlanError as e:
+            raise ValueError(f"groups: {e.message}") from None
         return self
 
 

@@ -31,6 +31,13 @@ def one(s: Session, model, what: str, **by):
     return obj
 
 
+def by_id(s: Session, model, ident: int, what: str):
+    obj = s.get(model, ident)
+    if obj is None:
+        raise HTTPException(404, f"no {what} {ident}")
+    return obj
+
+
 def ref(s: Session, model, what: str, field: str, **by):
     """A resource named in a request body: a missing one is invalid input (422), not a missing URL (404)."""
     obj = s.scalar(select(model).filter_by(**by))

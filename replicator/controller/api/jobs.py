@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy import select
 
 from .. import jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, operator, reader
-from .common import DB, ERRORS, conflict, note
+from .common import DB, ERRORS, by_id, conflict, note
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["jobs"])
 JobId = Path(ge=1, le=2 ** 31 - 1)
@@ -44,10 +44,7 @@ def list_jobs(s: DB,
 
 
 def _job(s, job_id: int) -> m.Job:
-    j = s.get(m.Job, job_id)
-    if j is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return j
+    return by_id(s, m.Job, job_id, "job")
 
 
 @router.get("/jobs/{job_id}", response_model=sc.JobOut, dependencies=[Depends(reader)])

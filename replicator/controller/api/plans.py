@@ -13,7 +13,7 @@ from .. import jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, admin, operator, reader
-from .common import DB, ERRORS, conflict, note, one, ref
+from .common import DB, ERRORS, by_id, conflict, note, one, ref
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["plans"])
 NamePath = Path(pattern=sc.NAME_PATTERN)
@@ -138,10 +138,7 @@ def list_runs(s: DB, name: str = NamePath):
 
 
 def _run(s, run_id: int) -> m.PlanRun:
-    r = s.get(m.PlanRun, run_id)
-    if r is None:
-        raise HTTPException(404, f"no plan run {run_id}")
-    return r
+    return by_id(s, m.PlanRun, run_id, "plan run")
 
 
 @router.get("/plan-runs/{run_id}", response_model=sc.PlanRunOut, dependencies=[Depends(reader)])
