@@ -16,7 +16,7 @@ from .azurite import DEV_ACCOUNT, DEV_KEY
 ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_SAS = "AZURE_STORAGE_SAS_TOKEN"
 ENV_KEY = "AZURE_STORAGE_KEY"
-OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age", "key_file")   # our query keys; the rest is the SAS
+OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age", "key_file", "checkpoint_mib")   # our query keys; the rest is the SAS
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 
@@ -51,7 +51,8 @@ class AzureConfig:
 
 def parse_azure_url(url: str, *, env: dict | None = None) -> AzureConfig:
     """`azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&endpoint=URL&retention=N&concurrency=N&writer=ID&key_file=PATH]`
-    (key_file: encrypt stored data with the customer's key, see crypto.py).
+    (key_file: encrypt stored data with the customer's key, see crypto.py; checkpoint_mib: record an
+    upload's progress every N MiB, so a killed primary resends at most that much).
     Credentials: a SAS in the URL, else the environment; ACCOUNT `-` takes everything from the
     connection string in AZURE_STORAGE_CONNECTION_STRING."""
     env = os.environ if env is None else env
@@ -140,7 +141,7 @@ def _default_endpoint(account: str) -> str:
 def _typed_options(options: dict, url: str) -> dict:
     out: dict = {}
     for k, v in options.items():
-        if k in ("retention", "concurrency", "max_age"):
+        if k in ("retention", "concurrency", "max_age", "checkpoint_mib"):
             try:
                 out[k] = int(v)
             except ValueError:

@@ -8,9 +8,11 @@ bytes at offset 16 * block; an all-zero entry stands for a block of zeros, so a 
 
 Every applied stream updates it: blocks a frame covers whole get their digest from the frame itself,
 blocks a frame covers only partly are read back (decrypted) after the stream is applied. The sidecar's
-metadata names the blob generation it describes; it is trusted only when that is the blob's committed
-generation with no stream half-applied. Otherwise ("in doubt": a send killed midway, a sidecar update
-lost) the blob's pages are read and the sidecar rebuilt before it is used.
+metadata names the stream whose result it describes; it is trusted only when that is the stream of the
+blob's committed generation. Otherwise ("in doubt": a sidecar update lost or cut short) the blob's pages
+are read and the sidecar rebuilt before it is used. With a stream left half-applied (a primary killed
+mid-upload) the digests are those of the blob as it is, and the resync stream they serve is applied
+without undoing the dead stream first (target._begin): what Azure already holds is not sent again.
 """
 from __future__ import annotations
 
@@ -155,11 +157,11 @@ async def digests(target, disk_id, block_size: int):
     """(n, 2) uint64 digests of the replica's blocks for a checksum resync; None for another block size
     or a replica with no data yet. Reads the sidecar when it is current, else rebuilds it from the blob."""
     state = await target._read_state(disk_id)
-    if block_size != BLOCK or (state.generation == 0 and state.ip is None):
+    if block_size != BLOCK or state.generation == 0:
         return None
     grid = Grid(BLOCK, state.disk_size)
     have = await _sidecar_state(target, disk_id)
-    if have and have == _stream_of(state, state.generation) and state.ip is None:
+    if state.ip is None and have and have == _stream_of(state, state.generation):
         blob = target.container.get_blob_client(sidecar_name(target, disk_id))
         raw = bytearray(_rows_size(grid.n_blocks))
         async for at, data in read_ranges(target, blob, len(raw), len(raw), target.sidecar_cipher(disk_id, state)):
@@ -172,8 +174,9 @@ async def digests(target, disk_id, block_size: int):
 
 
 async def rebuild(target, disk_id, state) -> np.ndarray:
-    """Digest the blob's pages (decrypted) and write a new sidecar for its committed generation. With a
-    stream half-applied the result describes the blob as it is (what a resync must level)."""
+    """Digest the blob's pages (decrypted) as they are and write them as a new sidecar: for the committed
+    generation, or, with a stream half-applied, marked in doubt (it describes no generation; the resync
+    it serves levels the blob without undoing that stream first: target._begin)."""
     grid = Grid(BLOCK, state.disk_size)
     out = grid.zero_digests(0, grid.n_blocks)
     blob, cipher = target.blob(disk_id), target.cipher_for(disk_id, state.key_id)
@@ -192,6 +195,5 @@ async def rebuild(target, disk_id, state) -> np.ndarray:
         out[first:first + len(d)] = d
     rows = {b: r for b, r in enumerate(_stored(grid, 0, out)) if r.any()}
     await _write_rows(target, disk_id, rows, grid.n_blocks, target.sidecar_cipher(disk_id, state), fresh=True)
-    if state.ip is None:
-        await _mark(target, disk_id, _stream_of(state, state.generation))
+    await _mark(target, disk_id, _stream_of(state, state.generation) if state.ip is None else "")
     return out

@@ -78,6 +78,7 @@ class AzureTarget(KeyedTarget, ReplicaTarget):
             writer_id = writer_id or opts.get("writer")
             max_age = opts.get("max_age", max_age)
             key_file = key_file or opts.get("key_file")
+            checkpoint_bytes = opts.get("checkpoint_mib", checkpoint_bytes // MiB) * MiB
             prefix = where.prefix if prefix is None else prefix
             self.container = where.container_client(**(client_kw or {}))
             self._owns_client = True
@@ -371,13 +372,16 @@ class AzureTarget(KeyedTarget, ReplicaTarget):
         return not (state.ip is not None and state.ip.stream == stream_id and state.ip.complete)
 
     async def _begin(self, disk_id, lease: str, state: BlobState, header, stream_id: str) -> None:
-        """Bring the blob to a known base before a new stream: zeros for a full stream, else the last point
-        if another stream was left half-applied; then record the new stream as in progress."""
+        """Bring the blob to a known base before a new stream: zeros for a full stream; for a delta, the last
+        point if another stream was left half-applied. A resync stream needs no restore: it carries every
+        block of the regions that may differ (compared against the blob as it is, half-applied stream
+        included: digests.py), so what the dead stream left is levelled, and Azure keeps what it already
+        holds. Then record the new stream as in progress."""
         abandoned = state.ip is not None
         if header.kind == "full" and not state.zeroed:
             await self._clear_all(disk_id, lease, state.disk_size)
             state.zeroed = True
-        elif header.kind != "full" and abandoned:
+        elif header.kind == "delta" and abandoned:
             await self._restore(disk_id, lease, state)
         state.ip = InProgress(stream_id, header.generation, header.base_generation, header.created,
                               header.consistency, header.kind, on_zeros=header.kind == "full" and state.zeroed)
