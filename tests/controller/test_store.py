@@ -99,3 +99,16 @@ def test_the_audit_log_is_append_only(store):
                 change(s.query(m.AuditEntry).one())
     with store.session() as s:
         assert s.query(m.AuditEntry).one().outcome == "ok"
+
+
+def test_controllers_starting_together_migrate_in_turn(database_url):
+    """Several controller processes started at once on one empty database: each opens it, none fails."""
+    import subprocess
+    import sys
+    code = ("import sys; from replicator.controller.db import Store, current_revision; "
+            "s = Store.open(sys.argv[1]); print(current_revision(s.engine)); s.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stdout.read().strip(), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
+    assert {out for _, out, _ in results} == {head_revision()}

@@ -12,7 +12,12 @@ from replicator.controller.db import make_engine
 config = context.config
 engine = config.attributes.get("engine") or make_engine(os.environ["REPLICATOR_CONTROLLER_DB"])
 
+MIGRATION_LOCK = 0x7265706C  # "repl": one PostgreSQL advisory lock, so controllers starting together migrate in turn
+
 with engine.connect() as connection:
+    if connection.dialect.name == "postgresql":
+        # held until the transaction ends; SQLite's BEGIN IMMEDIATE (db.py) already serializes the same way
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     context.configure(connection=connection, target_metadata=models.Base.metadata,
                       render_as_batch=True,          # SQLite alters tables by copying them
                       compare_type=True)
