@@ -34,28 +34,40 @@ pytestmark = pytest.mark.timeout(300)
 FILES = 4
 
 
-def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boot, private_libvirtd):
-    kernel, initrd = guest_boot
-    a_dir = f"{workdir}/a"
-    os.makedirs(a_dir)
+def _guest_on_its_own_disk(hv, a_dir: str, kernel: str, initrd: str, vhdx_from: str | None = None) -> tuple:
+    """The domain `vm` defined on its own raw ext4 disk, its VHDX made before (from `vhdx_from`, default that
+    disk), started, its guest writing (round 2 done). Returns (its disk, its console, the start time)."""
+    os.makedirs(a_dir, exist_ok=True)
     original = f"{a_dir}/vm.raw"
     with open(original, "wb") as f:
         f.truncate(64 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", original],
                    check=True, capture_output=True)
-    subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", original, f"{a_dir}/vm.vhdx"],
-                   check=True, capture_output=True)
-    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica", "live_switch = false"))
+    if vhdx_from is not None:
+        with open(f"{a_dir}/{vhdx_from}", "wb") as f:
+            f.write(os.urandom(64 * MiB))
+    subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx",
+                    f"{a_dir}/{vhdx_from}" if vhdx_from else original, f"{a_dir}/vm.vhdx"], check=True,
+                   capture_output=True)
     console = f"{a_dir}/console.log"
     hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
                                          memory_mib=192, files=FILES, pause=0.3))
     t0 = time.monotonic()
     hv.start("vm")
+    con = console_of(hv, "vm", console)
+    con.wait_for("GUEST_MOUNTED", 120)
+    hv.wait_agent("vm", 120)
+    con.wait_rounds(2, 120)
+    return original, con, t0
+
+
+def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boot, private_libvirtd):
+    kernel, initrd = guest_boot
+    a_dir = f"{workdir}/a"
+    a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica", "live_switch = false"))
     try:
-        con = console_of(hv, "vm", console)
-        con.wait_for("GUEST_MOUNTED", 120)
-        hv.wait_agent("vm", 120)
-        con.wait_rounds(2, 120)
+        original, con, t0 = _guest_on_its_own_disk(hv, a_dir, kernel, initrd)
+        console = f"{a_dir}/console.log"
 
         # ---- running on its own disk: pending next boot, its persistent definition on the export
         a.start()
@@ -109,28 +121,10 @@ def _replica_raw(folder: str, out: str) -> None:
 def test_a_running_domain_is_switched_onto_the_export_while_it_runs(hv, workdir, guest_boot, private_libvirtd):
     kernel, initrd = guest_boot
     a_dir = f"{workdir}/a"
-    os.makedirs(a_dir)
-    original = f"{a_dir}/vm.raw"
-    with open(original, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", original],
-                   check=True, capture_output=True)
-    stale = f"{a_dir}/stale.raw"                            # the VHDX: wrong in every block, zeros included
-    with open(stale, "wb") as f:
-        f.write(os.urandom(64 * MiB))
-    subprocess.run([os.path.join(BIN, "replicator"), "vhdx", "convert", "-O", "vhdx", stale, f"{a_dir}/vm.vhdx"],
-                   check=True, capture_output=True)
     a = Site(a_dir, "site-a", machine_toml("vm", private_libvirtd.uri, f"local://{a_dir}/replica"))
-    console = f"{a_dir}/console.log"
-    hv.conn.defineXML(primary_domain_xml("vm", kernel, initrd, console, disks=[("vda", original, "raw")],
-                                         memory_mib=192, files=FILES, pause=0.3))
-    t0 = time.monotonic()
-    hv.start("vm")
-    try:
-        con = console_of(hv, "vm", console)
-        con.wait_for("GUEST_MOUNTED", 120)
-        hv.wait_agent("vm", 120)
-        con.wait_rounds(2, 120)
+    try:                                                    # its VHDX: wrong in every block, zeros included
+        _, con, t0 = _guest_on_its_own_disk(hv, a_dir, kernel, initrd, vhdx_from="stale.raw")
+        console = f"{a_dir}/console.log"
         at = con.rounds()
         a.start()
         m = a.wait(lambda: (x := a.machine())["state"] == "Replicating" and x, "protection", 90)
