@@ -156,4 +156,8 @@ def test_recovery_plans_runs_and_manual_confirmation(controller):
     ok(c.post("/v1/machines/db/disable"), 202)
     refused(c.delete("/v1/machines/db"), 409, "in a recovery plan")
     assert c.delete("/v1/plans/app").status_code == 204
+    before = revisions(c)
     assert c.delete("/v1/machines/db").status_code == 204
+    after = revisions(c)
+    assert (after["pa2"][0], after["rb1"][0], after["pa1"][0]) == (before["pa2"][0] + 1, before["rb1"][0] + 1,
+                                                                   before["pa1"][0])

@@ -159,6 +159,7 @@ def remove_machine(s: DB, request: Request, name: str = NamePath, _=Depends(oper
         raise conflict(f"machine {name!r} is {x.desired_state}: disable its protection first")
     if s.scalar(select(func.count()).select_from(m.PlanMember).where(m.PlanMember.machine_id == x.id)):
         raise conflict(f"machine {name!r} is in a recovery plan: take it out first")
+    bump_revision(s, [x.primary_host_id, x.replica_host_id])      # their desired configuration loses it
     s.delete(x)
 
 
