@@ -136,3 +136,13 @@ def test_no_request_leaves_loopback(portal, browser):
     assert browser.external == ["https://cdn.example.invalid/"]
     browser.external.clear()
     browser.expect_errors("cdn.example.invalid")
+
+
+def test_a_revoked_token_signs_the_console_out(portal, browser):
+    page = browser.page()
+    login(page, portal, portal.make_token("operator", "contractor"))
+    expect(page.locator("#live")).to_have_text("live")
+    assert portal.api("DELETE", "/v1/tokens/contractor").status_code == 204
+    expect(page.locator("#login .form-error")).to_have_text("The token is no longer valid.")
+    assert page.evaluate("sessionStorage.length") == 0
+    expect(page.locator("#live")).to_have_text("offline")

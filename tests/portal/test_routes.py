@@ -130,3 +130,15 @@ def test_observed_machines(portal):
     r = portal.api("GET", "/v1/observed/machines?machine=bad%20name", viewer)
     assert r.status_code == 422 and list(r.json()) == ["error"]
     assert httpx.get(portal.url + "/v1/observed/machines").status_code == 401
+
+
+def test_event_stream_ends_when_its_token_is_revoked(portal):
+    portal.make_token("read-only", "viewer")
+    viewer = portal.api("POST", "/v1/tokens", json={"name": "temp", "role": "read-only"}).json()["token"]
+    with httpx.stream("GET", portal.url + "/v1/events", headers={"Authorization": f"Bearer {viewer}"},
+                      timeout=10) as resp:
+        lines = resp.iter_lines()
+        assert _events(lines, 1)[0][0] == "ready"
+        assert portal.api("DELETE", "/v1/tokens/temp").status_code == 204
+        assert _events(lines, 1) == [("revoked", {"error": "this API token was revoked"})]
+        assert list(lines) == [""]                       # and the stream ends

@@ -15,10 +15,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from .. import auth
+from .. import models as m
 from ..schemas import Error
 from . import live, observed
 
@@ -71,12 +74,16 @@ def _frame(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(request: Request) -> AsyncIterator[bytes]:
+async def _stream(request: Request, token_hash: str) -> AsyncIterator[bytes]:
     store = request.app.state.store
     watcher = live.Watcher()
 
-    def look() -> list[tuple[str, dict]]:
+    def look() -> list[tuple[str, dict]] | None:
+        """What changed; None once the stream's token is revoked (it was valid when the stream opened)."""
         with store.session() as s:
+            if s.scalar(select(m.ApiToken.id).where(m.ApiToken.token_hash == token_hash,
+                                                    m.ApiToken.revoked_at.is_(None))) is None:
+                return None
             return watcher.poll(s)
 
     quiet = 0.0
@@ -86,6 +93,9 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
             events = await asyncio.to_thread(look)
         except Exception as exc:            # a database hiccup: say so on the stream, try again next second
             events = [("problem", {"error": f"database: {type(exc).__name__}"})]
+        if events is None:
+            yield _frame("revoked", {"error": "this API token was revoked"})
+            return
         for event, data in events:
             yield _frame(event, data)
         quiet = 0.0 if events else quiet + POLL_SECONDS
@@ -96,7 +106,8 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
 
 
 @router.get("/v1/events", dependencies=[Depends(auth.reader)], include_in_schema=False)
-def events(request: Request) -> StreamingResponse:
-    """Server-sent events: `ready` once, then `job`, `machine`, `machine_removed` and `plan_run` as rows change."""
-    return StreamingResponse(_stream(request), media_type="text/event-stream",
+def events(request: Request, creds: HTTPAuthorizationCredentials = Depends(auth.bearer)) -> StreamingResponse:
+    """Server-sent events: `ready` once, then `job`, `machine`, `machine_removed` and `plan_run` as rows change;
+    `revoked` and the end when the token is revoked meanwhile."""
+    return StreamingResponse(_stream(request, auth.hash_token(creds.credentials)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -23,7 +23,7 @@ let leave = null;
 
 function renderNav(current) {
   const nav = document.getElementById('nav');
-  clear(nav, PAGES.map((p) => h('a', { href: `#/${p.path}`, class: p.path === current ? 'active' : null,
+  clear(nav, session.token && PAGES.map((p) => h('a', { href: `#/${p.path}`, class: p.path === current ? 'active' : null,
     'aria-current': p.path === current ? 'page' : null }, p.title)));
   document.getElementById('who').textContent = session.token ? `${session.name} (${session.role})` : '';
   document.getElementById('logout').hidden = !session.token;
@@ -45,8 +45,8 @@ function loginPage(message) {
     try {
       const me = await api('/v1/whoami', { token });
       session.save(token, me.name, me.role);
-      location.hash = '#/overview';
-      route();
+      if (!location.hash.replace(/^#\/?/, '')) history.replaceState(null, '', '#/overview');
+      route();                                 // the page asked for before signing in, else the Overview
     } catch (e) {
       error.textContent = e.status === 401 ? 'This token is not valid (unknown, revoked or mistyped).' : e.message;
       error.hidden = false;
@@ -56,7 +56,10 @@ function loginPage(message) {
   input.focus();
 }
 
+let generation = 0;
+
 async function route() {
+  const mine = ++generation;                 // a newer navigation supersedes this one while it loads
   if (leave) { try { leave(); } catch (e) { console.error(e); } leave = null; }
   if (!session.token) { loginPage(); return; }
   const [path, ...params] = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
@@ -67,9 +70,12 @@ async function route() {
   clear(main, h('p', { class: 'loading' }, 'Loading…'));
   try {
     const mod = await page.load();
+    if (mine !== generation) return;
     const view = h('div', { class: 'page', id: `page-${path}` });
     clear(main, view);
-    leave = (await mod.render(view, params)) || null;
+    const done = (await mod.render(view, params)) || null;
+    if (mine !== generation) { if (done) done(); return; }
+    leave = done;
   } catch (e) {
     clear(main, h('p', { class: 'form-error', role: 'alert' }, e.message));
   }
@@ -78,7 +84,7 @@ async function route() {
 function logout(message) {
   stopStream();
   session.clear();
-  location.hash = '#/';
+  history.replaceState(null, '', '#/');      // no hashchange: the message below stays
   loginPage(message);
 }
 

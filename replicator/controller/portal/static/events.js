@@ -50,6 +50,7 @@ async function run(ctl) {
     resp = await fetch('/v1/events', { headers: { Authorization: `Bearer ${session.token}`, Accept: 'text/event-stream' },
                                        signal: ctl.signal, credentials: 'omit', cache: 'no-store' });
   } catch { return; }
+  if (resp.status === 401) { window.dispatchEvent(new CustomEvent('portal:unauthorized')); return; }
   if (!resp.ok || !resp.body) return;
   setStatus(true);
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -70,6 +71,7 @@ async function run(ctl) {
           const v = i < 0 ? '' : line.slice(i + 1).replace(/^ /, '');
           if (field === 'event') name = v; else if (field === 'data') data.push(v);
         }
+        if (name === 'revoked') { window.dispatchEvent(new CustomEvent('portal:unauthorized')); return; }
         if (data.length) {
           try { dispatch(name, JSON.parse(data.join('\n'))); } catch (e) { console.error(e); }
         }
