@@ -274,6 +274,14 @@ class MachineIn(In):
         return self
 
 
+class MachinePatch(In):
+    """Change a protected machine's policy (null: follow the pair's) or move its replica to another host of
+    the recovery cloud (its replica is then built again there). Only the fields given change."""
+
+    policy: Name | None = None
+    replica_host: HostRef | None = None
+
+
 class FailoverIn(In):
     kind: FailoverKind
     force: bool = Field(False, description="unplanned while the primary holds a live lease (recorded)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from replicator.controller import jobs as jobq
 from replicator.controller import models as m
 
-from .helpers import deployment, ok, refused
+from .helpers import add_host, deployment, ok, refused
 
 
 def revisions(c) -> dict:
@@ -161,3 +161,27 @@ def test_recovery_plans_runs_and_manual_confirmation(controller):
     after = revisions(c)
     assert (after["pa2"][0], after["rb1"][0], after["pa1"][0]) == (before["pa2"][0] + 1, before["rb1"][0] + 1,
                                                                    before["pa1"][0])
+
+
+def test_change_a_machines_policy_or_move_its_replica(controller):
+    c = controller.client
+    hosts = deployment(controller)
+    add_host(controller.store, "rb2", "b")
+    ok(c.put("/v1/hosts/rb2/cloud", json={"cloud": "silver"}))
+    ok(c.post("/v1/policies", json={"name": "p30", "frequency": "30s"}), 201)
+    ok(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "pa1", "domain": "d"}), 201)
+    assert ok(c.get("/v1/machines/vm01"))["replica_host"] == "rb1"
+    before = revisions(c)
+    x = ok(c.patch("/v1/machines/vm01", json={"policy": "p30", "replica_host": "rb2"}))
+    assert (x["policy"], x["replica_host"]) == ("p30", "rb2")
+    after = revisions(c)
+    assert {h: after[h][0] - before[h][0] for h in after} == {"pa1": 1, "pa2": 0, "rb1": 1, "rb2": 1}
+    [job] = ok(c.get("/v1/jobs", params={"kind": "reconfigure-protection"}))
+    assert job["host"] == hosts["pa1"] and job["params"]["changes"] == ["policy p30", "replica moves to rb2"]
+    assert ok(c.patch("/v1/machines/vm01", json={"policy": None}))["policy"] == "p5", "back to the pair's"
+    refused(c.patch("/v1/machines/vm01", json={"replica_host": "pa2"}), 422, "not in the recovery cloud")
+    refused(c.patch("/v1/machines/vm01", json={"replica_host": None}), 422, "needs a replica host")
+    refused(c.patch("/v1/machines/vm01", json={"policy": "ghost"}), 422, "no policy 'ghost'")
+    refused(c.patch("/v1/machines/ghost", json={}), 404)
+    assert ok(c.patch("/v1/machines/vm01", json={}))["replica_host"] == "rb2"
+    assert len(ok(c.get("/v1/jobs", params={"kind": "reconfigure-protection"}))) == 2, "no change, no job"

@@ -115,6 +115,38 @@ def get_machine(s: DB, name: str = NamePath):
     return machine_out(one(s, m.Machine, "machine", name=name))
 
 
+@router.patch("/machines/{name}", response_model=sc.MachineOut)
+def change_machine(body: sc.MachinePatch, s: DB, request: Request, name: str = NamePath,
+                   who: Principal = Depends(operator)):
+    """Change the policy or move the replica; a job tracks the primary host applying it."""
+    given = body.model_fields_set
+    note(request, f"machine/{name}", **{k: getattr(body, k) for k in given})
+    x = one(s, m.Machine, "machine", name=name)
+    old_replica = x.replica_host_id
+    changes = []
+    if "policy" in given:
+        x.policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
+        if effective_policy(x) is None:
+            raise HTTPException(422, f"policy: pair {x.cloud.pair.name!r} has no policy to follow")
+        changes.append(f"policy {x.policy.name if x.policy else 'of the pair'}")
+    if "replica_host" in given:
+        if body.replica_host is None:
+            raise HTTPException(422, "replica_host: a protected machine needs a replica host")
+        replica = host_by_ref(s, body.replica_host, "replica_host")
+        recovery = x.cloud.pair.cloud("recovery") if x.cloud.pair else None
+        if recovery is None or replica.cloud_id != recovery.id:
+            raise HTTPException(422, f"replica_host: {replica.hostname!r} is not in the recovery cloud")
+        if replica.id != x.replica_host_id:
+            x.replica_host = replica
+            changes.append(f"replica moves to {replica.hostname}")
+    if changes:
+        s.flush()                                            # replica_host_id follows the relationship now
+        if old_replica != x.replica_host_id:
+            bump_revision(s, [old_replica])                 # the old replica host drops it
+        _state_job(s, x, "reconfigure-protection", who.name, changes=changes)
+    return machine_out(x)
+
+
 # (action, states it applies from, desired state after, job kind)
 ACTIONS = {"pause": (("enabled",), "paused", "pause-protection"),
            "resume": (("paused",), "enabled", "resume-protection"),
