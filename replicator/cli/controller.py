@@ -67,6 +67,7 @@ COLUMNS = {
     "job": ("id", "kind", "state", "machine", "progress", "message"),
     "plan": ("name", "pair", "groups"),
     "host": ("hostname", "site", "cloud", "last_seen", "desired_revision", "applied_revision"),
+    "token": ("name", "role", "created_by", "created_at", "last_used_at", "revoked_at"),
 }
 
 
@@ -91,7 +92,7 @@ def emit(args, doc, area: str | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------- verbs
 PATHS = {"site": "sites", "cloud": "clouds", "pair": "pairs", "policy": "policies", "machine": "machines",
-         "job": "jobs", "plan": "plans", "host": "hosts"}
+         "job": "jobs", "plan": "plans", "host": "hosts", "token": "tokens"}
 
 
 def run(api: Api, args) -> None:
@@ -111,6 +112,8 @@ def run(api: Api, args) -> None:
     if area == "machine" and verb == "failover":
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/failover",
                                    {"kind": args.kind, "force": args.force}))
+    if area == "token" and verb == "revoke":
+        return emit(args, api.call("DELETE", f"{base}/{_quote(args.name)}"))
     if area == "job" and verb == "cancel":
         return emit(args, api.call("POST", f"{base}/{args.name}/cancel"))
     if area == "plan" and verb == "run":
@@ -129,6 +132,8 @@ def _create_body(area: str, args) -> dict:
         return {"name": args.name, "site": args.site, "description": args.description}
     if area == "pair":
         return {"name": args.name, "primary": args.primary, "recovery": args.recovery, "policy": args.policy}
+    if area == "token":
+        return {"name": args.name, "role": args.role}
     if area == "policy":
         body = {"name": args.name}
         for key in ("target_kind", "frequency", "additional_points", "app_consistent_hours", "auth", "port",
@@ -218,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--azure-container")
             for flag in ("--compression", "--delete-replica-on-remove", "--azure-encrypt"):
                 c.add_argument(flag, choices=("on", "off"))
+    token = area("token", {"list": "list API tokens (admin)", "create": "make a token; its secret is printed once",
+                           "revoke": "revoke a token"})
+    token["create"].add_argument("--role", required=True, choices=("read-only", "operator", "admin"))
     machine = area("machine", {"list": "list machines", "show": "one machine as JSON",
                                "enable": "protect a machine (or enable a disabled one again)",
                                "pause": "pause replication", "resume": "resume replication",

@@ -81,13 +81,19 @@ def test_cli_story(running, capsys):
     assert "must be 30s, 5m or 15m" in err and len(err.strip().splitlines()) == 1
 
     reader = data / "reader.token"
-    with store.session() as s:
-        from replicator.controller.auth import create_token
-        reader.write_text(create_token(s, "watcher", "read-only", created_by="test"))
+    made = json.loads(run("token", "create", "watcher", "--role", "read-only"))
+    assert made["role"] == "read-only" and made["token"].startswith("rpc_")
+    reader.write_text(made["token"])
+    assert [line.split()[:2] for line in run("token", "list").splitlines()[1:]] == [["admin", "admin"],
+                                                                                  ["watcher", "read-only"]]
     capsys.readouterr()
     assert cli(["--controller", str(api.base_url).rstrip("/"), "--token", str(reader), "--ca",
                 str(data / "ca" / "ca.pem"), "machine", "resume", "vm01"]) == 1
     assert "403 token 'watcher' is read-only; this needs operator" in capsys.readouterr().err
+    run("token", "revoke", "watcher")
+    assert cli(["--controller", str(api.base_url).rstrip("/"), "--token", str(reader), "--ca",
+                str(data / "ca" / "ca.pem"), "site", "list"]) == 1
+    assert "401 unknown or revoked API token" in capsys.readouterr().err
 
     # the console script itself dispatches --controller
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "replicator"), *base, "machine", "list"],
