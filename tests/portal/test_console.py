@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
+from replicator.controller import jobs
+
 from . import fleet
 from .conftest import login
 
@@ -29,6 +31,7 @@ def test_sign_in_refuses_a_bad_token_then_admin_sees_the_fleet(portal, browser, 
     causes = page.locator("#errors-by-cause tbody tr")
     expect(causes.filter(has_text="connection refused")).to_contain_text("1")
     expect(causes.filter(has_text="# of # cycles missed (# % > # %)")).to_be_visible()
+    expect(page.locator("#test-freshness")).to_contain_text("Test recommended for 4 of 4 machines")
     problems = page.locator("#config-problems")
     expect(problems).to_contain_text("Host dr1 has not reported for over 5 minutes.")
     expect(problems).to_contain_text("Host dr1's certificate expires in 2 days.")
@@ -66,7 +69,11 @@ def test_read_only_user_sees_no_action_buttons(portal, browser):
 
 
 def test_replicated_items_sort_and_filter(portal, browser):
-    fleet.build(portal)
+    built = fleet.build(portal)
+    # web01 had a test failover: its replica host ran it
+    job = portal.api("POST", "/v1/machines/web01/failover", json={"kind": "test"}).json()
+    assert jobs.claim(portal.store, "dr1-agent", kinds=["failover"], host_id=built["hosts"]["dr1"]).id == job["id"]
+    assert jobs.finish(portal.store, job["id"], "dr1-agent", "succeeded")
     page = browser.page()
     login(page, portal, portal.admin_token)
     page.click("nav >> text=Replicated items")
@@ -78,6 +85,8 @@ def test_replicated_items_sort_and_filter(portal, browser):
     page.click("#items th[data-key=rpo]")
     expect(rows.first.locator("td[data-col=name]")).to_have_text("db01")
     expect(rows.first.locator("td[data-col=rpo] .breach")).to_have_count(1)
+    expect(rows.filter(has_text="web01").locator("td[data-col=last_test]")).to_contain_text("ago")
+    expect(rows.filter(has_text="web02").locator("td[data-col=last_test]")).to_have_text("never")
     pending = rows.filter(has_text="web02").locator("td[data-col=pending]")
     expect(pending).to_have_text("12.0 MiB")
     expect(rows.filter(has_text="web02").locator("td[data-col=health] .badge")).to_have_attribute(
@@ -90,6 +99,10 @@ def test_replicated_items_sort_and_filter(portal, browser):
     expect(page.locator("#health-reasons")).to_contain_text("connection refused")
     expect(page.locator("#machine-pending")).to_have_text("40.0 MiB")
     expect(page.locator("#machine-cycles")).to_have_text("12 succeeded, 1 failed, 0 missed")
+    page.go_back()                                          # the browser's history works: back to the table
+    expect(rows).to_have_count(4)
+    page.click("nav >> text=Overview")
+    expect(page.locator("#test-freshness")).to_contain_text("Test recommended for 3 of 4 machines")
 
 
 def test_machine_action_goes_through_the_api_and_is_audited(portal, browser):

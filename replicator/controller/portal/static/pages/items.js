@@ -3,7 +3,7 @@
 import { api, ago, apiForm, dataTable, fmtBytes, fmtDuration, h, healthBadge, clear, notify, session } from '../lib.js';
 import { subscribe } from '../events.js';
 import { machineLink, rpoTarget } from './common.js';
-import { lastTestFailover, reportedStats } from './machine_data.js';
+import { lastTestFailover, reportedStats, succeededFailovers } from './machine_data.js';
 
 /** The form that protects a machine (operator): POST /v1/machines, the API placing its replica. */
 function enableForm(clouds, hosts, policies, after) {
@@ -25,7 +25,7 @@ function enableForm(clouds, hosts, policies, after) {
 
 export async function render(view) {
   const [machines, policies, jobs, observedList] = await Promise.all([
-    api('/v1/machines'), api('/v1/policies'), api('/v1/jobs'), api('/v1/observed/machines')]);
+    api('/v1/machines'), api('/v1/policies'), succeededFailovers(), api('/v1/observed/machines')]);
   const observed = new Map(observedList.map((o) => [o.machine, o]));
   const stats = (x) => reportedStats(observed.get(x.name));
   const canEnable = session.can('operator');

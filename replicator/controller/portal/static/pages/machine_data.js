@@ -1,4 +1,19 @@
-// Facts about one machine that pages derive from the job list (the API keeps them as jobs).
+// Facts about machines that pages derive from the API's jobs and the hosts' reports.
+
+import { api } from '../lib.js';
+
+export const TEST_RECOMMENDED_DAYS = 180;     // as ASR: a test failover is recommended after six months
+
+/** Succeeded failover jobs (test ones among them), for lastTestFailover. */
+export function succeededFailovers() {
+  return api('/v1/jobs?kind=failover&state=succeeded&limit=1000');
+}
+
+/** Jobs an overview counts: everything open, and the failures (newest first, as many as the API gives). */
+export async function openAndFailedJobs() {
+  const lists = await Promise.all(['queued', 'running', 'waiting_for_input', 'failed'].map((state) => api(`/v1/jobs?state=${state}&limit=1000`)));
+  return lists.flat();
+}
 
 const TEST_KINDS = new Set(['test_failover', 'test-failover']);
 
@@ -14,6 +29,12 @@ export function lastTestFailover(name, jobs) {
         && (!best || j.finished_at > best.finished_at)) best = j;
   }
   return best;
+}
+
+/** Days since the machine's last test failover (Infinity when never). */
+export function daysSinceTest(name, jobs, now = Date.now()) {
+  const j = lastTestFailover(name, jobs);
+  return j ? (now - new Date(j.finished_at).getTime()) / 86400000 : Infinity;
 }
 
 /** The primary host's statistics for the machine, from GET /v1/observed/machines (or {}). */

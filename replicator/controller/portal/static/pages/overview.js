@@ -5,16 +5,16 @@
 import { api, clear, fmtDuration, h, section, ago, stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
 import { rpoTarget, machineLink, problemsOf } from './common.js';
-import { causeOf, reportedStats } from './machine_data.js';
+import { causeOf, daysSinceTest, openAndFailedJobs, reportedStats, succeededFailovers, TEST_RECOMMENDED_DAYS } from './machine_data.js';
 
 const HEALTH = ['Normal', 'Warning', 'Critical', 'Unknown'];
 const COLORS = { Normal: '#16a34a', Warning: '#d97706', Critical: '#dc2626', Unknown: '#94a3b8' };
 const DAY = 86400 * 1000;
 
 export async function render(view) {
-  const [machines, jobs, policies, hosts, pairs, observed] = await Promise.all([
-    api('/v1/machines'), api('/v1/jobs'), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs'),
-    api('/v1/observed/machines')]);
+  const [machines, jobs, policies, hosts, pairs, observed, tests] = await Promise.all([
+    api('/v1/machines'), openAndFailedJobs(), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs'),
+    api('/v1/observed/machines'), succeededFailovers()]);
   const byId = new Map(machines.map((x) => [x.id, x]));
 
   const donutCanvas = h('canvas', { id: 'health-donut', 'aria-label': 'machines by health', role: 'img' });
@@ -24,6 +24,7 @@ export async function render(view) {
   const waiting = h('div', { id: 'needs-input' });
   const jobStats = h('div', { id: 'job-stats' });
   const config = h('div', { id: 'config-problems' });
+  const freshness = h('div', { id: 'test-freshness' });
   const errors = h('div', { id: 'errors-by-cause' });
   clear(view,
     h('h1', {}, 'Overview'),
@@ -33,7 +34,7 @@ export async function render(view) {
       section('Jobs', jobStats, h('h3', {}, 'Waiting for input'), waiting)),
     h('div', { class: 'grid' },
       section('RPO breaches', breaches),
-      section('Configuration problems', config),
+      section('Configuration problems', config, h('h3', {}, 'Test failover'), freshness),
       section('Errors by cause', errors)));
 
   const chart = new window.Chart(donutCanvas, {
@@ -97,6 +98,11 @@ export async function render(view) {
   const problems = problemsOf({ machines, hosts, pairs });
   clear(config, problems.length ? h('ul', { class: 'plain' }, problems.map((p) => h('li', {}, p)))
     : h('p', { class: 'muted' }, 'No configuration problems found.'));
+
+  const stale = machines.filter((x) => x.desired_state !== 'disabled' && daysSinceTest(x.name, tests) > TEST_RECOMMENDED_DAYS);
+  clear(freshness, stale.length ? h('p', {}, `Test recommended for ${stale.length} of ${machines.length} machines `
+    + `(none in the last ${TEST_RECOMMENDED_DAYS} days): `, stale.map((x, i) => [i ? ', ' : '', machineLink(x.name)]))
+    : h('p', { class: 'muted' }, `Every machine had a test failover in the last ${TEST_RECOMMENDED_DAYS} days.`));
 
   draw();
   drawJobs();
