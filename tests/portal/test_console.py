@@ -29,7 +29,7 @@ def test_sign_in_refuses_a_bad_token_then_admin_sees_the_fleet(portal, browser, 
     expect(breaches).to_contain_text("web02")
     expect(breaches).not_to_contain_text("web01")
     causes = page.locator("#errors-by-cause tbody tr")
-    expect(causes.filter(has_text="connection refused")).to_contain_text("1")
+    expect(causes.filter(has_text="the last cycle failed: https://dr1:8444: connection refused")).to_contain_text("1")
     expect(causes.filter(has_text="# of # cycles missed (# % > # %)")).to_be_visible()
     expect(page.locator("#test-freshness")).to_contain_text("Test recommended for 4 of 4 machines")
     problems = page.locator("#config-problems")

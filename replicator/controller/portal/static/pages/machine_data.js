@@ -43,7 +43,8 @@ export function reportedStats(observed) {
   return stats && typeof stats === 'object' ? stats : {};
 }
 
-/** Reasons behind a health that is not Normal, with numbers blanked so that equal causes group together. */
+/** A reason behind a health that is not Normal, its counts blanked so that equal causes group together
+ * ("4 of 12 cycles missed" and "5 of 12 cycles missed" are one cause; names and ports like dr1:8444 stay). */
 export function causeOf(reason) {
-  return String(reason).replace(/\d+(\.\d+)?/g, '#');
+  return String(reason).replace(/(?<![\w:./-])\d+(\.\d+)?(?![\w:./-])/g, '#');
 }
