@@ -25,6 +25,11 @@ from replicator.controller.db import Store
 INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
 
+def pytest_configure(config):
+    # starlette's TestClient warns about its httpx transport at every import: noise, not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,12 @@ def test_enable_protection_places_the_machine_and_waits_for_its_host(controller)
             "cloud 'gold' has 2 hosts")
     refused(c.post("/v1/machines", json={"name": "vm01", "cloud": "silver", "domain": "vm01"}), 422,
             "not the primary cloud")
+    ok(c.post("/v1/sites", json={"name": "c"}), 201)
+    ok(c.post("/v1/clouds", json={"name": "empty", "site": "c"}), 201)
+    ok(c.post("/v1/clouds", json={"name": "empty-dr", "site": "b"}), 201)
+    ok(c.post("/v1/pairs", json={"name": "e", "primary": "empty", "recovery": "empty-dr", "policy": "p5"}), 201)
+    refused(c.post("/v1/machines", json={"name": "vm01", "cloud": "empty", "domain": "vm01"}), 422,
+            "'empty' has no hosts yet")
     refused(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "rb1",
                                          "domain": "vm01"}), 422, "not in cloud 'gold'")
     refused(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "pa1"}), 422,

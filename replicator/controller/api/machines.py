@@ -89,6 +89,9 @@ def enable_protection(body: sc.MachineIn, s: DB, request: Request, who: Principa
             raise HTTPException(422, f"primary_host: {primary.hostname!r} is not in cloud {cloud.name!r}")
     elif len(cloud.hosts) == 1:
         primary = cloud.hosts[0]
+    elif not cloud.hosts:
+        raise HTTPException(422, f"cloud: {cloud.name!r} has no hosts yet; put the host that runs {body.name!r} "
+                                 f"in it (PUT /v1/hosts/HOST/cloud)")
     else:
         raise HTTPException(422, f"primary_host: cloud {cloud.name!r} has {len(cloud.hosts)} hosts; say which "
                                  f"one runs {body.name!r}")
