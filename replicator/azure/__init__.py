@@ -1,6 +1,9 @@
-"""Azure page blobs as a replica target (fixed-VHD layout, snapshots as recovery points), failover from
-those snapshots, and Azurite as the local stand-in for tests and demos. Needs azure-storage-blob (asyncio
-client, aiohttp transport)."""
+"""Azure page blobs as a replica target (fixed-VHD layout, snapshots as recovery points), and Azure as a
+recovery site: machine points and their retention (points.py), encryption with the customer's key
+(crypto.py, keys.py), checksum resync through a digest sidecar (digests.py), failover of a disk
+(failover.py) or of a machine to a deployable VM (deploy.py), export (export.py), failback (failback.py);
+Azurite as the local stand-in for tests and demos. Needs azure-storage-blob (asyncio client, aiohttp
+transport) and cryptography."""
 from .config import AzureConfig, from_account_url, from_connection_string, from_env, parse_azure_url
 from .errors import (AzureAuthError, AzureError, AzureNotFound, BlobTooLarge, ContainerMissing, VerifyError,
                      WriterConflict)

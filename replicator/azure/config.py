@@ -16,7 +16,8 @@ from .azurite import DEV_ACCOUNT, DEV_KEY
 ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_SAS = "AZURE_STORAGE_SAS_TOKEN"
 ENV_KEY = "AZURE_STORAGE_KEY"
-OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age", "key_file", "checkpoint_mib")   # our query keys; the rest is the SAS
+# our query keys; the rest is the SAS
+OPTIONS = ("endpoint", "retention", "concurrency", "writer", "max_age", "key_file", "checkpoint_mib")
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 

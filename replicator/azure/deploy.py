@@ -174,7 +174,8 @@ def plan_nics(spec: VmSpec, test: bool) -> list[dict]:
             _check_ip(ip, vnet.subnets[subnet], where)
         out.append({"vnet": vnet.id, "subnet": subnet, "ip": ip})
     if len({n["vnet"] for n in out}) > 1:
-        raise UsageError(f"VM {spec.name}: its NICs map to different VNets ({', '.join(sorted({n['vnet'] for n in out}))}"
+        vnets = ", ".join(sorted({n["vnet"] for n in out}))
+        raise UsageError(f"VM {spec.name}: its NICs map to different VNets ({vnets}"
                          "); Azure puts every NIC of a VM in one VNet: map the source networks to one")
     return out
 

@@ -95,7 +95,8 @@ async def _write_rows(target, disk_id, rows: dict[int, np.ndarray], n_blocks: in
     blob = target.container.get_blob_client(sidecar_name(target, disk_id))
     size = _rows_size(n_blocks)
     if fresh:
-        await target._call(f"create {blob.blob_name}", blob.create_page_blob, size, metadata={PREFIX + "digests_of": ""})
+        await target._call(f"create {blob.blob_name}", blob.create_page_blob, size,
+                           metadata={PREFIX + "digests_of": ""})
     per = SECTOR // ROW
     sectors = sorted({b // per for b in rows})
     runs: list[list[int]] = []

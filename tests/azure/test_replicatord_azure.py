@@ -5,12 +5,10 @@ middle of an upload resumes without resending what Azure acknowledged."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 from replicator.azure import open_target
@@ -19,15 +17,16 @@ from replicator.azure.export import export_point
 from replicator.azure.meta import BlobState
 from replicator.vhdx import VhdxDisk, create_vhdx
 
-from ..externals import tool
+from ..daemon.test_replicatord import BIN, Site as LocalSite, free_port
 
 MiB = 1 << 20
-BIN = os.path.dirname(sys.executable)
 
 
-class Site:
+class Site(LocalSite):
+    """The daemon tests' site (start, cli, status, qemu_io, stop), replicating to Azure instead."""
+
     def __init__(self, tmp_path, azurite):
-        self.dir, self.port = tmp_path, _free_port()
+        self.dir, self.port = tmp_path, free_port()
         for name, size in (("d0.vhdx", 64), ("d1.vhdx", 16)):
             with create_vhdx(str(tmp_path / name), size * MiB, block_size=2 * MiB) as d:
                 d.write(0, bytes([size]) * MiB)
@@ -48,50 +47,9 @@ additional_points = 2
 ''')
         self.proc = None
 
-    def start(self):
-        self.log = open(self.dir / "daemon.log", "ab")
-        self.proc = subprocess.Popen([os.path.join(BIN, "replicatord"), "--config", self.config],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if self.status()["machines"][0]["state"] == "Replicating":
-                    return
-            except Exception:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(open(self.dir / "daemon.log").read()[-3000:])
-
-    def cli(self, *args, check=True) -> str:
-        return subprocess.run([os.path.join(BIN, "replicator"), *args, "--config", self.config], check=check,
-                              capture_output=True, text=True).stdout
-
-    def status(self) -> dict:
-        return json.loads(self.cli("status", "--json"))
-
-    def qemu_io(self, disk: str, *cmds: str) -> None:
-        sock = self.dir / "state" / "nbd" / "vm01.sock"
-        args = [tool("qemu-io"), "-f", "raw"] + [x for c in cmds for x in ("-c", c)]
-        subprocess.run(args + [f"nbd+unix:///{disk}?socket={sock}"], check=True, capture_output=True)
-
     def disk_bytes(self, disk: str) -> bytes:
-        out = str(self.dir / f"snap-{disk}")
-        with open(self.dir / disk, "rb") as src, open(out, "wb") as dst:
-            dst.write(src.read())
-        with VhdxDisk.open(out, read_only=False) as d:       # the copy of an open image replays its log once
+        with VhdxDisk.open(self.snapshot(disk)) as d:
             return d.read(0, d.size)
-
-    def stop(self, sig=signal.SIGTERM):
-        self.proc.send_signal(sig)
-        self.proc.wait(60)
-        self.log.close()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def azure(site, work):
