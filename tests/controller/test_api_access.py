@@ -133,3 +133,13 @@ def test_metrics(controller):
     assert ("replicator_machine_rpo_seconds", (("cloud", "gold"), ("machine", "vm02"))) not in samples
     assert samples[("replicator_jobs", (("state", "queued"),))] == 3
     assert samples[("replicator_jobs", (("state", "failed"),))] == 0
+
+
+def test_an_unreachable_database_is_a_503_not_a_500():
+    from replicator.controller.app import create_app
+    from replicator.controller.db import Store, make_engine
+    from .conftest import free_port
+    gone = Store(make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"))   # nothing listens there
+    client = TestClient(create_app(gone), headers={"Authorization": "Bearer rpc_whatever"})
+    refused(client.get("/v1/sites"), 503, "the controller's database is unavailable")
+    gone.close()
