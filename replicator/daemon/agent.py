@@ -94,12 +94,20 @@ class Agent:
         self.latest = doc["revision"]
         return doc
 
-    def accept(self, doc: dict) -> bool:
+    def _keep(self, doc: dict) -> list[str]:
+        """Validate and write desired.json and fencing.json (on a worker thread: the writes are fsynced)."""
+        parse_config_data(doc["config"], base_dir=self.files.dir, source=f"desired revision {doc['revision']}",
+                          allow_empty=True)
+        changes = fencing.update(self.files.state_dir, doc.get("fencing") or {})
+        if os.path.exists(self.files.desired):           # what roll_back() returns to
+            os.replace(self.files.desired, self.files.previous)
+        write_json_atomic(self.files.desired, {**doc, "received_at": _now().isoformat()})
+        return changes
+
+    async def accept(self, doc: dict) -> bool:
         """Validate a desired document and keep it (desired.json, fencing.json); False if it is refused."""
         try:
-            parse_config_data(doc["config"], base_dir=self.files.dir, source=f"desired revision {doc['revision']}",
-                              allow_empty=True)
-            changes = fencing.update(self.files.state_dir, doc.get("fencing") or {})
+            changes = await asyncio.to_thread(self._keep, doc)
         except ConfigError as e:
             self.problems = [f"desired revision {doc['revision']} refused, revision {self.applied} runs on: "
                              + "; ".join(f"{p}: {r}" for p, r in e.problems)]
@@ -109,9 +117,6 @@ class Agent:
             self.problems = [f"desired revision {doc['revision']} refused: {e.message}"]
             log.error("%s", self.problems[0])
             return False
-        if os.path.exists(self.files.desired):           # what roll_back() returns to
-            os.replace(self.files.desired, self.files.previous)
-        write_json_atomic(self.files.desired, {**doc, "received_at": _now().isoformat()})
         for line in changes:
             log.info("fencing: %s", line)
         log.info("desired revision %d from the controller (was %d)", doc["revision"], self.applied)
@@ -135,9 +140,9 @@ class Agent:
         if _now() < renew_after:
             return False
         answer = await self._call("POST", "/v1/hosts/self/renew", {"csr": self.files.csr(self.info["hostname"])})
-        self.files.write_cert(answer["certificate"])
         self.info["renew_after"] = answer["renew_after"]
-        self.files.write_info(self.info)
+        await asyncio.to_thread(self.files.write_cert, answer["certificate"])
+        await asyncio.to_thread(self.files.write_info, self.info)
         log.info("certificate renewed: valid until %s, renewed again after %s",
                  self.files.not_after().isoformat(), answer["renew_after"])
         return True
@@ -157,7 +162,7 @@ class Agent:
         try:
             doc = await self.fetch_desired()
             self._reached()
-            changed = doc["revision"] not in (self.applied, self.failed_revision) and self.accept(doc)
+            changed = doc["revision"] not in (self.applied, self.failed_revision) and await self.accept(doc)
             renewed = await self.renew_if_due()
             if (changed or renewed) and self.reload is not None and self.daemon is not None:
                 self.reload()
@@ -165,15 +170,13 @@ class Agent:
             elif self.daemon is not None or self.running is None:      # not while the daemon restarts
                 await self.report()
         except Refused as e:
-            if self.refused != e.message:
-                log.error("the controller refuses this host (%s): running on from desired revision %d; register "
-                          "again with a new key if it was removed", e.message, self.applied)
-            self.refused = e.message
-            return
+            self._refuse(e.message)
+        except aiohttp.ClientConnectorCertificateError as e:
+            why = getattr(e.certificate_error, "verify_message", None) or e.certificate_error
+            self._refuse(f"the controller's certificate does not verify with the CA pinned at registration ({why})")
         except _UNREACHABLE as e:
             if self.files.not_after() <= _now():
-                self.refused = (f"this host's certificate expired at {self.files.not_after().isoformat()}: "
-                                "register again with a new key")
+                self._refuse(f"this host's certificate expired at {self.files.not_after().isoformat()}")
             if self.unreachable_since is None:
                 self.unreachable_since = _now()
                 log.warning("controller %s unreachable (%s): running on from desired revision %d", self.url,
@@ -181,6 +184,13 @@ class Agent:
             return
         except ReplicatorError as e:
             log.error("controller %s: %s", self.url, e.message)
+
+    def _refuse(self, why: str) -> None:
+        """Said once in the log, and in the status until the controller answers again."""
+        if self.refused != why:
+            log.error("the controller refuses this host (%s): running on from desired revision %d; register "
+                      "again with a new key if it was removed", why, self.applied)
+        self.refused = why
 
     def _reached(self) -> None:
         """The controller answered: no longer unreachable (the time it was goes in the next report)."""
@@ -246,7 +256,7 @@ class Agent:
                 self.problems.append(f"{name}: {e.message}")
                 log.error("%s: the controller's operation is refused: %s", name, e.message)
             done[name] = {"state": op.get("state"), "resync": op.get("resync", 0)}
-        write_json_atomic(self.files.operations, done)
+        await asyncio.to_thread(write_json_atomic, self.files.operations, done)
 
     async def stop(self) -> None:
         for task in (self._task, self._operating):

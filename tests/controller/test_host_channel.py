@@ -256,3 +256,14 @@ def test_host_routes_need_the_host_certificate_and_renewal_replaces_it(tmp_path,
     agent.refused = None
     asyncio.run(agent.poll_once())
     assert agent.status()["state"].startswith("unreachable since "), agent.status()
+    # another controller (its own CA) where this one was: the host refuses it, one line
+    (tmp_path / "impostor").mkdir()
+    impostor = ControllerProc(tmp_path / "impostor")          # its own store and CA
+    impostor.port, impostor.url = ctl.port, ctl.url
+    impostor.start()
+    try:
+        asyncio.run(agent.poll_once())
+        assert agent.status()["state"].startswith("refused: the controller's certificate does not verify with the "
+                                                  "CA pinned at registration"), agent.status()
+    finally:
+        impostor.stop()
