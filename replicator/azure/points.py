@@ -141,13 +141,25 @@ async def pick(target, machine: str, point: int | None) -> MachinePoint:
     raise UsageError(f"machine {machine!r} has no recovery point {point} (have {[mp.point for mp in pts]})")
 
 
+def budget_problem(retention, additional: int) -> str | None:
+    """Why a policy's points cannot fit in a page blob's 100 snapshots (None: they fit). `retention`: the
+    azure:// URL's retention= (plain cycle points); settings validation and the target both ask."""
+    try:
+        retention = max(1, int(retention))
+    except (TypeError, ValueError):
+        return None                       # the URL's own parser reports it
+    need = snapshots_needed(additional, retention + IN_FLIGHT)
+    if need <= SNAPSHOTS_PER_BLOB:
+        return None
+    return (f"additional_points={additional} with retention={retention} may keep {need} snapshots of a page "
+            f"blob; Azure allows {SNAPSHOTS_PER_BLOB}: lower retention= in the azure:// URL or additional_points")
+
+
 def check_budget(target, additional: int) -> None:
     """Refuse a policy whose points cannot fit in a page blob's 100 snapshots."""
-    need = snapshots_needed(additional, target.retention + IN_FLIGHT)
-    if need > SNAPSHOTS_PER_BLOB:
-        raise UsageError(f"additional_points={additional} with retention={target.retention} may keep {need} "
-                         f"snapshots of a page blob; Azure allows {SNAPSHOTS_PER_BLOB}: lower retention= in the "
-                         "azure:// URL or additional_points")
+    why = budget_problem(target.retention, additional)
+    if why:
+        raise UsageError(why)
 
 
 async def checkpoint(target, disk_id, generation: int, point: int, prepared: bool,

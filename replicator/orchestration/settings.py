@@ -416,6 +416,12 @@ def _contradictions(p: Protection, final: bool) -> list[tuple[str, str]]:
         found.append(("target", f"auth {p.auth!r} needs {'https' if p.auth == 'certificate' else 'http'}://"))
     if parts.scheme in ("http", "https") and p.port and parts.port and parts.port != p.port:
         found.append(("port", f"contradicts the target URL's port {parts.port}"))
+    if parts.scheme == "azure":                 # a page blob keeps at most 100 snapshots (azure/points.py)
+        from urllib.parse import parse_qsl
+
+        from ..azure.points import budget_problem
+        if why := budget_problem(dict(parse_qsl(parts.query)).get("retention", 8), p.additional_points):
+            found.append(("target", why))
     if final and p.app_consistent_hours and p.quiesce is None:
         found.append(("quiesce", "missing: application-consistent points need a quiesce provider"))
     if final and p.target is None:

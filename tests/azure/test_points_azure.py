@@ -130,3 +130,23 @@ def test_machine_points_hourly_and_application_on_a_fake_clock(azurite, tmp_path
     with pytest.raises(UsageError, match="either --root"):
         cli("list")
 
+
+
+def test_a_policy_beyond_100_snapshots_is_a_settings_error(tmp_path):
+    from replicator.orchestration.settings import ConfigError, parse_config
+    for name in ("a.vhdx", "b.vhdx"):
+        (tmp_path / name).write_bytes(b"")
+    text = '''[daemon]
+state_dir = "state"
+[[machine]]
+name = "vm1"
+disks = ["a.vhdx", "b.vhdx"]
+target = "azure://acct/replicas?retention={retention}"
+additional_points = 24
+'''
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.format(retention=60), base_dir=str(tmp_path))
+    problems = dict(e.value.problems)
+    assert "Azure allows 100" in problems["machine[vm1].target"] and "\n" not in problems["machine[vm1].target"]
+    ok = parse_config(text.format(retention=8), base_dir=str(tmp_path))
+    assert ok.machines[0].protection.additional_points == 24
