@@ -125,8 +125,15 @@ def test_machine_action_goes_through_the_api_and_is_audited(portal, browser):
     assert [(a["action"], a["target"], a["outcome"]) for a in audit] == [
         ("POST /v1/machines/{name}/pause", "machine/web01", "202 ok")]
     page.click("#machine-actions button[data-action=failover-unplanned]")
+    page.check("dialog.confirm input[name=force]")
     page.click("dialog.confirm button[data-confirm]")
     expect(page.locator("#machine-job-table")).to_contain_text("failover (unplanned)")
+    failover = portal.api("GET", "/v1/jobs?machine=web01&kind=failover").json()
+    assert [(j["params"]["kind"], j["params"]["force"]) for j in failover] == [("unplanned", True)]
+    page.click("#machine-actions button[data-action=failover-test]")
+    expect(page.locator("dialog.confirm input[name=force]")).to_have_count(0)     # only unplanned is forced
+    page.click("dialog.confirm button[data-confirm]")
+    expect(page.locator("#machine-job-table")).to_contain_text("failover (test)")
 
 
 def test_no_request_leaves_loopback(portal, browser):

@@ -39,6 +39,9 @@ def test_plan_run_followed_live_and_manual_action_confirmed(portal, browser):
     op = browser.page()
     login(op, portal, portal.make_token("operator", "dr-lead"))
     op.goto(portal.url + "/ui/#/plans/gold-recovery")
+    op.click("button[data-action=run-unplanned]")
+    expect(op.locator("dialog.confirm")).to_contain_text("the primary site is lost")
+    op.click("dialog.confirm button.secondary")                 # not that one
     op.click("button[data-action=run-test]")
     op.click("dialog.confirm button[data-confirm]")
     expect(op.locator("#run-state")).to_have_text("queued")

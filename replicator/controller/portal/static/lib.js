@@ -133,12 +133,13 @@ export function notify(message, kind = 'info') {
   setTimeout(() => t.remove(), kind === 'error' ? 10000 : 4000);
 }
 
-/** A modal asking to confirm `message`; resolves true only when the user presses the confirm button. */
-export function confirmDialog(title, message, confirmLabel = 'Confirm') {
+/** A modal asking to confirm `message` (with `extra` controls, e.g. a checkbox); resolves true only when the
+ * user presses the confirm button. */
+export function confirmDialog(title, message, confirmLabel = 'Confirm', extra = null) {
   return new Promise((resolve) => {
     const dlg = h('dialog', { class: 'confirm', 'aria-label': title });
     const done = (ok) => { dlg.close(); dlg.remove(); resolve(ok); };
-    dlg.append(h('h3', {}, title), h('p', {}, message),
+    dlg.append(h('h3', {}, title), h('p', {}, message), extra,
       h('div', { class: 'buttons' },
         h('button', { type: 'button', class: 'secondary', onclick: () => done(false) }, 'Cancel'),
         h('button', { type: 'button', class: 'danger', 'data-confirm': '1', onclick: () => done(true) }, confirmLabel)));
@@ -148,11 +149,17 @@ export function confirmDialog(title, message, confirmLabel = 'Confirm') {
   });
 }
 
-/** Runs an API action after confirmation, reporting its outcome; resolves to the response or null. */
+/**
+ * Runs an API action after confirmation, reporting its outcome; resolves to the response or null. With
+ * options.force, the dialog offers a "force" checkbox whose state goes in the body as `force`.
+ */
 export async function confirmAndCall(title, message, path, options = {}) {
-  if (!(await confirmDialog(title, message, options.label || 'Confirm'))) return null;
+  const force = options.force ? h('input', { type: 'checkbox', name: 'force' }) : null;
+  const extra = force && h('label', { class: 'force' }, force, ` ${options.force}`);
+  if (!(await confirmDialog(title, message, options.label || 'Confirm', extra))) return null;
+  const body = force ? { ...options.body, force: force.checked } : options.body;
   try {
-    const out = await api(path, { method: options.method || 'POST', body: options.body });
+    const out = await api(path, { method: options.method || 'POST', body });
     notify(`${title}: done`, 'ok');
     return out ?? {};
   } catch (e) {

@@ -4,6 +4,8 @@ import { h } from '../lib.js';
 
 export const HOST_STALE_SECONDS = 300;     // a host that has not reported for 5 minutes is shown red
 export const CERT_WARN_DAYS = 14;
+// the checkbox an unplanned failover offers (issue 14: needed while the primary holds a live lease)
+export const FORCE = 'Force: the primary may still hold its lease (recorded in the audit log)';
 
 /** The machine's RPO target: its policy's replication frequency (as replicatord's health uses), or null. */
 export function rpoTarget(machine, policies) {

@@ -4,7 +4,7 @@
 import { api, ago, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, fmtTime, h, healthBadge, section, session,
          stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
-import { rpoTarget } from './common.js';
+import { FORCE, rpoTarget } from './common.js';
 import { lastTestFailover, reportedStats } from './machine_data.js';
 
 const RPO_POINTS = 720;
@@ -65,9 +65,10 @@ export async function render(view, [name]) {
   }
 
   function act(label, what, call, body, danger) {
+    const force = body?.kind === 'unplanned' ? FORCE : undefined;
     return h('button', { type: 'button', class: danger ? 'danger' : null, 'data-action': call.split('/').pop() + (body?.kind ? `-${body.kind}` : ''),
       onclick: async () => {
-        const job = await confirmAndCall(label, `${what} (machine ${name})`, `${path}/${call}`, { body, label });
+        const job = await confirmAndCall(label, `${what} (machine ${name})`, `${path}/${call}`, { body, label, force });
         if (job) { jobs.unshift(job); drawJobs(); await refresh(); }
       } }, label);
   }

@@ -4,7 +4,7 @@
 import { api, apiForm, clear, confirmAndCall, dataTable, fmtTime, h, healthBadge, notify, section, session,
          stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
-import { machineLink } from './common.js';
+import { FORCE, machineLink } from './common.js';
 
 const RUN_TEXT = {
   test: 'Start a test failover of every machine in the plan, group by group, on isolated networks. Replication goes on.',
@@ -79,7 +79,7 @@ async function renderOne(view, name) {
     ['test', 'planned', 'unplanned'].map((kind) => h('button', { type: 'button', class: kind === 'test' ? null : 'danger',
       'data-action': `run-${kind}`, onclick: async () => {
         const run = await confirmAndCall(`${kind[0].toUpperCase()}${kind.slice(1)} failover of ${name}`, RUN_TEXT[kind],
-          `${base}/runs`, { body: { kind }, label: `Run ${kind} failover` });
+          `${base}/runs`, { body: { kind }, label: `Run ${kind} failover`, force: kind === 'unplanned' ? FORCE : undefined });
         if (run) { runs.unshift(run); drawRuns(); }
       } }, `Run ${kind} failover`)));
 
