@@ -171,6 +171,17 @@ def _fleet(tmp_path, ctl: ControllerProc, hosts: list) -> None:
          == {"pause-protection": "succeeded", "resume-protection": "succeeded", "resync": "succeeded"},
          "the controller's jobs done", hosts)
     cycle_and_compare(p2, "vm02", 0x64, "13M")
+    # each host's fencing table comes from the controller (daemon/fencing.py reads it)
+    fenced = {h.name: json.loads((h.state / "controller" / "fencing.json").read_text())["machines"] for h in hosts}
+    assert fenced == {"p1": {"vm01": {"epoch": 1, "role": "primary"}},
+                      "p2": {"vm02": {"epoch": 1, "role": "primary"}},
+                      "r1": {"vm01": {"epoch": 1, "role": "replica"}, "vm02": {"epoch": 1, "role": "replica"}}}
+    # disabled on the controller: p2 stops protecting vm02 (its export ends, the disk is the guest's again)
+    ctl.ok("POST", "/v1/machines/vm02/disable")
+    wait(lambda: [m["name"] for m in p2.api("GET", "/v1/status")["machines"]] == [], "vm02 no longer protected",
+         hosts)
+    wait(lambda: [j["state"] for j in ctl.ok("GET", "/v1/jobs") if j["kind"] == "disable-protection"]
+         == ["succeeded"], "the disable job done", hosts)
 
     # the controller goes away: the hosts say so and replicate on
     ctl.stop()
