@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -296,21 +297,89 @@ class Upload:
 
 
 class ReplicaDisk:
+    """One replica disk. Several processes may open it at once (the replica server, `points export`, a
+    seed import, replicatord's replica site): each holds a shared flock on DISK/alive.lock while it has
+    the disk open, and only an opener that finds nobody else there tidies up what an earlier process left
+    (precheck files, dead uploads). Every change of the disk's state runs under an exclusive flock on
+    DISK/apply.lock and starts from the state file as it is then: a cycle being applied holds it
+    throughout, so a journal found under it was interrupted and is finished, and a second process never
+    runs or rolls back the cycle a first one is applying -- it waits for it."""
+
     def __init__(self, path: str):
         self.path = path
         self.state_path = os.path.join(path, "state.json")
         self.state = _load(self.state_path)
         self._stamp = _stamp(self.state_path)
         self.prechecked: dict[str, Prechecked] = {}    # uploads verified as they arrived (precheck.py)
-        for name in os.listdir(os.path.join(path, "undo")):
-            if name.endswith(PENDING_SUFFIX):            # left by a precheck of an earlier process
-                os.unlink(os.path.join(path, "undo", name))
-        if self.state.journal:
+        self._held = threading.local()
+        self._alive = -1
+        alone = self._open_alive()
+        with self.exclusive():
+            if alone:                     # else another open has uploads and prechecks in flight: not ours
+                for name in os.listdir(os.path.join(path, "undo")):
+                    if name.endswith(PENDING_SUFFIX):    # left by a precheck of an earlier process
+                        os.unlink(os.path.join(path, "undo", name))
+            if self.state.journal:        # nobody runs it (a running cycle holds apply.lock): interrupted
+                try:
+                    self._recover()
+                except DiskIOError as e:  # e.g. still no space: the state names the last good point; settle()
+                    log.warning("%s: the interrupted cycle could not be finished yet: %s", path, e.message)
+            if alone:
+                self.sweep_spools()
+
+    def _open_alive(self) -> bool:
+        """Hold DISK/alive.lock shared; True when no other open of the disk existed (exclusive first)."""
+        try:
+            self._alive = os.open(os.path.join(self.path, "alive.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                  0o644)
+        except OSError:                   # a read-only store: nothing here will be written anyway
+            return False
+        try:
+            fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        fcntl.flock(self._alive, fcntl.LOCK_SH)
+        return alone
+
+    def close(self) -> None:
+        if self._alive >= 0:
+            os.close(self._alive)
+            self._alive = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The disk's state to change, alone among processes (and this object's threads), from the state
+        file as it is now. Re-entrant within a thread."""
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
             try:
-                self._recover()
-            except DiskIOError as e:      # e.g. still no space: the state names the last good point; settle()
-                log.warning("%s: the interrupted cycle could not be finished yet: %s", path, e.message)
-        self.sweep_spools()
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        try:
+            fd = os.open(os.path.join(self.path, "apply.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            fd = -1                       # read-only: nothing will be changed
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.depth = 1
+            if not self.current():        # another process changed it since we read it
+                self.state = _load(self.state_path)
+                self._stamp = _stamp(self.state_path)
+            yield
+        finally:
+            self._held.depth = 0
+            if fd >= 0:
+                os.close(fd)
 
     # ------------------------------------------------------------------ views
     @property
@@ -330,8 +399,9 @@ class ReplicaDisk:
         return VhdxDisk.open(self.image_path, read_only=read_only, io_factory=DirectWriteIO if direct else FileIO)
 
     def count(self, what: str) -> None:
-        self.state.counters[what] = self.state.counters.get(what, 0) + 1
-        self._save()
+        with self.exclusive():
+            self.state.counters[what] = self.state.counters.get(what, 0) + 1
+            self._save()
 
     # ------------------------------------------------------------------ uploads
     def spool_path(self, stream_id: str) -> str:
@@ -375,40 +445,41 @@ class ReplicaDisk:
         """Verify the spooled stream, then apply it crash-safely and record the recovery point. `epoch`: the
         sender's fencing epoch, checked again here, under the disk's lock (a failover may have come between
         the request's first check and now)."""
-        self.check_epoch(epoch)
-        spool = self.spool_path(stream_id)
-        self.settle()
-        for sid, generation in self.state.committed:
-            if sid == stream_id:          # the sender lost our answer and asks again: same point, applied once
+        with self.exclusive():
+            self.check_epoch(epoch)
+            spool = self.spool_path(stream_id)
+            self.settle()
+            for sid, generation in self.state.committed:
+                if sid == stream_id:          # the sender lost our answer and asks again: same point, applied once
+                    self.abort(stream_id)
+                    return self.state.points[self._point_index(generation)] if any(
+                        p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
+            pre = self._usable_precheck(stream_id, spool)
+            try:
+                if pre is not None:                 # verified and undo captured while it arrived
+                    ranges, header = pre.ranges, pre.header
+                else:
+                    with open(spool, "rb") as f:    # one pass verifies every frame and lists what it will touch
+                        dec = delta.DeltaDecoder(f)
+                        ranges = [(fr.offset, fr.length) for fr in dec]
+                        header = dec.header
+                self._check_header(header)
+            except ReplicatorError:
+                self.count("rejected_streams")
                 self.abort(stream_id)
-                return self.state.points[self._point_index(generation)] if any(
-                    p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
-        pre = self._usable_precheck(stream_id, spool)
-        try:
-            if pre is not None:                 # verified and undo captured while it arrived
-                ranges, header = pre.ranges, pre.header
-            else:
-                with open(spool, "rb") as f:    # one pass verifies every frame and lists what it will touch
-                    dec = delta.DeltaDecoder(f)
-                    ranges = [(fr.offset, fr.length) for fr in dec]
-                    header = dec.header
-            self._check_header(header)
-        except ReplicatorError:
-            self.count("rejected_streams")
-            self.abort(stream_id)
-            raise
-        except FileNotFoundError:
-            raise UsageError(f"no upload {stream_id} to commit") from None
-        keep_undo = self._needs_undo()
-        self._preflight(stream_id, ranges, undo_bytes=keep_undo and pre is None)
-        forward = ChangeJournal(self.path)
-        if forward.enabled:                 # an extended leg forwards this disk: what changes is noted first
-            forward.record(header.generation, ranges)
-        self.state.journal = {"stream": stream_id, "phase": "undo" if keep_undo else "apply", "undo": keep_undo,
-                              "generation": header.generation, "time": header.created,
-                              "consistency": header.consistency}
-        self._save()
-        return self._run_journal(ranges, pre.undo_path if pre is not None else None)
+                raise
+            except FileNotFoundError:
+                raise UsageError(f"no upload {stream_id} to commit") from None
+            keep_undo = self._needs_undo()
+            self._preflight(stream_id, ranges, undo_bytes=keep_undo and pre is None)
+            forward = ChangeJournal(self.path)
+            if forward.enabled:                 # an extended leg forwards this disk: what changes is noted first
+                forward.record(header.generation, ranges)
+            self.state.journal = {"stream": stream_id, "phase": "undo" if keep_undo else "apply", "undo": keep_undo,
+                                  "generation": header.generation, "time": header.created,
+                                  "consistency": header.consistency}
+            self._save()
+            return self._run_journal(ranges, pre.undo_path if pre is not None else None)
 
     def _needs_undo(self) -> bool:
         """Undo logs exist to reach earlier points. With none kept (additional_points = 0), a cycle is made
@@ -437,8 +508,9 @@ class ReplicaDisk:
 
     def settle(self) -> None:
         """Finish an apply that stopped on an error (see _needs_undo) before the disk is used."""
-        if self.state.journal:
-            self._recover()
+        with self.exclusive():
+            if self.state.journal:
+                self._recover()
 
     def _usable_precheck(self, stream_id: str, spool: str) -> Prechecked | None:
         """The precheck of this upload if everything it relied on still holds (see precheck.py)."""
@@ -591,11 +663,12 @@ class ReplicaDisk:
 
     # ------------------------------------------------------------------ recovery points
     def set_retention(self, additional_points: int) -> None:
-        if not 0 <= additional_points <= 24:
-            raise UsageError("additional recovery points must be between 0 and 24")
-        self.state.additional_points = additional_points
-        self._save()
-        self._retain()
+        with self.exclusive():
+            if not 0 <= additional_points <= 24:
+                raise UsageError("additional recovery points must be between 0 and 24")
+            self.state.additional_points = additional_points
+            self._save()
+            self._retain()
 
     def _retain(self) -> None:
         """Keep the points retention.keep_points names (the latest, hourly, application-consistent)."""
@@ -685,29 +758,31 @@ class ReplicaDisk:
     def test_failover(self, generation: int, out: str | None = None) -> str:
         """A differencing disk showing the point, over a frozen replica image: no copy, and replication
         carries on into a new top of the chain. `out` puts it elsewhere (a test-failover folder) than tests/."""
-        self._point_index(generation)
-        frozen = self.image_path
-        n = len(self.state.chain)
-        live = f"live-{n}.vhdx"
-        create_vhdx(os.path.join(self.path, "chain", live), 0, parent=frozen,
-                    block_size=self.state.block_size).close()
-        test = os.path.abspath(out) if out else os.path.join(self.path, "tests", f"test-{generation}-{n}.vhdx")
-        with create_vhdx(test, 0, parent=frozen, block_size=self.state.block_size) as child:
-            self._rewind(child, generation)
-        self.state.chain.append(live)
-        self.state.tests.append(test if out else os.path.basename(test))
-        self._save()
-        return test
+        with self.exclusive():
+            self._point_index(generation)
+            frozen = self.image_path
+            n = len(self.state.chain)
+            live = f"live-{n}.vhdx"
+            create_vhdx(os.path.join(self.path, "chain", live), 0, parent=frozen,
+                        block_size=self.state.block_size).close()
+            test = os.path.abspath(out) if out else os.path.join(self.path, "tests", f"test-{generation}-{n}.vhdx")
+            with create_vhdx(test, 0, parent=frozen, block_size=self.state.block_size) as child:
+                self._rewind(child, generation)
+            self.state.chain.append(live)
+            self.state.tests.append(test if out else os.path.basename(test))
+            self._save()
+            return test
 
     def cleanup_test_failover(self, path: str) -> None:
-        name = os.path.abspath(path) if os.path.abspath(path) in self.state.tests else os.path.basename(path)
-        if name not in self.state.tests:
-            raise UsageError(f"{path} is not a test failover of this replica")
-        full = name if os.path.isabs(name) else os.path.join(self.path, "tests", name)
-        if os.path.exists(full):
-            os.unlink(full)
-        self.state.tests.remove(name)
-        self._save()
+        with self.exclusive():
+            name = os.path.abspath(path) if os.path.abspath(path) in self.state.tests else os.path.basename(path)
+            if name not in self.state.tests:
+                raise UsageError(f"{path} is not a test failover of this replica")
+            full = name if os.path.isabs(name) else os.path.join(self.path, "tests", name)
+            if os.path.exists(full):
+                os.unlink(full)
+            self.state.tests.remove(name)
+            self._save()
 
     # ------------------------------------------------------------------ the primary's word, failover
     def record_checkpoint(self, generation: int, point: int, prepared: bool = False,
@@ -715,28 +790,30 @@ class ReplicaDisk:
         """The primary ended its machine cycle `point` (one cut across the machine's disks) at `generation`
         of this disk; `prepared`: that was its final cycle before a planned failover, so failing over at the
         latest point loses nothing; `additional_points`: the protection's hourly points to keep."""
-        if additional_points is not None and additional_points != self.state.additional_points:
-            self.set_retention(additional_points)
-        if generation != self.state.generation:
-            raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
-                                f"replica holds {self.state.generation}")
-        held = {p.generation for p in self.state.points}
-        cuts = [c for c in self.state.cuts if c[0] != point and c[1] in held]
-        self.state.cuts = (cuts + [[point, generation]] if generation in held else cuts)[-CUTS_KEPT:]
-        self.state.prepared = generation if prepared else None
-        self._save()
+        with self.exclusive():
+            if additional_points is not None and additional_points != self.state.additional_points:
+                self.set_retention(additional_points)
+            if generation != self.state.generation:
+                raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
+                                    f"replica holds {self.state.generation}")
+            held = {p.generation for p in self.state.points}
+            cuts = [c for c in self.state.cuts if c[0] != point and c[1] in held]
+            self.state.cuts = (cuts + [[point, generation]] if generation in held else cuts)[-CUTS_KEPT:]
+            self.state.prepared = generation if prepared else None
+            self._save()
 
     def set_failover(self, info: dict | None) -> None:
         """Mark (or, with None, unmark) this replica as failed over on its site. Failing over raises the
         fencing epoch by one by itself (kept in the info as `epoch`), so the former primary's requests are
         refused even when no controller told anyone; failing over again (another point) keeps it, and
         unmarking (a cancelled failover) never lowers it: epochs only go up (docs/management-plane.md)."""
-        if info is not None:
-            if not self.state.failover:
-                self.state.epoch = (self.state.epoch or 0) + 1
-            info = {**info, "epoch": self.state.epoch}
-        self.state.failover = info
-        self._save()
+        with self.exclusive():
+            if info is not None:
+                if not self.state.failover:
+                    self.state.epoch = (self.state.epoch or 0) + 1
+                info = {**info, "epoch": self.state.epoch}
+            self.state.failover = info
+            self._save()
 
     def check_epoch(self, epoch: int | None) -> None:
         """Fencing: a request's epoch older than the one this disk knows is refused (StaleEpoch); a newer
@@ -744,18 +821,19 @@ class ReplicaDisk:
         without a controller) is not checked. Call it holding the disk's lock when it may raise the epoch."""
         if epoch is None:
             return
-        known = self.state.epoch
-        if known is not None and epoch < known:
-            fo = self.state.failover or {}
-            failed_over = fo.get("epoch") == known
-            why = (f"the replica site failed machine {self.state.machine or '(unknown)'} over at epoch {known}"
-                   if failed_over else f"this replica knows epoch {known} for machine "
-                   f"{self.state.machine or '(unknown)'} (a newer primary took it over)")
-            self.count("rejected_fenced")
-            raise StaleEpoch(f"fenced: {why}; the request's epoch is {epoch}", known, failed_over)
-        if known is None or epoch > known:
-            self.state.epoch = epoch
-            self._save()
+        with self.exclusive():
+            known = self.state.epoch
+            if known is not None and epoch < known:
+                fo = self.state.failover or {}
+                failed_over = fo.get("epoch") == known
+                machine = self.state.machine or "(unknown)"
+                why = (f"the replica site failed machine {machine} over at epoch {known}" if failed_over else
+                       f"this replica knows epoch {known} for machine {machine} (a newer primary took it over)")
+                self.count("rejected_fenced")
+                raise StaleEpoch(f"fenced: {why}; the request's epoch is {epoch}", known, failed_over)
+            if known is None or epoch > known:
+                self.state.epoch = epoch
+                self._save()
 
     def _save(self) -> None:
         _save(self.state_path, self.state)

@@ -62,7 +62,7 @@ def test_running_job_in_status_and_an_interrupted_job_runs_again(tmp_path):
     d = slow_site(tmp_path)
     try:
         st = d.start(until="InitialReplicationInProgress")
-        st = d.wait(lambda m: m["jobs"])
+        st = d.wait(lambda m: m["jobs"] and m["jobs"][0]["bytes_total"])   # its size is known a moment later
         [job] = st["jobs"]
         assert job["kind"] == "initial" and job["state"] == "running" and job["bytes_total"] > 0
         text = d.cli("status")
@@ -85,7 +85,7 @@ def test_follow_a_running_job_until_it_ends(tmp_path):
     d = slow_site(tmp_path)
     try:
         st = d.start()
-        st = d.wait(lambda m: m["jobs"])
+        st = d.wait(lambda m: m["jobs"] and m["jobs"][0]["bytes_total"])   # its size is known a moment later
         started = time.time()
         follow = d.run("jobs", "--follow")
         assert follow.returncode == 0, follow.stderr

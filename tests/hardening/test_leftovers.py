@@ -38,7 +38,8 @@ def test_dead_spools_go_at_restart_and_at_commit_resumable_ones_stay(servers, pk
     disk = server._stores[root].disk(p.disk_id)
     open(disk.spool_path("e0e0"), "wb").close()
     assert set(_spools(disk)) == {"dead01.delta", "a11e01.delta", "e0e0.delta"}
-    # restart: a new server process on the same root
+    # restart: a new server process on the same root (the first one's open of the disk ends with it)
+    disk.close()
     server2 = servers.cert(entries)
     disk2 = server2._stores[root].disk(p.disk_id)
     assert _spools(disk2) == {"a11e01.delta": len(nxt) // 2}
