@@ -86,6 +86,21 @@ def call(config_path: str, method: str, path: str, body: dict | None = None, tim
         raise ReplicatorError(f"replicatord is not reachable at {base}: {e.reason}") from None
 
 
+DOMAIN_PROTECTION = {"now": "its disks are the export", "next-boot": "pending next boot",
+                     "live": "its disks were switched onto the export while it ran"}
+
+
+def _domain_line(dom: dict) -> str:
+    """A domain machine's domain: its state and how its disks are protected (daemon/domains.py's view)."""
+    pointed = dom.get("disks_pointed")
+    text = (f"domain {dom['name']}: {dom.get('state') or dom.get('error') or 'state unknown'}; "
+            f"protection: {DOMAIN_PROTECTION.get(pointed, pointed or 'not yet')}")
+    kept = {t: p for t, p in ((dom.get("live") or {}).get("error_policy") or {}).items() if p != "stop"}
+    if pointed == "live" and kept:
+        text += f" ({', '.join(sorted(kept))} keep error policy {', '.join(sorted(set(kept.values())))} until its next boot)"
+    return text
+
+
 def cmd_status(args) -> int:
     data = call(args.config, "GET", "/v1/status")
     if args.json:
@@ -104,6 +119,8 @@ def cmd_status(args) -> int:
         for name, d in m["disks"].items():
             print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}  "
                   f"{d['nbd'] or '(not exported: the primary is stopped)'}")
+        if m.get("domain"):
+            print(f"   {_domain_line(m['domain'])}")
         for job in m.get("jobs") or []:
             print(f"   {job['id']} {format_progress(job)}")
     if data.get("replica"):

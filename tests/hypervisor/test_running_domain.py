@@ -73,6 +73,9 @@ def test_a_running_domain_is_protected_from_its_next_boot(hv, workdir, guest_boo
         a.start()
         m = a.wait(lambda: "pending next boot" in ((x := a.machine()).get("reason") or "") and x, "pending", 30)
         assert m["reason"].startswith("protection: pending next boot: domain 'vm' is running"), m
+        shown = subprocess.run([os.path.join(BIN, "replicator"), "status", "--config", a.config], capture_output=True,
+                               text=True, cwd=a_dir).stdout
+        assert "vm: Error (protection: pending next boot: domain 'vm' is running on its own disks (vda)" in shown, shown
         vda = hv.domain_config("vm").disk("vda").source
         assert (vda.kind, vda.socket) == ("nbd", f"{a_dir}/state/nbd/vm.sock"), vda
         live = next(ET.fromstring(hv.conn.lookupByName("vm").XMLDesc(0)).iter("disk")).find("source")
@@ -130,6 +133,10 @@ def test_a_running_domain_is_switched_onto_the_export_while_it_runs(hv, workdir,
         m = a.wait(lambda: (x := a.machine())["state"] == "Replicating" and x, "protection", 90)
         assert m["domain"]["disks_pointed"] == "live" and m["domain"]["live"]["error_policy"] == {"vda": "report"}, m
         assert "switched onto the export while it runs" in a.text(), a.text()
+        shown = subprocess.run([os.path.join(BIN, "replicator"), "status", "--config", a.config], capture_output=True,
+                               text=True, cwd=a_dir)
+        assert "domain vm: running; protection: its disks were switched onto the export while it ran (vda keep " \
+               "error policy report until its next boot)" in shown.stdout, (shown.stdout, shown.stderr)
         live = next(ET.fromstring(hv.conn.lookupByName("vm").XMLDesc(0)).iter("disk")).find("source")
         assert live.get("protocol") == "nbd" and live.find("host").get("socket") == f"{a_dir}/state/nbd/vm.sock"
         assert hv.state("vm").state == "running" and con.rounds() >= at     # it never stopped
