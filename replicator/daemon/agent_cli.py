@@ -10,6 +10,7 @@ registers the host again (a host the controller removed, or whose certificate ex
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -44,6 +45,13 @@ def run_from_controller(args, serve) -> int:
         return fail("--register URL and --key FILE go together", 2)
     if not args.poll > 0:
         return fail(f"--poll must be a positive number of seconds, not {args.poll}", 2)
+    host, _, port = args.admin_listen.rpartition(":")
+    try:
+        loopback = host.strip("[]") == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        if not (port.isdigit() and 0 < int(port) < 65536 and loopback):
+            raise ValueError
+    except ValueError:
+        return fail(f"--admin-listen must be HOST:PORT on loopback (127.0.0.1:8085), not {args.admin_listen!r}", 2)
     files = enrol.HostFiles(args.state)
     import uvloop
 

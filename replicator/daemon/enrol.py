@@ -51,8 +51,15 @@ class HostFiles:
         return all(os.path.exists(p) for p in (self.info, self.key, self.cert, self.ca))
 
     def read_info(self) -> dict:
-        with open(self.info, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(self.info, encoding="utf-8") as f:
+                info = json.load(f)
+            if not all(isinstance(info.get(k), str) for k in ("controller", "host_id", "hostname", "renew_after")):
+                raise ValueError("controller, host_id, hostname or renew_after missing")
+        except (OSError, ValueError, AttributeError) as e:
+            raise EnrolError(f"{self.info} is unusable ({e}): register again with --register URL --key FILE") \
+                from None
+        return info
 
     def write_info(self, info: dict) -> None:
         write_json_atomic(self.info, info)
@@ -145,9 +152,13 @@ def new_key(files: HostFiles, key_path: str) -> bool:
     """Is this key file another, usable one than the one the host registered with? (Then it registers again.)
     An unusable key (expired, say) does not stop a registered host: it runs on its registration."""
     try:
-        return files.read_info().get("key_sha256") != _key_digest(read_key_file(key_path))
+        key = read_key_file(key_path)
     except ReplicatorError:
         return False
+    try:
+        return files.read_info().get("key_sha256") != _key_digest(key)
+    except EnrolError:                  # the registration's files are unusable: the key makes them again
+        return True
 
 
 async def register(files: HostFiles, url: str, key_path: str, *, hostname: str, admin_url: str,

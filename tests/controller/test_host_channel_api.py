@@ -47,3 +47,33 @@ def test_routes_refuse_in_one_line_and_a_refused_registration_takes_nothing(cont
     r = c.get("/v1/hosts/p1/report")
     assert r.status_code == 404 and "not reported yet" in r.json()["error"]
     assert c.get("/v1/hosts/nobody/report").status_code == 404
+
+
+def test_replicatord_controller_options_refuse_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    run = lambda *a: subprocess.run([os.path.join(os.path.dirname(sys.executable), "replicatord"), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    broken = tmp_path / "broken" / "controller"
+    broken.mkdir(parents=True)
+    for name in ("host.key", "host.pem", "ca.pem"):
+        (broken / name).write_text("")
+    (broken / "controller.json").write_text("{")
+    key = tmp_path / "key.json"
+    key.write_text('{"controller": "https://127.0.0.1:1", "site": "s", "token": "t", "ca_sha256": "00", '
+                   '"expires": "2020-01-01T00:00:00+00:00"}')
+    for args, code, words in (
+            (["--state", str(tmp_path / "s"), "--admin-listen", "0.0.0.0:80"], 2, "on loopback"),
+            (["--state", str(tmp_path / "s"), "--poll", "0"], 2, "--poll"),
+            (["--state", str(tmp_path / "s"), "--register", "https://127.0.0.1:1"], 2, "go together"),
+            (["--state", str(tmp_path / "s")], 2, "holds no registration"),
+            (["--state", str(tmp_path / "broken")], 1, "controller.json is unusable"),
+            (["--state", str(tmp_path / "s"), "--register", "https://127.0.0.1:1", "--key", str(key)], 1,
+             "expired at 2020-01-01"),
+            (["--state", str(tmp_path / "s"), "--register", "https://127.0.0.1:1", "--key", str(tmp_path / "no")],
+             1, "cannot read the registration key")):
+        p = run(*args)
+        assert p.returncode == code and p.stderr.count("\n") == 1 and words in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    p = run("--config", "x.toml", "--state", str(tmp_path / "s"))
+    assert p.returncode == 2 and "give --config FILE (standalone) or --state DIR" in p.stderr
