@@ -95,7 +95,7 @@ class Daemon:
         await self._removed_protections()
         if self.config.replica is not None:
             from .replica_role import start_replica_role
-            self.replica_server = await start_replica_role(self.config.replica)
+            self.replica_server = await start_replica_role(self.config.replica, self.config)
         self.scheduler.start()
         self._retrying = asyncio.create_task(self._retry_unavailable(), name="retry-unavailable")
         await self.site.start()
@@ -104,6 +104,11 @@ class Daemon:
         await self.admin.setup()
         site = web.TCPSite(self.admin, self.config.daemon.admin_host, self.config.daemon.admin_port)
         await site.start()
+        if self.config.daemon.metrics_host is not None:     # scrapers on other hosts: /metrics and nothing else
+            self.metrics_token = ensure_token(self.config.daemon.metrics_token_file)
+            self.metrics = web.AppRunner(self._metrics_app(), access_log=None)
+            await self.metrics.setup()
+            await web.TCPSite(self.metrics, self.config.daemon.metrics_host, self.config.daemon.metrics_port).start()
 
     async def _removed_protections(self) -> None:
         from .removal import remove_protection, removed_machines
@@ -169,6 +174,8 @@ class Daemon:
             await self.replica_server.stop()
         if hasattr(self, "admin"):
             await self.admin.cleanup()
+        if hasattr(self, "metrics"):
+            await self.metrics.cleanup()
 
     # ------------------------------------------------------------------ admin API
     def _admin_app(self) -> web.Application:
@@ -180,6 +187,23 @@ class Daemon:
         app.router.add_post("/v1/machines/{name}/{op}", self._operation)
         app.router.add_post("/v1/reload", self._reload)
         self.site.add_routes(app)              # /v1/replica/machines/..., /v1/plans/...
+        if self.replica_server is not None:
+            self.replica_server.add_routes(app)    # /v1/extended/...
+        return app
+
+    def _metrics_app(self) -> web.Application:
+        """The metrics listener: its own token (STATE_DIR/metrics.token), which can read /metrics only."""
+        @web.middleware
+        async def auth(request, handler):
+            header = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(header.encode("utf-8", "backslashreplace"),
+                                       f"Bearer {self.metrics_token}".encode()):
+                return web.json_response({"error": "missing or wrong metrics token"}, status=401)
+            if request.method != "GET" or request.path != "/metrics":
+                return web.json_response({"error": "this listener serves GET /metrics only"}, status=404)
+            return await handler(request)
+        app = web.Application(middlewares=[auth])
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     @web.middleware
@@ -218,7 +242,8 @@ class Daemon:
         return web.json_response(self.status_document())
 
     async def _metrics(self, request):
-        text = render_prometheus([pm.stats for pm in self.machines.values()],
+        legs = [leg.stats for leg in self.replica_server.legs] if self.replica_server is not None else []
+        text = render_prometheus([pm.stats for pm in self.machines.values()] + legs,
                                  states={n: pm.state.state.name for n, pm in self.machines.items()})
         return web.Response(text=text, content_type="text/plain")
 

@@ -124,6 +124,9 @@ class DaemonSettings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8085
     admin_token_file: str = ""
+    metrics_host: str | None = None       # metrics_listen: GET /metrics for scrapers on other hosts (off: None)
+    metrics_port: int = 9185
+    metrics_token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     path: str | None = None
     plans: dict[str, RecoveryPlan] = field(default_factory=dict)
+    extended: list = field(default_factory=list)            # [[extended]] legs (orchestration/extended.py)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -447,7 +451,23 @@ def _daemon(t: _Table) -> DaemonSettings:
     if not loopback:
         t.rep.error(t.at("admin_listen"), f"the admin API listens on loopback only (127.0.0.1, ::1), not {host}")
     token = t.file("admin_token_file") or os.path.join(state_dir, "admin.token")
-    return DaemonSettings(state_dir, host, port, token)
+    metrics_host, metrics_port = None, 9185
+    if "metrics_listen" in t.data:          # any address: its own token, and nothing but GET /metrics
+        raw = t.str("metrics_listen", "")
+        mhost, _, mport = (raw or "").rpartition(":")
+        mhost = mhost.strip("[]")
+        try:
+            if mhost != "localhost":
+                ipaddress.ip_address(mhost)     # an address, not a name to resolve
+            if not 1 <= (mport := int(mport)) <= 65535:
+                raise ValueError(mport)
+            metrics_host, metrics_port = mhost, mport
+        except ValueError:
+            t.rep.error(t.at("metrics_listen"), f"must be ADDRESS:PORT (e.g. 0.0.0.0:9185), not {raw!r}")
+        if metrics_host is not None and (metrics_host, metrics_port) == (host, port):
+            t.rep.error(t.at("metrics_listen"), "must differ from admin_listen")
+    metrics_token = t.file("metrics_token_file") or os.path.join(state_dir, "metrics.token")
+    return DaemonSettings(state_dir, host, port, token, metrics_host, metrics_port, metrics_token)
 
 
 def _allow(t: _Table) -> tuple[AllowEntry, ...]:
@@ -823,9 +843,10 @@ def parse_config_data(data: dict, *, base_dir: str = ".", source: str = "replica
     """The configuration's tables as data (TOML read, or the JSON a controller renders: same schema).
     allow_empty: a host a controller has given nothing to do yet runs idle instead of being refused."""
     rep = _Report()
-    root = _Table(data, "", rep, {"daemon", "replica", "group", "machine", "plan"}, os.path.abspath(base_dir))
+    root = _Table(data, "", rep, {"daemon", "replica", "group", "machine", "plan", "extended"},
+                  os.path.abspath(base_dir))
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
-        ("daemon", {"state_dir", "admin_listen", "admin_token_file"}),
+        ("daemon", {"state_dir", "admin_listen", "admin_token_file", "metrics_listen", "metrics_token_file"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
                      "test_failover_dir", "reverse", "libvirt", "network_map", "test_network", "boot_timeout",
                      *(k.name for k in LIMITS)}))}
@@ -834,12 +855,15 @@ def parse_config_data(data: dict, *, base_dir: str = ".", source: str = "replica
     groups, partials = _groups(root)
     machines = _machines(root, groups, partials)
     plans = _plans(root, replica)
+    from .extended import parse_extended      # [[extended]]: its own module (it imports this one)
+    extended = parse_extended(root, replica)
     if replica is None and not machines and not rep.errors and not allow_empty:
         rep.error("(top)", "nothing to run: add [[machine]] entries (primary role), a [replica] table, or both")
     problems = rep.errors + (rep.warnings if strict else [])
     if problems:
         raise ConfigError(problems, source)
-    return Config(daemon, replica, groups, machines, [f"{p}: {r}" for p, r in rep.warnings], source, plans)
+    return Config(daemon, replica, groups, machines, [f"{p}: {r}" for p, r in rep.warnings], source, plans,
+                  extended)
 
 
 def parse_machine(raw: dict, *, base_dir: str, source: str = "machine") -> Machine:
