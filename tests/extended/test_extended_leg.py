@@ -148,3 +148,36 @@ def test_initial_replication_of_the_leg_from_a_seed(tmp_path):
         finally:
             await m.close()
     asyncio.run(main())
+
+
+def test_the_leg_runs_on_its_schedule_and_stops_cleanly(tmp_path):
+    async def main():
+        m = Machine(tmp_path, "", disks=(("d0.vhdx", 8),), start=1.75e9)
+        try:
+            await m.tick()
+            await m.tick()
+            leg = leg_for(tmp_path)
+            leg.settings.frequency = 0.3                 # seconds here; 5 or 15 minutes in a configuration
+            stop = asyncio.Event()
+            task = asyncio.create_task(leg.run(stop))
+            for _ in range(200):                          # the first cycle runs at once
+                if leg.state == "Replicating":
+                    break
+                await asyncio.sleep(0.05)
+            assert leg.state == "Replicating"
+            await m.write("d0.vhdx", MiB, b"\x42" * 4096)
+            m.set_time(m.clock.now() + 30)
+            await m.tick()
+            before = leg.stats.successful
+            for _ in range(100):                          # and again at its frequency
+                if leg.stats.successful > before + 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert leg.stats.successful > before + 1
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            disk_id = str(m.pm.disks["d0.vhdx"].virtual_disk_id)
+            assert site_c_bytes(tmp_path, disk_id) == await m.primary_bytes("d0.vhdx")
+        finally:
+            await m.close()
+    asyncio.run(main())
