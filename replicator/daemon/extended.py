@@ -199,7 +199,7 @@ class ExtendedLeg:
                 name = json.load(f).get("name") or key      # the primary's disk name goes on with it
             await self.target.ensure_disk(uuid.UUID(key), size, name=name, machine=self.name)
             stream = new_stream_id()
-            path = os.path.join(self.outbox, f"{stream}.delta")
+            path = self._outbox_file(stream)
             header_for = lambda snap: delta.StreamHeader(   # noqa: E731
                 disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size, generation=1,
                 base_generation=0, consistency="inconsistent", created=snap.time or self.clock(), kind="full")
@@ -269,6 +269,11 @@ class ExtendedLeg:
                 time.sleep(min(0.05 * (attempt + 1), 1.0))
         raise RacedCommit(f"{disk_path}: the replica kept changing while it was copied; trying again later")
 
+    def _outbox_file(self, stream: str) -> str:
+        """Every leg of the host shares the outbox; a file is marked with its machine ('+' is in no machine
+        name), so a leg tidying its own never takes another leg's pending stream."""
+        return os.path.join(self.outbox, f"{self.name}+{stream}.delta")
+
     async def _exists(self, key: str) -> bool:
         try:
             await self.target.disk_info(uuid.UUID(key))
@@ -288,7 +293,7 @@ class ExtendedLeg:
                                         consistency=snap.consistency, created=snap.time or self.clock(),
                                         kind="delta", extra={"extended_from": snap.generation})
             stream = new_stream_id()
-            out = os.path.join(self.outbox, f"{stream}.delta")
+            out = self._outbox_file(stream)
             try:
                 with open(out, "wb") as sink:
                     encode_forward(path, snap, ranges, header, sink, compress=self.settings.compression)
@@ -320,7 +325,10 @@ class ExtendedLeg:
         sent = 0
         if pending["stream"] not in info.committed and info.generation < pending["generation"]:
             if not os.path.exists(pending["path"]):
-                mine["pending"] = None              # lost before it was sent: the ranges are still noted
+                if mine["generation"] == 0:         # the initial copy: nothing to level, it is made again
+                    del self.data["disks"][key]
+                else:
+                    mine["pending"] = None          # lost before it was sent: the ranges are still noted
                 self._save()
                 raise UsageError(f"{self.name}: the extended stream of disk {key} was lost before it was "
                                  "sent; the next cycle sends its changes again")
@@ -342,9 +350,10 @@ class ExtendedLeg:
         for key, mine in list(self.data["disks"].items()):
             if mine.get("pending"):
                 await self._send_pending(key)
-        for name in os.listdir(self.outbox):        # streams of cycles that never became pending
+        for name in os.listdir(self.outbox):        # this leg's streams of cycles that never became pending
             full = os.path.join(self.outbox, name)
-            if not any((m.get("pending") or {}).get("path") == full for m in self.data["disks"].values()):
+            mine = [(m.get("pending") or {}).get("path") for m in self.data["disks"].values()]
+            if name.startswith(f"{self.name}+") and full not in mine:
                 os.unlink(full)
 
     def continued(self) -> None:

@@ -1,0 +1,99 @@
+"""Adversarial checks of the extended leg (daemon/extended.py, replica/forward.py) against real replica
+stores: B's store fed by real streams, C a real store through a local:// target. Each test names the way
+site C could end up not byte-identical to B at a point it claims, and checks it does not."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import uuid
+
+import pytest
+
+from replicator import delta
+from replicator.daemon.extended import ExtendedLeg, ExtendedSettings
+from replicator.replica import ReplicaStore
+from replicator.replica.forward import ChangeJournal
+from replicator.replica.store import ReplicaDisk
+from replicator.targets.factory import open_target
+from replicator.vhdx import VhdxDisk
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def send(store: ReplicaStore, disk_id: uuid.UUID, generation: int, writes, machine: str = "vm01") -> None:
+    """One committed cycle on B, as a primary's stream would make it."""
+    d = store.ensure_disk(disk_id, SIZE, block_size=MiB, machine=machine)
+    d.commit(upload(d, disk_id, generation, writes))
+
+
+def upload(d, disk_id: uuid.UUID, generation: int, writes) -> str:
+    header = delta.StreamHeader(disk_id=disk_id, disk_size=SIZE, block_size=MiB, generation=generation,
+                                base_generation=generation - 1, created=1.7e9 + generation)
+    sink = io.BytesIO()
+    with delta.DeltaEncoder(header, sink) as enc:
+        for off, data in writes:
+            enc.add_data(off, data)
+        enc.finish()
+    stream = str(uuid.uuid4())
+    up = d.open_upload(stream)
+    up.write(0, sink.getvalue())
+    up.sync()
+    up.close()
+    return stream
+
+
+def leg_for(tmp_path, machine: str = "vm01") -> ExtendedLeg:
+    settings = ExtendedSettings(machine=machine, target=f"local://{tmp_path / 'c'}", storage=str(tmp_path / "b"))
+    return ExtendedLeg(settings, open_target(settings.target, retries=1), str(tmp_path / "b-state"))
+
+
+def image_bytes(root, disk_id, tmp_path, tag: str) -> tuple[int, bytes]:
+    d = ReplicaStore(str(root)).disk(disk_id)
+    out = str(tmp_path / f"{tag}-{disk_id}.vhdx")
+    if os.path.exists(out):
+        os.unlink(out)
+    d.materialize(d.generation, out)
+    with VhdxDisk.open(out) as v:
+        data = v.read(0, v.size)
+    os.unlink(out)
+    return d.generation, data
+
+
+def c_equals_b(tmp_path, disk_id) -> bool:
+    return image_bytes(tmp_path / "c", disk_id, tmp_path, "c")[1] == image_bytes(tmp_path / "b", disk_id, tmp_path,
+                                                                                 "b")[1]
+
+
+class Dies(Exception):
+    """The process is killed here."""
+
+
+def test_two_legs_never_delete_each_others_pending_streams(tmp_path):
+    """Every leg of a replica host shares STATE_DIR/extended/outbox. A leg that dies after persisting its
+    initial copy (before sending it) must find it again: another machine's leg tidying the outbox must not
+    take it (it did: the first leg then sent a delta on an empty disk, and C held only the changes)."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d1, d2 = uuid.uuid4(), uuid.uuid4()
+        send(b, d1, 1, [(0, b"\x11" * (2 * MiB)), (5 * MiB, b"\x12" * MiB)], machine="vm01")
+        send(b, d2, 1, [(0, b"\x21" * MiB)], machine="vm02")
+        leg1 = leg_for(tmp_path, "vm01")
+
+        async def dies(*a, **k):
+            raise Dies()
+        leg1.target.send = dies
+        with pytest.raises(Dies):
+            await leg1.cycle()                       # initial copy persisted as pending, then killed
+        await leg_for(tmp_path, "vm02").cycle()      # the other machine's leg runs meanwhile
+        send(b, d1, 2, [(MiB, b"\x13" * 4096)], machine="vm01")
+        again = leg_for(tmp_path, "vm01")            # a new process
+        for _ in range(2):
+            try:
+                await again.cycle()
+            except Exception:
+                pass
+        assert c_equals_b(tmp_path, d1)
+    asyncio.run(main())
