@@ -9,6 +9,7 @@ One app object serves the whole module (schemathesis reads its document at impor
 made and seeded once and the app pointed at it (`app.state.store` is all a request uses)."""
 from __future__ import annotations
 
+import atexit
 import secrets
 import shutil
 import tempfile
@@ -28,7 +29,8 @@ from .conftest import Controller
 from .helpers import deployment, ok
 
 EXAMPLES = 8
-DATA = tempfile.mkdtemp(prefix="replicator-fuzz-")
+DATA = tempfile.mkdtemp(prefix="replicator-fuzz-")      # the app's CA; made at import, so removed at exit
+atexit.register(shutil.rmtree, DATA, True)
 APP = create_app(None, data_dir=DATA)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 TOKEN = "rpc_fuzz_" + secrets.token_urlsafe(24)     # every seeded store gets it as an admin token
@@ -72,10 +74,6 @@ def seeded(request, tmp_path_factory):
     store.close()
     if drop:
         drop()
-
-
-def teardown_module():
-    shutil.rmtree(DATA, ignore_errors=True)
 
 
 
