@@ -112,3 +112,13 @@ def test_controllers_starting_together_migrate_in_turn(database_url):
     results = [(p.wait(timeout=120), p.stdout.read().strip(), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
     assert {out for _, out, _ in results} == {head_revision()}
+
+
+def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path):
+    s = Store.open(f"sqlite:///{tmp_path}/controller.db")
+    try:
+        with s.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        s.close()
