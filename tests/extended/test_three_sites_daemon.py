@@ -13,7 +13,7 @@ from ..daemon.two_sites import Site, make_pki, read_vhdx, same
 MACHINES = {"vm01": [("vm01-a.vhdx", 16), ("vm01-b.vhdx", 8)]}
 
 
-def test_three_sites(tmp_path):
+def three_sites(tmp_path, additional_points: int = 0):
     pki = make_pki(tmp_path)
     certs.issue(pki, "site-c")
     a = Site(tmp_path / "site-a", pki, "site-a", machines=MACHINES)
@@ -25,10 +25,15 @@ def test_three_sites(tmp_path):
 machine = "vm01"
 target = "https://127.0.0.1:{c.port}"
 frequency = "5m"
-additional_points = 2
+additional_points = {additional_points}
 '''
     b.write_config(a)
-    c.write_config(b)                       # C trusts B's certificate: B is the primary of the extended leg
+    c.write_config(b)
+    return a, b, c
+
+
+def test_three_sites(tmp_path):
+    a, b, c = three_sites(tmp_path, additional_points=2)
     try:
         c.start()
         b.start()
@@ -81,24 +86,6 @@ additional_points = 2
     finally:
         for s in (a, b, c):
             s.stop()
-
-
-def three_sites(tmp_path):
-    pki = make_pki(tmp_path)
-    certs.issue(pki, "site-c")
-    a = Site(tmp_path / "site-a", pki, "site-a", machines=MACHINES)
-    b = Site(tmp_path / "site-b", pki, "site-b")
-    c = Site(tmp_path / "site-c", pki, "site-c")
-    a.write_config(b)
-    b.extra = f'''
-[[extended]]
-machine = "vm01"
-target = "https://127.0.0.1:{c.port}"
-frequency = "5m"
-'''
-    b.write_config(a)
-    c.write_config(b)
-    return a, b, c
 
 
 def test_failover_on_the_replica_site_keeps_the_extended_leg(tmp_path):

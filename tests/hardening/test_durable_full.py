@@ -1,32 +1,22 @@
-"""write_json_atomic on a full volume (a real 1 MiB tmpfs): the write fails, the previous file is intact,
+"""write_json_atomic on a full volume (a real small tmpfs): the write fails, the previous file is intact,
 and no temporary file is left behind to fill the volume further."""
 from __future__ import annotations
 
 import errno
 import json
 import os
-import subprocess
 
 import pytest
 
 from replicator.durable import write_json_atomic
 
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where = tmp_path / "tiny"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True)
-    yield str(where)
-    subprocess.run(["umount", "-l", str(where)], check=True)
+from .test_disk_full import small_fs  # noqa: F401  (a real 12 MiB tmpfs)
 
 
-def test_full_volume_keeps_old_file_and_leaves_no_temp(tiny_fs):
-    path = os.path.join(tiny_fs, "state.json")
+def test_full_volume_keeps_old_file_and_leaves_no_temp(small_fs):
+    path = os.path.join(small_fs, "state.json")
     write_json_atomic(path, {"generation": 1})
-    with open(os.path.join(tiny_fs, "filler"), "wb", buffering=0) as f:    # fill what is left
+    with open(os.path.join(small_fs, "filler"), "wb", buffering=0) as f:    # fill what is left
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -37,4 +27,4 @@ def test_full_volume_keeps_old_file_and_leaves_no_temp(tiny_fs):
     assert err.value.errno == errno.ENOSPC
     with open(path) as f:
         assert json.load(f) == {"generation": 1}
-    assert sorted(os.listdir(tiny_fs)) == ["filler", "state.json"]
+    assert sorted(os.listdir(small_fs)) == ["filler", "state.json"]
