@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,13 +43,7 @@ class FleetHost:
              str(self.state), "--hostname", self.name, "--admin-listen", f"127.0.0.1:{self.admin}", "--data-url",
              f"https://127.0.0.1:{self.data}", "--poll", "0.5"], stdout=self.log, stderr=subprocess.STDOUT)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        if self.proc is not None:
-            self.log.close()
-            self.proc = None
+    stop = ControllerProc.stop
 
     def text(self) -> str:
         return (self.dir / "daemon.log").read_text(errors="replace")

@@ -56,9 +56,10 @@ class ControllerProc:
         raise AssertionError("the controller did not start:\n" + (self.dir / "controller.log").read_text())
 
     def stop(self) -> None:
+        """SIGTERM and wait; its log closed (also used by test_fleet.py's hosts)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
+            self.proc.wait(60)
         if self.proc is not None:
             self.log.close()
             self.proc = None
