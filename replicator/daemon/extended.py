@@ -162,16 +162,31 @@ class ExtendedLeg:
         paths = self.disk_paths()
         if not paths:
             raise NothingYet(f"waiting for the first replica of {self.name} in {self.settings.storage}")
-        for path in paths.values():
-            ChangeJournal(path).enable()           # noted from now on, before anything is read
+        idents = {}
+        for key, path in paths.items():            # noted from now on, before anything is read
+            idents[key] = await asyncio.to_thread(ChangeJournal(path).enable)
         result = ExtendedResult(point=None)
+        again = []
+        for key, mine in self.data["disks"].items():
+            if key not in paths:
+                continue
+            if "journal" not in mine:               # recorded by an earlier build: its journal goes on
+                mine["journal"] = idents[key]
+            elif mine["journal"] != idents[key]:    # the disk was made again here: what C holds is another's
+                again.append(key)
         initial = [k for k in paths if k not in self.data["disks"]]
         if initial and self.settings.seed_dir:
-            await self._seeded(paths, initial)
+            await self._seeded(paths, initial, idents)
         elif initial:
             self.state = "InitialReplicationInProgress"
             self._save()
-            await self._initial(paths, initial, result)
+            await self._initial(paths, initial, result, idents)
+        if again:
+            log.warning("%s: the replica of disk(s) %s was made again on this site (removed and protected anew, "
+                        "or adopted): copying it whole to %s", self.name, ", ".join(again), self.settings.target)
+            self.state = "InitialReplicationInProgress"
+            self._save()
+            await self._initial(paths, again, result, idents)
         for attempt in range(RACE_RETRIES):
             try:
                 point, prepared = await asyncio.to_thread(self._prepare, paths)
@@ -185,34 +200,40 @@ class ExtendedLeg:
         await self._ship(prepared, point, result)
         return result
 
-    async def _initial(self, paths: dict[str, str], keys: list[str], result: ExtendedResult) -> None:
-        """The first copy of disks the third site does not hold yet: read whole while the replica may change
+    async def _initial(self, paths: dict[str, str], keys: list[str], result: ExtendedResult,
+                       idents: dict[str, str]) -> None:
+        """A whole copy of disks: the first one of disks the third site does not hold yet, or again over
+        what it holds (zeros too) when this site's replica was made anew. Read while the replica may change
         (labelled inconsistent); the ranges noted since its generation level it in the same cycle."""
         for key in keys:
+            base = self.data["disks"].get(key, {}).get("generation", 0)
             info = await self.target.disk_info(uuid.UUID(key)) if await self._exists(key) else None
-            if info is not None and info.generation > 0:
+            size = (await asyncio.to_thread(snapshot_settled, paths[key])).size
+            if not base and info is not None and info.generation > 0:
                 raise UsageError(f"the extended site already holds disk {key} at generation {info.generation}, "
                                  "and this replica has no record of forwarding it: remove it there (or seed it) "
                                  "first")
-            size = (await asyncio.to_thread(snapshot_settled, paths[key])).size
+            if base and info is not None and info.size != size:
+                raise UsageError(f"the replica of disk {key} here is {size} bytes now, the extended site holds "
+                                 f"{info.size}: remove the disk there to copy it again")
             with open(os.path.join(paths[key], "state.json")) as f:
                 name = json.load(f).get("name") or key      # the primary's disk name goes on with it
             await self.target.ensure_disk(uuid.UUID(key), size, name=name, machine=self.name)
             stream = new_stream_id()
             path = self._outbox_file(stream)
             header_for = lambda snap: delta.StreamHeader(   # noqa: E731
-                disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size, generation=1,
-                base_generation=0, consistency="inconsistent", created=snap.time or self.clock(), kind="full")
-            snap, header, stats = await asyncio.to_thread(self._fuzzy_copy, paths[key], header_for, path)
-            self.data["disks"][key] = {"forwarded": snap.generation, "generation": 0,
-                                       "pending": {"stream": stream, "path": path, "generation": 1,
+                disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size, generation=base + 1,
+                base_generation=base, consistency="inconsistent", created=snap.time or self.clock(), kind="full")
+            snap, header, stats = await asyncio.to_thread(self._fuzzy_copy, paths[key], header_for, path, base > 0)
+            self.data["disks"][key] = {"forwarded": snap.generation, "generation": base, "journal": idents[key],
+                                       "pending": {"stream": stream, "path": path, "generation": base + 1,
                                                    "forwarded": snap.generation, "point": None,
-                                                   "time": header.created}}
+                                                   "time": header.created, "full": True}}
             self._save()
             result.bytes_changed += stats.plain_bytes
             result.bytes_sent += await self._send_pending(key)
 
-    async def _seeded(self, paths: dict[str, str], keys: list[str]) -> None:
+    async def _seeded(self, paths: dict[str, str], keys: list[str], idents: dict[str, str]) -> None:
         """Offline initial replication of the leg: the disks are written as a seed into seed_dir (once); the
         leg waits until the extended site holds every volume (`replicator seed import` there), then goes on
         with the changes noted since the seed's cut."""
@@ -220,7 +241,7 @@ class ExtendedLeg:
         if not all(k in seeds for k in keys):
             self.state, self.reason = "InitialReplicationInProgress", f"writing a seed into {self.settings.seed_dir}"
             self._save()
-            await asyncio.to_thread(self._export_seed, paths, [k for k in keys if k not in seeds], seeds)
+            await asyncio.to_thread(self._export_seed, paths, [k for k in keys if k not in seeds], seeds, idents)
         waiting = []
         for key in keys:
             seed = seeds[key]
@@ -230,7 +251,7 @@ class ExtendedLeg:
                 info = None
             if info is not None and info.generation >= seed["volumes"]:
                 self.data["disks"][key] = {"forwarded": seed["forwarded"], "generation": info.generation,
-                                           "pending": None}
+                                           "journal": seed.get("journal", idents[key]), "pending": None}
                 del seeds[key]
             else:
                 waiting.append(key)
@@ -240,7 +261,7 @@ class ExtendedLeg:
                              f"{self.settings.target} (`replicator seed import {self.settings.seed_dir}/{self.name} "
                              "--replica-root ROOT` there)", "WaitingForSeed")
 
-    def _export_seed(self, paths: dict[str, str], keys: list[str], seeds: dict) -> None:
+    def _export_seed(self, paths: dict[str, str], keys: list[str], seeds: dict, idents: dict[str, str]) -> None:
         from ..seed.export import export_machine
         for key in keys:
             src = SeedSource(paths[key])
@@ -252,19 +273,20 @@ class ExtendedLeg:
             finally:
                 src.close()
             entry = manifest.disk(key)
-            seeds[key] = {"forwarded": src.snap.generation, "volumes": len(entry.volumes)}
+            seeds[key] = {"forwarded": src.snap.generation, "volumes": len(entry.volumes), "journal": idents[key]}
             self._save()
 
-    def _fuzzy_copy(self, disk_path: str, make_header, path: str):
+    def _fuzzy_copy(self, disk_path: str, make_header, path: str, zeros: bool = False):
         """Copy the whole disk as it stands (worker thread): (snapshot, header, stats); a read that a
-        commit broke is made again."""
+        commit broke is made again. `zeros`: the third site's copy holds data (unallocated goes as zeros)."""
         for attempt in range(RACE_RETRIES):
             snap = snapshot_settled(disk_path)
             header = make_header(snap)
             try:
                 with open(path, "wb") as sink:
                     return snap, header, encode_forward(disk_path, snap, None, header, sink,
-                                                        compress=self.settings.compression, full=True, fuzzy=True)
+                                                        compress=self.settings.compression, full=True, fuzzy=True,
+                                                        zeros=zeros)
             except RacedCommit:
                 time.sleep(min(0.05 * (attempt + 1), 1.0))
         raise RacedCommit(f"{disk_path}: the replica kept changing while it was copied; trying again later")
@@ -302,6 +324,12 @@ class ExtendedLeg:
                     if os.path.exists(done):
                         os.unlink(done)
                 raise
+            if ChangeJournal(path).ident != mine.get("journal"):    # the folder was made again meanwhile
+                os.unlink(out)
+                for done in prepared.values():
+                    os.unlink(done["path"])
+                raise UsageError(f"{self.name}: the replica of disk {key} was made again during the extended "
+                                 "cycle; the next cycle copies it whole")
             prepared[key] = {"stream": stream, "path": out, "generation": header.generation,
                              "forwarded": snap.generation, "point": point, "time": header.created,
                              "changed": sum(n for _, n in ranges)}
@@ -327,6 +355,8 @@ class ExtendedLeg:
             if not os.path.exists(pending["path"]):
                 if mine["generation"] == 0:         # the initial copy: nothing to level, it is made again
                     del self.data["disks"][key]
+                elif pending.get("full"):           # a copy made again: made again once more
+                    mine["journal"], mine["pending"] = None, None
                 else:
                     mine["pending"] = None          # lost before it was sent: the ranges are still noted
                 self._save()

@@ -65,10 +65,32 @@ class ChangeJournal:
         """Noted only for disks with an extended leg (the folder is made when the leg starts)."""
         return os.path.isdir(self.dir)
 
-    def enable(self) -> None:
+    def enable(self) -> str:
+        """Note changes from now on; returns the journal's id. The id names one unbroken run of noting: a
+        disk folder made again (removed and protected anew, adopted) has none or another, so a leg that
+        forwarded from an earlier run knows its record no longer describes the disk."""
         if not self.enabled:
-            os.makedirs(self.dir)
+            tmp = f"{self.dir}.new-{uuid.uuid4()}"
+            os.makedirs(tmp)
+            _write_id(os.path.join(tmp, "id"))
+            try:
+                os.rename(tmp, self.dir)          # the folder appears with its id, never without
+            except OSError:                       # another enabler was first
+                _remove_tree(tmp)
             fsync_dir(os.path.dirname(self.dir))
+        if self.ident is None:                    # made by an earlier build: give it an id now
+            with self._locked():
+                if self.ident is None:
+                    _write_id(os.path.join(self.dir, "id"))
+        return self.ident
+
+    @property
+    def ident(self) -> str | None:
+        try:
+            with open(os.path.join(self.dir, "id")) as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
 
     @contextlib.contextmanager
     def _locked(self):
@@ -142,6 +164,22 @@ class ChangeJournal:
         os.replace(tmp, self.path)
 
 
+def _write_id(path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(uuid.uuid4()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def _remove_tree(path: str) -> None:
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
 def _line(lo: int, hi: int, ranges) -> bytes:
     body = {"g": int(lo), "r": [list(r) for r in ranges]}
     if hi != lo:
@@ -210,17 +248,19 @@ def still(disk_path: str, snap: Snapshot) -> bool:
 
 
 def encode_forward(disk_path: str, snap: Snapshot, ranges, header: delta.StreamHeader, sink, *,
-                   compress: bool = True, full: bool = False, fuzzy: bool = False, progress=None):
+                   compress: bool = True, full: bool = False, fuzzy: bool = False, zeros: bool = False,
+                   progress=None):
     """Encode the ranges (or, with `full`, every allocated extent: the extended leg's initial copy) of the
     replica image as it stands at `snap` into `sink`. Raises RacedCommit when the replica changed meanwhile:
     a consistent stream is then worthless and the caller starts again; a fuzzy `full` copy is still whole
-    and is levelled by the ranges noted since `snap` (fuzzy=True: only a read that failed raises)."""
+    and is levelled by the ranges noted since `snap` (fuzzy=True: only a read that failed raises); `zeros`:
+    a full copy onto a disk that holds data sends the unallocated extents as zeros too."""
     if header.disk_size != snap.size:
         raise UsageError(f"stream header names {header.disk_size} bytes, the replica holds {snap.size}")
     try:
         with VhdxDisk.open(snap.image, read_only=True) as disk:
             if full:
-                stats = encode_disk(disk, header, sink, compress=compress, progress=progress)
+                stats = encode_disk(disk, header, sink, zero_extents=zeros, compress=compress, progress=progress)
             else:
                 stats = encode_extents(disk, ranges, header, sink, compress=compress, progress=progress)
     except (DiskIOError, OSError) as e:

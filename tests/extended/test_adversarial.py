@@ -97,3 +97,49 @@ def test_two_legs_never_delete_each_others_pending_streams(tmp_path):
                 pass
         assert c_equals_b(tmp_path, d1)
     asyncio.run(main())
+
+
+def test_a_replica_disk_made_again_under_the_same_id_is_copied_again(tmp_path):
+    """Protection removed on B and enabled again (the primary's disk keeps its id): B's replica is a new
+    disk from generation 1, its change journal gone with the old folder. The leg's record of what it
+    forwarded belongs to the old disk; going on from it sent none of the new disk's data to C."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        for g in range(2, 5):
+            send(b, d, g, [(g * MiB, bytes([g]) * 4096)])
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        send(b, d, 5, [(MiB, b"\x05" * 4096)])
+        await leg.cycle()
+        assert c_equals_b(tmp_path, d)
+        assert ReplicaStore(str(tmp_path / "b")).remove(d)         # protection removed on B ...
+        b = ReplicaStore(str(tmp_path / "b"))
+        send(b, d, 1, [(0, b"\x31" * (3 * MiB))])                  # ... and enabled again: a new initial copy
+        send(b, d, 2, [(6 * MiB, b"\x32" * 4096)])
+        await leg.cycle()
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
+
+
+def test_a_disk_adopted_after_the_leg_copied_it_empty_is_copied_again(tmp_path):
+    """The leg copied B's replica while it was still empty (generation 0); then the operator adopted an
+    existing disk for it (a restored backup): the image is replaced whole without a cycle, so no range is
+    noted. C must not keep the empty copy under the primary's later cycles."""
+    from replicator.vhdx import create_vhdx
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        b.ensure_disk(d, SIZE, block_size=MiB, machine="vm01")
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        backup = str(tmp_path / "backup.vhdx")
+        with create_vhdx(backup, SIZE, block_size=MiB) as v:
+            v.write(2 * MiB, b"\x44" * MiB)
+        ReplicaStore(str(tmp_path / "b")).adopt(d, backup, block_size=MiB, machine="vm01")
+        b = ReplicaStore(str(tmp_path / "b"))
+        send(b, d, 1, [(0, b"\x45" * 4096)])
+        await leg.cycle()
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
