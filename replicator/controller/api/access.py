@@ -54,7 +54,10 @@ def read_audit(s: DB, actor: str | None = Query(None, max_length=128, pattern=r"
     if since is not None:
         try:
             when = dt.datetime.fromisoformat(since)
+            when = when.astimezone(dt.timezone.utc) if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
         except ValueError:
             raise HTTPException(422, f"since: must be an ISO 8601 date-time, not {since!r}") from None
-        q = q.where(m.AuditEntry.at >= (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)))
+        except OverflowError:           # 9999-12-31T23:00-05:00 is past the last representable instant
+            raise HTTPException(422, f"since: {since!r} is out of range once in UTC") from None
+        q = q.where(m.AuditEntry.at >= when)
     return [sc.AuditOut.model_validate(a) for a in s.scalars(q)]
