@@ -68,7 +68,9 @@ class ChangeJournal:
     def enable(self) -> str:
         """Note changes from now on; returns the journal's id. The id names one unbroken run of noting: a
         disk folder made again (removed and protected anew, adopted) has none or another, so a leg that
-        forwarded from an earlier run knows its record no longer describes the disk."""
+        forwarded from an earlier run knows its record no longer describes the disk. A commit that looked
+        for the folder just before it appeared is waited for (it holds the disk's apply.lock throughout):
+        once this returns, every cycle applied after is noted."""
         if not self.enabled:
             tmp = f"{self.dir}.new-{uuid.uuid4()}"
             os.makedirs(tmp)
@@ -82,6 +84,7 @@ class ChangeJournal:
             with self._locked():
                 if self.ident is None:
                     _write_id(os.path.join(self.dir, "id"))
+        fence_commits(os.path.dirname(self.dir))
         return self.ident
 
     @property
@@ -178,6 +181,19 @@ def _remove_tree(path: str) -> None:
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     os.rmdir(path)
+
+
+def fence_commits(disk_path: str) -> None:
+    """Wait for a commit running on the replica disk now (it holds DISK/apply.lock from its look at the
+    change journal to its end). Blocking: call it from a worker thread."""
+    try:
+        fd = os.open(os.path.join(disk_path, "apply.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return                                # a read-only store: nothing commits there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)
 
 
 def _line(lo: int, hi: int, ranges) -> bytes:

@@ -143,3 +143,40 @@ def test_a_disk_adopted_after_the_leg_copied_it_empty_is_copied_again(tmp_path):
         await leg.cycle()
         assert c_equals_b(tmp_path, d)
     asyncio.run(main())
+
+
+def test_a_commit_under_way_when_the_leg_starts_is_noted_or_waited_for(tmp_path, monkeypatch):
+    """The replica server's commit looked for the change journal just before the leg made it (so noted
+    nothing) and is held there, before its journal is saved; the leg then reads B as it stands. Without a
+    wait for that commit, its ranges were never noted and C missed them for good."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        disk = b.disk(d)
+        stream = upload(disk, d, 2, [(4 * MiB, b"\x02" * (2 * MiB))])
+        held, release = threading.Event(), threading.Event()
+        real_save = ReplicaDisk._save
+
+        def save(self):
+            if self.state.journal and not release.is_set():    # just after commit() looked for the journal
+                held.set()
+                release.wait(10)
+            real_save(self)
+        monkeypatch.setattr(ReplicaDisk, "_save", save)
+        committer = threading.Thread(target=disk.commit, args=(stream,))
+        committer.start()
+        assert held.wait(10)
+        timer = threading.Timer(1.0, release.set)
+        timer.start()
+        leg = leg_for(tmp_path)
+        try:
+            await leg.cycle()
+        finally:
+            release.set()
+            committer.join(10)
+            timer.cancel()
+        await leg.cycle()
+        assert ReplicaStore(str(tmp_path / "b")).disk(d).generation == 2
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
