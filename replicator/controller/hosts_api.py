@@ -90,6 +90,9 @@ class ReportIn(BaseModel):
     status: dict[str, Any] = Field(description="the host's admin API /v1/status document")
     jobs: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
     problems: list[Annotated[str, Field(max_length=4000)]] = Field(default_factory=list, max_length=50)
+    operations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per machine, what the "
+                                                  "host applied of the desired operations: state, resync (the "
+                                                  "counter), resync_job (its job id) or resync_error")
 
 
 class ReportOut(BaseModel):
@@ -267,16 +270,46 @@ def _observe(s: Session, host: m.Host, status: dict) -> None:
 STATE_JOBS = ("enable-protection", "pause-protection", "resume-protection", "resync", "disable-protection")
 
 
-def _applied(s: Session, host: m.Host, revision: int) -> None:
-    """Jobs waiting for this host to apply a desired revision (api/machines.py) succeed once it runs it."""
+def _set(s: Session, job: m.Job, state: str, message: str, now, progress: int | None = None) -> None:
+    if job.state != state or job.message != message:
+        s.add(m.JobLogLine(job_id=job.id, line=message))
+    job.state, job.message, job.started_at = state, message, job.started_at or now
+    if progress is not None:
+        job.progress = max(0, min(100, progress))
+    if state in m.JOB_DONE:
+        job.finished_at = now
+
+
+def _follow_resync(s: Session, job: m.Job, host: m.Host, body: ReportIn, now) -> None:
+    """A resync job follows the host's own resync job (progress, outcome), once the host started it."""
+    op = body.operations.get(job.machine.name if job.machine else "", {})
+    if op.get("resync_error"):
+        _set(s, job, "failed", f"host {host.hostname} could not start the resync: {op['resync_error']}"[:2000], now)
+        return
+    mine = next((j for j in body.jobs if op.get("resync_job") and j.get("id") == op["resync_job"]), None)
+    if mine is None:
+        return                                  # not started yet (the daemon is restarting on the revision)
+    percent = mine.get("percent")
+    percent = int(percent) if isinstance(percent, (int, float)) and not isinstance(percent, bool) else None
+    state = {"running": "running", "succeeded": "succeeded", "cancelled": "cancelled"}.get(mine.get("state"), "failed")
+    why = f": {mine.get('error')}" if state == "failed" and mine.get("error") else ""
+    _set(s, job, state, f"host {host.hostname}: resync {mine.get('state')} ({mine.get('id')}){why}"[:2000], now,
+         100 if state == "succeeded" else percent)
+
+
+def _applied(s: Session, host: m.Host, body: ReportIn) -> None:
+    """Jobs waiting for this host to apply a desired revision (api/machines.py) succeed once it runs it; a
+    resync job follows the resync the host runs."""
     now = m.utcnow()
-    for job in s.scalars(select(m.Job).where(m.Job.host_id == host.id, m.Job.state == "queued",
+    for job in s.scalars(select(m.Job).where(m.Job.host_id == host.id, m.Job.state.in_(("queued", "running")),
                                              m.Job.claimed_by.is_(None), m.Job.kind.in_(STATE_JOBS))):
         wanted = (job.params or {}).get("revision")
-        if isinstance(wanted, int) and wanted <= revision:
-            job.state, job.progress, job.started_at, job.finished_at = "succeeded", 100, job.started_at or now, now
-            job.message = f"host {host.hostname} runs desired revision {revision}"
-            s.add(m.JobLogLine(job_id=job.id, line=job.message))
+        if not isinstance(wanted, int) or wanted > body.revision:
+            continue
+        if job.kind == "resync":
+            _follow_resync(s, job, host, body, now)
+        else:
+            _set(s, job, "succeeded", f"host {host.hostname} runs desired revision {body.revision}", now, 100)
 
 
 @router.post("/v1/hosts/self/report", response_model=ReportOut, responses=ERRORS)
@@ -287,7 +320,7 @@ def report(body: ReportIn, s: DB, host: Self) -> dict:
     host.last_report = doc
     host.applied_revision = body.revision
     _observe(s, host, body.status)
-    _applied(s, host, body.revision)
+    _applied(s, host, body)
     return {"revision": desired.current(s, host)["revision"]}
 
 

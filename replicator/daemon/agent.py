@@ -65,6 +65,12 @@ class Agent:
         self.reload: Callable[[], None] | None = None
         self._task: asyncio.Task | None = None
         self._operating: asyncio.Task | None = None
+        self.operations_done: dict = {}           # operations.json: what was applied (resync jobs), reported
+        try:
+            with open(self.files.operations, encoding="utf-8") as f:
+                self.operations_done = json.load(f)
+        except (OSError, ValueError):
+            pass
 
     def _held_revision(self) -> int:
         try:
@@ -149,7 +155,7 @@ class Agent:
 
     async def report(self) -> None:
         daemon = self.daemon
-        body = {"revision": self.running or 0, "problems": list(self.problems),
+        body = {"revision": self.running or 0, "problems": list(self.problems), "operations": self.operations_done,
                 "status": daemon.status_document() if daemon is not None else {"machines": [], "replica": None},
                 "jobs": daemon.jobs.summaries()[-50:] if daemon is not None else []}
         answer = await self._call("POST", "/v1/hosts/self/report", body)
@@ -238,6 +244,9 @@ class Agent:
             pm, last = daemon.machines.get(name), done.get(name)
             if pm is None or not isinstance(op, dict):
                 continue
+            # the host job of the last resync asked (or why it could not start): the controller's job follows it
+            entry = {k: v for k, v in (last or {}).items() if k in ("resync_job", "resync_error")}
+            entry.update(state=op.get("state"), resync=op.get("resync", 0))
             try:
                 if last is not None and op.get("state") != last.get("state") and op.get("state") in ("paused",
                                                                                                       "enabled"):
@@ -249,13 +258,20 @@ class Agent:
                         daemon.scheduler.resume(name)
                     log.info("%s: %s by the controller", name, "paused" if op["state"] == "paused" else "resumed")
                 if last is not None and isinstance(op.get("resync"), int) and op["resync"] > last.get("resync", 0):
-                    await pm.begin("resync")
+                    entry.pop("resync_job", None)
+                    entry["resync_error"] = "not started"
+                    job, _ = await pm.begin("resync")
+                    entry["resync_job"] = job.id
+                    del entry["resync_error"]
                     daemon.scheduler.resume(name)
-                    log.info("%s: resynchronization asked by the controller", name)
+                    log.info("%s: resynchronization asked by the controller (%s)", name, job.id)
             except ReplicatorError as e:
                 self.problems.append(f"{name}: {e.message}")
+                if "resync_error" in entry:
+                    entry["resync_error"] = e.message
                 log.error("%s: the controller's operation is refused: %s", name, e.message)
-            done[name] = {"state": op.get("state"), "resync": op.get("resync", 0)}
+            done[name] = entry
+        self.operations_done = done
         await asyncio.to_thread(write_json_atomic, self.files.operations, done)
 
     async def stop(self) -> None:
