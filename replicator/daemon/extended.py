@@ -104,6 +104,11 @@ class ExtendedLeg:
             return {}
         for key in names:
             try:
+                if str(uuid.UUID(key)) != key:       # .new-ID, .deleting-ID: a creation or removal under way
+                    continue
+            except ValueError:
+                continue
+            try:
                 with open(os.path.join(base, key, "state.json")) as f:
                     st = json.load(f)
             except (OSError, ValueError):

@@ -180,3 +180,21 @@ def test_a_commit_under_way_when_the_leg_starts_is_noted_or_waited_for(tmp_path,
         assert ReplicaStore(str(tmp_path / "b")).disk(d).generation == 2
         assert c_equals_b(tmp_path, d)
     asyncio.run(main())
+
+
+def test_folders_a_crash_left_in_the_store_are_not_disks_of_the_machine(tmp_path):
+    """A replica removed on B is renamed to disks/.deleting-ID before its files go (a creation is made in
+    disks/.new-ID): killed in between, the folder stays until the store sweeps it, state.json and all. The
+    leg took it for a disk of the machine (and failed on its name, which is no disk id)."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d, gone = uuid.uuid4(), uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        send(b, gone, 1, [(0, b"\x09" * MiB)])
+        base = tmp_path / "b" / "disks"
+        os.rename(base / str(gone), base / f".deleting-{gone}")          # remove() killed after its rename
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        assert set(leg.data["disks"]) == {str(d)}
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
