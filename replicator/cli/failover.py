@@ -38,6 +38,9 @@ def register(sub) -> None:
     m.add_argument("op", choices=MACHINE_OPS, help="the operation")
     m.add_argument("--point", type=int, help="recovery point (default: the latest)")
     m.add_argument("--planned", action="store_true", help="failover: complete a planned failover (zero loss)")
+    m.add_argument("--network", choices=("isolated", "none"),
+                   help="test-failover: the test machine's NICs on the isolated test network (the default), or none "
+                        "connected")
     for key in REVERSE_KEYS:
         m.add_argument("--" + key.replace("_", "-"), dest=key, help=f"reverse: {key} (default: [replica.reverse])")
     for key in ("cert", "key", "ca"):
@@ -107,6 +110,8 @@ def cmd_machine(args) -> int:
         body["point"] = args.point
     if args.op == "failover":
         body["planned"] = args.planned
+    if args.op == "test-failover" and args.network:
+        body["network"] = args.network
     if args.op == "reverse":
         body.update({k: getattr(args, k) for k in REVERSE_KEYS if getattr(args, k) is not None})
         body.update({k: os.path.abspath(getattr(args, k)) for k in ("cert", "key", "ca") if getattr(args, k)})

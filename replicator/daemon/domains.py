@@ -496,11 +496,11 @@ def replicated_domain(disk_dirs) -> dict | None:
 
 
 def boot(uri: str, payload: dict, name: str, sources: dict[str, tuple[str, str]], network_map: dict, *,
-         test_network: str | None = None, console: str | None = None) -> dict:
+         test_network: str | None = None, console: str | None = None, test: bool = False) -> dict:
     """Define the domain `name` from a replicated configuration, each replicated disk on its failed-over data
-    (`sources`: disk id -> (NBD socket, export)), its NICs on `network_map`'s networks (a test failover: every
-    network on the isolated `test_network`, created on demand), and start it. Returns what was done (name,
-    uuid, notes). Blocking: run it in a thread."""
+    (`sources`: disk id -> (NBD socket, export)), its NICs on `network_map`'s networks (a test failover,
+    `test`: every network on the isolated `test_network`, created on demand, or without one on none), and
+    start it. Returns what was done (name, uuid, notes). Blocking: run it in a thread."""
     config = DomainConfig.from_dict(payload["domain"])
     disks, notes = {}, []
     for target, disk_id in sorted(payload["targets"].items()):
@@ -511,10 +511,11 @@ def boot(uri: str, payload: dict, name: str, sources: dict[str, tuple[str, str]]
     if not disks:
         raise HypervisorError(f"{name}: none of the replicated disks of domain {config.name!r} is here")
     with Hypervisor.open(uri) as hv:
-        if not test_network and hv.exists(name):
+        if not test and hv.exists(name):
             return {**_start_existing(hv, name, disks, notes, uri), "targets": dict(payload["targets"])}
-        if test_network:
-            hv.create_isolated_network(test_network)
+        if test:
+            if test_network:
+                hv.create_isolated_network(test_network)
             nmap = {n.source: test_network for n in config.nics if n.kind in ("network", "bridge") and n.source}
         else:
             nmap = dict(network_map)

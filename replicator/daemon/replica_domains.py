@@ -33,8 +33,10 @@ class ReplicaDomains:
             return None
         return domains.replicated_domain([d.disk.path for d in m.disks])
 
-    async def _boot_test(self, m: ReplicatedMachine, st: MachineState, made: dict[str, str]) -> None:
-        """`NAME - Test` on the test disks' exports, every NIC on the isolated test network, started."""
+    async def _boot_test(self, m: ReplicatedMachine, st: MachineState, made: dict[str, str],
+                         unplugged: bool = False) -> None:
+        """`NAME - Test` on the test disks' exports, every NIC on the isolated test network (or, `unplugged`,
+        connected to nothing), started."""
         payload = self._domain_payload(m)
         if payload is None:
             return
@@ -42,12 +44,12 @@ class ReplicaDomains:
         sources = {d.id: (sock, os.path.basename(made[d.name])) for d in m.disks if d.name in made}
         name = f"{payload['domain']['name']} - Test"
         info = await asyncio.to_thread(domains.boot, self.settings.libvirt, payload, name, sources, {},
-                                       test_network=self.settings.test_network,
-                                       console=os.path.join(st.test_failover["path"], "console.log"))
+                                       test_network=None if unplugged else self.settings.test_network,
+                                       console=os.path.join(st.test_failover["path"], "console.log"), test=True)
         for note in info["notes"]:
             log.info("%s: test failover: %s", m.name, note)
-        log.info("%s: test failover: domain %r started on the isolated network %r", m.name, name,
-                 self.settings.test_network)
+        log.info("%s: test failover: domain %r started %s", m.name, name, "with its NICs connected to nothing"
+                 if unplugged else f"on the isolated network {self.settings.test_network!r}")
         st.test_failover["domain"] = info
         st.save()
         self._settle(m.name, "test", info, payload)

@@ -22,7 +22,7 @@ restart.
 Admin API (with daemon/main.py's):
   GET  /v1/replica/machines                 replicated machines: state, disks, recovery points, NBD exports
   GET  /v1/replica/machines/NAME
-  POST /v1/replica/machines/NAME/OP         test-failover {point}, cleanup-test-failover, failover {point,
+  POST /v1/replica/machines/NAME/OP         test-failover {point, network}, cleanup-test-failover, failover {point,
                                             planned}, commit-failover, cancel-failover, reverse {target, cert,
                                             key, ca, ... protection keys, full_copy}, accept-reverse {from, force}
 Unknown machine or point: 404; refused by the state or the sites: 409; bad settings: 400.
@@ -337,9 +337,12 @@ class ReplicaSite(ReplicaDomains, ReverseReplication):
             await asyncio.to_thread(fo.stop)
 
     # ------------------------------------------------------------------ test failover
-    async def test_failover(self, name: str, point: int | None = None) -> dict:
+    async def test_failover(self, name: str, point: int | None = None, network: str | None = None) -> dict:
         """Differencing disks of a point for every disk of the machine, in TEST_FAILOVER_DIR/NAME/: the
-        replica is not touched and replication goes on."""
+        replica is not touched and replication goes on. `network` (a domain machine): "isolated" (the
+        default: [replica] test_network) or "none" (its NICs connected to nothing)."""
+        if network not in (None, "isolated", "none"):
+            raise UsageError(f"network must be \"isolated\" or \"none\", not {network!r}")
         m = self._machine(name)
         st = self._replica_state(m)
         pt = m.point(point)
@@ -364,7 +367,7 @@ class ReplicaSite(ReplicaDomains, ReverseReplication):
             st.save()
             await self._serve_tests(name, made)
             try:
-                await self._boot_test(m, st, made)
+                await self._boot_test(m, st, made, unplugged=network == "none")
             except BaseException:
                 served = self.testing.pop(name, None)
                 if served is not None:
@@ -538,7 +541,10 @@ class ReplicaSite(ReplicaDomains, ReverseReplication):
         async def run():
             body = await json_body(request)
             if op == "test-failover":
-                return await self.test_failover(name, _int(body, "point"))
+                network = body.get("network")
+                if network is not None and not isinstance(network, str):
+                    raise UsageError(f"network must be \"isolated\" or \"none\", not {network!r}")
+                return await self.test_failover(name, _int(body, "point"), network)
             if op == "cleanup-test-failover":
                 return await self.cleanup_test_failover(name)
             if op == "failover":

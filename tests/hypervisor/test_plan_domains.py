@@ -9,7 +9,8 @@ real TCG guests:
   and its agent answered guest-ping (seen in the plan's log and in when each domain was started);
 - in each guest the agent set the failover IP on the NIC (read back with guest-network-get-interfaces),
   and the plan's scripts had every member's address in their environment (REPLICATOR_IP_<MACHINE>_NET<k>);
-- cancel-failover removes both domains.
+- cancel-failover removes both domains; a test failover chosen with its NICs on no network ("none") boots
+  `vm1 - Test` with its NIC unplugged (no isolated network made), and cleanup removes it.
 """
 from __future__ import annotations
 
@@ -137,6 +138,17 @@ pre = [{{ script = {script} }}]
         for name in ("vm1", "vm2"):
             b.op(f"/v1/replica/machines/{name}/cancel-failover")
             assert not hv.exists(name) and b.replica(name)["state"] == "Replicating"
+
+        # ---- a test failover whose NICs are connected to nothing (chosen per run, instead of the isolated network)
+        code, refused = b.api("POST", "/v1/replica/machines/vm1/test-failover", {"network": "lan-b"})
+        assert code == 409 and "must be \"isolated\" or \"none\"" in refused["error"], refused
+        view = b.op("/v1/replica/machines/vm1/test-failover", {"network": "none"})
+        assert view["test_failover"]["domain"]["network"] is None, view
+        nic = next(ET.fromstring(hv.conn.lookupByName("vm1 - Test").XMLDesc(0)).iter("interface"))
+        assert nic.get("type") == "ethernet" and nic.find("link").get("state") == "down", ET.tostring(nic)
+        assert not hv.network_exists("replicator-test")
+        b.op("/v1/replica/machines/vm1/cleanup-test-failover")
+        assert not hv.exists("vm1 - Test") and b.replica("vm1")["test_failover"] is None
         log(f"{time.monotonic() - t0:.1f} s in all")
     finally:
         a.stop()
