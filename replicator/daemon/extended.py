@@ -314,7 +314,9 @@ class ExtendedLeg:
         prepared = {}
         for key, path in paths.items():
             snap, mine = snaps[key], self.data["disks"][key]
-            ranges = ChangeJournal(path).changes(mine["forwarded"], snap.generation)
+            # every range noted past what C holds, also of cycles newer than the cut: a fuzzy copy may have
+            # read a cycle that was then rolled back, and the image at the cut is right for all of them
+            ranges = ChangeJournal(path).changes(mine["forwarded"])
             header = delta.StreamHeader(disk_id=uuid.UUID(key), disk_size=snap.size, block_size=snap.block_size,
                                         generation=mine["generation"] + 1, base_generation=mine["generation"],
                                         consistency=snap.consistency, created=snap.time or self.clock(),

@@ -144,10 +144,11 @@ class ChangeJournal:
                 continue
         return out
 
-    def changes(self, after: int, upto: int) -> list[tuple[int, int]]:
+    def changes(self, after: int, upto: int | None = None) -> list[tuple[int, int]]:
         """The merged ranges of generations after `after` up to and including `upto` (a superset where a
-        compacted entry straddles them)."""
-        return coalesce(r for lo, hi, rs in self.entries() if hi > after and lo <= upto for r in rs)
+        compacted entry straddles them); None: every one noted, also of cycles not applied (yet, or ever:
+        rolled back after writing part of them)."""
+        return coalesce(r for lo, hi, rs in self.entries() if hi > after and (upto is None or lo <= upto) for r in rs)
 
     def trim(self, upto: int) -> None:
         """Forget what only generations up to `upto` wrote (the third site holds them)."""

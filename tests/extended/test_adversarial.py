@@ -198,3 +198,47 @@ def test_folders_a_crash_left_in_the_store_are_not_disks_of_the_machine(tmp_path
         assert set(leg.data["disks"]) == {str(d)}
         assert c_equals_b(tmp_path, d)
     asyncio.run(main())
+
+
+def test_a_cycle_rolled_back_while_the_leg_copied_the_disk_is_levelled(tmp_path, monkeypatch):
+    """The initial copy reads B while the replica server applies a cycle; the apply fails half-way (here its
+    spool is cut short under it) and is rolled back. The copy holds half of that cycle, noted under a
+    generation B never reached: the levelling read took only generations up to B's, so C's point kept the
+    half-applied data."""
+    import replicator.daemon.extended as ext
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        disk = b.disk(d)
+        disk.set_retention(1)                           # undo logs: a failed apply is rolled back
+        stream = upload(disk, d, 2, [(2 * MiB, os.urandom(MiB)), (4 * MiB, os.urandom(MiB))])
+        spool = disk.spool_path(stream)
+        real_save, real_roll_back, real_encode = ReplicaDisk._save, ReplicaDisk._roll_back, ext.encode_forward
+        copied = {}
+
+        def save(self):                                 # the apply begins: its spool is cut short under it
+            if self.path == disk.path and self.state.journal and self.state.journal["phase"] == "apply":
+                os.truncate(spool, os.path.getsize(spool) * 2 // 3)
+            real_save(self)
+
+        def roll_back(self, undo_path):                 # the copy reads the half-applied image just now
+            copied["stats"] = real_encode(*copied["args"], **copied["kw"])
+            real_roll_back(self, undo_path)
+
+        def encode(*args, **kw):
+            if kw.get("full"):
+                copied["args"], copied["kw"] = args, kw
+                with pytest.raises(Exception):
+                    disk.commit(stream)
+                return copied["stats"]
+            return real_encode(*args, **kw)
+        monkeypatch.setattr(ReplicaDisk, "_save", save)
+        monkeypatch.setattr(ReplicaDisk, "_roll_back", roll_back)
+        monkeypatch.setattr(ext, "encode_forward", encode)
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        assert ReplicaStore(str(tmp_path / "b")).disk(d).generation == 1
+        assert "stats" in copied
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
