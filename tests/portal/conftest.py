@@ -25,11 +25,30 @@ REFUSAL = re.compile(r"the server responded with a status of (401|403|409|422)\b
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
-@dataclasses.dataclass
 class Portal:
-    url: str
-    store: Store
-    admin_token: str
+    """The controller app served by uvicorn in a thread on 127.0.0.1; `stop`/`start` keep its port and store."""
+
+    def __init__(self, app, store: Store, admin_token: str):
+        self.app, self.store, self.admin_token = app, store, admin_token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = self.thread = None
+
+    def start(self) -> None:
+        import uvicorn
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=1, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="controller", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the controller did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the controller did not stop"
 
     def make_token(self, role: str, name: str | None = None) -> str:
         from replicator.controller.auth import create_token
@@ -45,8 +64,6 @@ class Portal:
 @pytest.fixture
 def portal(tmp_path):
     """The controller (every REST router and the console) listening on 127.0.0.1 at a free port."""
-    import uvicorn
-
     from replicator.controller.app import create_app
     from replicator.controller.auth import ensure_admin_token
 
@@ -54,21 +71,12 @@ def portal(tmp_path):
     data.mkdir()
     store = Store.open(f"sqlite:///{data / 'controller.db'}")
     token = ensure_admin_token(store, str(data))
-    app = create_app(store, data_dir=str(data))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2, lifespan="off"))
-    thread = threading.Thread(target=server.run, name="controller", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the controller did not start"
-        time.sleep(0.05)
+    portal = Portal(create_app(store, data_dir=str(data)), store, token)
+    portal.start()
     try:
-        yield Portal(f"http://127.0.0.1:{port}", store, token)
+        yield portal
     finally:
-        server.should_exit = True
-        thread.join(10)
+        portal.stop()
         store.close()
 
 

@@ -166,3 +166,21 @@ def test_a_revoked_token_signs_the_console_out(portal, browser):
     expect(page.locator("#login .form-error")).to_have_text("The token is no longer valid.")
     assert page.evaluate("sessionStorage.length") == 0
     expect(page.locator("#live")).to_have_text("offline")
+
+
+def test_after_a_lost_stream_the_page_reads_the_api_again(portal, browser):
+    """What changed while the event stream was down was never sent: on reconnecting, the page is redrawn."""
+    fleet.build(portal)
+    page = browser.page()
+    login(page, portal, portal.admin_token)
+    page.click("nav >> text=Replicated items")
+    state = page.locator("#items tbody tr", has_text="web01").locator("td[data-col=state]")
+    expect(state).to_have_text("Replicating")
+    expect(page.locator("#live")).to_have_text("live")
+    portal.stop()                                   # the stream drops; the page keeps what it has
+    expect(page.locator("#live")).to_have_text("offline")
+    fleet.observe(portal, "web01", observed_state="Suspended")
+    portal.start()
+    expect(page.locator("#live")).to_have_text("live")
+    expect(state).to_have_text("Suspended")
+    browser.expect_errors("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING")   # while it was down

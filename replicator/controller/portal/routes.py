@@ -2,21 +2,22 @@
 
 The console is a static front end that reads and changes everything through the REST API with the user's
 bearer token (kept in sessionStorage, never a cookie: a forged cross-site request carries no credential, so
-the console needs no CSRF tokens). What the controller serves here is only those files and one read-only
-stream; the stream authenticates like the API. Every page is served with a Content-Security-Policy that lets
-the browser load nothing from anywhere but the controller itself.
+the console needs no CSRF tokens). Besides those files it serves three reads, authenticated like the rest
+of the API: the live-update stream, `whoami` (the token's role, so pages show only what it may do) and the
+hosts' reports per machine (observed.py). Every page is served with a Content-Security-Policy that lets the
+browser load nothing from anywhere but the controller itself.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
-
 from pydantic import BaseModel
 from sqlalchemy import select
 
@@ -25,6 +26,7 @@ from .. import models as m
 from ..schemas import Error
 from . import live, observed
 
+log = logging.getLogger("replicator.controller")
 STATIC = Path(__file__).with_name("static")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
@@ -91,8 +93,11 @@ async def _stream(request: Request, token_hash: str) -> AsyncIterator[bytes]:
     while not await request.is_disconnected():
         try:
             events = await asyncio.to_thread(look)
-        except Exception as exc:            # a database hiccup: say so on the stream, try again next second
-            events = [("problem", {"error": f"database: {type(exc).__name__}"})]
+        except Exception as exc:
+            # a database hiccup: say so, and start afresh (what this look saw is lost): the next look that
+            # works sends `ready`, on which pages read the API again
+            log.warning("event stream: %s", " ".join(str(exc).split())[:300])
+            events, watcher = [("problem", {"error": f"database: {type(exc).__name__}"})], live.Watcher()
         if events is None:
             yield _frame("revoked", {"error": "this API token was revoked"})
             return

@@ -2,7 +2,7 @@
 // per page (pages/*.js export `render(main, params)`, which may return a function to call when leaving).
 
 import { api, clear, h, session, notify } from './lib.js';
-import { stopStream } from './events.js';
+import { stopStream, subscribe } from './events.js';
 
 // The navigation, in order (docs/portal.md says what each page shows and does).
 const PAGES = [
@@ -83,10 +83,16 @@ async function route() {
 
 function logout(message) {
   stopStream();
+  readyBefore = false;
   session.clear();
   history.replaceState(null, '', '#/');      // no hashchange: the message below stays
   loginPage(message);
 }
+
+// After the first `ready` of a session, a `ready` means the stream reconnected: what happened meanwhile was
+// never sent, so the page is drawn again from the API.
+let readyBefore = false;
+subscribe('ready', () => { if (readyBefore && session.token) route(); readyBefore = true; });
 
 document.getElementById('logout').addEventListener('click', () => logout());
 window.addEventListener('portal:unauthorized', () => { if (session.token) { notify('Signed out: the token is no longer valid.', 'error'); logout('The token is no longer valid.'); } });
