@@ -145,6 +145,52 @@ def install_audit(app: FastAPI) -> None:
         return response
 
 
+MAX_BODY = 4 * 1024 * 1024     # bytes: a host's report of a thousand machines is ~2 MiB; everything else is small
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with a one-line 413 before the app reads them: the host
+    channel's /v1/register answers anyone, and an unbounded body is memory the controller cannot refuse later.
+    The body is read here (it is small) and handed on whole."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":          # the client left before sending its body
+                return await self.app(scope, _replay([message], receive), send)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _refuse(self, scope, send):
+        body = JSONResponse({"error": f"request body over {self.limit // (1024 * 1024)} MiB"}, status_code=413)
+        await body(scope, _nothing, send)
+
+
+def _replay(messages: list, receive):
+    async def again():
+        return messages.pop(0) if messages else await receive()
+    return again
+
+
+async def _nothing():
+    return {"type": "http.disconnect"}
+
+
 def create_app(store: Store, *, data_dir: str | None = None, title: str = "replicator controller") -> FastAPI:
     """The REST API on `store`. Extend it with `app.include_router(router)`; `app.state.store` is the store."""
     app = FastAPI(title=title, version="1", dependencies=[Depends(known_query)],
@@ -154,6 +200,7 @@ def create_app(store: Store, *, data_dir: str | None = None, title: str = "repli
     app.state.store = store
     app.state.data_dir = data_dir
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)           # inside the audit: a refused body is an audited refusal
     install_audit(app)
     for router in ROUTERS:
         app.include_router(router)
