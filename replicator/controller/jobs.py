@@ -100,15 +100,24 @@ def finish(store: Store, job_id: int, worker: str, state: str, message: str = ""
 
 def cancel(session: Session, job: m.Job, by: str) -> str:
     """Cancel a job: at once when nobody runs it, else ask its worker (which sees cancel_requested).
-    Returns what happened, for the response and the audit log."""
-    if job.state in m.JOB_DONE:
-        raise ValueError(f"job {job.id} is already {job.state}")
+    Returns what happened, for the response and the audit log. Both are conditional UPDATEs: a worker that
+    claimed the job (or finished it) after `job` was read keeps it, and the cancel becomes a request."""
     now = m.utcnow()
-    if job.state == "running" and job.lease_expires_at and job.lease_expires_at >= now:
-        job.cancel_requested = True
+    unclaimed = (m.Job.state.not_in(m.JOB_DONE),
+                 or_(m.Job.state != "running", m.Job.lease_expires_at.is_(None), m.Job.lease_expires_at < now))
+    if session.execute(update(m.Job).where(m.Job.id == job.id, *unclaimed)
+                       .values(state="cancelled", finished_at=now, cancel_requested=True, lease_expires_at=None)
+                       .execution_options(synchronize_session=False)).rowcount == 1:
+        log(session, job.id, f"cancelled by {by}")
+        what = "cancelled"
+    elif session.execute(update(m.Job).where(m.Job.id == job.id, m.Job.state == "running",
+                                             m.Job.lease_expires_at >= now)
+                         .values(cancel_requested=True).execution_options(synchronize_session=False)).rowcount == 1:
+        session.refresh(job)
         log(session, job.id, f"cancel requested by {by}; {job.claimed_by} stops it")
-        return "cancel requested"
-    job.state, job.finished_at, job.cancel_requested = "cancelled", now, True
-    job.lease_expires_at = None
-    log(session, job.id, f"cancelled by {by}")
-    return "cancelled"
+        what = "cancel requested"
+    else:
+        session.refresh(job)
+        raise ValueError(f"job {job.id} is already {job.state}")
+    session.refresh(job)
+    return what

@@ -31,3 +31,32 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(controller):
     assert ok(c.post("/v1/sites", json={"name": "east", "description": "d" * 1000}), 201)["name"] == "east"
     entry = ok(c.get("/v1/audit", params={"limit": 2}))[1]
     assert entry["action"].startswith("POST") and entry["outcome"].startswith("413"), entry
+
+
+def test_a_cancel_does_not_overwrite_a_claim_made_after_it_read_the_job(store):
+    """Cancel read a queued job, a worker claimed it meanwhile: the cancel was written over the claim (the
+    worker ran a job shown as cancelled). Now the cancel becomes a request to that worker."""
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite runs one transaction at a time (BEGIN IMMEDIATE): this interleaving cannot happen")
+    from replicator.controller import jobs
+    from replicator.controller import models as m
+    with store.session() as s:
+        job_id = jobs.enqueue(s, "plan-run", created_by="tests").id
+        done_id = jobs.enqueue(s, "plan-run", created_by="tests").id
+    with store.session() as s:
+        job = s.get(m.Job, job_id)
+        assert job.state == "queued"
+        claimed = jobs.claim(store, "worker-1")               # another transaction, committed
+        assert claimed is not None and claimed.id == job_id
+        assert jobs.cancel(s, job, "operator") == "cancel requested"
+    with store.session() as s:
+        job = s.get(m.Job, job_id)
+        assert (job.state, job.claimed_by, job.cancel_requested) == ("running", "worker-1", True)
+    assert jobs.finish(store, job_id, "worker-1", "cancelled", "stopped on request")
+    with store.session() as s:
+        done = s.get(m.Job, done_id)
+        assert jobs.claim(store, "worker-2").id == done_id and jobs.finish(store, done_id, "worker-2", "succeeded")
+        with pytest.raises(ValueError, match="already succeeded"):
+            jobs.cancel(s, done, "operator")
+    with store.session() as s:
+        assert s.get(m.Job, done_id).state == "succeeded"
