@@ -60,7 +60,9 @@ def test_plan_run_followed_live_and_manual_action_confirmed(portal, browser):
 
     viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "viewer"))
-    viewer.goto(portal.url + "/ui/#/plans/gold-recovery")
+    expect(viewer.locator("#needs-input")).to_contain_text("plan gold-recovery test failover, group 1")
+    expect(viewer.locator("#jobs-waiting")).to_have_text("1 waiting for input")
+    viewer.click("#needs-input a")
     expect(viewer.locator("#waiting-action")).to_contain_text("Check the database")
     expect(viewer.locator("#waiting-action button")).to_have_count(0)
     expect(viewer.locator("#plan-actions")).to_have_count(0)

@@ -15,6 +15,10 @@ export async function render(view) {
   const [machines, jobs, policies, hosts, pairs, observed, tests] = await Promise.all([
     api('/v1/machines'), openAndFailedJobs(), api('/v1/policies'), api('/v1/hosts'), api('/v1/pairs'),
     api('/v1/observed/machines'), succeededFailovers()]);
+  // plan runs waiting on an operator are runs, not jobs: the newest run of each plan
+  const plans = await api('/v1/plans');
+  const runs = new Map((await Promise.all(plans.map((p) => api(`/v1/plans/${encodeURIComponent(p.name)}/runs`))))
+    .filter((r) => r.length).map((r) => [r[0].id, r[0]]));
   const byId = new Map(machines.map((x) => [x.id, x]));
 
   const donutCanvas = h('canvas', { id: 'health-donut', 'aria-label': 'machines by health', role: 'img' });
@@ -70,12 +74,16 @@ export async function render(view) {
     const running = jobs.filter((j) => j.state === 'running' || j.state === 'queued');
     const failed = jobs.filter((j) => j.state === 'failed' && j.finished_at && now - new Date(j.finished_at) < DAY);
     const input = jobs.filter((j) => j.state === 'waiting_for_input');
+    const runsWaiting = [...runs.values()].filter((r) => r.state === 'waiting_for_input');
     clear(jobStats, h('ul', { class: 'plain' },
       h('li', { id: 'jobs-running' }, h('a', { href: '#/jobs' }, `${running.length} in progress`)),
       h('li', { id: 'jobs-failed' }, h('a', { href: '#/jobs' }, `${failed.length} failed in the last 24 hours`)),
-      h('li', { id: 'jobs-waiting' }, `${input.length} waiting for input`)));
-    clear(waiting, input.length ? h('ul', { class: 'plain' }, input.map((j) => h('li', {},
-      h('a', { href: '#/jobs' }, `#${j.id} ${j.kind}`), ' ', j.machine || '', ' ', stateBadge(j.state), ' ', j.message)))
+      h('li', { id: 'jobs-waiting' }, `${input.length + runsWaiting.length} waiting for input`)));
+    clear(waiting, input.length + runsWaiting.length ? h('ul', { class: 'plain' },
+      runsWaiting.map((r) => h('li', {}, h('a', { href: `#/plans/${encodeURIComponent(r.plan)}` }, `plan ${r.plan}`),
+        ` ${r.kind} failover, group ${r.current_group}: a manual action to confirm`)),
+      input.map((j) => h('li', {}, h('a', { href: `#/jobs/${j.id}` }, `#${j.id} ${j.kind}`), ' ', j.machine || '', ' ',
+        stateBadge(j.state), ' ', j.message)))
       : h('p', { class: 'muted' }, 'Nothing is waiting for an operator.'));
 
     // Errors by cause: what the hosts give as the reasons of a health that is not Normal, and the messages of
@@ -108,6 +116,7 @@ export async function render(view) {
   drawJobs();
   const offs = [
     subscribe('machine', (ev) => { const x = byId.get(ev.id); if (x) { Object.assign(x, ev); draw(); } }),
+    subscribe('plan_run', (ev) => { runs.set(ev.id, ev); drawJobs(); }),
     subscribe('job', (ev) => {
       const i = jobs.findIndex((j) => j.id === ev.id);
       if (i >= 0) Object.assign(jobs[i], ev); else jobs.unshift(ev);
