@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from . import desired
@@ -336,3 +336,21 @@ def last_report(s: DB, host: str = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,2
     if not h.last_report:
         raise HTTPException(404, f"host {h.hostname} has not reported yet")
     return h.last_report
+
+
+@router.delete("/v1/hosts/{host}", status_code=204, response_class=Response, responses=ERRORS, tags=["hosts"])
+def remove_host(request: Request, s: DB, who: Annotated[Principal, Depends(admin)],
+                host: str = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")) -> Response:
+    """Forget a host (id or hostname): its certificate is refused from now on (it runs on from what it has and
+    says so); it joins again only with a new key. Refused while machines are placed on it."""
+    h = s.scalar(select(m.Host).where((m.Host.id == host) | (m.Host.hostname == host)))
+    if h is None:
+        raise HTTPException(404, f"no host {host!r}")
+    note(request, f"host/{h.hostname}", host_id=h.id)
+    placed = s.scalar(select(func.count()).select_from(m.Machine).where(
+        (m.Machine.primary_host_id == h.id) | (m.Machine.replica_host_id == h.id)))
+    if placed:
+        raise HTTPException(409, f"host {h.hostname!r} has {placed} machine(s) placed on it: move or disable and "
+                                 "remove them first")
+    s.delete(h)
+    return Response(status_code=204)

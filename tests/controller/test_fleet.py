@@ -197,6 +197,8 @@ def _fleet(tmp_path, ctl: ControllerProc, hosts: list) -> None:
     for h in hosts:
         wait(lambda h=h: h.api("GET", "/v1/status")["controller"]["state"] == "connected", f"{h.name} back", hosts)
     assert "unreachable" in p1.text() and "reachable again" in p1.text()
+    code, body = ctl.api("DELETE", "/v1/hosts/p1")                    # it runs vm01: not forgotten
+    assert code == 409 and "1 machine(s) placed on it" in body["error"], body
     report = ctl.ok("GET", "/v1/hosts/p1/report")                  # what p1 says of the time it was cut off
     away = report["status"]["controller"]["last_unreachable"]
     vm01 = next(x for x in report["status"]["machines"] if x["name"] == "vm01")

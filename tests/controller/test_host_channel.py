@@ -244,11 +244,10 @@ def test_host_routes_need_the_host_certificate_and_renewal_replaces_it(tmp_path,
     assert ctl.ok("GET", f"/v1/hosts/{info['host_id']}")["cert_not_after"].startswith(
         new.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%S"))
 
-    # a host removed from the store is refused, in one line
-    with _store(ctl) as s:
-        from replicator.controller import models as m
-        s.query(m.RegistrationKey).update({"used_by": None})
-        s.delete(s.get(m.Host, info["host_id"]))
+    # a host removed through the API is refused, in one line
+    assert ctl.api("DELETE", f"/v1/hosts/{info['host_id']}")[0] == 204
+    code, body = ctl.api("DELETE", "/v1/hosts/p1")
+    assert code == 404 and "no host 'p1'" in body["error"]
     asyncio.run(agent.poll_once())
     st = agent.status()
     assert st["state"].startswith("refused: host ") and "not registered here" in st["state"], st

@@ -10,7 +10,7 @@ import time
 from cryptography import x509
 
 from ..controller.test_fleet import FleetHost, wait
-from ..controller.test_host_channel import ControllerProc, _store
+from ..controller.test_host_channel import ControllerProc
 
 
 def _served_serial(h: FleetHost) -> int:
@@ -74,11 +74,8 @@ def test_agent_renews_its_certificate_and_says_when_it_is_refused(tmp_path):
         assert host["cert_not_after"][:19] == st["certificate_not_after"][:19], (host, st)
         assert "certificate renewed" in r1.text()
 
-        # removed from the controller: one line, and the replica role goes on
-        with _store(ctl) as s:
-            from replicator.controller import models as m
-            s.query(m.RegistrationKey).update({"used_by": None})
-            s.delete(s.query(m.Host).filter_by(hostname="r1").one())
+        # removed through the controller's API: one line, and the replica role goes on
+        assert ctl.ok("DELETE", "/v1/hosts/r1") == {}
         wait(lambda: r1.api("GET", "/v1/status")["controller"]["state"].startswith("refused: "), "the refusal", [r1])
         time.sleep(2)                                      # four more polls: still one line
         lines = [x for x in r1.text().splitlines() if "refuses this host" in x]
