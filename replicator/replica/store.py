@@ -454,6 +454,10 @@ class ReplicaDisk:
                     self.abort(stream_id)
                     return self.state.points[self._point_index(generation)] if any(
                         p.generation == generation for p in self.state.points) else RecoveryPoint(generation, 0.0)
+            if self.state.failover:           # uploaded before the failover (a standalone primary has no epoch)
+                raise SequenceError(f"disk {self.state.name or self.state.disk_id} of machine "
+                                    f"{self.state.machine or '(unknown)'} was failed over on the replica site: "
+                                    "it takes no more cycles from the former primary")
             pre = self._usable_precheck(stream_id, spool)
             try:
                 if pre is not None:                 # verified and undo captured while it arrived
