@@ -62,6 +62,23 @@ class ExtendedResult:
     disks: dict = field(default_factory=dict)
 
 
+def _state_problem(data) -> str | None:
+    """What is wrong with a leg's state document (None: nothing), in a few words."""
+    if not isinstance(data, dict) or not isinstance(data.get("disks"), dict):
+        return "no disks mapping"
+    for key, mine in data["disks"].items():
+        if not isinstance(mine, dict) or not all(isinstance(mine.get(k), int) for k in ("generation", "forwarded")):
+            return f"disk {key[:40]!r}: generation and forwarded must be integers"
+        pending = mine.get("pending")
+        if pending is not None and not (isinstance(pending, dict) and isinstance(pending.get("stream"), str)
+                                        and isinstance(pending.get("path"), str)
+                                        and all(isinstance(pending.get(k), int) for k in ("generation", "forwarded"))):
+            return f"disk {key[:40]!r}: its pending stream is not stream, path, generation and forwarded"
+    if not isinstance(data.get("seeds", {}), dict) or not isinstance(data.get("stats", {}), dict):
+        return "seeds and stats must be mappings"
+    return None
+
+
 class ExtendedLeg:
     """One machine's extended leg from this replica store to a third site (a ReplicaTarget)."""
 
@@ -72,23 +89,38 @@ class ExtendedLeg:
         self.outbox = os.path.join(state_dir, "extended", "outbox")
         os.makedirs(self.outbox, exist_ok=True)
         self.stats = MachineStats(self.name, settings.frequency, clock=clock, labels={"relationship": "Extended"})
-        self.data = self._load()
-        self.stats.restore(self.data.get("stats", {}))
-        self.state = self.data.get("state", "NotStarted")
-        self.reason: str | None = self.data.get("reason")
+        self.broken: str | None = None     # the state file cannot be read: the leg stays out, the file as it is
+        try:
+            self.data = self._load()
+            self.stats.restore(self.data.get("stats", {}))
+        except UsageError as e:
+            self.broken, self.data = e.message, {"disks": {}}
+            log.error("%s: extended leg out of service: %s", self.name, e.message)
+        self.state = "Error" if self.broken else self.data.get("state", "NotStarted")
+        self.reason: str | None = self.broken or self.data.get("reason")
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ persisted state
     def _load(self) -> dict:
         try:
             with open(self.state_path) as f:
-                return json.load(f)
+                data = json.load(f)
         except FileNotFoundError:
             return {"disks": {}}
         except (OSError, ValueError) as e:
-            raise UsageError(f"{self.state_path}: unreadable extended-replication state: {e}") from None
+            raise UsageError(f"{self.state_path}: unreadable extended-replication state ({e}); it records "
+                             "what the extended site holds: restore it, or remove it and the extended site's "
+                             "disks to copy them again") from None
+        problem = _state_problem(data)
+        if problem:
+            raise UsageError(f"{self.state_path}: unreadable extended-replication state ({problem}); it records "
+                             "what the extended site holds: restore it, or remove it and the extended site's "
+                             "disks to copy them again")
+        return data
 
     def _save(self) -> None:
+        if self.broken:                      # never over a file we could not read
+            return
         self.data["stats"] = self.stats.snapshot()
         self.data["state"], self.data["reason"] = self.state, self.reason
         write_json_atomic(self.state_path, self.data)
@@ -137,8 +169,8 @@ class ExtendedLeg:
     async def cycle(self) -> ExtendedResult:
         """Forward the newest machine cut to the third site; resumes a cycle a crash interrupted first.
         One at a time (the schedule's and an operator's)."""
-        if self.state == "Continued":
-            raise UsageError(f"{self.name}: {self.reason}")
+        if self.state == "Continued" or self.broken:
+            raise UsageError(self.broken or f"{self.name}: {self.reason}")
         async with self._lock:
             return await self._locked_cycle()
 
@@ -404,7 +436,7 @@ class ExtendedLeg:
     async def run(self, stop: asyncio.Event) -> None:
         """A cycle every `frequency` seconds until `stop` is set; each leaves one log line."""
         while not stop.is_set():
-            if self.state == "Continued":
+            if self.state == "Continued" or self.broken:
                 return
             try:
                 r = await self.cycle()

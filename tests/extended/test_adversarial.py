@@ -13,6 +13,7 @@ import pytest
 
 from replicator import delta
 from replicator.daemon.extended import ExtendedLeg, ExtendedSettings
+from replicator.errors import UsageError
 from replicator.replica import ReplicaStore
 from replicator.replica.forward import ChangeJournal
 from replicator.replica.store import ReplicaDisk
@@ -241,4 +242,32 @@ def test_a_cycle_rolled_back_while_the_leg_copied_the_disk_is_levelled(tmp_path,
         assert ReplicaStore(str(tmp_path / "b")).disk(d).generation == 1
         assert "stats" in copied
         assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("text", ['{"disks": {"1f0e', '[1, 2]', '{"disks": {"%s": {"generation": "x"}}}',
+                                  '{"disks": {"%s": {"generation": 1, "forwarded": 1, "pending": 7}}}',
+                                  '{"disks": []}'])
+def test_an_unreadable_leg_state_is_one_line_and_kept(tmp_path, text):
+    """STATE_DIR/extended/NAME.json cut short or edited by hand: the leg says so in one line naming the
+    file and refuses to cycle; the file is left as it is (it records what C holds), and the rest of the
+    replica site starts (the leg was built with it: its error stopped replicatord, the primary leg too)."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        path = tmp_path / "b-state" / "extended" / "vm01.json"
+        path.parent.mkdir(parents=True)
+        body = text.replace("%s", str(d))
+        path.write_text(body)
+        leg = leg_for(tmp_path)                              # does not raise: the other legs, the server start
+        st = leg.status()
+        assert st["state"] == "Error" and str(path) in st["reason"] and "\n" not in st["reason"]
+        with pytest.raises(UsageError) as e:
+            await leg.cycle()
+        assert str(path) in e.value.message and "\n" not in e.value.message
+        stop = asyncio.Event()
+        stop.set()
+        await leg.run(stop)
+        assert path.read_text() == body
     asyncio.run(main())
