@@ -63,6 +63,15 @@ def test_hosts_links_sites_and_registration_key(portal, browser):
     expect(page.locator("#host-cloud-form .form-error")).to_contain_text("has 2 machine(s) placed on it")
     assert portal.api("GET", "/v1/hosts/hv2").json()["cloud"] == "gold"
 
+    # forgetting a host: refused while machines are placed on it, as the API says; done for the new one
+    hosts.filter(has_text="hv2").locator("button[data-action=forget]").click()
+    page.click("dialog.confirm button[data-confirm]")
+    expect(page.locator("#toasts .toast.error")).to_contain_text("has 2 machine(s) placed on it")
+    hosts.filter(has_text="hv3").locator("button[data-action=forget]").click()
+    page.click("dialog.confirm button[data-confirm]")
+    expect(hosts.filter(has_text="hv3")).to_have_count(0)
+    assert portal.api("GET", "/v1/hosts/hv3").status_code == 404
+
     viewer = browser.page()
     login(viewer, portal, portal.make_token("read-only", "viewer"))
     viewer.click("nav >> text=Infrastructure")
@@ -70,3 +79,4 @@ def test_hosts_links_sites_and_registration_key(portal, browser):
     expect(viewer.locator("button[data-action=registration-key]")).to_have_count(0)
     expect(viewer.locator("#site-form")).to_have_count(0)
     expect(viewer.locator("#host-cloud-form")).to_have_count(0)
+    expect(viewer.locator("button[data-action=forget]")).to_have_count(0)

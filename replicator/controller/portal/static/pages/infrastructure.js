@@ -1,7 +1,7 @@
 // Infrastructure: sites, hosts (green when they reported in the last 5 minutes, red otherwise), the
 // replication links between hosts, certificates and their expiry, and registration keys for new hosts.
 
-import { api, ago, apiForm, clear, dataTable, fmtTime, h, healthBadge, notify, section, session } from '../lib.js';
+import { api, ago, apiForm, clear, confirmAndCall, dataTable, fmtTime, h, healthBadge, notify, section, session } from '../lib.js';
 import { CERT_WARN_DAYS, certDaysLeft, hostUp } from './common.js';
 
 const WORST = { Critical: 3, Warning: 2, Normal: 1 };
@@ -63,6 +63,11 @@ export async function render(view) {
         return h('span', { class: d < CERT_WARN_DAYS ? 'breach' : null }, `${fmtTime(x.cert_not_after)} (${d < 0 ? 'expired' : `${Math.floor(d)} days`})`);
       } },
       { key: 'data_url', label: 'Data URL' }, { key: 'admin_url', label: 'Admin URL' },
+      { key: 'x', label: '', value: () => null, render: (x) => admin && h('button', { type: 'button', class: 'secondary',
+        'data-action': 'forget', onclick: async () => {
+          if (await confirmAndCall(`Forget host ${x.hostname}`, `Its certificate is refused from now on; it joins again only with a new registration key.`,
+            `/v1/hosts/${encodeURIComponent(x.id)}`, { method: 'DELETE', label: 'Forget host' })) await draw();
+        } }, 'Forget') },
     ], hosts, { id: 'hosts', filter: true, empty: 'No hosts have registered yet.' });
 
     const linkTable = dataTable([
