@@ -1,7 +1,8 @@
 """The console over a real fleet: `replicator-controller` (HTTPS, its own CA) and two real replicatord hosts
 registered with keys. A machine protected from the Replicated items page goes through its initial replication
 to Replicating / Normal on screen without reload; paused from its page, the host's report shows it Suspended,
-and resumed, Replicating again -- every step an API call the host carries out and reports."""
+resumed, Replicating again; a resync's job follows the host's to 100 % -- every step an API call the host
+carries out and reports."""
 from __future__ import annotations
 
 import os
@@ -83,6 +84,14 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         page.click("dialog.confirm button[data-confirm]")
         expect(page.locator("#machine-state")).to_have_text("Replicating", timeout=60_000)
         assert p1.machine("vm01")["state"] == "Replicating"
+
+        # a resync: the host runs its own job and the controller's follows it on screen, to 100 %
+        page.click("#machine-actions button[data-action=resync]")
+        page.click("dialog.confirm button[data-confirm]")
+        resync = page.locator("#machine-job-table tbody tr", has_text="resync")
+        expect(resync.locator("td[data-col=state]")).to_have_text("succeeded", timeout=90_000)
+        expect(resync.locator("td[data-col=progress]")).to_have_text("100%")
+        expect(page.locator("#machine-state")).to_have_text("Replicating", timeout=60_000)
     finally:
         for tab in browser.context.pages:      # before the controller goes: its event streams end cleanly
             tab.close()
