@@ -33,6 +33,7 @@ from ..durable import write_json_atomic
 from ..errors import ReplicatorError, UsageError
 from ..orchestration.extended import ExtendedSettings
 from ..orchestration.health import MachineStats
+from ..transport.auth import Ownership
 from ..replica.forward import ChangeJournal, RacedCommit, SeedSource, Snapshot, encode_forward, new_stream_id, \
     snapshot, snapshot_settled
 
@@ -127,9 +128,12 @@ class ExtendedLeg:
 
     # ------------------------------------------------------------------ the machine's disks
     def disk_paths(self) -> dict[str, str]:
-        """disk id -> replica disk folder, for the disks of this machine in the storage root."""
+        """disk id -> replica disk folder, for the disks of this machine in the storage root: of its
+        trust_group when one is set; several groups' disks under one machine name are refused (tenants
+        sharing a root may each have a vm01)."""
         base = os.path.join(self.settings.storage, "disks")
-        found = {}
+        owners = Ownership(self.settings.storage)
+        found, groups = {}, {}
         try:
             names = sorted(os.listdir(base))
         except FileNotFoundError:
@@ -146,7 +150,15 @@ class ExtendedLeg:
             except (OSError, ValueError):
                 continue
             if st.get("machine") == self.name or (not st.get("machine") and st.get("name") == self.name):
+                owner = owners.owner(key)
+                if self.settings.trust_group and owner not in (None, self.settings.trust_group):
+                    continue
                 found[key] = os.path.join(base, key)
+                if owner is not None:
+                    groups.setdefault(owner, []).append(key)
+        if len(groups) > 1:
+            raise UsageError(f"{self.name}: trust groups {', '.join(sorted(groups))} each have a machine of this "
+                             f"name in {self.settings.storage}: set trust_group in its [[extended]] table")
         return found
 
     def _cut(self, paths: dict[str, str]) -> tuple[int | None, dict[str, Snapshot], dict[str, dict]]:
@@ -408,9 +420,9 @@ class ExtendedLeg:
                                          additional_points=self.settings.additional_points)
         mine["generation"], mine["forwarded"], mine["pending"] = pending["generation"], pending["forwarded"], None
         self._save()
-        paths = self.disk_paths()
-        if key in paths:
-            ChangeJournal(paths[key]).trim(pending["forwarded"])
+        journal = ChangeJournal(os.path.join(self.settings.storage, "disks", key))
+        if journal.enabled and journal.ident == mine.get("journal"):     # not a disk made again meanwhile
+            journal.trim(pending["forwarded"])
         if os.path.exists(pending["path"]):
             os.unlink(pending["path"])
         return sent

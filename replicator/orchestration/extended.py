@@ -8,6 +8,7 @@
     compression = true
     bandwidth_limit = "20M"
     storage = "/srv/replicas/site-a"         # the storage root holding the machine (default: the only one)
+    trust_group = "tenant-a"                 # whose vm01: needed when several trust groups share the root
     cert = "..."; key = "..."; ca = "..."    # default: [replica]'s own certificate; auth = "kerberos" too
 
 The leg runs no more often than the primary leg can feed it: 5 or 15 minutes, never 30 s.
@@ -36,10 +37,11 @@ class ExtendedSettings:
     ca: str | None = None
     kerberos: bool = False
     seed_dir: str | None = None        # initial_replication = { mode = "offline", seed_dir = ... }
+    trust_group: str | None = None     # the owner of the machine's disks in a root several groups share
 
 
 KEYS = {"machine", "target", "frequency", "additional_points", "compression", "bandwidth_limit", "storage", "cert",
-        "key", "ca", "auth", "initial_replication"}
+        "key", "ca", "auth", "initial_replication", "trust_group"}
 
 
 def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
@@ -97,5 +99,5 @@ def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
             additional_points=t.int("additional_points", 0, 24, 0), compression=t.get(
                 "compression", (bool,), "true or false", True), bandwidth_limit=out.get("bandwidth_limit"),
             cert=t.file("cert", replica.cert), key=t.file("key", replica.key), ca=t.file("ca", replica.ca),
-            kerberos=auth == "kerberos", seed_dir=seed_dir))
+            kerberos=auth == "kerberos", seed_dir=seed_dir, trust_group=t.str("trust_group")))
     return legs

@@ -271,3 +271,32 @@ def test_an_unreadable_leg_state_is_one_line_and_kept(tmp_path, text):
         await leg.run(stop)
         assert path.read_text() == body
     asyncio.run(main())
+
+
+def test_a_machine_name_two_trust_groups_use_in_one_root_is_not_merged(tmp_path):
+    """Two tenants (trust groups) replicate into one storage root, each with a machine called vm01. The
+    leg for vm01 took the disks of both and sent the other tenant's disk to its extended site. Without a
+    trust_group it must refuse in one line; with one it forwards that group's disks only."""
+    from replicator.transport.auth import AuthorizationEntry, Ownership
+
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        mine, theirs = uuid.uuid4(), uuid.uuid4()
+        send(b, mine, 1, [(0, b"\x01" * MiB)])
+        send(b, theirs, 1, [(0, b"\x66" * MiB)])
+        owners = Ownership(str(tmp_path / "b"))
+        owners.claim(str(mine), AuthorizationEntry("primary1", str(tmp_path / "b"), "g1"))
+        owners.claim(str(theirs), AuthorizationEntry("primary2", str(tmp_path / "b"), "g2"))
+        leg = leg_for(tmp_path)
+        with pytest.raises(UsageError) as e:
+            await leg.cycle()
+        assert "g1" in e.value.message and "g2" in e.value.message and "\n" not in e.value.message
+        assert not (tmp_path / "c" / "disks" / str(theirs)).exists()
+        settings = ExtendedSettings(machine="vm01", target=f"local://{tmp_path / 'c'}",
+                                    storage=str(tmp_path / "b"), trust_group="g1")
+        leg = ExtendedLeg(settings, open_target(settings.target, retries=1), str(tmp_path / "b-state"))
+        await leg.cycle()
+        assert set(leg.data["disks"]) == {str(mine)}
+        assert not (tmp_path / "c" / "disks" / str(theirs)).exists()
+        assert c_equals_b(tmp_path, mine)
+    asyncio.run(main())
