@@ -15,9 +15,11 @@ The leg runs no more often than the primary leg can feed it: 5 or 15 minutes, ne
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from .settings import _NAME, _checked, _Table, parse_bandwidth, parse_frequency
+from .settings import _NAME, _checked, _Table, parse_bandwidth, parse_frequency, parse_target
 
 FREQUENCIES = (300.0, 900.0)          # Hyper-V offers 5 and 15 minutes for the extended leg
 
@@ -44,6 +46,19 @@ KEYS = {"machine", "target", "frequency", "additional_points", "compression", "b
         "key", "ca", "auth", "initial_replication", "trust_group"}
 
 
+def _target_problem(target: str, storages: list[str]) -> str | None:
+    """Why `target` cannot be an extended replica (None: it can): a URL no target takes, or a storage root
+    this replica server writes (the leg would forward disks into the store they come from)."""
+    try:
+        parse_target(target)
+    except ValueError as e:
+        return str(e)
+    parts = urlsplit(target)
+    if parts.scheme == "local" and os.path.normpath(parts.path) in {os.path.normpath(s) for s in storages}:
+        return f"{parts.path} is its own storage root ([replica].allow): the extended replica is another site"
+    return None
+
+
 def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
     """Every [[extended]] leg, checked; problems go to the configuration's report like every other table's."""
     legs: list[ExtendedSettings] = []
@@ -66,6 +81,11 @@ def parse_extended(root: _Table, replica) -> list[ExtendedSettings]:
         if not target:
             root.rep.error(t.at("target"), "missing: the extended replica's URL (https://HOST:8084, "
                                            "http://HOST:8083 for Kerberos, or local:///PATH)")
+        else:
+            problem = _target_problem(target, storages)
+            if problem:
+                root.rep.error(t.at("target"), problem)
+                target = None
         out: dict = {}
         _checked(t, "frequency", parse_frequency, out)
         frequency = float(out.get("frequency", 300))
