@@ -337,7 +337,10 @@ class ReplicaServer:
             disk = store.disk(disk_id)
         except UsageError:
             return
-        if disk.state.epoch != epoch:
+        known = disk.state.epoch
+        if known != epoch:
+            if (known is None or epoch > known) and self._owners[store.root].owner(disk_id) is None:
+                return          # claimed by nobody yet (a seed): only the PUT that claims it moves its epoch
             await self._in_disk(store, disk_id, disk.check_epoch, epoch)
 
     def _resolve_disk(self, request: web.Request):
