@@ -60,3 +60,89 @@ def test_a_cancel_does_not_overwrite_a_claim_made_after_it_read_the_job(store):
             jobs.cancel(s, done, "operator")
     with store.session() as s:
         assert s.get(m.Job, done_id).state == "succeeded"
+
+
+def race(ctl, table: str, where: str, *requests):
+    """Send `requests` (method, path, json) at once. On PostgreSQL they are made to interleave: a row of
+    `table` is locked here until every request waits on a lock, so each has read what it decides on before
+    any writes. SQLite runs one transaction at a time; there they are simply concurrent."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+    results: list = [None] * len(requests)
+
+    def send(i, method, path, body):
+        results[i] = ctl.client.request(method, path, json=body)
+    threads = [threading.Thread(target=send, args=(i, *r)) for i, r in enumerate(requests)]
+    if ctl.store.dialect != "postgresql":
+        for t in threads:
+            t.start()
+    else:
+        with ctl.store.engine.connect() as holder:
+            holder.execute(text(f"SELECT 1 FROM {table} WHERE {where} FOR UPDATE"))
+            for t in threads:
+                t.start()
+            waiting, deadline = 0, time.monotonic() + 30
+            while waiting < len(requests) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                waiting = holder.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+            assert waiting == len(requests), f"only {waiting} of {len(requests)} requests queued on the lock"
+            holder.rollback()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def statuses(results) -> list[int]:
+    for r in results:
+        assert r.status_code < 500 and set(r.json()) != {"detail"}, r.text
+    return sorted(r.status_code for r in results)
+
+
+def test_two_pairs_racing_for_one_cloud_make_one_pair(controller):
+    """Two pairs naming the same primary cloud: both read it unpaired and both were made (the cloud then
+    belonged to the second; the first pair had lost its primary cloud)."""
+    c = controller.client
+    for site in ("a", "b", "c"):
+        ok(c.post("/v1/sites", json={"name": site}), 201)
+    for cloud, site in (("gold", "a"), ("silver", "b"), ("bronze", "c")):
+        ok(c.post("/v1/clouds", json={"name": cloud, "site": site}), 201)
+    results = race(controller, "clouds", "name = 'gold'",
+                   ("POST", "/v1/pairs", {"name": "x", "primary": "gold", "recovery": "silver"}),
+                   ("POST", "/v1/pairs", {"name": "y", "primary": "gold", "recovery": "bronze"}))
+    assert statuses(results) == [201, 409], [r.text for r in results]
+    pairs = ok(c.get("/v1/pairs"))
+    assert len(pairs) == 1 and pairs[0]["primary"] == "gold", pairs
+    # the reverse orders lock both clouds in one order: no deadlock (a 503), one pair
+    ok(c.delete(f"/v1/pairs/{pairs[0]['name']}"), 204)
+    results = race(controller, "clouds", "name = 'silver'",
+                   ("POST", "/v1/pairs", {"name": "x", "primary": "gold", "recovery": "silver"}),
+                   ("POST", "/v1/pairs", {"name": "z", "primary": "silver", "recovery": "gold"}))
+    assert statuses(results) == [201, 409], [r.text for r in results]
+
+
+def test_a_machine_action_racing_itself_is_done_once(controller):
+    """Two pauses of one machine: both read 'enabled' and both made a pause job."""
+    from .helpers import deployment
+    deployment(controller)
+    ok(controller.client.post("/v1/machines", json={"name": "vm1", "cloud": "gold", "primary_host": "pa1",
+                                                    "domain": "vm1"}), 201)
+    results = race(controller, "machines", "name = 'vm1'", ("POST", "/v1/machines/vm1/pause", None),
+                   ("POST", "/v1/machines/vm1/pause", None))
+    assert statuses(results) == [202, 409], [r.text for r in results]
+    assert len(ok(controller.client.get("/v1/jobs", params={"kind": "pause-protection"}))) == 1
+
+
+def test_one_run_of_a_plan_at_a_time_even_when_two_start_together(controller):
+    from .helpers import deployment
+    deployment(controller)
+    c = controller.client
+    ok(c.post("/v1/machines", json={"name": "vm1", "cloud": "gold", "primary_host": "pa1", "domain": "vm1"}), 201)
+    ok(c.post("/v1/plans", json={"name": "pl", "pair": "gold-silver", "groups": [{"members": ["vm1"]}]}), 201)
+    results = race(controller, "recovery_plans", "name = 'pl'", ("POST", "/v1/plans/pl/runs", {"kind": "test"}),
+                   ("POST", "/v1/plans/pl/runs", {"kind": "test"}))
+    assert statuses(results) == [202, 409], [r.text for r in results]
+    assert len(ok(c.get("/v1/plans/pl/runs"))) == 1

@@ -24,23 +24,30 @@ def session(request: Request) -> Iterator[Session]:
         yield s
 
 
-def one(s: Session, model, what: str, **by):
-    obj = s.scalar(select(model).filter_by(**by))
+def _select(model, lock: bool, **by):
+    """FOR UPDATE when `lock`: a route that decides on what it reads (state, membership) holds the row until
+    it commits, so a concurrent request on PostgreSQL decides on the outcome (SQLite runs one at a time)."""
+    q = select(model).filter_by(**by)
+    return q.with_for_update() if lock else q
+
+
+def one(s: Session, model, what: str, lock: bool = False, **by):
+    obj = s.scalar(_select(model, lock, **by))
     if obj is None:
         raise HTTPException(404, f"no {what} {next(iter(by.values()))!r}")
     return obj
 
 
-def by_id(s: Session, model, ident: int, what: str):
-    obj = s.get(model, ident)
+def by_id(s: Session, model, ident: int, what: str, lock: bool = False):
+    obj = s.get(model, ident, with_for_update=lock or None)
     if obj is None:
         raise HTTPException(404, f"no {what} {ident}")
     return obj
 
 
-def ref(s: Session, model, what: str, field: str, **by):
+def ref(s: Session, model, what: str, field: str, lock: bool = False, **by):
     """A resource named in a request body: a missing one is invalid input (422), not a missing URL (404)."""
-    obj = s.scalar(select(model).filter_by(**by))
+    obj = s.scalar(_select(model, lock, **by))
     if obj is None:
         raise HTTPException(422, f"{field}: no {what} {next(iter(by.values()))!r}")
     return obj

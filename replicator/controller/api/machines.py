@@ -124,7 +124,7 @@ def change_machine(body: sc.MachinePatch, s: DB, request: Request, name: str = N
     """Change the policy or move the replica; a job tracks the primary host applying it."""
     given = body.model_fields_set
     note(request, f"machine/{name}", **{k: getattr(body, k) for k in given})
-    x = one(s, m.Machine, "machine", name=name)
+    x = one(s, m.Machine, "machine", lock=True, name=name)
     old_replica = x.replica_host_id
     changes = []
     if "policy" in given:
@@ -160,7 +160,7 @@ ACTIONS = {"pause": (("enabled",), "paused", "pause-protection"),
 
 def _act(action: str, s, request: Request, name: str, who: Principal) -> sc.JobOut:
     note(request, f"machine/{name}", action=action)
-    x = one(s, m.Machine, "machine", name=name)
+    x = one(s, m.Machine, "machine", lock=True, name=name)
     allowed, after, kind = ACTIONS[action]
     if x.desired_state not in allowed:
         raise conflict(f"machine {name!r} is {x.desired_state}: {action} applies to {' or '.join(allowed)}")
@@ -189,7 +189,7 @@ _action_route("enable", "Enable protection again after a disable.")
 def remove_machine(s: DB, request: Request, name: str = NamePath, _=Depends(operator)):
     """Forget a machine whose protection is disabled."""
     note(request, f"machine/{name}")
-    x = one(s, m.Machine, "machine", name=name)
+    x = one(s, m.Machine, "machine", lock=True, name=name)
     if x.desired_state != "disabled":
         raise conflict(f"machine {name!r} is {x.desired_state}: disable its protection first")
     if s.scalar(select(func.count()).select_from(m.PlanMember).where(m.PlanMember.machine_id == x.id)):
@@ -203,7 +203,7 @@ def failover_machine(body: sc.FailoverIn, s: DB, request: Request, name: str = N
                      who: Principal = Depends(operator)):
     """Ask for a failover; the job waits until the machine's hosts carry it out and report."""
     note(request, f"machine/{name}", kind=body.kind, force=body.force)
-    x = one(s, m.Machine, "machine", name=name)
+    x = one(s, m.Machine, "machine", lock=True, name=name)
     if x.desired_state == "disabled":
         raise conflict(f"machine {name!r} is not protected (disabled)")
     if x.replica_host is None:

@@ -86,7 +86,7 @@ def _active_run(s, plan: m.RecoveryPlan) -> m.PlanRun | None:
 def replace_plan(body: sc.PlanIn, s: DB, request: Request, name: str = NamePath, _=Depends(admin)):
     """Replace the plan's groups and actions (not while a run of it is in progress)."""
     note(request, f"plan/{name}")
-    plan = one(s, m.RecoveryPlan, "plan", name=name)
+    plan = one(s, m.RecoveryPlan, "plan", lock=True, name=name)
     if body.name != name:
         raise conflict(f"name: a plan is not renamed ({body.name!r} != {name!r})")
     if _active_run(s, plan):
@@ -98,7 +98,7 @@ def replace_plan(body: sc.PlanIn, s: DB, request: Request, name: str = NamePath,
 @router.delete("/plans/{name}", status_code=204, response_class=Response)
 def delete_plan(s: DB, request: Request, name: str = NamePath, _=Depends(admin)):
     note(request, f"plan/{name}")
-    plan = one(s, m.RecoveryPlan, "plan", name=name)
+    plan = one(s, m.RecoveryPlan, "plan", lock=True, name=name)
     if _active_run(s, plan):
         raise conflict(f"plan {name!r} has a run in progress")
     s.delete(plan)
@@ -118,7 +118,7 @@ def start_run(body: sc.PlanRunIn, s: DB, request: Request, name: str = NamePath,
               who: Principal = Depends(operator)):
     """Ask for a test, planned or unplanned failover of the whole plan; one run of a plan at a time."""
     note(request, f"plan/{name}", kind=body.kind, force=body.force)
-    plan = one(s, m.RecoveryPlan, "plan", name=name)
+    plan = one(s, m.RecoveryPlan, "plan", lock=True, name=name)
     if _active_run(s, plan):
         raise conflict(f"plan {name!r} already has a run in progress")
     run = m.PlanRun(plan=plan, kind=body.kind, forced=body.force, created_by=who.name)
@@ -151,7 +151,7 @@ def confirm_action(body: sc.ConfirmIn, s: DB, request: Request, run_id: int = Ru
                    who: Principal = Depends(operator)):
     """Confirm the manual action a run waits on; the run goes on."""
     note(request, f"plan-run/{run_id}", action_id=body.action_id)
-    r = _run(s, run_id)
+    r = by_id(s, m.PlanRun, run_id, "plan run", lock=True)
     if r.state != "waiting_for_input" or r.waiting_action_id is None:
         raise conflict(f"plan run {run_id} is {r.state}, not waiting for a manual action")
     if body.action_id != r.waiting_action_id:

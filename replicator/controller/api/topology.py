@@ -166,6 +166,9 @@ def list_pairs(s: DB):
 def create_pair(body: sc.PairIn, s: DB, request: Request, _=Depends(admin)):
     """Pair a primary cloud with a recovery cloud on another site; each cloud can be in one pair only."""
     note(request, f"pair/{body.name}", primary=body.primary, recovery=body.recovery, policy=body.policy)
+    # both clouds locked in one order (by id) before their pair is read: a concurrent pair of either waits
+    s.scalars(select(m.Cloud).where(m.Cloud.name.in_([body.primary, body.recovery])).order_by(m.Cloud.id)
+              .with_for_update()).all()
     primary = ref(s, m.Cloud, "cloud", "primary", name=body.primary)
     recovery = ref(s, m.Cloud, "cloud", "recovery", name=body.recovery)
     policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
