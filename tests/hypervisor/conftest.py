@@ -86,10 +86,15 @@ def hv_b(site_b_libvirtd):
 
 @pytest.fixture
 def workdir():
+    """A short folder for the test; any export process a daemon of the test left running (it outlives
+    replicatord while a guest holds it, and writes its state when it ends) is stopped before the folder goes."""
+    from replicator.tracking.remote import shutdown_running
     d = tempfile.mkdtemp(prefix="hv-", dir="/tmp")
     try:
         yield d
     finally:
+        for control in glob.glob(os.path.join(d, "**", "nbd", "*.control"), recursive=True):
+            shutdown_running(os.path.dirname(control), os.path.basename(control)[:-len(".control")])
         shutil.rmtree(d, ignore_errors=True)
 
 
