@@ -36,21 +36,26 @@ def register(sub) -> None:
         add_json(c)
         c.set_defaults(func=func)
     mp = cmds.add_parser("machine-points", help="recovery points of each machine (one cut across its disks)")
-    mp.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]")
+    mp.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]",
+                    help="the Azure container (and prefix) the machine replicates to")
     mp.add_argument("--machine", help="only this machine")
     add_json(mp)
     mp.set_defaults(func=cmd_machine_points)
     ex = cmds.add_parser("export", help="write a machine point's disks as fixed VHD files (decrypted)")
-    ex.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]")
-    ex.add_argument("machine")
+    ex.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]",
+                    help="the Azure container (and prefix) the machine replicates to; key_file= decrypts an "
+                         "encrypted replica")
+    ex.add_argument("machine", help="the protected machine whose point is exported")
     ex.add_argument("--point", type=int, help="machine point (default: the latest)")
     ex.add_argument("--out", required=True, help="existing folder; NAME.vhd per disk is written there")
     ex.set_defaults(func=cmd_export)
     fm = cmds.add_parser("failover-machine", help="a machine point to fixed-VHD blobs plus the ARM template of its "
                          "VM (deploy: az deployment group create -g RG --template-file FILE "
                          "--parameters storageAccountId=ID)")
-    fm.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]")
-    fm.add_argument("machine")
+    fm.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]",
+                    help="the Azure container (and prefix) the machine replicates to; key_file= decrypts an "
+                         "encrypted replica")
+    fm.add_argument("machine", help="the protected machine to fail over")
     fm.add_argument("--point", type=int, help="machine point (default: the latest)")
     fm.add_argument("--test", action="store_true", help="test failover: test blobs, NICs on the test VNet")
     fm.add_argument("--vm", required=True, help="VM spec (JSON: name, size, os_disk, nics, network_map, vnets, "
@@ -59,7 +64,8 @@ def register(sub) -> None:
     fm.set_defaults(func=cmd_failover_machine)
     fb = cmds.add_parser("failback", help="bring an Azure VM's disk (a failover blob) back into the on-premises "
                          "disk: a pass while it runs, a final pass (--base) after it stops, or --full")
-    fb.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]")
+    fb.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS]",
+                    help="the Azure container (and prefix) the machine replicates to")
     fb.add_argument("blob", help="the Azure VM's disk blob (failover printed it)")
     fb.add_argument("--disk", required=True, help="the on-premises disk to bring level (VHDX, VHD or raw)")
     fb.add_argument("--base", metavar="SNAPSHOT", help="the previous pass's snapshot: read only what changed since")
