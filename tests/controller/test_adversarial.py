@@ -146,3 +146,65 @@ def test_one_run_of_a_plan_at_a_time_even_when_two_start_together(controller):
                    ("POST", "/v1/plans/pl/runs", {"kind": "test"}))
     assert statuses(results) == [202, 409], [r.text for r in results]
     assert len(ok(c.get("/v1/plans/pl/runs"))) == 1
+
+
+# The role each route needs: a route added without a line here fails the test below (decide its role first).
+READ, OPERATE, ADMIN, HOST, PUBLIC = "read-only", "operator", "admin", "host certificate", "public"
+ROLE_OF = {
+    ("GET", "/v1/tokens"): ADMIN, ("GET", "/v1/ca"): PUBLIC, ("POST", "/v1/register"): PUBLIC,
+    ("GET", "/v1/hosts/self/desired"): HOST, ("POST", "/v1/hosts/self/report"): HOST,
+    ("POST", "/v1/hosts/self/renew"): HOST,
+    **{("POST", f"/v1/machines/{{name}}/{a}"): OPERATE
+       for a in ("pause", "resume", "resync", "disable", "enable", "failover")},
+    ("POST", "/v1/machines"): OPERATE, ("PATCH", "/v1/machines/{name}"): OPERATE,
+    ("DELETE", "/v1/machines/{name}"): OPERATE, ("POST", "/v1/jobs/{job_id}/cancel"): OPERATE,
+    ("POST", "/v1/plans/{name}/runs"): OPERATE, ("POST", "/v1/plan-runs/{run_id}/confirm"): OPERATE,
+}
+ADMIN_CHANGES = ("/v1/sites", "/v1/hosts/{host}", "/v1/clouds", "/v1/pairs", "/v1/policies", "/v1/plans",
+                 "/v1/tokens")
+
+
+def _role(method: str, path: str) -> str:
+    if (method, path) in ROLE_OF:
+        return ROLE_OF[method, path]
+    if method == "GET":
+        return READ
+    assert path.startswith(ADMIN_CHANGES), f"{method} {path}: which role may do this? (add it to ROLE_OF)"
+    return ADMIN
+
+
+def test_every_route_refuses_missing_bad_revoked_and_too_low_tokens(controller):
+    from fastapi.testclient import TestClient
+    c = TestClient(controller.app)                          # no default token
+    tokens = {role: controller.make_token(role, f"t-{role}") for role in ("read-only", "operator", "admin")}
+    revoked = controller.make_token("admin", "gone")
+    ok(controller.client.delete("/v1/tokens/gone"), 204)
+    rank = ["read-only", "operator", "admin"]
+    routes = [(meth.upper(), path) for path, ops in controller.app.openapi()["paths"].items() for meth in ops]
+    routes.append(("GET", "/v1/events"))                    # out of the document (an endless stream)
+    assert len(routes) > 50
+    fill = {"{name}": "x", "{host}": "x", "{site}": "x", "{job_id}": "1", "{run_id}": "1", "{mapping_id}": "1"}
+    for method, template in routes:
+        path = template
+        for k, v in fill.items():
+            path = path.replace(k, v)
+        need = _role(method, template)
+        send = lambda auth: c.request(method, path, headers={"Authorization": auth} if auth else {})  # noqa: E731
+        if need == PUBLIC:
+            assert send("").status_code not in (401, 403) or template == "/v1/register", (method, path)
+            continue
+        if need == HOST:                               # API tokens are not host certificates
+            for auth in ("", f"Bearer {tokens['admin']}"):
+                refused(send(auth), 401, "client certificate")
+            continue
+        for auth in ("", "Bearer", "Bearer rpc_" + "A" * 43, f"Bearer {revoked}", f"Basic {tokens['admin']}",
+                     "Bearer " + tokens["admin"][:-1]):
+            r = send(auth)
+            assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", (method, path, auth)
+            refused(r, 401)
+        for role in rank[:rank.index(need)]:
+            refused(send(f"Bearer {tokens[role]}"), 403, f"needs {need}")
+        if template != "/v1/events":
+            for role in rank[rank.index(need):]:
+                r = send(f"Bearer {tokens[role]}")
+                assert r.status_code not in (401, 403, 500), (method, path, role, r.text)
