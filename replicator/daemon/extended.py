@@ -255,19 +255,19 @@ class ExtendedLeg:
         what it holds (zeros too) when this site's replica was made anew. Read while the replica may change
         (labelled inconsistent); the ranges noted since its generation level it in the same cycle."""
         for key in keys:
-            base = self.data["disks"].get(key, {}).get("generation", 0)
-            info = await self.target.disk_info(uuid.UUID(key)) if await self._exists(key) else None
+            again = key in self.data["disks"]
+            info = await self.target.disk_info(uuid.UUID(key)) if not again and await self._exists(key) else None
             size = (await asyncio.to_thread(snapshot_settled, paths[key])).size
-            if not base and info is not None and info.generation > 0:
+            if info is not None and info.generation > 0:
                 raise UsageError(f"the extended site already holds disk {key} at generation {info.generation}, "
                                  "and this replica has no record of forwarding it: remove it there (or seed it) "
                                  "first")
-            if base and info is not None and info.size != size:
-                raise UsageError(f"the replica of disk {key} here is {size} bytes now, the extended site holds "
-                                 f"{info.size}: remove the disk there to copy it again")
             with open(os.path.join(paths[key], "state.json")) as f:
                 name = json.load(f).get("name") or key      # the primary's disk name goes on with it
-            await self.target.ensure_disk(uuid.UUID(key), size, name=name, machine=self.name)
+            # a copy made again goes on from what C holds (nothing, if its disk was removed there); a disk of
+            # another size there is refused by C in one line (remove it there to copy it again)
+            base = (await self.target.ensure_disk(uuid.UUID(key), size, name=name, machine=self.name)).generation
+            base = base if again else 0
             stream = new_stream_id()
             path = self._outbox_file(stream)
             header_for = lambda snap: delta.StreamHeader(   # noqa: E731

@@ -300,3 +300,37 @@ def test_a_machine_name_two_trust_groups_use_in_one_root_is_not_merged(tmp_path)
         assert not (tmp_path / "c" / "disks" / str(theirs)).exists()
         assert c_equals_b(tmp_path, mine)
     asyncio.run(main())
+
+
+def test_a_disk_made_again_with_another_size_is_copied_once_removed_on_c(tmp_path):
+    """B's replica made again under the same id at another size: C refuses the copy in one line (its disk
+    is of the old size); once the operator removes it there, the next cycle copies it whole (it went on
+    from the generation the leg had forwarded, which C no longer held, and failed forever)."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        for g in range(1, 4):
+            send(b, d, g, [(g * MiB, bytes([g]) * 4096)])
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        assert ReplicaStore(str(tmp_path / "b")).remove(d)
+        b = ReplicaStore(str(tmp_path / "b"))
+        bigger = b.ensure_disk(d, 2 * SIZE, block_size=MiB, machine="vm01")
+        header = delta.StreamHeader(disk_id=d, disk_size=2 * SIZE, block_size=MiB, generation=1,
+                                    base_generation=0, created=1.7e9)
+        sink = io.BytesIO()
+        with delta.DeltaEncoder(header, sink) as enc:
+            enc.add_data(12 * MiB, b"\x77" * MiB)
+            enc.finish()
+        up = bigger.open_upload(str(uuid.uuid4()))
+        up.write(0, sink.getvalue())
+        up.sync()
+        up.close()
+        bigger.commit(os.path.basename(up.path)[:-len(".delta")])
+        with pytest.raises(Exception) as e:
+            await leg.cycle()
+        assert "bytes" in str(getattr(e.value, "message", e.value))
+        assert ReplicaStore(str(tmp_path / "c")).remove(d)             # the operator removes it on C
+        await leg.cycle()
+        assert c_equals_b(tmp_path, d)
+    asyncio.run(main())
