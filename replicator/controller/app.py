@@ -9,7 +9,7 @@ import logging
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, StatementError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -80,6 +80,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DataError)
     async def data(request: Request, exc: DataError):
         return _error(request, 422, f"the database refused a value: {_one_line(str(exc.orig), 200)}")
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(StatementError)
+    async def out_of_range(request: Request, exc: Exception):
+        # a number past what the database holds (SQLite's driver raises before sending it; a bound value's
+        # conversion fails inside SQLAlchemy): the client's value, not the controller, is at fault
+        cause = getattr(exc, "orig", exc)
+        if isinstance(cause, OverflowError):
+            return _error(request, 422, f"a value is out of range for the store: {_one_line(str(cause), 120)}")
+        return await unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -208,3 +208,47 @@ def test_every_route_refuses_missing_bad_revoked_and_too_low_tokens(controller):
             for role in rank[rank.index(need):]:
                 r = send(f"Bearer {tokens[role]}")
                 assert r.status_code not in (401, 403, 500), (method, path, role, r.text)
+
+
+# ------------------------------------------------------------------------------ the host channel (hosts_api.py)
+# Found here, fixed by hosts_api.py's owner (the file was being changed): strict xfails, so each turns into a
+# failure once fixed -- then drop its marker.
+def _registered(controller, tmp_path, hostname="h1", site="east"):
+    from replicator.daemon.enrol import HostFiles
+    c = controller.client
+    if c.get(f"/v1/sites/{site}").status_code == 404:
+        ok(c.post("/v1/sites", json={"name": site}), 201)
+    key = ok(c.post(f"/v1/sites/{site}/registration-keys"))
+    body = {"token": key["token"], "hostname": hostname, "csr": HostFiles(str(tmp_path / hostname)).csr(hostname),
+            "admin_url": "http://127.0.0.1:8085", "data_url": f"https://{hostname}.example:8084"}
+    return ok(c.post("/v1/register", json=body)), body
+
+
+def _as_host(controller, pem: str):
+    """The app as the TLS layer hands it a request with this verified client certificate (tls.py)."""
+    from fastapi.testclient import TestClient
+
+    async def with_cert(scope, receive, send):
+        if scope["type"] == "http":
+            scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
+        await controller.app(scope, receive, send)
+    return TestClient(with_cert)
+
+
+def test_a_number_beyond_what_the_store_holds_is_one_line(controller, tmp_path):
+    """A report's revision of 2**63 was a 500 on SQLite (the driver's OverflowError). The app now answers any
+    such overflow with a 422; hosts_api.py's owner should still bound ReportIn.revision (le=2**31-1)."""
+    issued, _ = _registered(controller, tmp_path)
+    host = _as_host(controller, issued["certificate"])
+    for revision in (2 ** 63, 10 ** 30):
+        refused(host.post("/v1/hosts/self/report", json={"revision": revision, "status": {}}), 422)
+    assert ok(host.post("/v1/hosts/self/report", json={"revision": 1, "status": {}}))["revision"] >= 1
+
+
+@pytest.mark.xfail(strict=True, reason="hosts_api.py: removing a host sets its key's used_by to NULL (ondelete "
+                                       "SET NULL) and register treats that as unused; check used_at instead")
+def test_a_removed_host_does_not_join_again_with_its_used_key(controller, tmp_path):
+    issued, body = _registered(controller, tmp_path)
+    ok(controller.client.delete("/v1/hosts/h1"), 204)
+    # docs/management-plane.md and DELETE /v1/hosts: "it joins again only with a new key"
+    refused(controller.client.post("/v1/register", json=body), 403, "already used")
