@@ -56,6 +56,7 @@ class Daemon:
         os.makedirs(self.state_dir, exist_ok=True)
         self.machines: dict[str, PrimaryMachine] = {}
         self.unavailable: dict[str, str] = {}     # configured machines that cannot be protected now: why
+        self.pending: set[str] = set()            # of those, running domains on their way to the export
         self._retrying: asyncio.Task | None = None
         self.replica_server = None
         self.scheduler = Scheduler(self._run_cycle, cut=self._cut, on_missed=self._missed,
@@ -124,11 +125,17 @@ class Daemon:
         try:
             self.protect(m)
         except ReplicatorError as e:
+            from .domains import ProtectionPending
             if self.unavailable.get(m.name) != e.message:
-                log.error("%s: cannot be protected now (tried again every %d s): %s", m.name, RETRY_UNAVAILABLE,
-                          e.message)
+                (log.info if isinstance(e, ProtectionPending) else log.error)(
+                    "%s: cannot be protected now (tried again every %d s): %s", m.name, RETRY_UNAVAILABLE, e.message)
             self.unavailable[m.name] = e.message
+            if isinstance(e, ProtectionPending):       # a running domain: on its way, not broken
+                self.pending.add(m.name)
+            else:
+                self.pending.discard(m.name)
             return False
+        self.pending.discard(m.name)
         if self.unavailable.pop(m.name, None) is not None:
             log.info("%s: protected again", m.name)
         return True
@@ -140,12 +147,16 @@ class Daemon:
                 self._try_protect(m)
 
     def _unavailable_view(self, name: str) -> dict:
-        """A status entry shaped like PrimaryMachine.status(): Critical, with why it is not protected."""
+        """A status entry shaped like PrimaryMachine.status(): Critical, with why it is not protected; a
+        running domain whose protection waits for a live switch or its next boot is ReadyForInitialReplication
+        with a Warning instead (nothing is wrong: replication starts once its disks are on the export)."""
         reason = self.unavailable[name]
         m = next(m for m in self.config.machines if m.name == name)
         stats = MachineStats(name, m.protection.frequency).to_dict()
-        stats.update(health="Critical", health_reasons=[reason])
-        return {"name": name, "role": "primary", "state": "Error", "reason": reason, "since": None,
+        pending = name in self.pending
+        stats.update(health="Warning" if pending else "Critical", health_reasons=[reason])
+        return {"name": name, "role": "primary", "state": "ReadyForInitialReplication" if pending else "Error",
+                "reason": reason, "since": None,
                 "stats": stats, "target": m.protection.target, "disks": {}, "jobs": [], "last_cycle": None}
 
     def protect(self, m) -> "PrimaryMachine":
