@@ -144,8 +144,8 @@ def this_host(request: Request, s: DB) -> m.Host:
         raise HTTPException(403, f"host {host_id[:64]} is not registered here (removed): register it again "
                                  "with a new key")
     request.state.actor = f"host:{host.hostname}"
-    host.last_seen = m.utcnow()
-    return host
+    return host                 # (last_seen is written by each route last: machines, then hosts, as the REST
+                                # routes lock them -- the other order deadlocks against them on PostgreSQL)
 
 
 Self = Annotated[m.Host, Depends(this_host)]
@@ -236,7 +236,7 @@ def renew(body: RenewIn, request: Request, host: Self, ca: CA) -> dict:
     note(request, host.id)
     data_host = urlsplit(host.data_url or "").hostname
     issued = _sign(ca, body.csr, host.id, [host.hostname, data_host or host.hostname])
-    host.cert_serial, host.cert_not_after = issued.serial, issued.not_after
+    host.cert_serial, host.cert_not_after, host.last_seen = issued.serial, issued.not_after, m.utcnow()
     request.state.audit_detail = {"serial": issued.serial, "not_after": issued.not_after.isoformat()}
     return {"certificate": issued.pem, "renew_after": issued.renew_after}
 
@@ -244,7 +244,9 @@ def renew(body: RenewIn, request: Request, host: Self, ca: CA) -> dict:
 @router.get("/v1/hosts/self/desired", response_model=DesiredOut, responses=ERRORS)
 def get_desired(s: DB, host: Self) -> dict:
     """What this host should run: replicatord's configuration, the fencing table, and their revision."""
-    return desired.current(s, host)
+    doc = desired.current(s, host)
+    host.last_seen = m.utcnow()
+    return doc
 
 
 def _observe(s: Session, host: m.Host, status: dict) -> None:
@@ -315,12 +317,11 @@ def _applied(s: Session, host: m.Host, body: ReportIn) -> None:
 @router.post("/v1/hosts/self/report", response_model=ReportOut, responses=ERRORS)
 def report(body: ReportIn, s: DB, host: Self) -> dict:
     """The host's status, jobs and problems; the answer says the newest revision (a host sees it is behind)."""
-    doc = body.model_dump()
-    doc["received_at"] = m.utcnow().isoformat()
-    host.last_report = doc
-    host.applied_revision = body.revision
     _observe(s, host, body.status)
     _applied(s, host, body)
+    doc = body.model_dump()
+    doc["received_at"] = m.utcnow().isoformat()
+    host.last_report, host.applied_revision, host.last_seen = doc, body.revision, m.utcnow()
     return {"revision": desired.current(s, host)["revision"]}
 
 

@@ -66,6 +66,7 @@ class Agent:
         self._task: asyncio.Task | None = None
         self._operating: asyncio.Task | None = None
         self.operations_done: dict = {}           # operations.json: what was applied (resync jobs), reported
+        self._operations_lock = asyncio.Lock()
         try:
             with open(self.files.operations, encoding="utf-8") as f:
                 self.operations_done = json.load(f)
@@ -227,6 +228,10 @@ class Agent:
         self._operating = asyncio.create_task(self.apply_operations(daemon), name="controller-operations")
 
     async def apply_operations(self, daemon) -> None:
+        async with self._operations_lock:         # one daemon's round at a time (reloads come quickly)
+            await self._apply_operations(daemon)
+
+    async def _apply_operations(self, daemon) -> None:
         """The desired document's `operations`: pause or resume a machine when the controller's desired state
         for it changed since last applied, and run one resync per raise of its resync counter. Changes only:
         an operator's pause through the admin API stands until the controller says otherwise."""
@@ -260,6 +265,8 @@ class Agent:
                 if last is not None and isinstance(op.get("resync"), int) and op["resync"] > last.get("resync", 0):
                     entry.pop("resync_job", None)
                     entry["resync_error"] = "not started"
+                    done[name] = entry            # at most once: kept as asked before it starts
+                    await asyncio.to_thread(write_json_atomic, self.files.operations, done)
                     job, _ = await pm.begin("resync")
                     entry["resync_job"] = job.id
                     del entry["resync_error"]

@@ -164,8 +164,10 @@ def _fleet(tmp_path, ctl: ControllerProc, hosts: list) -> None:
          == {"pause-protection": "succeeded", "resume-protection": "succeeded", "resync": "succeeded"},
          "the controller's jobs done", hosts)
     resync = next(j for j in ctl.ok("GET", "/v1/jobs") if j["kind"] == "resync")   # it followed the host's job
-    host_job = next(j for j in p2.api("GET", "/v1/jobs")["jobs"] if j["kind"] == "resync")
-    assert resync["progress"] == 100 and f"resync succeeded ({host_job['id']})" in resync["message"], resync
+    followed = resync["message"].rpartition("(")[2].rstrip(")")
+    host_job = p2.api("GET", f"/v1/jobs/{followed}")
+    assert resync["progress"] == 100 and "resync succeeded" in resync["message"], resync
+    assert host_job["kind"] == "resync" and host_job["subject"] == "vm02" and host_job["state"] == "succeeded"
     cycle_and_compare(p2, "vm02", 0x64, "13M")
     # each host's fencing table comes from the controller (daemon/fencing.py reads it)
     fenced = {h.name: json.loads((h.state / "controller" / "fencing.json").read_text())["machines"] for h in hosts}
