@@ -28,7 +28,7 @@ import sys
 
 from aiohttp import web
 
-from ..errors import ReplicatorError
+from ..errors import CannotListen, ReplicatorError
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
 from .primary import OPERATIONS, PrimaryMachine
@@ -36,6 +36,15 @@ from .replica_site import ReplicaSite
 
 log = logging.getLogger("replicatord")
 RETRY_UNAVAILABLE = float(os.environ.get("REPLICATOR_RETRY_UNAVAILABLE", "30"))   # seconds
+
+
+async def _listen(site, what: str, setting: str) -> None:
+    """Start a listener; a taken port is one line (CannotListen, exit 20), not a traceback."""
+    try:
+        await site.start()
+    except OSError as e:
+        raise CannotListen(f"{what} cannot listen on {site.name}: {e.strerror} (another server there? "
+                           f"{setting})") from None
 
 
 def ensure_token(path: str) -> str:
@@ -103,13 +112,14 @@ class Daemon:
         self.token = ensure_token(self.config.daemon.admin_token_file or os.path.join(self.state_dir, "admin.token"))
         self.admin = web.AppRunner(self._admin_app(), access_log=None)
         await self.admin.setup()
-        site = web.TCPSite(self.admin, self.config.daemon.admin_host, self.config.daemon.admin_port)
-        await site.start()
-        if self.config.daemon.metrics_host is not None:     # scrapers on other hosts: /metrics and nothing else
-            self.metrics_token = ensure_token(self.config.daemon.metrics_token_file)
+        d = self.config.daemon
+        await _listen(web.TCPSite(self.admin, d.admin_host, d.admin_port), "the admin API", "[daemon] admin_listen")
+        if d.metrics_host is not None:     # scrapers on other hosts: /metrics and nothing else
+            self.metrics_token = ensure_token(d.metrics_token_file)
             self.metrics = web.AppRunner(self._metrics_app(), access_log=None)
             await self.metrics.setup()
-            await web.TCPSite(self.metrics, self.config.daemon.metrics_host, self.config.daemon.metrics_port).start()
+            await _listen(web.TCPSite(self.metrics, d.metrics_host, d.metrics_port), "the metrics listener",
+                          "[daemon] metrics_listen")
 
     async def _removed_protections(self) -> None:
         from .removal import remove_protection, removed_machines

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from ..errors import ReplicatorError
+from ..errors import CannotListen, ReplicatorError
 from ..targets.factory import open_target
 from ..transport.auth import AuthorizationEntry
 from ..transport.server import ReplicaServer
@@ -88,7 +88,11 @@ async def start_replica_role(settings, config=None) -> ReplicaRole:
     server = ReplicaServer(entries, mode=mode, host=settings.listen, port=settings.port, certfile=settings.cert,
                            keyfile=settings.key, cafile=settings.ca, keytab=settings.keytab,
                            limits=settings.limits)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        raise CannotListen(f"the replica role cannot listen on {settings.listen}:{settings.port}: {e.strerror} "
+                           "(another server there? [replica] port)") from None
     legs = []
     for ext in getattr(config, "extended", None) or []:
         target = open_target(ext.target, cert=ext.cert, key=ext.key, ca=ext.ca, kerberos=ext.kerberos,
