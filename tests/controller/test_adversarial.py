@@ -252,3 +252,22 @@ def test_a_removed_host_does_not_join_again_with_its_used_key(controller, tmp_pa
     ok(controller.client.delete("/v1/hosts/h1"), 204)
     # docs/management-plane.md and DELETE /v1/hosts: "it joins again only with a new key"
     refused(controller.client.post("/v1/register", json=body), 403, "already used")
+
+
+def test_a_machine_enabled_while_its_pair_is_deleted_is_not_left_in_an_unpaired_cloud(controller):
+    """Enabling read the cloud paired while deleting the pair counted no machines: both succeeded, and the
+    machine stayed protected in a cloud without a pair (no recovery side, no policy)."""
+    from .helpers import deployment
+    deployment(controller)
+    c = controller.client
+    results = race(controller, "clouds", "name = 'gold'",
+                   ("POST", "/v1/machines", {"name": "vm1", "cloud": "gold", "primary_host": "pa1",
+                                             "domain": "vm1"}),
+                   ("DELETE", "/v1/pairs/gold-silver", None))
+    codes = [r.status_code for r in results]
+    assert all(code < 500 for code in codes), [r.text for r in results]
+    pairs, machines = ok(c.get("/v1/pairs")), ok(c.get("/v1/machines"))
+    if codes[1] == 204:                                       # the pair went first: nothing enabled in gold
+        assert codes[0] == 422 and pairs == [] and machines == [], [r.text for r in results]
+    else:                                                     # the machine went first: the pair stays
+        assert codes == [201, 409] and len(pairs) == 1 and machines[0]["cloud"] == "gold", codes

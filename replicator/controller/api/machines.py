@@ -74,7 +74,7 @@ def enable_protection(body: sc.MachineIn, s: DB, request: Request, who: Principa
     """Enable protection of a machine in a paired primary cloud: placed on a replica host of the recovery
     cloud, following the pair's policy (or its own). A job tracks its hosts applying it."""
     note(request, f"machine/{body.name}", cloud=body.cloud)
-    cloud = ref(s, m.Cloud, "cloud", "cloud", name=body.cloud)
+    cloud = ref(s, m.Cloud, "cloud", "cloud", lock=True, name=body.cloud)       # its pair stays while we place
     if cloud.pair is None or cloud.pair_role != "primary":
         raise HTTPException(422, f"cloud: {cloud.name!r} is not the primary cloud of a pair")
     recovery = cloud.pair.cloud("recovery")

@@ -219,7 +219,10 @@ def set_pair_policy(body: sc.PairPolicyIn, s: DB, request: Request, name: str = 
 
 
 def _machines_of(s, pair: m.CloudPair) -> int:
+    """Machines protected in the pair's clouds, with those clouds locked until the change commits (a machine
+    being enabled in one of them meanwhile locks its cloud too: one of the two waits and sees the other)."""
     ids = [c.id for c in pair.clouds]
+    s.scalars(select(m.Cloud.id).where(m.Cloud.id.in_(ids)).order_by(m.Cloud.id).with_for_update()).all()
     return s.scalar(select(func.count()).select_from(m.Machine).where(m.Machine.cloud_id.in_(ids))) if ids else 0
 
 
