@@ -271,3 +271,33 @@ def test_a_machine_enabled_while_its_pair_is_deleted_is_not_left_in_an_unpaired_
         assert codes[0] == 422 and pairs == [] and machines == [], [r.text for r in results]
     else:                                                     # the machine went first: the pair stays
         assert codes == [201, 409] and len(pairs) == 1 and machines[0]["cloud"] == "gold", codes
+
+
+def test_no_secret_in_any_answer_audit_entry_or_log_line(controller, tmp_path, caplog):
+    """Tokens, registration keys and the CA key appear only where they are made (once), never in a listing,
+    the audit log, an error or a log line -- also when a request carrying them is refused."""
+    import logging
+    import os
+    caplog.set_level(logging.DEBUG)
+    c = controller.client
+    made = ok(c.post("/v1/tokens", json={"name": "ops", "role": "operator"}), 201)["token"]
+    issued, body = _registered(controller, tmp_path)
+    key_token = body["token"]
+    with open(os.path.join(controller.data_dir, "ca", "ca.key")) as f:
+        ca_key = "".join(f.read().split("-----")[2].split())[:40]           # a stretch of the key's base64
+    refused(c.post("/v1/register", json={**body, "hostname": "other"}), 403)     # the key again: refused
+    refused(c.get("/v1/sites", headers={"Authorization": f"Bearer {made}x"}), 401)
+    ok(c.delete("/v1/tokens/ops"), 204)
+    refused(c.get("/v1/sites", headers={"Authorization": f"Bearer {made}"}), 401)
+    secrets = {"admin token": controller.token, "made token": made, "registration key": key_token,
+               "CA key": ca_key}
+    from replicator.controller.auth import hash_token
+    secrets.update({f"hash of {k}": hash_token(v) for k, v in list(secrets.items()) if k != "CA key"})
+    seen = []
+    for path in ("/v1/tokens", "/v1/audit?limit=1000", "/v1/hosts", "/v1/sites", "/v1/hosts/h1",
+                 "/openapi.json", "/metrics", "/v1/whoami"):
+        seen.append((path, c.get(path).text))
+    seen += [("log", r.getMessage()) for r in caplog.records]
+    for where, text in seen:
+        for what, secret in secrets.items():
+            assert secret not in text, f"{what} in {where}"
