@@ -334,3 +334,25 @@ def test_a_disk_made_again_with_another_size_is_copied_once_removed_on_c(tmp_pat
         await leg.cycle()
         assert c_equals_b(tmp_path, d)
     asyncio.run(main())
+
+
+def test_a_machine_failed_over_on_the_extended_site_takes_no_more_forwarded_cycles(tmp_path):
+    """Sites A and B lost, the machine failed over on C; then B comes back and its leg runs. The leg sends no
+    fencing epoch and checks no failover (it makes no ensure_disk after the first copy): C's failed-over
+    disk must refuse the commit, not move past the point it was failed over at."""
+    async def main():
+        b = ReplicaStore(str(tmp_path / "b"))
+        d = uuid.uuid4()
+        send(b, d, 1, [(0, b"\x01" * MiB)])
+        leg = leg_for(tmp_path)
+        await leg.cycle()
+        c = ReplicaStore(str(tmp_path / "c")).disk(d)
+        before = (c.generation, image_bytes(tmp_path / "c", d, tmp_path, "c")[1])
+        c.set_failover({"machine": "vm01", "point": 1, "time": 1.0})
+        send(b, d, 2, [(MiB, b"\x02" * MiB)])
+        with pytest.raises(Exception) as e:
+            await leg.cycle()
+        assert "failed over" in str(getattr(e.value, "message", e.value))
+        assert (ReplicaStore(str(tmp_path / "c")).disk(d).generation,
+                image_bytes(tmp_path / "c", d, tmp_path, "c")[1]) == before
+    asyncio.run(main())
