@@ -7,6 +7,7 @@ printed as one line (`replicator: error: ...`, exit 2 for refused input, 1 other
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import ssl
@@ -26,6 +27,15 @@ class Api:
     """A JSON client for the controller's REST API (stdlib only: the CLI needs nothing the daemon does not)."""
 
     def __init__(self, url: str, token: str, ca: str | None, timeout: float = 30):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port
+        except ValueError as e:
+            raise UsageError(f"--controller {url!r}: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"--controller must be http(s)://HOST[:PORT], not {url!r}")
+        if not token or not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+            raise UsageError("the token file does not hold an API token (one line of printable ASCII)")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         self.context = ssl.create_default_context(cafile=ca) if url.startswith("https") else None
 
@@ -50,7 +60,13 @@ class Api:
             raise ControllerError(f"cannot reach the controller at {self.url}: {e.reason}") from None
         except (TimeoutError, OSError) as e:
             raise ControllerError(f"cannot reach the controller at {self.url}: {e}") from None
-        return json.loads(raw) if raw else None
+        except http.client.HTTPException as e:          # something that is not an HTTP server answered
+            raise ControllerError(f"{self.url} does not answer as the controller does ({type(e).__name__})") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise ControllerError(f"{method} {path}: {self.url} answered something that is not JSON (is it the "
+                                  f"controller?)") from None
 
 
 def _quote(name: str) -> str:

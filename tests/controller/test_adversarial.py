@@ -301,3 +301,42 @@ def test_no_secret_in_any_answer_audit_entry_or_log_line(controller, tmp_path, c
     for where, text in seen:
         for what, secret in secrets.items():
             assert secret not in text, f"{what} in {where}"
+
+
+def test_cli_against_bad_urls_tokens_and_servers_says_one_line(tmp_path, capsys):
+    """Each of these was a traceback: a token file with a line break inside, a URL that does not parse, a
+    server that does not speak HTTP, one that answers 200 with something else than JSON."""
+    import socket
+    import threading
+
+    from replicator.cli import main as cli
+    good, broken = tmp_path / "t", tmp_path / "broken"
+    good.write_text("rpc_abc\n")
+    broken.write_text("rpc_a\nbc\n")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    answers = [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"]
+
+    def serve():
+        for answer in answers:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.close()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        for argv, code, words in (
+                (["--controller", "http://127.0.0.1:1", "--token", str(broken)], 2, "does not hold an API token"),
+                (["--controller", "http://[::1", "--token", str(good)], 2, "--controller"),
+                (["--controller", "ftp://x", "--token", str(good)], 2, "http(s)://HOST"),
+                (["--controller", url, "--token", str(good)], 1, "does not answer as the controller"),
+                (["--controller", url, "--token", str(good)], 1, "not JSON")):
+            assert cli([*argv, "site", "list"]) == code, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and words in err and "Traceback" not in err, (argv, err)
+    finally:
+        server.join(10)
+        listener.close()
