@@ -314,7 +314,11 @@ class ReplicaDisk:
         self._held = threading.local()
         self._alive = -1
         alone = self._open_alive()
-        with self.exclusive():
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.exclusive(wait=False))   # never wait here: opens happen on event loops
+            except BlockingIOError:
+                return                    # a cycle is being applied by another open: nothing is interrupted
             if alone:                     # else another open has uploads and prechecks in flight: not ours
                 for name in os.listdir(os.path.join(path, "undo")):
                     if name.endswith(PENDING_SUFFIX):    # left by a precheck of an earlier process
@@ -354,9 +358,9 @@ class ReplicaDisk:
             pass
 
     @contextlib.contextmanager
-    def exclusive(self):
+    def exclusive(self, wait: bool = True):
         """The disk's state to change, alone among processes (and this object's threads), from the state
-        file as it is now. Re-entrant within a thread."""
+        file as it is now. Re-entrant within a thread. wait=False: BlockingIOError when another holds it."""
         if getattr(self._held, "depth", 0):
             self._held.depth += 1
             try:
@@ -370,7 +374,7 @@ class ReplicaDisk:
             fd = -1                       # read-only: nothing will be changed
         try:
             if fd >= 0:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             self._held.depth = 1
             if not self.current():        # another process changed it since we read it
                 self.state = _load(self.state_path)

@@ -160,7 +160,7 @@ def test_the_leg_runs_on_its_schedule_and_stops_cleanly(tmp_path):
             leg.settings.frequency = 0.3                 # seconds here; 5 or 15 minutes in a configuration
             stop = asyncio.Event()
             task = asyncio.create_task(leg.run(stop))
-            for _ in range(200):                          # the first cycle runs at once
+            for _ in range(600):                          # the first cycle runs at once
                 if leg.state == "Replicating":
                     break
                 await asyncio.sleep(0.05)
@@ -169,7 +169,7 @@ def test_the_leg_runs_on_its_schedule_and_stops_cleanly(tmp_path):
             m.set_time(m.clock.now() + 30)
             await m.tick()
             before = leg.stats.successful
-            for _ in range(100):                          # and again at its frequency
+            for _ in range(600):                          # and again at its frequency (a loaded machine: slow)
                 if leg.stats.successful > before + 1:
                     break
                 await asyncio.sleep(0.05)

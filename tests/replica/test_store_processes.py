@@ -65,3 +65,21 @@ def test_a_change_waits_for_the_other_process_and_starts_from_its_result(tmp_pat
     other.join(30)
     again = ReplicaStore(root).disk(DISK_ID)
     assert again.state.counters.get("held") == 2 and again.state.counters.get("mine") == 1   # no lost update
+
+
+def test_opening_while_another_process_applies_does_not_wait(tmp_path):
+    """Opens happen on the replica server's event loop: one must not wait for another process's apply."""
+    root = str(tmp_path)
+    ReplicaStore(root).ensure_disk(DISK_ID, SIZE).close()
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold, args=(root, ready, release, True))
+    other.start()
+    try:
+        assert ready.wait(30)
+        started = time.monotonic()
+        ReplicaStore(root).disk(DISK_ID)
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        other.join(30)
