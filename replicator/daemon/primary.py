@@ -96,7 +96,8 @@ class PrimaryMachine:
         self.epoch = fencing.epoch_of(state_dir, machine.name)     # None: standalone, no epoch sent
         fencing.lift_if_raised(self.state, self.epoch)
         self.target = open_target(p.target, cert=p.cert, key=p.key, ca=p.ca, kerberos=p.auth == "kerberos",
-                                  bandwidth_limit=p.bandwidth_limit, machine=machine.name, epoch=self.epoch)
+                                  bandwidth_limit=p.bandwidth_limit, machine=machine.name, epoch=self.epoch,
+                                  encryption_key_file=p.encryption_key_file)
         sock_dir = os.path.join(state_dir, "nbd")
         os.makedirs(sock_dir, exist_ok=True)
         export = ExportHandle(machine.name, {os.path.basename(p): p for p in machine.disks}, sock_dir)

@@ -40,7 +40,7 @@ DEFAULT_ADMIN = "127.0.0.1:8085"
 PROTECTION_KEYS = frozenset({
     "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
     "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "resync", "resync_window",
-    "target", "quiesce"})
+    "target", "quiesce", "encryption_key_file"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
 _BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I)
@@ -95,6 +95,7 @@ class Protection:
     resync_window: tuple[dt.time, dt.time] | None = None
     target: str | None = None
     quiesce: QuiesceSettings | None = None
+    encryption_key_file: str | None = None      # azure:// only: the customer's key (azure/crypto.py)
 
     @property
     def replica_port(self) -> int | None:
@@ -116,6 +117,7 @@ class Machine:
     targets: tuple[tuple[str, str], ...] = ()   # a domain machine's (disk target, VHDX path), as disks
     failover_ips: tuple = ()                    # a domain machine's FailoverIp per NIC (failover_ips.py)
     live_switch: bool = True                    # a running domain is switched onto the export while it runs
+    azure_vm: object = None                     # [machine.azure_vm]: the VM a failover to Azure deploys (VmSpec)
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,11 @@ def _protection(t: _Table) -> dict:
     for key in ("cert", "key", "ca"):
         if t.str(key) is not None:
             out[key] = t.file(key, check=True)
+    if t.str("encryption_key_file") is not None:
+        from ..azure.settings import key_file_problem
+        out["encryption_key_file"] = t.file("encryption_key_file", check=True)
+        if why := key_file_problem(out["encryption_key_file"]):
+            t.rep.error(t.at("encryption_key_file"), why)
     if t.str("resync_window") is not None:
         _checked(t, "resync_window", parse_window, out)
     if t.str("target") is not None:
@@ -426,6 +433,10 @@ def _contradictions(p: Protection, final: bool) -> list[tuple[str, str]]:
         from ..azure.points import budget_problem
         if why := budget_problem(dict(parse_qsl(parts.query)).get("retention", 8), p.additional_points):
             found.append(("target", why))
+        if p.encryption_key_file and "key_file" in dict(parse_qsl(parts.query)):
+            found.append(("encryption_key_file", "the target URL names a key_file= too: keep one of them"))
+    elif p.encryption_key_file and p.target:
+        found.append(("encryption_key_file", "only applies to an azure:// target (data stored in Azure page blobs)"))
     if final and p.app_consistent_hours and p.quiesce is None:
         found.append(("quiesce", "missing: application-consistent points need a quiesce provider"))
     if final and p.target is None:
@@ -697,7 +708,7 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
         name = raw.get("name")
         t = _Table(raw, f"machine[{name if isinstance(name, str) and name else i}]", root.rep,
                    PROTECTION_KEYS | {"name", "disks", "exclude", "group", "domain", "libvirt", "failover_ip",
-                                     "live_switch"},
+                                     "live_switch", "azure_vm"},
                    root.base)
         if not isinstance(name, str) or not _NAME.match(name):
             root.rep.error(t.at("name"), "missing or not a name (letters, digits, '.', '_', '-'; at most 64)")
@@ -742,8 +753,16 @@ def _machines(root: _Table, groups: dict[str, Protection], partials: dict[str, d
                 root.rep.error(t.at(key), reason)
         if p.quiesce and not p.app_consistent_hours:
             root.rep.warn(t.at("quiesce"), "is never used: app_consistent_hours is not set")
+        vm = None
+        if "azure_vm" in raw:
+            from ..azure.settings import parse_vm
+            vm, problems = parse_vm(raw["azure_vm"], tuple(os.path.basename(d) for d in disks), str(name))
+            for key, reason in problems:
+                root.rep.error(f"{t.at('azure_vm')}{'.' + key if key else ''}", reason)
+            if urlsplit(p.target or "").scheme != "azure":
+                root.rep.error(t.at("azure_vm"), "only applies to an azure:// target")
         machines.append(Machine(str(name), disks, excluded, group, p, domain, uri or "qemu:///system", targets,
-                                ips, live))
+                                ips, live, vm))
     return machines
 
 

@@ -1,5 +1,5 @@
 """replicatord with an Azure target, as an operator configures it: the config names an azure:// target
-(Azurite's endpoint, the customer's key file), the daemon replicates a two-disk machine into encrypted
+(Azurite's endpoint; the customer's key as encryption_key_file), the daemon replicates a two-disk machine into encrypted
 page blobs with machine points, the points export equal to the disks at the cut, and a kill -9 in the
 middle of an upload resumes without resending what Azure acknowledged."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from replicator.azure import open_target
-from replicator.azure.crypto import new_key_line
+from replicator.azure.crypto import KeyRing, new_key_line
 from replicator.azure.export import export_point
 from replicator.azure.meta import BlobState
 from replicator.vhdx import VhdxDisk, create_vhdx
@@ -32,7 +32,8 @@ class Site(LocalSite):
                 d.write(0, bytes([size]) * MiB)
         (tmp_path / "azure.key").write_text(new_key_line() + "\n")
         self.url = (f"azure://devstoreaccount1/replicas?endpoint={azurite.account_url}"
-                    f"&key_file={tmp_path}/azure.key&concurrency=2&checkpoint_mib=2")
+                    "&concurrency=2&checkpoint_mib=2")
+        self.key_file = str(tmp_path / "azure.key")
         self.config = str(tmp_path / "replicatord.toml")
         (tmp_path / "replicatord.toml").write_text(f'''[daemon]
 state_dir = "state"
@@ -44,6 +45,7 @@ disks = ["d0.vhdx", "d1.vhdx"]
 target = "{self.url}"
 frequency = "15m"
 additional_points = 2
+encryption_key_file = "azure.key"
 ''')
         self.proc = None
 
@@ -54,7 +56,7 @@ additional_points = 2
 
 def azure(site, work):
     async def go():
-        t = open_target(site.url)
+        t = open_target(site.url, key_file=site.key_file)
         try:
             return await work(t)
         finally:
@@ -75,6 +77,8 @@ def test_replicatord_to_azure_points_and_kill9_mid_upload(azurite, tmp_path):
         os.mkdir(out)
         mp, paths = azure(site, lambda t: export_point(t, "vm01", None, str(out)))
         assert set(mp.disks) == set(ids.values()) and mp.complete
+        key_id = KeyRing.load(site.key_file).current_id
+        assert {p.key_id for p in mp.disks.values()} == {key_id}     # encrypted under encryption_key_file
         for disk in ids:
             with open(out / f"{disk}.vhd", "rb") as f:        # the replica names disks by their file
                 assert f.read(len(cut[disk])) == cut[disk], disk
