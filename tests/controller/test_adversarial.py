@@ -340,3 +340,30 @@ def test_cli_against_bad_urls_tokens_and_servers_says_one_line(tmp_path, capsys)
     finally:
         server.join(10)
         listener.close()
+
+
+def _sans(pem: str) -> set[str]:
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    return {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+
+
+@pytest.mark.xfail(strict=True, reason="hosts_api.py: a registering host chooses its SANs (hostname, data_url "
+                                       "host) freely; refuse DNS names the controller's certificate or another "
+                                       "host already holds")
+def test_a_host_cannot_get_a_certificate_for_the_controllers_or_another_hosts_name(controller, tmp_path):
+    """Agents verify the controller by host name against the deployment CA (enrol.py), and primaries verify a
+    replica host by its data_url's name: a CA-signed certificate naming either, with server usage, lets a
+    registered host stand in for them (serve other hosts a desired configuration of its choosing)."""
+    controller.app.state.ca.server_certificate(["127.0.0.1", "controller.example"])
+    first, _ = _registered(controller, tmp_path, "h1")
+    assert "h1.example" in _sans(first["certificate"])
+    from replicator.daemon.enrol import HostFiles
+    c = controller.client
+    for hostname, data_url in (("h2", "https://controller.example:8084"), ("h3", "https://h1.example:8084"),
+                               ("controller.example", "https://h4.example:8084")):
+        key = ok(c.post("/v1/sites/east/registration-keys"))
+        r = c.post("/v1/register", json={"token": key["token"], "hostname": hostname,
+                                         "csr": HostFiles(str(tmp_path / hostname)).csr(hostname),
+                                         "admin_url": "http://127.0.0.1:8085", "data_url": data_url})
+        assert r.status_code in (403, 422), (hostname, data_url, _sans(r.json()["certificate"]))
