@@ -103,8 +103,15 @@ def save(state_dir: str, entries: dict[str, Entry]) -> None:
 def update(state_dir: str, fencing) -> list[str]:
     """Make the table what a desired document's `fencing` says (see the module's docstring)."""
     wanted = parse(fencing, "the desired fencing table")
-    held = load(state_dir)
-    table, changes = {}, []
+    changes = []
+    try:
+        held = load(state_dir)
+    except FencingError as e:          # the controller is the authority on epochs: its table replaces a
+        held = {}                      # damaged one (kept beside it for the operator), never the other way
+        damaged = table_path(state_dir) + ".damaged"
+        os.replace(table_path(state_dir), damaged)
+        changes.append(f"{e.message}; replaced by the controller's table (the old file is {damaged})")
+    table = {}
     for name, e in wanted.items():
         old = held.get(name)
         if old is not None and e.epoch < old.epoch:

@@ -76,3 +76,15 @@ def test_the_fenced_mark_is_kept_and_old_state_files_load(tmp_path):
     with open(path, "w") as f:
         json.dump(raw, f)
     assert MachineState.load(d, "vm01").fenced is None
+
+
+def test_a_damaged_table_is_replaced_by_the_controllers_and_kept_aside(tmp_path):
+    path = fencing.table_path(str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write('{"machines": {"vm01": {"epoch": "x"')
+    changes = fencing.update(str(tmp_path), {"vm01": {"epoch": 4, "role": "primary"}})
+    assert any("replaced by the controller's table" in c for c in changes), changes
+    assert fencing.epoch_of(str(tmp_path), "vm01") == 4
+    with open(path + ".damaged") as f:
+        assert f.read().startswith('{"machines"')
