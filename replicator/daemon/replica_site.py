@@ -312,7 +312,8 @@ class ReplicaSite(ReplicaDomains, ReverseReplication):
                 "points": points, "latest_point": points[-1]["point"] if points else None,
                 "disks": [{"name": d.name, "disk_id": d.id, "root": d.store.root, "generation": d.disk.generation,
                            "points": [p.generation for p in d.disk.points], "prepared": d.disk.state.prepared,
-                           "failed_over": bool(d.disk.state.failover)} for d in m.disks]}
+                           "failed_over": bool(d.disk.state.failover), "epoch": d.disk.state.epoch}
+                          for d in m.disks]}
 
     # ------------------------------------------------------------------ helpers
     def _lock(self, d: DiskRef) -> asyncio.Lock:
