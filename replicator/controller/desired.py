@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from . import failover
 from .models import AuditEntry, CloudPair, Host, Machine, ProtectionPolicy
 
 CERT_FILES = {"cert": "host.pem", "key": "host.key", "ca": "ca.pem"}
@@ -162,13 +163,15 @@ def render(s: Session, host: Host) -> dict:
             if m.domain and not isinstance(m.disks, dict):
                 continue               # a domain needs its disk targets' VHDX files, which the store lacks yet
             entries.append(_machine_entry(m, policy))
-            fencing[m.name] = {"epoch": m.fencing_epoch, "role": "primary"}
+            fencing[m.name] = {"epoch": failover.primary_epoch(s, m), "role": failover.roles(m)[0]}
             operations[m.name] = {"state": m.desired_state, "resync": m.resync_requested}
         else:
-            fencing[m.name] = {"epoch": m.fencing_epoch, "role": "replica"}
+            fencing[m.name] = {"epoch": m.fencing_epoch, "role": failover.roles(m)[1]}
     if entries:
         config["machine"] = entries
     placed = [m for m in machines if m.replica_host_id == host.id and m.desired_state != "disabled"]
+    for name, step in failover.host_operations(s, host).items():      # a failover step this host runs
+        operations.setdefault(name, {}).update(step)
     replica = _replica_section(s, host, placed)
     if replica is not None:
         config["replica"] = replica

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from . import desired
+from . import desired, failover
 from . import models as m
 from .api.common import DB, ERRORS, note, one
 from .auth import Principal, admin, hash_token, reader
@@ -319,6 +319,7 @@ def report(body: ReportIn, s: DB, host: Self) -> dict:
     """The host's status, jobs and problems; the answer says the newest revision (a host sees it is behind)."""
     _observe(s, host, body.status)
     _applied(s, host, body)
+    failover.follow(s, host, body.operations)            # failover steps this host runs, owner leases
     doc = body.model_dump()
     doc["received_at"] = m.utcnow().isoformat()
     host.last_report, host.applied_revision, host.last_seen = doc, body.revision, m.utcnow()

@@ -29,7 +29,7 @@ import aiohttp
 from ..durable import write_json_atomic
 from ..errors import ReplicatorError
 from ..orchestration.settings import ConfigError, parse_config_data
-from . import fencing
+from . import fencing, site_operations
 from .enrol import HostFiles, _error_of, reason
 
 log = logging.getLogger("replicatord.agent")
@@ -70,7 +70,8 @@ class Agent:
         try:
             with open(self.files.operations, encoding="utf-8") as f:
                 self.operations_done = json.load(f)
-        except (OSError, ValueError):
+            site_operations.interrupted(self.operations_done)
+        except (OSError, ValueError, AttributeError):
             pass
 
     def _held_revision(self) -> int:
@@ -250,7 +251,7 @@ class Agent:
             if pm is None or not isinstance(op, dict):
                 continue
             # the host job of the last resync asked (or why it could not start): the controller's job follows it
-            entry = {k: v for k, v in (last or {}).items() if k in ("resync_job", "resync_error")}
+            entry = {k: v for k, v in (last or {}).items() if k in ("resync_job", "resync_error", "site")}
             entry.update(state=op.get("state"), resync=op.get("resync", 0))
             try:
                 if last is not None and op.get("state") != last.get("state") and op.get("state") in ("paused",
@@ -280,6 +281,16 @@ class Agent:
             done[name] = entry
         self.operations_done = done
         await asyncio.to_thread(write_json_atomic, self.files.operations, done)
+        for name, step in site_operations.pending(wanted, done):     # the controller's failover steps
+            rec = done.setdefault(name, {})["site"] = {"job": step["job"], "op": step["op"], "state": "running"}
+            await asyncio.to_thread(write_json_atomic, self.files.operations, done)   # at most once
+            log.info("%s: %s asked by the controller (job %d)", name, step["op"], step["job"])
+            try:
+                rec.update(await site_operations.run(daemon, name, step), state="succeeded")
+            except ReplicatorError as e:
+                rec.update(state="failed", error=e.message)
+                log.error("%s: the controller's %s failed: %s", name, step["op"], e.message)
+            await asyncio.to_thread(write_json_atomic, self.files.operations, done)
 
     async def stop(self) -> None:
         for task in (self._task, self._operating):

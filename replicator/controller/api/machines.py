@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from sqlalchemy import func, select
 
-from .. import jobs
+from .. import failover, jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, operator, reader
@@ -201,18 +201,25 @@ def remove_machine(s: DB, request: Request, name: str = NamePath, _=Depends(oper
 @router.post("/machines/{name}/failover", status_code=202, response_model=sc.JobOut)
 def failover_machine(body: sc.FailoverIn, s: DB, request: Request, name: str = NamePath,
                      who: Principal = Depends(operator)):
-    """Ask for a failover; the job waits until the machine's hosts carry it out and report."""
+    """Fail a machine over (controller/failover.py): planned (the primary's final cycle, then the replica),
+    unplanned (the replica at once; refused while the primary holds a live lease, unless `force`) or test.
+    The job follows the hosts running it."""
     note(request, f"machine/{name}", kind=body.kind, force=body.force)
     x = one(s, m.Machine, "machine", lock=True, name=name)
-    if x.desired_state == "disabled":
-        raise conflict(f"machine {name!r} is not protected (disabled)")
-    if x.replica_host is None:
-        raise conflict(f"machine {name!r} has no replica host placed: nothing to fail over to")
-    host = x.primary_host if body.kind == "planned" and x.primary_host else x.replica_host
-    job = jobs.enqueue(s, "failover", machine=x, host_id=host.id,
-                       params={"kind": body.kind, "force": body.force, "epoch": x.fencing_epoch},
-                       created_by=who.name,
-                       message=f"{body.kind} failover: waiting for host {host.hostname} to pick it up")
-    if body.force:
-        jobs.log(s, job.id, f"forced by {who.name}")
-    return job_out(job)
+    return job_out(failover.request_failover(s, x, body.kind, body.force, None, who.name))
+
+
+def _failover_step_route(kind: str, doc: str):
+    def route(s: DB, request: Request, name: str = NamePath, who: Principal = Depends(operator)):
+        note(request, f"machine/{name}", action=kind)
+        x = one(s, m.Machine, "machine", lock=True, name=name)
+        return job_out(failover.request_step(s, x, kind, who.name))
+    route.__name__ = kind.replace("-", "_") + "_machine"
+    route.__doc__ = doc
+    router.post(f"/machines/{{name}}/{kind}", status_code=202, response_model=sc.JobOut)(route)
+
+
+_failover_step_route("commit-failover", "Commit a failover: the machine stays on its recovery site.")
+_failover_step_route("cancel-failover", "Cancel a failover not committed: the primary replicates again (its epoch "
+                                        "is raised to the failover's, which lifts its fence).")
+_failover_step_route("cleanup-test-failover", "Remove a test failover's machine and disks on the replica host.")

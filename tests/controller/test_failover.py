@@ -1,0 +1,177 @@
+"""Failover through the controller (issue 14, items 4 and 6): three replicatord processes registered to a real
+replicator-controller (SQLite and PostgreSQL), machines replicating from p1 and p2 to r1.
+
+- unplanned: refused while p1 holds a live lease (the error names the host and its report's age), accepted with
+  force (an audit entry); r1 runs the failover; the machine belongs to site west at epoch 2; p1's next cycle is
+  refused (fenced) and its report says so; cancel-failover gives it back and p1 cycles again at epoch 2.
+- planned: p2's final cycle, then r1's planned failover: the failed-over disk is byte for byte p2's disk at its
+  final cycle (nothing lost); commit-failover ends it. A test failover and its cleanup run on r1 first."""
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+
+from replicator.vhdx import create_vhdx
+
+from ..daemon.two_sites import read_vhdx, same
+from .test_fleet import FleetHost, wait
+from .test_host_channel import ControllerProc
+
+MiB = 1 << 20
+
+
+def _setup(tmp_path, ctl: ControllerProc, hosts: list) -> dict:
+    for site in ("east", "west"):
+        ctl.ok("POST", "/v1/sites", {"name": site})
+    p1, p2 = (FleetHost(tmp_path, n, ctl, ctl.key_file(tmp_path, "east")) for n in ("p1", "p2"))
+    r1 = FleetHost(tmp_path, "r1", ctl, ctl.key_file(tmp_path, "west"))
+    hosts += [p1, p2, r1]
+    disks = {}
+    for k, h in enumerate((p1, p2)):
+        (h.dir / "disks").mkdir()
+        disks[h.name] = h.dir / "disks" / f"{h.name}-os.vhdx"
+        with create_vhdx(str(disks[h.name]), 8 * MiB, block_size=MiB) as d:
+            d.write(0, bytes([0x50 + k]) * MiB)
+            d.write(4 * MiB, os.urandom(MiB))
+    for h in hosts:
+        h.start()
+    wait(lambda: len(ctl.ok("GET", "/v1/hosts")) == 3, "three hosts registered", hosts)
+    ctl.ok("POST", "/v1/clouds", {"name": "gold", "site": "east"})
+    ctl.ok("POST", "/v1/clouds", {"name": "gold-dr", "site": "west"})
+    for h, cloud in ((p1, "gold"), (p2, "gold"), (r1, "gold-dr")):
+        ctl.ok("PUT", f"/v1/hosts/{h.name}/cloud", {"cloud": cloud})
+    ctl.ok("POST", "/v1/policies", {"name": "slow", "frequency": "15m"})
+    ctl.ok("POST", "/v1/pairs", {"name": "gold-pair", "primary": "gold", "recovery": "gold-dr", "policy": "slow"})
+    ctl.ok("POST", "/v1/pairs/gold-pair/storage-mappings",
+           {"source": str(tmp_path), "target": str(tmp_path / "r1" / "replica-store")})
+    for h, vm in ((p1, "vm01"), (p2, "vm02")):
+        ctl.ok("POST", "/v1/machines", {"name": vm, "cloud": "gold", "primary_host": h.name,
+                                        "disks": [str(disks[h.name])]})
+    for h, vm in ((p1, "vm01"), (p2, "vm02")):
+        wait(lambda h=h, vm=vm: h.machine(vm)["state"] == "Replicating"
+             and h.machine(vm)["stats"]["successful_cycles"] >= 1, f"{vm} replicating on {h.name}", hosts, 90)
+    return {"p1": p1, "p2": p2, "r1": r1, "disks": disks}
+
+
+def _job_done(ctl, job_id: int, hosts, timeout: float = 60) -> dict:
+    wait(lambda: ctl.ok("GET", f"/v1/jobs/{job_id}")["state"] in ("succeeded", "failed", "cancelled"),
+         f"job {job_id}", hosts, timeout)
+    job = ctl.ok("GET", f"/v1/jobs/{job_id}")
+    assert job["state"] == "succeeded", job
+    return job
+
+
+def _cycle(h: FleetHost, vm: str) -> tuple[int, dict]:
+    try:
+        return 200, h.api("POST", f"/v1/machines/{vm}/cycle?wait=1")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _fencing(h: FleetHost) -> dict:
+    return json.loads((h.state / "controller" / "fencing.json").read_text())["machines"]
+
+
+def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
+    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+    hosts: list[FleetHost] = []
+    try:
+        f = _setup(tmp_path, ctl, hosts)
+        p1, r1 = f["p1"], f["r1"]
+        p1.qemu_io("vm01", f["disks"]["p1"].name, "write -P 0x61 1M 1M")
+        assert _cycle(p1, "vm01")[0] == 200
+        wait(lambda: ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]["stats"]["successful_cycles"]
+             >= 2, "p1's report of the cycle", hosts)
+
+        # p1 is alive and replicating at epoch 1: refused without force, naming the host and its report's age
+        code, body = ctl.api("POST", "/v1/machines/vm01/failover", {"kind": "unplanned"})
+        assert code == 409 and "host p1" in body["error"] and " s ago" in body["error"] \
+            and "force" in body["error"], body
+        assert ctl.ok("GET", "/v1/machines/vm01")["fencing_epoch"] == 1
+        job = ctl.ok("POST", "/v1/machines/vm01/failover", {"kind": "unplanned", "force": True})
+        forced = [a for a in ctl.ok("GET", "/v1/audit") if a["action"] == "machine.failover.forced"]
+        assert len(forced) == 1 and forced[0]["detail"]["forced"] is True and forced[0]["detail"]["epoch_from"] == 1 \
+            and forced[0]["detail"]["epoch_to"] == 2 and forced[0]["detail"]["lease_age_seconds"] < 60, forced
+        done = _job_done(ctl, job["id"], hosts)
+        assert "r1 runs vm01" in done["message"] and "epoch 2" in done["message"], done
+        assert any("forced by" in line["line"] for line in done["log"]), done["log"]
+        vm01 = ctl.ok("GET", "/v1/machines/vm01")
+        assert vm01["owner_site"] == "west" and vm01["fencing_epoch"] == 2, vm01
+        view = r1.api("GET", "/v1/replica/machines/vm01")
+        assert view["failover"]["kind"] == "unplanned" and [d["epoch"] for d in view["disks"]] == [2], view
+
+        # p1 keeps epoch 1 (never raised for it); its next cycle is refused and it says why
+        wait(lambda: _fencing(p1)["vm01"] == {"epoch": 1, "role": "replica"}
+             and _fencing(r1)["vm01"] == {"epoch": 2, "role": "primary"}, "roles swapped", hosts)
+        wait(lambda: p1.api("GET", "/v1/status")["controller"]["revision"]
+             == p1.api("GET", "/v1/status")["controller"]["latest_revision"], "p1 on its newest revision", hosts)
+        code, answer = _cycle(p1, "vm01")
+        wait(lambda: p1.machine("vm01")["fenced"] is not None, "p1 fenced", hosts)
+        assert "fenced" in p1.machine("vm01")["reason"], (code, answer, p1.machine("vm01"))
+        wait(lambda: ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]["fenced"] is not None,
+             "p1's report saying fenced", hosts)
+        said = ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]
+        assert said["fenced"]["replica_epoch"] == 2 and said["fenced"]["failed_over"] is True, said
+
+        # cancel-failover: the machine goes back to east with epoch 2, which lifts p1's fence
+        code, body = ctl.api("POST", "/v1/machines/vm01/failover", {"kind": "unplanned", "force": True})
+        assert code == 409 and "failed over already" in body["error"], body
+        cancel = ctl.ok("POST", "/v1/machines/vm01/cancel-failover")
+        done = _job_done(ctl, cancel["id"], hosts)
+        vm01 = ctl.ok("GET", "/v1/machines/vm01")
+        assert vm01["owner_site"] == "east" and vm01["fencing_epoch"] == 2, vm01
+        wait(lambda: _fencing(p1)["vm01"] == {"epoch": 2, "role": "primary"}, "p1 at epoch 2", hosts)
+        wait(lambda: p1.machine("vm01")["fenced"] is None and p1.machine("vm01")["epoch"] == 2, "fence lifted", hosts)
+        p1.qemu_io("vm01", f["disks"]["p1"].name, "write -P 0x62 6M 1M")
+        code, answer = _cycle(p1, "vm01")
+        assert code == 200 and p1.machine("vm01")["state"] == "Replicating", (code, answer)
+        code, body = ctl.api("POST", "/v1/machines/vm01/commit-failover")
+        assert code == 409 and "no failover waiting" in body["error"], body
+    finally:
+        for h in hosts:
+            h.stop()
+        ctl.stop()
+
+
+def test_planned_failover_loses_nothing(tmp_path, database_url):
+    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+    hosts: list[FleetHost] = []
+    try:
+        f = _setup(tmp_path, ctl, hosts)
+        p2, r1, disk = f["p2"], f["r1"], f["disks"]["p2"]
+
+        # a test failover on r1, then its cleanup: replication goes on untouched
+        test = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "test"})
+        done = _job_done(ctl, test["id"], hosts)
+        assert "test failover of vm02" in done["message"], done
+        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is not None
+        code, body = ctl.api("POST", "/v1/machines/vm02/failover", {"kind": "test"})
+        assert code == 409 and "clean it up first" in body["error"], body
+        _job_done(ctl, ctl.ok("POST", "/v1/machines/vm02/cleanup-test-failover")["id"], hosts)
+        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is None
+        assert ctl.ok("GET", "/v1/machines/vm02")["fencing_epoch"] == 1
+
+        # the guest writes after the last cycle: the planned failover's final cycle carries it
+        p2.qemu_io("vm02", disk.name, "write -P 0x71 2M 1M", "write -P 0x72 7M 512k")
+        job = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "planned"})
+        done = _job_done(ctl, job["id"], hosts, 90)
+        lines = [line["line"] for line in done["log"]]
+        assert any("final cycle replicated" in x for x in lines), lines
+        assert p2.machine("vm02")["state"] == "PreparedForFailover"
+        view = r1.api("GET", "/v1/replica/machines/vm02")
+        assert view["failover"]["kind"] == "planned", view
+        (path,) = view["failover"]["paths"].values()
+        same(read_vhdx(path), p2.disk_bytes(disk), "the failed-over disk")
+        vm02 = ctl.ok("GET", "/v1/machines/vm02")
+        assert vm02["owner_site"] == "west" and vm02["fencing_epoch"] == 2, vm02
+        assert ctl.ok("GET", "/v1/audit?limit=500") and not [
+            a for a in ctl.ok("GET", "/v1/audit?limit=500") if a["action"] == "machine.failover.forced"]
+        _job_done(ctl, ctl.ok("POST", "/v1/machines/vm02/commit-failover")["id"], hosts)
+        assert r1.api("GET", "/v1/replica/machines/vm02")["state"] == "FailedOver"
+        code, body = ctl.api("POST", "/v1/machines/vm02/cancel-failover")
+        assert code == 409, body
+    finally:
+        for h in hosts:
+            h.stop()
+        ctl.stop()
