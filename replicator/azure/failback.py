@@ -88,11 +88,13 @@ def _runs(mask: np.ndarray, size: int) -> list[tuple[int, int]]:
     return [(int(a) * BLOCK, min(int(b) * BLOCK, size)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-async def sync_pass(target, blob_name: str, disk, *, base: str | None = None, full: bool = False) -> PassResult:
+async def sync_pass(target, blob_name: str, disk, *, base: str | None = None, full: bool = False,
+                    progress=None) -> PassResult:
     """Make `disk` (the on-premises copy, opened read-write) equal to a new snapshot of blob `blob_name`
     (a failed-over VM's disk, a fixed VHD: the disk's bytes first). `base`: the previous pass's snapshot,
     so only what changed since is read: the diff's ranges, and whatever held data at `base` and holds none
-    now (a diff that leaves cleared pages out still levels them)."""
+    now (a diff that leaves cleared pages out still levels them). `progress(offset)`: how far through the
+    disk the pass is (for a job)."""
     start = time.monotonic()
     size = disk.size
     n = Grid(BLOCK, size).n_blocks
@@ -125,6 +127,8 @@ async def sync_pass(target, blob_name: str, disk, *, base: str | None = None, fu
     async for at, data in read_ranges(target, snap, size, ranges=_runs(with_data, size)):
         stats["read"] += len(data)
         await asyncio.to_thread(apply, at, data)
+        if progress:
+            progress(at + len(data))
     for lo, hi in _runs(wanted & ~with_data, size):          # no data on the blob there: zeros
         for at in range(lo, hi, BLOCK):
             await asyncio.to_thread(apply, at, ZERO_PIECE[:min(BLOCK, hi - at)])

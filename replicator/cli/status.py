@@ -27,7 +27,15 @@ def register(sub) -> None:
     m = sub.add_parser("machine", help="operate a protected machine through replicatord")
     add_config(m)
     m.add_argument("name", help="the machine's name in replicatord.toml")
-    m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover"), help="the operation")
+    m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover", "azure-failover",
+                                  "failback"), help="the operation (azure-failover, failback: Azure as the recovery "
+                   "site, docs/operations.md)")
+    m.add_argument("--point", type=int, help="azure-failover: the machine point (default: the latest)")
+    m.add_argument("--mode", choices=("minimize-downtime", "full"),
+                   help="failback: a pass while the Azure VM runs, then --final after it stops (minimize-downtime, "
+                        "the default), or one full download")
+    m.add_argument("--final", action="store_true", help="failback: the Azure VM is stopped: the last pass, then "
+                   "replication to Azure resumes")
     m.add_argument("--wait", action="store_true",
                    help="follow the operation's job until it ends (a progress bar on a terminal)")
     m.set_defaults(func=cmd_machine)
@@ -138,8 +146,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_machine(args) -> int:
-    wait = "?wait=0" if args.wait else ""            # --wait: answered at once, then followed here
-    data = call(args.config, "POST", f"/v1/machines/{urllib.parse.quote(args.name)}/{args.op}{wait}")
+    query = {k: v for k, v in (("wait", "0" if args.wait else None), ("point", args.point), ("mode", args.mode),
+                               ("final", "1" if args.final else None)) if v is not None}
+    query = "?" + urllib.parse.urlencode(query) if query else ""    # --wait: answered at once, followed here
+    data = call(args.config, "POST", f"/v1/machines/{urllib.parse.quote(args.name)}/{args.op}{query}")
     job = data.get("job")
     print(f"{data['name']}: {data['state']} ({data['reason']})"
           + (f"; {job['id']} {job['kind']} {job['state']}" if job else ""))

@@ -301,7 +301,7 @@ class Daemon:
                 pm.resume()
                 self.scheduler.resume(pm.name)
             elif op in OPERATIONS:
-                job, task = await pm.begin(op)
+                job, task = await pm.begin(op, dict(request.query))
                 if op == "resync":                    # as Resume-VMReplication -Resynchronize, it ends a pause
                     self.scheduler.resume(pm.name)
                 elif op == "planned-failover":        # the primary stays stopped: no more cycles

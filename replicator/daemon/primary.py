@@ -45,6 +45,7 @@ from ..replication import DiskReplicator
 from ..seed import export_machine
 from ..seed import media as seed_media
 from ..targets.base import TargetUnavailable
+from ..azure import site as azure_site
 from ..targets.factory import open_target
 from ..tracking.remote import ExportHandle
 from ..transport.auth import Fenced
@@ -56,7 +57,7 @@ S = ReplicationState
 
 CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, S.WaitingForInitialReplication,
                   S.Replicating, S.Error, S.WaitingForStartResynchronize, S.Resynchronizing}
-OPERATIONS = ("resync", "cycle", "planned-failover")      # an operator's long operations: each is a job
+OPERATIONS = ("resync", "cycle", "planned-failover", *azure_site.OPERATIONS)   # an operator's long operations
 LONG_KINDS = ("initial", "seed-export", "resync")          # cycles that run as a job of their own
 SEED_VOLUME = (4 << 30) - (1 << 20)    # seed volumes FAT32/exFAT media take (a file under 4 GiB)
 
@@ -86,6 +87,7 @@ class PrimaryMachine:
     def __init__(self, machine, state_dir: str, *, jobs: JobRegistry | None = None, clock=None):
         self.name = machine.name
         self.settings = machine.protection
+        self.state_dir, self.azure_vm = state_dir, machine.azure_vm
         self.initial = self.settings.initial_replication
         self.state = MachineState.load(state_dir, machine.name)
         self.stats = MachineStats(machine.name, self.settings.frequency)
@@ -660,9 +662,9 @@ class PrimaryMachine:
         await asyncio.to_thread(mark)
         self.state.fire(Event.resync_needed, "resynchronization requested by the operator")
 
-    async def begin(self, op: str) -> tuple[Job, asyncio.Task]:
+    async def begin(self, op: str, params: dict | None = None) -> tuple[Job, asyncio.Task]:
         """Start an operator's operation as a job running in the background; refused at once (StateError)
-        when the machine's state does not allow it."""
+        when the machine's state does not allow it. `params`: the request's query (the Azure operations')."""
         if self.state.fenced is not None and op in OPERATIONS:
             raise StateError(f"{self.name}: {self.state.reason}")
         if op == "resync":
@@ -675,6 +677,8 @@ class PrimaryMachine:
         elif op == "planned-failover":
             self._check_planned_failover()
             work = self.planned_failover
+        elif op in azure_site.OPERATIONS:        # Azure as the recovery site (azure/site.py)
+            work = azure_site.operation(self, op, params or {})
         else:
             raise UsageError(f"unknown operation {op!r} (known: {', '.join(OPERATIONS)})")
         job = self.jobs.create(op, self.name)

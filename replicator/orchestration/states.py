@@ -110,7 +110,7 @@ _ROWS = [
     (E.error, (S.Replicating, S.Error), S.Error),
     (E.recovered, (S.Error,), S.Replicating),
     (E.resync_needed, (S.Replicating, S.Error, S.Suspended, S.WaitingForStartResynchronize, S.Resynchronizing,
-                       S.ResynchronizeSuspended), S.WaitingForStartResynchronize),
+                       S.ResynchronizeSuspended, S.FailbackComplete), S.WaitingForStartResynchronize),
     (E.resync_start, (S.WaitingForStartResynchronize,), S.Resynchronizing),
     (E.resync_done, (S.Resynchronizing,), S.Replicating),
     (E.cancel_resync, (S.Resynchronizing, S.ResynchronizeSuspended), S.WaitingForStartResynchronize),
@@ -124,7 +124,7 @@ _ROWS = [
      S.ReadyForInitialReplication),
     (E.reverse_in_sync, (S.FailedOverWaitingCompletion, S.FailedOver, S.FailbackComplete, S.PreparedForFailover),
      S.Replicating),
-    (E.failback_start, (S.Replicating,), S.FailbackInProgress),
+    (E.failback_start, (S.Replicating, S.FailedOverWaitingCompletion, S.FailedOver), S.FailbackInProgress),
     (E.failback_done, (S.FailbackInProgress,), S.FailbackComplete),
     (E.disable, tuple(s for s in S if s is not S.Disabled), S.Disabled),
 ]
@@ -170,7 +170,7 @@ class MachineState:
             allowed = ", ".join(e.value for e in self.allowed_events()) or "none"
             raise StateError(f"{self.name}: {event.value} is not allowed in state {self.state.value} "
                              f"(allowed: {allowed})")
-        if event is E.failback_start and not self.reversed:
+        if event is E.failback_start and self.state is S.Replicating and not self.reversed:
             raise StateError(f"{self.name}: failback_start needs reverse replication first (state "
                              f"{self.state.value}, replicating from the primary site)")
         now = self.clock()

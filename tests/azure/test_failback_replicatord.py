@@ -1,0 +1,113 @@
+"""Failover to Azure and failback through replicatord, as an operator runs them: `replicator machine vm01
+azure-failover` (the machine point's blobs and the ARM template of [machine.azure_vm]), the Azure VM writes
+to its disk blobs (simulated with the plain SDK), `failback --mode minimize-downtime` (a pass while it runs)
+and `failback --final` (after it stops): the on-premises disks end byte-identical to the blobs, only the
+differing blocks are written, and replication to Azure resumes with a checksum resync that sends only
+what Azure lacks; the next cycle lands on Azure."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+from replicator.azure.digests import BLOCK
+from replicator.azure.export import export_point
+
+from ..daemon.test_replicatord import BIN
+from .test_replicatord_azure import MiB, Site, _fresh, azure
+from .test_settings_azure import VM
+
+KiB = 1 << 10
+
+
+def machine_data(site) -> dict:
+    with open(site.dir / "state" / "machines" / "vm01.json") as f:
+        return json.load(f)
+
+
+def blob_bytes(site, blob: str, size: int) -> bytes:
+    async def read(t):
+        return await (await t.container.get_blob_client(blob).download_blob(offset=0, length=size)).readall()
+    return azure(site, read)
+
+
+def vm_writes(site, blob: str, *writes: tuple[int, bytes]) -> None:
+    """The Azure VM writes to its disk (the failover blob)."""
+    async def put(t):
+        c = t.container.get_blob_client(blob)
+        for at, data in writes:
+            await c.upload_page(data, offset=at, length=len(data))
+    azure(site, put)
+
+
+def sent_since(site, mark: int) -> float:
+    with open(site.dir / "daemon.log") as f:
+        f.seek(mark)
+        return sum(float(x) for x in re.findall(r"([0-9.]+) MiB sent", f.read())) * MiB
+
+
+def test_failover_to_azure_and_failback_minimize_downtime_through_replicatord(azurite, tmp_path):
+    site = Site(tmp_path, azurite)
+    with open(site.config, "a") as f:
+        f.write(VM)
+    site.start()
+    try:
+        site.qemu_io("d0.vhdx", "write -P 0x31 2M 3M")
+        site.cli("machine", "vm01", "cycle")
+        out = site.cli("machine", "vm01", "azure-failover")
+        assert "FailedOverWaitingCompletion" in out, out
+        rec = machine_data(site)["data"]["azure_failover"]
+        blobs = rec["blobs"]
+        assert set(blobs) == {"d0.vhdx", "d1.vhdx"}
+        with open(rec["template"]) as f:
+            template = json.load(f)
+        uris = json.dumps(template)
+        assert all(blob in uris for blob in blobs.values())
+
+        # the on-premises copy diverges after the failover (the primary wrote before it went down) ...
+        site.qemu_io("d0.vhdx", "write -P 0x44 40M 64k")
+        # ... and the Azure VM runs and writes: 3 blocks on d0, 1 on d1
+        vm_writes(site, blobs["d0.vhdx"], (1 * MiB, os.urandom(128 * KiB)), (30 * MiB, os.urandom(4 * KiB)))
+        vm_writes(site, blobs["d1.vhdx"], (5 * MiB, os.urandom(512)))
+        refused = subprocess.run([os.path.join(BIN, "replicator"), "machine", "vm01", "failback", "--mode",
+                                  "sideways", "--config", site.config], capture_output=True, text=True)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+        out = site.cli("machine", "vm01", "failback", "--mode", "minimize-downtime")
+        assert "FailbackInProgress" in out and "--final" in out, out
+        first = machine_data(site)["data"]["azure_failover"]["failback"]["last"]
+        assert first["blocks_written"] == 2 + 1 + 1 + 1, first        # the VM's 4 blocks and the diverged one
+
+        # the VM keeps running (one more block), then it is stopped: the final pass
+        vm_writes(site, blobs["d0.vhdx"], (50 * MiB, os.urandom(8 * KiB)))
+        mark = os.path.getsize(tmp_path / "daemon.log")
+        out = site.cli("machine", "vm01", "failback", "--final")
+        st = site.status()["machines"][0]
+        assert st["state"] == "Replicating", (out, st)
+        done = machine_data(site)["data"]["azure_failback"]
+        assert done["blocks_written"] == 1 and done["passes"] == 2, done
+        for disk, size in (("d0.vhdx", 64 * MiB), ("d1.vhdx", 16 * MiB)):
+            assert site.disk_bytes(disk) == blob_bytes(site, blobs[disk], size), disk
+
+        # replication to Azure resumed from here with a checksum resync: only what the VM wrote went
+        sent = sent_since(site, mark)
+        vm_wrote = (2 + 1 + 1 + 1) * BLOCK          # blocks the Azure VM wrote (the diverged one is Azure's again)
+        assert vm_wrote - BLOCK < sent <= vm_wrote + 0.02 * MiB, sent      # the log rounds to 0.01 MiB
+        history = [h["event"] for h in machine_data(site)["history"]]
+        assert history[-7:] == ["failover", "failover_done", "failback_start", "failback_done", "resync_needed",
+                                "resync_start", "resync_done"], history
+        print(f"failback: first pass wrote {first['blocks_written']} blocks, final pass {done['blocks_written']}; "
+              f"the resync after it sent {sent / MiB:.2f} MiB")
+
+        # the next cycle lands on Azure
+        site.qemu_io("d1.vhdx", "write -P 0x77 1M 256k")
+        site.cli("machine", "vm01", "cycle")
+        _, _ = azure(site, lambda t: export_point(t, "vm01", None, str(_fresh(tmp_path / "after"))))
+        for disk in ("d0.vhdx", "d1.vhdx"):
+            with open(tmp_path / "after" / f"{disk}.vhd", "rb") as f:
+                want = site.disk_bytes(disk)
+                assert f.read(len(want)) == want, disk
+    finally:
+        if site.proc.poll() is None:
+            site.stop()
