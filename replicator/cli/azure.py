@@ -9,7 +9,7 @@ import json
 import time
 
 from ..errors import UsageError
-from .common import add_json
+from .common import add_config, add_json
 
 
 def register(sub) -> None:
@@ -52,14 +52,15 @@ def register(sub) -> None:
     fm = cmds.add_parser("failover-machine", help="a machine point to fixed-VHD blobs plus the ARM template of its "
                          "VM (deploy: az deployment group create -g RG --template-file FILE "
                          "--parameters storageAccountId=ID)")
-    fm.add_argument("--to", required=True, metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]",
+    fm.add_argument("--to", metavar="azure://ACCOUNT/CONTAINER[/PREFIX][?SAS][&key_file=PATH]",
                     help="the Azure container (and prefix) the machine replicates to; key_file= decrypts an "
-                         "encrypted replica")
+                         "encrypted replica (default: the machine's target and encryption_key_file in --config)")
+    add_config(fm)
     fm.add_argument("machine", help="the protected machine to fail over")
     fm.add_argument("--point", type=int, help="machine point (default: the latest)")
     fm.add_argument("--test", action="store_true", help="test failover: test blobs, NICs on the test VNet")
-    fm.add_argument("--vm", required=True, help="VM spec (JSON: name, size, os_disk, nics, network_map, vnets, "
-                    "test_vnet; see docs/operations.md)")
+    fm.add_argument("--vm", help="VM spec (JSON: name, size, os_disk, nics, network_map, vnets, test_vnet; see "
+                    "docs/operations.md); default: the machine's [machine.azure_vm] in --config")
     fm.add_argument("--template", required=True, help="ARM template to write")
     fm.set_defaults(func=cmd_failover_machine)
     fb = cmds.add_parser("failback", help="bring an Azure VM's disk (a failover blob) back into the on-premises "
@@ -84,7 +85,7 @@ def _run(args, work):
     from ..azure import open_target
 
     async def go():
-        target = open_target(args.to)
+        target = open_target(args.to, key_file=getattr(args, "key_file", None))
         try:
             return await work(target)
         finally:
@@ -184,13 +185,17 @@ def cmd_keygen(args) -> int:
 
 def cmd_failover_machine(args) -> int:
     from ..azure.deploy import VmSpec, arm_template, failover_machine, write_template
+    spec = _machine_settings(args)
     try:
-        with open(args.vm) as f:
-            spec = VmSpec.from_json(json.load(f))
+        if args.vm:
+            with open(args.vm) as f:
+                spec = VmSpec.from_json(json.load(f))
     except OSError as e:
         raise UsageError(f"cannot read the VM spec {args.vm}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{args.vm}: not JSON ({e.msg} at line {e.lineno})") from None
+    if spec is None:
+        raise UsageError(f"{args.machine} has no [machine.azure_vm] in {args.config}: add it, or give --vm SPEC.json")
     fo = _run(args, lambda t: failover_machine(t, args.machine, args.point, test=args.test, spec=spec))
     write_template(args.template, arm_template(fo, spec))
     for disk, r in fo.disks.items():
@@ -198,6 +203,24 @@ def cmd_failover_machine(args) -> int:
     print(f"template {args.template}: az deployment group create -g RG --template-file {args.template} "
           "--parameters storageAccountId=ID")
     return 0
+
+
+def _machine_settings(args):
+    """The machine's [machine.azure_vm] from --config, filling --to and the key file from its protection
+    when they are not given; None when the configuration is not needed or has no VM for it."""
+    import os
+
+    from ..orchestration import load_config
+    if args.to and args.vm:
+        return None
+    if not os.path.exists(args.config):
+        raise UsageError(f"no replicatord configuration at {args.config}: give --to and --vm, or --config FILE")
+    m = load_config(args.config).machine(args.machine)
+    if not args.to:
+        if not (m.protection.target or "").startswith("azure://"):
+            raise UsageError(f"{args.machine} replicates to {m.protection.target}, not to Azure: give --to")
+        args.to, args.key_file = m.protection.target, m.protection.encryption_key_file
+    return m.azure_vm
 
 
 def cmd_failback(args) -> int:

@@ -108,6 +108,12 @@ def test_failover_to_azure_and_failback_minimize_downtime_through_replicatord(az
             with open(tmp_path / "after" / f"{disk}.vhd", "rb") as f:
                 want = site.disk_bytes(disk)
                 assert f.read(len(want)) == want, disk
+
+        # the CLI takes the target, the key and the VM from the machine's settings: a test failover
+        out = site.cli("azure", "failover-machine", "vm01", "--test", "--template", str(tmp_path / "test.json"))
+        assert "disk d0.vhdx: http" in out and "disk d1.vhdx: http" in out, out
+        with open(tmp_path / "test.json") as f:
+            assert "virtualNetworks/iso" in f.read()          # the test failover's NICs: the isolated VNet
     finally:
         if site.proc.poll() is None:
             site.stop()
