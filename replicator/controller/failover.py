@@ -180,7 +180,8 @@ def request_step(s: Session, x: m.Machine, kind: str, who: str) -> m.Job:
 
 
 def _step_job(s: Session, x: m.Machine, job_kind: str, host: m.Host, who: str, **params) -> m.Job:
-    bump_revision(s, [x.primary_host_id, x.replica_host_id])
+    """(The other host's revision rises by itself if its rendering changed: desired.current.)"""
+    bump_revision(s, [host.id])
     return jobs.enqueue(s, job_kind, machine=x, host_id=host.id, params=params, created_by=who,
                         message=f"{params['op']}: waiting for host {host.hostname} to run it")
 

@@ -69,6 +69,14 @@ def _cycle(h: FleetHost, vm: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _settled(h: FleetHost, hosts) -> None:
+    """The host runs the newest revision the controller has for it (no reload pending)."""
+    def settled():
+        c = h.api("GET", "/v1/status")["controller"]
+        return c["revision"] == c["latest_revision"] and os.path.exists(h.state / "nbd")
+    wait(settled, f"{h.name} on its newest revision", hosts)
+
+
 def _fencing(h: FleetHost) -> dict:
     return json.loads((h.state / "controller" / "fencing.json").read_text())["machines"]
 
@@ -104,8 +112,7 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         # p1 keeps epoch 1 (never raised for it); its next cycle is refused and it says why
         wait(lambda: _fencing(p1)["vm01"] == {"epoch": 1, "role": "replica"}
              and _fencing(r1)["vm01"] == {"epoch": 2, "role": "primary"}, "roles swapped", hosts)
-        wait(lambda: p1.api("GET", "/v1/status")["controller"]["revision"]
-             == p1.api("GET", "/v1/status")["controller"]["latest_revision"], "p1 on its newest revision", hosts)
+        _settled(p1, hosts)
         code, answer = _cycle(p1, "vm01")
         wait(lambda: p1.machine("vm01")["fenced"] is not None, "p1 fenced", hosts)
         assert "fenced" in p1.machine("vm01")["reason"], (code, answer, p1.machine("vm01"))
@@ -153,12 +160,13 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         assert ctl.ok("GET", "/v1/machines/vm02")["fencing_epoch"] == 1
 
         # the guest writes after the last cycle: the planned failover's final cycle carries it
+        _settled(p2, hosts)
         p2.qemu_io("vm02", disk.name, "write -P 0x71 2M 1M", "write -P 0x72 7M 512k")
         job = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "planned"})
         done = _job_done(ctl, job["id"], hosts, 90)
         lines = [line["line"] for line in done["log"]]
         assert any("final cycle replicated" in x for x in lines), lines
-        assert p2.machine("vm02")["state"] == "PreparedForFailover"
+        wait(lambda: p2.machine("vm02")["state"] == "PreparedForFailover", "p2 prepared (after its reload)", hosts)
         view = r1.api("GET", "/v1/replica/machines/vm02")
         assert view["failover"]["kind"] == "planned", view
         (path,) = view["failover"]["paths"].values()
