@@ -161,6 +161,8 @@ def request_failover(s: Session, x: m.Machine, kind: str, force: bool, point: in
                   "lease_age_seconds": round(held[1], 1), "forced": True, "job": job.id}
         s.add(m.AuditEntry(actor=who, action="machine.failover.forced", target=f"machine/{x.name}", detail=detail))
         jobs.log(s, job.id, f"forced by {who}: {held[0]}; epoch {epoch_from} -> {x.fencing_epoch}")
+    elif force:
+        jobs.log(s, job.id, f"force given by {who}, not needed: the primary held no live lease")
     return job
 
 

@@ -80,12 +80,15 @@ def test_failover_request_is_a_job_waiting_for_its_host_not_a_success(controller
     refused(c.post("/v1/machines/vm01/failover", json={"kind": "sideways"}), 422, "kind")
     job = ok(c.post("/v1/machines/vm01/failover", json={"kind": "unplanned", "force": True}), 202)
     assert (job["kind"], job["state"], job["host"]) == ("failover", "queued", hosts["rb1"])
-    assert job["params"] == {"kind": "unplanned", "force": True, "epoch": 1}
+    assert job["params"] == {"kind": "unplanned", "force": True, "epoch_from": 1, "epoch_to": 2, "op": "failover",
+                             "point": None}
     full = ok(c.get(f"/v1/jobs/{job['id']}"))
-    assert "waiting for host rb1 to pick it up" in full["message"]
-    assert any("forced by admin" in line["line"] for line in full["log"])
-    planned = ok(c.post("/v1/machines/vm01/failover", json={"kind": "planned"}), 202)
-    assert planned["host"] == hosts["pa1"], "a planned failover starts on the primary"
+    assert "failover: waiting for host rb1 to run it" in full["message"]
+    assert any("force given by admin, not needed" in line["line"] for line in full["log"])   # no live lease
+    refused(c.post("/v1/machines/vm01/failover", json={"kind": "planned"}), 409, "under way")
+    ok(c.post("/v1/machines", json={"name": "vm02", "cloud": "gold", "primary_host": "pa2", "domain": "d"}), 201)
+    planned = ok(c.post("/v1/machines/vm02/failover", json={"kind": "planned"}), 202)
+    assert planned["host"] == hosts["pa2"], "a planned failover starts on the primary"
 
 
 def test_jobs_list_get_cancel(controller):
