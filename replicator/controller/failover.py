@@ -188,6 +188,17 @@ def _step_job(s: Session, x: m.Machine, job_kind: str, host: m.Host, who: str, *
                         message=f"{params['op']}: waiting for host {host.hostname} to run it")
 
 
+def withdrawn(s: Session, job: m.Job) -> None:
+    """A failover job cancelled before a host ran its replica step: the machine goes back to its primary with
+    the new epoch (a cancelled failover keeps E+1, which the original primary is handed)."""
+    x = job.machine
+    if job.kind != "failover" or job.params.get("kind") == "test" or x is None or x.primary_host is None:
+        return
+    x.owner_site_id = x.primary_host.site_id
+    bump_revision(s, [x.primary_host_id, x.replica_host_id])
+    jobs.log(s, job.id, f"machine {x.name} stays with {x.primary_host.hostname}, at epoch {x.fencing_epoch}")
+
+
 # ---------------------------------------------------------------------------------------------- reports
 def follow(s: Session, host: m.Host, operations: dict) -> None:
     """A host's report: its failover steps move their jobs on; its live machines renew their owner lease."""

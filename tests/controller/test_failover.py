@@ -183,3 +183,32 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         for h in hosts:
             h.stop()
         ctl.stop()
+
+
+def test_a_failover_cancelled_before_a_host_ran_it_leaves_the_machine_with_its_primary(controller):
+    """Epoch E+1 stays (epochs only rise) and the primary is handed it; the test failover after it is no
+    longer refused as 'under way'. (API and rendering only: no host needed to show it.)"""
+    from replicator.controller import desired
+    from replicator.controller import models as m
+
+    from .helpers import deployment, ok, refused
+    c = controller.client
+    hosts = deployment(controller)
+    ok(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "pa1",
+                                    "disks": ["/vms/vm01.vhdx"]}), 201)
+    job = ok(c.post("/v1/machines/vm01/failover", json={"kind": "unplanned"}), 202)
+    vm01 = ok(c.get("/v1/machines/vm01"))
+    assert (vm01["owner_site"], vm01["fencing_epoch"]) == ("b", 2)
+
+    def fencing(host: str) -> dict:
+        with controller.store.session() as s:
+            return desired.render(s, s.get(m.Host, hosts[host]))["fencing"]["vm01"]
+    assert fencing("pa1") == {"epoch": 1, "role": "replica"} and fencing("rb1") == {"epoch": 2, "role": "primary"}
+    refused(c.post("/v1/machines/vm01/failover", json={"kind": "test"}), 409, "under way")
+    ok(c.post(f"/v1/jobs/{job['id']}/cancel"))
+    vm01 = ok(c.get("/v1/machines/vm01"))
+    assert (vm01["owner_site"], vm01["fencing_epoch"]) == ("a", 2)
+    assert fencing("pa1") == {"epoch": 2, "role": "primary"} and fencing("rb1") == {"epoch": 2, "role": "replica"}
+    refused(c.post("/v1/machines/vm01/cancel-failover"), 409, "no failover waiting")
+    test = ok(c.post("/v1/machines/vm01/failover", json={"kind": "test"}), 202)
+    assert test["host"] == hosts["rb1"] and test["params"]["op"] == "test-failover"

@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy import select
 
-from .. import jobs
+from .. import failover, jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, operator, reader
@@ -62,6 +62,8 @@ def cancel_job(s: DB, request: Request, job_id: int = JobId, who: Principal = De
     except ValueError as e:
         raise conflict(str(e)) from None
     note(request, f"job/{job_id}", result=what)
+    if what == "cancelled":
+        failover.withdrawn(s, j)                 # a failover nobody ran: the machine stays with its primary
     s.flush()
     s.refresh(j)
     return job_out(j, with_log=True)
