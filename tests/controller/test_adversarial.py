@@ -155,7 +155,8 @@ ROLE_OF = {
     ("GET", "/v1/hosts/self/desired"): HOST, ("POST", "/v1/hosts/self/report"): HOST,
     ("POST", "/v1/hosts/self/renew"): HOST,
     **{("POST", f"/v1/machines/{{name}}/{a}"): OPERATE
-       for a in ("pause", "resume", "resync", "disable", "enable", "failover")},
+       for a in ("pause", "resume", "resync", "disable", "enable", "failover", "commit-failover",
+                 "cancel-failover", "cleanup-test-failover")},
     ("POST", "/v1/machines"): OPERATE, ("PATCH", "/v1/machines/{name}"): OPERATE,
     ("DELETE", "/v1/machines/{name}"): OPERATE, ("POST", "/v1/jobs/{job_id}/cancel"): OPERATE,
     ("POST", "/v1/plans/{name}/runs"): OPERATE, ("POST", "/v1/plan-runs/{run_id}/confirm"): OPERATE,
