@@ -35,6 +35,11 @@ def make_token(body: sc.TokenIn, s: DB, request: Request, who: Principal = Depen
 def revoke_token(s: DB, request: Request, who: Principal = Depends(admin), name: str = Path(pattern=NamePath)):
     """Revoke a token (kept, marked revoked, for the audit log's sake)."""
     note(request, f"token/{name}")
+    # both tokens held (in id order) while deciding: two admins revoking each other at once left no admin
+    held = s.scalars(select(m.ApiToken).where(m.ApiToken.name.in_([name, who.name])).order_by(m.ApiToken.id)
+                     .with_for_update()).all()
+    if any(x.name == who.name and x.revoked_at is not None for x in held):
+        raise HTTPException(401, "unknown or revoked API token", headers={"WWW-Authenticate": "Bearer"})
     t = one(s, m.ApiToken, "token", name=name)
     if t.revoked_at is not None:
         raise conflict(f"token {name!r} is already revoked")
