@@ -67,6 +67,8 @@ async def failover(pm, target, job, point: int | None) -> None:
     """Every disk of a machine point to a fixed-VHD blob (decrypted), plus the VM's ARM template when the
     machine has [machine.azure_vm]; all or nothing."""
     from .deploy import arm_template, failover_machine, write_template
+    from .points import pick
+    target.check_keys(await pick(target, pm.name, point))      # refused here: the state does not move
     pm.state.fire(Event.failover, f"failover to Azure: point {point or 'latest'}")
     try:
         job.note("copying the machine point's disks to fixed-VHD blobs")
@@ -89,6 +91,15 @@ async def failover(pm, target, job, point: int | None) -> None:
     pm.state.fire(Event.failover_done, f"failed over to Azure at point {fo.point.point}"
                   + (f": deploy {template}" if template else "")
                   + f"; back with `replicator machine {pm.name} failback`")
+
+
+async def _kept(target, blob: str, snapshot: str | None) -> str | None:
+    """The last pass's snapshot if Azure still has it (a daemon stopped between a pass's end and its record
+    leaves one that is gone: the next pass then compares everything)."""
+    if not snapshot:
+        return None
+    snap = target.container.get_blob_client(blob, snapshot=snapshot)
+    return snapshot if await target._call(f"look for {blob} at {snapshot}", snap.exists) else None
 
 
 class ExportDisk:
@@ -127,9 +138,10 @@ async def failback(pm, target, job, mode: str, final: bool) -> None:
     for name, blob in rec["blobs"].items():
         if name not in pm.disks:
             raise UsageError(f"{pm.name}: disk {name} of the failover is not protected here any more")
+        base = await _kept(target, blob, state["snapshots"].get(name))
         disk = await asyncio.to_thread(ExportDisk, pm, name)
         try:
-            r = await fb.sync_pass(target, blob, disk, base=state["snapshots"].get(name), full=mode == "full",
+            r = await fb.sync_pass(target, blob, disk, base=base, full=mode == "full",
                                    progress=lambda at, base=done: job.progress(base + at, total))
         finally:
             await asyncio.to_thread(disk.close)

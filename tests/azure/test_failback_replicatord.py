@@ -49,8 +49,11 @@ def sent_since(site, mark: int) -> float:
 
 def test_failover_to_azure_and_failback_minimize_downtime_through_replicatord(azurite, tmp_path):
     site = Site(tmp_path, azurite)
-    with open(site.config, "a") as f:
-        f.write(VM)
+    site.url = site.url.replace("/replicas?", "/failback?")        # Azurite is shared: a container of its own
+    with open(site.config) as f:
+        text = f.read().replace("/replicas?", "/failback?")
+    with open(site.config, "w") as f:
+        f.write(text + VM)
     site.start()
     try:
         site.qemu_io("d0.vhdx", "write -P 0x31 2M 3M")
