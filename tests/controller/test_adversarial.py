@@ -379,3 +379,22 @@ def test_two_admins_revoking_each_other_at_once_leave_one_admin(controller):
     assert statuses(results) == [204, 401], [r.text for r in results]
     tokens = {t["name"]: t["revoked_at"] for t in ok(controller.client.get("/v1/tokens"))}
     assert [tokens["a1"], tokens["a2"]].count(None) == 1, tokens
+
+
+def test_a_hostname_that_looks_like_another_hosts_id_does_not_take_its_place(controller):
+    """A registering host picks its hostname: one named after another host's id was what GET/PUT
+    /v1/hosts/ID (and a machine's primary_host) found when its row came first."""
+    from replicator.controller import models as m
+    victim_id = "f" * 32
+    with controller.store.session() as s:
+        site = m.Site(name="a")
+        s.add(site)
+        s.flush()
+        s.add(m.Host(id="e" * 32, hostname=victim_id, site_id=site.id))        # the impostor, first
+        s.flush()
+        s.add(m.Host(id=victim_id, hostname="victim", site_id=site.id))
+    c = controller.client
+    ok(c.post("/v1/clouds", json={"name": "gold", "site": "a"}), 201)
+    assert ok(c.get(f"/v1/hosts/{victim_id}"))["hostname"] == "victim"
+    assert ok(c.put(f"/v1/hosts/{victim_id}/cloud", json={"cloud": "gold"}))["hostname"] == "victim"
+    assert ok(c.get("/v1/clouds/gold"))["hosts"] == ["victim"]

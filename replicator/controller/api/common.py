@@ -53,8 +53,14 @@ def ref(s: Session, model, what: str, field: str, lock: bool = False, **by):
     return obj
 
 
+def find_host(s: Session, ref_: str) -> m.Host | None:
+    """A host by id, else by hostname: a hostname may look like another host's id (a registering host picks
+    its hostname), and the id names that other host."""
+    return s.get(m.Host, ref_) or s.scalar(select(m.Host).where(m.Host.hostname == ref_))
+
+
 def host_by_ref(s: Session, ref_: str, field: str) -> m.Host:
-    h = s.scalar(select(m.Host).where((m.Host.id == ref_) | (m.Host.hostname == ref_)))
+    h = find_host(s, ref_)
     if h is None:
         raise HTTPException(422, f"{field}: no host {ref_!r} (give its id or hostname)")
     return h

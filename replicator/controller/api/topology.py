@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from .. import models as m
 from .. import schemas as sc
 from ..auth import admin, reader
-from .common import DB, ERRORS, bump_revision, conflict, note, one, pair_hosts, ref
+from .common import DB, ERRORS, bump_revision, conflict, find_host, note, one, pair_hosts, ref
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
 NamePath = Path(pattern=sc.NAME_PATTERN)
@@ -68,7 +68,7 @@ def host_out(h: m.Host) -> sc.HostOut:
 
 
 def _host(s, ref_: str) -> m.Host:
-    h = s.scalar(select(m.Host).where((m.Host.id == ref_) | (m.Host.hostname == ref_)))
+    h = find_host(s, ref_)
     if h is None:
         raise HTTPException(404, f"no host {ref_!r}")
     return h
