@@ -398,3 +398,24 @@ def test_a_hostname_that_looks_like_another_hosts_id_does_not_take_its_place(con
     assert ok(c.get(f"/v1/hosts/{victim_id}"))["hostname"] == "victim"
     assert ok(c.put(f"/v1/hosts/{victim_id}/cloud", json={"cloud": "gold"}))["hostname"] == "victim"
     assert ok(c.get("/v1/clouds/gold"))["hosts"] == ["victim"]
+
+
+def test_same_name_created_twice_at_once_is_one_201_and_one_409(controller):
+    c = controller.client
+    ok(c.post("/v1/sites", json={"name": "a"}), 201)
+    results = race(controller, "sites", "name = 'a'", ("POST", "/v1/clouds", {"name": "gold", "site": "a"}),
+                   ("POST", "/v1/clouds", {"name": "gold", "site": "a"}))
+    assert statuses(results) == [201, 409], [r.text for r in results]
+    assert [x["name"] for x in ok(c.get("/v1/clouds"))] == ["gold"]
+
+
+def test_the_audit_log_cannot_be_changed_through_the_api(controller):
+    c = controller.client
+    ok(c.post("/v1/sites", json={"name": "a"}), 201)
+    before = ok(c.get("/v1/audit"))
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        refused(c.request(method, "/v1/audit", json={"actor": "nobody"}), 405)
+        refused(c.request(method, f"/v1/audit/{before[0]['id']}"), 404)
+    after = ok(c.get("/v1/audit", params={"limit": 1000}))
+    assert after[-len(before):] == before                      # only grown (by the refusals, recorded)
+    assert {a["outcome"][:3] for a in after[:-len(before)]} <= {"405", "404"}
