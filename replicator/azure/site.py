@@ -48,6 +48,9 @@ def operation(pm, op: str, params: dict):
         point = params.get("point")
         if point is not None and not str(point).isdigit():
             raise UsageError(f"point must be a machine point's number, not {point!r}")
+        if rec:                                 # its VM may run from those blobs: one failover at a time
+            raise StateError(f"{pm.name}: already failed over to Azure at point {rec['point']}: fail back first "
+                             f"(`replicator machine {pm.name} failback`)")
         if not pm.state.can(Event.failover):
             raise StateError(f"{pm.name}: failover to Azure is not possible in state {pm.state.state.value}")
         return lambda job: failover(pm, target, job, None if point is None else int(point))
@@ -133,8 +136,8 @@ async def failback(pm, target, job, mode: str, final: bool) -> None:
     if pm.state.state is not S.FailbackInProgress:
         pm.state.fire(Event.failback_start, f"failback from Azure ({mode}): first pass")
     total = sum(pm.disks[n].size for n in rec["blobs"])
-    done = 0
-    written = compared = 0
+    done = written = compared = 0
+    job.progress(0, total)
     for name, blob in rec["blobs"].items():
         if name not in pm.disks:
             raise UsageError(f"{pm.name}: disk {name} of the failover is not protected here any more")
@@ -148,6 +151,7 @@ async def failback(pm, target, job, mode: str, final: bool) -> None:
         state["snapshots"][name] = r.snapshot
         pm.state.save()
         done += disk.size
+        job.progress(done, total)
         written, compared = written + r.blocks_written, compared + r.blocks_compared
         job.note(f"{name}: {r.blocks_written} of {r.blocks_compared} blocks differed; {r.bytes_read} bytes read "
                  f"from Azure, {r.bytes_written} written here ({r.seconds:.1f} s)")

@@ -120,3 +120,41 @@ def test_failover_to_azure_and_failback_minimize_downtime_through_replicatord(az
     finally:
         if site.proc.poll() is None:
             site.stop()
+
+
+def test_failback_full_download_and_refusals_through_replicatord(azurite, tmp_path):
+    site = Site(tmp_path, azurite)
+    site.url = site.url.replace("/replicas?", "/fullback?")
+    with open(site.config) as f:
+        text = f.read().replace("/replicas?", "/fullback?")
+    with open(site.config, "w") as f:
+        f.write(text)                           # no [machine.azure_vm]: blobs without a template
+    site.start()
+    try:
+        def refused(*args) -> str:
+            r = subprocess.run([os.path.join(BIN, "replicator"), "machine", "vm01", *args, "--config", site.config],
+                               capture_output=True, text=True)
+            assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+            return r.stderr
+        assert "needs a failover to Azure first" in refused("failback", "--mode", "full")
+        assert "has no recovery point 7" in refused("azure-failover", "--point", "7")
+        assert site.status()["machines"][0]["state"] == "Replicating"       # a refusal moves nothing
+
+        site.cli("machine", "vm01", "azure-failover")
+        rec = machine_data(site)["data"]["azure_failover"]
+        assert rec["template"] == ""
+        vm_writes(site, rec["blobs"]["d1.vhdx"], (3 * MiB, os.urandom(64 * KiB)))
+        assert "already failed over to Azure" in refused("azure-failover")     # its VM may run from the blobs
+        site.cli("machine", "vm01", "failback", "--mode", "full")
+        assert site.status()["machines"][0]["state"] == "Replicating"
+        done = machine_data(site)["data"]["azure_failback"]
+        assert done["blocks_written"] == (64 + 16) * MiB // BLOCK and done["passes"] == 1   # every block
+        for disk, size in (("d0.vhdx", 64 * MiB), ("d1.vhdx", 16 * MiB)):
+            assert site.disk_bytes(disk) == blob_bytes(site, rec["blobs"][disk], size), disk
+        jobs = json.loads(site.cli("jobs", "--machine", "vm01", "--json"))
+        fb = [j for j in jobs if j["kind"] == "failback"]
+        assert len(fb) == 1 and fb[0]["state"] == "succeeded" and fb[0]["bytes_done"] == fb[0]["bytes_total"] \
+            == 80 * MiB, fb
+    finally:
+        if site.proc.poll() is None:
+            site.stop()
