@@ -9,11 +9,14 @@ second is authenticated by the registration key's token.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import os
 import re
 import secrets
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -86,7 +89,7 @@ class DesiredOut(BaseModel):
 
 
 class ReportIn(BaseModel):
-    revision: int = Field(ge=0, description="the desired revision the host runs")
+    revision: int = Field(ge=0, le=2 ** 31 - 1, description="the desired revision the host runs")
     status: dict[str, Any] = Field(description="the host's admin API /v1/status document")
     jobs: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
     problems: list[Annotated[str, Field(max_length=4000)]] = Field(default_factory=list, max_length=50)
@@ -156,6 +159,35 @@ def _names(body: RegisterIn) -> list[str]:
     return [body.hostname, urlsplit(body.data_url).hostname or body.hostname]
 
 
+def _controller_names(ca: CertificateAuthority) -> set[str]:
+    """The DNS names of the controller's own listener certificate (DATA/ca/controller.pem), if it has one."""
+    try:
+        with open(os.path.join(ca.dir, "controller.pem"), "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return set()
+    return {n.lower() for n in sans.get_values_for_type(x509.DNSName)}
+
+
+def _names_free(s: Session, ca: CertificateAuthority, host_id: str, names: list[str]) -> None:
+    """A host certificate (server usage, signed by the deployment CA) must not name the controller or another
+    host: agents verify the controller, and primaries a replica host, by name against this CA. Addresses are
+    not checked (hosts on one machine share 127.0.0.1)."""
+    wanted = set()
+    for n in names:
+        try:
+            ipaddress.ip_address(n.strip("[]"))
+        except ValueError:
+            wanted.add(n.lower())
+    if hit := wanted & _controller_names(ca):
+        raise HTTPException(409, f"registration refused: {sorted(hit)[0]} is the controller's name (a host "
+                                 "certificate for it would stand in for the controller)")
+    for other in s.scalars(select(m.Host).where(m.Host.id != host_id)):
+        if hit := wanted & {other.hostname.lower(), (urlsplit(other.data_url or "").hostname or "").lower()}:
+            raise HTTPException(409, f"registration refused: {sorted(hit)[0]} already names host {other.hostname}")
+
+
 def _sign(ca: CertificateAuthority, csr: str, host_id: str, names: list[str]):
     try:
         return ca.sign(csr, host_id, names)
@@ -205,7 +237,8 @@ def register(body: RegisterIn, request: Request, s: DB, ca: CA) -> dict:
     if body.site is not None and body.site != key.site.name:
         raise HTTPException(403, f"registration key refused: it is for site {key.site.name!r}, not {body.site!r}")
     host = s.scalar(select(m.Host).where(m.Host.hostname == body.hostname))
-    if key.used_by is not None and (host is None or key.used_by != host.id):
+    # used_at, not used_by: removing a host sets used_by to NULL, and its key must not work again
+    if key.used_at is not None and (host is None or key.used_by != host.id):
         raise HTTPException(403, "registration key refused: already used by another host (a key registers one "
                                  "host)")
     if host is not None and host.site_id != key.site_id:
@@ -219,11 +252,12 @@ def register(body: RegisterIn, request: Request, s: DB, ca: CA) -> dict:
     # taken by a conditional UPDATE: two hosts racing with one key (two controllers on one database) get one winner
     taken = s.execute(update(m.RegistrationKey)
                       .where(m.RegistrationKey.id == key.id,
-                             (m.RegistrationKey.used_by.is_(None)) | (m.RegistrationKey.used_by == host.id))
+                             (m.RegistrationKey.used_at.is_(None)) | (m.RegistrationKey.used_by == host.id))
                       .values(used_by=host.id, used_at=m.utcnow())
                       .execution_options(synchronize_session=False)).rowcount
     if not taken:
         raise HTTPException(403, "registration key refused: already used by another host")
+    _names_free(s, ca, host.id, _names(body))
     issued = _sign(ca, body.csr, host.id, _names(body))
     host.cert_serial, host.cert_not_after, host.last_seen = issued.serial, issued.not_after, m.utcnow()
     request.state.audit_detail = {"host_id": host.id, "site": key.site.name, "serial": issued.serial}
