@@ -419,3 +419,19 @@ def test_the_audit_log_cannot_be_changed_through_the_api(controller):
     after = ok(c.get("/v1/audit", params={"limit": 1000}))
     assert after[-len(before):] == before                      # only grown (by the refusals, recorded)
     assert {a["outcome"][:3] for a in after[:-len(before)]} <= {"405", "404"}
+
+
+def test_a_host_taken_out_of_its_cloud_while_a_machine_is_placed_on_it(controller):
+    """Enabling read pa1 in gold while taking pa1 out of gold counted no machine on it: both succeeded and
+    the machine ran on a host outside its cloud."""
+    from .helpers import deployment
+    deployment(controller)
+    c = controller.client
+    results = race(controller, "hosts", "hostname = 'pa1'",
+                   ("POST", "/v1/machines", {"name": "vm1", "cloud": "gold", "primary_host": "pa1",
+                                             "domain": "vm1"}),
+                   ("PUT", "/v1/hosts/pa1/cloud", {"cloud": None}))
+    codes = [r.status_code for r in results]
+    assert codes in ([201, 409], [422, 200]), [r.text for r in results]
+    for x in ok(c.get("/v1/machines")):
+        assert x["primary_host"] in ok(c.get(f"/v1/clouds/{x['cloud']}"))["hosts"], x

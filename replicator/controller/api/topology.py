@@ -89,6 +89,9 @@ def set_host_cloud(body: sc.HostCloudIn, s: DB, request: Request, host: str = Ho
     """Put a registered host in a cloud of its site (or take it out with null)."""
     h = _host(s, host)
     note(request, f"host/{h.hostname}", cloud=body.cloud)
+    # its clouds (now and asked) held before counting what is placed on it: enabling a machine locks its cloud
+    s.scalars(select(m.Cloud.id).where((m.Cloud.id == h.cloud_id) | (m.Cloud.name == body.cloud))
+              .order_by(m.Cloud.id).with_for_update()).all()
     cloud = ref(s, m.Cloud, "cloud", "cloud", name=body.cloud) if body.cloud else None
     if cloud and cloud.site_id != h.site_id:
         raise HTTPException(422, f"cloud: {cloud.name!r} is on site {cloud.site.name!r}, host {h.hostname!r} "
