@@ -22,7 +22,7 @@ from ..tracking.nbdclient import NbdClient
 from . import failback as fb
 
 S = ReplicationState
-OPERATIONS = ("azure-failover", "failback")
+OPERATIONS = ("azure-failover", "failback", "azure-test-failover", "azure-cleanup-test-failover")
 MODES = ("minimize-downtime", "full")
 
 
@@ -44,10 +44,19 @@ def operation(pm, op: str, params: dict):
     """The work of `op` (a coroutine function of the job), checked first: a refusal raises before any job."""
     target = azure_target(pm)
     rec = pm.state.data.get("azure_failover")
+    point = params.get("point")
+    if point is not None and not str(point).isdigit():
+        raise UsageError(f"point must be a machine point's number, not {point!r}")
+    if op == "azure-test-failover":
+        pm.state.start_test_failover(int(point or 0), "azure (being copied)")     # one at a time; its states
+        pm.state.data["azure_test_failover"] = {"point": None, "blobs": {}, "template": ""}
+        pm.state.save()
+        return lambda job: test_failover(pm, target, job, None if point is None else int(point))
+    if op == "azure-cleanup-test-failover":
+        if pm.state.test_failover is None or "azure_test_failover" not in pm.state.data:
+            raise StateError(f"{pm.name}: no test failover to Azure is running")
+        return lambda job: cleanup_test_failover(pm, target, job)
     if op == "azure-failover":
-        point = params.get("point")
-        if point is not None and not str(point).isdigit():
-            raise UsageError(f"point must be a machine point's number, not {point!r}")
         if rec:                                 # its VM may run from those blobs: one failover at a time
             raise StateError(f"{pm.name}: already failed over to Azure at point {rec['point']}: fail back first "
                              f"(`replicator machine {pm.name} failback`)")
@@ -103,6 +112,44 @@ async def _kept(target, blob: str, snapshot: str | None) -> str | None:
         return None
     snap = target.container.get_blob_client(blob, snapshot=snapshot)
     return snapshot if await target._call(f"look for {blob} at {snapshot}", snap.exists) else None
+
+
+async def test_failover(pm, target, job, point: int | None) -> None:
+    """Test blobs of a machine point (and the template on test_vnet); replication goes on meanwhile."""
+    from .deploy import arm_template, failover_machine, write_template
+    try:
+        fo = await failover_machine(target, pm.name, point, test=True, spec=pm.azure_vm)
+    except BaseException:
+        del pm.state.data["azure_test_failover"]
+        pm.state.stop_test_failover()
+        raise
+    names = {str(uuid.UUID(str(d.virtual_disk_id))): n for n, d in pm.disks.items()}
+    blobs = {names.get(str(uuid.UUID(disk_id)), disk_id): r.blob for disk_id, r in fo.disks.items()}
+    template = ""
+    if pm.azure_vm is not None:
+        template = os.path.join(pm.state_dir, "azure", f"{pm.name}-test.json")
+        os.makedirs(os.path.dirname(template), exist_ok=True)
+        write_template(template, arm_template(fo, pm.azure_vm))
+        job.note(f"template {template} (NICs on the test VNet)")
+    pm.state.data["azure_test_failover"] = {"point": fo.point.point, "blobs": blobs, "template": template}
+    pm.state.test_failover.update(point=fo.point.point, path=template or ", ".join(blobs.values()))
+    pm.state.save()
+    for name, blob in blobs.items():
+        job.note(f"{name}: {blob}")
+
+
+async def cleanup_test_failover(pm, target, job) -> None:
+    """Delete the test blobs of every disk (and the template): after the test VM was deleted in Azure. Found by
+    their metadata, so a test failover a daemon restart interrupted is cleaned up too."""
+    from .failover import cleanup
+    rec = pm.state.data["azure_test_failover"]
+    for d in pm.disks.values():
+        for blob in await cleanup(target, d.virtual_disk_id):
+            job.note(f"deleted {blob}")
+    if rec["template"] and os.path.exists(rec["template"]):
+        os.remove(rec["template"])
+    del pm.state.data["azure_test_failover"]
+    pm.state.stop_test_failover()
 
 
 class ExportDisk:

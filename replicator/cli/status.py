@@ -28,9 +28,10 @@ def register(sub) -> None:
     add_config(m)
     m.add_argument("name", help="the machine's name in replicatord.toml")
     m.add_argument("op", choices=("pause", "resume", "resync", "cycle", "planned-failover", "azure-failover",
-                                  "failback"), help="the operation (azure-failover, failback: Azure as the recovery "
-                   "site, docs/operations.md)")
-    m.add_argument("--point", type=int, help="azure-failover: the machine point (default: the latest)")
+                                  "failback", "azure-test-failover", "azure-cleanup-test-failover"),
+                   help="the operation (azure-*, failback: Azure as the recovery site, docs/operations.md)")
+    m.add_argument("--point", type=int, help="azure-failover, azure-test-failover: the machine point (default: the "
+                   "latest)")
     m.add_argument("--mode", choices=("minimize-downtime", "full"),
                    help="failback: a pass while the Azure VM runs, then --final after it stops (minimize-downtime, "
                         "the default), or one full download")

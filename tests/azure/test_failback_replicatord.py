@@ -41,6 +41,10 @@ def vm_writes(site, blob: str, *writes: tuple[int, bytes]) -> None:
     azure(site, put)
 
 
+async def _exists(t, blob: str) -> bool:
+    return await t.container.get_blob_client(blob).exists()
+
+
 def sent_since(site, mark: int) -> float:
     with open(site.dir / "daemon.log") as f:
         f.seek(mark)
@@ -58,6 +62,22 @@ def test_failover_to_azure_and_failback_minimize_downtime_through_replicatord(az
     try:
         site.qemu_io("d0.vhdx", "write -P 0x31 2M 3M")
         site.cli("machine", "vm01", "cycle")
+
+        # a test failover: test blobs and a template on the isolated VNet; replication goes on meanwhile
+        site.cli("machine", "vm01", "azure-test-failover")
+        test = machine_data(site)["data"]["azure_test_failover"]
+        with open(test["template"]) as f:
+            assert "virtualNetworks/iso" in f.read()
+        assert blob_bytes(site, test["blobs"]["d0.vhdx"], 64 * MiB) == site.disk_bytes("d0.vhdx")
+        site.qemu_io("d1.vhdx", "write -P 0x12 8M 64k")
+        site.cli("machine", "vm01", "cycle")
+        st = site.status()["machines"][0]
+        assert st["state"] == "Replicating" and st["stats"], st
+        site.cli("machine", "vm01", "azure-cleanup-test-failover")
+        assert "azure_test_failover" not in machine_data(site)["data"] and not os.path.exists(test["template"])
+        assert machine_data(site)["test_failover"] is None
+        assert not azure(site, lambda t: _exists(t, test["blobs"]["d0.vhdx"]))
+
         out = site.cli("machine", "vm01", "azure-failover")
         assert "FailedOverWaitingCompletion" in out, out
         rec = machine_data(site)["data"]["azure_failover"]
