@@ -9,7 +9,8 @@ Admin API (127.0.0.1 only, `Authorization: Bearer TOKEN` with the token from the
   POST /v1/machines/NAME/pause|resume|resync|cycle|planned-failover[?wait=0|1]
        resync, cycle and planned-failover run as a job; the answer carries it ("job"). wait=1 answers when
        the job has ended (default for cycle and planned-failover), wait=0 once it started (default for resync)
-  POST /v1/machines/NAME/azure-failover[?point=N] | failback[?mode=minimize-downtime|full&final=1]
+  POST /v1/machines/NAME/azure-failover|azure-test-failover[?point=N], azure-cleanup-test-failover,
+       failback[?mode=minimize-downtime|full&final=1]
        Azure as the recovery site (azure/site.py): jobs too, wait=1 by default
   POST /v1/reload                          read the configuration again (as SIGHUP does); the answer says
                                            whether it was valid (an invalid one changes nothing)
