@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from . import desired, failover
 from . import models as m
-from .api.common import DB, ERRORS, note, one
+from .api.common import DB, ERRORS, find_host, note, one
 from .auth import Principal, admin, hash_token, reader
 from .ca import CertificateAuthority, CSRRefused
 from .tls import peer_common_name
@@ -366,7 +366,7 @@ def report(body: ReportIn, s: DB, host: Self) -> dict:
 def last_report(s: DB, host: str = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")) -> dict:
     """What a host (id or hostname) last reported: the revision it runs, its status document, jobs, problems
     (and, in status.controller, since when it could not reach the controller, if it could not)."""
-    h = s.scalar(select(m.Host).where((m.Host.id == host) | (m.Host.hostname == host)))
+    h = find_host(s, host)
     if h is None:
         raise HTTPException(404, f"no host {host!r}")
     if not h.last_report:
@@ -379,7 +379,7 @@ def remove_host(request: Request, s: DB, who: Annotated[Principal, Depends(admin
                 host: str = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")) -> Response:
     """Forget a host (id or hostname): its certificate is refused from now on (it runs on from what it has and
     says so); it joins again only with a new key. Refused while machines are placed on it."""
-    h = s.scalar(select(m.Host).where((m.Host.id == host) | (m.Host.hostname == host)))
+    h = find_host(s, host)
     if h is None:
         raise HTTPException(404, f"no host {host!r}")
     note(request, f"host/{h.hostname}", host_id=h.id)

@@ -398,6 +398,10 @@ def test_a_hostname_that_looks_like_another_hosts_id_does_not_take_its_place(con
     assert ok(c.get(f"/v1/hosts/{victim_id}"))["hostname"] == "victim"
     assert ok(c.put(f"/v1/hosts/{victim_id}/cloud", json={"cloud": "gold"}))["hostname"] == "victim"
     assert ok(c.get("/v1/clouds/gold"))["hosts"] == ["victim"]
+    refused(c.get(f"/v1/hosts/{victim_id}/report"), 404, "host victim has not reported")
+    ok(c.put(f"/v1/hosts/{victim_id}/cloud", json={"cloud": None}))
+    ok(c.delete(f"/v1/hosts/{victim_id}"), 204)
+    assert [h["hostname"] for h in ok(c.get("/v1/hosts"))] == [victim_id]      # the impostor is what is left
 
 
 def test_same_name_created_twice_at_once_is_one_201_and_one_409(controller):
