@@ -88,14 +88,29 @@ class DesiredOut(BaseModel):
                                                   "(a counter: raised, it asks for one resync)")
 
 
+MAX_DEPTH = 32         # a status document nests ~6 deep; the stored report is served back (pydantic stops near 500)
+
+
+def _shallow(doc):
+    """A report's free-form documents are stored and served back as they are: one nested deeper than
+    MAX_DEPTH is refused here, before it is stored and breaks GET /v1/hosts/HOST/report for everyone."""
+    level = [doc]
+    for depth in range(MAX_DEPTH + 1):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
+        if not level:
+            return doc
+    raise ValueError(f"nests deeper than {MAX_DEPTH} levels")
+
+
 class ReportIn(BaseModel):
     revision: int = Field(ge=0, le=2 ** 31 - 1, description="the desired revision the host runs")
-    status: dict[str, Any] = Field(description="the host's admin API /v1/status document")
-    jobs: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
+    status: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(
+        description="the host's admin API /v1/status document")
+    jobs: Annotated[list[dict[str, Any]], AfterValidator(_shallow)] = Field(default_factory=list, max_length=200)
     problems: list[Annotated[str, Field(max_length=4000)]] = Field(default_factory=list, max_length=50)
-    operations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per machine, what the "
-                                                  "host applied of the desired operations: state, resync (the "
-                                                  "counter), resync_job (its job id) or resync_error")
+    operations: Annotated[dict[str, dict[str, Any]], AfterValidator(_shallow)] = Field(
+        default_factory=dict, description="per machine, what the host applied of the desired operations: state, "
+        "resync (the counter), resync_job (its job id) or resync_error")
 
 
 class ReportOut(BaseModel):

@@ -439,3 +439,18 @@ def test_a_host_taken_out_of_its_cloud_while_a_machine_is_placed_on_it(controlle
     assert codes in ([201, 409], [422, 200]), [r.text for r in results]
     for x in ok(c.get("/v1/machines")):
         assert x["primary_host"] in ok(c.get(f"/v1/clouds/{x['cloud']}"))["hosts"], x
+
+
+def test_a_report_nested_too_deep_is_refused_before_it_breaks_reading_it(controller, tmp_path):
+    """A host's report 500 levels deep was stored, and GET /v1/hosts/HOST/report was then a 500 for everyone
+    (the response could not be serialized)."""
+    issued, _ = _registered(controller, tmp_path)
+    host = _as_host(controller, issued["certificate"])
+    J = {"content-type": "application/json"}
+    for field, doc in (("status", '{"x": %s}'), ("jobs", '[{"x": %s}]'), ("operations", '{"vm": {"x": %s}}')):
+        deep = doc % ("[" * 500 + "]" * 500)
+        body = '{"revision": 1, "status": {}, "%s": %s}' % (field, deep)
+        refused(host.post("/v1/hosts/self/report", content=body, headers=J), 422, "nests deeper")
+    fine = {"revision": 1, "status": {"machines": [{"name": "vm", "stats": {"a": {"b": [[1, 2], {"c": None}]}}}]}}
+    ok(host.post("/v1/hosts/self/report", json=fine))
+    assert ok(controller.client.get("/v1/hosts/h1/report"))["status"] == fine["status"]
