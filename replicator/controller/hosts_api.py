@@ -91,11 +91,18 @@ class DesiredOut(BaseModel):
 MAX_DEPTH = 32         # a status document nests ~6 deep; the stored report is served back (pydantic stops near 500)
 
 
-def _shallow(doc):
+def _servable(doc):
     """A report's free-form documents are stored and served back as they are: one nested deeper than
-    MAX_DEPTH is refused here, before it is stored and breaks GET /v1/hosts/HOST/report for everyone."""
+    MAX_DEPTH, or with a string that is not Unicode (a lone surrogate escape), is refused here, before it is
+    stored and breaks GET /v1/hosts/HOST/report for everyone."""
     level = [doc]
     for depth in range(MAX_DEPTH + 1):
+        for text in (t for x in level for t in ([x] if isinstance(x, str) else x if isinstance(x, dict) else ())):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a string that is not valid Unicode (a lone surrogate)") from None
         level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
         if not level:
             return doc
@@ -104,11 +111,11 @@ def _shallow(doc):
 
 class ReportIn(BaseModel):
     revision: int = Field(ge=0, le=2 ** 31 - 1, description="the desired revision the host runs")
-    status: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(
+    status: Annotated[dict[str, Any], AfterValidator(_servable)] = Field(
         description="the host's admin API /v1/status document")
-    jobs: Annotated[list[dict[str, Any]], AfterValidator(_shallow)] = Field(default_factory=list, max_length=200)
+    jobs: Annotated[list[dict[str, Any]], AfterValidator(_servable)] = Field(default_factory=list, max_length=200)
     problems: list[Annotated[str, Field(max_length=4000)]] = Field(default_factory=list, max_length=50)
-    operations: Annotated[dict[str, dict[str, Any]], AfterValidator(_shallow)] = Field(
+    operations: Annotated[dict[str, dict[str, Any]], AfterValidator(_servable)] = Field(
         default_factory=dict, description="per machine, what the host applied of the desired operations: state, "
         "resync (the counter), resync_job (its job id) or resync_error")
 

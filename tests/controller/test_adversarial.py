@@ -454,3 +454,19 @@ def test_a_report_nested_too_deep_is_refused_before_it_breaks_reading_it(control
     fine = {"revision": 1, "status": {"machines": [{"name": "vm", "stats": {"a": {"b": [[1, 2], {"c": None}]}}}]}}
     ok(host.post("/v1/hosts/self/report", json=fine))
     assert ok(controller.client.get("/v1/hosts/h1/report"))["status"] == fine["status"]
+
+
+def test_a_report_with_a_lone_surrogate_is_refused_before_it_breaks_reading_it(controller, tmp_path):
+    """A string "\\ud800" (valid JSON, not Unicode) in a report was stored, and GET /v1/hosts/HOST/report was
+    then a 500 for every reader."""
+    issued, _ = _registered(controller, tmp_path)
+    host = _as_host(controller, issued["certificate"])
+    J = {"content-type": "application/json"}
+    for body in ('{"revision": 1, "status": {"x": "\\ud800"}}', '{"revision": 1, "status": {"\\udfff": 1}}',
+                 '{"revision": 1, "status": {"machines": [{"name": "vm", "state": "\\ud800"}]}}',
+                 '{"revision": 1, "status": {}, "problems": ["\\ud800"]}',
+                 '{"revision": 1, "status": {}, "jobs": [{"error": "\\ud800"}]}'):
+        refused(host.post("/v1/hosts/self/report", content=body, headers=J), 422, "nicode")   # typed: pydantic's
+    ok(host.post("/v1/hosts/self/report", content='{"revision": 1, "status": {"x": "caf\\u00e9 \\ud83d\\ude00"}}',
+                 headers=J))
+    assert ok(controller.client.get("/v1/hosts/h1/report"))["status"] == {"x": "café \U0001F600"}
