@@ -19,6 +19,7 @@ import uvicorn
 
 from ..errors import ReplicatorError
 from .app import create_app
+from .plans_worker import PlanWorker
 from .auth import ADMIN_TOKEN_FILE, ensure_admin_token
 from .db import Store, sqlite_url
 
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=5, **listener_options(args, app))
         server = StoppableServer(config)
-        server.run()
+        worker = PlanWorker(store).start()           # recovery plan runs (plans_worker.py)
+        try:
+            server.run()
+        finally:
+            worker.stop()
         return 0 if server.started else 1
     finally:
         store.close()

@@ -212,3 +212,40 @@ def test_a_failover_cancelled_before_a_host_ran_it_leaves_the_machine_with_its_p
     refused(c.post("/v1/machines/vm01/cancel-failover"), 409, "no failover waiting")
     test = ok(c.post("/v1/machines/vm01/failover", json={"kind": "test"}), 202)
     assert test["host"] == hosts["rb1"] and test["params"]["op"] == "test-failover"
+
+
+def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, database_url):
+    """A test failover of a plan across two primaries' machines: group 1 (vm01 from p1), a manual action
+    confirmed through the API, then group 2 (vm02 from p2); the controller's worker drives it, r1 runs both."""
+    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+    hosts: list[FleetHost] = []
+    try:
+        f = _setup(tmp_path, ctl, hosts)
+        r1 = f["r1"]
+        ctl.ok("POST", "/v1/plans", {"name": "gold-plan", "pair": "gold-pair", "groups": [
+            {"members": ["vm01"]},
+            {"members": ["vm02"], "pre": [{"manual": "check the test network is isolated"}]}]})
+        run = ctl.ok("POST", "/v1/plans/gold-plan/runs", {"kind": "test"})
+        wait(lambda: ctl.ok("GET", f"/v1/plan-runs/{run['id']}")["state"] == "waiting_for_input",
+             "the run waiting at group 2's manual action", hosts)
+        waiting = ctl.ok("GET", f"/v1/plan-runs/{run['id']}")
+        assert waiting["current_group"] == 2 and waiting["waiting_action_id"], waiting
+        assert r1.api("GET", "/v1/replica/machines/vm01")["test_failover"] is not None     # group 1 is done
+        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is None         # group 2 waits
+        ctl.ok("POST", f"/v1/plan-runs/{run['id']}/confirm",
+               {"action_id": waiting["waiting_action_id"], "note": "isolated"})
+        wait(lambda: ctl.ok("GET", f"/v1/plan-runs/{run['id']}")["state"] in ("succeeded", "failed"),
+             "the run to end", hosts)
+        done = ctl.ok("GET", f"/v1/plan-runs/{run['id']}")
+        job = ctl.ok("GET", f"/v1/jobs/{done['job']}")
+        assert done["state"] == "succeeded", job
+        assert job["state"] == "succeeded" and job["claimed_by"].startswith("controller:"), job
+        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is not None
+        children = [j for j in ctl.ok("GET", "/v1/jobs?kind=failover") if j["plan_run"] == run["id"]]
+        assert sorted((j["machine"], j["state"]) for j in children) == [("vm01", "succeeded"),
+                                                                          ("vm02", "succeeded")], children
+        assert ctl.ok("GET", "/v1/machines/vm01")["fencing_epoch"] == 1       # a test failover fences nothing
+    finally:
+        for h in hosts:
+            h.stop()
+        ctl.stop()
