@@ -63,7 +63,7 @@ def test_tokens_are_made_shown_once_and_revoked(controller):
     refused(c.delete("/v1/tokens/ghost"), 404)
 
 
-def test_audit_log_records_who_what_target_and_outcome(controller):
+def test_audit_log_records_who_what_target_and_outcome(controller, caplog):
     c = controller.client
     ok(c.post("/v1/sites", json={"name": "a"}), 201)
     refused(c.post("/v1/sites", json={"name": "a"}), 409)
@@ -73,8 +73,9 @@ def test_audit_log_records_who_what_target_and_outcome(controller):
     as_(controller, reader_token).get("/v1/sites")              # reads are not audited
     entries = ok(c.get("/v1/audit", params={"limit": 10}))
     got = [(e["actor"], e["action"], e["target"], e["outcome"]) for e in entries]
-    assert got[:4] == [
-        ("anonymous", "POST /v1/sites", "/v1/sites", "401 missing API token: send 'Authorization: Bearer TOKEN'"),
+    # a request with no valid credentials is a log line: anyone could otherwise grow the table at will
+    assert any("refused without valid credentials: POST /v1/sites" in r.getMessage() for r in caplog.records)
+    assert got[:3] == [
         ("watcher", "DELETE /v1/sites/{name}", "/v1/sites/a", "403 token 'watcher' is read-only; this needs admin"),
         ("admin", "POST /v1/sites", "site/a", "409 site 'a' already exists"),
         ("admin", "POST /v1/sites", "site/a", "201 ok")]
