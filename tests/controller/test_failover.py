@@ -77,6 +77,13 @@ def _settled(h: FleetHost, hosts) -> None:
     wait(settled, f"{h.name} on its newest revision", hosts)
 
 
+def _get(h: FleetHost, path: str, hosts) -> dict:
+    """A host's admin API answer, waiting out a reload (the listener restarts on a new revision)."""
+    got: list = []
+    wait(lambda: got.append(h.api("GET", path)) or True, f"{h.name} GET {path}", hosts)
+    return got[-1]
+
+
 def _fencing(h: FleetHost) -> dict:
     return json.loads((h.state / "controller" / "fencing.json").read_text())["machines"]
 
@@ -106,7 +113,7 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         assert any("forced by" in line["line"] for line in done["log"]), done["log"]
         vm01 = ctl.ok("GET", "/v1/machines/vm01")
         assert vm01["owner_site"] == "west" and vm01["fencing_epoch"] == 2, vm01
-        view = r1.api("GET", "/v1/replica/machines/vm01")
+        view = _get(r1, "/v1/replica/machines/vm01", hosts)
         assert view["failover"]["kind"] == "unplanned" and [d["epoch"] for d in view["disks"]] == [2], view
 
         # p1 keeps epoch 1 (never raised for it); its next cycle is refused and it says why
@@ -152,11 +159,11 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         test = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "test"})
         done = _job_done(ctl, test["id"], hosts)
         assert "test failover of vm02" in done["message"], done
-        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is not None
+        assert _get(r1, "/v1/replica/machines/vm02", hosts)["test_failover"] is not None
         code, body = ctl.api("POST", "/v1/machines/vm02/failover", {"kind": "test"})
         assert code == 409 and "clean it up first" in body["error"], body
         _job_done(ctl, ctl.ok("POST", "/v1/machines/vm02/cleanup-test-failover")["id"], hosts)
-        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is None
+        assert _get(r1, "/v1/replica/machines/vm02", hosts)["test_failover"] is None
         assert ctl.ok("GET", "/v1/machines/vm02")["fencing_epoch"] == 1
 
         # the guest writes after the last cycle: the planned failover's final cycle carries it
@@ -167,7 +174,7 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         lines = [line["line"] for line in done["log"]]
         assert any("final cycle replicated" in x for x in lines), lines
         wait(lambda: p2.machine("vm02")["state"] == "PreparedForFailover", "p2 prepared (after its reload)", hosts)
-        view = r1.api("GET", "/v1/replica/machines/vm02")
+        view = _get(r1, "/v1/replica/machines/vm02", hosts)
         assert view["failover"]["kind"] == "planned", view
         (path,) = view["failover"]["paths"].values()
         same(read_vhdx(path), p2.disk_bytes(disk), "the failed-over disk")
@@ -176,7 +183,7 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         assert ctl.ok("GET", "/v1/audit?limit=500") and not [
             a for a in ctl.ok("GET", "/v1/audit?limit=500") if a["action"] == "machine.failover.forced"]
         _job_done(ctl, ctl.ok("POST", "/v1/machines/vm02/commit-failover")["id"], hosts)
-        assert r1.api("GET", "/v1/replica/machines/vm02")["state"] == "FailedOver"
+        assert _get(r1, "/v1/replica/machines/vm02", hosts)["state"] == "FailedOver"
         code, body = ctl.api("POST", "/v1/machines/vm02/cancel-failover")
         assert code == 409, body
     finally:
@@ -230,8 +237,8 @@ def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, databas
              "the run waiting at group 2's manual action", hosts)
         waiting = ctl.ok("GET", f"/v1/plan-runs/{run['id']}")
         assert waiting["current_group"] == 2 and waiting["waiting_action_id"], waiting
-        assert r1.api("GET", "/v1/replica/machines/vm01")["test_failover"] is not None     # group 1 is done
-        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is None         # group 2 waits
+        assert _get(r1, "/v1/replica/machines/vm01", hosts)["test_failover"] is not None     # group 1 is done
+        assert _get(r1, "/v1/replica/machines/vm02", hosts)["test_failover"] is None         # group 2 waits
         ctl.ok("POST", f"/v1/plan-runs/{run['id']}/confirm",
                {"action_id": waiting["waiting_action_id"], "note": "isolated"})
         wait(lambda: ctl.ok("GET", f"/v1/plan-runs/{run['id']}")["state"] in ("succeeded", "failed"),
@@ -240,7 +247,7 @@ def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, databas
         job = ctl.ok("GET", f"/v1/jobs/{done['job']}")
         assert done["state"] == "succeeded", job
         assert job["state"] == "succeeded" and job["claimed_by"].startswith("controller:"), job
-        assert r1.api("GET", "/v1/replica/machines/vm02")["test_failover"] is not None
+        assert _get(r1, "/v1/replica/machines/vm02", hosts)["test_failover"] is not None
         children = [j for j in ctl.ok("GET", "/v1/jobs?kind=failover") if j["plan_run"] == run["id"]]
         assert sorted((j["machine"], j["state"]) for j in children) == [("vm01", "succeeded"),
                                                                           ("vm02", "succeeded")], children
