@@ -285,6 +285,8 @@ class MachinePatch(In):
 class FailoverIn(In):
     kind: FailoverKind
     force: bool = Field(False, description="unplanned while the primary holds a live lease (recorded)")
+    point: int | None = Field(None, ge=0, le=2**53, description="the recovery point (unplanned or test; default: "
+                              "the latest); a planned failover takes the final cycle's")
 
 
 class MachineOut(Out):

@@ -156,9 +156,10 @@ def test_planned_failover_loses_nothing(tmp_path, database_url):
         p2, r1, disk = f["p2"], f["r1"], f["disks"]["p2"]
 
         # a test failover on r1, then its cleanup: replication goes on untouched
-        test = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "test"})
+        first = _get(r1, "/v1/replica/machines/vm02", hosts)["points"][0]["point"]       # at a chosen point
+        test = ctl.ok("POST", "/v1/machines/vm02/failover", {"kind": "test", "point": first})
         done = _job_done(ctl, test["id"], hosts)
-        assert "test failover of vm02" in done["message"], done
+        assert f"test failover of vm02 at point {first}" in done["message"], done
         assert _get(r1, "/v1/replica/machines/vm02", hosts)["test_failover"] is not None
         code, body = ctl.api("POST", "/v1/machines/vm02/failover", {"kind": "test"})
         assert code == 409 and "clean it up first" in body["error"], body
@@ -217,6 +218,7 @@ def test_a_failover_cancelled_before_a_host_ran_it_leaves_the_machine_with_its_p
     assert (vm01["owner_site"], vm01["fencing_epoch"]) == ("a", 2)
     assert fencing("pa1") == {"epoch": 2, "role": "primary"} and fencing("rb1") == {"epoch": 2, "role": "replica"}
     refused(c.post("/v1/machines/vm01/cancel-failover"), 409, "no failover waiting")
+    refused(c.post("/v1/machines/vm01/failover", json={"kind": "planned", "point": 3}), 422, "point")
     test = ok(c.post("/v1/machines/vm01/failover", json={"kind": "test"}), 202)
     assert test["host"] == hosts["rb1"] and test["params"]["op"] == "test-failover"
 

@@ -204,9 +204,9 @@ def failover_machine(body: sc.FailoverIn, s: DB, request: Request, name: str = N
     """Fail a machine over (controller/failover.py): planned (the primary's final cycle, then the replica),
     unplanned (the replica at once; refused while the primary holds a live lease, unless `force`) or test.
     The job follows the hosts running it."""
-    note(request, f"machine/{name}", kind=body.kind, force=body.force)
+    note(request, f"machine/{name}", kind=body.kind, force=body.force, point=body.point)
     x = one(s, m.Machine, "machine", lock=True, name=name)
-    return job_out(failover.request_failover(s, x, body.kind, body.force, None, who.name))
+    return job_out(failover.request_failover(s, x, body.kind, body.force, body.point, who.name))
 
 
 def _failover_step_route(kind: str, doc: str):
