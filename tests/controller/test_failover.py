@@ -258,3 +258,54 @@ def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, databas
         for h in hosts:
             h.stop()
         ctl.stop()
+
+
+def test_reports_move_failover_steps_on(controller):
+    """What a host reports of a step (failover.follow, as the report route calls it, on the real store): a
+    running step is claimed for that host, a report naming another job is not taken for it, a failed replica
+    step gives the machine back at the new epoch, a planned job moves from the primary to the replica, and
+    the replica's higher epoch wins."""
+    from replicator.controller import desired, failover
+    from replicator.controller import models as m
+
+    from .helpers import deployment, ok
+    c = controller.client
+    hosts = deployment(controller)
+    for vm, host in (("vm01", "pa1"), ("vm02", "pa2")):
+        ok(c.post("/v1/machines", json={"name": vm, "cloud": "gold", "primary_host": host,
+                                        "disks": [f"/vms/{vm}.vhdx"]}), 201)
+    one = ok(c.post("/v1/machines/vm01/failover", json={"kind": "unplanned"}), 202)
+
+    def report(host: str, **ops):
+        with controller.store.session() as s:
+            failover.follow(s, s.get(m.Host, hosts[host]), {vm: {"site": step} for vm, step in ops.items()})
+
+    def step(job, op, state, **more):
+        return {"job": job["id"], "op": op, "state": state, **more}
+    report("rb1", vm01=step({"id": one["id"] + 100}, "failover", "running"))          # not this job
+    assert ok(c.get(f"/v1/jobs/{one['id']}"))["state"] == "queued"
+    report("pa1", vm01=step(one, "failover", "running"))                              # not its host
+    assert ok(c.get(f"/v1/jobs/{one['id']}"))["state"] == "queued"
+    report("rb1", vm01=step(one, "failover", "running"))
+    job = ok(c.get(f"/v1/jobs/{one['id']}"))
+    assert (job["state"], job["claimed_by"]) == ("running", "host:rb1") and job["lease_expires_at"], job
+    report("rb1", vm01=step(one, "failover", "failed", error="vm01: no recovery point 7"))
+    job = ok(c.get(f"/v1/jobs/{one['id']}"))
+    assert job["state"] == "failed" and "no recovery point 7" in job["message"] \
+        and "stays with pa1 at epoch 2" in job["message"], job
+    vm01 = ok(c.get("/v1/machines/vm01"))
+    assert (vm01["owner_site"], vm01["fencing_epoch"]) == ("a", 2)
+
+    two = ok(c.post("/v1/machines/vm02/failover", json={"kind": "planned"}), 202)
+    assert two["host"] == hosts["pa2"] and two["params"]["op"] == "planned-failover"
+    report("pa2", vm02=step(two, "planned-failover", "succeeded", host_job="planned-failover-1"))
+    job = ok(c.get(f"/v1/jobs/{two['id']}"))
+    assert (job["state"], job["host"], job["params"]["op"], job["params"]["planned"]) == (
+        "running", hosts["rb1"], "failover", True), job
+    with controller.store.session() as s:
+        ops = desired.render(s, s.get(m.Host, hosts["rb1"]))["operations"]
+    assert ops["vm02"]["site"] == {"job": two["id"], "op": "failover", "planned": True, "point": None}, ops
+    report("rb1", vm02=step(two, "failover", "succeeded", point=4, epoch=5))
+    job = ok(c.get(f"/v1/jobs/{two['id']}"))
+    vm02 = ok(c.get("/v1/machines/vm02"))
+    assert job["state"] == "succeeded" and (vm02["owner_site"], vm02["fencing_epoch"]) == ("b", 5), (job, vm02)
