@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 
 from replicator.vhdx import create_vhdx
@@ -309,3 +310,49 @@ def test_reports_move_failover_steps_on(controller):
     job = ok(c.get(f"/v1/jobs/{two['id']}"))
     vm02 = ok(c.get("/v1/machines/vm02"))
     assert job["state"] == "succeeded" and (vm02["owner_site"], vm02["fencing_epoch"]) == ("b", 5), (job, vm02)
+
+
+def test_the_plan_worker_runs_script_actions_and_stops_on_a_failure_or_a_cancel(controller, tmp_path):
+    """Groups of actions only (no hosts needed): a script that succeeds, one that fails (the run fails,
+    later groups are not started), and a run cancelled while it waits on a manual action."""
+    import sys
+
+    from replicator.controller.plans_worker import PlanWorker
+
+    from .helpers import deployment, ok
+    c = controller.client
+    deployment(controller)
+    marks = [tmp_path / f"group{i}" for i in (1, 2, 3)]
+    script = [{"script": [sys.executable, "-c", f"open({str(p)!r}, 'w').write('ran')"]} for p in marks]
+    ok(c.post("/v1/plans", json={"name": "scripts", "pair": "gold-silver", "groups": [
+        {"pre": [script[0]]},
+        {"post": [script[1], {"script": [sys.executable, "-c", "import sys; sys.exit('the check failed')"]}]},
+        {"pre": [script[2]]}]}), 201)
+    ok(c.post("/v1/plans", json={"name": "manual", "pair": "gold-silver", "groups": [
+        {"pre": [{"manual": "call the DBA", "kinds": ["planned"]}, {"manual": "call the network team"}]}]}), 201)
+    worker = PlanWorker(controller.store, poll=0.05).start()
+    try:
+        run = ok(c.post("/v1/plans/scripts/runs", json={"kind": "test"}), 202)
+        deadline = time.time() + 30
+        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] not in ("failed", "succeeded") and time.time() < deadline:
+            time.sleep(0.1)
+        done = ok(c.get(f"/v1/plan-runs/{run['id']}"))
+        job = ok(c.get(f"/v1/jobs/{done['job']}"))
+        assert done["state"] == "failed" and done["current_group"] == 2, done
+        assert "exited with 1: the check failed" in job["message"] and job["state"] == "failed", job
+        assert [p.exists() for p in marks] == [True, True, False]
+
+        run = ok(c.post("/v1/plans/manual/runs", json={"kind": "test"}), 202)
+        deadline = time.time() + 30
+        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] != "waiting_for_input" and time.time() < deadline:
+            time.sleep(0.1)
+        waiting = ok(c.get(f"/v1/plan-runs/{run['id']}"))
+        job = ok(c.get(f"/v1/jobs/{waiting['job']}"))
+        assert "call the network team" in job["log"][-1]["line"], job["log"]     # the planned-only one skipped
+        ok(c.post(f"/v1/jobs/{waiting['job']}/cancel"))
+        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] == "waiting_for_input" and time.time() < deadline:
+            time.sleep(0.1)
+        assert ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] == "cancelled"
+        assert ok(c.get(f"/v1/jobs/{waiting['job']}"))["state"] == "cancelled"
+    finally:
+        worker.stop()
