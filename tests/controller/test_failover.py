@@ -5,7 +5,10 @@ replicator-controller (SQLite and PostgreSQL), machines replicating from p1 and 
   force (an audit entry); r1 runs the failover; the machine belongs to site west at epoch 2; p1's next cycle is
   refused (fenced) and its report says so; cancel-failover gives it back and p1 cycles again at epoch 2.
 - planned: p2's final cycle, then r1's planned failover: the failed-over disk is byte for byte p2's disk at its
-  final cycle (nothing lost); commit-failover ends it. A test failover and its cleanup run on r1 first."""
+  final cycle (nothing lost); commit-failover ends it. A test failover and its cleanup run on r1 first.
+- a recovery plan's test failover runs group by group through the hosts, waiting on a manual action.
+Without hosts (the app and the real store): a failover job cancelled before a host ran it, what hosts report of
+a step (failover.follow), and the plan worker's script and manual actions."""
 from __future__ import annotations
 
 import json
@@ -85,6 +88,11 @@ def _get(h: FleetHost, path: str, hosts) -> dict:
     return got[-1]
 
 
+def _reported(ctl, host: str, vm: str) -> dict:
+    """The machine's entry in the host's last report (StopIteration, which wait() retries, before it is in)."""
+    return next(x for x in ctl.ok("GET", f"/v1/hosts/{host}/report")["status"]["machines"] if x["name"] == vm)
+
+
 def _fencing(h: FleetHost) -> dict:
     return json.loads((h.state / "controller" / "fencing.json").read_text())["machines"]
 
@@ -97,7 +105,7 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         p1, r1 = f["p1"], f["r1"]
         p1.qemu_io("vm01", f["disks"]["p1"].name, "write -P 0x61 1M 1M")
         assert _cycle(p1, "vm01")[0] == 200
-        wait(lambda: ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]["stats"]["successful_cycles"]
+        wait(lambda: _reported(ctl, "p1", "vm01")["stats"]["successful_cycles"]
              >= 2, "p1's report of the cycle", hosts)
 
         # p1 is alive and replicating at epoch 1: refused without force, naming the host and its report's age
@@ -124,9 +132,9 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         code, answer = _cycle(p1, "vm01")
         wait(lambda: p1.machine("vm01")["fenced"] is not None, "p1 fenced", hosts)
         assert "fenced" in p1.machine("vm01")["reason"], (code, answer, p1.machine("vm01"))
-        wait(lambda: ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]["fenced"] is not None,
+        wait(lambda: _reported(ctl, "p1", "vm01")["fenced"] is not None,
              "p1's report saying fenced", hosts)
-        said = ctl.ok("GET", "/v1/hosts/p1/report")["status"]["machines"][0]
+        said = _reported(ctl, "p1", "vm01")
         assert said["fenced"]["replica_epoch"] == 2 and said["fenced"]["failed_over"] is True, said
 
         # cancel-failover: the machine goes back to east with epoch 2, which lifts p1's fence
@@ -334,7 +342,8 @@ def test_the_plan_worker_runs_script_actions_and_stops_on_a_failure_or_a_cancel(
     try:
         run = ok(c.post("/v1/plans/scripts/runs", json={"kind": "test"}), 202)
         deadline = time.time() + 30
-        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] not in ("failed", "succeeded") and time.time() < deadline:
+        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] not in ("failed", "succeeded") \
+                and time.time() < deadline:
             time.sleep(0.1)
         done = ok(c.get(f"/v1/plan-runs/{run['id']}"))
         job = ok(c.get(f"/v1/jobs/{done['job']}"))
