@@ -123,11 +123,12 @@ def run(api: Api, args) -> None:
         return emit(args, api.call("POST", base, _create_body(area, args)))
     if area == "machine" and verb == "enable":
         return emit(args, _enable(api, args))
-    if area == "machine" and verb in ("pause", "resume", "resync", "disable"):
+    if area == "machine" and verb in ("pause", "resume", "resync", "disable", "commit-failover", "cancel-failover",
+                                      "cleanup-test-failover"):
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/{verb}"))
     if area == "machine" and verb == "failover":
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/failover",
-                                   {"kind": args.kind, "force": args.force}))
+                                   {"kind": args.kind, "force": args.force, "point": args.point}))
     if area == "token" and verb == "revoke":
         return emit(args, api.call("DELETE", f"{base}/{_quote(args.name)}"))
     if area == "job" and verb == "cancel":
@@ -246,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "enable": "protect a machine (or enable a disabled one again)",
                                "pause": "pause replication", "resume": "resume replication",
                                "resync": "ask for a resynchronization", "disable": "disable protection",
-                               "failover": "ask for a failover (a job its hosts carry out)"})
+                               "failover": "ask for a failover (a job its hosts carry out)",
+                               "commit-failover": "commit a failover (the machine stays on its recovery site)",
+                               "cancel-failover": "cancel a failover not committed (the primary takes it back)",
+                               "cleanup-test-failover": "remove a test failover on the replica host"})
     machine["list"].add_argument("--cloud")
     e = machine["enable"]
     e.add_argument("--cloud", help="its primary cloud (needed the first time)")
@@ -259,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("failover",):
         machine[verb].add_argument("--kind", required=True, choices=("test", "planned", "unplanned"))
         machine[verb].add_argument("--force", action="store_true")
+        machine[verb].add_argument("--point", type=int, help="the recovery point (unplanned, test; default: latest)")
     job = area("job", {"list": "list jobs, newest first", "show": "one job with its log", "cancel": "cancel a job"})
     job["list"].add_argument("--state")
     job["list"].add_argument("--machine")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 
@@ -23,6 +25,7 @@ from .test_fleet import FleetHost, wait
 from .test_host_channel import ControllerProc
 
 MiB = 1 << 20
+BIN = os.path.dirname(sys.executable)
 
 
 def _setup(tmp_path, ctl: ControllerProc, hosts: list) -> dict:
@@ -140,8 +143,13 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         # cancel-failover: the machine goes back to east with epoch 2, which lifts p1's fence
         code, body = ctl.api("POST", "/v1/machines/vm01/failover", {"kind": "unplanned", "force": True})
         assert code == 409 and "failed over already" in body["error"], body
-        cancel = ctl.ok("POST", "/v1/machines/vm01/cancel-failover")
-        done = _job_done(ctl, cancel["id"], hosts)
+        cli = [os.path.join(BIN, "replicator"), "--controller", ctl.url, "--token", str(ctl.data / "admin.token"),
+               "--ca", ctl.ca_path, "machine"]
+        said = subprocess.run(cli + ["commit-failover", "nope"], capture_output=True, text=True, timeout=60)
+        assert said.returncode != 0 and said.stderr.count("\n") == 1 and "nope" in said.stderr, said
+        said = subprocess.run(cli + ["cancel-failover", "vm01"], capture_output=True, text=True, timeout=60)
+        assert said.returncode == 0, said.stderr
+        done = _job_done(ctl, json.loads(said.stdout)["id"], hosts)
         vm01 = ctl.ok("GET", "/v1/machines/vm01")
         assert vm01["owner_site"] == "east" and vm01["fencing_epoch"] == 2, vm01
         wait(lambda: _fencing(p1)["vm01"] == {"epoch": 2, "role": "primary"}, "p1 at epoch 2", hosts)
