@@ -6,10 +6,15 @@ post-actions. A manual action puts the run in waiting_for_input until it is conf
 (POST /v1/plan-runs/ID/confirm); a script action runs its argv on the controller's host under its timeout.
 A failed member or action fails the run (later groups are not started); a cancel asked of the job stops it
 between steps. The lease is renewed at every poll, so another controller on the same database takes the run
-over only if this one stopped renewing."""
+over only if this one stopped renewing; it goes on from the group the run was in (failovers this run asked
+are followed, not asked again; confirmed manual actions are not asked again; that group's script actions run
+again)."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import secrets
 import socket
 import subprocess
 import threading
@@ -38,9 +43,9 @@ class Stopped(Exception):
 
 
 class PlanWorker:
-    def __init__(self, store: Store, poll: float = POLL):
-        self.store, self.poll = store, poll
-        self.name = f"controller:{socket.gethostname()}:{threading.get_native_id()}"
+    def __init__(self, store: Store, poll: float = POLL, lease: dt.timedelta = jobs.DEFAULT_LEASE):
+        self.store, self.poll, self.lease = store, poll, lease
+        self.name = f"controller:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="plan-worker", daemon=True)
 
@@ -55,7 +60,7 @@ class PlanWorker:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll):
             try:
-                job = jobs.claim(self.store, self.name, kinds=["plan-run"])
+                job = jobs.claim(self.store, self.name, kinds=["plan-run"], lease=self.lease)
                 if job is not None:
                     self.run(job.id, job.plan_run_id)
             except Exception:             # the database away: logged, tried again at the next poll
@@ -81,7 +86,9 @@ class PlanWorker:
             if run is None:
                 raise RunFailed(f"plan run {run_id} is gone")
             run.state = "running"
-            return [(g.position, g.id) for g in run.plan.groups]
+            if run.current_group:          # taken over from a worker that stopped: on from the group it was in
+                jobs.log(s, job_id, f"resumed at group {run.current_group} by {self.name}")
+            return [(g.position, g.id) for g in run.plan.groups if g.position >= run.current_group]
 
     def _group(self, job_id: int, run_id: int, position: int, group_id: int) -> None:
         with self.store.session() as s:
@@ -103,7 +110,13 @@ class PlanWorker:
         children = []
         with self.store.session() as s:
             run = s.get(m.PlanRun, run_id)
+            earlier = {j.machine_id: j for j in s.scalars(select(m.Job).where(
+                m.Job.plan_run_id == run_id, m.Job.kind == "failover", m.Job.machine_id.in_(machine_ids),
+                m.Job.state.in_(("queued", "running", "succeeded"))))}
             for machine_id in sorted(machine_ids):
+                if machine_id in earlier:          # this run asked it before a take-over: followed, not asked again
+                    children.append(earlier[machine_id].id)
+                    continue
                 x = s.get(m.Machine, machine_id, with_for_update=True)
                 try:
                     child = failover.request_failover(s, x, run.kind, run.forced, None, f"plan-run {run_id}")
@@ -129,6 +142,8 @@ class PlanWorker:
             argv, text, timeout = list(a.script or []), a.manual, a.timeout
             if action_kind == "manual":
                 run = s.get(m.PlanRun, run_id, with_for_update=True)
+                if any(c.get("action_id") == action_id for c in run.confirmations or []):
+                    return                         # confirmed before a take-over
                 run.state, run.waiting_action_id = "waiting_for_input", action_id
                 jobs.log(s, job_id, f"waiting for manual action {action_id} to be confirmed: {text}")
         if action_kind == "manual":
@@ -153,7 +168,7 @@ class PlanWorker:
         """Wait a poll, keep the lease, and stop when a cancel was asked or the lease was lost."""
         if self._stop.wait(self.poll):
             raise Stopped()
-        if not jobs.renew(self.store, job_id, self.name):
+        if not jobs.renew(self.store, job_id, self.name, lease=self.lease):
             raise RunFailed("this worker lost the run's lease")
         with self.store.session() as s:
             if s.get(m.Job, job_id).cancel_requested:

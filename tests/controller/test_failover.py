@@ -373,3 +373,50 @@ def test_the_plan_worker_runs_script_actions_and_stops_on_a_failure_or_a_cancel(
         assert ok(c.get(f"/v1/jobs/{waiting['job']}"))["state"] == "cancelled"
     finally:
         worker.stop()
+
+
+def test_a_plan_run_left_by_a_stopped_worker_is_taken_over_where_it_was(controller, tmp_path):
+    """Worker 1 stops while the run waits at group 2's manual action; once its lease lapsed, worker 2 takes the
+    run on from group 2 (group 1's script is not run again), and the confirmation ends it."""
+    import datetime as dt
+    import sys
+
+    from replicator.controller.plans_worker import PlanWorker
+
+    from .helpers import deployment, ok
+    c = controller.client
+    deployment(controller)
+    mark = tmp_path / "group1.log"
+    ok(c.post("/v1/plans", json={"name": "p", "pair": "gold-silver", "groups": [
+        {"pre": [{"script": [sys.executable, "-c", f"open({str(mark)!r}, 'a').write('ran\\n')"]}]},
+        {"pre": [{"manual": "open the firewall"}]}]}), 201)
+    lease = dt.timedelta(seconds=1)
+
+    def state(run_id: int) -> dict:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = ok(c.get(f"/v1/plan-runs/{run_id}"))
+            if r["state"] == "waiting_for_input":
+                return r
+            time.sleep(0.1)
+        raise AssertionError(r)
+    first = PlanWorker(controller.store, poll=0.05, lease=lease).start()
+    run = ok(c.post("/v1/plans/p/runs", json={"kind": "test"}), 202)
+    waiting = state(run["id"])
+    first.stop()
+    second = PlanWorker(controller.store, poll=0.05, lease=lease).start()
+    try:
+        deadline = time.time() + 30
+        while ok(c.get(f"/v1/jobs/{waiting['job']}"))["claimed_by"] != second.name and time.time() < deadline:
+            time.sleep(0.1)
+        waiting = state(run["id"])
+        assert waiting["current_group"] == 2 and mark.read_text() == "ran\n", waiting
+        ok(c.post(f"/v1/plan-runs/{run['id']}/confirm", json={"action_id": waiting["waiting_action_id"]}))
+        while ok(c.get(f"/v1/plan-runs/{run['id']}"))["state"] != "succeeded" and time.time() < deadline:
+            time.sleep(0.1)
+        job = ok(c.get(f"/v1/jobs/{waiting['job']}"))
+        assert job["state"] == "succeeded" and job["claimed_by"] == second.name, job
+        assert any("resumed at group 2" in line["line"] for line in job["log"]), job["log"]
+        assert mark.read_text() == "ran\n"
+    finally:
+        second.stop()
