@@ -15,6 +15,7 @@ from ..errors import ReplicatorError
 from ..orchestration.states import StateError
 
 log = logging.getLogger("replicatord.agent")
+POINT_WAIT = 15                   # seconds a failover waits for a recovery point that holds all the disks
 REPLICA_OPS = ("failover", "test-failover", "cleanup-test-failover", "commit-failover", "cancel-failover")
 
 
@@ -57,9 +58,9 @@ async def run(daemon, name: str, step: dict) -> dict:
         raise ReplicatorError(f"unknown operation {op!r:.40}")
     site = daemon.site
     if op == "failover":
-        view = await site.failover(name, point, bool(step.get("planned")))
+        view = await _when_a_point_holds(site, name, lambda: site.failover(name, point, bool(step.get("planned"))))
     elif op == "test-failover":
-        view = await site.test_failover(name, point)
+        view = await _when_a_point_holds(site, name, lambda: site.test_failover(name, point))
     else:
         view = await getattr(site, op.replace("-", "_"))(name)
     epochs = [d.get("epoch") for d in view.get("disks") or [] if isinstance(d.get("epoch"), int)]
@@ -68,3 +69,16 @@ async def run(daemon, name: str, step: dict) -> dict:
     if isinstance(fo, dict) and fo.get("point") is not None:
         out["point"] = fo["point"]
     return out
+
+
+async def _when_a_point_holds(site, name: str, start, tries: int = POINT_WAIT):
+    """Run a failover; while the machine has no recovery point that holds all its disks -- a cycle of the
+    primary in flight between its commit and its checkpoint leaves none when no additional points are kept
+    -- try again each second for a while instead of failing at once."""
+    for left in range(tries, -1, -1):
+        try:
+            return await start()
+        except StateError:
+            if left == 0 or (await site._view_of(name)).get("points"):
+                raise
+            await asyncio.sleep(1)
