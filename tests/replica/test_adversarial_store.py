@@ -1,32 +1,17 @@
 """Adversarial checks of the replica store (replica/store.py) on real stores and streams."""
 from __future__ import annotations
 
-import io
 import uuid
 
 import pytest
 
-from replicator import delta
 from replicator.replica import ReplicaStore, SequenceError
+
+from ..extended.test_adversarial import upload as _upload   # one spooled, synced, uncommitted cycle
 
 MiB = 1 << 20
 SIZE = 8 * MiB
 
-
-def _upload(d, disk_id: uuid.UUID, generation: int, writes) -> str:
-    header = delta.StreamHeader(disk_id=disk_id, disk_size=SIZE, block_size=MiB, generation=generation,
-                                base_generation=generation - 1, created=1.7e9 + generation)
-    sink = io.BytesIO()
-    with delta.DeltaEncoder(header, sink) as enc:
-        for off, data in writes:
-            enc.add_data(off, data)
-        enc.finish()
-    stream = str(uuid.uuid4())
-    up = d.open_upload(stream)
-    up.write(0, sink.getvalue())
-    up.sync()
-    up.close()
-    return stream
 
 
 def test_a_cycle_uploaded_before_a_failover_is_not_committed_after_it(tmp_path):
