@@ -50,7 +50,52 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--cert-lifetime", type=float, default=30 * 86400, metavar="SECONDS",
                      help="lifetime of the host certificates the CA issues (default 30 days; hosts renew "
                      "after two thirds)")
+    sub = ap.add_subparsers(dest="command", metavar="key create ...",
+                            help="without a command: serve; `key create --site NAME`: a registration key now")
+    key = sub.add_parser("key", help="registration keys, made in the store directly (no running controller needed)")
+    verbs = key.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="a registration key for one site: single use, expiring")
+    create.add_argument("--site", required=True, help="the site the host joins")
+    create.add_argument("--expires", type=float, default=86400, metavar="SECONDS", help="validity (default 1 day)")
+    create.add_argument("--out", metavar="FILE", help="write the key file here (mode 0600) instead of stdout")
     return ap
+
+
+def create_key(args, store) -> int:
+    """`replicator-controller --data DIR key create --site NAME`: the same key document as
+    POST /v1/sites/{site}/registration-keys, audited as made here."""
+    import datetime as dt
+    import json
+
+    from sqlalchemy import select
+
+    from . import models as m
+    from .ca import CertificateAuthority
+    from .hosts_api import issue_key
+    if not 60 <= args.expires <= 30 * 86400:       # as the API's expires_in
+        print(f"replicator-controller: error: --expires must be 60 s to 30 days, not {args.expires}", file=sys.stderr)
+        return 2
+    ca = CertificateAuthority.open(args.data)
+    host, port = args.listen
+    url = args.public_url or f"https://{host if ':' not in host else f'[{host}]'}:{port}"
+    with store.session() as s:
+        site = s.scalar(select(m.Site).where(m.Site.name == args.site))
+        if site is None:
+            print(f"replicator-controller: error: no site {args.site!r} (create it first: POST /v1/sites)",
+                  file=sys.stderr)
+            return 2
+        doc = issue_key(s, site, ca, url, dt.timedelta(seconds=args.expires), "replicator-controller key create")
+        s.add(m.AuditEntry(actor="replicator-controller (local)", action="key.create", target=f"site/{site.name}",
+                           outcome="ok", detail={"expires": doc["expires"]}))
+    text = json.dumps(doc, indent=1) + "\n"
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"registration key for site {args.site} in {args.out} (expires {doc['expires']})")
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 class StoppableServer(uvicorn.Server):
@@ -88,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replicator-controller: error: --cert-lifetime must be at least 10 seconds, not {args.cert_lifetime}",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = args.log_level if args.command is None else "warning"       # a command's output is its answer
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         os.makedirs(args.data, mode=0o700, exist_ok=True)
         store = Store.open(args.database or sqlite_url(args.data))
@@ -102,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replicator-controller: error: cannot open the store: {' '.join(str(e).split())[:300]}",
               file=sys.stderr)
         return 1
+    if args.command == "key":
+        try:
+            return create_key(args, store)
+        except OSError as e:
+            print(f"replicator-controller: error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
     try:
         if ensure_admin_token(store, args.data):
             log.info("admin token in %s", os.path.join(args.data, ADMIN_TOKEN_FILE))
