@@ -21,6 +21,7 @@ made is recognised by its stream id; nothing the replica applied is ever skipped
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -394,6 +395,22 @@ class ExtendedLeg:
             result.bytes_changed += pending.get("changed", 0)
             result.bytes_sent += await self._send_pending(key)
             result.disks[key] = {"generation": pending["generation"], "time": pending["time"]}
+        await self._forward_domain(prepared)
+
+    async def _forward_domain(self, prepared: dict) -> None:
+        """The machine's replicated domain configuration goes on with its disks (a failover on the extended
+        site then boots the machine, as on the replica site); sent when it changed."""
+        from .domains import replicated_domain
+        base = os.path.join(self.settings.storage, "disks")
+        payload = await asyncio.to_thread(replicated_domain, [os.path.join(base, k) for k in prepared])
+        if payload is None:
+            return
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        if self.data.get("domain_sha256") == digest:
+            return
+        await self.target.put_config(self.name, payload, list(prepared))
+        self.data["domain_sha256"] = digest
+        self._save()
 
     async def _send_pending(self, key: str) -> int:
         """Send, commit and record one disk's pending stream, then forget what it forwarded."""

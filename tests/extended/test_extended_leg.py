@@ -181,3 +181,36 @@ def test_the_leg_runs_on_its_schedule_and_stops_cleanly(tmp_path):
         finally:
             await m.close()
     asyncio.run(main())
+
+
+def test_the_machines_domain_configuration_goes_on_to_the_extended_site(tmp_path):
+    from replicator.daemon.domains import CONFIG_FILE, replicated_domain, write_config
+    from replicator.hypervisor.base import Boot, Disk, DiskSource, DomainConfig, Nic
+
+    async def main():
+        m = Machine(tmp_path, "", disks=DISKS, start=1.75e9)
+        try:
+            await m.tick()
+            await m.tick()
+            ids = [str(m.pm.disks[n].virtual_disk_id) for n, _ in DISKS]
+            config = DomainConfig(name="vm01", uuid=str(uuid.uuid4()), vcpus=2, memory_kib=1 << 20, boot=Boot(),
+                                  disks=(Disk("vda", "virtio", "disk", DiskSource("file", "/srv/a.vhdx")),),
+                                  nics=(Nic("52:54:00:00:00:01", "virtio", "network", "lan"),), guest_agent=True)
+            payload = {"version": 1, "domain": config.to_dict(), "targets": {"vda": ids[0]}, "time": 1.75e9}
+            b_disks = [str(tmp_path / "replica" / "disks" / i) for i in ids]
+            for d in b_disks:                               # as the primary's PUT /v1/disks/ID/domain keeps it
+                write_config(d, payload)
+            leg = leg_for(tmp_path)
+            await leg.cycle()
+            c_disks = [str(tmp_path / "c" / "disks" / i) for i in ids]
+            assert all(os.path.exists(os.path.join(d, CONFIG_FILE)) for d in c_disks)
+            assert replicated_domain(c_disks)["domain"]["name"] == "vm01"
+            sent = os.path.getmtime(os.path.join(c_disks[0], CONFIG_FILE))
+            await m.write("d0.vhdx", MiB, b"\x43" * 4096)
+            m.set_time(m.clock.now() + 30)
+            await m.tick()
+            await leg.cycle()                               # unchanged: not sent again
+            assert os.path.getmtime(os.path.join(c_disks[0], CONFIG_FILE)) == sent
+        finally:
+            await m.close()
+    asyncio.run(main())
