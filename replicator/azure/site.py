@@ -78,7 +78,7 @@ def operation(pm, op: str, params: dict):
 async def failover(pm, target, job, point: int | None) -> None:
     """Every disk of a machine point to a fixed-VHD blob (decrypted), plus the VM's ARM template when the
     machine has [machine.azure_vm]; all or nothing."""
-    from .deploy import arm_template, failover_machine, write_template
+    from .deploy import failover_machine
     from .points import pick
     target.check_keys(await pick(target, pm.name, point))      # refused here: the state does not move
     pm.state.fire(Event.failover, f"failover to Azure: point {point or 'latest'}")
@@ -88,13 +88,8 @@ async def failover(pm, target, job, point: int | None) -> None:
     except BaseException:
         pm.state.fire(Event.cancel_failover, "failover to Azure failed: replication goes on")
         raise
-    names = {str(uuid.UUID(str(d.virtual_disk_id))): n for n, d in pm.disks.items()}
-    blobs = {names.get(str(uuid.UUID(disk_id)), disk_id): r.blob for disk_id, r in fo.disks.items()}
-    template = ""
-    if pm.azure_vm is not None:
-        template = os.path.join(pm.state_dir, "azure", f"{pm.name}-p{fo.point.point}.json")
-        os.makedirs(os.path.dirname(template), exist_ok=True)
-        write_template(template, arm_template(fo, pm.azure_vm))
+    blobs, template = _blobs_and_template(pm, fo, f"p{fo.point.point}")
+    if template:
         job.note(f"template {template}: az deployment group create -g RG --template-file {template} "
                  "--parameters storageAccountId=ID")
     pm.state.data["azure_failover"] = {"point": fo.point.point, "blobs": blobs, "template": template}
@@ -116,20 +111,15 @@ async def _kept(target, blob: str, snapshot: str | None) -> str | None:
 
 async def test_failover(pm, target, job, point: int | None) -> None:
     """Test blobs of a machine point (and the template on test_vnet); replication goes on meanwhile."""
-    from .deploy import arm_template, failover_machine, write_template
+    from .deploy import failover_machine
     try:
         fo = await failover_machine(target, pm.name, point, test=True, spec=pm.azure_vm)
     except BaseException:
         del pm.state.data["azure_test_failover"]
         pm.state.stop_test_failover()
         raise
-    names = {str(uuid.UUID(str(d.virtual_disk_id))): n for n, d in pm.disks.items()}
-    blobs = {names.get(str(uuid.UUID(disk_id)), disk_id): r.blob for disk_id, r in fo.disks.items()}
-    template = ""
-    if pm.azure_vm is not None:
-        template = os.path.join(pm.state_dir, "azure", f"{pm.name}-test.json")
-        os.makedirs(os.path.dirname(template), exist_ok=True)
-        write_template(template, arm_template(fo, pm.azure_vm))
+    blobs, template = _blobs_and_template(pm, fo, "test")
+    if template:
         job.note(f"template {template} (NICs on the test VNet)")
     pm.state.data["azure_test_failover"] = {"point": fo.point.point, "blobs": blobs, "template": template}
     pm.state.test_failover.update(point=fo.point.point, path=template or ", ".join(blobs.values()))
@@ -223,3 +213,17 @@ async def failback(pm, target, job, mode: str, final: bool) -> None:
     pm.state.fire(Event.resync_needed, "failback from Azure: replication to Azure resumes from here")
     job.note("replication to Azure resumes: checksum resynchronization against the replica blobs")
     await pm.run_cycle(forced="resync")
+
+
+def _blobs_and_template(pm, fo, suffix: str) -> tuple[dict, str]:
+    """{disk file name: blob} of a failover, and its ARM template written as STATE_DIR/azure/NAME-SUFFIX.json
+    when the machine has a VM spec ("" without one)."""
+    from .deploy import arm_template, write_template
+    names = {str(uuid.UUID(str(d.virtual_disk_id))): n for n, d in pm.disks.items()}
+    blobs = {names.get(str(uuid.UUID(disk_id)), disk_id): r.blob for disk_id, r in fo.disks.items()}
+    if pm.azure_vm is None:
+        return blobs, ""
+    template = os.path.join(pm.state_dir, "azure", f"{pm.name}-{suffix}.json")
+    os.makedirs(os.path.dirname(template), exist_ok=True)
+    write_template(template, arm_template(fo, pm.azure_vm))
+    return blobs, template
