@@ -6,7 +6,7 @@ import os
 
 from alembic import context
 
-from replicator.controller import models
+from replicator.controller import history, models  # noqa: F401 (history's tables join Base.metadata)
 from replicator.controller.db import make_engine
 
 config = context.config
