@@ -141,6 +141,7 @@ class CloudPair(Base):
     association: Mapped[PolicyAssociation | None] = relationship(back_populates="pair", cascade="all, delete-orphan")
     network_mappings: Mapped[list[NetworkMapping]] = relationship(cascade="all, delete-orphan")
     storage_mappings: Mapped[list[StorageMapping]] = relationship(cascade="all, delete-orphan")
+    extended: Mapped[ExtendedPair | None] = relationship(back_populates="pair", cascade="all, delete-orphan")
 
     def cloud(self, role: str) -> Cloud | None:
         return next((c for c in self.clouds if c.pair_role == role), None)
@@ -195,6 +196,32 @@ class PolicyAssociation(Base):
     policy: Mapped[ProtectionPolicy] = relationship()
 
 
+EXTENDED_FREQUENCIES = (300, 900)          # Hyper-V's choices for the extended leg (orchestration/extended.py)
+
+
+class ExtendedPair(Base):
+    """A pair's extended leg (Hyper-V's extended replication): the recovery cloud's hosts forward each machine
+    on to a host of a third cloud, with the leg's own policy. One per pair (`pair_id` is unique); the third
+    cloud is in no pair and serves one extended leg (`cloud_id` unique). Each machine's extended replica is
+    placed on a host of that cloud (ExtendedPlacement), kept once chosen."""
+
+    __tablename__ = "extended_pairs"
+    __table_args__ = (_enum("auth", AUTH_MODES), CheckConstraint("frequency IN (300, 900)", name="frequency_allowed"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("cloud_pairs.id", ondelete="CASCADE"), unique=True)
+    cloud_id: Mapped[int] = mapped_column(ForeignKey("clouds.id", ondelete="RESTRICT"), unique=True)
+    frequency: Mapped[int] = mapped_column(Integer, default=300)                 # seconds: 300 or 900
+    additional_points: Mapped[int] = mapped_column(Integer, default=0)           # the third site's own points
+    compression: Mapped[bool] = mapped_column(Boolean, default=True)
+    bandwidth_limit: Mapped[int | None] = mapped_column(BigInteger)              # bytes/s; None = unlimited
+    auth: Mapped[str] = mapped_column(String(16), default="certificate")
+    storage: Mapped[str | None] = mapped_column(String(1024))                    # root on the third site's hosts
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    pair: Mapped[CloudPair] = relationship(back_populates="extended")
+    cloud: Mapped[Cloud] = relationship()
+
+
 class NetworkMapping(Base):
     __tablename__ = "network_mappings"
     __table_args__ = (UniqueConstraint("pair_id", "source_network"),)
@@ -247,8 +274,26 @@ class Machine(Base):
     cloud: Mapped[Cloud] = relationship()
     primary_host: Mapped[Host | None] = relationship(foreign_keys=[primary_host_id])
     replica_host: Mapped[Host | None] = relationship(foreign_keys=[replica_host_id])
+    extended: Mapped[ExtendedPlacement | None] = relationship(cascade="all, delete-orphan")
+
+    @property
+    def extended_host(self) -> Host | None:
+        return self.extended.host if self.extended is not None else None
     policy: Mapped[ProtectionPolicy | None] = relationship()
     owner_site: Mapped[Site | None] = relationship()
+
+
+class ExtendedPlacement(Base):
+    """The host of its pair's third cloud that holds a machine's extended replica: chosen once (the least
+    loaded host when the leg or the machine is made, or when a first host joins that cloud) and kept, as the
+    extended site's disks are there. A table of its own, so adding it altered no existing table."""
+
+    __tablename__ = "extended_placements"
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    placed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    host: Mapped[Host] = relationship()
 
 
 # ---------------------------------------------------------------------------------------------- jobs and plans
