@@ -223,5 +223,6 @@ def create_app(store: Store, *, data_dir: str | None = None, title: str = "repli
         app.include_router(router)
     app.include_router(metrics.router)
     app.include_router(portal_router)
+    from .api.history import router as history_router; app.include_router(history_router)   # noqa: E702 (issue 15)
     from .hosts_api import install as install_host_channel; install_host_channel(app)   # noqa: E702 (H2's line)
     return app

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String, delete, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .models import Base, utcnow
 
@@ -44,3 +44,70 @@ class MachinePoints(Base):
     host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id", ondelete="SET NULL"))
     reported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     points: Mapped[list] = mapped_column(JSON, default=list)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+
+def _count(v) -> int | None:
+    n = _number(v)
+    return int(n) if n is not None and 0 <= n < 2 ** 63 else None
+
+
+def sample_of(machine, entry: dict, now: dt.datetime) -> RpoSample:
+    """A sample from a machine's entry in its primary's status document (after _observe set the machine's own
+    columns from it): the cycle's bytes and duration when the entry's last_cycle has them."""
+    stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+    last = entry.get("last_cycle") if isinstance(entry.get("last_cycle"), dict) else {}
+    seconds = _number(last.get("seconds"))
+    return RpoSample(machine_id=machine.id, at=now, rpo_seconds=machine.rpo_seconds,
+                     last_success_at=machine.last_success_at, pending_bytes=_count(stats.get("pending_size")),
+                     cycle_bytes=_count(last.get("bytes_sent")),
+                     cycle_seconds=seconds if seconds is not None and seconds >= 0 else None,
+                     health=machine.health, state=machine.observed_state)
+
+
+def record(s: Session, entries: list[tuple], now: dt.datetime) -> int:
+    """Add a sample for each (machine, status entry) whose newest sample is SAMPLE_EVERY old or more, and prune
+    those machines' samples older than RETENTION. Returns how many samples were written."""
+    if not entries:
+        return 0
+    ids = [x.id for x, _ in entries]
+    newest = dict(s.execute(select(RpoSample.machine_id, func.max(RpoSample.at))
+                            .where(RpoSample.machine_id.in_(ids)).group_by(RpoSample.machine_id)).all())
+    due = [(x, e) for x, e in entries if newest.get(x.id) is None or now - _aware(newest[x.id]) >= SAMPLE_EVERY]
+    if not due:
+        return 0
+    s.add_all([sample_of(x, e, now) for x, e in due])
+    s.execute(delete(RpoSample).where(RpoSample.machine_id.in_([x.id for x, _ in due]),
+                                      RpoSample.at < now - RETENTION).execution_options(synchronize_session=False))
+    return len(due)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """func.max() bypasses the column type: SQLite hands back a naive UTC datetime (or its text)."""
+    if isinstance(t, str):
+        t = dt.datetime.fromisoformat(t)
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def point_of(p: dict) -> dict:
+    """A recovery point as the controller keeps it: its number, time (ISO UTC), consistency, generations."""
+    return {"point": p["point"], "time": dt.datetime.fromtimestamp(p["time"], dt.timezone.utc).isoformat(),
+            "consistency": p["consistency"], "generations": dict(p.get("generations") or {})}
+
+
+def store_points(s: Session, host, machines: list, reported: dict[str, list[dict]], now: dt.datetime) -> None:
+    """The replica host's points replace what it said before, for the machines placed on it as their replica;
+    a machine it no longer reports has none there (an empty list, so the page says so)."""
+    rows = {r.machine_id: r for r in s.scalars(select(MachinePoints).where(
+        MachinePoints.machine_id.in_([x.id for x in machines])))}
+    for x in machines:
+        points = [point_of(p) for p in reported.get(x.name, [])][-MAX_POINTS:]
+        row = rows.get(x.id)
+        if row is None:
+            s.add(MachinePoints(machine_id=x.id, host_id=host.id, reported_at=now, points=points))
+        else:
+            row.host_id, row.reported_at, row.points = host.id, now, points

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from . import desired, failover
+from . import desired, failover, history
 from . import models as m
 from .api.common import DB, ERRORS, find_host, note, one
 from .auth import Principal, admin, hash_token, reader
@@ -109,6 +109,24 @@ def _servable(doc):
     raise ValueError(f"nests deeper than {MAX_DEPTH} levels")
 
 
+class PointIn(BaseModel):
+    """One recovery point of a machine on the replica host (daemon/replica_site.py ReplicatedMachine.points)."""
+    point: int = Field(ge=0, le=2 ** 53)
+    time: float = Field(gt=0, lt=1e11, description="when its data is from (seconds since the epoch)")
+    consistency: Literal["crash", "application"]
+    generations: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0, le=2 ** 53)]] = Field(
+        default_factory=dict, max_length=256, description="each disk's generation at this point")
+
+
+MAX_REPORTED_MACHINES = 2000
+
+
+def _few_machines(v: dict | None) -> dict | None:
+    if v is not None and len(v) > MAX_REPORTED_MACHINES:
+        raise ValueError(f"names {len(v)} machines; at most {MAX_REPORTED_MACHINES}")
+    return v
+
+
 class ReportIn(BaseModel):
     revision: int = Field(ge=0, le=2 ** 31 - 1, description="the desired revision the host runs")
     status: Annotated[dict[str, Any], AfterValidator(_servable)] = Field(
@@ -118,6 +136,13 @@ class ReportIn(BaseModel):
     operations: Annotated[dict[str, dict[str, Any]], AfterValidator(_servable)] = Field(
         default_factory=dict, description="per machine, what the host applied of the desired operations: state, "
         "resync (the counter), resync_job (its job id) or resync_error")
+    points: Annotated[dict[Annotated[str, Field(max_length=255)],
+                           Annotated[list[PointIn], Field(max_length=history.MAX_POINTS)]] | None,
+                      AfterValidator(_few_machines)] = Field(
+        None, description="a replica host: per machine it holds, its newest recovery points, oldest first")
+    extended: Annotated[list[dict[str, Any]], AfterValidator(_servable)] = Field(
+        default_factory=list, max_length=200, description="a replica host: its extended legs' status documents "
+        "(GET /v1/extended on the host)")
 
 
 class ReportOut(BaseModel):
@@ -306,11 +331,13 @@ def get_desired(s: DB, host: Self) -> dict:
 
 
 def _observe(s: Session, host: m.Host, status: dict) -> None:
-    """The machines this host runs as primary take its report's state, health, RPO and last success."""
+    """The machines this host runs as primary take its report's state, health, RPO and last success; each
+    gets an RPO sample at most every history.SAMPLE_EVERY."""
     entries = {e.get("name"): e for e in status.get("machines") or [] if isinstance(e, dict)}
     if not entries:
         return
     now = m.utcnow()
+    sampled = []
     for machine in s.scalars(select(m.Machine).where(m.Machine.primary_host_id == host.id,
                                                      m.Machine.name.in_([n for n in entries if isinstance(n, str)]))):
         e = entries[machine.name]
@@ -323,6 +350,25 @@ def _observe(s: Session, host: m.Host, status: dict) -> None:
         if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
             machine.last_success_at = dt.datetime.fromtimestamp(last, dt.timezone.utc)
         machine.observed_at = now
+        sampled.append((machine, e))
+    history.record(s, sampled, now)
+
+
+def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None) -> None:
+    """A replica host's recovery points, for the machines placed on it as their replica. A name the host
+    qualifies with its storage (NAME@ROOT, when it holds machines in several) counts as NAME if only one does."""
+    if reported is None:
+        return                                              # an agent from before points were reported
+    by_name = {k: [p.model_dump() for p in v] for k, v in reported.items()}
+    bases: dict[str, list[str]] = {}
+    for key in by_name:
+        if "@" in key:
+            bases.setdefault(key.split("@", 1)[0], []).append(key)
+    for base, keys in bases.items():
+        if base not in by_name and len(keys) == 1:
+            by_name[base] = by_name[keys[0]]
+    machines = list(s.scalars(select(m.Machine).where(m.Machine.replica_host_id == host.id)))
+    history.store_points(s, host, machines, by_name, m.utcnow())
 
 
 STATE_JOBS = ("enable-protection", "pause-protection", "resume-protection", "resync", "disable-protection")
@@ -374,6 +420,7 @@ def _applied(s: Session, host: m.Host, body: ReportIn) -> None:
 def report(body: ReportIn, s: DB, host: Self) -> dict:
     """The host's status, jobs and problems; the answer says the newest revision (a host sees it is behind)."""
     _observe(s, host, body.status)
+    _points(s, host, body.points)
     _applied(s, host, body)
     failover.follow(s, host, body.operations)            # failover steps this host runs, owner leases
     doc = body.model_dump()
