@@ -98,6 +98,8 @@ class DiskReplicator:
         generation = info.generation
         if self.blocking:
             await asyncio.to_thread(self.tracker.refresh_state)
+        if generation:
+            await self._check_diverged(generation, info.committed)
         resyncing = self.tracker.resync_required or self.tracker.state.state == "resynchronizing"
         if generation == 0 and not resyncing:
             raise SequenceError(f"the replica of {self.name} has no initial copy: import the offline seed "
@@ -184,7 +186,7 @@ class DiskReplicator:
             await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
             return generation
         path = os.path.join(self.outbox, f"{stream_id}.delta")
-        if self._complete(path):              # a stream from an interrupted run is resent byte for byte
+        if self._complete(path) is not None:  # a stream from an interrupted run is resent byte for byte
             point = await self._send(stream_id, path, result, None)
         else:
             log_path = os.path.join(self.tracker.sidecar.logs_dir, rec.name)
@@ -242,16 +244,34 @@ class DiskReplicator:
         return out
 
     @staticmethod
-    def _complete(path: str) -> bool:
+    def _complete(path: str):
+        """The header of a whole, valid stream left in the outbox, else None (a partial one is removed)."""
         if not os.path.exists(path):
-            return False
+            return None
         try:
             with open(path, "rb") as f:
-                delta.verify_stream(f)
-            return True
+                header, _ = delta.verify_stream(f)
+            return header
         except ReplicatorError:
             os.unlink(path)
-            return False
+            return None
+
+    async def _check_diverged(self, generation: int, committed) -> None:
+        """A pending stream built on a generation the replica no longer holds can never apply: something
+        else moved the replica (another disk with this VirtualDiskId, a restore). What it holds is then
+        unknown, so the stream goes and every block is compared in a checksum resync."""
+        for rec in self.tracker.state.sealed_logs:
+            stream_id = uuid.UUID(rec.unique_id).hex
+            if stream_id in committed:
+                continue
+            path = os.path.join(self.outbox, f"{stream_id}.delta")
+            header = self._complete(path)
+            if header is not None and header.base_generation != generation:
+                os.unlink(path)
+                await self._tracker("replica_diverged",
+                                    f"the replica moved to generation {generation} without this disk's stream "
+                                    f"on generation {header.base_generation}: another writer changed it")
+            return
 
     async def _send(self, stream_id: str, path: str, result: CycleResult, stats):
         sent = await self.target.send(self.disk_id, stream_id, path)

@@ -162,6 +162,9 @@ class RemoteTrackedDisk:
     def _require_resync(self, reason: str) -> None:
         self._call("require_resync", reason=reason)
 
+    def replica_diverged(self, reason: str) -> None:
+        self._call("replica_diverged", reason=reason)
+
     def dirty_extents(self) -> list[tuple[int, int]]:
         return [tuple(e) for e in self._call("dirty_extents")["extents"]]
 

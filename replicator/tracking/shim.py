@@ -256,6 +256,8 @@ class ExportProcess:
         elif op == "require_resync":
             if not d.resync_required:
                 d._require_resync(str(req["reason"]))
+        elif op == "replica_diverged":
+            d.replica_diverged(str(req["reason"]))
         elif op == "dirty_extents":
             return {"extents": d.dirty_extents()}
         elif op == "map":

@@ -186,6 +186,14 @@ class TrackedDisk:
         if persist:
             self._save_state()
 
+    def replica_diverged(self, reason: str) -> None:
+        """The replica changed behind our back: our bitmap says nothing about what differs, so every
+        region is compared by the resync that follows."""
+        self.dirty[:] = True
+        bits = self.dirty.copy()
+        self._later(lambda: self.sidecar.rewrite_bitmap(bits))
+        self._require_resync(reason)
+
     # ------------------------------------------------------------------ I/O
     def read(self, offset: int, length: int) -> bytes:
         return self.disk.read(offset, length)
