@@ -40,6 +40,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -602,14 +603,54 @@ class ReplicaServer:
             if held is None and len(_spools(disk)) >= self.max_uploads:
                 raise UsageError(f"disk {disk_id} already holds {self.max_uploads} unfinished uploads (the replica's "
                            "max_uploads): commit or delete one first")
+            first = b""
+            if held is None:                           # no spool until the body starts with a stream's header
+                first = await self._stream_header(request, stream)
+                if not first:
+                    return web.json_response({"durable": 0})
             upload = disk.open_upload(stream)
             try:
-                durable = await self._receive(request, store, disk_id, disk, stream, upload)
+                durable = await self._receive(request, store, disk_id, disk, stream, upload, first)
             finally:
                 upload.close()
         return web.json_response({"durable": durable})
 
-    async def _receive(self, request: web.Request, store, disk_id: str, disk, stream: str, upload) -> int:
+    async def _stream_header(self, request: web.Request, stream: str) -> bytes:
+        """The raw header a new upload's body begins with, read within read_timeout and checked: bytes that
+        are not a delta stream can never be committed, so they are refused before a spool exists (b"": the
+        body ended first: no spool is made for nothing)."""
+        from ..delta.format import MAGIC, MAX_HEADER_BODY, PREFIX, read_header
+        raw = bytearray()
+
+        async def take(n: int) -> bool:
+            while len(raw) < n:
+                chunk = await request.content.read(n - len(raw))
+                if not chunk:
+                    return False
+                raw.extend(chunk)
+            return True
+        try:
+            complete = await asyncio.wait_for(take(PREFIX.size), self.read_timeout)
+            if complete:
+                length = PREFIX.unpack_from(raw)[3]
+                if length <= MAX_HEADER_BODY:
+                    complete = await asyncio.wait_for(take(PREFIX.size + length + 4), self.read_timeout)
+        except asyncio.TimeoutError:
+            raise UsageError(f"upload {stream}: no stream header within {self.read_timeout} s") from None
+        except Exception:             # noqa: BLE001 -- the sender went away: nothing arrived to keep
+            return b""
+        if not complete:              # the body ended inside the header: kept for a resume, unless junk
+            if not MAGIC.startswith(bytes(raw[:len(MAGIC)])):
+                raise UsageError(f"upload {stream} is not a delta stream (bad magic)")
+            return bytes(raw)
+        try:
+            read_header(io.BytesIO(raw).read)
+        except FormatError as e:
+            raise UsageError(f"upload {stream} is not a delta stream: {e.message}") from None
+        return bytes(raw)
+
+    async def _receive(self, request: web.Request, store, disk_id: str, disk, stream: str, upload,
+                       first: bytes = b"") -> int:
         """Spool the body as it arrives (see _SpoolWriter); a sender that goes away mid-body keeps what
         arrived, a failed write keeps only what was synced. An upload from byte 0 is checked as it arrives
         (replica/precheck.py), so its commit only has to apply."""
@@ -620,6 +661,10 @@ class ReplicaServer:
         try:
             try:
                 limit = _upload_limit(disk.state.size) - upload.size
+                if first:
+                    self.counters["bytes_received"] += len(first)
+                    writer.received += len(first)
+                    await writer.feed(first)
                 async for chunk in request.content.iter_any():
                     self.counters["bytes_received"] += len(chunk)
                     writer.received += len(chunk)

@@ -105,3 +105,21 @@ def test_refused_uploads_create_no_spool(servers, pki, tmp_path):
 def test_server_settings_are_checked():
     with pytest.raises(Exception, match="header_timeout"):
         ReplicaServer([AuthorizationEntry("p", "/tmp/x")], certfile="c", keyfile="k", cafile="a", header_timeout=0)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00" * 300, b"not a delta stream at all"], ids=["empty", "zeros", "text"])
+def test_a_new_upload_with_nothing_usable_leaves_nothing(servers, pki, tmp_path, body):
+    """An upload from byte 0 whose body brings nothing that could ever apply (none at all, or bytes that are
+    not a stream) creates no spool and keeps the recycled spool file as it was (found by the fuzzer)."""
+    root = str(tmp_path / "root")
+    server = servers.cert([AuthorizationEntry("primary1", root)])
+    peer = Peer(server, pki, tmp_path, "primary1")
+    p = Primary()
+    peer.call("ensure_disk", p.disk_id, p.size)
+    peer.send(p.disk_id, p.cycle())                     # leaves spool/spent.bin for the next upload to reuse
+    before = tree(root)
+    assert any(k.endswith("spent.bin") for k in before)
+    status, raw = peer.raw("PUT", f"/v1/disks/{p.disk_id}/uploads/ab12?offset=0", data=body)
+    assert status in (200, 400), raw
+    after = {k: v for k, v in tree(root).items() if not k.endswith("state.json")}
+    assert after == {k: v for k, v in before.items() if not k.endswith("state.json")}
