@@ -6,6 +6,13 @@ wrote it by hand, as JSON in the same schema (orchestration/settings.py), plus t
 - On a replica host, `[replica]`: the listener from its data URL, an allow entry per primary host of every
   pair whose recovery cloud holds it (and of every machine placed on it), by certificate CN (the host id),
   with the storage root from the pair's storage mappings; the network map from the pair's network mappings.
+  When the pair's policy says auth = "kerberos", the listener is Kerberos (HTTP with SPNEGO, the policy's
+  port or 8083, the host's default keytab) and primaries are allowed by their machine principal,
+  `host/HOSTNAME@REALM` (any realm).
+- Extended replication (issue 17): on the replica host of each machine of a pair with an extended leg,
+  `[[extended]]` for that machine (target: the data URL of the third cloud's host placed for it, the leg's
+  policy, the storage root and trust group the machine's disks have here); on that third-site host,
+  `[replica]` allowing every host of the pair's recovery cloud.
 
 Paths to the agent's own files are relative: replicatord reads the document from STATE/controller/desired.json
 and takes relative paths from that folder, so "host.pem" is the agent's certificate and ".." its state
@@ -24,11 +31,13 @@ import json
 import os
 from urllib.parse import urlsplit
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import failover
-from .models import AuditEntry, CloudPair, Host, Machine, ProtectionPolicy
+from .models import (AuditEntry, Cloud, CloudPair, ExtendedPair, ExtendedPlacement, Host, Machine,
+                     ProtectionPolicy)
 
 CERT_FILES = {"cert": "host.pem", "key": "host.key", "ca": "ca.pem"}
 DEFAULT_ROOT = "../replica"               # a replica host's store when the pair maps no storage (STATE/replica)
@@ -111,40 +120,122 @@ def _machine_entry(m: Machine, policy: ProtectionPolicy) -> dict:
     return entry
 
 
-def _replica_section(s: Session, host: Host, placed: list[Machine]) -> dict | None:
-    """[replica] for a host in a pair's recovery cloud, or one that machines are placed on; else None."""
+def principal(h: Host, auth: str) -> str:
+    """How a replica server names host `h` connecting to it: its certificate's CN (the host id), or under
+    Kerberos its machine principal in any realm (the one `kinit -k host/HOSTNAME` gives)."""
+    return f"host/{h.hostname}@*" if auth == "kerberos" else h.id
+
+
+def _pair_auth(pair: CloudPair | None) -> str:
+    policy = pair.association.policy if pair is not None and pair.association is not None else None
+    return policy.auth if policy is not None and policy.target_kind == "peer" else "certificate"
+
+
+def _replica_section(s: Session, host: Host, placed: list[Machine]) -> tuple[dict | None, dict[str, dict]]:
+    """([replica] or None, allow entries by primary host id) for a host in a pair's recovery cloud, one that
+    machines are placed on, or one of a pair's third cloud (its extended replicas come from the pair's
+    recovery cloud)."""
     pairs = []
     if host.cloud is not None and host.cloud.pair is not None and host.cloud.pair_role == "recovery":
         pairs.append(host.cloud.pair)
-    if not pairs and not placed:
-        return None
+    extended = s.scalars(select(ExtendedPair).where(ExtendedPair.cloud_id == host.cloud_id)).all() \
+        if host.cloud_id is not None else []
+    if not pairs and not placed and not extended:
+        return None, {}
+    # one listener, one authentication: the pair's policy (enable and patch keep machines' own policies to it)
+    auth = _pair_auth(pairs[0] if pairs else placed[0].cloud.pair if placed else None)
+    if extended:
+        auth = extended[0].auth
     allow: dict[str, dict] = {}
     for pair in pairs:
         primary_cloud = pair.cloud("primary")
         for h in sorted(primary_cloud.hosts if primary_cloud else [], key=lambda h: h.id):
             disks = [d for m in placed if m.primary_host_id == h.id for d in _disk_paths(m)]
-            allow[h.id] = {"principal": h.id, "storage": _storage_root(pair, disks), "trust_group": pair.name}
+            allow[h.id] = {"principal": principal(h, auth), "storage": _storage_root(pair, disks),
+                           "trust_group": pair.name}
     for m in placed:
         if m.primary_host_id and m.primary_host_id not in allow:
             pair = m.cloud.pair if m.cloud is not None else None
-            allow[m.primary_host_id] = {"principal": m.primary_host_id,
+            allow[m.primary_host_id] = {"principal": principal(m.primary_host, auth),
                                         "storage": _storage_root(pair, _disk_paths(m)),
                                         "trust_group": pair.name if pair is not None else m.primary_host_id}
+    for ext in extended:
+        recovery = ext.pair.cloud("recovery")
+        for h in sorted(recovery.hosts if recovery else [], key=lambda h: h.id):
+            allow.setdefault(h.id, {"principal": principal(h, auth), "storage": ext.storage or DEFAULT_ROOT,
+                                    "trust_group": ext.pair.name})
     if not allow:
-        return None                # no primary host to serve yet (the replica server refuses to start so)
+        return None, {}            # no primary host to serve yet (the replica server refuses to start so)
     listen, port = _listen(host.data_url, 8084)
-    section: dict = {"listen": listen, "port": port, **CERT_FILES, "allow": list(allow.values())}
+    if auth == "kerberos":
+        policy = pairs[0].association.policy if pairs and pairs[0].association and not extended else None
+        section: dict = {"listen": listen, "port": (policy.port if policy else None) or KERBEROS_PORT,
+                         "auth": "kerberos", "allow": list(allow.values())}
+    else:
+        section = {"listen": listen, "port": port, **CERT_FILES, "allow": list(allow.values())}
     networks = {n.source_network: n.target_network for p in pairs for n in p.network_mappings}
     if networks:
         # the network map applies to domains a failover starts through libvirt (settings require the URI)
         section.update(libvirt="qemu:///system", network_map=networks)
-    return section
+    return section, allow
+
+
+def extended_target(ext: ExtendedPair, third: Host | None) -> str | None:
+    """The URL the extended leg sends to: the third-site host's data URL (certificates), or its Kerberos
+    listener."""
+    if third is None or not third.data_url:
+        return None
+    host, port = _listen(third.data_url, 8084)
+    return f"http://{host}:{KERBEROS_PORT}" if ext.auth == "kerberos" else f"https://{host}:{port}"
+
+
+def _extended_entry(m: Machine, ext: ExtendedPair, allowed: dict) -> dict | None:
+    """[[extended]] for a machine replicated to this host, or None while its third-site host is not known or
+    this host does not hold its disks under a known root."""
+    target = extended_target(ext, m.extended_host)
+    if target is None or allowed is None:
+        return None
+    entry: dict = {"machine": m.name, "target": target, "frequency": ext.frequency,
+                   "additional_points": ext.additional_points, "compression": ext.compression,
+                   "storage": allowed["storage"], "trust_group": allowed["trust_group"]}
+    if ext.bandwidth_limit:
+        entry["bandwidth_limit"] = ext.bandwidth_limit
+    if ext.auth == "kerberos":
+        entry["auth"] = "kerberos"
+    else:
+        entry.update(CERT_FILES)
+    return entry
+
+
+def place_extended(s: Session) -> None:
+    """Give each machine of a pair with an extended leg that has no extended host yet the least loaded host
+    of the third cloud (ties: by hostname). A placement is kept once made (the extended replica's disks are
+    there); two controllers placing one machine at once: the second's insert is dropped."""
+    waiting = s.execute(select(Machine, ExtendedPair).join(Cloud, Machine.cloud_id == Cloud.id)
+                        .join(ExtendedPair, ExtendedPair.pair_id == Cloud.pair_id)
+                        .outerjoin(ExtendedPlacement, ExtendedPlacement.machine_id == Machine.id)
+                        .where(ExtendedPlacement.machine_id.is_(None), Machine.desired_state != "disabled")
+                        .order_by(Machine.id)).all()
+    for machine, ext in waiting:
+        load = (select(Host, func.count(ExtendedPlacement.machine_id).label("n"))
+                .outerjoin(ExtendedPlacement, ExtendedPlacement.host_id == Host.id)
+                .where(Host.cloud_id == ext.cloud_id).group_by(Host.id).order_by("n", Host.hostname))
+        row = s.execute(load).first()
+        if row is None:
+            continue               # the third cloud has no host yet: placed when one joins
+        try:
+            with s.begin_nested():
+                machine.extended = ExtendedPlacement(host=row[0])
+                s.flush()
+        except IntegrityError:
+            s.expire(machine, ["extended"])
 
 
 def render(s: Session, host: Host) -> dict:
     """{"config": replicatord configuration, "fencing": {machine: {epoch, role}}, "operations": {machine:
     {"state": enabled|paused, "resync": N}}} for this host (operations: what the agent applies at runtime,
     as an operator's pause/resume/resync through the admin API would; a raised N asks for one resync)."""
+    place_extended(s)
     admin_host, admin_port = _listen(host.admin_url, 8085)
     config: dict = {"daemon": {"state_dir": "..", "admin_listen": f"{admin_host}:{admin_port}"}}
     fencing: dict = {}
@@ -172,9 +263,17 @@ def render(s: Session, host: Host) -> dict:
     placed = [m for m in machines if m.replica_host_id == host.id and m.desired_state != "disabled"]
     for name, step in failover.host_operations(s, host).items():      # a failover step this host runs
         operations.setdefault(name, {}).update(step)
-    replica = _replica_section(s, host, placed)
+    replica, allow = _replica_section(s, host, placed)
     if replica is not None:
         config["replica"] = replica
+    legs = []
+    for m in placed:
+        ext = m.cloud.pair.extended if m.cloud is not None and m.cloud.pair is not None else None
+        entry = _extended_entry(m, ext, allow.get(m.primary_host_id)) if ext is not None and replica else None
+        if entry is not None:
+            legs.append(entry)
+    if legs:
+        config["extended"] = legs
     return {"config": config, "fencing": fencing, "operations": operations}
 
 

@@ -130,6 +130,57 @@ class MappingOut(Out):
     target: str
 
 
+class ExtendedIn(In):
+    """A pair's extended leg (Hyper-V's extended replication): the recovery cloud's hosts forward each machine
+    on to a host of a third cloud, on another site, with this policy. Frequency and bandwidth take
+    replicatord.toml's forms and are checked by its parsers."""
+
+    cloud: Name = Field(description="the third cloud (in no pair, on a site of neither of the pair's clouds)")
+    frequency: int | text(16, 1) = Field(300, description="5m or 15m (300 or 900 seconds), no more often than "
+                                                            "the pair's policy")
+    additional_points: int = Field(0, ge=0, le=24, description="the extended site's own hourly points")
+    compression: bool = True
+    bandwidth_limit: int | text(32, 1) | None = Field(None, description="bytes/s, \"100M\", or none")
+    auth: Literal["certificate", "kerberos"] = "certificate"
+    storage: AbsPath | None = Field(None, description="the storage root on the third cloud's hosts (default: "
+                                                      "their state directory's replica folder)")
+
+    @field_validator("frequency", mode="after")
+    @classmethod
+    def _frequency(cls, v):
+        from ..orchestration.extended import FREQUENCIES
+        seconds = settings.parse_frequency(v)
+        if seconds not in FREQUENCIES:
+            raise ValueError("the extended leg runs every 5m or 15m (Hyper-V's choices)")
+        return int(seconds)
+
+    _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
+
+
+def _rate(v):
+    """A bandwidth limit as replicatord parses it (None: unlimited)."""
+    if v is None:
+        return None
+    rate = settings.parse_bandwidth(v)
+    if rate is not None and rate >= 2 ** 63:
+        raise ValueError("is beyond any link (at most 2^63-1 bytes per second)")
+    return rate
+
+
+class ExtendedOut(Out):
+    pair: str
+    cloud: str
+    frequency: int
+    additional_points: int
+    compression: bool
+    bandwidth_limit: int | None
+    auth: str
+    storage: str | None
+    machines: dict[str, str | None] = Field(description="each machine of the pair: the third cloud's host "
+                                                        "holding its extended replica (null: none yet)")
+    created_at: dt.datetime
+
+
 class PairOut(Out):
     id: int
     name: str
@@ -138,6 +189,7 @@ class PairOut(Out):
     policy: str | None
     network_mappings: list[MappingOut]
     storage_mappings: list[MappingOut]
+    extended: str | None = Field(None, description="the third cloud of the pair's extended leg, if any")
 
 
 # ---------------------------------------------------------------------------------------------- policies
@@ -289,6 +341,20 @@ class FailoverIn(In):
                               "the latest); a planned failover takes the final cycle's")
 
 
+class MachineExtendedOut(Out):
+    """The extended leg as its replica host last reported it (Measure-VMReplication -ReplicationRelationshipType
+    Extended); state, health and last success are null until that host reports the leg."""
+
+    relationship: Literal["Extended"] = "Extended"
+    cloud: str
+    host: str | None = Field(description="the third cloud's host holding the extended replica")
+    target: str | None
+    state: str | None
+    health: str | None
+    reason: str | None
+    last_success_at: dt.datetime | None
+
+
 class MachineOut(Out):
     id: int
     name: str
@@ -307,6 +373,8 @@ class MachineOut(Out):
     owner_site: str | None
     fencing_epoch: int
     created_at: dt.datetime
+    extended: MachineExtendedOut | None = Field(None, description="the extended relationship, when its pair "
+                                                                  "has an extended leg")
 
 
 # ---------------------------------------------------------------------------------------------- jobs

@@ -3,10 +3,12 @@ the job waits for the host that must carry it out (its `host`) and says so; the 
 ends. Nothing here pretends a host did something it has not reported."""
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from sqlalchemy import func, select
 
-from .. import failover, jobs
+from .. import desired, failover, jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, operator, reader
@@ -15,6 +17,35 @@ from .jobs import job_out
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["machines"])
 NamePath = Path(pattern=sc.NAME_PATTERN)
+
+
+def extended_status(x: m.Machine) -> sc.MachineExtendedOut | None:
+    """The machine's extended relationship: where its extended replica is, and the leg as the replica host
+    last reported it (its report's "extended" list, else its status's replica.extended)."""
+    pair = x.cloud.pair if x.cloud is not None else None
+    ext = pair.extended if pair is not None else None
+    if ext is None:
+        return None
+    third = x.extended_host
+    out = sc.MachineExtendedOut(cloud=ext.cloud.name, host=third.hostname if third else None,
+                                target=desired.extended_target(ext, third), state=None, health=None, reason=None,
+                                last_success_at=None)
+    report = x.replica_host.last_report if x.replica_host is not None else None
+    legs = report.get("extended") if isinstance(report, dict) else None
+    if not isinstance(legs, list) and isinstance(report, dict):
+        replica = (report.get("status") or {}).get("replica") if isinstance(report.get("status"), dict) else None
+        legs = replica.get("extended") if isinstance(replica, dict) else None
+    leg = next((g for g in legs or [] if isinstance(g, dict) and g.get("machine") == x.name), None)
+    if leg is None:
+        return out
+    stats = leg.get("stats") if isinstance(leg.get("stats"), dict) else {}
+    out.state = str(leg["state"])[:64] if leg.get("state") is not None else None
+    out.reason = str(leg["reason"])[:2000] if leg.get("reason") is not None else None
+    out.health = str(stats["health"])[:32] if stats.get("health") is not None else None
+    last = stats.get("last_replication_time")
+    if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
+        out.last_success_at = dt.datetime.fromtimestamp(last, dt.timezone.utc)
+    return out
 
 
 def machine_out(x: m.Machine) -> sc.MachineOut:
@@ -26,7 +57,7 @@ def machine_out(x: m.Machine) -> sc.MachineOut:
         desired_state=x.desired_state, observed_state=x.observed_state, health=x.health,
         rpo_seconds=x.rpo_seconds, last_success_at=x.last_success_at,
         owner_site=x.owner_site.name if x.owner_site else None, fencing_epoch=x.fencing_epoch,
-        created_at=x.created_at)
+        created_at=x.created_at, extended=extended_status(x))
 
 
 def effective_policy(x: m.Machine) -> m.ProtectionPolicy | None:
@@ -50,6 +81,17 @@ def _state_job(s, x: m.Machine, kind: str, by: str, **params) -> m.Job:
         msg = f"waiting for host {host.hostname} to apply desired revision {host.desired_revision}"
     return jobs.enqueue(s, kind, machine=x, host_id=host.id if host else None, params=params, created_by=by,
                         message=msg)
+
+
+def _same_auth(pair: m.CloudPair, policy: m.ProtectionPolicy | None) -> None:
+    """A machine's own policy authenticates as its pair's does: the replica host has one listener, certificate
+    or Kerberos, rendered from the pair's policy (desired.py)."""
+    pair_policy = pair.association.policy if pair is not None and pair.association is not None else None
+    if policy is None or pair_policy is None or "azure" in (policy.target_kind, pair_policy.target_kind):
+        return
+    if policy.auth != pair_policy.auth:
+        raise HTTPException(422, f"policy: {policy.name!r} authenticates by {policy.auth}, the replica hosts of "
+                                 f"pair {pair.name!r} by {pair_policy.auth} (its policy {pair_policy.name!r})")
 
 
 def _place_replica(s, recovery: m.Cloud) -> m.Host | None:
@@ -101,11 +143,13 @@ def enable_protection(body: sc.MachineIn, s: DB, request: Request, who: Principa
             raise HTTPException(422, f"replica_host: {replica.hostname!r} is not in the recovery cloud")
     else:
         replica = _place_replica(s, recovery) if recovery else None
+    _same_auth(cloud.pair, policy)
     x = m.Machine(name=body.name, cloud=cloud, primary_host=primary, replica_host=replica, domain=body.domain,
                   disks=list(body.disks), excluded=list(body.excluded), policy=policy, desired_state="enabled",
                   owner_site_id=cloud.site_id)
     s.add(x)
     s.flush()
+    desired.place_extended(s)
     job = _state_job(s, x, "enable-protection", who.name)
     if replica is None:
         jobs.log(s, job.id, f"no host in recovery cloud {recovery.name if recovery else '?'} yet: the replica "
@@ -131,6 +175,7 @@ def change_machine(body: sc.MachinePatch, s: DB, request: Request, name: str = N
         x.policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
         if effective_policy(x) is None:
             raise HTTPException(422, f"policy: pair {x.cloud.pair.name!r} has no policy to follow")
+        _same_auth(x.cloud.pair, x.policy)
         changes.append(f"policy {x.policy.name if x.policy else 'of the pair'}")
     if "replica_host" in given:
         if body.replica_host is None:

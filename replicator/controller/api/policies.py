@@ -9,6 +9,7 @@ from .. import models as m
 from .. import schemas as sc
 from ..auth import admin, reader
 from .common import DB, ERRORS, bump_revision, conflict, note, one
+from .topology import extended_policy_problem
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["policies"])
 NamePath = Path(pattern=sc.NAME_PATTERN)
@@ -61,6 +62,11 @@ def replace_policy(body: sc.PolicyIn, s: DB, request: Request, name: str = NameP
         raise conflict(f"name: a policy is not renamed ({body.name!r} != {name!r})")
     for f in FIELDS:
         setattr(p, f, getattr(body, f))
+    for pair in s.scalars(select(m.CloudPair).join(m.PolicyAssociation).join(m.ExtendedPair)
+                          .where(m.PolicyAssociation.policy_id == p.id).order_by(m.CloudPair.name)):
+        why = extended_policy_problem(pair.extended, p)
+        if why:
+            raise conflict(f"pair {pair.name!r}: {why}")
     p.updated_at = m.utcnow()
     s.flush()
     bump_revision(s, _hosts_following(s, p))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from sqlalchemy import func, select
 
+from .. import desired
 from .. import models as m
 from .. import schemas as sc
 from ..auth import admin, reader
@@ -98,11 +99,15 @@ def set_host_cloud(body: sc.HostCloudIn, s: DB, request: Request, host: str = Ho
                                  f"on {h.site.name!r}")
     placed = s.scalar(select(func.count()).select_from(m.Machine).where(
         (m.Machine.primary_host_id == h.id) | (m.Machine.replica_host_id == h.id)))
+    placed += s.scalar(select(func.count()).select_from(m.ExtendedPlacement)
+                       .where(m.ExtendedPlacement.host_id == h.id))
     if placed and (cloud is None or cloud.id != h.cloud_id):
         raise conflict(f"host {h.hostname!r} has {placed} machine(s) placed on it: move or disable them first")
     h.cloud = cloud
     bump_revision(s, [h.id])
     s.flush()
+    if cloud is not None:
+        desired.place_extended(s)            # a first host of a third cloud takes the extended replicas
     return host_out(h)
 
 
@@ -140,6 +145,10 @@ def delete_cloud(s: DB, request: Request, name: str = NamePath, _=Depends(admin)
     cloud = one(s, m.Cloud, "cloud", name=name)
     if cloud.pair is not None:
         raise conflict(f"cloud {name!r} is in pair {cloud.pair.name!r}: delete the pair first")
+    third = s.scalar(select(m.ExtendedPair).where(m.ExtendedPair.cloud_id == cloud.id))
+    if third is not None:
+        raise conflict(f"cloud {name!r} is the extended cloud of pair {third.pair.name!r}: delete that extended "
+                       "leg first")
     if cloud.hosts:
         raise conflict(f"cloud {name!r} still has hosts: {', '.join(sorted(h.hostname for h in cloud.hosts))}")
     if s.scalar(select(func.count()).select_from(m.Machine).where(m.Machine.cloud_id == cloud.id)):
@@ -154,6 +163,7 @@ def pair_out(p: m.CloudPair) -> sc.PairOut:
         id=p.id, name=p.name, primary=primary.name if primary else None,
         recovery=recovery.name if recovery else None,
         policy=p.association.policy.name if p.association else None,
+        extended=p.extended.cloud.name if p.extended else None,
         network_mappings=[sc.MappingOut(id=x.id, source=x.source_network, target=x.target_network)
                           for x in sorted(p.network_mappings, key=lambda x: x.id)],
         storage_mappings=[sc.MappingOut(id=x.id, source=x.source_root, target=x.target_root)
@@ -185,6 +195,10 @@ def create_pair(body: sc.PairIn, s: DB, request: Request, _=Depends(admin)):
         if cloud.pair_id is not None:
             raise conflict(f"cloud {cloud.name!r} is already in pair {cloud.pair.name!r} (a cloud belongs to "
                            f"one pair only)")
+        third = s.scalar(select(m.ExtendedPair).where(m.ExtendedPair.cloud_id == cloud.id))
+        if third is not None:
+            raise conflict(f"cloud {cloud.name!r} is the extended cloud of pair {third.pair.name!r} (a cloud "
+                           "has one role)")
     pair = m.CloudPair(name=body.name)
     s.add(pair)
     s.flush()
@@ -210,6 +224,12 @@ def set_pair_policy(body: sc.PairPolicyIn, s: DB, request: Request, name: str = 
     policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
     if policy is None and _machines_of(s, pair):
         raise conflict(f"pair {name!r} protects machines: they need a policy")
+    if pair.extended is not None:
+        if policy is None:
+            raise conflict(f"pair {name!r} has an extended leg: it needs a policy (the leg runs no more often)")
+        why = extended_policy_problem(pair.extended, policy)
+        if why:
+            raise conflict(f"policy: {why}")
     if pair.association is not None:
         s.delete(pair.association)
         s.flush()
@@ -303,3 +323,101 @@ def add_storage_mapping(body: sc.StorageMappingIn, s: DB, request: Request, name
 def delete_storage_mapping(s: DB, request: Request, name: str = NamePath, mapping_id: int = MappingId,
                            _=Depends(admin)):
     _delete_mapping("storage-mappings", s, request, name, mapping_id)
+
+
+# ---------------------------------------------------------------------------------------------- extended leg
+def extended_policy_problem(ext: m.ExtendedPair, policy: m.ProtectionPolicy) -> str | None:
+    """Why a pair following `policy` cannot feed this extended leg (None: it can): the leg forwards what
+    the replica applied, so it runs no more often than the primary leg, from a replica host of ours."""
+    if policy.target_kind != "peer":
+        return f"policy {policy.name!r} replicates to Azure: an extended leg runs from a replica host"
+    if ext.frequency < policy.frequency:
+        return (f"the extended leg runs every {ext.frequency} s, more often than policy {policy.name!r}'s "
+                f"{policy.frequency} s (it runs no more often than the primary leg)")
+    return None
+
+
+def _extended_out(s, p: m.CloudPair) -> sc.ExtendedOut:
+    x, primary, placed = p.extended, p.cloud("primary"), {}
+    if primary is not None:
+        for mach in s.scalars(select(m.Machine).where(m.Machine.cloud_id == primary.id).order_by(m.Machine.name)):
+            placed[mach.name] = mach.extended_host.hostname if mach.extended_host else None
+    return sc.ExtendedOut(pair=p.name, cloud=x.cloud.name, frequency=x.frequency,
+                          additional_points=x.additional_points, compression=x.compression,
+                          bandwidth_limit=x.bandwidth_limit, auth=x.auth, storage=x.storage, machines=placed,
+                          created_at=x.created_at)
+
+
+def _extended_hosts(p: m.CloudPair) -> list[str]:
+    return pair_hosts(p) + ([h.id for h in p.extended.cloud.hosts] if p.extended else [])
+
+
+@router.post("/pairs/{name}/extended", status_code=201, response_model=sc.ExtendedOut, tags=["pairs"])
+def create_extended(body: sc.ExtendedIn, s: DB, request: Request, name: str = NamePath, _=Depends(admin)):
+    """Give the pair an extended leg (Hyper-V's extended replication): its recovery cloud's hosts forward each
+    machine to a host of a third cloud, on a third site, every 5 or 15 minutes (no more often than the
+    pair's policy), with the leg's own points, compression, bandwidth limit and authentication."""
+    note(request, f"pair/{name}/extended", cloud=body.cloud, frequency=body.frequency)
+    pair = one(s, m.CloudPair, "pair", name=name)
+    # the pair's clouds and the third cloud locked in one order (by id): a pair made of the third cloud meanwhile
+    # waits, and sees it taken
+    s.scalars(select(m.Cloud).where(m.Cloud.id.in_([c.id for c in pair.clouds]) | (m.Cloud.name == body.cloud))
+              .order_by(m.Cloud.id).with_for_update()).all()
+    cloud = ref(s, m.Cloud, "cloud", "cloud", name=body.cloud)
+    if pair.extended is not None:
+        raise conflict(f"pair {name!r} already has an extended leg (to cloud {pair.extended.cloud.name!r}): "
+                       "delete it first")
+    if cloud.pair_id is not None:
+        raise HTTPException(422, f"cloud: {cloud.name!r} is in pair {cloud.pair.name!r}; the extended cloud is "
+                                 "a third one")
+    sites = {c.site_id: c.site.name for c in pair.clouds}
+    if cloud.site_id in sites:
+        raise HTTPException(422, f"cloud: {cloud.name!r} is on site {sites[cloud.site_id]!r}, one of the pair's "
+                                 "sites; the extended replica is on a third site")
+    taken = s.scalar(select(m.ExtendedPair).where(m.ExtendedPair.cloud_id == cloud.id))
+    if taken is not None:
+        raise conflict(f"cloud {cloud.name!r} is already the extended cloud of pair {taken.pair.name!r}")
+    if pair.association is None:
+        raise HTTPException(422, f"pair {name!r} has no policy: associate one first (the extended leg runs no "
+                                 "more often than it)")
+    ext = m.ExtendedPair(pair_id=pair.id, cloud_id=cloud.id, frequency=body.frequency,
+                         additional_points=body.additional_points, compression=body.compression,
+                         bandwidth_limit=body.bandwidth_limit, auth=body.auth, storage=body.storage)
+    ext.cloud = cloud
+    why = extended_policy_problem(ext, pair.association.policy)
+    if why:
+        raise HTTPException(422, f"frequency: {why}")
+    s.add(ext)
+    s.flush()
+    s.refresh(pair)
+    desired.place_extended(s)
+    bump_revision(s, _extended_hosts(pair))
+    return _extended_out(s, pair)
+
+
+@router.get("/pairs/{name}/extended", response_model=sc.ExtendedOut, dependencies=[Depends(reader)],
+            tags=["pairs"])
+def get_extended(s: DB, name: str = NamePath):
+    pair = one(s, m.CloudPair, "pair", name=name)
+    if pair.extended is None:
+        raise HTTPException(404, f"pair {name!r} has no extended leg")
+    return _extended_out(s, pair)
+
+
+@router.delete("/pairs/{name}/extended", status_code=204, response_class=Response, tags=["pairs"])
+def delete_extended(s: DB, request: Request, name: str = NamePath, _=Depends(admin)):
+    """Remove the pair's extended leg: the replica hosts stop forwarding (the third site keeps what it holds)
+    and the machines' extended placements are forgotten."""
+    note(request, f"pair/{name}/extended")
+    pair = one(s, m.CloudPair, "pair", name=name)
+    if pair.extended is None:
+        raise HTTPException(404, f"pair {name!r} has no extended leg")
+    hosts = _extended_hosts(pair)
+    primary = pair.cloud("primary")
+    if primary is not None:
+        ids = select(m.Machine.id).where(m.Machine.cloud_id == primary.id)
+        for placement in s.scalars(select(m.ExtendedPlacement).where(m.ExtendedPlacement.machine_id.in_(ids))):
+            s.delete(placement)
+    s.delete(pair.extended)
+    s.flush()
+    bump_revision(s, hosts)
