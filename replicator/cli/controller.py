@@ -129,6 +129,17 @@ def run(api: Api, args) -> None:
     if area == "machine" and verb == "failover":
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/failover",
                                    {"kind": args.kind, "force": args.force, "point": args.point}))
+    if area == "pair" and verb == "extend":
+        body = {"cloud": args.cloud}
+        for key in ("frequency", "additional_points", "bandwidth_limit", "auth", "storage"):
+            if getattr(args, key) is not None:
+                body[key] = getattr(args, key)
+        if args.compression is not None:
+            body["compression"] = args.compression == "on"
+        return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/extended", body))
+    if area == "pair" and verb in ("show-extended", "remove-extended"):
+        return emit(args, api.call("GET" if verb == "show-extended" else "DELETE",
+                                   f"{base}/{_quote(args.name)}/extended"))
     if area == "token" and verb == "revoke":
         return emit(args, api.call("DELETE", f"{base}/{_quote(args.name)}"))
     if area == "job" and verb == "cancel":
@@ -212,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         return out
 
     for name in ("site", "cloud", "pair", "policy", "host"):
+        extra = {"extend": "give the pair an extended leg to a third cloud (extended replication)",
+                 "show-extended": "the pair's extended leg as JSON, with each machine's extended host",
+                 "remove-extended": "remove the pair's extended leg"} if name == "pair" else {}
         verbs = area(name, {"list": f"list {name}s", "show": f"one {name} as JSON",
-                            **({"create": f"make a {name}"} if name != "host" else {})})
+                            **({"create": f"make a {name}"} if name != "host" else {}), **extra})
         if name == "site":
             verbs["create"].add_argument("--description", default="")
         if name == "cloud":
@@ -223,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
             for opt in ("--primary", "--recovery"):
                 verbs["create"].add_argument(opt, required=True, metavar="CLOUD")
             verbs["create"].add_argument("--policy")
+            x = verbs["extend"]
+            x.add_argument("--cloud", required=True, help="the third cloud (on a third site, in no pair)")
+            x.add_argument("--frequency", help="5m or 15m (default 5m; no more often than the pair's policy)")
+            x.add_argument("--additional-points", type=int, help="the extended site's own hourly points (0-24)")
+            x.add_argument("--compression", choices=("on", "off"))
+            x.add_argument("--bandwidth-limit", help='bytes/s: "100M", or "none"')
+            x.add_argument("--auth", choices=("certificate", "kerberos"))
+            x.add_argument("--storage", help="the storage root on the third cloud's hosts")
         if name == "policy":
             c = verbs["create"]
             c.add_argument("--target-kind", choices=("peer", "azure"))

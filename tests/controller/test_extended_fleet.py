@@ -6,8 +6,10 @@ reports. The leg's 5-minute schedule is not waited for: its cycles are asked of 
 tests under tests/extended do."""
 from __future__ import annotations
 
+import json
 import os
 
+from replicator.cli import main as cli
 from replicator.vhdx import create_vhdx
 
 from ..daemon.two_sites import same
@@ -17,7 +19,7 @@ from .test_host_channel import ControllerProc
 MiB = 1 << 20
 
 
-def test_a_machine_enabled_on_an_extended_pair_reaches_the_third_site(tmp_path, database_url):
+def test_a_machine_enabled_on_an_extended_pair_reaches_the_third_site(tmp_path, database_url, capsys):
     ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
@@ -41,9 +43,17 @@ def test_a_machine_enabled_on_an_extended_pair_reaches_the_third_site(tmp_path, 
             ctl.ok("PUT", f"/v1/hosts/{h.name}/cloud", {"cloud": cloud})
         ctl.ok("POST", "/v1/policies", {"name": "p5", "frequency": "5m"})
         ctl.ok("POST", "/v1/pairs", {"name": "gold-pair", "primary": "gold", "recovery": "gold-dr", "policy": "p5"})
-        leg = ctl.ok("POST", "/v1/pairs/gold-pair/extended", {"cloud": "gold-ext", "frequency": "5m",
-                                                              "additional_points": 1})
-        assert leg["cloud"] == "gold-ext" and leg["machines"] == {}
+        # the leg through the CLI: a bad frequency is one line, then the leg is made
+        base = ["--controller", ctl.url, "--token", str(ctl.data / "admin.token"), "--ca", ctl.ca_path]
+        assert cli([*base, "pair", "extend", "gold-pair", "--cloud", "gold-ext", "--frequency", "30s"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "5m or 15m" in err, err
+        assert cli([*base, "pair", "extend", "gold-pair", "--cloud", "gold-ext", "--frequency", "5m",
+                    "--additional-points", "1"]) == 0
+        capsys.readouterr()
+        assert cli([*base, "pair", "show-extended", "gold-pair"]) == 0
+        leg = json.loads(capsys.readouterr().out)
+        assert leg["cloud"] == "gold-ext" and leg["frequency"] == 300 and leg["machines"] == {}
         ctl.ok("POST", "/v1/machines", {"name": "vm01", "cloud": "gold", "primary_host": "p1",
                                         "disks": [str(disk)]})
         assert ctl.ok("GET", "/v1/pairs/gold-pair/extended")["machines"] == {"vm01": "x1"}
