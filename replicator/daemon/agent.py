@@ -11,7 +11,8 @@ controller (aiohttp, this host's certificate), writes small files and asks for t
      reloads; an invalid one changes nothing and is reported as a problem.
   2. POST /v1/renew once two thirds of the certificate's lifetime have passed (same key, new certificate),
      then a reload so the replica listener and the peers' TLS use it.
-  3. POST /v1/hosts/self/report: the revision running, the daemon's status document, its jobs, problems.
+  3. POST /v1/hosts/self/report: the revision running, the daemon's status document, its jobs, problems;
+     a replica host adds its recovery points per machine and its extended legs' status.
 An unreachable controller is noted ("unreachable since ...") in the status document and the log (once);
 a controller that refuses this host (removed, certificate expired) is said in one line, and the daemon goes on.
 """
@@ -40,6 +41,25 @@ _UNREACHABLE = (aiohttp.ClientError, TimeoutError, OSError)
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+REPORTED_POINTS = 32         # per machine, the newest (the controller keeps up to 64)
+REPORTED_MACHINES = 2000     # the controller refuses more in one report
+REPORTED_LEGS = 200          # likewise for extended legs
+
+
+def replica_points(daemon) -> dict[str, list[dict]] | None:
+    """A replica host's recovery points per machine it holds (the replica site's view: points at which all
+    the machine's disks are at one cut), the newest REPORTED_POINTS each. Read from the disks' state already
+    in memory; None when the stores cannot be read now (the controller keeps what it had)."""
+    try:
+        machines = daemon.site.machines()
+    except (ReplicatorError, OSError) as e:
+        log.debug("recovery points not reported: %s", e)
+        return None
+    return {name: [{"point": p["point"], "time": p["time"], "consistency": p["consistency"],
+                    "generations": p["generations"]} for p in rm.points()[-REPORTED_POINTS:]]
+            for name, rm in list(machines.items())[:REPORTED_MACHINES]}
 
 
 class Refused(ReplicatorError):
@@ -160,6 +180,11 @@ class Agent:
         body = {"revision": self.running or 0, "problems": list(self.problems), "operations": self.operations_done,
                 "status": daemon.status_document() if daemon is not None else {"machines": [], "replica": None},
                 "jobs": daemon.jobs.summaries()[-50:] if daemon is not None else []}
+        if daemon is not None and daemon.replica_server is not None:
+            body["extended"] = [leg.status() for leg in daemon.replica_server.legs][:REPORTED_LEGS]
+            points = replica_points(daemon)
+            if points is not None:
+                body["points"] = points
         answer = await self._call("POST", "/v1/hosts/self/report", body)
         if isinstance(answer.get("revision"), int):
             self.latest = answer["revision"]

@@ -25,6 +25,11 @@ REFUSAL = re.compile(r"the server responded with a status of (401|403|409|422)\b
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
+def pytest_configure(config):
+    # starlette's TestClient (a host's report through the app, test_machine_history.py) warns at its import
+    config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
+
+
 class Portal:
     """The controller app served by uvicorn in a thread on 127.0.0.1; `stop`/`start` keep its port and store."""
 

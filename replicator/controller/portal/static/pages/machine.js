@@ -1,22 +1,30 @@
-// One machine: what it is and where it replicates, its RPO against the target over time, its disks, its jobs
-// and audit entries, and the actions an operator may take (each confirmed, each one REST call).
+// One machine: what it is and where it replicates, its RPO against the target over time (the controller's
+// samples of the last day, then each report as it comes), its cycles' sizes and durations, the recovery points
+// its replica host holds, its disks, its jobs and audit entries, and the actions an operator may take (each
+// confirmed, each one REST call; the failover steps only when they apply).
 
 import { api, ago, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, fmtTime, h, healthBadge, section, session,
          stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
 import { FORCE, rpoTarget } from './common.js';
-import { lastTestFailover, reportedStats } from './machine_data.js';
+import { cyclesOf, failoverSteps, lastTestFailover, reportedStats } from './machine_data.js';
 
-const RPO_POINTS = 720;
+const RPO_POINTS = 3000;                  // a day of the controller's samples (one a minute) and live ones
 const RPO_WINDOW_MS = 10 * 60 * 1000;
+const HISTORY_MS = 24 * 3600 * 1000;
+const POINTS_SHOWN = 12;
+const POINTS_EVERY_MS = 15000;
 
 export async function render(view, [name]) {
   const path = `/v1/machines/${encodeURIComponent(name)}`;
   const observedPath = `/v1/observed/machines?machine=${encodeURIComponent(name)}`;
-  const [machine, policies, jobs, audit, [observedFirst]] = await Promise.all([
+  const since = new Date(Date.now() - HISTORY_MS).toISOString();
+  const [machine, policies, jobs, mine, [observedFirst], history, pointsFirst] = await Promise.all([
     api(path), api('/v1/policies'), api(`/v1/jobs?machine=${encodeURIComponent(name)}&limit=200`),
-    api('/v1/audit?limit=1000'), api(observedPath)]);
+    api(`${path}/audit?limit=200`), api(observedPath), api(`${path}/history?since=${encodeURIComponent(since)}`),
+    api(`${path}/points`)]);
   let observed = observedFirst;
+  let points = pointsFirst;
   const target = () => rpoTarget(machine, policies);
 
   const summary = h('dl', { class: 'kv', id: 'machine-summary' });
@@ -24,7 +32,8 @@ export async function render(view, [name]) {
   const canvas = h('canvas', { id: 'rpo-chart', role: 'img', 'aria-label': 'RPO over time' });
   const jobsBox = h('div', { id: 'machine-jobs' });
   const reported = h('div', { id: 'machine-reported' });
-  const mine = audit.filter((a) => a.target === `machine/${name}`);
+  const cycleCanvas = h('canvas', { id: 'cycle-chart', role: 'img', 'aria-label': 'Cycle sizes and durations' });
+  const pointsBox = h('div', { id: 'machine-points' });
 
   function drawSummary() {
     const test = lastTestFailover(name, jobs);
@@ -59,9 +68,29 @@ export async function render(view, [name]) {
         h('dt', {}, 'Cycles'), h('dd', { id: 'machine-cycles' }, `${st.successful_cycles ?? 0} succeeded, ${st.failed_cycles ?? 0} failed, ${st.missed_cycles ?? 0} missed`),
         h('dt', {}, 'Cycle size'), h('dd', {}, `average ${fmtBytes(st.average_size)}, largest ${fmtBytes(st.maximum_size)}`),
         h('dt', {}, 'Cycle duration'), h('dd', {}, `average ${fmtDuration(st.average_latency)}, longest ${fmtDuration(st.maximum_latency)}`),
-        h('dt', {}, 'Last cycle'), h('dd', {}, last ? `${(last.kinds || []).join(', ')}: ${fmtBytes(last.bytes_sent)} sent, ${ago(new Date(last.time * 1000).toISOString())}` : '—'),
+        h('dt', {}, 'Last cycle'), h('dd', {}, last ? `${(last.kinds || []).join(', ')}: ${fmtBytes(last.bytes_sent)} sent${typeof last.seconds === 'number' ? ` in ${fmtDuration(last.seconds)}` : ''}, ${ago(new Date(last.time * 1000).toISOString())}` : '—'),
         st.last_error ? [h('dt', {}, 'Last error'), h('dd', { class: 'breach' }, st.last_error)] : null,
         h('dt', {}, 'Disks'), h('dd', {}, Object.entries(e.disks || {}).map(([n, d]) => h('div', {}, `${n}: ${d.tracking}${d.reason ? ` (${d.reason})` : ''}`)))));
+  }
+
+  function drawPoints() {
+    if (!points.reported_at) {
+      clear(pointsBox, h('p', { class: 'muted', id: 'points-summary' }, 'Its replica host has not reported recovery points yet.'));
+      return;
+    }
+    const n = points.points.length;
+    clear(pointsBox,
+      h('p', { class: 'muted', id: 'points-summary' }, `${n} recovery point${n === 1 ? '' : 's'} on ${points.host || 'a removed host'}, reported ${ago(points.reported_at)}${n > POINTS_SHOWN ? `; the newest ${POINTS_SHOWN}:` : ''}`),
+      dataTable([
+        { key: 'point', label: 'Point' },
+        { key: 'time', label: 'Data from', render: (p) => `${fmtTime(p.time)} (${ago(p.time)})` },
+        { key: 'consistency', label: 'Consistency' },
+        { key: 'generations', label: 'Disk generations', value: (p) => Object.values(p.generations).join(', ') },
+      ], [...points.points].reverse().slice(0, POINTS_SHOWN), { empty: 'No recovery point holds all its disks yet.', id: 'machine-point-table' }));
+  }
+
+  async function refreshPoints() {
+    try { points = await api(`${path}/points`); drawPoints(); } catch { /* shown again at the next look */ }
   }
 
   function act(label, what, call, body, danger) {
@@ -76,7 +105,11 @@ export async function render(view, [name]) {
   function drawActions() {
     if (!session.can('operator')) { clear(actions); return; }
     const d = machine.desired_state;
+    const steps = failoverSteps(jobs);
     clear(actions,
+      steps.failedOver && act('Commit failover', 'Keep the machine on its recovery site: the failover becomes final and cannot be cancelled any more.', 'commit-failover', undefined, true),
+      steps.failedOver && act('Cancel failover', 'Give the machine back to its primary site, which replicates again (what changed on the recovery site is lost).', 'cancel-failover', undefined, true),
+      steps.testing && act('Clean up test failover', 'Remove the test machine and its disks on the replica host.', 'cleanup-test-failover'),
       d === 'enabled' && act('Pause', 'Pause replication; the replica keeps its recovery points.', 'pause'),
       d === 'paused' && act('Resume', 'Resume replication.', 'resume'),
       d === 'enabled' && act('Resync', 'Compare both sides and send what differs.', 'resync'),
@@ -107,7 +140,10 @@ export async function render(view, [name]) {
     h('h1', {}, h('a', { href: '#/items' }, 'Replicated items'), ' / ', name),
     h('div', { class: 'grid' }, section('Summary', summary, actions),
       section('RPO over time', h('div', { class: 'chart-box wide' }, canvas),
-        h('p', { class: 'muted' }, 'Sampled while this page is open (the API keeps no RPO history yet); the line is the target.'))),
+        h('p', { class: 'muted', id: 'rpo-note' }, `The last day as the controller sampled it (one sample a minute at most, kept ${Math.round(history.retention_seconds / 86400)} days), then each report while this page is open; the dashed line is the target.`))),
+    h('div', { class: 'grid' }, section('Recovery points', pointsBox),
+      section('Cycles', h('div', { class: 'chart-box' }, cycleCanvas),
+        h('p', { class: 'muted' }, 'Each replication cycle of the last day: bytes sent and, where the host reports it, how long it took.'))),
     h('div', { class: 'grid' }, section('As its hosts report', reported),
       section('Disks', h('ul', { class: 'plain', id: 'machine-disks' },
         machine.domain ? h('li', {}, `libvirt domain ${machine.domain}`) : null,
@@ -119,7 +155,8 @@ export async function render(view, [name]) {
       ], mine, { empty: 'No actions recorded on this machine.', id: 'machine-events' }))),
     section('Jobs', jobsBox));
 
-  const samples = [];
+  const samples = history.samples.filter((s) => s.rpo_seconds !== null)
+    .map((s) => ({ x: new Date(s.at).getTime(), y: s.rpo_seconds })).slice(-RPO_POINTS);
   const chart = new window.Chart(canvas, {
     type: 'line',
     data: { datasets: [
@@ -128,6 +165,18 @@ export async function render(view, [name]) {
     options: { maintainAspectRatio: false, animation: false, parsing: false,
       scales: { x: { type: 'linear', ticks: { maxTicksLimit: 6, callback: (v) => new Date(v).toLocaleTimeString() } },
                 y: { beginAtZero: true, title: { display: true, text: 'seconds' } } } },
+  });
+  const cycles = cyclesOf(history.samples);
+  const cycleChart = new window.Chart(cycleCanvas, {
+    type: 'bar',
+    data: { datasets: [
+      { type: 'bar', label: 'bytes sent (MiB)', data: cycles.map((c) => ({ x: c.x, y: c.bytes / 1048576 })), backgroundColor: '#93c5fd', yAxisID: 'y' },
+      { type: 'line', label: 'duration (s)', data: cycles.filter((c) => c.seconds !== null && c.seconds !== undefined).map((c) => ({ x: c.x, y: c.seconds })),
+        borderColor: '#7c3aed', pointRadius: 2, yAxisID: 'y1' }] },
+    options: { maintainAspectRatio: false, animation: false, parsing: false,
+      scales: { x: { type: 'linear', ticks: { maxTicksLimit: 6, callback: (v) => new Date(v).toLocaleTimeString() } },
+                y: { beginAtZero: true, title: { display: true, text: 'MiB' } },
+                y1: { beginAtZero: true, position: 'right', grid: { drawOnChartArea: false }, title: { display: true, text: 'seconds' } } } },
   });
   function sample() {
     if (machine.rpo_seconds !== null && machine.rpo_seconds !== undefined) {
@@ -147,8 +196,9 @@ export async function render(view, [name]) {
     chart.update();
   }
 
-  drawSummary(); drawActions(); drawJobs(); drawReported(); sample();
+  drawSummary(); drawActions(); drawJobs(); drawReported(); drawPoints(); sample();
   const tick = setInterval(redraw, 15000);     // the axis moves on; points come from reports only
+  const pointsTick = setInterval(refreshPoints, POINTS_EVERY_MS);   // the replica's reports move no machine row
   const offs = [
     subscribe('machine', async (ev) => {
       if (ev.name !== name) return;
@@ -159,8 +209,8 @@ export async function render(view, [name]) {
       if (ev.machine !== name) return;
       const i = jobs.findIndex((j) => j.id === ev.id);
       if (i >= 0) Object.assign(jobs[i], ev); else jobs.unshift(ev);
-      drawJobs(); drawSummary();
+      drawJobs(); drawSummary(); drawActions();
     }),
   ];
-  return () => { offs.forEach((off) => off()); clearInterval(tick); chart.destroy(); };
+  return () => { offs.forEach((off) => off()); clearInterval(tick); clearInterval(pointsTick); chart.destroy(); cycleChart.destroy(); };
 }

@@ -48,3 +48,30 @@ export function reportedStats(observed) {
 export function causeOf(reason) {
   return String(reason).replace(/(?<![\w:./-])\d+(\.\d+)?(?![\w:./-])/g, '#');
 }
+
+const SITE_KINDS = new Set(['failover', 'commit-failover', 'cancel-failover', 'cleanup-test-failover']);
+
+/** Which failover steps apply to the machine now, from its jobs (newest first or not), as the controller
+ * decides them (controller/failover.py): none while a failover-family job is queued or running; commit and
+ * cancel after a planned/unplanned failover that neither has followed; cleanup after a test failover that no
+ * cleanup has followed. */
+export function failoverSteps(jobs) {
+  const mine = [...jobs].sort((a, b) => b.id - a.id);
+  const busy = mine.some((j) => SITE_KINDS.has(j.kind) && (j.state === 'queued' || j.state === 'running'));
+  const done = mine.filter((j) => j.state === 'succeeded');
+  const isTest = (j) => j.kind === 'failover' && j.params?.kind === 'test';
+  const lastReal = done.find((j) => ['commit-failover', 'cancel-failover'].includes(j.kind) || (j.kind === 'failover' && !isTest(j)));
+  const lastTest = done.find((j) => j.kind === 'cleanup-test-failover' || isTest(j));
+  return { busy, failedOver: !busy && !!lastReal && lastReal.kind === 'failover', testing: !busy && !!lastTest && isTest(lastTest) };
+}
+
+/** One point per replication cycle from the RPO samples (a cycle is sampled again every minute until the next
+ * one): x its last success time (ms), with its size and duration as the host reported them. */
+export function cyclesOf(samples) {
+  const out = new Map();
+  for (const s of samples) {
+    if (!s.last_success_at || s.cycle_bytes === null || s.cycle_bytes === undefined) continue;
+    out.set(s.last_success_at, { x: new Date(s.last_success_at).getTime(), bytes: s.cycle_bytes, seconds: s.cycle_seconds });
+  }
+  return [...out.values()].sort((a, b) => a.x - b.x);
+}
