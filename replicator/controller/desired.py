@@ -142,10 +142,13 @@ def _replica_section(s: Session, host: Host, placed: list[Machine]) -> tuple[dic
         if host.cloud_id is not None else []
     if not pairs and not placed and not extended:
         return None, {}
-    # one listener, one authentication: the pair's policy (enable and patch keep machines' own policies to it)
-    auth = _pair_auth(pairs[0] if pairs else placed[0].cloud.pair if placed else None)
+    # one listener, one authentication: the pair's policy (enable and patch keep machines' own policies to it),
+    # on the policy's port when it names one (the primaries' targets say the same, _protection)
+    served = pairs[0] if pairs else placed[0].cloud.pair if placed else None
+    auth = _pair_auth(served)
+    policy_port = served.association.policy.port if served is not None and served.association else None
     if extended:
-        auth = extended[0].auth
+        auth, policy_port = extended[0].auth, None
     allow: dict[str, dict] = {}
     for pair in pairs:
         primary_cloud = pair.cloud("primary")
@@ -168,11 +171,10 @@ def _replica_section(s: Session, host: Host, placed: list[Machine]) -> tuple[dic
         return None, {}            # no primary host to serve yet (the replica server refuses to start so)
     listen, port = _listen(host.data_url, 8084)
     if auth == "kerberos":
-        policy = pairs[0].association.policy if pairs and pairs[0].association and not extended else None
-        section: dict = {"listen": listen, "port": (policy.port if policy else None) or KERBEROS_PORT,
-                         "auth": "kerberos", "allow": list(allow.values())}
+        section: dict = {"listen": listen, "port": policy_port or KERBEROS_PORT, "auth": "kerberos",
+                         "allow": list(allow.values())}
     else:
-        section = {"listen": listen, "port": port, **CERT_FILES, "allow": list(allow.values())}
+        section = {"listen": listen, "port": policy_port or port, **CERT_FILES, "allow": list(allow.values())}
     networks = {n.source_network: n.target_network for p in pairs for n in p.network_mappings}
     if networks:
         # the network map applies to domains a failover starts through libvirt (settings require the URI)

@@ -173,6 +173,13 @@ def test_kerberos_pairs_render_a_kerberos_replica_listener(controller, tmp_path)
                                          "disks": ["/srv/vm02.vhdx"], "policy": "cert5"}), 422,
             "authenticates by certificate")
     refused(c.patch("/v1/machines/vm01", json={"policy": "cert5"}), 422, "authenticates by certificate")
+    # nor can the pair's policy, or a machine's own, change authentication under the other
+    ok(c.post("/v1/policies", json={"name": "krb2", "frequency": "5m", "auth": "kerberos"}), 201)
+    ok(c.patch("/v1/machines/vm01", json={"policy": "krb2"}))
+    refused(c.put("/v1/pairs/gold-silver/policy", json={"policy": "cert5"}), 409, "machine 'vm01' follows policy")
+    refused(c.put("/v1/policies/krb2", json={"name": "krb2", "frequency": "5m"}), 409, "would listen for kerberos")
+    refused(c.put("/v1/policies/krb", json={"name": "krb", "frequency": "5m"}), 409, "would listen for certificate")
+    ok(c.patch("/v1/machines/vm01", json={"policy": None}))
     # a policy's own port moves the Kerberos listener and the primaries' target together
     krb = ok(c.get("/v1/policies/krb"))
     ok(c.put("/v1/policies/krb", json={"name": "krb", "frequency": krb["frequency"], "auth": "kerberos",
@@ -190,3 +197,17 @@ def test_kerberos_pairs_render_a_kerberos_replica_listener(controller, tmp_path)
     assert cfg["replica"]["auth"] == "kerberos" and cfg["replica"]["port"] == 8083
     assert cfg["replica"]["allow"][0]["principal"] == "host/rb1@*"
     assert config.replica.auth == "kerberos"
+
+
+def test_a_policy_port_moves_the_certificate_listener_and_the_targets(controller, tmp_path):
+    ctl, c = controller, controller.client
+    hosts = deployment(ctl)
+    ok(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "pa1",
+                                    "disks": ["/srv/vm01.vhdx"]}), 201)
+    assert _render(ctl, hosts["rb1"], tmp_path)[0]["replica"]["port"] == 8084           # its data URL's
+    p5 = ok(c.get("/v1/policies/p5"))
+    ok(c.put("/v1/policies/p5", json={**{k: p5[k] for k in ("name", "frequency", "additional_points",
+                                                            "app_consistent_hours")}, "port": 9084}))
+    cfg, config = _render(ctl, hosts["rb1"], tmp_path)
+    assert cfg["replica"]["port"] == 9084 and config.replica.port == 9084
+    assert _render(ctl, hosts["pa1"], tmp_path)[0]["machine"][0]["target"] == "https://rb1:9084"

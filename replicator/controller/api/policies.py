@@ -9,7 +9,7 @@ from .. import models as m
 from .. import schemas as sc
 from ..auth import admin, reader
 from .common import DB, ERRORS, bump_revision, conflict, note, one
-from .topology import extended_policy_problem
+from .topology import auth_mismatch, extended_policy_problem
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["policies"])
 NamePath = Path(pattern=sc.NAME_PATTERN)
@@ -67,6 +67,15 @@ def replace_policy(body: sc.PolicyIn, s: DB, request: Request, name: str = NameP
         why = extended_policy_problem(pair.extended, p)
         if why:
             raise conflict(f"pair {pair.name!r}: {why}")
+    s.flush()
+    for pair in s.scalars(select(m.CloudPair).join(m.PolicyAssociation).where(m.PolicyAssociation.policy_id == p.id)):
+        if why := auth_mismatch(s, pair, p):
+            raise conflict(why)
+    for x in s.scalars(select(m.Machine).where(m.Machine.policy_id == p.id)):
+        pair = x.cloud.pair
+        if pair is not None and pair.association is not None and (why := auth_mismatch(s, pair,
+                                                                                       pair.association.policy)):
+            raise conflict(why)
     p.updated_at = m.utcnow()
     s.flush()
     bump_revision(s, _hosts_following(s, p))

@@ -224,6 +224,8 @@ def set_pair_policy(body: sc.PairPolicyIn, s: DB, request: Request, name: str = 
     policy = ref(s, m.ProtectionPolicy, "policy", "policy", name=body.policy) if body.policy else None
     if policy is None and _machines_of(s, pair):
         raise conflict(f"pair {name!r} protects machines: they need a policy")
+    if policy is not None and (why := auth_mismatch(s, pair, policy)):
+        raise conflict(f"policy: {why}")
     if pair.extended is not None:
         if policy is None:
             raise conflict(f"pair {name!r} has an extended leg: it needs a policy (the leg runs no more often)")
@@ -323,6 +325,20 @@ def add_storage_mapping(body: sc.StorageMappingIn, s: DB, request: Request, name
 def delete_storage_mapping(s: DB, request: Request, name: str = NamePath, mapping_id: int = MappingId,
                            _=Depends(admin)):
     _delete_mapping("storage-mappings", s, request, name, mapping_id)
+
+
+def auth_mismatch(s, pair: m.CloudPair, pair_policy: m.ProtectionPolicy) -> str | None:
+    """Why the pair cannot follow `pair_policy` (None: it can): a machine of it has its own policy that
+    authenticates otherwise, and the replica hosts have one listener (desired.py renders it from the pair's)."""
+    primary = pair.cloud("primary")
+    if primary is None or pair_policy.target_kind != "peer":
+        return None
+    for x in s.scalars(select(m.Machine).where(m.Machine.cloud_id == primary.id, m.Machine.policy_id.is_not(None))
+                       .order_by(m.Machine.name)):
+        if x.policy.id != pair_policy.id and x.policy.target_kind == "peer" and x.policy.auth != pair_policy.auth:
+            return (f"machine {x.name!r} follows policy {x.policy.name!r} ({x.policy.auth}); the replica hosts "
+                    f"of pair {pair.name!r} would listen for {pair_policy.auth}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- extended leg
