@@ -1,7 +1,7 @@
 """The console over a real fleet: `replicator-controller` (HTTPS, its own CA) and two real replicatord hosts
 registered with keys. A machine protected from the Replicated items page goes through its initial replication
-to Replicating / Normal on screen without reload; paused from its page, the host's report shows it Suspended,
-resumed, Replicating again; a resync's job follows the host's to 100 % -- every step an API call the host
+to Replicating / Normal on screen without reload, its replica host's recovery points on its page; paused from
+its page, the host's report shows it Suspended, resumed, Replicating again; a resync's job follows the host's to 100 % -- every step an API call the host
 carries out and reports."""
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         expect(page.locator("#machine-cycles")).not_to_contain_text("0 succeeded")
         expect(page.locator("#health-reasons")).to_have_text("No health problem reported.")
         expect(page.locator("#machine-reported")).to_contain_text("Reported byp1, ")
+        # the primary's reports are the controller's RPO samples; the replica host's agent reports the machine's
+        # recovery points (its replica site's view of the store), and the page shows them
+        assert any(x["rpo_seconds"] is not None for x in ctl.ok("GET", "/v1/machines/vm01/history")["samples"])
+        wait(lambda: ctl.ok("GET", "/v1/machines/vm01/points")["points"], "r1 reports vm01's points", hosts)
+        expect(page.locator("#points-summary")).to_contain_text(" on r1, reported", timeout=30_000)
+        expect(page.locator("#machine-point-table tbody tr").first.locator("td[data-col=consistency]")).to_have_text(
+            "crash")
         page.click("#machine-actions button[data-action=pause]")
         page.click("dialog.confirm button[data-confirm]")
         expect(page.locator("#machine-desired")).to_have_text("paused")
