@@ -1,8 +1,8 @@
 """The console over a real fleet: `replicator-controller` (HTTPS, its own CA) and two real replicatord hosts
 registered with keys. A machine protected from the Replicated items page goes through its initial replication
 to Replicating / Normal on screen without reload, its replica host's recovery points on its page; paused from
-its page, the host's report shows it Suspended, resumed, Replicating again; a resync's job follows the host's to 100 % -- every step an API call the host
-carries out and reports."""
+its page, the host's report shows it Suspended, resumed, Replicating again; a resync's job follows the host's
+to 100 % -- every step an API call the host carries out and reports."""
 from __future__ import annotations
 
 import os
