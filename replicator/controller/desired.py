@@ -131,24 +131,30 @@ def _pair_auth(pair: CloudPair | None) -> str:
     return policy.auth if policy is not None and policy.target_kind == "peer" else "certificate"
 
 
-def _replica_section(s: Session, host: Host, placed: list[Machine]) -> tuple[dict | None, dict[str, dict]]:
+def _replica_section(s: Session, host: Host, placed: list[Machine],
+                     reversing: list[Machine] = ()) -> tuple[dict | None, dict[str, dict]]:
     """([replica] or None, allow entries by primary host id) for a host in a pair's recovery cloud, one that
-    machines are placed on, or one of a pair's third cloud (its extended replicas come from the pair's
-    recovery cloud)."""
+    machines are placed on, one of a pair's third cloud (its extended replicas come from the pair's
+    recovery cloud), or the primary host of machines that replicate back to it (`reversing`: reverse
+    replication from their replica host, into STATE/replica)."""
     pairs = []
     if host.cloud is not None and host.cloud.pair is not None and host.cloud.pair_role == "recovery":
         pairs.append(host.cloud.pair)
     extended = s.scalars(select(ExtendedPair).where(ExtendedPair.cloud_id == host.cloud_id)).all() \
         if host.cloud_id is not None else []
-    if not pairs and not placed and not extended:
+    if not pairs and not placed and not extended and not reversing:
         return None, {}
     # one listener, one authentication: the pair's policy (enable and patch keep machines' own policies to it),
     # on the policy's port when it names one (the primaries' targets say the same, _protection)
     served = pairs[0] if pairs else placed[0].cloud.pair if placed else None
+    if served is None and reversing:
+        served = reversing[0].cloud.pair if reversing[0].cloud is not None else None
     auth = _pair_auth(served)
     policy_port = served.association.policy.port if served is not None and served.association else None
     if extended:
         auth, policy_port = extended[0].auth, None
+    elif not pairs and not placed:
+        policy_port = None         # only a reverse source: its data URL's port (failover._reverse_settings)
     allow: dict[str, dict] = {}
     for pair in pairs:
         primary_cloud = pair.cloud("primary")
@@ -167,6 +173,12 @@ def _replica_section(s: Session, host: Host, placed: list[Machine]) -> tuple[dic
         for h in sorted(recovery.hosts if recovery else [], key=lambda h: h.id):
             allow.setdefault(h.id, {"principal": principal(h, auth), "storage": ext.storage or DEFAULT_ROOT,
                                     "trust_group": ext.pair.name})
+    for m in reversing:            # reverse replication: certificates only (failover.request_reverse)
+        if m.replica_host_id and m.replica_host_id not in allow:
+            pair = m.cloud.pair if m.cloud is not None else None
+            allow[m.replica_host_id] = {"principal": principal(m.replica_host, "certificate"),
+                                        "storage": DEFAULT_ROOT,
+                                        "trust_group": pair.name if pair is not None else m.replica_host_id}
     if not allow:
         return None, {}            # no primary host to serve yet (the replica server refuses to start so)
     listen, port = _listen(host.data_url, 8084)
@@ -265,7 +277,9 @@ def render(s: Session, host: Host) -> dict:
     placed = [m for m in machines if m.replica_host_id == host.id and m.desired_state != "disabled"]
     for name, step in failover.host_operations(s, host).items():      # a failover step this host runs
         operations.setdefault(name, {}).update(step)
-    replica, allow = _replica_section(s, host, placed)
+    reversing = [m for m in machines if m.primary_host_id == host.id and m.desired_state != "disabled"
+                 and failover.reverse_source(s, m)]
+    replica, allow = _replica_section(s, host, placed, reversing)
     if replica is not None:
         config["replica"] = replica
     legs = []

@@ -32,7 +32,8 @@ from . import models as m
 from .api.common import bump_revision
 
 LEASE_TTL = dt.timedelta(seconds=60)
-SITE_KINDS = ("failover", "commit-failover", "cancel-failover", "cleanup-test-failover")
+SITE_KINDS = ("failover", "commit-failover", "cancel-failover", "cleanup-test-failover", "reverse", "failback")
+DIRECTION_KINDS = ("failover", "commit-failover", "cancel-failover", "reverse", "failback")
 ACTIVE = ("queued", "running")
 
 
@@ -65,6 +66,25 @@ def testing(s: Session, x: m.Machine) -> bool:
     return last is not None and last.kind == "failover"
 
 
+def direction(s: Session, x: m.Machine) -> str:
+    """Where the machine runs and which way it replicates, from its newest succeeded failover-family job:
+    "forward" (its primary host runs it, replicating to its replica host), "failed-over" (its replica host runs
+    it; commit or cancel), "committed" (its replica host runs it, nothing replicates: reverse next) or
+    "reversed" (its replica host runs it and replicates back to its primary host: failback next). The roles swap
+    in this derived direction, not in the machine's host columns: the disks each host holds stay its own."""
+    last = _last_done(s, x, DIRECTION_KINDS, test=False)
+    if last is None or last.kind in ("cancel-failover", "failback"):
+        return "forward"
+    return {"failover": "failed-over", "commit-failover": "committed", "reverse": "reversed"}[last.kind]
+
+
+def reverse_source(s: Session, x: m.Machine) -> bool:
+    """The machine's primary host must serve a replica for it: reverse replication is asked, runs, or a
+    failback has not ended yet."""
+    busy = active_job(s, x)
+    return (busy is not None and busy.kind in ("reverse", "failback")) or direction(s, x) == "reversed"
+
+
 def _owned_by_primary(x: m.Machine) -> bool:
     return x.primary_host is not None and x.owner_site_id in (None, x.primary_host.site_id)
 
@@ -94,8 +114,10 @@ def host_operations(s: Session, host: m.Host) -> dict:
         if job.machine is None or job.machine.name in out:
             continue
         p = job.params
-        out[job.machine.name] = {"site": {"job": job.id, "op": p["op"], "planned": bool(p.get("planned")),
-                                          "point": p.get("point")}}
+        step = {"job": job.id, "op": p["op"], "planned": bool(p.get("planned")), "point": p.get("point")}
+        if p.get("args"):
+            step["args"] = p["args"]                     # reverse and accept-reverse settings
+        out[job.machine.name] = {"site": step}
     return out
 
 
@@ -138,8 +160,8 @@ def request_failover(s: Session, x: m.Machine, kind: str, force: bool, point: in
             raise HTTPException(409, f"machine {x.name!r} has a test failover running: clean it up first")
         return _step_job(s, x, "failover", x.replica_host, who, kind="test", op="test-failover", point=point)
     if failed_over(s, x) is not None or not _owned_by_primary(x):
-        raise HTTPException(409, f"machine {x.name!r} is failed over already: commit or cancel that failover "
-                                 "(failback is not run by the controller yet)")
+        raise HTTPException(409, f"machine {x.name!r} is failed over already: commit or cancel that failover, "
+                                 "then reverse replication and fail back")
     if kind == "planned" and x.primary_host is None:
         raise HTTPException(409, f"machine {x.name!r} has no primary host: only an unplanned failover applies")
     if kind == "planned" and point is not None:
@@ -181,6 +203,87 @@ def request_step(s: Session, x: m.Machine, kind: str, who: str) -> m.Job:
     return _step_job(s, x, kind, x.replica_host, who, op=kind)
 
 
+# Reverse replication and failback: each a job of host steps run in this order ("primary" = the machine's
+# primary host, the original site; "replica" = its replica host, where it failed over).
+STEPS = {
+    "reverse": (("primary", "accept-reverse"),     # stop protecting there; its old disks become the replica
+                ("replica", "reverse")),           # the failed-over machine replicates back into them
+    "failback": (("replica", "planned-failover"),  # the recovery site stops the machine, final cycle: FailbackComplete
+                 ("primary", "failover"),          # planned failover on the original site: its own disk files
+                 ("replica", "accept-reverse"),    # the recovery site's disks become the replica again
+                 ("primary", "reverse")),          # the configured machine is protected again, forward
+}
+
+
+def _reverse_settings(x: m.Machine) -> dict:
+    """The protection of the way back (the host adds its certificate files): the machine's policy, aimed at
+    its primary host's data URL, where that host's [replica] listens while reverse replication runs."""
+    from .desired import _listen, _machine_policy
+    policy = _machine_policy(x)
+    host, port = _listen(x.primary_host.data_url, 8084)
+    return {"target": f"https://{host}:{port}", "frequency": policy.frequency,
+            "additional_points": policy.additional_points, "compression": policy.compression,
+            "bandwidth_limit": policy.bandwidth_limit or "none"}
+
+
+def _step_params(x: m.Machine, kind: str, index: int) -> tuple[m.Host, dict]:
+    side, op = STEPS[kind][index]
+    host, other = (x.primary_host, x.replica_host) if side == "primary" else (x.replica_host, x.primary_host)
+    params: dict = {"op": op, "step": index}
+    if op == "accept-reverse":
+        params["args"] = {"from": other.id, "force": kind == "reverse"}
+    elif op == "reverse":
+        params["args"] = {"settings": _reverse_settings(x) if kind == "reverse" else {}}
+    elif op == "failover":
+        params["planned"] = True
+    return host, params
+
+
+def request_reverse(s: Session, x: m.Machine, who: str) -> m.Job:
+    """Reverse replication after a committed failover: the original primary host accepts (force: the controller
+    gave the machine to the recovery site, whatever that host last saw), then the replica host protects the
+    failed-over machine back to it. No epoch change: the recovery site owns the machine already."""
+    busy = active_job(s, x)
+    if busy is not None:
+        raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
+    now = direction(s, x)
+    if now != "committed":
+        raise HTTPException(409, f"machine {x.name!r} is {now}: reverse replication needs a committed failover"
+                                 + (" (commit it first)" if now == "failed-over" else ""))
+    if x.primary_host is None or x.replica_host is None:
+        raise HTTPException(409, f"machine {x.name!r} lacks a primary or replica host: nothing to reverse to")
+    from .desired import _machine_policy
+    policy = _machine_policy(x)
+    if policy is None or policy.target_kind != "peer" or policy.auth != "certificate":
+        raise HTTPException(409, f"machine {x.name!r}: reverse replication through the controller needs a peer "
+                                 "policy with certificate authentication")
+    if not x.primary_host.data_url:
+        raise HTTPException(409, f"host {x.primary_host.hostname} registered no data URL: it cannot receive the "
+                                 "reverse replication")
+    host, params = _step_params(x, "reverse", 0)
+    bump_revision(s, [x.replica_host_id])              # (the primary host's [replica] comes with its step)
+    return _step_job(s, x, "reverse", host, who, **params)
+
+
+def request_failback(s: Session, x: m.Machine, who: str) -> m.Job:
+    """A planned failover back to the original site, which then protects the machine forward again: the epoch
+    rises by one and the machine belongs to its primary host's site from this transaction on."""
+    busy = active_job(s, x)
+    if busy is not None:
+        raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
+    now = direction(s, x)
+    if now != "reversed":
+        raise HTTPException(409, f"machine {x.name!r} is {now}: failback needs reverse replication running "
+                                 "(POST /v1/machines/NAME/reverse after a committed failover)")
+    epoch_from = x.fencing_epoch
+    x.fencing_epoch = epoch_from + 1
+    x.owner_site_id = x.primary_host.site_id
+    x.owner_lease_expires = None
+    host, params = _step_params(x, "failback", 0)
+    bump_revision(s, [x.primary_host_id])
+    return _step_job(s, x, "failback", host, who, epoch_from=epoch_from, epoch_to=x.fencing_epoch, **params)
+
+
 def _step_job(s: Session, x: m.Machine, job_kind: str, host: m.Host, who: str, **params) -> m.Job:
     """(The other host's revision rises by itself if its rendering changed: desired.current.)"""
     bump_revision(s, [host.id])
@@ -192,6 +295,11 @@ def withdrawn(s: Session, job: m.Job) -> None:
     """A failover job cancelled before a host ran its replica step: the machine goes back to its primary with
     the new epoch (a cancelled failover keeps E+1, which the original primary is handed)."""
     x = job.machine
+    if job.kind == "failback" and x is not None and x.replica_host is not None:
+        x.owner_site_id = x.replica_host.site_id          # still reversed: the recovery site keeps it (epoch kept)
+        bump_revision(s, [x.primary_host_id, x.replica_host_id])
+        jobs.log(s, job.id, f"machine {x.name} stays with {x.replica_host.hostname}, at epoch {x.fencing_epoch}")
+        return
     if job.kind != "failover" or job.params.get("kind") == "test" or x is None or x.primary_host is None:
         return
     x.owner_site_id = x.primary_host.site_id
@@ -247,11 +355,61 @@ def _failed(s: Session, job: m.Job, x: m.Machine, host: m.Host, why: str, now) -
         x.owner_site_id = x.primary_host.site_id
         bump_revision(s, [x.primary_host_id, x.replica_host_id])
         why += f"; machine {x.name} stays with {x.primary_host.hostname} at epoch {x.fencing_epoch}"
+    elif job.kind in STEPS:
+        why += _stopped_at(s, job, x)
     _end(s, job, "failed", f"host {host.hostname}: {job.params['op']} failed: {why}", now)
+
+
+def _stopped_at(s: Session, job: m.Job, x: m.Machine) -> str:
+    """What a failed reverse or failback leaves: before any host changed, nothing; else the hosts are half-way
+    and an operator finishes on them (docs/operations.md, "Reverse replication and failback")."""
+    index = job.params.get("step", 0)
+    if job.kind == "failback" and index == 0 and x.replica_host is not None:
+        x.owner_site_id = x.replica_host.site_id
+        bump_revision(s, [x.primary_host_id, x.replica_host_id])
+        return (f"; machine {x.name} stays with {x.replica_host.hostname} (reverse replication goes on) at epoch "
+                f"{x.fencing_epoch}")
+    if index == 0:
+        return f"; nothing changed: {x.name} stays failed over, committed"
+    done = ", ".join(op for _, op in STEPS[job.kind][:index])
+    return (f"; the hosts ran {done} already: finish the remaining steps on them "
+            f"({', '.join(op for _, op in STEPS[job.kind][index:])}, docs/operations.md) or ask {job.kind} again")
+
+
+def _next_step(s: Session, job: m.Job, x: m.Machine, host: m.Host, now) -> bool:
+    """Move a reverse or failback job to its next host step (False after its last)."""
+    index = job.params.get("step", 0) + 1
+    if index >= len(STEPS[job.kind]):
+        return False
+    nxt, params = _step_params(x, job.kind, index)
+    kept = {k: v for k, v in job.params.items() if k in ("epoch_from", "epoch_to")}
+    job.params = {**kept, **params}
+    job.host_id = nxt.id
+    job.claimed_by, job.lease_expires_at = None, None
+    job.progress = int(100 * index / len(STEPS[job.kind]))
+    _progress(s, job, f"host {host.hostname}: {STEPS[job.kind][index - 1][1]} done; host {nxt.hostname} runs "
+                      f"{params['op']}", now)
+    bump_revision(s, [x.primary_host_id, x.replica_host_id])
+    return True
 
 
 def _succeeded(s: Session, job: m.Job, x: m.Machine, host: m.Host, rec: dict, now) -> None:
     op = job.params["op"]
+    epoch = rec.get("epoch")
+    if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > x.fencing_epoch:
+        x.fencing_epoch = epoch                          # a site's disks hold a higher epoch: it wins
+    if job.kind in STEPS:
+        if _next_step(s, job, x, host, now):
+            return
+        if job.kind == "reverse":
+            message = (f"{x.name} runs on {x.replica_host.hostname} and replicates back to "
+                       f"{x.primary_host.hostname} at epoch {x.fencing_epoch}: fail back when ready")
+        else:
+            message = (f"{x.name} runs on {x.primary_host.hostname} again and replicates to "
+                       f"{x.replica_host.hostname} at epoch {x.fencing_epoch}")
+        bump_revision(s, [x.primary_host_id, x.replica_host_id])
+        _end(s, job, "succeeded", message, now)
+        return
     if op == "planned-failover":           # the primary's final cycle is on the replica: the replica side next
         job.params = {**job.params, "op": "failover", "planned": True}
         job.host_id = x.replica_host_id
@@ -260,9 +418,6 @@ def _succeeded(s: Session, job: m.Job, x: m.Machine, host: m.Host, rec: dict, no
                           f"{x.replica_host.hostname} fails over", now)
         bump_revision(s, [x.primary_host_id, x.replica_host_id])
         return
-    epoch = rec.get("epoch")
-    if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > x.fencing_epoch:
-        x.fencing_epoch = epoch                          # the replica's epoch is higher: it wins
     if op == "failover" and job.params.get("kind") != "test":
         message = (f"host {host.hostname} runs {x.name} from point {rec.get('point')} at epoch {x.fencing_epoch} "
                    f"(owner: site {x.owner_site.name if x.owner_site else '?'}): commit or cancel the failover")

@@ -372,6 +372,10 @@ class MachineOut(Out):
     last_success_at: dt.datetime | None
     owner_site: str | None
     fencing_epoch: int
+    direction: Literal["forward", "failed-over", "committed", "reversed"] = Field(
+        description="forward: the primary host runs the machine and replicates to the replica host; failed-over "
+                    "/ committed: the replica host runs it; reversed: the replica host runs it and replicates back "
+                    "to the primary host (reverse replication; failback next)")
     created_at: dt.datetime
     extended: MachineExtendedOut | None = Field(None, description="the extended relationship, when its pair "
                                                                   "has an extended leg")

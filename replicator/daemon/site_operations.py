@@ -1,7 +1,11 @@
 """Failover steps the controller asks of this host (controller/failover.py), run by the agent as an operator
 would through the admin API: `planned-failover` on the primary (the machine's own job: guest stopped, final
 cycle), and on the replica site `failover` {planned, point}, `test-failover` {point}, `cleanup-test-failover`,
-`commit-failover`, `cancel-failover` (replica_site.py).
+`commit-failover`, `cancel-failover` (replica_site.py). Reverse replication and failback (daemon/reverse.py):
+`accept-reverse` {args: from, force} on the original primary (its old disks become the replica of the way
+back; a machine this site holds as a replica already has accepted: a retried reverse goes on) and `reverse`
+{args: settings} on the site running the machine (the controller's settings, with this host's certificate
+files from the agent, STATE/controller/; none for a configured machine, which keeps its own).
 
 Each step names its controller job; it runs at most once per (job, op): the record
 `{"job", "op", "state": "running"}` is written to operations.json before it starts, and a step found
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ..errors import ReplicatorError
 from ..orchestration.states import StateError
@@ -17,6 +22,7 @@ from ..orchestration.states import StateError
 log = logging.getLogger("replicatord.agent")
 POINT_WAIT = 15                   # seconds a failover waits for a recovery point that holds all the disks
 REPLICA_OPS = ("failover", "test-failover", "cleanup-test-failover", "commit-failover", "cancel-failover")
+AGENT_FILES = {"cert": "host.pem", "key": "host.key", "ca": "ca.pem"}
 
 
 def interrupted(done: dict) -> None:
@@ -54,6 +60,8 @@ async def run(daemon, name: str, step: dict) -> dict:
         if job.state.value != "succeeded":
             raise ReplicatorError(f"planned failover ({job.id}): {job.error or job.state.value}")
         return {"host_job": job.id}
+    if op in ("accept-reverse", "reverse"):
+        return await _reverse(daemon, name, op, step.get("args") or {})
     if op not in REPLICA_OPS:
         raise ReplicatorError(f"unknown operation {op!r:.40}")
     site = daemon.site
@@ -82,3 +90,27 @@ async def _when_a_point_holds(site, name: str, start, tries: int = POINT_WAIT):
             if left == 0 or (await site._view_of(name)).get("points"):
                 raise
             await asyncio.sleep(1)
+
+
+async def _reverse(daemon, name: str, op: str, args: dict) -> dict:
+    if not isinstance(args, dict):
+        raise ReplicatorError(f"{op}: args must be an object, not {args!r:.40}")
+    site = daemon.site
+    if op == "accept-reverse":
+        principal = args.get("from")
+        if principal is not None and not isinstance(principal, str):
+            raise ReplicatorError(f"accept-reverse: from must be a principal, not {principal!r:.40}")
+        if name not in daemon.machines and daemon.replica_server is not None \
+                and name in site.machines() and site._role(name) == "replica":
+            return {}                         # accepted before (a reverse asked again after its second step failed)
+        await site.accept_reverse(name, principal, bool(args.get("force", False)))
+        return {}
+    settings = args.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ReplicatorError(f"reverse: settings must be an object, not {settings!r:.40}")
+    if settings:
+        folder = os.path.join(daemon.state_dir, "controller")
+        settings = {**settings, **{k: os.path.join(folder, f) for k, f in AGENT_FILES.items()}}
+    status = await site.reverse(name, settings)
+    epoch = status.get("epoch") if isinstance(status, dict) else None
+    return {"epoch": epoch} if isinstance(epoch, int) and not isinstance(epoch, bool) else {}

@@ -7,6 +7,7 @@ import datetime as dt
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from sqlalchemy import func, select
+from sqlalchemy.orm import object_session
 
 from .. import desired, failover, jobs
 from .. import models as m
@@ -57,7 +58,7 @@ def machine_out(x: m.Machine) -> sc.MachineOut:
         desired_state=x.desired_state, observed_state=x.observed_state, health=x.health,
         rpo_seconds=x.rpo_seconds, last_success_at=x.last_success_at,
         owner_site=x.owner_site.name if x.owner_site else None, fencing_epoch=x.fencing_epoch,
-        created_at=x.created_at, extended=extended_status(x))
+        direction=failover.direction(object_session(x), x), created_at=x.created_at, extended=extended_status(x))
 
 
 def effective_policy(x: m.Machine) -> m.ProtectionPolicy | None:
@@ -268,3 +269,24 @@ _failover_step_route("commit-failover", "Commit a failover: the machine stays on
 _failover_step_route("cancel-failover", "Cancel a failover not committed: the primary replicates again (its epoch "
                                         "is raised to the failover's, which lifts its fence).")
 _failover_step_route("cleanup-test-failover", "Remove a test failover's machine and disks on the replica host.")
+
+
+@router.post("/machines/{name}/reverse", status_code=202, response_model=sc.JobOut)
+def reverse_machine(s: DB, request: Request, name: str = NamePath, who: Principal = Depends(operator)):
+    """Reverse replication after a committed failover: the primary host stops protecting the machine and adopts
+    its old disks as the replica, then the replica host, which runs the machine, replicates back into them
+    (only differing blocks travel). 409 unless the machine's failover is committed."""
+    note(request, f"machine/{name}", action="reverse")
+    x = one(s, m.Machine, "machine", lock=True, name=name)
+    return job_out(failover.request_reverse(s, x, who.name))
+
+
+@router.post("/machines/{name}/failback", status_code=202, response_model=sc.JobOut)
+def failback_machine(s: DB, request: Request, name: str = NamePath, who: Principal = Depends(operator)):
+    """Planned failback while reverse replication runs: the replica host stops the machine and sends a final
+    cycle, the primary host fails over to it (its own disk files), the replica host's disks become the replica
+    again and the primary host protects the machine forward. The fencing epoch rises by one. 409 unless
+    reverse replication runs."""
+    note(request, f"machine/{name}", action="failback")
+    x = one(s, m.Machine, "machine", lock=True, name=name)
+    return job_out(failover.request_failback(s, x, who.name))
