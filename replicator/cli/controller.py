@@ -124,7 +124,7 @@ def run(api: Api, args) -> None:
     if area == "machine" and verb == "enable":
         return emit(args, _enable(api, args))
     if area == "machine" and verb in ("pause", "resume", "resync", "disable", "commit-failover", "cancel-failover",
-                                      "cleanup-test-failover"):
+                                      "cleanup-test-failover", "reverse", "failback"):
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/{verb}"))
     if area == "machine" and verb == "failover":
         return emit(args, api.call("POST", f"{base}/{_quote(args.name)}/failover",
@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "failover": "ask for a failover (a job its hosts carry out)",
                                "commit-failover": "commit a failover (the machine stays on its recovery site)",
                                "cancel-failover": "cancel a failover not committed (the primary takes it back)",
-                               "cleanup-test-failover": "remove a test failover on the replica host"})
+                               "cleanup-test-failover": "remove a test failover on the replica host",
+                               "reverse": "after a committed failover: replicate back to the primary host",
+                               "failback": "while reverse replication runs: a planned failover back to the "
+                                           "primary host, which then replicates forward again"})
     machine["list"].add_argument("--cloud")
     e = machine["enable"]
     e.add_argument("--cloud", help="its primary cloud (needed the first time)")

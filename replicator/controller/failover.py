@@ -15,6 +15,13 @@ by itself, and the controller keeps the higher of both. The old primary keeps th
 so its next cycle is refused by the replica (fenced) -- a fenced primary's epoch is never raised here. A
 cancelled failover gives the machine back with the new epoch, which lifts the original primary's fence.
 
+Reverse replication and failback (jobs `reverse` and `failback`, STEPS below) run the same way, one host step
+after another. The roles swap in `direction()` -- derived from the machine's succeeded jobs -- rather than in
+its host columns: the primary host keeps its disks and configuration, the replica host its failed-over disks.
+While reverse replication is asked, runs or is failed back, the primary host renders a [replica] allowing the
+replica host (desired.py). A failback raises the epoch by one and gives the machine to its primary's site in
+the request's transaction, as a failover does.
+
 An unplanned failover while the primary still holds a live lease (its last report younger than LEASE_TTL shows
 the machine cycling, not fenced, at the current epoch) is refused unless forced; a forced one is an audit entry
 and a job note.

@@ -3,8 +3,12 @@ replicator-controller (SQLite), vm01 replicating from p1 to r1. An unplanned fai
 holds its lease), committed; reverse replication through the API (p1 adopts its old disk, r1 replicates back
 into it: a checksum resync); the machine writes on r1; a failback through the API: p1's own disk file is byte
 for byte r1's disk at the final cut, and replication goes from p1 to r1 again (r1's replica byte-identical to
-p1's disk after a new write and cycle)."""
+p1's disk after a new write and cycle). reverse and failback are asked with the `replicator --controller` CLI."""
 from __future__ import annotations
+
+import json
+
+from replicator.cli import main as cli
 
 from ..daemon.two_sites import read_vhdx, same
 from .test_failover import _cycle, _get, _job_done, _settled, _setup
@@ -12,8 +16,15 @@ from .test_fleet import FleetHost, replica_bytes, wait
 from .test_host_channel import ControllerProc
 
 
-def test_reverse_replication_and_failback_through_the_controller(tmp_path):
+def test_reverse_replication_and_failback_through_the_controller(tmp_path, capsys):
     ctl = ControllerProc(tmp_path, cert_lifetime=3600).start()
+
+    def run(*argv, code=0) -> str:
+        capsys.readouterr()
+        got = cli(["--controller", ctl.url, "--token", str(ctl.data / "admin.token"), "--ca", ctl.ca_path, *argv])
+        out, err = capsys.readouterr()
+        assert got == code, (argv, out, err)
+        return out if code == 0 else err
     hosts: list[FleetHost] = []
     try:
         f = _setup(tmp_path, ctl, hosts)
@@ -28,13 +39,13 @@ def test_reverse_replication_and_failback_through_the_controller(tmp_path):
         assert view["state"] == "FailedOver", view
         (running,) = view["failover"]["paths"].values()
         (disk_id,) = view["failover"]["paths"]
-        code, body = ctl.api("POST", "/v1/machines/vm01/failback")
-        assert code == 409 and "needs reverse replication running" in body["error"], body
+        err = run("machine", "failback", "vm01", code=2)         # a refusal of the controller: one line
+        assert err.count("\n") == 1 and "needs reverse replication running" in err, err
 
         # the machine writes on r1; reverse replication through the controller
         _settled(r1, hosts)
         r1.qemu_io("vm01", name, "write -P 0x81 3M 256k")
-        rev = _job_done(ctl, ctl.ok("POST", "/v1/machines/vm01/reverse")["id"], hosts, 90)
+        rev = _job_done(ctl, json.loads(run("machine", "reverse", "vm01"))["id"], hosts, 90)
         assert "replicates back to p1" in rev["message"], rev
         assert ctl.ok("GET", "/v1/machines/vm01")["direction"] == "reversed"
         wait(lambda: r1.machine("vm01")["last_cycle"], "r1's first cycle back to p1", hosts, 90)
@@ -46,7 +57,7 @@ def test_reverse_replication_and_failback_through_the_controller(tmp_path):
 
         # more writes on r1 after the reverse: the failback's final cycle carries them
         r1.qemu_io("vm01", name, "write -P 0x82 6M 64k")
-        fb = ctl.ok("POST", "/v1/machines/vm01/failback")
+        fb = json.loads(run("machine", "failback", "vm01"))
         assert fb["params"]["epoch_from"] == 2 and fb["params"]["epoch_to"] == 3, fb
         done = _job_done(ctl, fb["id"], hosts, 120)
         assert "runs on p1 again" in done["message"], done
