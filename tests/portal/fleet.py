@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+from sqlalchemy import select
+
+from replicator.controller import history as hi
 from replicator.controller import models as m
 
 
@@ -54,6 +57,14 @@ def entry(name: str, state: str, health: str, reasons: list[str], pending: int, 
             "last_cycle": {"time": m.utcnow().timestamp() - 60, "kinds": ["delta"], "bytes_sent": 5 << 20}}
 
 
+MISSED = "4 of 12 cycles missed (33 % > 20 %)"
+
+
+def hv1_entries() -> list[dict]:
+    return [entry("web01", "Replicating", "Normal", [], 0),
+            entry("web02", "Replicating", "Warning", [MISSED], 12 << 20)]
+
+
 def build(portal) -> dict:
     api = portal.api
     for site in ("alpha", "beta"):
@@ -78,8 +89,52 @@ def build(portal) -> dict:
             observe(portal, name, observed_state=state, health=health, rpo_seconds=rpo,
                     last_success_at=now - dt.timedelta(seconds=rpo))
     refused = "the last cycle failed: https://dr1:8444: connection refused"
-    report(portal, "hv1", [entry("web01", "Replicating", "Normal", [], 0),
-                           entry("web02", "Replicating", "Warning", ["4 of 12 cycles missed (33 % > 20 %)"],
-                                 12 << 20)])
+    report(portal, "hv1", hv1_entries())
     report(portal, "hv2", [entry("db01", "Error", "Critical", [refused], 40 << 20, last_error=refused[22:])])
     return {"hosts": hosts, "machines": [x[0] for x in machines]}
+
+
+def as_host(portal, tmp_path, hostname: str):
+    """The portal's app as its TLS layer hands it a request from this host (its certificate, CN = its id): a
+    host's report goes through the real host channel."""
+    from fastapi.testclient import TestClient
+
+    from replicator.daemon.enrol import HostFiles
+    with portal.store.session() as s:
+        host_id = s.scalar(select(m.Host.id).where(m.Host.hostname == hostname))
+    pem = portal.app.state.ca.sign(HostFiles(str(tmp_path / hostname)).csr(hostname), host_id, [hostname]).pem
+
+    async def with_cert(scope, receive, send):
+        if scope["type"] == "http":
+            scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
+        await portal.app(scope, receive, send)
+    return TestClient(with_cert)
+
+
+def host_report(host, body: dict) -> None:
+    r = host.post("/v1/hosts/self/report", json={"revision": 1, **body})
+    assert r.status_code == 200, r.text
+
+
+def history(portal, tmp_path, machine: str, rpos, *, primary: str, replica: str, points: int = 3,
+            minutes: int = 3, health: str = "Normal", reasons: tuple = ()) -> None:
+    """`primary` reports `machine` once per RPO in `rpos`, `minutes` apart (the samples aged in between, each
+    report a cycle of its own, i MiB in 2*i s), then `replica` reports `points` recovery points of it, ten
+    minutes apart, the second application-consistent."""
+    first = as_host(portal, tmp_path, primary)
+    t0 = m.utcnow().timestamp() - 60 * minutes * len(rpos)
+    for i, rpo in enumerate(rpos):
+        if i:
+            with portal.store.session() as s:
+                for row in s.scalars(select(hi.RpoSample).where(hi.RpoSample.machine_id == select(m.Machine.id)
+                                                                .where(m.Machine.name == machine).scalar_subquery())):
+                    row.at -= dt.timedelta(minutes=minutes)
+        e = entry(machine, "Replicating", health, list(reasons), 1 << 20, achieved_rpo=rpo,
+                  last_replication_time=t0 + 60 * minutes * i)
+        e["last_cycle"] = {"time": t0 + 60 * minutes * i, "kinds": ["delta"], "bytes_sent": (i + 1) << 20,
+                           "seconds": 2.0 * (i + 1)}
+        host_report(first, {"status": {"machines": [e]}})
+    now = m.utcnow().timestamp()
+    host_report(as_host(portal, tmp_path, replica), {"status": {"machines": []}, "points": {machine: [
+        {"point": n, "time": now - 600 * (points + 1 - n), "consistency": "application" if n == 2 else "crash",
+         "generations": {"a" * 32: 10 + n}} for n in range(1, points + 1)]}})

@@ -4,60 +4,15 @@ reported, the audit entries of this machine only, and the failover steps -- comm
 cleanup after a test failover -- shown to operators only when they apply."""
 from __future__ import annotations
 
-import datetime as dt
-
-from fastapi.testclient import TestClient
 from playwright.sync_api import expect
-from sqlalchemy import select
 
-from replicator.controller import history as hi
 from replicator.controller import jobs
-from replicator.daemon.enrol import HostFiles
 
 from . import fleet
 from .conftest import login
 
-T0 = 1_700_000_000.0
 RPO_DATA = "() => Chart.getChart('rpo-chart').data.datasets[0].data.map(p => p.y)"
 CYCLE_DATA = "() => Chart.getChart('cycle-chart').data.datasets.map(d => d.data.map(p => p.y))"
-
-
-def _as_host(portal, tmp_path, hostname: str) -> TestClient:
-    """The portal's app as its TLS layer hands it a request from this host (its certificate, CN = its id)."""
-    with portal.store.session() as s:
-        from replicator.controller import models as m
-        host_id = s.scalar(select(m.Host.id).where(m.Host.hostname == hostname))
-    pem = portal.app.state.ca.sign(HostFiles(str(tmp_path / hostname)).csr(hostname), host_id, [hostname]).pem
-
-    async def with_cert(scope, receive, send):
-        if scope["type"] == "http":
-            scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
-        await portal.app(scope, receive, send)
-    return TestClient(with_cert)
-
-
-def _report(host: TestClient, body: dict) -> None:
-    r = host.post("/v1/hosts/self/report", json={"revision": 1, **body})
-    assert r.status_code == 200, r.text
-
-
-def _history(portal, tmp_path) -> None:
-    """hv1 reports web01 three times, a few minutes apart (each a cycle of its own); dr1 reports its points."""
-    hv1, dr1 = _as_host(portal, tmp_path, "hv1"), _as_host(portal, tmp_path, "dr1")
-    for i, rpo in enumerate((30.0, 90.0, 150.0)):
-        if i:
-            with portal.store.session() as s:
-                for row in s.scalars(select(hi.RpoSample)):
-                    row.at -= dt.timedelta(minutes=3)
-        entry = fleet.entry("web01", "Replicating", "Normal", [], 1 << 20, achieved_rpo=rpo,
-                            last_replication_time=T0 + 300 * i)
-        entry["last_cycle"] = {"time": T0 + 300 * i, "kinds": ["delta"], "bytes_sent": (i + 1) << 20,
-                               "seconds": 2.0 * (i + 1)}
-        _report(hv1, {"status": {"machines": [entry]}})
-    now = dt.datetime.now(dt.timezone.utc).timestamp()
-    _report(dr1, {"status": {"machines": []}, "points": {"web01": [
-        {"point": n, "time": now - 600 * (4 - n), "consistency": "application" if n == 2 else "crash",
-         "generations": {"a" * 32: 10 + n}} for n in (1, 2, 3)]}})
 
 
 def _succeeded(portal, built, machine: str, body: dict) -> None:
@@ -69,7 +24,7 @@ def _succeeded(portal, built, machine: str, body: dict) -> None:
 
 def test_machine_page_shows_history_points_and_failover_steps(portal, browser, tmp_path):
     built = fleet.build(portal)
-    _history(portal, tmp_path)
+    fleet.history(portal, tmp_path, "web01", (30.0, 90.0, 150.0), primary="hv1", replica="dr1")
     _succeeded(portal, built, "web01", {"kind": "unplanned", "force": True})
     _succeeded(portal, built, "web02", {"kind": "test"})
 

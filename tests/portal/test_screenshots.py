@@ -19,6 +19,10 @@ PAGES = [("overview", "#/overview", "#health-counts"), ("items", "#/items", "#it
 
 def test_screenshot_every_page(portal, browser, tmp_path):
     built = fleet.build(portal)
+    # web02's last hour and a half as its hosts reported it: RPO samples (one cycle each) and recovery points
+    fleet.history(portal, tmp_path, "web02", [60.0 + 40 * (i % 5) + 15 * i for i in range(18)], primary="hv1",
+                  replica="dr1", points=6, minutes=5, health="Warning", reasons=(fleet.MISSED,))
+    fleet.report(portal, "hv1", fleet.hv1_entries())      # hv1's stored report names both its machines again
     out = os.environ.get("PORTAL_SCREENSHOTS") or str(tmp_path)
     os.makedirs(out, exist_ok=True)
     portal.api("POST", "/v1/machines/web02/resync")
