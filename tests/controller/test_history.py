@@ -6,10 +6,9 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from replicator.controller import history as hi
-from replicator.controller import models as m
 from replicator.daemon.enrol import HostFiles
 
 from .helpers import deployment, ok, refused
