@@ -236,9 +236,10 @@ class AzureTarget(KeyedTarget, ReplicaTarget):
             await self._call(f"delete snapshot {p.snapshot} of {self._where(disk_id)}", snap.delete_blob)
 
     async def checkpoint(self, disk_id, generation: int, point: int, prepared: bool = False,
-                         additional_points: int | None = None) -> None:
+                         additional_points: int | None = None, disks: int | None = None) -> None:
         """The machine's cycle `point` ended at `generation` of this disk: snapshot it as the disk's part of
-        machine point `point` and apply the machine's retention (points.py)."""
+        machine point `point` and apply the machine's retention (points.py; a snapshot is the disk's point
+        there, so `disks` changes nothing)."""
         from .points import checkpoint
         await checkpoint(self, disk_id, generation, point, prepared, additional_points)
 

@@ -434,7 +434,8 @@ class ExtendedLeg:
             await self.target.commit(disk_id, pending["stream"])
         if pending.get("point") is not None:
             await self.target.checkpoint(disk_id, pending["generation"], pending["point"],
-                                         additional_points=self.settings.additional_points)
+                                         additional_points=self.settings.additional_points,
+                                         disks=len(self.data["disks"]))
         mine["generation"], mine["forwarded"], mine["pending"] = pending["generation"], pending["forwarded"], None
         self._save()
         journal = ChangeJournal(os.path.join(self.settings.storage, "disks", key))

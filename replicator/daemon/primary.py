@@ -620,7 +620,7 @@ class PrimaryMachine:
         try:
             for r, result in zip(self.replicators, results):
                 await self.target.checkpoint(r.disk_id, result.generation, point, prepared,
-                                             self.settings.additional_points)
+                                             self.settings.additional_points, len(self.replicators))
         except ReplicatorError as e:
             if prepared:
                 raise

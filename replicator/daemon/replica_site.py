@@ -96,6 +96,10 @@ class ReplicatedMachine:
         else:
             marks = [{g: g for g in h} for h in held]
         common = set.intersection(*(set(m) for m in marks)) if marks else set()
+        if common:                  # a cut a disk keeps for its siblings is no point once a newer one is common
+            newest = max(common)
+            spare = [d.disk.held_for_siblings() for d in self.disks]
+            common = {pt for pt in common if pt == newest or not any(m[pt] in s for m, s in zip(marks, spare))}
         out = []
         for pt in sorted(common):
             points = [h[m[pt]] for h, m in zip(held, marks)]

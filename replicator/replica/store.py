@@ -45,6 +45,7 @@ log = logging.getLogger("replicator.replica")
 
 COMMITTED_KEPT = 64
 CUTS_KEPT = 400
+MAX_MACHINE_DISKS = 256
 SPENT_SPOOL = "spent.bin"         # the last applied spool, reused by the next upload (open_upload)
 PREFLIGHT_MARGIN = 1 << 20       # file-system slack (the VHDX log and BAT are preallocated)
 
@@ -77,6 +78,7 @@ class DiskState:
     prepared: int | None = None    # the primary's final generation before a planned failover (zero loss)
     failover: dict | None = None   # failed over on this site: cycles from the former primary are refused
     epoch: int | None = None       # the machine's fencing epoch as this replica knows it (None: never told)
+    machine_disks: int = 0         # disks in the machine at its last checkpoint (>1: see _machine_cut_points)
 
 
 class StaleEpoch(SequenceError):
@@ -493,7 +495,7 @@ class ReplicaDisk:
         """Undo logs exist to reach earlier points. With none kept (additional_points = 0), a cycle is made
         atomic by redo alone: the spool stays until the apply is complete, an apply that stopped is finished
         before anything reads the disk (settle), and the space it needs is checked before it starts."""
-        return self.state.additional_points > 0
+        return self.state.additional_points > 0 or self.state.machine_disks > 1
 
     def _preflight(self, stream_id: str, ranges, undo_bytes: bool = False) -> None:
         """Refuse, before writing anything, an apply the replica's volume has no room for: the new blocks,
@@ -681,9 +683,28 @@ class ReplicaDisk:
     def _retain(self) -> None:
         """Keep the points retention.keep_points names (the latest, hourly, application-consistent)."""
         pts = self.state.points
-        keep = keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points)
-        for i in sorted(set(range(len(pts))) - set(keep), reverse=True):
+        keep = set(keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points))
+        keep |= self._machine_cut_points()
+        for i in sorted(set(range(len(pts))) - keep, reverse=True):
             self._drop_point(i)
+
+    def held_for_siblings(self) -> set[int]:
+        """Generations kept only by _machine_cut_points, not by the retention rule: a machine's listing shows
+        such a point only while it is the newest cut all disks hold (replica_site.ReplicatedMachine)."""
+        pts = self.state.points
+        rule = set(keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points))
+        return {pts[i].generation for i in self._machine_cut_points() - rule}
+
+    def _machine_cut_points(self) -> set[int]:
+        """A disk of a machine with several disks keeps the points of its two newest cuts besides what the
+        retention rule keeps: its disks commit and checkpoint one after another, so while this disk is at a
+        newer cut, a sibling may still be at the one before, and a failover then (the primary lost between
+        two of its disks) needs that earlier cut on every disk -- even with no additional points kept."""
+        if self.state.machine_disks <= 1 or not self.state.cuts:
+            return set()
+        newest = sorted(self.state.cuts, key=lambda c: c[0])[-2:]
+        generations = {g for _, g in newest}
+        return {i for i, p in enumerate(self.state.points) if p.generation in generations}
 
     def _drop_point(self, i: int) -> None:
         """Remove point i (never the latest). pts[k].undo leads from point k to point k-1, so the next newer
@@ -794,13 +815,18 @@ class ReplicaDisk:
 
     # ------------------------------------------------------------------ the primary's word, failover
     def record_checkpoint(self, generation: int, point: int, prepared: bool = False,
-                          additional_points: int | None = None) -> None:
+                          additional_points: int | None = None, disks: int | None = None) -> None:
         """The primary ended its machine cycle `point` (one cut across the machine's disks) at `generation`
         of this disk; `prepared`: that was its final cycle before a planned failover, so failing over at the
-        latest point loses nothing; `additional_points`: the protection's hourly points to keep."""
+        latest point loses nothing; `additional_points`: the protection's hourly points to keep; `disks`: how
+        many disks the machine has (several: _machine_cut_points)."""
         with self.exclusive():
             if additional_points is not None and additional_points != self.state.additional_points:
                 self.set_retention(additional_points)
+            if disks is not None and disks != self.state.machine_disks:
+                if not 1 <= disks <= MAX_MACHINE_DISKS:
+                    raise UsageError(f"a machine has 1 to {MAX_MACHINE_DISKS} disks, not {disks}")
+                self.state.machine_disks = disks
             if generation != self.state.generation:
                 raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
                                     f"replica holds {self.state.generation}")
@@ -809,6 +835,7 @@ class ReplicaDisk:
             self.state.cuts = (cuts + [[point, generation]] if generation in held else cuts)[-CUTS_KEPT:]
             self.state.prepared = generation if prepared else None
             self._save()
+            self._retain()                 # the cut before the newest two is no longer anyone's machine point
 
     def set_failover(self, info: dict | None) -> None:
         """Mark (or, with None, unmark) this replica as failed over on its site. Failing over raises the

@@ -71,11 +71,12 @@ class ReplicaTarget:
         return None
 
     async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
-                         additional_points: int | None = None) -> None:
+                         additional_points: int | None = None, disks: int | None = None) -> None:
         """Tell the target that `generation` ends the machine's cycle `point` (one cut across its disks);
         `prepared`: the primary stopped and that was its final cycle (planned failover); `additional_points`:
-        the hourly recovery points the protection keeps. Targets that cannot keep it ignore it: their machine
-        points fall back to generations common to all disks."""
+        the hourly recovery points the protection keeps; `disks`: how many disks the machine has (a disk of
+        several keeps its previous cut until its siblings reach the new one). Targets that cannot keep it
+        ignore it: their machine points fall back to generations common to all disks."""
 
     async def put_config(self, machine: str, payload: dict, disk_ids: list[str]) -> bool:
         """Keep the machine's replicated configuration (a libvirt domain's: daemon/domains.py) next to the
@@ -110,8 +111,8 @@ class Decorator(ReplicaTarget):
     async def delete_disk(self, disk_id):
         return await self.inner.delete_disk(disk_id)
 
-    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
-        return await self.inner.checkpoint(disk_id, generation, point, prepared, additional_points)
+    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None, disks=None):
+        return await self.inner.checkpoint(disk_id, generation, point, prepared, additional_points, disks)
 
     async def put_config(self, machine, payload, disk_ids):
         return await self.inner.put_config(machine, payload, disk_ids)
@@ -151,9 +152,9 @@ class Retry(Decorator):
     async def commit(self, disk_id, stream_id):
         return await self._with_retry(lambda: self.inner.commit(disk_id, stream_id))
 
-    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None):
+    async def checkpoint(self, disk_id, generation, point, prepared=False, additional_points=None, disks=None):
         return await self._with_retry(lambda: self.inner.checkpoint(disk_id, generation, point, prepared,
-                                                                    additional_points))
+                                                                    additional_points, disks))
 
     async def put_config(self, machine, payload, disk_ids):
         return await self._with_retry(lambda: self.inner.put_config(machine, payload, disk_ids))

@@ -55,9 +55,9 @@ class LocalTarget(ReplicaTarget):
         return PointInfo(p.generation, p.time, p.consistency)
 
     async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
-                         additional_points: int | None = None) -> None:
+                         additional_points: int | None = None, disks: int | None = None) -> None:
         await asyncio.to_thread(self.store.disk(disk_id).record_checkpoint, generation, point, prepared,
-                                additional_points)
+                                additional_points, disks)
 
     async def put_config(self, machine: str, payload: dict, disk_ids: list[str]) -> bool:
         from ..daemon.domains import write_config

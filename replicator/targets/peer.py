@@ -46,10 +46,10 @@ class PeerTarget(ReplicaTarget):
         return None if raw is None else np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
 
     async def checkpoint(self, disk_id: uuid.UUID, generation: int, point: int, prepared: bool = False,
-                         additional_points: int | None = None) -> None:
+                         additional_points: int | None = None, disks: int | None = None) -> None:
         try:
             await self.client.checkpoint(disk_id, generation, point, prepared=prepared,
-                                         additional_points=additional_points)
+                                         additional_points=additional_points, disks=disks)
         except ReplicaRefused as e:
             if not _older_replica(e) or prepared:
                 raise

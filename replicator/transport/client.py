@@ -210,11 +210,13 @@ class ReplicaClient:
         return body or None
 
     async def checkpoint(self, disk_id, generation: int, point: int, *, prepared: bool = False,
-                         additional_points: int | None = None) -> dict:
+                         additional_points: int | None = None, disks: int | None = None) -> dict:
         """Tell the replica which generation ends the machine's cycle `point` (see ReplicaTarget.checkpoint)."""
-        return await self._retrying(self._request, "POST", f"/v1/disks/{disk_id}/checkpoint",
-                                    json={"generation": generation, "point": point, "prepared": prepared,
-                                          "additional_points": additional_points})
+        body = {"generation": generation, "point": point, "prepared": prepared,
+                "additional_points": additional_points}
+        if disks is not None:
+            body["disks"] = disks
+        return await self._retrying(self._request, "POST", f"/v1/disks/{disk_id}/checkpoint", json=body)
 
     async def delete_disk(self, disk_id) -> bool:
         return bool((await self._retrying(self._request, "DELETE", f"/v1/disks/{disk_id}"))["deleted"])

@@ -530,13 +530,14 @@ class ReplicaServer:
         body = await self._body(request)
         try:
             generation, point, prepared = body["generation"], body["point"], bool(body.get("prepared"))
-            keep = body.get("additional_points")
-            if not _is_int(generation) or not _is_int(point) or not (keep is None or _is_int(keep)):
+            keep, disks = body.get("additional_points"), body.get("disks")
+            if not _is_int(generation) or not _is_int(point) or not (keep is None or _is_int(keep)) \
+                    or not (disks is None or _is_int(disks)):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise UsageError("checkpoint needs integer generation and point (and optionally prepared, "
-                             "additional_points)") from None
-        await self._in_disk(store, disk_id, disk.record_checkpoint, generation, point, prepared, keep)
+                             "additional_points, disks)") from None
+        await self._in_disk(store, disk_id, disk.record_checkpoint, generation, point, prepared, keep, disks)
         return web.json_response(_disk_view(disk))
 
     async def put_domain(self, request: web.Request) -> web.Response:
