@@ -167,8 +167,9 @@ def request_failover(s: Session, x: m.Machine, kind: str, force: bool, point: in
             raise HTTPException(409, f"machine {x.name!r} has a test failover running: clean it up first")
         return _step_job(s, x, "failover", x.replica_host, who, kind="test", op="test-failover", point=point)
     if failed_over(s, x) is not None or not _owned_by_primary(x):
-        raise HTTPException(409, f"machine {x.name!r} is failed over already: commit or cancel that failover, "
-                                 "then reverse replication and fail back")
+        then = ("commit or cancel that failover" if failed_over(s, x) is not None else
+                f"its direction is {direction(s, x)}: reverse replication and fail back first")
+        raise HTTPException(409, f"machine {x.name!r} is failed over already: {then}")
     if kind == "planned" and x.primary_host is None:
         raise HTTPException(409, f"machine {x.name!r} has no primary host: only an unplanned failover applies")
     if kind == "planned" and point is not None:

@@ -75,6 +75,7 @@ def test_reverse_then_failback_move_through_their_host_steps(controller):
     assert _render(controller, hosts["pa1"])["config"]["replica"]["allow"][0]["principal"] == hosts["rb1"]
     assert _render(controller, hosts["rb1"])["fencing"]["vm01"] == {"epoch": 2, "role": "primary"}
     refused(c.post("/v1/machines/vm01/reverse"), 409, "is reversed")
+    refused(c.post("/v1/machines/vm01/failover", json={"kind": "planned"}), 409, "reverse replication and fail back")
     refused(c.post("/v1/machines/vm01/commit-failover"), 409, "no failover waiting")
 
     # failback: epoch 3 and site a from the request; rb1's final cycle, pa1's planned failover, rb1 accepts,
