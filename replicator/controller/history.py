@@ -3,7 +3,9 @@ the replica host's latest recovery points. The rows live beside models.py's (sam
 
 Samples are bounded twice, so a fleet reporting every few seconds cannot grow the database without end: at most
 one sample per machine every SAMPLE_EVERY seconds (reports in between are dropped; the machine row keeps the
-newest value anyway), and samples older than RETENTION are pruned by the same report that writes a new one.
+newest value anyway) -- sooner, but never within CHANGE_GAP, when the machine's state or health changed or its
+RPO became known, so that a transition is on the chart when it happens -- and samples older than RETENTION are
+pruned by the same report that writes a new one.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from .models import Base, utcnow
 
 SAMPLE_EVERY = dt.timedelta(seconds=60)
+CHANGE_GAP = dt.timedelta(seconds=10)
 RETENTION = dt.timedelta(days=7)
 MAX_POINTS = 64          # recovery points kept per machine (the newest); a policy keeps 24 + 1 by default
 
@@ -69,28 +72,32 @@ def sample_of(machine, entry: dict, now: dt.datetime) -> RpoSample:
                      health=machine.health, state=machine.observed_state)
 
 
+def _due(last: RpoSample | None, machine, now: dt.datetime) -> bool:
+    if last is None:
+        return True
+    age = now - last.at
+    changed = (last.state, last.health, last.rpo_seconds is None) != \
+        (machine.observed_state, machine.health, machine.rpo_seconds is None)
+    return age >= SAMPLE_EVERY or (changed and age >= CHANGE_GAP)
+
+
 def record(s: Session, entries: list[tuple], now: dt.datetime) -> int:
-    """Add a sample for each (machine, status entry) whose newest sample is SAMPLE_EVERY old or more, and prune
-    those machines' samples older than RETENTION. Returns how many samples were written."""
+    """Add a sample for each (machine, status entry) that is due (see the module's docstring), and prune those
+    machines' samples older than RETENTION. Returns how many samples were written."""
     if not entries:
         return 0
     ids = [x.id for x, _ in entries]
-    newest = dict(s.execute(select(RpoSample.machine_id, func.max(RpoSample.at))
-                            .where(RpoSample.machine_id.in_(ids)).group_by(RpoSample.machine_id)).all())
-    due = [(x, e) for x, e in entries if newest.get(x.id) is None or now - _aware(newest[x.id]) >= SAMPLE_EVERY]
+    newest = (select(RpoSample.machine_id, func.max(RpoSample.at).label("at"))
+              .where(RpoSample.machine_id.in_(ids)).group_by(RpoSample.machine_id).subquery())
+    last = {r.machine_id: r for r in s.scalars(select(RpoSample).join(
+        newest, (RpoSample.machine_id == newest.c.machine_id) & (RpoSample.at == newest.c.at)))}
+    due = [(x, e) for x, e in entries if _due(last.get(x.id), x, now)]
     if not due:
         return 0
     s.add_all([sample_of(x, e, now) for x, e in due])
     s.execute(delete(RpoSample).where(RpoSample.machine_id.in_([x.id for x, _ in due]),
                                       RpoSample.at < now - RETENTION).execution_options(synchronize_session=False))
     return len(due)
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    """func.max() bypasses the column type: SQLite hands back a naive UTC datetime (or its text)."""
-    if isinstance(t, str):
-        t = dt.datetime.fromisoformat(t)
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def point_of(p: dict) -> dict:

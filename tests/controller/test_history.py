@@ -33,13 +33,14 @@ def _fleet(controller, tmp_path):
     return {n: _as_host(controller, tmp_path, hosts[n], n) for n in ("pa1", "rb1")}
 
 
-def _primary_report(rpo: float, pending: int, sent: int, seconds: float | None = 3.5) -> dict:
+def _primary_report(rpo: float, pending: int, sent: int, seconds: float | None = 3.5, state: str = "Replicating",
+                    health: str = "Normal") -> dict:
     last = {"time": 1_700_000_000.0, "kinds": ["delta"], "bytes_sent": sent}
     if seconds is not None:
         last["seconds"] = seconds
     return {"revision": 1, "status": {"machines": [
-        {"name": "vm01", "role": "primary", "state": "Replicating",
-         "stats": {"health": "Normal", "achieved_rpo": rpo, "pending_size": pending,
+        {"name": "vm01", "role": "primary", "state": state,
+         "stats": {"health": health, "achieved_rpo": rpo, "pending_size": pending,
                    "last_replication_time": 1_700_000_000.0},
          "last_cycle": last}]}}
 
@@ -66,17 +67,25 @@ def test_primary_reports_become_rpo_samples_bounded_and_pruned(controller, tmp_p
     ok(hosts["pa1"].post("/v1/hosts/self/report", json=_primary_report(50.0, 0, 0, None)))
     assert [x["rpo_seconds"] for x in ok(c.get("/v1/machines/vm01/history"))["samples"]] == [42.0]
     assert ok(c.get("/v1/machines/vm01"))["rpo_seconds"] == 50.0
-    # a minute later, a second sample (no cycle duration reported: null)
+    # a change of state or health is sampled sooner than the minute, but not within CHANGE_GAP
+    failing = _primary_report(55.0, 0, 0, None, state="Error", health="Critical")
+    ok(hosts["pa1"].post("/v1/hosts/self/report", json=failing))
+    assert [x["rpo_seconds"] for x in ok(c.get("/v1/machines/vm01/history"))["samples"]] == [42.0]
+    _age_samples(controller.store, hi.CHANGE_GAP)
+    ok(hosts["pa1"].post("/v1/hosts/self/report", json=failing))
+    assert [(x["rpo_seconds"], x["health"]) for x in ok(c.get("/v1/machines/vm01/history"))["samples"]] == \
+        [(42.0, "Normal"), (55.0, "Critical")]
+    # a minute later, the next sample (no cycle duration reported: null)
     _age_samples(controller.store, hi.SAMPLE_EVERY)
     ok(hosts["pa1"].post("/v1/hosts/self/report", json=_primary_report(61.0, 0, 7, None)))
     samples = ok(c.get("/v1/machines/vm01/history"))["samples"]
-    assert [x["rpo_seconds"] for x in samples] == [42.0, 61.0] and samples[1]["cycle_seconds"] is None
+    assert [x["rpo_seconds"] for x in samples] == [42.0, 55.0, 61.0] and samples[-1]["cycle_seconds"] is None
     # since/until select; both forms of time are taken
-    cut = dt.datetime.fromisoformat(samples[1]["at"])
+    cut = dt.datetime.fromisoformat(samples[-1]["at"])
     assert [x["rpo_seconds"] for x in ok(c.get("/v1/machines/vm01/history",
                                               params={"since": cut.isoformat()}))["samples"]] == [61.0]
     assert [x["rpo_seconds"] for x in ok(c.get("/v1/machines/vm01/history",
-                                              params={"until": str(cut.timestamp() - 1)}))["samples"]] == [42.0]
+                                              params={"until": str(cut.timestamp() - 1)}))["samples"]] == [42.0, 55.0]
     # a week on, the next sample prunes what is older than the retention window
     _age_samples(controller.store, hi.RETENTION - dt.timedelta(seconds=30))
     ok(hosts["pa1"].post("/v1/hosts/self/report", json=_primary_report(5.0, 0, 0)))
