@@ -1,7 +1,7 @@
 """The machine page's history (issue 15) in a real Chromium: the RPO chart starts from the controller's samples
 (written by real host reports through the host channel), the cycle chart, the recovery points the replica host
 reported, the audit entries of this machine only, and the failover steps -- commit and cancel after a failover,
-cleanup after a test failover -- shown to operators only when they apply."""
+reverse replication once committed, cleanup after a test failover -- shown to operators only when they apply."""
 from __future__ import annotations
 
 from playwright.sync_api import expect
@@ -64,6 +64,23 @@ def test_machine_page_shows_history_points_and_failover_steps(portal, browser, t
     expect(actions.locator("button[data-action=cancel-failover]")).to_have_count(0)
     [commit] = portal.api("GET", "/v1/jobs?machine=web01&kind=commit-failover").json()
     assert commit["state"] == "queued"
+    # the replica host commits it: the page, told by the job's event, offers reverse replication (and only that)
+    assert jobs.claim(portal.store, "dr1-agent", kinds=["commit-failover"], host_id=built["hosts"]["dr1"]).id \
+        == commit["id"]
+    assert jobs.finish(portal.store, commit["id"], "dr1-agent", "succeeded")
+    expect(actions.locator("button[data-action=reverse]")).to_be_visible()
+    expect(actions.locator("button[data-action=failback]")).to_have_count(0)
+    page.click("#machine-actions button[data-action=reverse]")
+    page.click("dialog.confirm button[data-confirm]")
+    expect(page.locator("#machine-job-table")).to_contain_text("reverse")
+    expect(actions.locator("button[data-action=reverse]")).to_have_count(0)
+    # reverse replication runs: fail back is offered
+    [reverse] = portal.api("GET", "/v1/jobs?machine=web01&kind=reverse").json()
+    assert jobs.claim(portal.store, "hv1-agent", kinds=["reverse"], host_id=built["hosts"]["hv1"]).id \
+        == reverse["id"]                             # (its first step is the primary host's accept)
+    assert jobs.finish(portal.store, reverse["id"], "hv1-agent", "succeeded")
+    expect(actions.locator("button[data-action=failback]")).to_be_visible()
+    expect(actions.locator("button[data-action=reverse]")).to_have_count(0)
 
     # web02 had a test failover: cleanup only
     page.goto(portal.url + "/ui/#/machines/web02")

@@ -7,7 +7,7 @@ import { api, ago, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, fmtT
          stateBadge } from '../lib.js';
 import { subscribe } from '../events.js';
 import { FORCE, rpoTarget } from './common.js';
-import { cyclesOf, failoverSteps, lastTestFailover, reportedStats } from './machine_data.js';
+import { SITE_KINDS, cyclesOf, failoverSteps, lastTestFailover, reportedStats } from './machine_data.js';
 
 const RPO_POINTS = 3000;                  // a day of the controller's samples (one a minute) and live ones
 const RPO_WINDOW_MS = 10 * 60 * 1000;
@@ -110,6 +110,8 @@ export async function render(view, [name]) {
       steps.failedOver && act('Commit failover', 'Keep the machine on its recovery site: the failover becomes final and cannot be cancelled any more.', 'commit-failover', undefined, true),
       steps.failedOver && act('Cancel failover', 'Give the machine back to its primary site, which replicates again (what changed on the recovery site is lost).', 'cancel-failover', undefined, true),
       steps.testing && act('Clean up test failover', 'Remove the test machine and its disks on the replica host.', 'cleanup-test-failover'),
+      !steps.busy && machine.direction === 'committed' && act('Reverse replication', 'Replicate the machine from its recovery site back to its primary site (the primary host accepts it).', 'reverse', undefined, true),
+      !steps.busy && machine.direction === 'reversed' && act('Fail back', 'Stop the machine on the recovery site, send its last changes, and run it on its primary site again (no data loss).', 'failback', undefined, true),
       d === 'enabled' && act('Pause', 'Pause replication; the replica keeps its recovery points.', 'pause'),
       d === 'paused' && act('Resume', 'Resume replication.', 'resume'),
       d === 'enabled' && act('Resync', 'Compare both sides and send what differs.', 'resync'),
@@ -210,6 +212,8 @@ export async function render(view, [name]) {
       const i = jobs.findIndex((j) => j.id === ev.id);
       if (i >= 0) Object.assign(jobs[i], ev); else jobs.unshift(ev);
       drawJobs(); drawSummary(); drawActions();
+      // a failover-family job that ends moves the machine's direction, which no machine column carries
+      if (SITE_KINDS.has(ev.kind) && ['succeeded', 'failed', 'cancelled'].includes(ev.state)) refresh().catch(() => {});
     }),
   ];
   return () => { offs.forEach((off) => off()); clearInterval(tick); clearInterval(pointsTick); chart.destroy(); cycleChart.destroy(); };

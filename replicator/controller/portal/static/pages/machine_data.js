@@ -49,7 +49,8 @@ export function causeOf(reason) {
   return String(reason).replace(/(?<![\w:./-])\d+(\.\d+)?(?![\w:./-])/g, '#');
 }
 
-const SITE_KINDS = new Set(['failover', 'commit-failover', 'cancel-failover', 'cleanup-test-failover']);
+// as controller/failover.py's SITE_KINDS: one of these queued or running holds every other
+export const SITE_KINDS = new Set(['failover', 'commit-failover', 'cancel-failover', 'cleanup-test-failover', 'reverse', 'failback']);
 
 /** Which failover steps apply to the machine now, from its jobs (newest first or not), as the controller
  * decides them (controller/failover.py): none while a failover-family job is queued or running; commit and
