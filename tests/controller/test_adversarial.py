@@ -157,7 +157,7 @@ ROLE_OF = {
     ("POST", "/v1/hosts/self/renew"): HOST,
     **{("POST", f"/v1/machines/{{name}}/{a}"): OPERATE
        for a in ("pause", "resume", "resync", "disable", "enable", "failover", "commit-failover",
-                 "cancel-failover", "cleanup-test-failover")},
+                 "cancel-failover", "cleanup-test-failover", "reverse", "failback")},
     ("POST", "/v1/machines"): OPERATE, ("PATCH", "/v1/machines/{name}"): OPERATE,
     ("DELETE", "/v1/machines/{name}"): OPERATE, ("POST", "/v1/jobs/{job_id}/cancel"): OPERATE,
     ("POST", "/v1/plans/{name}/runs"): OPERATE, ("POST", "/v1/plan-runs/{run_id}/confirm"): OPERATE,
