@@ -563,6 +563,7 @@ class PrimaryMachine:
         self.last_result = {"time": time.time(), "kinds": sorted({r.kind for r in results}),
                             "bytes_sent": sum(r.bytes_sent for r in results)}
         sent, secs = self.last_result["bytes_sent"], max((r.seconds for r in results), default=0.0)
+        self.last_result["seconds"] = round(secs, 3)          # the controller's history charts it
         changed, stream = sum(r.plain_bytes for r in results), sum(r.stream_bytes for r in results)
         # every cycle leaves one line; which bytes: changed (the data the cycle carries), stream (encoded),
         # sent (uploaded now: less than the stream when an interrupted upload resumed)

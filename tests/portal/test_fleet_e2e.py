@@ -77,6 +77,8 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         # (the first, from the initial replication, has no RPO yet; the change is sampled within CHANGE_GAP)
         wait(lambda: any(x["rpo_seconds"] is not None and x["state"] == "Replicating"
                          for x in ctl.ok("GET", "/v1/machines/vm01/history")["samples"]), "vm01's RPO sampled", hosts)
+        assert any(x["cycle_seconds"] is not None and x["cycle_seconds"] >= 0      # the host reports its cycles'
+                   for x in ctl.ok("GET", "/v1/machines/vm01/history")["samples"])  # durations too
         wait(lambda: ctl.ok("GET", "/v1/machines/vm01/points")["points"], "r1 reports vm01's points", hosts)
         expect(page.locator("#points-summary")).to_contain_text(" on r1, reported", timeout=30_000)
         expect(page.locator("#machine-point-table tbody tr").first.locator("td[data-col=consistency]")).to_have_text(
