@@ -85,6 +85,25 @@ def test_audit_log_records_who_what_target_and_outcome(controller, caplog):
     assert ok(c.get("/v1/audit", params={"since": future})) == []
 
 
+def test_audit_log_filtered_by_target(controller):
+    """?target= keeps the entries on exactly that target (with actor and since as well); a bad one is a 422."""
+    c = controller.client
+    for name in ("a", "ab"):
+        ok(c.post("/v1/sites", json={"name": name}), 201)
+    refused(c.post("/v1/sites", json={"name": "a"}), 409)
+    got = ok(c.get("/v1/audit", params={"target": "site/a"}))
+    assert [(e["target"], e["outcome"]) for e in got] == [("site/a", "409 site 'a' already exists"),
+                                                          ("site/a", "201 ok")]
+    assert [e["target"] for e in ok(c.get("/v1/audit", params={"target": "site/ab", "limit": 5}))] == ["site/ab"]
+    assert ok(c.get("/v1/audit", params={"target": "site/a", "actor": "someone-else"})) == []
+    assert ok(c.get("/v1/audit", params={"target": "site/"})) == []          # exact, not a prefix
+    assert len(ok(c.get("/v1/audit", params={"target": "site/a", "limit": 1}))) == 1
+    refused(c.get("/v1/audit", params={"target": "x" * 256}), 422)
+    doc = ok(c.get("/openapi.json"))
+    params = {p["name"] for p in doc["paths"]["/v1/audit"]["get"]["parameters"]}
+    assert {"actor", "target", "since", "limit"} <= params
+
+
 def test_admin_token_file(store, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

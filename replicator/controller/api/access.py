@@ -50,12 +50,17 @@ def revoke_token(s: DB, request: Request, who: Principal = Depends(admin), name:
 
 @router.get("/audit", response_model=list[sc.AuditOut], dependencies=[Depends(reader)], tags=["access"])
 def read_audit(s: DB, actor: str | None = Query(None, max_length=128, pattern=r"^[^\x00]*$"),
+               target: str | None = Query(None, max_length=255, pattern=r"^[^\x00]*$",
+                                          description="only entries on this target, exactly as the entries name it "
+                                                      "(machine/web01, pair/gold-pair/extended, /v1/sites/a)"),
                since: str | None = Query(None, max_length=64, description="ISO 8601 date-time (UTC if no zone)"),
                limit: int = Query(100, ge=1, le=1000)):
-    """Newest first."""
+    """Newest first; `actor`, `target` and `since` narrow it (all that are given)."""
     q = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
     if actor is not None:
         q = q.where(m.AuditEntry.actor == actor)
+    if target is not None:
+        q = q.where(m.AuditEntry.target == target)
     if since is not None:
         try:
             when = dt.datetime.fromisoformat(since)
