@@ -821,15 +821,18 @@ class ReplicaDisk:
         latest point loses nothing; `additional_points`: the protection's hourly points to keep; `disks`: how
         many disks the machine has (several: _machine_cut_points)."""
         with self.exclusive():
-            if additional_points is not None and additional_points != self.state.additional_points:
-                self.set_retention(additional_points)
-            if disks is not None and disks != self.state.machine_disks:
-                if not 1 <= disks <= MAX_MACHINE_DISKS:
-                    raise UsageError(f"a machine has 1 to {MAX_MACHINE_DISKS} disks, not {disks}")
-                self.state.machine_disks = disks
+            # everything is checked before anything changes: a refused checkpoint must not drop points
+            if disks is not None and not 1 <= disks <= MAX_MACHINE_DISKS:
+                raise UsageError(f"a machine has 1 to {MAX_MACHINE_DISKS} disks, not {disks}")
+            if additional_points is not None and not 0 <= additional_points <= 24:
+                raise UsageError("additional recovery points must be between 0 and 24")
             if generation != self.state.generation:
                 raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
                                     f"replica holds {self.state.generation}")
+            if disks is not None:
+                self.state.machine_disks = disks
+            if additional_points is not None and additional_points != self.state.additional_points:
+                self.set_retention(additional_points)
             held = {p.generation for p in self.state.points}
             cuts = [c for c in self.state.cuts if c[0] != point and c[1] in held]
             self.state.cuts = (cuts + [[point, generation]] if generation in held else cuts)[-CUTS_KEPT:]
