@@ -1,0 +1,57 @@
+"""Adversarial review of session 5's controller additions (history, points, extended legs, failback): a registered
+host or an authenticated user sending what the code did not expect gets a one-line 4xx, and nothing it stored
+breaks a later read for everyone else. SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import json
+
+from .helpers import ok, refused
+from .test_history import _fleet
+
+
+def _point(n: int, gens: dict | None = None) -> dict:
+    return {"point": n, "time": 1_700_000_000.0 + n, "consistency": "crash", "generations": gens or {"d0": n}}
+
+
+def test_points_with_a_lone_surrogate_are_refused_and_break_no_read(controller, tmp_path):
+    """A replica host's points name machines and disks by strings outside _servable's reach: a lone surrogate
+    in either (a valid JSON escape, not Unicode) would be stored and break GET /v1/hosts/HOST/report and
+    GET /v1/machines/NAME/points for everyone: pydantic's str refuses it (a regression guard)."""
+    hosts = _fleet(controller, tmp_path)
+    c = controller.client
+    ok(hosts["rb1"].post("/v1/hosts/self/report", json={"revision": 1, "status": {}, "points": {"vm01": [_point(1)]}}))
+    for points in ({"vm\ud800": [_point(2)]}, {"vm01": [_point(2, {"d\udc00": 2})]}):
+        body = json.dumps({"revision": 1, "status": {}, "points": points})      # ASCII: the escape as sent
+        refused(hosts["rb1"].post("/v1/hosts/self/report", content=body, headers={"content-type": "application/json"}),
+                422)
+    assert [p["point"] for p in ok(c.get("/v1/machines/vm01/points"))["points"]] == [1]
+    assert ok(c.get("/v1/hosts/rb1/report"))["points"] == {"vm01": [
+        {**_point(1), "time": 1_700_000_001.0}]}
+
+
+def test_history_range_at_the_edge_of_time_is_a_one_line_422(controller, tmp_path):
+    """until at the first representable instant: the default since (until minus the retention) overflowed into a
+    500 unless app.py's OverflowError handler answers (a regression guard); the far future works."""
+    _fleet(controller, tmp_path)
+    c = controller.client
+    for until in ("0001-01-01T00:00:00", "0001-01-03T00:00:00+00:00", "-62135596800"):
+        refused(c.get("/v1/machines/vm01/history", params={"until": until}), 422, "out of range")
+    assert ok(c.get("/v1/machines/vm01/history", params={"since": "0001-01-01T00:00:00",
+                                                         "until": "9999-12-31T23:59:59"}))["samples"] == []
+    for bad in ("nan", "inf", "-inf", "1e300", "9999-12-31T23:59:59-14:00"):
+        refused(c.get("/v1/machines/vm01/history", params={"since": bad}), 422, "since")
+
+
+def test_a_third_site_host_holding_extended_replicas_is_not_forgotten_silently(controller):
+    """DELETE /v1/hosts/HOST refused a host with machines placed on it as primary or replica, but not one
+    holding machines' extended replicas: the placements vanished (ON DELETE CASCADE) and the machines were
+    placed afresh on another third-site host (a new full copy), while PUT /v1/hosts/HOST/cloud refuses it."""
+    from .test_extended import LEG, _third_site
+    _third_site(controller)
+    c = controller.client
+    ok(c.post("/v1/machines", json={"name": "vm01", "cloud": "gold", "primary_host": "pa1",
+                                    "disks": ["/srv/vm01.vhdx"]}), 201)
+    assert ok(c.post("/v1/pairs/gold-silver/extended", json=LEG), 201)["machines"] == {"vm01": "tc1"}
+    refused(c.delete("/v1/hosts/tc1"), 409, "machine")
+    assert ok(c.get("/v1/pairs/gold-silver/extended"))["machines"] == {"vm01": "tc1"}
+    ok(c.delete("/v1/hosts/tc2"), 204)                      # one holding none goes
