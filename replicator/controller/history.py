@@ -49,6 +49,32 @@ class MachinePoints(Base):
     points: Mapped[list] = mapped_column(JSON, default=list)
 
 
+# ---------------------------------------------------------------------------------------------- which host says
+def reversed_ids(s: Session, machines: list) -> set[int]:
+    """The ids of these machines whose direction is "reversed" (failover.direction): their recovery host
+    protects them back to their primary host, so it is the one whose report tells their state, RPO and
+    history, and their primary host holds their recovery points. Only a machine with a succeeded reverse job
+    can be reversed, so one query keeps the common case (none) cheap."""
+    from . import failover
+    from .models import Job
+    ids = [x.id for x in machines]
+    if not ids:
+        return set()
+    maybe = set(s.scalars(select(Job.machine_id).where(Job.machine_id.in_(ids), Job.kind == "reverse",
+                                                       Job.state == "succeeded").distinct()))
+    return {x.id for x in machines if x.id in maybe and failover.direction(s, x) == "reversed"}
+
+
+def protecting_host_id(machine, reversed_: set[int]) -> str | None:
+    """The host that protects the machine now (its primary host, its replica host while reversed)."""
+    return machine.replica_host_id if machine.id in reversed_ else machine.primary_host_id
+
+
+def replica_side_host_id(machine, reversed_: set[int]) -> str | None:
+    """The host that holds the machine's replica now (its replica host, its primary host while reversed)."""
+    return machine.primary_host_id if machine.id in reversed_ else machine.replica_host_id
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None

@@ -330,16 +330,29 @@ def get_desired(s: DB, host: Self) -> dict:
     return doc
 
 
+def _placed_on(s: Session, host: m.Host, names=None) -> list[m.Machine]:
+    """The machines this host is the primary or the replica host of (of these names, if given)."""
+    q = select(m.Machine).where((m.Machine.primary_host_id == host.id) | (m.Machine.replica_host_id == host.id))
+    if names is not None:
+        q = q.where(m.Machine.name.in_(names))
+    return list(s.scalars(q))
+
+
 def _observe(s: Session, host: m.Host, status: dict) -> None:
-    """The machines this host runs as primary take its report's state, health, RPO and last success; each
-    gets an RPO sample at most every history.SAMPLE_EVERY."""
+    """The machines this host protects take its report's state, health, RPO and last success; each gets an
+    RPO sample at most every history.SAMPLE_EVERY. This host protects a machine it is the primary host of,
+    or the replica host of while the machine's direction is reversed (the primary host, which then holds the
+    way back's replica, no longer protects it: what it says of the machine is not the machine's state)."""
     entries = {e.get("name"): e for e in status.get("machines") or [] if isinstance(e, dict)}
     if not entries:
         return
     now = m.utcnow()
     sampled = []
-    for machine in s.scalars(select(m.Machine).where(m.Machine.primary_host_id == host.id,
-                                                     m.Machine.name.in_([n for n in entries if isinstance(n, str)]))):
+    machines = _placed_on(s, host, [n for n in entries if isinstance(n, str)])
+    reversed_ = history.reversed_ids(s, machines)
+    for machine in machines:
+        if history.protecting_host_id(machine, reversed_) != host.id:
+            continue
         e = entries[machine.name]
         stats = e.get("stats") if isinstance(e.get("stats"), dict) else {}
         machine.observed_state = str(e.get("state"))[:64] if e.get("state") is not None else None
@@ -355,7 +368,8 @@ def _observe(s: Session, host: m.Host, status: dict) -> None:
 
 
 def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None) -> None:
-    """A replica host's recovery points, for the machines placed on it as their replica. A name the host
+    """A replica host's recovery points, for the machines whose replica it holds (placed on it as their
+    replica; while a machine is reversed, its primary host holds the way back's). A name the host
     qualifies with its storage (NAME@ROOT, when it holds machines in several) counts as NAME if only one does."""
     if reported is None:
         return                                              # an agent from before points were reported
@@ -367,7 +381,9 @@ def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None)
     for base, keys in bases.items():
         if base not in by_name and len(keys) == 1:
             by_name[base] = by_name[keys[0]]
-    machines = list(s.scalars(select(m.Machine).where(m.Machine.replica_host_id == host.id)))
+    placed = _placed_on(s, host)
+    reversed_ = history.reversed_ids(s, placed)
+    machines = [x for x in placed if history.replica_side_host_id(x, reversed_) == host.id]
     history.store_points(s, host, machines, by_name, m.utcnow())
 
 
@@ -454,6 +470,8 @@ def remove_host(request: Request, s: DB, who: Annotated[Principal, Depends(admin
     note(request, f"host/{h.hostname}", host_id=h.id)
     placed = s.scalar(select(func.count()).select_from(m.Machine).where(
         (m.Machine.primary_host_id == h.id) | (m.Machine.replica_host_id == h.id)))
+    placed += s.scalar(select(func.count()).select_from(m.ExtendedPlacement)      # its extended replicas too
+                       .where(m.ExtendedPlacement.host_id == h.id))
     if placed:
         raise HTTPException(409, f"host {h.hostname!r} has {placed} machine(s) placed on it: move or disable and "
                                  "remove them first")

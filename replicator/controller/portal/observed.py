@@ -1,7 +1,9 @@
-"""What the hosts last reported about each machine, as they reported it: the primary host's entry (state,
-health and its reasons, cycle statistics, pending bytes, disks' tracking, the last cycle) and the replica
-host's, if its report names the machine. The machine's own document carries only the summary the controller
-keeps (state, health, RPO, last success); this is the detail an operator needs to see why a machine is behind.
+"""What the hosts last reported about each machine, as they reported it: the entry of the host protecting it
+(state, health and its reasons, cycle statistics, pending bytes, disks' tracking, the last cycle) and that of
+the host holding its replica, if its report names the machine. That is its primary and its replica host, the
+other way round while its direction is reversed (its recovery host protects it back to its primary host).
+The machine's own document carries only the summary the controller keeps (state, health, RPO, last success);
+this is the detail an operator needs to see why a machine is behind.
 Read-only, from the reports the host channel stores (hosts.last_report)."""
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from .. import auth
+from .. import auth, history
 from .. import models as m
 from .. import schemas as sc
 from ..api.common import DB, ERRORS, one
@@ -25,8 +27,8 @@ class ObservedSide(BaseModel):
 
 class ObservedMachine(BaseModel):
     machine: str
-    primary: ObservedSide | None
-    replica: ObservedSide | None
+    primary: ObservedSide | None = Field(description="the protecting host's entry (the replica host's while reversed)")
+    replica: ObservedSide | None = Field(description="the replica-holding host's (the primary host's while reversed)")
 
 
 def _side(host: m.Host | None, name: str) -> ObservedSide | None:
@@ -46,5 +48,11 @@ def observed_machines(s: DB, machine: str | None = Query(None, pattern=sc.NAME_P
     if machine is not None:
         one(s, m.Machine, "machine", name=machine)
         q = q.where(m.Machine.name == machine)
-    return [ObservedMachine(machine=x.name, primary=_side(x.primary_host, x.name),
-                            replica=_side(x.replica_host, x.name)) for x in s.scalars(q)]
+    machines = list(s.scalars(q))
+    reversed_ = history.reversed_ids(s, machines)
+
+    def sides(x: m.Machine) -> tuple[m.Host | None, m.Host | None]:
+        # while reversed, the recovery host protects the machine and the primary host holds its replica
+        return (x.replica_host, x.primary_host) if x.id in reversed_ else (x.primary_host, x.replica_host)
+    return [ObservedMachine(machine=x.name, primary=_side(sides(x)[0], x.name), replica=_side(sides(x)[1], x.name))
+            for x in machines]
