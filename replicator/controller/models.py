@@ -180,6 +180,7 @@ class ProtectionPolicy(Base):
     azure_storage_account: Mapped[str | None] = mapped_column(String(64))
     azure_container: Mapped[str | None] = mapped_column(String(64))
     azure_encrypt: Mapped[bool] = mapped_column(Boolean, default=False)
+    rpo_threshold: Mapped[int] = mapped_column(Integer, default=3600, server_default="3600")   # seconds: Warning
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -216,11 +216,18 @@ class PolicyIn(In):
     azure_storage_account: Annotated[str, Field(pattern=r"^[a-z0-9]{3,24}$")] | None = None
     azure_container: Annotated[str, Field(pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?$")] | None = None
     azure_encrypt: bool = False
+    rpo_threshold: int | text(16, 1) = Field(3600, description="health turns Warning when nothing replicated this "
+                                             "long: 90s, 15m, 1h (30 s to 24 h) or seconds")
 
     @field_validator("frequency", mode="after")
     @classmethod
     def _frequency(cls, v):
         return settings.parse_frequency(v)
+
+    @field_validator("rpo_threshold", mode="after")
+    @classmethod
+    def _rpo_threshold(cls, v):
+        return settings.parse_rpo_threshold(v)
 
     @field_validator("bandwidth_limit", mode="after")
     @classmethod
@@ -293,6 +300,7 @@ class PolicyOut(Out):
     azure_storage_account: str | None
     azure_container: str | None
     azure_encrypt: bool
+    rpo_threshold: int
     pairs: list[str]
     created_at: dt.datetime
     updated_at: dt.datetime

@@ -165,7 +165,7 @@ class Daemon:
         with a Warning instead (nothing is wrong: replication starts once its disks are on the export)."""
         reason = self.unavailable[name]
         m = next(m for m in self.config.machines if m.name == name)
-        stats = MachineStats(name, m.protection.frequency).to_dict()
+        stats = MachineStats(name, m.protection.frequency, stale_after=m.protection.rpo_threshold).to_dict()
         pending = name in self.pending
         stats.update(health="Warning" if pending else "Critical", health_reasons=[reason])
         return {"name": name, "role": "primary", "state": "ReadyForInitialReplication" if pending else "Error",

@@ -90,7 +90,7 @@ class PrimaryMachine:
         self.state_dir, self.azure_vm = state_dir, machine.azure_vm
         self.initial = self.settings.initial_replication
         self.state = MachineState.load(state_dir, machine.name)
-        self.stats = MachineStats(machine.name, self.settings.frequency)
+        self.stats = MachineStats(machine.name, self.settings.frequency, stale_after=self.settings.rpo_threshold)
         self.stats.restore(self.state.data.get("stats") or {})
         self.jobs = jobs if jobs is not None else JobRegistry(None)
         self.clock = clock or SystemClock()

@@ -4,7 +4,8 @@ Normal / Warning / Critical rules, and the same numbers in Prometheus' text form
 The statistics window runs from when monitoring started or was last reset (`reset`), as in Hyper-V; the
 Prometheus counters (`*_total`) are never reset, since Prometheus expects counters only to grow.
 Rules: Critical when the last cycle failed or a resynchronization is required; Warning when more than
-20 % of the window's cycles were missed, or nothing replicated for more than an hour; else Normal.
+20 % of the window's cycles were missed, or nothing replicated for more than an hour (ASR's RPO threshold:
+`rpo_threshold`, an hour by default); else Normal.
 """
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ class HealthReport:
 class MachineStats:
     """Accumulates one machine's cycle outcomes. Times are wall-clock seconds (time.time())."""
 
-    def __init__(self, machine: str, rpo_target: float, *, clock=time.time, labels: dict | None = None):
-        """labels: added to the machine's Prometheus samples (relationship="Extended" for an extended leg)."""
+    def __init__(self, machine: str, rpo_target: float, *, clock=time.time, labels: dict | None = None,
+                 stale_after: float = STALE_AFTER):
+        """labels: added to the machine's Prometheus samples (relationship="Extended" for an extended leg);
+        stale_after: the RPO threshold, seconds without a replicated cycle before health turns Warning."""
         self.machine, self.rpo_target, self.clock = machine, float(rpo_target), clock
+        self.stale_after = float(stale_after)
         self.labels = dict(labels or {})
         self.monitoring_start = clock()
         self.last_replication_time: float | None = None   # the cut of the last successful cycle
@@ -136,9 +140,9 @@ class MachineStats:
             warning.append(f"{self.missed} of {self.cycles} cycles missed "
                            f"({100 * self.missed / self.cycles:.0f} % > {MISSED_WARNING_PERCENT} %)")
         since = self.last_replication_time if self.last_replication_time is not None else self.monitoring_start
-        if now - since > STALE_AFTER:
+        if now - since > self.stale_after:
             what = "no successful replication" if self.last_replication_time is None else "nothing replicated"
-            warning.append(f"{what} for {(now - since) / 60:.0f} minutes (over an hour)")
+            warning.append(f"{what} for {_span(now - since)} (over the RPO threshold of {_span(self.stale_after)})")
         if critical:
             return HealthReport(Health.Critical, critical + warning)
         return HealthReport(Health.Warning if warning else Health.Normal, warning)
@@ -237,3 +241,7 @@ def render_prometheus(stats, now: float | None = None, states: dict[str, str] | 
         lines += [_sample("replicator_machine_state", {"machine": m, "state": st}, 1)
                   for m, st in sorted(states.items())]
     return "\n".join(lines) + "\n"
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:.0f} minutes" if seconds >= 120 else f"{seconds:.0f} seconds"

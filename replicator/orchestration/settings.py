@@ -40,9 +40,11 @@ DEFAULT_ADMIN = "127.0.0.1:8085"
 PROTECTION_KEYS = frozenset({
     "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
     "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "resync", "resync_window",
-    "target", "quiesce", "encryption_key_file"})
+    "target", "quiesce", "encryption_key_file", "rpo_threshold"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
+_SPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$", re.I)
+RPO_THRESHOLD = (30, 86400)          # seconds: what rpo_threshold may be (default an hour, Hyper-V's rule)
 _BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I)
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
@@ -96,6 +98,7 @@ class Protection:
     target: str | None = None
     quiesce: QuiesceSettings | None = None
     encryption_key_file: str | None = None      # azure:// only: the customer's key (azure/crypto.py)
+    rpo_threshold: int = 3600                   # seconds without a replicated cycle before health is Warning
 
     @property
     def replica_port(self) -> int | None:
@@ -260,6 +263,19 @@ def parse_frequency(v) -> int:
     return seconds
 
 
+def parse_rpo_threshold(v) -> int:
+    """ASR's RPO threshold: how old the newest replicated data may get before health turns Warning; 90s, 15m,
+    1h, or seconds; 30 s to 24 h."""
+    m = _SPAN.match(v) if isinstance(v, str) else None
+    seconds = v if isinstance(v, int) and not isinstance(v, bool) else None
+    if m:
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[(m.group(2) or "s").lower()]
+    lo, hi = RPO_THRESHOLD
+    if seconds is None or not lo <= seconds <= hi:
+        raise ValueError(f"must be a duration from 30s to 24h (like \"15m\" or \"1h\"), not {v!r}")
+    return seconds
+
+
 def parse_bandwidth(v) -> int | None:
     """Bytes per second: 100M = 100 MiB/s (K, M, G, T are powers of 1024); 0, "0" or "none" = unlimited."""
     if isinstance(v, bool) or not isinstance(v, (int, str)):
@@ -378,6 +394,7 @@ def _protection(t: _Table) -> dict:
     out: dict = {}
     _checked(t, "frequency", parse_frequency, out)
     _checked(t, "bandwidth_limit", parse_bandwidth, out)
+    _checked(t, "rpo_threshold", parse_rpo_threshold, out)
     for key, lo, hi in (("additional_points", 0, 24), ("app_consistent_hours", 1, 12), ("port", 1, 65535)):
         if key in t.data and t.int(key, lo, hi) is not None:
             out[key] = t.data[key]

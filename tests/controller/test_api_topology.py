@@ -95,8 +95,9 @@ def test_policy_validation_follows_replicatord(controller):
         "name": "full", "frequency": "30s", "additional_points": 24, "app_consistent_hours": 12,
         "compression": False, "auth": "kerberos", "port": 8083, "initial_method": "scheduled",
         "initial_at": "22:00:00", "delete_replica_on_remove": True, "bandwidth_limit": "100M",
-        "resync": "auto", "resync_window": "22:00-06:00"}), 201)
+        "resync": "auto", "resync_window": "22:00-06:00", "rpo_threshold": "15m"}), 201)
     assert (good["frequency"], good["bandwidth_limit"], good["initial_at"]) == (30, 100 * 2 ** 20, "22:00:00")
+    assert good["rpo_threshold"] == 900
     azure = ok(c.post("/v1/policies", json={"name": "cloudy", "target_kind": "azure",
                                             "azure_storage_account": "drstore01", "azure_container": "replicas",
                                             "azure_encrypt": True, "initial_method": "offline",
@@ -120,6 +121,8 @@ def test_policy_validation_follows_replicatord(controller):
         ({"azure_encrypt": True}, "only for target_kind 'azure'"),
         ({"auth": "ntlm"}, "auth"),
         ({"port": 0}, "port"),
+        ({"rpo_threshold": "5s"}, "from 30s to 24h"),
+        ({"rpo_threshold": "2d"}, "from 30s to 24h"),
     ]
     for extra, message in cases:
         refused(c.post("/v1/policies", json={"name": "bad", **extra}), 422, message)

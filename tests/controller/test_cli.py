@@ -48,7 +48,8 @@ def test_cli_story(running, capsys):
     run("site", "create", "b")
     run("cloud", "create", "gold", "--site", "a")
     run("cloud", "create", "silver", "--site", "b")
-    run("policy", "create", "p5", "--frequency", "5m", "--additional-points", "2", "--compression", "off")
+    run("policy", "create", "p5", "--frequency", "5m", "--additional-points", "2", "--compression", "off",
+        "--rpo-threshold", "20m")
     run("pair", "create", "gold-silver", "--primary", "gold", "--recovery", "silver", "--policy", "p5")
     with store.session() as s:          # hosts register through the host channel; here they are put in directly
         for hostname, site, cloud in (("pa1", "a", "gold"), ("rb1", "b", "silver")):
@@ -59,6 +60,7 @@ def test_cli_story(running, capsys):
     assert lines[1].split() == ["gold", "a", "gold-silver", "primary", "pa1"]
     assert lines[2].split() == ["silver", "b", "gold-silver", "recovery", "rb1"]
     assert json.loads(run("policy", "show", "p5"))["compression"] is False
+    assert json.loads(run("policy", "show", "p5"))["rpo_threshold"] == 1200
 
     enabled = json.loads(run("machine", "enable", "vm01", "--cloud", "gold"))
     assert (enabled["domain"], enabled["primary_host"], enabled["replica_host"]) == ("vm01", "pa1", "rb1")

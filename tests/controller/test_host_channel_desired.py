@@ -51,6 +51,11 @@ def test_rendering_is_a_valid_configuration_for_each_host(store, tmp_path):
         config = parse_config_data(cfg, base_dir=str(tmp_path / "state" / "controller"))
         assert config.daemon.state_dir == str(tmp_path / "state")
         assert config.machines[0].protection.cert == str(tmp_path / "state" / "controller" / "host.pem")
+        assert config.machines[0].protection.rpo_threshold == 3600          # the policy's RPO threshold
+        policy.rpo_threshold = 120
+        s.flush()
+        again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
+        assert again.machines[0].protection.rpo_threshold == 120
 
         assert "machine" not in desired.current(s, hosts["p2"])["config"]          # vm03 is disabled
         r1 = desired.current(s, hosts["r1"])

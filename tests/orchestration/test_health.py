@@ -91,6 +91,18 @@ def test_nothing_replicated_for_an_hour(minutes, level):
     assert s.health().level is level
 
 
+def test_the_rpo_threshold_sets_when_a_stale_machine_warns():
+    clock = Clock()
+    s = MachineStats("vm1", 30, clock=clock, stale_after=45)
+    s.record_success(1, 1)
+    clock.t += 44
+    assert s.health().level is Health.Normal
+    clock.t += 2
+    report = s.health()
+    assert report.level is Health.Warning
+    assert report.reasons == ["nothing replicated for 46 seconds (over the RPO threshold of 45 seconds)"]
+
+
 def test_never_replicated_counts_from_monitoring_start():
     s, clock = stats()
     clock.t += 59 * 60
@@ -115,7 +127,7 @@ def test_resync_required_is_critical_and_reasons_accumulate():
     clock.t += 2 * 3600
     r = s.health()
     assert r.level is Health.Critical
-    assert r.reasons[0] == "resynchronization required" and "over an hour" in r.reasons[1]
+    assert r.reasons[0] == "resynchronization required" and "over the RPO threshold of 60 minutes" in r.reasons[1]
     assert r.to_dict()["health"] == "Critical"
 
 

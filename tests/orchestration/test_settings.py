@@ -98,6 +98,18 @@ def test_bandwidth_forms(tmp_path, disks, value, rate):
     assert load(tmp_path, conf(tmp_path, f"bandwidth_limit = {value}")).machines[0].protection.bandwidth_limit == rate
 
 
+@pytest.mark.parametrize("value,seconds", [(None, 3600), ('"15m"', 900), ('"90s"', 90), ("45", 45), ('"24h"', 86400)])
+def test_rpo_threshold_forms(tmp_path, disks, value, seconds):
+    extra = "" if value is None else f"rpo_threshold = {value}"
+    assert load(tmp_path, conf(tmp_path, extra)).machines[0].protection.rpo_threshold == seconds
+
+
+@pytest.mark.parametrize("value", ['"10s"', "29", '"25h"', "true", '"soon"', "-60"])
+def test_rpo_threshold_refused(tmp_path, disks, value):
+    p = problems(tmp_path, conf(tmp_path, f"rpo_threshold = {value}"))
+    assert "from 30s to 24h" in p["machine[vm1].rpo_threshold"]
+
+
 @pytest.mark.parametrize("value", ['"fast"', "-5", '"-5M"', '"10X"', "true"])
 def test_bandwidth_refused(tmp_path, disks, value):
     assert "machine[vm1].bandwidth_limit" in problems(tmp_path, conf(tmp_path, f"bandwidth_limit = {value}"))
