@@ -301,8 +301,16 @@ def _step_job(s: Session, x: m.Machine, job_kind: str, host: m.Host, who: str, *
 
 def withdrawn(s: Session, job: m.Job) -> None:
     """A failover job cancelled before a host ran its replica step: the machine goes back to its primary with
-    the new epoch (a cancelled failover keeps E+1, which the original primary is handed)."""
+    the new epoch (a cancelled failover keeps E+1, which the original primary is handed). A failback cancelled
+    before its first step stays reversed with the recovery site; one cancelled later keeps its owner (a host
+    may run the machine already), as a failed step does (_stopped_at)."""
     x = job.machine
+    if job.kind in STEPS and x is not None and job.params.get("step", 0) > 0:
+        # the hosts moved already (the machine may run on its primary host again): the owner stays as it is
+        done = ", ".join(op for _, op in STEPS[job.kind][:job.params["step"]])
+        jobs.log(s, job.id, f"the hosts ran {done} already: finish the remaining steps on them (docs/operations.md)"
+                            f" or ask {job.kind} again; machine {x.name} stays at epoch {x.fencing_epoch}")
+        return
     if job.kind == "failback" and x is not None and x.replica_host is not None:
         x.owner_site_id = x.replica_host.site_id          # still reversed: the recovery site keeps it (epoch kept)
         bump_revision(s, [x.primary_host_id, x.replica_host_id])

@@ -55,3 +55,29 @@ def test_a_third_site_host_holding_extended_replicas_is_not_forgotten_silently(c
     refused(c.delete("/v1/hosts/tc1"), 409, "machine")
     assert ok(c.get("/v1/pairs/gold-silver/extended"))["machines"] == {"vm01": "tc1"}
     ok(c.delete("/v1/hosts/tc2"), 204)                      # one holding none goes
+
+
+def test_a_failback_cancelled_after_a_host_moved_leaves_the_machine_with_the_site_that_runs_it(controller):
+    """Between two failback steps nobody holds the job, so a cancel ends it at once; failover.withdrawn then
+    gave the machine back to the recovery site whatever step the hosts had reached -- after the primary host's
+    planned failover, the site that runs the machine was fenced as the replica and the stopped recovery site
+    handed the primary role (a split-brain risk at the next failback). Only a cancel before any host moved may
+    do that (as _stopped_at says for a failed step)."""
+    from .test_failback_rules import _committed, _render, _report
+    from .helpers import deployment
+    c = controller.client
+    hosts = deployment(controller)
+    _committed(controller, hosts)
+    rev = ok(c.post("/v1/machines/vm01/reverse"), 202)
+    _report(controller, hosts["pa1"], "vm01", rev, "accept-reverse", "succeeded")
+    _report(controller, hosts["rb1"], "vm01", rev, "reverse", "succeeded")
+    fb = ok(c.post("/v1/machines/vm01/failback"), 202)
+    _report(controller, hosts["rb1"], "vm01", fb, "planned-failover", "succeeded")
+    _report(controller, hosts["pa1"], "vm01", fb, "failover", "succeeded")         # pa1 runs vm01 now
+    job = ok(c.post(f"/v1/jobs/{fb['id']}/cancel"))
+    assert job["state"] == "cancelled", job
+    vm01 = ok(c.get("/v1/machines/vm01"))
+    assert (vm01["owner_site"], vm01["fencing_epoch"]) == ("a", 3), vm01
+    assert _render(controller, hosts["pa1"])["fencing"]["vm01"] == {"epoch": 3, "role": "primary"}
+    assert _render(controller, hosts["rb1"])["fencing"]["vm01"]["role"] == "replica"
+    assert "finish the remaining steps" in str(job), job
