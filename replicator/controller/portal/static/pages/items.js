@@ -53,6 +53,14 @@ export async function render(view) {
       render: (x) => { const j = lastTestFailover(x.name, jobs); return j ? ago(j.finished_at) : 'never'; } },
     { key: 'primary_host', label: 'Primary host' },
     { key: 'replica_host', label: 'Replica host' },
+    { key: 'extended', label: 'Extended', value: (x) => (x.extended ? `extended ${x.extended.health || 'Unknown'} ${x.extended.host || x.extended.cloud}` : null),
+      render: (x) => {
+        if (!x.extended) return '—';
+        const e = x.extended;
+        const badge = healthBadge(e.health);
+        badge.title = `Extended replication to ${e.host || `cloud ${e.cloud}`}: ${e.state || 'not reported yet'}`;
+        return h('span', { class: 'extended-mark' }, badge, ` ${e.host || e.cloud}`);
+      } },
   ];
   const table = dataTable(columns, [...byId.values()], { filter: true, id: 'items', sortKey: 'name',
     empty: 'No machines are protected yet.' });

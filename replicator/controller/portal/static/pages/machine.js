@@ -1,6 +1,6 @@
 // One machine: what it is and where it replicates, its RPO against the target over time (the controller's
 // samples of the last day, then each report as it comes), its cycles' sizes and durations, the recovery points
-// its replica host holds, its disks, its jobs and audit entries, and the actions an operator may take (each
+// its replica host holds, its extended replication to a third site (when its pair has an extended leg), its disks, its jobs and audit entries, and the actions an operator may take (each
 // confirmed, each one REST call; the failover steps only when they apply).
 
 import { api, ago, clear, confirmAndCall, dataTable, fmtBytes, fmtDuration, fmtTime, h, healthBadge, section, session,
@@ -34,6 +34,7 @@ export async function render(view, [name]) {
   const reported = h('div', { id: 'machine-reported' });
   const cycleCanvas = h('canvas', { id: 'cycle-chart', role: 'img', 'aria-label': 'Cycle sizes and durations' });
   const pointsBox = h('div', { id: 'machine-points' });
+  const extendedBox = h('div', { id: 'machine-extended' });
 
   function drawSummary() {
     const test = lastTestFailover(name, jobs);
@@ -89,8 +90,25 @@ export async function render(view, [name]) {
       ], [...points.points].reverse().slice(0, POINTS_SHOWN), { empty: 'No recovery point holds all its disks yet.', id: 'machine-point-table' }));
   }
 
+  function drawExtended() {
+    // the leg as the replica host last reported it (Measure-VMReplication -ReplicationRelationshipType Extended)
+    const x = machine.extended;
+    if (!x) { clear(extendedBox, h('p', { class: 'muted' }, 'Its pair has no extended leg any more.')); return; }
+    clear(extendedBox, h('dl', { class: 'kv' },
+      h('dt', {}, 'Relationship'), h('dd', {}, x.relationship),
+      h('dt', {}, 'State'), h('dd', { id: 'extended-state' }, x.state || '(not reported yet)'),
+      h('dt', {}, 'Health'), h('dd', { id: 'extended-health' }, healthBadge(x.health)),
+      x.reason ? [h('dt', {}, 'Reason'), h('dd', { id: 'extended-reason' }, x.reason)] : null,
+      h('dt', {}, 'Last success'), h('dd', { id: 'extended-last-success' }, x.last_success_at ? `${fmtTime(x.last_success_at)} (${ago(x.last_success_at)})` : 'never'),
+      h('dt', {}, 'Third site'), h('dd', { id: 'extended-host' }, `${x.host || '(no host placed yet)'} in cloud ${x.cloud}`),
+      h('dt', {}, 'Target'), h('dd', {}, x.target || '—')));
+  }
+
   async function refreshPoints() {
     try { points = await api(`${path}/points`); drawPoints(); } catch { /* shown again at the next look */ }
+    if (!machine.extended) return;
+    // the replica host's report of the leg moves no machine row either
+    try { machine.extended = (await api(path)).extended; drawExtended(); } catch { /* at the next look */ }
   }
 
   function act(label, what, call, body, danger) {
@@ -135,7 +153,7 @@ export async function render(view, [name]) {
 
   async function refresh() {
     Object.assign(machine, await api(path));
-    drawSummary(); drawActions();
+    drawSummary(); drawActions(); if (machine.extended) drawExtended();
   }
 
   clear(view,
@@ -143,6 +161,7 @@ export async function render(view, [name]) {
     h('div', { class: 'grid' }, section('Summary', summary, actions),
       section('RPO over time', h('div', { class: 'chart-box wide' }, canvas),
         h('p', { class: 'muted', id: 'rpo-note' }, `The last day as the controller sampled it (one sample a minute at most, kept ${Math.round(history.retention_seconds / 86400)} days), then each report while this page is open; the dashed line is the target.`))),
+    machine.extended && section('Extended replication', extendedBox),
     h('div', { class: 'grid' }, section('Recovery points', pointsBox),
       section('Cycles', h('div', { class: 'chart-box' }, cycleCanvas),
         h('p', { class: 'muted' }, 'Each replication cycle of the last day: bytes sent and, where the host reports it, how long it took.'))),
@@ -199,12 +218,14 @@ export async function render(view, [name]) {
   }
 
   drawSummary(); drawActions(); drawJobs(); drawReported(); drawPoints(); sample();
+  if (machine.extended) drawExtended();
   const tick = setInterval(redraw, 15000);     // the axis moves on; points come from reports only
   const pointsTick = setInterval(refreshPoints, POINTS_EVERY_MS);   // the replica's reports move no machine row
   const offs = [
     subscribe('machine', async (ev) => {
       if (ev.name !== name) return;
       Object.assign(machine, ev); drawSummary(); drawActions(); sample();
+      if (extendedBox.isConnected) drawExtended();
       try { [observed] = await api(observedPath); drawReported(); } catch { /* shown at the next report */ }
     }),
     subscribe('job', (ev) => {

@@ -1,4 +1,4 @@
-// Settings: clouds, cloud pairs, protection policies, network and storage mappings, API tokens and the
+// Settings: clouds, cloud pairs and their extended legs, protection policies, network and storage mappings, API tokens and the
 // audit log. Admins get the forms;
 // every form posts to the REST API and shows its validation error as the API words it (the console checks
 // nothing on its own, so it can never disagree with the API).
@@ -35,7 +35,7 @@ export async function render(view) {
     const pairSection = section('Cloud pairs',
       dataTable([
         { key: 'name', label: 'Pair' }, { key: 'primary', label: 'Primary cloud' }, { key: 'recovery', label: 'Recovery cloud' },
-        { key: 'policy', label: 'Policy' },
+        { key: 'policy', label: 'Policy' }, { key: 'extended', label: 'Extended to' },
         { key: 'x', label: '', value: () => null, render: (p) => del(`pair ${p.name}`, `/v1/pairs/${encodeURIComponent(p.name)}`) },
       ], pairs, { id: 'pairs', empty: 'No cloud pairs yet.' }),
       admin && apiForm({ id: 'pair-form', title: 'New pair', submitLabel: 'Pair clouds', fields: [
@@ -50,6 +50,41 @@ export async function render(view) {
         onSubmit: async ({ pair, policy }) => {
           await api(`/v1/pairs/${encodeURIComponent(pair)}/policy`, { method: 'PUT', body: { policy: policy ?? null } });
           await done(`Pair ${pair} follows ${policy}`);
+        } }));
+
+    // each pair's extended leg (Hyper-V's extended replication): its own policy and where each machine's
+    // extended replica is placed
+    const legs = await Promise.all(pairs.filter((p) => p.extended)
+      .map((p) => api(`/v1/pairs/${encodeURIComponent(p.name)}/extended`).catch(() => null)));
+    const extendedSection = section('Extended replication',
+      dataTable([
+        { key: 'pair', label: 'Pair' }, { key: 'cloud', label: 'Third cloud' },
+        { key: 'frequency', label: 'Frequency', render: (x) => fmtDuration(x.frequency) },
+        { key: 'additional_points', label: 'Extra points' },
+        { key: 'compression', label: 'Compression', render: (x) => yesNo(x.compression) },
+        { key: 'bandwidth_limit', label: 'Bandwidth', render: (x) => (x.bandwidth_limit ? `${fmtBytes(x.bandwidth_limit)}/s` : 'unlimited') },
+        { key: 'auth', label: 'Authentication' },
+        { key: 'storage', label: 'Storage', value: (x) => x.storage || null, render: (x) => x.storage || '(the hosts\' replica folder)' },
+        { key: 'machines', label: 'Machines on', value: (x) => Object.entries(x.machines).map(([m, host]) => `${m}: ${host || 'not placed'}`).join(', ') || null },
+        { key: 'x', label: '', value: () => null, render: (x) => admin && h('button', { type: 'button', class: 'secondary', 'data-action': 'remove-extended',
+          onclick: async () => {
+            const gone = await confirmAndCall(`Remove the extended leg of ${x.pair}`, `The replica hosts of pair ${x.pair} stop forwarding to cloud ${x.cloud}; the third site keeps what it holds.`,
+              `/v1/pairs/${encodeURIComponent(x.pair)}/extended`, { method: 'DELETE', label: 'Remove' });
+            if (gone) await draw();
+          } }, 'Remove') },
+      ], legs.filter(Boolean), { id: 'extended-legs', empty: 'No pair has an extended leg.' }),
+      admin && pairs.length > 0 && apiForm({ id: 'extended-form', title: 'Extend a pair to a third site', submitLabel: 'Add extended leg', fields: [
+        { name: 'pair', label: 'Pair', type: 'select', options: names(pairs) },
+        { name: 'cloud', label: 'Third cloud', type: 'select', options: names(clouds) },
+        { name: 'frequency', label: 'Frequency', value: '5m', hint: '5m or 15m' },
+        { name: 'additional_points', label: 'Additional points', type: 'number', value: 0, hint: '0-24 hourly' },
+        { name: 'compression', label: 'Compression', type: 'checkbox', value: true },
+        { name: 'bandwidth_limit', label: 'Bandwidth limit', hint: '100M, or empty' },
+        { name: 'auth', label: 'Authentication', type: 'select', options: ['certificate', 'kerberos'] },
+        { name: 'storage', label: 'Storage root', hint: 'empty: the hosts\' replica folder' }],
+        onSubmit: async ({ pair, ...body }) => {
+          await api(`/v1/pairs/${encodeURIComponent(pair)}/extended`, { method: 'POST', body });
+          await done(`Pair ${pair} extended to cloud ${body.cloud}`);
         } }));
 
     const policySection = section('Protection policies',
@@ -106,7 +141,7 @@ export async function render(view) {
           await done(`Mapping added to ${pair}`);
         } }));
 
-    clear(view, h('h1', {}, 'Settings'), policySection, cloudSection, pairSection,
+    clear(view, h('h1', {}, 'Settings'), policySection, cloudSection, pairSection, extendedSection,
       mappingSection('network', 'Network mappings', 'a network name'),
       mappingSection('storage', 'Storage mappings', 'an absolute path'), await accessSections(draw));
   }
