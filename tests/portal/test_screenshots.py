@@ -1,4 +1,4 @@
-"""A screenshot of every page over a small fleet with jobs and a plan run (into the test's tmp dir, or into
+"""A screenshot of every page over a small fleet with jobs, a plan run and an extended leg (into the test's tmp dir, or into
 $PORTAL_SCREENSHOTS, which is how docs/portal/ is made: PORTAL_SCREENSHOTS=docs/portal pytest ...)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from playwright.sync_api import expect
 
 from replicator.controller import jobs
+from replicator.controller import models as m
 
 from . import fleet
 from .conftest import login
@@ -23,6 +24,16 @@ def test_screenshot_every_page(portal, browser, tmp_path):
     fleet.history(portal, tmp_path, "web02", [60.0 + 40 * (i % 5) + 15 * i for i in range(18)], primary="hv1",
                   replica="dr1", points=6, minutes=5, health="Warning", reasons=(fleet.MISSED,))
     fleet.report(portal, "hv1", fleet.hv1_entries())      # hv1's stored report names both its machines again
+    # an extended leg to a third site, which dr1 reports for web02 (machine page, items, settings show it)
+    portal.api("POST", "/v1/sites", json={"name": "gamma"})
+    portal.api("POST", "/v1/clouds", json={"name": "gold-ext", "site": "gamma"})
+    fleet.add_host(portal, "ex1", "gamma")
+    portal.api("PUT", "/v1/hosts/ex1/cloud", json={"cloud": "gold-ext"})
+    assert portal.api("POST", "/v1/pairs/gold-pair/extended",
+                      json={"cloud": "gold-ext", "frequency": "15m"}).status_code == 201
+    fleet.host_report(fleet.as_host(portal, tmp_path, "dr1"), {"status": {"machines": []}, "extended": [
+        {"machine": "web02", "state": "Replicating", "reason": None,
+         "stats": {"health": "Normal", "last_replication_time": m.utcnow().timestamp() - 400}}]})
     out = os.environ.get("PORTAL_SCREENSHOTS") or str(tmp_path)
     os.makedirs(out, exist_ok=True)
     portal.api("POST", "/v1/machines/web02/resync")
