@@ -1,7 +1,8 @@
 """The console over a real fleet: `replicator-controller` (HTTPS, its own CA) and two real replicatord hosts
 registered with keys. A machine protected from the Replicated items page goes through its initial replication
 to Replicating / Normal on screen without reload, its replica host's recovery points on its page; paused from
-its page, the host's report shows it Suspended, resumed, Replicating again; a resync's job follows the host's
+its page, the host's report shows it Suspended, then Warning past the policy's RPO threshold, resumed,
+Replicating / Normal again; a resync's job follows the host's
 to 100 % -- every step an API call the host carries out and reports."""
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         ctl.ok("POST", "/v1/clouds", {"name": "gold-dr", "site": "west"})
         ctl.ok("PUT", "/v1/hosts/p1/cloud", {"cloud": "gold"})
         ctl.ok("PUT", "/v1/hosts/r1/cloud", {"cloud": "gold-dr"})
-        ctl.ok("POST", "/v1/policies", {"name": "fast", "frequency": "5m"})
+        # cycles every 30 s, and a short RPO threshold: a paused machine turns Warning within the test
+        ctl.ok("POST", "/v1/policies", {"name": "fast", "frequency": "30s", "rpo_threshold": "45s"})
         ctl.ok("POST", "/v1/pairs", {"name": "gold-pair", "primary": "gold", "recovery": "gold-dr", "policy": "fast"})
         ctl.ok("POST", "/v1/pairs/gold-pair/storage-mappings",
                {"source": str(tmp_path), "target": str(tmp_path / "r1" / "replica-store")})
@@ -90,10 +92,14 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         jobs = page.locator("#machine-job-table tbody tr", has_text="pause-protection")
         expect(jobs.locator("td[data-col=state]")).to_have_text("succeeded", timeout=30_000)
         assert p1.machine("vm01")["state"] == "Suspended"
+        # nothing replicates while paused: past the policy's RPO threshold the host reports Warning, with why
+        expect(page.locator("#machine-health")).to_have_text("Warning", timeout=150_000)
+        expect(page.locator("#health-reasons")).to_contain_text("over the RPO threshold of 45 seconds")
 
         page.click("#machine-actions button[data-action=resume]")
         page.click("dialog.confirm button[data-confirm]")
         expect(page.locator("#machine-state")).to_have_text("Replicating", timeout=60_000)
+        expect(page.locator("#machine-health")).to_have_text("Normal", timeout=90_000)
         assert p1.machine("vm01")["state"] == "Replicating"
 
         # a resync: the host runs its own job and the controller's follows it on screen, to 100 %
