@@ -81,3 +81,36 @@ def test_a_failback_cancelled_after_a_host_moved_leaves_the_machine_with_the_sit
     assert _render(controller, hosts["pa1"])["fencing"]["vm01"] == {"epoch": 3, "role": "primary"}
     assert _render(controller, hosts["rb1"])["fencing"]["vm01"]["role"] == "replica"
     assert "finish the remaining steps" in str(job), job
+
+
+def test_the_replica_cannot_move_while_the_machine_is_away_from_its_primary(controller):
+    """PATCH replica_host moved a machine's replica to another recovery host while the machine ran on its
+    replica host (failed over, committed, reversed, a test failover or a failover-family job under way): the
+    controller then named a host that holds nothing as the one running the machine, and reverse or failback
+    asked it to stop a machine it never had. Refused (409) until the machine is forward again."""
+    from .helpers import add_host, deployment
+    from .test_failback_rules import _committed, _report
+    c = controller.client
+    hosts = deployment(controller)
+    hosts["rb2"] = add_host(controller.store, "rb2", "b")
+    ok(c.put("/v1/hosts/rb2/cloud", json={"cloud": "silver"}))
+    _committed(controller, hosts)
+    refused(c.patch("/v1/machines/vm01", json={"replica_host": "rb2"}), 409, "committed")
+    rev = ok(c.post("/v1/machines/vm01/reverse"), 202)
+    refused(c.patch("/v1/machines/vm01", json={"replica_host": "rb2"}), 409, "under way")
+    _report(controller, hosts["pa1"], "vm01", rev, "accept-reverse", "succeeded")
+    _report(controller, hosts["rb1"], "vm01", rev, "reverse", "succeeded")
+    refused(c.patch("/v1/machines/vm01", json={"replica_host": "rb2"}), 409, "reversed")
+    assert ok(c.get("/v1/machines/vm01"))["replica_host"] == "rb1"
+    ok(c.patch("/v1/machines/vm01", json={"replica_host": "rb1"}))           # no move: allowed
+    fb = ok(c.post("/v1/machines/vm01/failback"), 202)
+    for host, op in (("rb1", "planned-failover"), ("pa1", "failover"), ("rb1", "accept-reverse"), ("pa1", "reverse")):
+        _report(controller, hosts[host], "vm01", fb, op, "succeeded")
+    assert ok(c.get("/v1/machines/vm01"))["direction"] == "forward"
+    assert ok(c.patch("/v1/machines/vm01", json={"replica_host": "rb2"}))["replica_host"] == "rb2"
+    # a test failover runs its copy on the replica host until it is cleaned up
+    ok(c.post("/v1/machines", json={"name": "vm02", "cloud": "gold", "primary_host": "pa2", "replica_host": "rb1",
+                                    "disks": ["/vms/vm02.vhdx"]}), 201)
+    job = ok(c.post("/v1/machines/vm02/failover", json={"kind": "test"}), 202)
+    _report(controller, hosts["rb1"], "vm02", job, job["params"]["op"], "succeeded", point=1)
+    refused(c.patch("/v1/machines/vm02", json={"replica_host": "rb2"}), 409, "test failover")

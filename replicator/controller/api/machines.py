@@ -186,6 +186,7 @@ def change_machine(body: sc.MachinePatch, s: DB, request: Request, name: str = N
         if recovery is None or replica.cloud_id != recovery.id:
             raise HTTPException(422, f"replica_host: {replica.hostname!r} is not in the recovery cloud")
         if replica.id != x.replica_host_id:
+            _replica_movable(s, x)
             x.replica_host = replica
             changes.append(f"replica moves to {replica.hostname}")
     if changes:
@@ -194,6 +195,21 @@ def change_machine(body: sc.MachinePatch, s: DB, request: Request, name: str = N
             bump_revision(s, [old_replica])                 # the old replica host drops it
         _state_job(s, x, "reconfigure-protection", who.name, changes=changes)
     return machine_out(x)
+
+
+def _replica_movable(s, x: m.Machine) -> None:
+    """A replica moves only while the machine runs on its primary host: failed over, committed, reversed or in
+    a test failover, the replica host runs it (or its test copy), and a failover-family job names its hosts."""
+    busy = failover.active_job(s, x)
+    if busy is not None:
+        raise conflict(f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: its replica cannot move")
+    now = failover.direction(s, x)
+    if now != "forward":
+        raise conflict(f"machine {x.name!r} is {now}: its replica host runs it; the replica moves only once it is "
+                       "back on its primary (fail back, or cancel the failover)")
+    if failover.testing(s, x):
+        raise conflict(f"machine {x.name!r} has a test failover on {x.replica_host.hostname if x.replica_host else '?'}"
+                       ": clean it up before its replica moves")
 
 
 # (action, states it applies from, desired state after, job kind)
