@@ -247,6 +247,13 @@ def _step_params(x: m.Machine, kind: str, index: int) -> tuple[m.Host, dict]:
     return host, params
 
 
+def _protected(x: m.Machine, what: str) -> None:
+    """Reverse and failback render the way back only for a machine whose protection is not disabled
+    (desired.py's `reversing`): a disabled one would be asked to replicate to a host that does not listen."""
+    if x.desired_state == "disabled":
+        raise HTTPException(409, f"machine {x.name!r} is disabled: {what} needs its protection enabled first")
+
+
 def request_reverse(s: Session, x: m.Machine, who: str) -> m.Job:
     """Reverse replication after a committed failover: the original primary host accepts (force: the controller
     gave the machine to the recovery site, whatever that host last saw), then the replica host protects the
@@ -254,6 +261,7 @@ def request_reverse(s: Session, x: m.Machine, who: str) -> m.Job:
     busy = active_job(s, x)
     if busy is not None:
         raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
+    _protected(x, "reverse replication")
     now = direction(s, x)
     if now != "committed":
         raise HTTPException(409, f"machine {x.name!r} is {now}: reverse replication needs a committed failover"
@@ -279,6 +287,7 @@ def request_failback(s: Session, x: m.Machine, who: str) -> m.Job:
     busy = active_job(s, x)
     if busy is not None:
         raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
+    _protected(x, "failback")
     now = direction(s, x)
     if now != "reversed":
         raise HTTPException(409, f"machine {x.name!r} is {now}: failback needs reverse replication running "

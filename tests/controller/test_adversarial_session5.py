@@ -114,3 +114,23 @@ def test_the_replica_cannot_move_while_the_machine_is_away_from_its_primary(cont
     job = ok(c.post("/v1/machines/vm02/failover", json={"kind": "test"}), 202)
     _report(controller, hosts["rb1"], "vm02", job, job["params"]["op"], "succeeded", point=1)
     refused(c.patch("/v1/machines/vm02", json={"replica_host": "rb2"}), 409, "test failover")
+
+
+def test_reverse_and_failback_of_a_disabled_machine_are_refused(controller):
+    """A committed machine whose protection was then disabled was reversed anyway: the job asked its primary
+    host to accept and its replica host to replicate back, while desired.py rendered no [replica] for a disabled
+    machine on the primary host (nothing listened: the step could only fail)."""
+    from .helpers import deployment
+    from .test_failback_rules import _committed, _report
+    c = controller.client
+    hosts = deployment(controller)
+    _committed(controller, hosts)
+    ok(c.post("/v1/machines/vm01/disable"), 202)
+    refused(c.post("/v1/machines/vm01/reverse"), 409, "disabled")
+    ok(c.post("/v1/machines/vm01/enable"), 202)
+    rev = ok(c.post("/v1/machines/vm01/reverse"), 202)
+    _report(controller, hosts["pa1"], "vm01", rev, "accept-reverse", "succeeded")
+    _report(controller, hosts["rb1"], "vm01", rev, "reverse", "succeeded")
+    ok(c.post("/v1/machines/vm01/disable"), 202)
+    refused(c.post("/v1/machines/vm01/failback"), 409, "disabled")
+    assert ok(c.get("/v1/machines/vm01"))["direction"] == "reversed"
