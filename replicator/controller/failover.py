@@ -254,14 +254,18 @@ def _protected(x: m.Machine, what: str) -> None:
         raise HTTPException(409, f"machine {x.name!r} is disabled: {what} needs its protection enabled first")
 
 
+def _idle_and_protected(s: Session, x: m.Machine, what: str) -> None:
+    busy = active_job(s, x)
+    if busy is not None:
+        raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
+    _protected(x, what)
+
+
 def request_reverse(s: Session, x: m.Machine, who: str) -> m.Job:
     """Reverse replication after a committed failover: the original primary host accepts (force: the controller
     gave the machine to the recovery site, whatever that host last saw), then the replica host protects the
     failed-over machine back to it. No epoch change: the recovery site owns the machine already."""
-    busy = active_job(s, x)
-    if busy is not None:
-        raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
-    _protected(x, "reverse replication")
+    _idle_and_protected(s, x, "reverse replication")
     now = direction(s, x)
     if now != "committed":
         raise HTTPException(409, f"machine {x.name!r} is {now}: reverse replication needs a committed failover"
@@ -284,10 +288,7 @@ def request_reverse(s: Session, x: m.Machine, who: str) -> m.Job:
 def request_failback(s: Session, x: m.Machine, who: str) -> m.Job:
     """A planned failover back to the original site, which then protects the machine forward again: the epoch
     rises by one and the machine belongs to its primary host's site from this transaction on."""
-    busy = active_job(s, x)
-    if busy is not None:
-        raise HTTPException(409, f"machine {x.name!r} has job {busy.id} ({busy.kind}) under way: wait for it")
-    _protected(x, "failback")
+    _idle_and_protected(s, x, "failback")
     now = direction(s, x)
     if now != "reversed":
         raise HTTPException(409, f"machine {x.name!r} is {now}: failback needs reverse replication running "

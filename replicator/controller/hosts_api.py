@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -93,8 +94,9 @@ MAX_DEPTH = 32         # a status document nests ~6 deep; the stored report is s
 
 def _servable(doc):
     """A report's free-form documents are stored and served back as they are: one nested deeper than
-    MAX_DEPTH, or with a string that is not Unicode (a lone surrogate escape), is refused here, before it is
-    stored and breaks GET /v1/hosts/HOST/report for everyone."""
+    MAX_DEPTH, with a string that is not Unicode (a lone surrogate escape), or with NaN or infinity (SQLite
+    stored them as null, PostgreSQL refused the row), is refused here, before it is stored and breaks GET
+    /v1/hosts/HOST/report for everyone."""
     level = [doc]
     for depth in range(MAX_DEPTH + 1):
         for text in (t for x in level for t in ([x] if isinstance(x, str) else x if isinstance(x, dict) else ())):
@@ -103,6 +105,8 @@ def _servable(doc):
                     text.encode("utf-8")
                 except UnicodeEncodeError:
                     raise ValueError("holds a string that is not valid Unicode (a lone surrogate)") from None
+        if any(isinstance(x, float) and not math.isfinite(x) for x in level):
+            raise ValueError("holds a number that is not finite (NaN or infinity: JSON has none)")
         level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
         if not level:
             return doc

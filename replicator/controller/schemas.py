@@ -229,15 +229,7 @@ class PolicyIn(In):
     def _rpo_threshold(cls, v):
         return settings.parse_rpo_threshold(v)
 
-    @field_validator("bandwidth_limit", mode="after")
-    @classmethod
-    def _bandwidth(cls, v):
-        if v is None:
-            return None
-        rate = settings.parse_bandwidth(v)
-        if rate is not None and rate >= 2 ** 63:
-            raise ValueError("is beyond any link (at most 2^63-1 bytes per second)")
-        return rate
+    _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
 
     @field_validator("resync_window", mode="after")
     @classmethod
@@ -312,24 +304,34 @@ DiskTarget = Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{1,15}$")]
 
 
 class MachineIn(In):
-    """Enable protection of a machine: a libvirt domain (with `excluded` disk targets) or a list of disks."""
+    """Enable protection of a machine: a libvirt domain, its disk targets mapped to the VHDX files replicatord
+    serves it (`{"vda": "/vms/web1-os.vhdx"}`, as in replicatord.toml; `excluded` names targets; until the map
+    is given the host is not asked to protect it), or a list of disk files."""
 
     name: Name
     cloud: Name = Field(description="the primary cloud (it must be in a pair)")
     primary_host: HostRef | None = Field(None, description="the host it runs on (in the cloud)")
     replica_host: HostRef | None = Field(None, description="a host of the recovery cloud; default: chosen")
     domain: text(255, 1) | None = None
-    disks: list[DiskPath] = Field(default_factory=list, max_length=64)
+    disks: list[DiskPath] | dict[DiskTarget, DiskPath] = Field(
+        default_factory=list, max_length=64,
+        description="disk files; for a domain, its disk targets mapped to their VHDX files")
     excluded: list[DiskPath | DiskTarget] = Field(default_factory=list, max_length=64)
     policy: Name | None = Field(None, description="default: the pair's policy")
 
     @model_validator(mode="after")
     def _what(self):
-        if (self.domain is None) == (not self.disks):
+        if self.domain is None and not self.disks:
             raise ValueError("give either domain (a libvirt domain) or disks (paths), not both, not neither")
-        if len(set(self.disks)) != len(self.disks):
+        if self.domain is None and isinstance(self.disks, dict):
+            raise ValueError("disks: only a domain maps disk targets to VHDX files; a machine lists its disk files")
+        if self.domain is not None and self.disks and not isinstance(self.disks, dict):
+            raise ValueError("disks: a domain maps its disk targets to VHDX files ({\"vda\": \"/vms/x.vhdx\"}), "
+                             "not a list (give either domain and that map, or a list of disks)")
+        files = list(self.disks.values()) if isinstance(self.disks, dict) else self.disks
+        if len(set(files)) != len(files):
             raise ValueError("disks: a disk is listed twice")
-        if self.disks and set(self.excluded) & set(self.disks):
+        if set(self.excluded) & set(self.disks):
             raise ValueError("excluded: a disk cannot be both protected and excluded")
         return self
 
@@ -370,7 +372,7 @@ class MachineOut(Out):
     primary_host: str | None
     replica_host: str | None
     domain: str | None
-    disks: list[str]
+    disks: list[str] | dict[str, str]
     excluded: list[str]
     policy: str | None
     desired_state: Literal["enabled", "paused", "disabled"]

@@ -134,3 +134,17 @@ def test_reverse_and_failback_of_a_disabled_machine_are_refused(controller):
     ok(c.post("/v1/machines/vm01/disable"), 202)
     refused(c.post("/v1/machines/vm01/failback"), 409, "disabled")
     assert ok(c.get("/v1/machines/vm01"))["direction"] == "reversed"
+
+
+def test_a_report_with_nan_or_infinity_is_refused_on_both_databases(controller, tmp_path):
+    """NaN and Infinity (Python's JSON reads them) in a host's status were stored as null on SQLite and refused
+    by PostgreSQL with the database's own words: both now refuse the report in one line, and the last good one
+    stands."""
+    hosts = _fleet(controller, tmp_path)
+    good = {"revision": 1, "status": {"machines": [], "replica": None}}
+    ok(hosts["rb1"].post("/v1/hosts/self/report", json=good))
+    for raw in ('{"x": NaN}', '{"x": [1, Infinity]}', '{"a": {"b": -Infinity}}'):
+        body = '{"revision": 1, "status": %s}' % raw
+        refused(hosts["rb1"].post("/v1/hosts/self/report", content=body, headers={"content-type": "application/json"}),
+                422, "not finite")
+    assert ok(controller.client.get("/v1/hosts/rb1/report"))["status"] == good["status"]

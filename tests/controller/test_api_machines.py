@@ -1,6 +1,8 @@
 """Machines, jobs, failover requests and recovery plans through the REST API, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from replicator.controller import jobs as jobq
 from replicator.controller import models as m
 
@@ -194,3 +196,31 @@ def test_change_a_machines_policy_or_move_its_replica(controller):
     refused(c.patch("/v1/machines/ghost", json={}), 404)
     assert ok(c.patch("/v1/machines/vm01", json={}))["replica_host"] == "rb2"
     assert len(ok(c.get("/v1/jobs", params={"kind": "reconfigure-protection"}))) == 2, "no change, no job"
+
+
+def test_a_domain_machine_with_its_disk_map_is_rendered_to_its_host(controller, tmp_path):
+    """A libvirt domain enabled with its disk targets mapped to VHDX files reaches its primary host as
+    replicatord.toml would say it (`domain`, `disks = { vda = ... }`), accepted by replicatord's parser; the map
+    is checked like the file (a list for a domain, a map without one: one line each)."""
+    from replicator.controller import desired
+    from replicator.controller import models as m
+    from replicator.orchestration.settings import parse_config_data
+    deployment(controller)
+    c = controller.client
+    for body, why in (({"domain": "web1", "disks": ["/vm/a.vhdx"]}, "not a list"),
+                      ({"disks": {"vda": "/vm/a.vhdx"}}, "only a domain maps"),
+                      ({"domain": "web1", "disks": {"VDA!": "/vm/a.vhdx"}}, "disks"),
+                      ({"domain": "web1", "disks": {"vda": "/vm/a.vhdx", "vdb": "/vm/a.vhdx"}}, "listed twice")):
+        refused(c.post("/v1/machines", json={"name": "web1", "cloud": "gold", "primary_host": "pa1", **body}), 422, why)
+    x = ok(c.post("/v1/machines", json={"name": "web1", "cloud": "gold", "primary_host": "pa1", "domain": "web1",
+                                        "disks": {"vda": "/vm/web1-os.vhdx", "vdb": "/vm/web1-data.vhdx"},
+                                        "excluded": ["vdc"]}), 201)
+    assert x["disks"] == {"vda": "/vm/web1-os.vhdx", "vdb": "/vm/web1-data.vhdx"}
+    with controller.store.session() as s:
+        host = s.scalars(select(m.Host).where(m.Host.hostname == "pa1")).one()
+        cfg = desired.render(s, host)["config"]
+    [entry] = [e for e in cfg["machine"] if e["name"] == "web1"]
+    assert entry["domain"] == "web1" and entry["disks"] == {"vda": "/vm/web1-os.vhdx", "vdb": "/vm/web1-data.vhdx"}
+    config = parse_config_data(cfg, base_dir=str(tmp_path))
+    [web1] = [mm for mm in config.machines if mm.name == "web1"]
+    assert web1.domain == "web1" and dict(web1.targets) == {"vda": "/vm/web1-os.vhdx", "vdb": "/vm/web1-data.vhdx"}

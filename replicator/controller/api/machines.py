@@ -53,7 +53,7 @@ def machine_out(x: m.Machine) -> sc.MachineOut:
     return sc.MachineOut(
         id=x.id, name=x.name, cloud=x.cloud.name,
         primary_host=x.primary_host.hostname if x.primary_host else None,
-        replica_host=x.replica_host.hostname if x.replica_host else None, domain=x.domain, disks=list(x.disks),
+        replica_host=x.replica_host.hostname if x.replica_host else None, domain=x.domain, disks=_disks(x.disks),
         excluded=list(x.excluded), policy=effective_policy(x).name if effective_policy(x) else None,
         desired_state=x.desired_state, observed_state=x.observed_state, health=x.health,
         rpo_seconds=x.rpo_seconds, last_success_at=x.last_success_at,
@@ -146,7 +146,7 @@ def enable_protection(body: sc.MachineIn, s: DB, request: Request, who: Principa
         replica = _place_replica(s, recovery) if recovery else None
     _same_auth(cloud.pair, policy)
     x = m.Machine(name=body.name, cloud=cloud, primary_host=primary, replica_host=replica, domain=body.domain,
-                  disks=list(body.disks), excluded=list(body.excluded), policy=policy, desired_state="enabled",
+                  disks=_disks(body.disks), excluded=list(body.excluded), policy=policy, desired_state="enabled",
                   owner_site_id=cloud.site_id)
     s.add(x)
     s.flush()
@@ -306,3 +306,8 @@ def failback_machine(s: DB, request: Request, name: str = NamePath, who: Princip
     note(request, f"machine/{name}", action="failback")
     x = one(s, m.Machine, "machine", lock=True, name=name)
     return job_out(failover.request_failback(s, x, who.name))
+
+
+def _disks(disks):
+    """A domain's {target: VHDX} as it is, a machine's disk files as a list."""
+    return dict(disks) if isinstance(disks, dict) else list(disks or [])
