@@ -334,15 +334,15 @@ def get_desired(s: DB, host: Self) -> dict:
     return doc
 
 
-def _placed_on(s: Session, host: m.Host, names=None) -> list[m.Machine]:
-    """The machines this host is the primary or the replica host of (of these names, if given)."""
-    q = select(m.Machine).where((m.Machine.primary_host_id == host.id) | (m.Machine.replica_host_id == host.id))
-    if names is not None:
-        q = q.where(m.Machine.name.in_(names))
-    return list(s.scalars(q))
+def _placed_on(s: Session, host: m.Host) -> tuple[list[m.Machine], set[int]]:
+    """The machines this host is the primary or the replica host of, and which of them are reversed
+    (history.reversed_ids): read once per report, for both _observe and _points."""
+    machines = list(s.scalars(select(m.Machine).where(
+        (m.Machine.primary_host_id == host.id) | (m.Machine.replica_host_id == host.id))))
+    return machines, history.reversed_ids(s, machines)
 
 
-def _observe(s: Session, host: m.Host, status: dict) -> None:
+def _observe(s: Session, host: m.Host, status: dict, placed: tuple[list[m.Machine], set[int]]) -> None:
     """The machines this host protects take its report's state, health, RPO and last success; each gets an
     RPO sample at most every history.SAMPLE_EVERY. This host protects a machine it is the primary host of,
     or the replica host of while the machine's direction is reversed (the primary host, which then holds the
@@ -352,10 +352,9 @@ def _observe(s: Session, host: m.Host, status: dict) -> None:
         return
     now = m.utcnow()
     sampled = []
-    machines = _placed_on(s, host, [n for n in entries if isinstance(n, str)])
-    reversed_ = history.reversed_ids(s, machines)
+    machines, reversed_ = placed
     for machine in machines:
-        if history.protecting_host_id(machine, reversed_) != host.id:
+        if machine.name not in entries or history.protecting_host_id(machine, reversed_) != host.id:
             continue
         e = entries[machine.name]
         stats = e.get("stats") if isinstance(e.get("stats"), dict) else {}
@@ -371,7 +370,8 @@ def _observe(s: Session, host: m.Host, status: dict) -> None:
     history.record(s, sampled, now)
 
 
-def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None) -> None:
+def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None,
+            placed: tuple[list[m.Machine], set[int]]) -> None:
     """A replica host's recovery points, for the machines whose replica it holds (placed on it as their
     replica; while a machine is reversed, its primary host holds the way back's). A name the host
     qualifies with its storage (NAME@ROOT, when it holds machines in several) counts as NAME if only one does."""
@@ -385,9 +385,8 @@ def _points(s: Session, host: m.Host, reported: dict[str, list[PointIn]] | None)
     for base, keys in bases.items():
         if base not in by_name and len(keys) == 1:
             by_name[base] = by_name[keys[0]]
-    placed = _placed_on(s, host)
-    reversed_ = history.reversed_ids(s, placed)
-    machines = [x for x in placed if history.replica_side_host_id(x, reversed_) == host.id]
+    machines, reversed_ = placed
+    machines = [x for x in machines if history.replica_side_host_id(x, reversed_) == host.id]
     history.store_points(s, host, machines, by_name, m.utcnow())
 
 
@@ -439,8 +438,9 @@ def _applied(s: Session, host: m.Host, body: ReportIn) -> None:
 @router.post("/v1/hosts/self/report", response_model=ReportOut, responses=ERRORS)
 def report(body: ReportIn, s: DB, host: Self) -> dict:
     """The host's status, jobs and problems; the answer says the newest revision (a host sees it is behind)."""
-    _observe(s, host, body.status)
-    _points(s, host, body.points)
+    placed = _placed_on(s, host)
+    _observe(s, host, body.status, placed)
+    _points(s, host, body.points, placed)
     _applied(s, host, body)
     failover.follow(s, host, body.operations)            # failover steps this host runs, owner leases
     doc = body.model_dump()
