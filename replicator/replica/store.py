@@ -674,8 +674,7 @@ class ReplicaDisk:
     # ------------------------------------------------------------------ recovery points
     def set_retention(self, additional_points: int) -> None:
         with self.exclusive():
-            if not 0 <= additional_points <= 24:
-                raise UsageError("additional recovery points must be between 0 and 24")
+            _check_retention(additional_points)
             self.state.additional_points = additional_points
             self._save()
             self._retain()
@@ -683,17 +682,17 @@ class ReplicaDisk:
     def _retain(self) -> None:
         """Keep the points retention.keep_points names (the latest, hourly, application-consistent)."""
         pts = self.state.points
-        keep = set(keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points))
-        keep |= self._machine_cut_points()
+        keep = self._rule_points() | self._machine_cut_points()
         for i in sorted(set(range(len(pts))) - keep, reverse=True):
             self._drop_point(i)
 
     def held_for_siblings(self) -> set[int]:
         """Generations kept only by _machine_cut_points, not by the retention rule: a machine's listing shows
         such a point only while it is the newest cut all disks hold (replica_site.ReplicatedMachine)."""
-        pts = self.state.points
-        rule = set(keep_points([(p.time, p.consistency) for p in pts], self.state.additional_points))
-        return {pts[i].generation for i in self._machine_cut_points() - rule}
+        return {self.state.points[i].generation for i in self._machine_cut_points() - self._rule_points()}
+
+    def _rule_points(self) -> set[int]:
+        return set(keep_points([(p.time, p.consistency) for p in self.state.points], self.state.additional_points))
 
     def _machine_cut_points(self) -> set[int]:
         """A disk of a machine with several disks keeps the points of its two newest cuts besides what the
@@ -824,8 +823,8 @@ class ReplicaDisk:
             # everything is checked before anything changes: a refused checkpoint must not drop points
             if disks is not None and not 1 <= disks <= MAX_MACHINE_DISKS:
                 raise UsageError(f"a machine has 1 to {MAX_MACHINE_DISKS} disks, not {disks}")
-            if additional_points is not None and not 0 <= additional_points <= 24:
-                raise UsageError("additional recovery points must be between 0 and 24")
+            if additional_points is not None:
+                _check_retention(additional_points)
             if generation != self.state.generation:
                 raise SequenceError(f"checkpoint names generation {generation} of disk {self.state.disk_id}, the "
                                     f"replica holds {self.state.generation}")
@@ -884,6 +883,11 @@ class ReplicaDisk:
             return _stamp(self.state_path) == self._stamp
         except FileNotFoundError:
             return False
+
+
+def _check_retention(additional_points: int) -> None:
+    if not 0 <= additional_points <= 24:
+        raise UsageError("additional recovery points must be between 0 and 24")
 
 
 def _held(lock_path: str) -> bool:

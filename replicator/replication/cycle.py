@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import delta
+from ..delta.format import read_header
 from ..errors import ReplicatorError, SequenceError
 from ..hrl import HrlReader
 from ..targets import ReplicaTarget
@@ -186,7 +187,7 @@ class DiskReplicator:
             await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
             return generation
         path = os.path.join(self.outbox, f"{stream_id}.delta")
-        if self._complete(path) is not None:  # a stream from an interrupted run is resent byte for byte
+        if self._complete(path):              # a stream from an interrupted run is resent byte for byte
             point = await self._send(stream_id, path, result, None)
         else:
             log_path = os.path.join(self.tracker.sidecar.logs_dir, rec.name)
@@ -244,17 +245,16 @@ class DiskReplicator:
         return out
 
     @staticmethod
-    def _complete(path: str):
-        """The header of a whole, valid stream left in the outbox, else None (a partial one is removed)."""
+    def _complete(path: str) -> bool:
         if not os.path.exists(path):
-            return None
+            return False
         try:
             with open(path, "rb") as f:
-                header, _ = delta.verify_stream(f)
-            return header
+                delta.verify_stream(f)
+            return True
         except ReplicatorError:
             os.unlink(path)
-            return None
+            return False
 
     async def _check_diverged(self, generation: int, committed) -> None:
         """A pending stream built on a generation the replica no longer holds can never apply: something
@@ -265,8 +265,12 @@ class DiskReplicator:
             if stream_id in committed:
                 continue
             path = os.path.join(self.outbox, f"{stream_id}.delta")
-            header = self._complete(path)
-            if header is not None and header.base_generation != generation:
+            try:                              # its header says where it applies (_ship_log checks the rest)
+                with open(path, "rb") as f:
+                    header, _ = read_header(f.read, path)
+            except (OSError, ReplicatorError):
+                return                        # none, or unreadable: _ship_log encodes it again
+            if header.base_generation != generation:
                 os.unlink(path)
                 await self._tracker("replica_diverged",
                                     f"the replica moved to generation {generation} without this disk's stream "

@@ -662,11 +662,7 @@ class ReplicaServer:
         try:
             try:
                 limit = _upload_limit(disk.state.size) - upload.size
-                if first:
-                    self.counters["bytes_received"] += len(first)
-                    writer.received += len(first)
-                    await writer.feed(first)
-                async for chunk in request.content.iter_any():
+                async for chunk in _body_chunks(first, request):
                     self.counters["bytes_received"] += len(chunk)
                     writer.received += len(chunk)
                     if writer.received > limit:
@@ -785,6 +781,14 @@ async def _json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise UsageError("request body must be a JSON object")
     return body
+
+
+async def _body_chunks(first: bytes, request: web.Request):
+    """The upload's body: the header already read (_stream_header), then the rest as it arrives."""
+    if first:
+        yield first
+    async for chunk in request.content.iter_any():
+        yield chunk
 
 
 def _is_int(v) -> bool:
