@@ -68,13 +68,15 @@ def replace_policy(body: sc.PolicyIn, s: DB, request: Request, name: str = NameP
         if why:
             raise conflict(f"pair {pair.name!r}: {why}")
     s.flush()
-    for pair in s.scalars(select(m.CloudPair).join(m.PolicyAssociation).where(m.PolicyAssociation.policy_id == p.id)):
-        if why := auth_mismatch(s, pair, p):
-            raise conflict(why)
-    for x in s.scalars(select(m.Machine).where(m.Machine.policy_id == p.id)):
-        pair = x.cloud.pair
-        if pair is not None and pair.association is not None and (why := auth_mismatch(s, pair,
-                                                                                       pair.association.policy)):
+    # each pair checked once: those following p, then those of machines with p as their own policy
+    checked = set()
+    pairs = list(s.scalars(select(m.CloudPair).join(m.PolicyAssociation).where(m.PolicyAssociation.policy_id == p.id)))
+    pairs += [x.cloud.pair for x in s.scalars(select(m.Machine).where(m.Machine.policy_id == p.id))]
+    for pair in pairs:
+        if pair is None or pair.association is None or pair.id in checked:
+            continue
+        checked.add(pair.id)
+        if why := auth_mismatch(s, pair, pair.association.policy):
             raise conflict(why)
     p.updated_at = m.utcnow()
     s.flush()
