@@ -80,6 +80,14 @@ def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
 
 
+def success_time(stats: dict) -> dt.datetime | None:
+    """A status entry's stats.last_replication_time (seconds since the epoch) as a UTC time, if it is one."""
+    last = stats.get("last_replication_time")
+    if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
+        return dt.datetime.fromtimestamp(last, dt.timezone.utc)
+    return None
+
+
 def _count(v) -> int | None:
     n = _number(v)
     return int(n) if n is not None and 0 <= n < 2 ** 63 else None

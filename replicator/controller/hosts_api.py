@@ -362,9 +362,8 @@ def _observe(s: Session, host: m.Host, status: dict, placed: tuple[list[m.Machin
         machine.health = str(stats.get("health"))[:32] if stats.get("health") is not None else None
         rpo = stats.get("achieved_rpo")
         machine.rpo_seconds = float(rpo) if isinstance(rpo, (int, float)) and not isinstance(rpo, bool) else None
-        last = stats.get("last_replication_time")
-        if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
-            machine.last_success_at = dt.datetime.fromtimestamp(last, dt.timezone.utc)
+        if (last := history.success_time(stats)) is not None:
+            machine.last_success_at = last
         machine.observed_at = now
         sampled.append((machine, e))
     history.record(s, sampled, now)

@@ -3,13 +3,11 @@ the job waits for the host that must carry it out (its `host`) and says so; the 
 ends. Nothing here pretends a host did something it has not reported."""
 from __future__ import annotations
 
-import datetime as dt
-
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import object_session
 
-from .. import desired, failover, jobs
+from .. import desired, failover, history, jobs
 from .. import models as m
 from .. import schemas as sc
 from ..auth import Principal, operator, reader
@@ -43,9 +41,7 @@ def extended_status(x: m.Machine) -> sc.MachineExtendedOut | None:
     out.state = str(leg["state"])[:64] if leg.get("state") is not None else None
     out.reason = str(leg["reason"])[:2000] if leg.get("reason") is not None else None
     out.health = str(stats["health"])[:32] if stats.get("health") is not None else None
-    last = stats.get("last_replication_time")
-    if isinstance(last, (int, float)) and not isinstance(last, bool) and 0 < last < 1e11:
-        out.last_success_at = dt.datetime.fromtimestamp(last, dt.timezone.utc)
+    out.last_success_at = history.success_time(stats)
     return out
 
 
