@@ -76,8 +76,7 @@ def create_key(args, store) -> int:
         print(f"replicator-controller: error: --expires must be 60 s to 30 days, not {args.expires}", file=sys.stderr)
         return 2
     ca = CertificateAuthority.open(args.data)
-    host, port = args.listen
-    url = args.public_url or f"https://{host if ':' not in host else f'[{host}]'}:{port}"
+    url = public_url(args)
     with store.session() as s:
         site = s.scalar(select(m.Site).where(m.Site.name == args.site))
         if site is None:
@@ -112,6 +111,12 @@ class StoppableServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def public_url(args) -> str:
+    """The URL hosts reach the controller at, as registration keys name it: --public-url, else the listener."""
+    host, port = args.listen
+    return args.public_url or f"https://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
 def listener_options(args, app) -> dict:
     """uvicorn options of the listener beyond host and port: HTTPS with the deployment CA's certificate for
     the listen address and --name names, client certificates optional (a registering host has none) but
@@ -120,9 +125,9 @@ def listener_options(args, app) -> dict:
     import socket
 
     from .tls import uvicorn_options
-    host, port = args.listen
+    host = args.listen[0]
     app.state.ca.lifetime = dt.timedelta(seconds=args.cert_lifetime)
-    app.state.public_url = args.public_url or f"https://{host if ':' not in host else f'[{host}]'}:{port}"
+    app.state.public_url = public_url(args)
     names = [host, *args.name] + ([socket.getfqdn()] if host in ("0.0.0.0", "::") else [])
     return uvicorn_options(app.state.ca, names)
 
