@@ -50,9 +50,10 @@ def observed_machines(s: DB, machine: str | None = Query(None, pattern=sc.NAME_P
         q = q.where(m.Machine.name == machine)
     machines = list(s.scalars(q))
     reversed_ = history.reversed_ids(s, machines)
-
-    def sides(x: m.Machine) -> tuple[m.Host | None, m.Host | None]:
+    out = []
+    for x in machines:
         # while reversed, the recovery host protects the machine and the primary host holds its replica
-        return (x.replica_host, x.primary_host) if x.id in reversed_ else (x.primary_host, x.replica_host)
-    return [ObservedMachine(machine=x.name, primary=_side(sides(x)[0], x.name), replica=_side(sides(x)[1], x.name))
-            for x in machines]
+        protecting, holding = (x.replica_host, x.primary_host) if x.id in reversed_ else (x.primary_host,
+                                                                                          x.replica_host)
+        out.append(ObservedMachine(machine=x.name, primary=_side(protecting, x.name), replica=_side(holding, x.name)))
+    return out
