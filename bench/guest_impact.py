@@ -295,6 +295,10 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
         self.primary.stop()
         self.replica.stop()
 
+    def export_pid(self) -> int | None:
+        sock = self.uri.split("socket=", 1)[-1]
+        return export_pid(sock)
+
     def tracking(self) -> dict:
         d = self.primary.machine()["disks"]["primary.vhdx"]
         return {"tracking": d["tracking"], "reason": d["reason"]}
@@ -322,19 +326,22 @@ class Fio:
         if args.rate:
             self.argv.append(f"--rate={args.rate}")
 
-    def start(self) -> "Fio":
+    def start(self, server_pid: int | None = None) -> "Fio":
+        """server_pid: the process serving the disk (qemu-nbd, our export), whose CPU time is measured."""
+        self.server_pid, self.cpu0 = server_pid, cpu_seconds(server_pid)
         self.t0 = time.time()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         return self
 
     def wait(self) -> "Fio":
         _, err = self.proc.communicate(timeout=3600)
+        self.cpu1, self.t1 = cpu_seconds(self.server_pid), time.time()
         if self.proc.returncode:
             raise RuntimeError(f"fio failed ({self.proc.returncode}): {err.strip()[-2000:]}")
         return self
 
-    def run(self) -> "Fio":
-        return self.start().wait()
+    def run(self, server_pid: int | None = None) -> "Fio":
+        return self.start(server_pid).wait()
 
     def results(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """Completion times (epoch s) and total latencies (s) of every I/O, and fio's own summary."""
@@ -348,6 +355,32 @@ class Fio:
         w = job["write"]
         summary = {"fio_iops": round(w["iops"], 1), "fio_ios": w["total_ios"], "fio_runtime_s": job["job_runtime"] / 1e3}
         return a[:, 0] / 1e3, a[:, 1] / 1e9, summary
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds of a process and all its threads so far."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def export_pid(nbd_socket: str) -> int | None:
+    """The export process serving this socket (its command line names it)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"replicator.tracking.shim" in argv and nbd_socket.encode() in argv:
+                return int(d)
+    return None
 
 
 def stats(done: np.ndarray, lat: np.ndarray, windows: list[tuple[float, float]] | None) -> dict:
@@ -383,6 +416,8 @@ def measure(fio: Fio, windows=None) -> dict:
     r.update(summary)
     r["run_s"] = round(float(done.max() - (done - lat).min()), 2)
     r["rate_bound"] = bool(fio.rate) and bool(r["iops"] * fio.bs >= 0.95 * fio.rate)
+    if fio.cpu0 is not None and fio.cpu1 is not None:       # cores the server used while fio ran
+        r["server_cores"] = round((fio.cpu1 - fio.cpu0) / max(1e-6, fio.t1 - fio.t0), 3)
     return r
 
 
@@ -397,7 +432,7 @@ def phase_qemu(work: str, corpus_vhdx: str, jobs, args, region, logs: str) -> di
     try:
         wait_for(lambda: os.path.exists(sock), "qemu-nbd's socket", proc=proc)
         for job in jobs:
-            out[job] = measure(Fio(logs, "e", job, f"nbd+unix:///d?socket={sock}", args, region).run())
+            out[job] = measure(Fio(logs, "e", job, f"nbd+unix:///d?socket={sock}", args, region).run(proc.pid))
             log("e", job, brief(out[job]))
     finally:
         proc.terminate()
@@ -408,7 +443,7 @@ def phase_qemu(work: str, corpus_vhdx: str, jobs, args, region, logs: str) -> di
 
 def brief(r: dict) -> str:
     return (f"{r['iops']:.0f} IOPS over {r['window_s']} s, median {r['median_ms']} ms, p99.9 {r['p999_ms']} ms, "
-            f"max {r['max_ms']} ms")
+            f"max {r['max_ms']} ms, server {r.get('server_cores')} cores")
 
 
 def job_window(site: Site, job_id: str, until) -> tuple[float, float, dict]:
@@ -428,7 +463,7 @@ def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region,
     """A fresh site, fio, and 0.5 s into it the initial replication; returns (result, site or None)."""
     site = Site(work, pki, corpus_vhdx, "c").start()
     try:
-        fio = Fio(logs, "c", job, site.uri, args, region).start()
+        fio = Fio(logs, "c", job, site.uri, args, region).start(site.export_pid())
         time.sleep(0.5)
         body = site.primary.ok("POST", "/v1/machines/vm/cycle?wait=0")
         job_id = body["job"]["id"]
@@ -465,7 +500,7 @@ def phase_paused(site: Site, job: str, args, region, logs: str) -> dict:
     fresh_log(site)
     site.primary.ok("POST", "/v1/machines/vm/pause")
     assert site.primary.machine()["state"] == "Suspended"
-    r = measure(Fio(logs, "a", job, site.uri, args, region).run())
+    r = measure(Fio(logs, "a", job, site.uri, args, region).run(site.export_pid()))
     r["state"] = site.primary.machine()["state"]
     r.update(site.tracking())
     site.primary.ok("POST", "/v1/machines/vm/resume")
@@ -486,7 +521,7 @@ def phase_steady(site: Site, job: str, args, region, logs: str) -> dict:
                            "bytes": (body.get("last_cycle") or {}).get("bytes_sent")})
             nxt = max(nxt + args.cycle_every, time.time())
 
-    fio = Fio(logs, "b", job, site.uri, args, region).start()
+    fio = Fio(logs, "b", job, site.uri, args, region).start(site.export_pid())
     th = threading.Thread(target=driver) if args.cycle_every else None
     if th:
         th.start()
@@ -513,7 +548,7 @@ def phase_steady(site: Site, job: str, args, region, logs: str) -> dict:
 
 
 def phase_resync(site: Site, job: str, args, region, logs: str) -> dict:
-    fio = Fio(logs, "d", job, site.uri, args, region).start()
+    fio = Fio(logs, "d", job, site.uri, args, region).start(site.export_pid())
     time.sleep(0.5)
     windows, jobs = [], []
     end_by = fio.t0 + args.runtime
@@ -569,21 +604,22 @@ def markdown(report: dict) -> str:
     if s.get("note"):
         lines += [s["note"], ""]
     for job in s["jobs"]:
-        lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s | server cores |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in ORDER:
             r = report["phases"].get(p, {}).get(job)
             if r:
                 star = " *" if r.get("rate_bound") else ""
                 lines.append(f"| {p}: {PHASES[p]} | {r['iops']:,.0f}{star} | {r['median_ms']} | {r['p99_ms']} | "
-                             f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} |")
+                             f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} | {r.get('server_cores', '')} |")
         c = report["ratios"][job]
         lines += ["", f"steady/paused IOPS {c['steady_over_paused_iops']} (target >= 0.9), paused/qemu-nbd "
                   f"{c['paused_over_qemu_iops']} (>= 1.0), steady/qemu-nbd {c['steady_over_qemu_iops']}; worst "
                   "completion minus qemu-nbd's (<= 50 ms): " + ", ".join(
                       f"{p} {v} ms" for p, v in c["worst_minus_qemu_ms"].items()) + "; p99.9 / qemu-nbd's (<= 2): "
                   + ", ".join(f"{p} {v}" for p, v in c["p999_over_qemu"].items()), ""]
-    lines += ["`*`: the job ran at the rate cap (IOPS there show only that the server kept up).", ""]
+    lines += ["`*`: the job ran at the rate cap (IOPS there show only that the server kept up). Server cores: "
+              "CPU time of qemu-nbd (e) or of our export process (a-d) over fio's run, per second.", ""]
     if report["problems"]:
         lines += ["Problems:", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(lines)

@@ -12,25 +12,57 @@ import time
 import uuid
 
 from ..disk.base import pwrite_all
+from ..disk.raw import zero_range
 from ..errors import DiskIOError
 from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, MetadataEntry, checksum,
                      entries_per_block, hrl_time, pack_metadata)
 
 
 BUFFER = 256 << 10                     # appended data is written in pieces of about this size
+GROW = 64 << 20                       # the file is extended this far ahead of the log's end
 ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are logged in 1 GiB pieces
 ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
+
+
+def take_spare(spare: str, path: str) -> int:
+    """Open the spare log file `spare` as the new log `path` (-1 when there is none).
+
+    Why: a new file's pages are fresh page-cache memory, and on a virtual machine whose free memory went
+    back to the host each fresh page costs a fault in the host; writing the appends into such pages was
+    measured 20x slower than over pages a file already holds (343 against 7,065 MiB/s). A shipped log's
+    file, kept as the spare, keeps its pages and its blocks. The new header goes over the old one at once;
+    a crash before that leaves the old bytes under the new name, which nothing trusts: a tracker that
+    stopped without a clean shutdown resyncs, and the state names only sealed logs."""
+    try:
+        fd = os.open(spare, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return -1
+    try:
+        if os.path.exists(path):
+            raise FileExistsError(path)
+        os.rename(spare, path)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 class HrlWriter:
     def __init__(self, path: str, *, previous_unique_id: uuid.UUID = uuid.UUID(int=0),
                  vhd2_data_write_guid: uuid.UUID = uuid.UUID(int=0), metadata_size: int = DEFAULT_METADATA_SIZE,
-                 unique_id: uuid.UUID | None = None):
+                 unique_id: uuid.UUID | None = None, recycle: str | None = None):
+        """recycle: an old log file to write this one over, if it exists (see take_spare)."""
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as e:
-            raise DiskIOError(f"{path}: cannot create log: {e.strerror}") from None
+        self.file_end = 0                     # the file's size: past the log's end only until the seal
+        self.stale_end = 0                    # a recycled file holds the old log's bytes up to here
+        self.fd = take_spare(recycle, path) if recycle else -1
+        if self.fd >= 0:
+            self.file_end = self.stale_end = os.fstat(self.fd).st_size
+        else:
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise DiskIOError(f"{path}: cannot create log: {e.strerror}") from None
         now = hrl_time(time.time())
         self.metadata_size = metadata_size
         self.per_block = entries_per_block(metadata_size)
@@ -77,8 +109,15 @@ class HrlWriter:
 
     def append_zeroes(self, disk_offset: int, length: int) -> None:
         """Record zeroing as writes of zeros (MS-HRL knows only writes). The zeros are a hole in the log
-        file: they cost no space and read back as zeros."""
+        file: they cost no space and read back as zeros. In a recycled file the old log's bytes are
+        zeroed first (a hole punched where the file system can)."""
         self._drain()
+        if self.cursor < self.stale_end:
+            start, end = self.cursor, min(self.cursor + length, self.stale_end)
+            try:
+                zero_range(self.fd, start, end - start)
+            except OSError as e:
+                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
         while length:
             n = min(length, ZERO_PIECE)
             self.cursor += n
@@ -112,6 +151,12 @@ class HrlWriter:
         self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
                                          last_modified_timestamp=hrl_time(time.time()),
                                          total_metadata_entries=self.total_entries)
+        if self.file_end > self.cursor:     # recycled or grown ahead: the log is exactly its bytes
+            try:
+                os.ftruncate(self.fd, self.cursor)
+            except OSError as e:
+                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+            self.file_end = self.cursor
         if durable:
             self._fsync()                 # data and metadata before the header that vouches for them
         self._write(self.header.pack(), 0)
@@ -133,6 +178,12 @@ class HrlWriter:
 
     def _write(self, data, offset: int) -> None:
         try:
+            end = offset + len(data)
+            if end > self.file_end:
+                # The file grows in steps, not with every append: a write that extends the file updates
+                # the inode, and waits for it while a writeback of the file is writing that inode out.
+                self.file_end = end + GROW
+                os.ftruncate(self.fd, self.file_end)
             pwrite_all(self.fd, data, offset)
         except OSError as e:
             raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None

@@ -5,8 +5,10 @@ Next to DISK lives DISK.rpl/ with:
                acknowledged by the replica (each with the regions it touched), the disk's DataWriteGuid at
                the last clean stop; replaced atomically (temp file, fsync, rename, fsync of the directory).
 - dirty.bitmap one bit per tracking region: every region written since the oldest unacknowledged log.
-               A bit is made durable *before* the first write to its region, so after a crash the bitmap
-               is a superset of every change the replica may lack.
+               A bit reaches the page cache *before* the first write to its region, and is made durable
+               off the I/O path; so after a crash of our processes the bitmap (the kernel's copy) is a
+               superset of every change the replica may lack. After a crash of the host (state unclean,
+               written under another boot_id) it is not trusted: every region is compared.
 - logs/        the active and sealed .hrl files.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SidecarState:
     last_unique_id: str = "00000000-0000-0000-0000-000000000000"
     log_sequence: int = 0
     sealed_logs: list[SealedLogRecord] = field(default_factory=list)
+    boot_id: str | None = None   # the kernel boot the tracker last opened the disk in (None: before 2026-12)
 
 
 def pack_regions(bits: np.ndarray) -> str:
@@ -127,9 +130,10 @@ class Sidecar:
         bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:n_regions]
         return np.concatenate((bits, np.zeros(n_regions - len(bits), dtype=np.uint8))).astype(bool)
 
-    def persist_bitmap(self, bits: np.ndarray, regions: np.ndarray) -> None:
-        """Make the given regions' bits durable (rewrites only the bytes holding them). The bits are packed
-        under the lock, so a rewrite on a worker thread and the I/O path's marking never undo each other."""
+    def persist_bitmap(self, bits: np.ndarray, regions: np.ndarray, durable: bool = True) -> None:
+        """Write the given regions' bits (only the bytes holding them), and with durable=True make them
+        durable. The bits are packed under the lock, so a rewrite on a worker thread and the I/O path's
+        marking never undo each other."""
         with self._bitmap_lock:
             if self._bitmap_fd < 0:
                 self._bitmap_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
@@ -138,9 +142,18 @@ class Sidecar:
             lo, hi = int(regions.min()) // 8, int(regions.max()) // 8 + 1
             try:
                 os.pwrite(self._bitmap_fd, packed[lo:hi], lo)
-                os.fdatasync(self._bitmap_fd)
+                if durable:
+                    os.fdatasync(self._bitmap_fd)
             except OSError as e:
                 raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
+
+    def sync_bitmap(self) -> None:
+        with self._bitmap_lock:
+            if self._bitmap_fd >= 0:
+                try:
+                    os.fdatasync(self._bitmap_fd)
+                except OSError as e:
+                    raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
 
     def rewrite_bitmap(self, bits: np.ndarray) -> None:
         self.persist_bitmap(bits, np.array([0, max(0, len(bits) - 1)]))
@@ -149,3 +162,12 @@ class Sidecar:
         if self._bitmap_fd >= 0:
             os.close(self._bitmap_fd)
             self._bitmap_fd = -1
+
+
+def current_boot_id() -> str | None:
+    """This kernel boot's identity: a state left unclean under another one means the host went down."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:                                    # pragma: no cover - not Linux
+        return None

@@ -18,8 +18,11 @@ from ..errors import DiskIOError, ReplicatorError
 from ..hrl import HrlReader, HrlWriter
 from ..hrl.reader import LogNotSealed
 from ..vhdx import VhdxDisk
-from .state import (DEFAULT_REGION_SIZE, SealedLogRecord, Sidecar, SidecarState, TrackingState, pack_regions,
-                    unpack_regions)
+from .state import (DEFAULT_REGION_SIZE, SealedLogRecord, Sidecar, SidecarState, TrackingState, current_boot_id,
+                    pack_regions, unpack_regions)
+
+SPARE_LOG = "spare.hrl"        # a shipped log's file, kept for the next log to be written over
+RECYCLE_MAX = 2 << 30          # the most of it kept (disk space held for it while no log uses it)
 
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -64,9 +67,14 @@ class TrackedDisk:
     # ------------------------------------------------------------------ open
     def _open_state(self, region_size: int) -> None:
         sc = self.sidecar
+        host_crashed = False
         if sc.exists():
             self.state = sc.load()
-            reason = self._find_trigger()
+            boot = current_boot_id()
+            host_crashed = (not self.state.clean and self.state.boot_id is not None and boot is not None
+                            and self.state.boot_id != boot)
+            reason = ("the host went down while the disk was in use: its dirty regions may not all have "
+                      "reached the disk" if host_crashed else self._find_trigger())
         else:
             sc.create_dirs()
             self.state = SidecarState(region_size=region_size, disk_size=self.size)
@@ -74,13 +82,15 @@ class TrackedDisk:
         self.n_regions = -(-self.size // self.state.region_size)
         self.dirty = self.sidecar.load_bitmap(self.n_regions)
         self.cycle = np.zeros(self.n_regions, dtype=bool)
-        self._marked = bytearray(self.n_regions)     # cycle bits whose dirty bit is durable (cheap to test)
+        self._marked = bytearray(self.n_regions)     # cycle bits whose dirty bit is written (cheap to test)
         if reason:
-            if self.state.state != TrackingState.RESYNC_REQUIRED.value and not self._bitmap_trustworthy(reason):
+            if host_crashed or (self.state.state != TrackingState.RESYNC_REQUIRED.value
+                                and not self._bitmap_trustworthy(reason)):
                 self.dirty[:] = True           # changes we never saw: every region must be compared
             self._require_resync(reason, persist=False)
         self.state.clean = False
-        self.sidecar.rewrite_bitmap(self.dirty)
+        self.state.boot_id = current_boot_id()
+        self.sidecar.rewrite_bitmap(self.dirty)      # durable, as is the state, before the first write
         self._start_log()
 
     @staticmethod
@@ -144,7 +154,8 @@ class TrackedDisk:
             try:
                 self.log = HrlWriter(os.path.join(self.sidecar.logs_dir, name),
                                      previous_unique_id=uuid.UUID(self.state.last_unique_id),
-                                     vhd2_data_write_guid=self.disk.data_write_guid)
+                                     vhd2_data_write_guid=self.disk.data_write_guid,
+                                     recycle=os.path.join(self.sidecar.logs_dir, SPARE_LOG))
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
@@ -206,7 +217,10 @@ class TrackedDisk:
         return self.disk.extents(offset, self.size - offset if length is None else length)
 
     def _mark(self, offset: int, length: int) -> None:
-        """Durably mark the regions a write touches before the write itself (see state.py)."""
+        """Mark the regions a write touches before the write itself, in the bitmap's page cache: that copy
+        survives any crash of ours, and after a crash of the host the bitmap is not trusted (see state.py).
+        A device flush here stalled the guest 5-48 ms at each first write to a region while replication
+        kept the device busy."""
         rs = self.state.region_size
         lo, hi = offset // rs, (offset + length - 1) // rs + 1
         if hi == lo + 1 and self._marked[lo]:       # the common case: a region already marked this cycle
@@ -215,7 +229,7 @@ class TrackedDisk:
         fresh = np.flatnonzero(~self.dirty[lo:hi]) + lo
         if len(fresh):
             self.dirty[fresh] = True
-            self.sidecar.persist_bitmap(self.dirty, fresh)
+            self.sidecar.persist_bitmap(self.dirty, fresh, durable=False)
         self._marked[lo:hi] = b"\x01" * (hi - lo)
 
     def _new_cycle(self) -> None:
@@ -366,7 +380,8 @@ class TrackedDisk:
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
         acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
         gone = [os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked]
-        self._later(lambda: remove_files(gone))
+        spare = os.path.join(self.sidecar.logs_dir, SPARE_LOG)
+        self._later(lambda: recycle_logs(gone, spare))
         self.state.sealed_logs = keep
         self._save_state()
         if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
@@ -402,9 +417,10 @@ class TrackedDisk:
         self.state.last_unique_id = ZERO_UUID
         self._new_cycle()
         self._start_log()
-        older = [os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
-                 if n != self.state.active_log]          # every older log, sealed or left open by a crash
-        self._later(lambda: remove_files(older))
+        older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
+                       if n not in (self.state.active_log, SPARE_LOG))   # sealed, or left open by a crash
+        spare = os.path.join(self.sidecar.logs_dir, SPARE_LOG)
+        self._later(lambda: recycle_logs(older, spare))
         return extents
 
     def end_resync(self) -> None:
@@ -453,10 +469,26 @@ class TrackedDisk:
             self.state.data_write_guid = str(self.disk.data_write_guid)
             self.state.active_log = None
             self.state.clean = True
+            self.sidecar.sync_bitmap()                 # a clean state vouches for the bitmap, after a reboot too
             self.sidecar.save(self.state)
         finally:
             self.sidecar.close()
             self.disk = None
+
+
+def recycle_logs(paths, spare: str) -> None:
+    """Shipped logs go, the newest kept as the spare the next log is written over (hrl.writer.take_spare),
+    cut to at most RECYCLE_MAX bytes."""
+    if not paths:
+        return
+    keep = paths[-1]
+    try:
+        if os.path.getsize(keep) > RECYCLE_MAX:
+            os.truncate(keep, RECYCLE_MAX)
+        os.replace(keep, spare)
+    except FileNotFoundError:
+        pass
+    remove_files(paths[:-1])
 
 
 def remove_files(paths) -> None:

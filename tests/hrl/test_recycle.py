@@ -164,8 +164,6 @@ def test_grow_steps_with_a_recycled_spare_smaller_than_the_log(tmp_path, monkeyp
     assert OLD * 16 not in path.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: append_zeroes leaves its data area unwritten (a hole in a new "
-                                       "file); in a recycled spare that area still holds the old log's bytes")
 def test_zero_run_over_a_spare_reads_back_as_zeros(tmp_path):
     spare, path = tmp_path / "spare.hrl", tmp_path / "00000002.hrl"
     old_log(spare)

@@ -169,8 +169,6 @@ def test_begin_resync_recycles_older_logs_and_keeps_the_spare(tmp_path):
     t.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a write_zeroes/trim logged into a recycled spare leaves the old "
-                                       "log's bytes as its data (HrlWriter.append_zeroes relies on a hole)")
 def test_zeroing_logged_into_a_recycled_log_replays(tmp_path):
     path, replica, t, logs = start(tmp_path)
     t.write(0, pattern(40, 3 * MiB))                              # log1: 3 MiB of non-zero data
