@@ -270,8 +270,8 @@ class _Connection(asyncio.Protocol):
             except OSError:                                # pragma: no cover - best effort
                 pass
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        if sock is not None and POLL_MAX_NS:
-            self.fd, self.poll = sock.fileno(), _AdaptivePoll()
+        if sock is not None and POLL_MAX_NS and transport.get_extra_info("sslcontext") is None:
+            self.fd, self.poll = sock.fileno(), _AdaptivePoll()     # polling reads the socket itself: no TLS
         transport.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
 
     def connection_lost(self, exc) -> None:
