@@ -20,7 +20,7 @@ from replicator.tracking.nbdclient import NbdClient
 from replicator.tracking.state import Sidecar
 from replicator.tracking.tracker import SPARE_LOG
 
-from .helpers import MiB, make_vhdx, pattern, read_vhdx, serving, tracked
+from .helpers import MiB, make_vhdx, pattern, read_vhdx, serving, tracked, wait_until
 
 GiB = 1 << 30
 OLD = b"\xa5"
@@ -339,3 +339,59 @@ def test_a_client_that_half_closes_after_its_requests_gets_every_reply(tmp_path)
         finally:
             c.close()
     t.close()
+
+
+# --------------------------------------------------------------------------- the real export process
+def test_kill9_of_the_export_keeps_every_region_marked_since_the_bits_were_cleared(tmp_path):
+    """The first write to a region goes to the bitmap's page cache only (no fdatasync). Through the real export
+    process: regions whose bits two acknowledgements cleared (durably) are written again, the export is
+    killed with SIGKILL (the page cache survives), and the reopened tracker's dirty regions cover every
+    write the replica lacks -- without falling back to comparing every region. The log written over the
+    spare in between is exactly what the guest wrote."""
+    import signal
+    from replicator.tracking.remote import ExportHandle
+    rs = 2 * MiB
+    path = make_vhdx(tmp_path / "d0.vhdx", 256 * MiB)
+    tracked(path).close()
+    run = tmp_path / "run"
+    run.mkdir()
+    h = ExportHandle("vm1", {"d0.vhdx": path}, str(run)).start()
+    killed = False
+    try:
+        d = h.disks["d0.vhdx"]
+        c = NbdClient(h.nbd_socket, "d0.vhdx")
+        try:
+            for r in (0, 5, 9):
+                c.pwrite(r * rs + 4096, pattern(r, 8192))
+            s1 = h.cut()[0]
+            d.acknowledge(s1.unique_id)                    # log 1's file becomes the spare
+            c.pwrite(20 * rs, pattern(20, 4096))
+            s2 = h.cut()[0]                                # the next log is written over the spare
+            d.acknowledge(s2.unique_id)                    # 0, 5 and 9 are clean again (durably)
+            assert d.dirty_extents() == [(20 * rs, rs)]
+            writes3 = [(5 * rs + 100 * 512, pattern(105, 3 * 4096)), (40 * rs, pattern(140, 300_000))]
+            for off, data in writes3:
+                c.pwrite(off, data)
+            s3 = h.cut()[0]
+            with HrlReader(s3.path, 256 * MiB) as r:        # exact, though written over log 1's file
+                assert [(w.offset, r.read_data(w)) for w in r.writes] == writes3
+                assert os.path.getsize(s3.path) == r.header.eol_location
+            c.pwrite(9 * rs + 512, pattern(109, 512))      # marked in the page cache only
+            c.pwrite(60 * rs - 512, pattern(160, 1024))    # two regions, both fresh
+        finally:
+            c.close()
+        os.kill(h.pid, signal.SIGKILL)
+        killed = True
+        wait_until(lambda: not os.path.exists(f"/proc/{h.pid}") or
+                   open(f"/proc/{h.pid}/stat").read().split()[2] == "Z", what="the export dies")
+    finally:
+        if not killed:
+            h.shutdown()
+    t = TrackedDisk(path)
+    try:
+        assert t.resync_required and "not closed cleanly" in t.reason
+        dirty = {o // rs for o, n in t.dirty_extents() for o in range(o, o + n, rs)}
+        assert {5, 9, 20, 40, 59, 60} <= dirty, sorted(dirty)
+        assert 0 not in dirty and 100 not in dirty, "the bitmap was not trusted after a kill in the same boot"
+    finally:
+        t.close()
