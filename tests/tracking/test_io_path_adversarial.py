@@ -13,7 +13,7 @@ import time
 import pytest
 
 from replicator.hrl import HrlReader, HrlWriter
-from replicator.hrl.format import HEADER_SIZE, DEFAULT_METADATA_SIZE, entries_per_block
+from replicator.hrl.format import DEFAULT_METADATA_SIZE, entries_per_block
 from replicator.hrl.writer import ZERO_PIECE
 from replicator.tracking import TrackedDisk
 from replicator.tracking.nbdclient import NbdClient
