@@ -3,6 +3,7 @@
 - `pg_server` (session): a real throwaway PostgreSQL cluster (Debian's initdb/pg_ctl, run as the `postgres`
   user since initdb refuses root) on 127.0.0.1 at a free port, stopped and removed at the session's end.
 - `database_url`: parametrized `sqlite` / `postgresql`; a fresh, empty database for each test.
+- `database_url_pg`: the same on PostgreSQL only, for the multi-process fleet tests (why: at the fixture).
 - `store`: a migrated `Store` on that URL.
 - `controller`: the FastAPI app on that store and an admin token (`.app`, `.store`, `.token`, `.client`,
   `.headers`, `.make_token(role)`).
@@ -100,16 +101,29 @@ def _tail(path: str) -> str:
         return ""
 
 
+def _pg_database(server: PgServer):
+    name = server.create_database()
+    yield server.url(name)
+    server.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
     """An empty database, on SQLite (a file in tmp_path) or on the session's PostgreSQL server."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'controller.db'}"
         return
-    server: PgServer = request.getfixturevalue("pg_server")
-    name = server.create_database()
-    yield server.url(name)
-    server.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _pg_database(request.getfixturevalue("pg_server"))
+
+
+@pytest.fixture
+def database_url_pg(pg_server):
+    """An empty database on the session's PostgreSQL server only, for the multi-process fleet tests (a
+    controller process and several real replicatord hosts, 5-20 s each). They run once, on PostgreSQL (the
+    production database), not once per database: every API and store behaviour they go through is already run on
+    both databases by the in-process tests (`database_url`, `store`, `controller`), and a controller process with
+    real hosts on SQLite is still run by test_failback_fleet.py and tests/portal/test_fleet_e2e.py."""
+    yield from _pg_database(pg_server)
 
 
 @pytest.fixture

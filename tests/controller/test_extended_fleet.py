@@ -19,8 +19,8 @@ from .test_host_channel import ControllerProc
 MiB = 1 << 20
 
 
-def test_a_machine_enabled_on_an_extended_pair_reaches_the_third_site(tmp_path, database_url, capsys):
-    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+def test_a_machine_enabled_on_an_extended_pair_reaches_the_third_site(tmp_path, database_url_pg, capsys):
+    ctl = ControllerProc(tmp_path, database_url_pg, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
         for site in ("east", "west", "north"):

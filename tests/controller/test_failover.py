@@ -1,5 +1,6 @@
 """Failover through the controller (issue 14, items 4 and 6): three replicatord processes registered to a real
-replicator-controller (SQLite and PostgreSQL), machines replicating from p1 and p2 to r1.
+replicator-controller (on PostgreSQL only: see `database_url_pg` in conftest.py), machines replicating
+from p1 and p2 to r1.
 
 - unplanned: refused while p1 holds a live lease (the error names the host and its report's age), accepted with
   force (an audit entry); r1 runs the failover; the machine belongs to site west at epoch 2; p1's next cycle is
@@ -100,8 +101,8 @@ def _fencing(h: FleetHost) -> dict:
     return json.loads((h.state / "controller" / "fencing.json").read_text())["machines"]
 
 
-def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
-    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url_pg):
+    ctl = ControllerProc(tmp_path, database_url_pg, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
         f = _setup(tmp_path, ctl, hosts)
@@ -165,8 +166,8 @@ def test_unplanned_failover_fences_the_old_primary(tmp_path, database_url):
         ctl.stop()
 
 
-def test_planned_failover_loses_nothing(tmp_path, database_url):
-    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+def test_planned_failover_loses_nothing(tmp_path, database_url_pg):
+    ctl = ControllerProc(tmp_path, database_url_pg, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
         f = _setup(tmp_path, ctl, hosts)
@@ -240,10 +241,10 @@ def test_a_failover_cancelled_before_a_host_ran_it_leaves_the_machine_with_its_p
     assert test["host"] == hosts["rb1"] and test["params"]["op"] == "test-failover"
 
 
-def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, database_url):
+def test_a_recovery_plan_runs_group_by_group_through_the_hosts(tmp_path, database_url_pg):
     """A test failover of a plan across two primaries' machines: group 1 (vm01 from p1), a manual action
     confirmed through the API, then group 2 (vm02 from p2); the controller's worker drives it, r1 runs both."""
-    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+    ctl = ControllerProc(tmp_path, database_url_pg, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
         f = _setup(tmp_path, ctl, hosts)

@@ -82,8 +82,8 @@ def replica_bytes(root, disk_id: str) -> bytes:
     return read_vhdx(ReplicaStore(str(root)).disk(disk_id).image_path)
 
 
-def test_fleet_replicates_from_the_controller_and_outlives_it(tmp_path, database_url):
-    ctl = ControllerProc(tmp_path, database_url, cert_lifetime=3600).start()
+def test_fleet_replicates_from_the_controller_and_outlives_it(tmp_path, database_url_pg):
+    ctl = ControllerProc(tmp_path, database_url_pg, cert_lifetime=3600).start()
     hosts: list[FleetHost] = []
     try:
         _fleet(tmp_path, ctl, hosts)

@@ -5,6 +5,7 @@ report routes, renewal with a short lifetime, a removed host refused."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -104,7 +105,7 @@ class ControllerProc:
 
 @pytest.fixture
 def ctl(tmp_path, database_url):
-    c = ControllerProc(tmp_path, database_url, cert_lifetime=15).start()
+    c = ControllerProc(tmp_path, database_url, cert_lifetime=10).start()      # the shortest it takes
     yield c
     c.stop()
 
@@ -230,11 +231,14 @@ def test_host_routes_need_the_host_certificate_and_renewal_replaces_it(tmp_path,
     code, body = ctl.api("POST", "/v1/hosts/self/report", {"revision": "x", "status": {}}, cert=me)
     assert code == 422 and "revision" in body["error"]
 
-    # renewal: the lifetime is 15 s, renewal is due after 10; the new certificate works, with a new serial
+    # renewal: the lifetime is 10 s, renewal is due two thirds into it (the controller's renew_after, well before
+    # the certificate lapses), waited for, not a fixed time; the new certificate works, with a new serial
     agent = Agent(files.state_dir, poll_interval=0.5)
     assert not asyncio.run(agent.renew_if_due())
     old = x509.load_pem_x509_certificate(open(files.cert, "rb").read())
-    time.sleep(max(0.0, (old.not_valid_after_utc.timestamp() - 4.5) - time.time()))
+    due = dt.datetime.fromisoformat(info["renew_after"]).timestamp()
+    assert due <= old.not_valid_after_utc.timestamp() - 3, (info["renew_after"], old.not_valid_after_utc)
+    time.sleep(max(0.0, due + 0.2 - time.time()))
     assert asyncio.run(agent.renew_if_due())
     new = x509.load_pem_x509_certificate(open(files.cert, "rb").read())
     assert new.serial_number != old.serial_number and new.not_valid_after_utc > old.not_valid_after_utc
