@@ -8,6 +8,7 @@ what makes the log readable: an unsealed log is by definition not closed cleanly
 from __future__ import annotations
 
 import os
+import stat
 import time
 import uuid
 
@@ -34,11 +35,11 @@ def take_spare(spare: str, path: str) -> int:
     a crash before that leaves the old bytes under the new name, which nothing trusts: a tracker that
     stopped without a clean shutdown resyncs, and the state names only sealed logs."""
     try:
-        fd = os.open(spare, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+        fd = os.open(spare, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:                       # none, or not ours to write over (a symlink, a directory)
         return -1
     try:
-        if os.path.exists(path):
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.path.lexists(path):
             raise FileExistsError(path)
         os.rename(spare, path)
     except OSError:
@@ -112,14 +113,13 @@ class HrlWriter:
         file: they cost no space and read back as zeros. In a recycled file the old log's bytes are
         zeroed first (a hole punched where the file system can)."""
         self._drain()
-        if self.cursor < self.stale_end:
-            start, end = self.cursor, min(self.cursor + length, self.stale_end)
-            try:
-                zero_range(self.fd, start, end - start)
-            except OSError as e:
-                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
         while length:
             n = min(length, ZERO_PIECE)
+            if self.cursor < self.stale_end:     # each piece where it lands: a metadata block may come between
+                try:
+                    zero_range(self.fd, self.cursor, min(n, self.stale_end - self.cursor))
+                except OSError as e:
+                    raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
             self.cursor += n
             self.pending.append(MetadataEntry(disk_offset, n, hrl_time(time.time()), 1, ZERO_CHECKSUM))
             if len(self.pending) == self.per_block:

@@ -87,6 +87,7 @@ POLL_MAX_NS = _poll_max_ns()
 POLL_START_NS = 4000
 POLL_TURN_NS = 500_000               # the longest a connection polls before the loop's other work runs
 POLL_READ = 256 << 10
+POLL_FULL_READ = 250_000             # a chunk this long filled the transport's read buffer (uvloop: 256,000)
 _ZEROS = bytes(1 << 20)
 
 _REQ = struct.Struct(">IHHQQI")
@@ -299,7 +300,7 @@ class _Connection(asyncio.Protocol):
             return self._receive(data)
         poll.woke()
         self._receive(data)
-        if not self.closing:
+        if not self.closing and len(data) < POLL_FULL_READ:    # a full read: the transport reads again at once
             self._poll()
         poll.idle()
 
@@ -311,7 +312,9 @@ class _Connection(asyncio.Protocol):
         poll, fd = self.poll, self.fd
         now = time.perf_counter_ns
         started = now()
-        while poll.window and not self.paused and not self.closing and now() - started < POLL_TURN_NS:
+        transport = self.transport
+        while (poll.window and not self.paused and not self.closing and not transport.is_closing()
+               and now() - started < POLL_TURN_NS):
             deadline = now() + poll.window
             while True:
                 try:

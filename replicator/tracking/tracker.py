@@ -486,9 +486,10 @@ def recycle_logs(paths, spare: str) -> None:
         if os.path.getsize(keep) > RECYCLE_MAX:
             os.truncate(keep, RECYCLE_MAX)
         os.replace(keep, spare)
-    except FileNotFoundError:
+        keep = None
+    except OSError:                 # gone already, or something that is not a file sits at the spare's name
         pass
-    remove_files(paths[:-1])
+    remove_files(paths[:-1] + ([keep] if keep else []))
 
 
 def remove_files(paths) -> None:

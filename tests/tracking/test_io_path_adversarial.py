@@ -47,10 +47,6 @@ def _zero_writes_read_back(path, disk_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: a zero run longer than ZERO_PIECE (1 GiB) in a recycled log: "
-                   "append_zeroes punches [cursor, cursor+length) before the loop, but a metadata block committed "
-                   "between two pieces shifts the later pieces by metadata_size, so the last metadata_size bytes of "
-                   "the run keep the old log's bytes (the log replays them, or fails its DataChecksum)")
 def test_multi_piece_zero_run_over_a_spare_reads_back_as_zeros(tmp_path):
     spare, path = tmp_path / "spare.hrl", tmp_path / "00000002.hrl"
     _old_log_with_data_past_1gib(spare)
@@ -68,9 +64,6 @@ def test_multi_piece_zero_run_over_a_spare_reads_back_as_zeros(tmp_path):
         r.verify_data()
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT: through a real TrackedDisk cycle (cut, acknowledge, cut): a guest "
-                   "zeroing of more than 1 GiB logged over the spare ships the old log's bytes for its last 4 KiB "
-                   "(encode_log reads the log raw), so the replica differs from the disk")
 def test_tracked_zeroing_over_the_spare_ships_what_the_disk_holds(tmp_path):
     path = make_vhdx(tmp_path / "d.vhdx", 4 * GiB)
     t = tracked(path)
@@ -101,9 +94,6 @@ def test_tracked_zeroing_over_the_spare_ships_what_the_disk_holds(tmp_path):
         t.close()
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT (hardening): take_spare opens logs/spare.hrl with os.open(O_RDWR), "
-                   "which follows a symlink: the next log is written into the link's target and the target is "
-                   "truncated at the seal (O_CREAT|O_EXCL, used before recycling, never followed one)")
 def test_a_spare_that_is_a_symlink_is_not_followed(tmp_path):
     path = make_vhdx(tmp_path / "d.vhdx", 64 * MiB)
     victim = tmp_path / "victim.bin"
@@ -124,9 +114,6 @@ def test_a_spare_that_is_a_symlink_is_not_followed(tmp_path):
     assert victim.read_bytes() == content
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT (odd input): a directory at logs/spare.hrl makes every "
-                   "acknowledgement fail with IsADirectoryError from recycle_logs' os.replace (only "
-                   "FileNotFoundError is tolerated), and the acknowledged logs are never removed")
 def test_a_spare_that_is_a_directory_does_not_break_acknowledgement(tmp_path):
     path = make_vhdx(tmp_path / "d.vhdx", 64 * MiB)
     t = tracked(path)
