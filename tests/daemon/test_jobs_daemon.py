@@ -23,6 +23,8 @@ def test_initial_replication_and_resync_on_demand_are_jobs(tmp_path):
     d = Daemon(tmp_path)
     try:
         d.start(until="Replicating")
+        # Replicating is announced before the cycle's checkpoint is written; the job ends after it.
+        d.wait(lambda m: [j["state"] for j in jobs_of(d, "initial")] != ["running"])
         [initial] = jobs_of(d, "initial")
         assert initial["state"] == "succeeded" and initial["subject"] == "vm01" and initial["error"] is None
         assert initial["bytes_done"] == initial["bytes_total"] > 0        # the streams' changed bytes
