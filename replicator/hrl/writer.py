@@ -180,8 +180,8 @@ class HrlWriter:
         try:
             end = offset + len(data)
             if end > self.file_end:
-                # The file grows in steps, not with every append: a write that extends the file updates
-                # the inode, and waits for it while a writeback of the file is writing that inode out.
+                # The file grows in steps, not with every append, so that appends do not change its size
+                # (an inode update can wait while a writeback writes the inode out). Not measured alone.
                 self.file_end = end + GROW
                 os.ftruncate(self.fd, self.file_end)
             pwrite_all(self.fd, data, offset)

@@ -27,6 +27,7 @@ from ..durable import write_json_atomic
 from ..errors import DiskIOError, FormatError
 
 STATE_VERSION = 1
+SPARE_LOG = "spare.hrl"        # in logs/: a shipped log's file, kept for the next log to be written over
 DEFAULT_REGION_SIZE = 2 << 20
 
 
@@ -76,6 +77,7 @@ class Sidecar:
         self.logs_dir = os.path.join(self.dir, "logs")
         self.state_path = os.path.join(self.dir, "state.json")
         self.bitmap_path = os.path.join(self.dir, "dirty.bitmap")
+        self.spare_path = os.path.join(self.logs_dir, SPARE_LOG)
         self._bitmap_fd = -1
         self._taken = self._written = 0
         self._save_lock = threading.Lock()
@@ -142,18 +144,22 @@ class Sidecar:
             lo, hi = int(regions.min()) // 8, int(regions.max()) // 8 + 1
             try:
                 os.pwrite(self._bitmap_fd, packed[lo:hi], lo)
-                if durable:
-                    os.fdatasync(self._bitmap_fd)
             except OSError as e:
                 raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
+            if durable:
+                self._sync_locked()
 
     def sync_bitmap(self) -> None:
+        """Make every bit written so far durable."""
         with self._bitmap_lock:
-            if self._bitmap_fd >= 0:
-                try:
-                    os.fdatasync(self._bitmap_fd)
-                except OSError as e:
-                    raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if self._bitmap_fd >= 0:
+            try:
+                os.fdatasync(self._bitmap_fd)
+            except OSError as e:
+                raise DiskIOError(f"{self.bitmap_path}: cannot persist dirty regions: {e.strerror}") from None
 
     def rewrite_bitmap(self, bits: np.ndarray) -> None:
         self.persist_bitmap(bits, np.array([0, max(0, len(bits) - 1)]))

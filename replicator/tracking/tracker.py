@@ -18,10 +18,9 @@ from ..errors import DiskIOError, ReplicatorError
 from ..hrl import HrlReader, HrlWriter
 from ..hrl.reader import LogNotSealed
 from ..vhdx import VhdxDisk
-from .state import (DEFAULT_REGION_SIZE, SealedLogRecord, Sidecar, SidecarState, TrackingState, current_boot_id,
-                    pack_regions, unpack_regions)
+from .state import (DEFAULT_REGION_SIZE, SPARE_LOG, SealedLogRecord, Sidecar, SidecarState, TrackingState,
+                    current_boot_id, pack_regions, unpack_regions)
 
-SPARE_LOG = "spare.hrl"        # a shipped log's file, kept for the next log to be written over
 RECYCLE_MAX = 2 << 30          # the most of it kept (disk space held for it while no log uses it)
 
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -68,9 +67,9 @@ class TrackedDisk:
     def _open_state(self, region_size: int) -> None:
         sc = self.sidecar
         host_crashed = False
+        boot = current_boot_id()
         if sc.exists():
             self.state = sc.load()
-            boot = current_boot_id()
             host_crashed = (not self.state.clean and self.state.boot_id is not None and boot is not None
                             and self.state.boot_id != boot)
             reason = ("the host went down while the disk was in use: its dirty regions may not all have "
@@ -89,7 +88,7 @@ class TrackedDisk:
                 self.dirty[:] = True           # changes we never saw: every region must be compared
             self._require_resync(reason, persist=False)
         self.state.clean = False
-        self.state.boot_id = current_boot_id()
+        self.state.boot_id = boot
         self.sidecar.rewrite_bitmap(self.dirty)      # durable, as is the state, before the first write
         self._start_log()
 
@@ -155,7 +154,7 @@ class TrackedDisk:
                 self.log = HrlWriter(os.path.join(self.sidecar.logs_dir, name),
                                      previous_unique_id=uuid.UUID(self.state.last_unique_id),
                                      vhd2_data_write_guid=self.disk.data_write_guid,
-                                     recycle=os.path.join(self.sidecar.logs_dir, SPARE_LOG))
+                                     recycle=self.sidecar.spare_path)
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
@@ -380,7 +379,7 @@ class TrackedDisk:
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
         acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
         gone = [os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked]
-        spare = os.path.join(self.sidecar.logs_dir, SPARE_LOG)
+        spare = self.sidecar.spare_path
         self._later(lambda: recycle_logs(gone, spare))
         self.state.sealed_logs = keep
         self._save_state()
@@ -419,7 +418,7 @@ class TrackedDisk:
         self._start_log()
         older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
                        if n not in (self.state.active_log, SPARE_LOG))   # sealed, or left open by a crash
-        spare = os.path.join(self.sidecar.logs_dir, SPARE_LOG)
+        spare = self.sidecar.spare_path
         self._later(lambda: recycle_logs(older, spare))
         return extents
 

@@ -94,6 +94,14 @@ def test_tracked_zeroing_over_the_spare_ships_what_the_disk_holds(tmp_path):
         t.close()
 
 
+def _no_spare(disk_path) -> str:
+    """The disk's spare log path, with no spare there."""
+    spare = Sidecar(str(disk_path)).spare_path
+    if os.path.exists(spare):
+        os.unlink(spare)
+    return spare
+
+
 def test_a_spare_that_is_a_symlink_is_not_followed(tmp_path):
     path = make_vhdx(tmp_path / "d.vhdx", 64 * MiB)
     victim = tmp_path / "victim.bin"
@@ -101,11 +109,7 @@ def test_a_spare_that_is_a_symlink_is_not_followed(tmp_path):
     victim.write_bytes(content)
     t = tracked(path)
     try:
-        logs = Sidecar(str(path)).logs_dir
-        spare = os.path.join(logs, SPARE_LOG)
-        if os.path.exists(spare):
-            os.unlink(spare)
-        os.symlink(str(victim), spare)
+        os.symlink(str(victim), _no_spare(path))
         t.cut()                                            # the next log takes the spare
         t.write(0, pattern(1, 4096))
         t.cut()
@@ -118,11 +122,7 @@ def test_a_spare_that_is_a_directory_does_not_break_acknowledgement(tmp_path):
     path = make_vhdx(tmp_path / "d.vhdx", 64 * MiB)
     t = tracked(path)
     try:
-        logs = Sidecar(str(path)).logs_dir
-        spare = os.path.join(logs, SPARE_LOG)
-        if os.path.exists(spare):
-            os.unlink(spare)
-        os.mkdir(spare)
+        os.mkdir(_no_spare(path))
         t.write(0, pattern(1, 4096))
         a = t.cut()
         t.write(MiB, pattern(2, 4096))
