@@ -157,22 +157,20 @@ class ReplicaStore:
         nothing that blocks the next; its half-made .new-KEY is removed by the next creation."""
         os.makedirs(self.base, exist_ok=True)
         path = os.path.join(self.base, f".new-{key}.lock")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise ImageLocked(f"disk {key} is being created in {self.root} by another process (pid {holder}): "
-                                  "try again once it has finished") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:         # its holder finished and removed it while we waited
-                same = False
-            if same:
+        fd = _try_lock(path)
+        for _ in range(20):         # a sweeper (sweep_leftovers) holds it for a moment only
+            if fd is not None:
                 break
-            os.close(fd)
+            time.sleep(0.05)
+            fd = _try_lock(path)
+        if fd is None:
+            try:
+                with open(path, "rb") as f:
+                    holder = f.read(32).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise ImageLocked(f"disk {key} is being created in {self.root} by another process (pid {holder}): "
+                              "try again once it has finished") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -184,17 +182,32 @@ class ReplicaStore:
 
     def sweep_leftovers(self) -> list[str]:
         """Remove what creations and removals a crash stopped half-way left (.new-KEY, .deleting-KEY), unless
-        a live process is still creating that disk. Returns the names removed."""
+        a live process is still creating that disk. A half-made disk and its lock file are removed while
+        holding that lock, so a creator starting meanwhile waits instead of losing its lock or its files."""
         removed = []
-        for name in os.listdir(self.base) if os.path.isdir(self.base) else ():
+        names = os.listdir(self.base) if os.path.isdir(self.base) else []
+        for name in names:
             path = os.path.join(self.base, name)
-            if name.startswith(".new-") and name.endswith(".lock"):
-                if not _held(path):
-                    os.unlink(path)         # a waiter that opened it finds another inode and opens again
-                    removed.append(name)
-            elif name.startswith(".deleting-") or (name.startswith(".new-") and not _held(path + ".lock")):
+            if name.startswith(".deleting-"):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
+            elif name.startswith(".new-") and not name.endswith(".lock") and name + ".lock" in names:
+                continue                        # swept with its lock below
+            elif name.startswith(".new-"):
+                lock = path if name.endswith(".lock") else path + ".lock"
+                fd = _try_lock(lock)
+                if fd is None:
+                    continue                    # a live creator
+                try:
+                    half = lock[:-len(".lock")]
+                    if os.path.lexists(half):
+                        shutil.rmtree(half, ignore_errors=True)
+                        removed.append(os.path.basename(half))
+                    os.unlink(lock)
+                    if name.endswith(".lock"):
+                        removed.append(name)
+                finally:
+                    os.close(fd)
         return removed
 
     def _create(self, key: str, build, state: DiskState) -> None:
@@ -890,18 +903,22 @@ def _check_retention(additional_points: int) -> None:
         raise UsageError("additional recovery points must be between 0 and 24")
 
 
-def _held(lock_path: str) -> bool:
-    """Whether a live process holds this creation lock (see ReplicaStore._creating)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
+def _try_lock(path: str) -> int | None:
+    """An fd holding the creation lock at `path` (created if missing), or None when a live process holds
+    it. The file must still be the one at `path` once locked: a holder unlinks it before it lets go."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:         # its holder finished and removed it while we waited
+            same = False
+        if same:
+            return fd
         os.close(fd)
 
 

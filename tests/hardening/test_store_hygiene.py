@@ -136,3 +136,44 @@ def test_a_server_that_cannot_listen_leaves_nothing_running(pki, tmp_path):
         assert not thread._thread.is_alive() and thread.loop.is_closed()
         assert set(threading.enumerate()) <= before
     assert tree(str(tmp_path)) == {}
+
+
+def test_creators_racing_a_sweeper_keep_their_locks_and_their_disks(tmp_path):
+    """A store's sweep (a replica server starting, another creation) running beside creations: no creator
+    loses its lock file or its half-made disk under it, and every disk is created whole (the sweeper once
+    unlinked a lock its creator had just taken, and the creator's clean-up then failed)."""
+    root = str(tmp_path / "root")
+    stop, errors = threading.Event(), []
+
+    def sweeper():
+        store = ReplicaStore(root)
+        while not stop.is_set():
+            try:
+                store.sweep_leftovers()
+            except Exception as e:            # noqa: BLE001 - what the test is about
+                errors.append(f"sweep: {e!r}")
+
+    def creator(n):
+        store = ReplicaStore(root)
+        for _ in range(n):
+            key = uuid.uuid4()
+            try:
+                store.ensure_disk(key, 4 * MiB, block_size=MiB)
+                assert store.disk(key).state.size == 4 * MiB
+            except Exception as e:            # noqa: BLE001
+                errors.append(f"create: {e!r}")
+
+    sweepers = [threading.Thread(target=sweeper) for _ in range(2)]
+    creators = [threading.Thread(target=creator, args=(25,)) for _ in range(2)]
+    for t in sweepers + creators:
+        t.start()
+    for t in creators:
+        t.join()
+    stop.set()
+    for t in sweepers:
+        t.join()
+    assert errors == []
+    store = ReplicaStore(root)
+    assert len(store.disk_ids()) == 50
+    assert store.sweep_leftovers() == []
+    assert not [n for n in os.listdir(os.path.join(root, "disks")) if n.startswith(".")]
