@@ -212,11 +212,15 @@ class PrimaryMachine:
                     if not isinstance(e, Waiting):
                         self._after_failure(e)
                     raise
-                self._after_success(kind, results)
-                await self._checkpoint(results)
-                if self.domain is not None and results:
-                    await self.domain.replicate_config(
-                        self.target, {n: str(d.virtual_disk_id) for n, d in self.disks.items()})
+                try:
+                    await self._checkpoint(results)
+                    if self.domain is not None and results:
+                        await self.domain.replicate_config(
+                            self.target, {n: str(d.virtual_disk_id) for n, d in self.disks.items()})
+                finally:
+                    # the new state (Replicating after the initial copy) and the end of the cycle's job are
+                    # seen together: no await between them and job.succeed/end_job below
+                    self._after_success(kind, results)
             except Waiting as e:
                 self._explain(e.message)
                 if own:
