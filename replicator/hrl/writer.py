@@ -14,6 +14,7 @@ import uuid
 
 from ..disk.base import pwrite_all
 from ..disk.raw import zero_range
+from ..disk.spool import Spool
 from ..errors import DiskIOError
 from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, MetadataEntry, checksum,
                      entries_per_block, hrl_time, pack_metadata)
@@ -23,6 +24,7 @@ BUFFER = 256 << 10                     # appended data is written in pieces of a
 GROW = 64 << 20                       # the file is extended this far ahead of the log's end
 ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are logged in 1 GiB pieces
 ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
+SPOOL_MAX = 64 << 20                  # a background writer's queued bytes before an append waits for it
 
 
 def take_spare(spare: str, path: str) -> int:
@@ -51,19 +53,14 @@ def take_spare(spare: str, path: str) -> int:
 class HrlWriter:
     def __init__(self, path: str, *, previous_unique_id: uuid.UUID = uuid.UUID(int=0),
                  vhd2_data_write_guid: uuid.UUID = uuid.UUID(int=0), metadata_size: int = DEFAULT_METADATA_SIZE,
-                 unique_id: uuid.UUID | None = None, recycle: str | None = None):
-        """recycle: an old log file to write this one over, if it exists (see take_spare)."""
+                 unique_id: uuid.UUID | None = None, recycle: str | None = None, background: bool = False):
+        """recycle: an old log file to write this one over, if it exists (see take_spare).
+        background: the file work (creating, writing, growing) runs in order on a thread of its own
+        (disk.spool); a failure is raised by a later append, commit() or seal()."""
         self.path = path
         self.file_end = 0                     # the file's size: past the log's end only until the seal
         self.stale_end = 0                    # a recycled file holds the old log's bytes up to here
-        self.fd = take_spare(recycle, path) if recycle else -1
-        if self.fd >= 0:
-            self.file_end = self.stale_end = os.fstat(self.fd).st_size
-        else:
-            try:
-                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-            except OSError as e:
-                raise DiskIOError(f"{path}: cannot create log: {e.strerror}") from None
+        self.fd = -1
         now = hrl_time(time.time())
         self.metadata_size = metadata_size
         self.per_block = entries_per_block(metadata_size)
@@ -75,12 +72,32 @@ class HrlWriter:
         self.total_entries = 0
         self.data_bytes = 0
         self.last_metadata = HEADER_SIZE
+        self._spool = Spool(path, "log write failed", SPOOL_MAX) if background else None
+        self._do(lambda: self._open(recycle))
         self._write(self.header.pack(), 0)
         self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
         self.cursor = HEADER_SIZE + metadata_size
         self.sealed = False
         self._buf = bytearray()              # appended data not yet written, from self._buf_at to the cursor
         self._buf_at = self.cursor
+
+    def _open(self, recycle: str | None) -> None:
+        fd = take_spare(recycle, self.path) if recycle else -1
+        if fd >= 0:
+            self.file_end = self.stale_end = os.fstat(fd).st_size
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise DiskIOError(f"{self.path}: cannot create log: {e.strerror}") from None
+        self.fd = fd
+
+    def _do(self, job, nbytes: int = 0) -> None:
+        """File work: on the spool's thread, in order, or here and now."""
+        if self._spool is not None:
+            self._spool.put(job, nbytes)
+        else:
+            job()
 
     @property
     def unique_id(self) -> uuid.UUID:
@@ -95,7 +112,8 @@ class HrlWriter:
         mv = memoryview(data).cast("B")
         if len(mv) >= BUFFER:
             self._drain()
-            self._write(mv, self.cursor)
+            # the caller may reuse its buffer once we return: a queued write keeps its own copy
+            self._write(mv if self._spool is None or isinstance(mv.obj, bytes) else bytes(mv), self.cursor)
         else:                                # small writes leave in batches: one pwrite, not one each
             if not self._buf:
                 self._buf_at = self.cursor
@@ -115,12 +133,8 @@ class HrlWriter:
         self._drain()
         while length:
             n = min(length, ZERO_PIECE)
-            if self.cursor < self.stale_end:     # each piece where it lands: a metadata block may come between
-                try:
-                    zero_range(self.fd, self.cursor, min(n, self.stale_end - self.cursor))
-                except OSError as e:
-                    raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
-            self.cursor += n
+            self._do(lambda at=self.cursor, n=n: self._zero_stale(at, n))   # each piece where it lands:
+            self.cursor += n                                                 # a metadata block may come between
             self.pending.append(MetadataEntry(disk_offset, n, hrl_time(time.time()), 1, ZERO_CHECKSUM))
             if len(self.pending) == self.per_block:
                 self.commit()
@@ -138,6 +152,8 @@ class HrlWriter:
             self.total_entries += len(self.pending)
             self.pending = []
         if durable:
+            if self._spool is not None:
+                self._spool.wait()
             self._fsync()
 
     def seal(self, vhd2_data_write_guid: uuid.UUID | None = None, durable: bool = True) -> LogHeader:
@@ -146,6 +162,13 @@ class HrlWriter:
         durable=False leaves the flushing to the kernel, for a log whose loss in a crash costs a resync
         anyway (a running tracker's: see TrackedDisk.cut)."""
         self.commit()
+        if self._spool is not None:
+            try:
+                self._spool.wait()
+            finally:
+                self._spool.stop()
+                self._spool = None
+            # the thread is done with the file once wait() returned: only its exit is left
         if vhd2_data_write_guid is not None:
             self.header = self.header.evolve(vhd2_data_write_guid=vhd2_data_write_guid)
         self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
@@ -172,11 +195,29 @@ class HrlWriter:
             self._buf = bytearray()
 
     def close(self) -> None:
+        """Without waiting: a background writer's queued work is done (or dropped after a failure) first."""
+        if self._spool is not None:
+            self._spool.stop(last=self._close)
+            self._spool = None
+        else:
+            self._close()
+
+    def _close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
+    def _zero_stale(self, at: int, n: int) -> None:
+        if at < self.stale_end:
+            try:
+                zero_range(self.fd, at, min(n, self.stale_end - at))
+            except OSError as e:
+                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+
     def _write(self, data, offset: int) -> None:
+        self._do(lambda: self._pwrite(data, offset), len(data))
+
+    def _pwrite(self, data, offset: int) -> None:
         try:
             end = offset + len(data)
             if end > self.file_end:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import uuid
 
 from .. import errors
 from ..errors import ReplicatorError
+from ..priority import background_priority
 from .nbd import Export, NbdServer
 from .service import new_event_loop
 from .tracker import TrackedDisk, TrackingGroup
@@ -57,8 +59,9 @@ def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk
         for name, path in disks.items():
             while True:
                 try:
-                    opened[name] = TrackedDisk(path)
+                    opened[name] = TrackedDisk(path, log_thread=True)
                     opened[name].disk.prepare_for_writes()     # the guest's first write pays no header flush
+                    opened[name].disk.background_commits()     # nor a metadata commit's fsyncs
                     break
                 except ReplicatorError as e:
                     if locked is None or not isinstance(e, locked) or time.monotonic() > deadline:
@@ -312,6 +315,9 @@ def main(argv=None) -> int:
         return e.exit_code
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    # the file work handed off the loop (writeback, cuts' seals, state saves) must not preempt the loop
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix="export-io", initializer=background_priority))
     proc = ExportProcess(args.name, opened, args.nbd_socket, args.control, args.idle_grace)
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(proc.shutdown()))
     try:

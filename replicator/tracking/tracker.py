@@ -48,8 +48,11 @@ class SealedLog:
 class TrackedDisk:
     """A VHDX opened read-write with change tracking. Not thread-safe: one caller (the export's loop)."""
 
-    def __init__(self, path: str, *, region_size: int = DEFAULT_REGION_SIZE, max_log_share: float = 0.5):
+    def __init__(self, path: str, *, region_size: int = DEFAULT_REGION_SIZE, max_log_share: float = 0.5,
+                 log_thread: bool = False):
+        """log_thread: each log's file work on a thread of its own (the export: see HrlWriter)."""
         self.path = path
+        self.log_thread = log_thread
         self.max_log_share = max_log_share
         self.sidecar = Sidecar(path)
         self.deferring = False   # the export process: slow file work goes to run_deferred() (see _later)
@@ -154,7 +157,7 @@ class TrackedDisk:
                 self.log = HrlWriter(os.path.join(self.sidecar.logs_dir, name),
                                      previous_unique_id=uuid.UUID(self.state.last_unique_id),
                                      vhd2_data_write_guid=self.disk.data_write_guid,
-                                     recycle=self.sidecar.spare_path)
+                                     recycle=self.sidecar.spare_path, background=self.log_thread)
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
@@ -306,7 +309,9 @@ class TrackedDisk:
         return pending
 
     def sync_data(self) -> None:
-        """Any thread: the disk's written data durable (fdatasync: no journal commit for an overwrite)."""
+        """Any thread: the disk's written data durable (fdatasync: no journal commit for an overwrite),
+        and the metadata commits handed to the disk's commit thread."""
+        self.disk.wait_commits()
         try:
             os.fdatasync(self.disk.io.fd)
         except OSError as e:
@@ -349,9 +354,8 @@ class TrackedDisk:
             self._require_resync(f"log write failed: {pending.error}", persist=False)
             return None
         try:
-            if self.disk._dirty_count():        # blocks allocated before the cut: their BAT entries
-                self.disk.flush()
-        except ReplicatorError as e:
+            self.disk.commit_soon()       # blocks allocated before the cut: their BAT entries, before the
+        except ReplicatorError as e:      # log's bits are cleared (sync_data waits for it)
             self._require_resync(f"disk flush failed: {e.message}", persist=False)
             return None
         header, log = pending.header, pending.log

@@ -305,6 +305,9 @@ class VhdxDisk(VhdxIOMixin, BlockDevice):
                 if self._session_guids_written and self.header.log_guid != S.ZERO_GUID:
                     self._write_header(log_guid=S.ZERO_GUID)
         finally:
+            if getattr(self, "_spool", None) is not None:
+                self._spool.stop()
+                self._spool = None
             self._close_files()
 
     def _close_files(self) -> None:
