@@ -3,7 +3,8 @@ regions) sent by libnbd through the export, with cuts in between. Then
 (a) the sealed logs record exactly the bytes the requests touched, so they cover every 512-byte sector
     that changed (and the dirty bitmap covers every changed region);
 (b) applying the chain to a copy of the old image reproduces the new one (qemu-img compare);
-(c) the disk holds what a byte-array model of the requests says."""
+(c) the disk holds what a byte-array model of the requests says.
+The same with the export process's threads for log appends and metadata commits."""
 from __future__ import annotations
 
 import hashlib
@@ -58,14 +59,19 @@ def client():
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=st.lists(operation(), min_size=1, max_size=20))
-def test_logs_cover_and_replay_every_change(client, ops):
+@given(ops=st.lists(operation(), min_size=1, max_size=20), export_threads=st.booleans())
+def test_logs_cover_and_replay_every_change(client, ops, export_threads):
+    """export_threads: as the export process runs its disks, log appends and metadata commits on threads
+    of their own (HrlWriter background, VhdxDisk.background_commits)."""
     with tempfile.TemporaryDirectory(prefix="track-prop-") as tmp:
         path = make_vhdx(os.path.join(tmp, "disk.vhdx"), SIZE, block_size=BLOCK, fill=PREFILL)
         old = copy_file(path, os.path.join(tmp, "old.vhdx"))
         model = bytearray(read_vhdx(old))
         old_image = bytes(model)
-        t = tracked(path, region_size=REGION, max_log_share=1000.0)    # no size trigger: every log is kept
+        t = tracked(path, region_size=REGION, max_log_share=1000.0,    # no size trigger: every log is kept
+                    log_thread=export_threads)
+        if export_threads:
+            t.disk.background_commits()
         touched = []
         with serving({"d": t}, os.path.join(tmp, "nbd.sock")) as svc:
             assert client.ok("connect", uri=svc.uri("d"))["size"] == SIZE
