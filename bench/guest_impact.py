@@ -296,8 +296,14 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
         self.replica.stop()
 
     def export_pid(self) -> int | None:
+        """(Waited for a moment: one run measured no CPU when the export was looked for too early.)"""
         sock = self.uri.split("socket=", 1)[-1]
-        return export_pid(sock)
+        for _ in range(50):
+            pid = export_pid(sock)
+            if pid:
+                return pid
+            time.sleep(0.1)
+        return None
 
     def tracking(self) -> dict:
         d = self.primary.machine()["disks"]["primary.vhdx"]
