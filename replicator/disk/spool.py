@@ -42,6 +42,22 @@ class Spool:
             self.queued += nbytes
             self.cv.notify_all()
 
+    def check(self) -> None:
+        """Raises the first failure, if there was one."""
+        with self.cv:
+            self._raise()
+
+    def cancel(self) -> None:
+        """Drop the jobs not started yet (the `last` job of stop() still runs)."""
+        with self.cv:
+            self.queued -= sum(n for job, n in self.jobs if job is not None)
+            self.jobs = collections.deque((job, n) for job, n in self.jobs if job is None)
+            self.cv.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Until the thread has ended (after stop())."""
+        self.thread.join(timeout)
+
     def wait(self) -> None:
         """Until every queued job is done; raises the first failure."""
         with self.cv:

@@ -73,6 +73,7 @@ class HrlWriter:
         self.data_bytes = 0
         self.last_metadata = HEADER_SIZE
         self._spool = Spool(path, "log write failed", SPOOL_MAX) if background else None
+        self._closing = None
         self._do(lambda: self._open(recycle))
         self._write(self.header.pack(), 0)
         self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
@@ -194,13 +195,21 @@ class HrlWriter:
             self._write(self._buf, self._buf_at)
             self._buf = bytearray()
 
-    def close(self) -> None:
-        """Without waiting: a background writer's queued work is done (or dropped after a failure) first."""
+    def close(self, discard: bool = False) -> None:
+        """Without waiting: a background writer's queued work is done (or dropped after a failure, or
+        with `discard`, for a log given up) first; join() waits for its thread."""
         if self._spool is not None:
+            if discard:
+                self._spool.cancel()
             self._spool.stop(last=self._close)
-            self._spool = None
+            self._closing, self._spool = self._spool, None
         else:
             self._close()
+
+    def join(self) -> None:
+        """Until a background writer has let go of the file (after close())."""
+        if self._closing is not None:
+            self._closing.join()
 
     def _close(self) -> None:
         if self.fd >= 0:

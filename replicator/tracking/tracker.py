@@ -57,6 +57,7 @@ class TrackedDisk:
         self.sidecar = Sidecar(path)
         self.deferring = False   # the export process: slow file work goes to run_deferred() (see _later)
         self._deferred: list = []
+        self._closed_logs: list = []    # logs given up (resync required) whose writer may still be finishing
         self.unsynced = 0        # bytes written since the last writeback() (the export's writeback pacing)
         self.disk = VhdxDisk.open(path, read_only=False)
         self.size = self.disk.size
@@ -194,7 +195,8 @@ class TrackedDisk:
         if not self.resync_required:
             self.state.state, self.state.reason = TrackingState.RESYNC_REQUIRED.value, reason
         if getattr(self, "log", None) is not None:
-            self.log.close()
+            self.log.close(discard=True)
+            self._closed_logs.append(self.log)
             self.log = None
         if persist:
             self._save_state()
@@ -404,8 +406,10 @@ class TrackedDisk:
         if recent is not None:
             bits |= recent
         self.dirty = bits
-        self._later(self.sync_data)               # the data before the bits that vouch for it go
-        self._later(lambda: self.sidecar.rewrite_bitmap(bits))
+        def clear_bits():                         # one job: bits never go when the data's flush failed
+            self.sync_data()
+            self.sidecar.rewrite_bitmap(bits)
+        self._later(clear_bits)
 
     def begin_resync(self) -> list[tuple[int, int]]:
         """Start bringing the replica level: returns the extents to compare or copy, and starts a fresh
@@ -413,7 +417,8 @@ class TrackedDisk:
         end_resync(): a resync cut short (crash, lost connection) leaves RESYNC_REQUIRED with the same regions."""
         extents = self.dirty_extents()
         if self.log is not None:
-            self.log.close()
+            self.log.close(discard=True)
+            self._closed_logs.append(self.log)
             self.log = None
         self.state.sealed_logs = []
         self.state.state = TrackingState.RESYNCHRONIZING.value
@@ -423,7 +428,13 @@ class TrackedDisk:
         older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
                        if n not in (self.state.active_log, SPARE_LOG))   # sealed, or left open by a crash
         spare = self.sidecar.spare_path
-        self._later(lambda: recycle_logs(older, spare))
+        closed, self._closed_logs = self._closed_logs, []
+
+        def recycle():                  # a closed log's writer thread is done with its file first
+            for w in closed:
+                w.join()
+            recycle_logs(older, spare)
+        self._later(recycle)
         return extents
 
     def end_resync(self) -> None:

@@ -133,8 +133,8 @@ class VhdxIOMixin:
         page = self._dirty_bitmap_pages.get(page_offset) or self._bitmap_cache.get(page_offset)
         if page is None:
             page = bytearray(self.io.pread(SECTOR, page_offset).ljust(SECTOR, b"\0"))
-            if len(self._bitmap_cache) > 4096:
-                self._bitmap_cache.clear()
+            if len(self._bitmap_cache) > 4096 and (self._spool is None or self._spool.idle):
+                self._bitmap_cache.clear()   # (not while a taken page may not be in the file yet)
             self._bitmap_cache[page_offset] = page
         return page
 
@@ -322,8 +322,10 @@ class VhdxIOMixin:
             if self._dirty_count():
                 self._commit()
             return
+        self._spool.check()              # after a failed commit nothing more is taken: it stays dirty
         taken = self._take_commit()
         if taken is not None:
+            self._clear_dirty()
             self._spool.put(lambda: self._write_commit(*taken), 1)
 
     def wait_commits(self) -> None:
@@ -344,9 +346,11 @@ class VhdxIOMixin:
         taken = self._take_commit()
         if taken is not None:
             self._write_commit(*taken)
+            self._clear_dirty()              # only now: a failed commit is tried again by the next flush
 
     def _take_commit(self):
-        """The metadata updates so far, as one commit to write (cheap: the I/O path's half)."""
+        """The metadata updates so far, as one commit to write (cheap: the I/O path's half). The file's
+        size is taken here too: later allocations are not this commit's, nor made durable by its flush."""
         if not self._dirty_count():
             return None
         if self._log_writer is None:
@@ -354,18 +358,19 @@ class VhdxIOMixin:
         updates = list(self._zero_updates)
         updates += [DataUpdate(off, bytes(page)) for off, page in sorted(self._dirty_bitmap_pages.items())]
         updates += [DataUpdate(self.bat_offset + p * SECTOR, self._bat_page(p)) for p in sorted(self._dirty_bat_pages)]
-        taken = (updates, self._new_blocks_unsynced, self._alloc_end)
+        return updates, self._new_blocks_unsynced, self.io.size(), self._alloc_end
+
+    def _clear_dirty(self) -> None:
         self._dirty_bat_pages.clear()
         self._dirty_bitmap_pages.clear()
         self._zero_updates.clear()
         self._new_blocks_unsynced = False
-        return taken
 
-    def _write_commit(self, updates, new_blocks: bool, alloc_end: int) -> None:
+    def _write_commit(self, updates, new_blocks: bool, size: int, alloc_end: int) -> None:
         """Data first, then one log entry, then the same bytes in place (§2.3). One at a time: on the
-        commit thread, or with it idle. The size is taken before the data flush that makes it durable."""
+        commit thread, or with it idle. `size`: the file's size when the commit was taken, which the
+        data flush makes durable (a later extension is not: it must not be the FlushedFileOffset)."""
         writer = self._log_writer
-        size = self.io.size()
         if new_blocks:
             self.io.fsync()
         writer.write(updates, flushed_file_offset=size // S.MiB * S.MiB,

@@ -141,3 +141,22 @@ def test_a_log_that_cannot_be_created_fails_its_first_append_or_seal(tmp_path):
         w.seal(durable=False)
     w.close()
     assert (tmp_path / "taken.hrl").read_bytes() == b"someone else's"
+
+
+def test_a_log_given_up_drops_its_queued_writes_and_lets_go_of_its_file(tmp_path):
+    """A log closed with discard (the tracker gave it up for a resync) writes nothing more once its
+    current job ends, and join() returns only when its thread has closed the file: the file may then be
+    recycled as the next log's without a late write landing in it."""
+    path = tmp_path / "given-up.hrl"
+    w = HrlWriter(str(path), background=True)
+    gate, entered = threading.Event(), threading.Event()
+    w._spool.put(lambda: (entered.set(), gate.wait()))
+    assert entered.wait(5)
+    for k in range(8):
+        w.append(k * MiB, pattern(k, 256 << 10))
+    size_before = os.path.getsize(path)
+    w.close(discard=True)
+    gate.set()
+    w.join()
+    assert w.fd == -1
+    assert os.path.getsize(path) == size_before              # none of the queued appends was written

@@ -110,3 +110,62 @@ def test_a_flush_is_durable_across_kill9_and_later_writes_are_old_or_new(tmp_pat
             got = d.read(off + 65536, len(data))
             assert got in (data, bytes(len(data))), f"block at {off + 65536} holds neither its old nor its new bytes"
     assert check_vhdx(path) == []
+
+
+def test_a_failed_commit_in_place_is_tried_again_by_the_next_flush(tmp_path, monkeypatch):
+    """Without a commit thread (replica apply, `replicate`, seeds): an fsync failing inside a commit
+    leaves the metadata dirty, so the next flush commits it and the blocks are there after reopening."""
+    from replicator.errors import DiskIOError
+    path = str(tmp_path / "f.vhdx")
+    real, failures = FileIO.fsync, [1]
+
+    def fsync(self):
+        if failures:
+            failures.pop()
+            raise DiskIOError(f"{self.path}: fsync: Input/output error")
+        return real(self)
+    ws = writes(40)
+    with create_vhdx(path, SIZE, block_size=MiB) as d:
+        d.prepare_for_writes()
+        for off, data in ws:
+            d.write(off, data)
+        monkeypatch.setattr(FileIO, "fsync", fsync)
+        with pytest.raises(DiskIOError, match="Input/output error"):
+            d.flush()
+        d.flush()
+    with VhdxDisk.open(path) as d:
+        for off, data in ws:
+            assert d.read(off, len(data)) == data
+    assert check_vhdx(path) == []
+
+
+def test_after_a_failed_background_commit_nothing_more_is_taken(tmp_path, monkeypatch):
+    """The commit thread's failure is raised by the next write that would hand it a commit and by every
+    flush; what was dirty since stays dirty (never cleared on the way to a refusal)."""
+    from replicator.errors import DiskIOError
+    path = str(tmp_path / "g.vhdx")
+    real = FileIO.fsync
+
+    def fsync(self):
+        if threading.current_thread().name == "spool":
+            raise DiskIOError(f"{self.path}: fsync: Input/output error")
+        return real(self)
+    monkeypatch.setattr(FileIO, "fsync", fsync)
+    d = create_vhdx(path, SIZE, block_size=MiB)
+    try:
+        d.prepare_for_writes()
+        d.background_commits()
+        with pytest.raises(DiskIOError, match="Input/output error"):
+            for off, data in writes(2000):
+                d.write(off, data)
+            d.wait_commits()
+        dirty = d._dirty_count()
+        with pytest.raises(DiskIOError, match="Input/output error"):
+            d.commit_soon()
+        assert d._dirty_count() == dirty > 0
+        with pytest.raises(DiskIOError, match="Input/output error"):
+            d.flush()
+    finally:
+        monkeypatch.setattr(FileIO, "fsync", real)
+        with pytest.raises(DiskIOError):
+            d.close()
