@@ -16,5 +16,3 @@ def background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (OSError, AttributeError):
         pass
-
-

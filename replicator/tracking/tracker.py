@@ -195,11 +195,16 @@ class TrackedDisk:
         if not self.resync_required:
             self.state.state, self.state.reason = TrackingState.RESYNC_REQUIRED.value, reason
         if getattr(self, "log", None) is not None:
-            self.log.close(discard=True)
-            self._closed_logs.append(self.log)
-            self.log = None
+            self._give_up_log()
         if persist:
             self._save_state()
+
+    def _give_up_log(self) -> None:
+        """The active log will not be sealed: its queued writes are dropped, and its file is recycled only
+        once its writer has let go of it (begin_resync)."""
+        self.log.close(discard=True)
+        self._closed_logs.append(self.log)
+        self.log = None
 
     def replica_diverged(self, reason: str) -> None:
         """The replica changed behind our back: our bitmap says nothing about what differs, so every
@@ -417,9 +422,7 @@ class TrackedDisk:
         end_resync(): a resync cut short (crash, lost connection) leaves RESYNC_REQUIRED with the same regions."""
         extents = self.dirty_extents()
         if self.log is not None:
-            self.log.close(discard=True)
-            self._closed_logs.append(self.log)
-            self.log = None
+            self._give_up_log()
         self.state.sealed_logs = []
         self.state.state = TrackingState.RESYNCHRONIZING.value
         self.state.last_unique_id = ZERO_UUID
