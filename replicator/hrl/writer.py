@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 import uuid
 
@@ -74,6 +75,7 @@ class HrlWriter:
         self.last_metadata = HEADER_SIZE
         self._spool = Spool(path, "log write failed", SPOOL_MAX) if background else None
         self._closing = None
+        self._opened = threading.Event()     # set once the file is open (or given up): see wait_open
         self._do(lambda: self._open(recycle))
         self._write(self.header.pack(), 0)
         self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
@@ -82,7 +84,18 @@ class HrlWriter:
         self._buf = bytearray()              # appended data not yet written, from self._buf_at to the cursor
         self._buf_at = self.cursor
 
+    def wait_open(self) -> None:
+        """Until the file is open (or the log given up): a background writer takes the spare on its own
+        thread, in two steps (open, rename), and the spare must not be replaced in between."""
+        self._opened.wait()
+
     def _open(self, recycle: str | None) -> None:
+        try:
+            self._take_or_create(recycle)
+        finally:
+            self._opened.set()
+
+    def _take_or_create(self, recycle: str | None) -> None:
         fd = take_spare(recycle, self.path) if recycle else -1
         if fd >= 0:
             self.file_end = self.stale_end = os.fstat(fd).st_size
@@ -212,6 +225,7 @@ class HrlWriter:
             self._closing.join()
 
     def _close(self) -> None:
+        self._opened.set()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

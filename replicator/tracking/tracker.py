@@ -389,9 +389,7 @@ class TrackedDisk:
             raise ReplicatorError(f"{self.path}: log {unique_id} is not pending")
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
         acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
-        gone = [os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked]
-        spare = self.sidecar.spare_path
-        self._later(lambda: recycle_logs(gone, spare))
+        self._recycle_later([os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked])
         self.state.sealed_logs = keep
         self._save_state()
         if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
@@ -430,15 +428,24 @@ class TrackedDisk:
         self._start_log()
         older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
                        if n not in (self.state.active_log, SPARE_LOG))   # sealed, or left open by a crash
-        spare = self.sidecar.spare_path
         closed, self._closed_logs = self._closed_logs, []
+        self._recycle_later(older, closed)
+        return extents
 
-        def recycle():                  # a closed log's writer thread is done with its file first
+    def _recycle_later(self, paths: list[str], closed=()) -> None:
+        """recycle_logs, off the I/O path, once the logs' writers are done with the files: the `closed`
+        ones have let go of theirs, and the active one has taken the spare or found none (replacing the
+        spare between its open and its rename gave the new log the old log's file under its name: a
+        shipped log then read as never sealed, seen in the guest impact bench)."""
+        active, spare = self.log, self.sidecar.spare_path
+
+        def recycle():
             for w in closed:
                 w.join()
-            recycle_logs(older, spare)
+            if active is not None:
+                active.wait_open()
+            recycle_logs(paths, spare)
         self._later(recycle)
-        return extents
 
     def end_resync(self) -> None:
         """The replica now holds everything up to the start of the resync: normal tracking resumes."""
