@@ -4,6 +4,7 @@ extent map (last write wins) that shipping and apply use.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,13 @@ class HrlReader:
     def __init__(self, path: str, disk_size: int | None = None):
         self.path = path
         self.disk_size = disk_size
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # a FIFO or device at a log's name would block the open or the reads: only a regular file is a log
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
         try:
-            self.file_size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError("HRL file", None, "not a regular file", path)
+            self.file_size = st.st_size
             self.header: LogHeader = parse_header(os.pread(self.fd, HEADER_SIZE, 0), path)
             if not self.header.closed_cleanly:
                 raise LogNotSealed("HRL header", 44, "EOLLocation is 0: the log was not closed cleanly", path)

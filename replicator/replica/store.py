@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -157,12 +158,15 @@ class ReplicaStore:
         nothing that blocks the next; its half-made .new-KEY is removed by the next creation."""
         os.makedirs(self.base, exist_ok=True)
         path = os.path.join(self.base, f".new-{key}.lock")
-        fd = _try_lock(path)
-        for _ in range(20):         # a sweeper (sweep_leftovers) holds it for a moment only
-            if fd is not None:
-                break
-            time.sleep(0.05)
+        try:
             fd = _try_lock(path)
+            for _ in range(20):         # a sweeper (sweep_leftovers) holds it for a moment only
+                if fd is not None:
+                    break
+                time.sleep(0.05)
+                fd = _try_lock(path)
+        except _NotALock as e:
+            raise ImageLocked(str(e)) from None
         if fd is None:
             try:
                 with open(path, "rb") as f:
@@ -177,7 +181,8 @@ class ReplicaStore:
             self.sweep_leftovers()
             yield
         finally:
-            os.unlink(path)                    # under the lock: a waiter that opened it sees another inode
+            with contextlib.suppress(FileNotFoundError):    # (removed by hand meanwhile: the disk is made)
+                os.unlink(path)                # under the lock: a waiter that opened it sees another inode
             os.close(fd)
 
     def sweep_leftovers(self) -> list[str]:
@@ -195,13 +200,16 @@ class ReplicaStore:
                 continue                        # swept with its lock below
             elif name.startswith(".new-"):
                 lock = path if name.endswith(".lock") else path + ".lock"
-                fd = _try_lock(lock)
+                try:
+                    fd = _try_lock(lock)
+                except _NotALock:
+                    continue                    # not ours to remove: a creation of that disk says so
                 if fd is None:
                     continue                    # a live creator
                 try:
                     half = lock[:-len(".lock")]
                     if os.path.lexists(half):
-                        shutil.rmtree(half, ignore_errors=True)
+                        _remove_entry(half)
                         removed.append(os.path.basename(half))
                     os.unlink(lock)
                     if name.endswith(".lock"):
@@ -215,19 +223,19 @@ class ReplicaStore:
         failure (full volume, bad size) leaves nothing behind, and the id is never seen half-made."""
         base = self.base
         tmp = os.path.join(base, f".new-{key}")
-        shutil.rmtree(tmp, ignore_errors=True)     # a creator of this id killed half-way (we hold its lock)
+        _remove_entry(tmp)                         # a creator of this id killed half-way (we hold its lock)
         try:
             for sub in ("chain", "spool", "undo", "tests"):
                 os.makedirs(os.path.join(tmp, sub))
             build(os.path.join(tmp, "chain", "base.vhdx"))
             _save(os.path.join(tmp, "state.json"), state)
             path = os.path.join(base, key)
-            if os.path.exists(path):           # a folder without state.json: an older build's leftover
-                shutil.rmtree(path)
+            if os.path.lexists(path):          # a folder without state.json: an older build's leftover
+                _remove_entry(path)
             os.rename(tmp, path)
             fsync_dir(base)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_entry(tmp)
             raise
         self._disks.pop(key, None)
 
@@ -903,11 +911,39 @@ def _check_retention(additional_points: int) -> None:
         raise UsageError("additional recovery points must be between 0 and 24")
 
 
+def _remove_entry(path: str) -> None:
+    """Remove a leftover at `path`: a folder with what it holds, anything else (a symlink too) by its name
+    only, never following it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class _NotALock(Exception):
+    """Something other than a regular file sits at a creation lock's name (planted or made by hand)."""
+
+
 def _try_lock(path: str) -> int | None:
     """An fd holding the creation lock at `path` (created if missing), or None when a live process holds
-    it. The file must still be the one at `path` once locked: a holder unlinks it before it lets go."""
+    it. The file must still be the one at `path` once locked: a holder unlinks it before it lets go. A
+    symlink or a FIFO there is removed by its name (never followed or opened); a directory is an
+    operator's, not ours: _NotALock."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFREG
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            _remove_entry(path)         # a symlink or a FIFO planted there: its name goes, nothing it names
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise _NotALock(f"{path} cannot be a creation lock ({e.strerror}): remove it by hand") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            continue                    # replaced by something else meanwhile: look again
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -427,7 +427,8 @@ class TrackedDisk:
         self._new_cycle()
         self._start_log()
         older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
-                       if n not in (self.state.active_log, SPARE_LOG))   # sealed, or left open by a crash
+                       if n.endswith(".hrl") and n not in (self.state.active_log, SPARE_LOG))   # sealed, or
+        # left open by a crash (what else an operator put there is not ours)
         closed, self._closed_logs = self._closed_logs, []
         self._recycle_later(older, closed)
         return extents
@@ -520,7 +521,7 @@ def remove_files(paths) -> None:
     for path in paths:
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):     # gone, or not a log (made by hand): left alone
             pass
 
 

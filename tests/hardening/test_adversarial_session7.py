@@ -2,8 +2,9 @@
 metadata threads: planted files where the store or the tracker expects its own, processes killed or held,
 a real file-size limit, and many cut/acknowledge/resync cycles checked byte for byte against replays.
 
-Tests marked xfail(strict=True) reproduce product defects found by this pass: they fail today, and turn
-into an XPASS (a failure, being strict) once the defect is fixed, so that the mark is then removed."""
+Eight of these tests reproduced defects the pass found (symlinks, FIFOs and directories planted at a
+creation lock's or a half-made disk's name, a lock removed during a creation, a FIFO at a pending log's
+name, a directory among the logs); they pass since the fixes."""
 from __future__ import annotations
 
 import os
@@ -160,8 +161,6 @@ def test_a_creator_killed_half_way_blocks_nobody(tmp_path):
     assert d.state.size == 4 * MiB and leftovers(store) == []
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:910 opens .new-KEY.lock with O_CREAT and no O_NOFOLLOW, and "
-                   "store.py:175-176 truncate and write the pid into whatever a planted symlink points at")
 def test_a_symlink_planted_as_a_creation_lock_does_not_write_through(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     os.makedirs(store.base)
@@ -176,17 +175,12 @@ def test_a_symlink_planted_as_a_creation_lock_does_not_write_through(tmp_path):
     assert victim.read_text() == "precious\n"
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:198 -> :910: os.open of a directory named .new-X.lock raises "
-                   "IsADirectoryError out of sweep_leftovers, which every creation (store.py:177) and the replica "
-                   "server's start (transport/server.py:260, unguarded) run")
 def test_a_directory_named_like_a_creation_lock_does_not_stop_every_creation(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     os.makedirs(os.path.join(store.base, f".new-{uuid.uuid4()}.lock"))     # another disk id entirely
     store.ensure_disk(uuid.uuid4(), 4 * MiB)
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:175 ftruncate of a FIFO planted as the creation lock: a bare "
-                   "'OSError: [Errno 22] Invalid argument' naming no file")
 def test_a_fifo_planted_as_the_creation_lock_is_refused_naming_it_or_replaced(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     os.makedirs(store.base)
@@ -203,20 +197,6 @@ def test_a_fifo_planted_as_the_creation_lock_is_refused_naming_it_or_replaced(tm
         assert not os.path.exists(lock) or os.path.isdir(os.path.join(store.base, key))
 
 
-def test_a_fifo_creation_lock_is_gone_after_the_first_failure(tmp_path):
-    """What happens today: the first try fails, its clean-up removes the FIFO, the second try succeeds."""
-    store = ReplicaStore(str(tmp_path / "store"))
-    os.makedirs(store.base)
-    key = str(uuid.uuid4())
-    os.mkfifo(os.path.join(store.base, f".new-{key}.lock"))
-    with pytest.raises(OSError):
-        store.ensure_disk(key, 4 * MiB)
-    store.ensure_disk(key, 4 * MiB)
-    assert leftovers(store) == []
-
-
-@pytest.mark.xfail(strict=True, reason="store.py:218 rmtree(ignore_errors) leaves a symlinked .new-KEY, and "
-                   "_create then builds the disk through it and renames the symlink into place as the disk")
 def test_a_symlink_planted_as_a_half_made_disk_is_not_built_through(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     os.makedirs(store.base)
@@ -232,8 +212,6 @@ def test_a_symlink_planted_as_a_half_made_disk_is_not_built_through(tmp_path):
     assert not os.path.islink(os.path.join(store.base, key))
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:910 via sweep_leftovers (:198): a dangling symlink named "
-                   ".new-X.lock makes a sweep create its target file, outside the store")
 def test_a_sweep_creates_nothing_through_a_dangling_symlink(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     os.makedirs(store.base)
@@ -243,8 +221,6 @@ def test_a_sweep_creates_nothing_through_a_dangling_symlink(tmp_path):
     assert not target.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:180: the lock file removed by an operator while a disk is "
-                   "created makes the finished creation raise FileNotFoundError (and leaks its fd, :181 skipped)")
 def test_a_lock_removed_during_creation_does_not_fail_the_made_disk(tmp_path):
     store = ReplicaStore(str(tmp_path / "store"))
     key = str(uuid.uuid4())
@@ -407,8 +383,6 @@ def test_many_cycles_with_planted_spares_and_resyncs_replay_exactly(tmp_path):
     assert read_vhdx(replica) == read_vhdx(path)
 
 
-@pytest.mark.xfail(strict=True, reason="tracker.py:125 -> hrl/reader.py:40 opens a pending log with O_RDONLY and "
-                   "no O_NONBLOCK: a FIFO at a sealed log's name hangs the tracker's open for ever")
 def test_a_pending_log_replaced_by_a_fifo_does_not_hang_the_next_open(tmp_path):
     path, replica, t = export_disk(tmp_path)
     t.write(0, pattern(5, 64 * KiB))
@@ -430,9 +404,6 @@ def test_a_pending_log_replaced_by_a_fifo_does_not_hang_the_next_open(tmp_path):
     assert r.stdout.startswith("True"), r.stdout + r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="tracker.py:522 (remove_files, from recycle_logs :516): os.unlink of a dir "
-                   "among the logs raises IsADirectoryError (not a ReplicatorError) out of run_deferred; "
-                   "shim.py:205 catches only ReplicatorError, so the control connection drops unanswered")
 def test_a_directory_among_the_logs_does_not_break_the_deferred_work(tmp_path):
     path, replica, t = export_disk(tmp_path)
     try:
