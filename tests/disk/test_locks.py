@@ -49,13 +49,15 @@ def digest(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def fd_locks(pid: int) -> list[str]:
-    """The lock lines of every descriptor of `pid` (what the kernel says it holds)."""
+def fd_locks(pid: int, path=None) -> list[str]:
+    """The lock lines of every descriptor of `pid` (what the kernel says it holds), only those on `path`'s
+    inode if given (the test process may hold locks of other tests' disks)."""
+    inode = f":{os.stat(path).st_ino} " if path is not None else ""
     out = []
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
             with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                out += [ln for ln in f.read().splitlines() if "OFDLCK" in ln]
+                out += [ln for ln in f.read().splitlines() if "OFDLCK" in ln and inode in ln]
         except OSError:
             pass
     return out
@@ -365,7 +367,7 @@ def test_the_bytes_are_qemus(tmp_path):
     def qemu_bytes(read_only):
         q = qemu_io_holding(disk, read_only=read_only)
         try:
-            return expand(spans(fd_locks(q.pid)))
+            return expand(spans(fd_locks(q.pid, disk)))
         finally:
             release(q)
 
@@ -373,7 +375,7 @@ def test_the_bytes_are_qemus(tmp_path):
         fd = os.open(disk, os.O_RDWR if write else os.O_RDONLY)
         try:
             lock_image(fd, disk, write=write)
-            return expand(spans(fd_locks(os.getpid())))
+            return expand(spans(fd_locks(os.getpid(), disk)))
         finally:
             os.close(fd)
 

@@ -65,7 +65,8 @@ def test_kill9_during_apply_never_leaves_a_half_applied_cycle(tmp_path, addition
             disk.commit(sid)
             assert replica_bytes(disk) == new
         shutil.rmtree(work)
-    assert set(phases) == set(expected), f"kills did not land inside the journal: {phases}"
+    # a kill may miss (the commit ended first, as on a busy machine); each phase must still have been hit
+    assert set(expected) <= set(phases), f"kills did not land inside the journal: {phases}"
 
 
 def _wait_for_phase(state_path: str, phase: str, proc, timeout: float = 60.0):
