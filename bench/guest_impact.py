@@ -44,6 +44,7 @@ Per phase and job: IOPS, median, p99, p99.9 and max of the total latency (submis
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ import numpy as np
 
 from replicator.disk.base import ExtentKind
 from replicator.disk.raw import file_extents
+from replicator.tracking.remote import shutdown_running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -290,10 +292,14 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
         return self
 
     def stop(self) -> None:
+        """Both daemons, then the export (it outlives replicatord for its idle grace: left running, the next
+        site's export_pid found it on the same socket path and measured a process about to end)."""
         self.primary.stop(wait=False)
         self.replica.stop(wait=False)
         self.primary.stop()
         self.replica.stop()
+        for control in glob.glob(os.path.join(self.dir, "**", "nbd", "*.control"), recursive=True):
+            shutdown_running(os.path.dirname(control), os.path.basename(control)[:-len(".control")])
 
     def export_pid(self) -> int | None:
         """(Waited for a moment: one run measured no CPU when the export was looked for too early.)"""
@@ -647,6 +653,7 @@ def main(argv=None) -> int:
                     "what keeps the tracker's log under 80%% of half the disk between cuts")
     ap.add_argument("--cycle-every", type=float, default=None, help="phase b: cycles through the admin API every "
                     "S seconds instead of the daemon's 30 s scheduler (--quick: 2)")
+    ap.add_argument("--note", default=None, help="what the machine was doing (default: shared and busy)")
     ap.add_argument("--out", default=None, help="JSON path; the .md beside it (default docs/bench/guest-impact.json; "
                     "--quick: WORK/guest-impact.json)")
     args = ap.parse_args(argv)
@@ -721,7 +728,7 @@ def main(argv=None) -> int:
                   "cycles": (f"admin API every {args.cycle_every} s" if args.cycle_every
                              else "replicatord's scheduler, frequency 30s"),
                   "quick": q, "seconds": round(time.time() - t_start, 1),
-                  "note": "Figures from a shared, busy 2-core machine." if not q else
+                  "note": args.note or "Figures from a shared, busy 2-core machine." if not q else
                           "--quick: a smoke run (256 MiB disk, 5 s jobs); the figures mean little."},
         "phases": res, "ratios": compare(res, jobs) if all(res.get(p) for p in "ab") else {},
         "problems": problems}

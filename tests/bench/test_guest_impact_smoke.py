@@ -37,6 +37,8 @@ def test_guest_impact_quick(tmp_path):
             assert r["iops"] > 0 and r["ios"] > 0, (phase, job, r)
             assert 0 < r["median_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"] < 30_000, (phase, job, r)
             assert r["window_s"] > 0
+            if phase != "e" or r.get("server_cores") is not None:
+                assert r["server_cores"] > 0, (phase, job, r)     # the export (a-d) was found and measured
     for job in jobs:
         ratios = report["ratios"][job]
         for key in ("steady_over_paused_iops", "paused_over_qemu_iops", "steady_over_qemu_iops"):

@@ -161,3 +161,22 @@ def test_reads_from_the_file_equal_reads_through_the_export(tmp_path):
         assert direct[6 * MiB:8 * MiB] == b"\x22" * (2 * MiB) and direct[:MiB] == pattern(7, 4 * MiB)[:MiB]
     finally:
         h.shutdown()
+
+
+def test_the_export_does_not_inherit_a_background_policy(tmp_path, disk):
+    """replicatord run as background work (`chrt --idle`, systemd's CPUSchedulingPolicy=idle or batch) must
+    not hand that policy to the process serving the guest: measured, a SCHED_IDLE export would wait behind
+    every other task on a busy host."""
+    policy = os.SCHED_IDLE if os.geteuid() == 0 else os.SCHED_BATCH   # leaving IDLE needs privilege
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+    try:
+        h = _handle(tmp_path, disk)
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    try:
+        assert os.sched_getscheduler(h.pid) == os.SCHED_OTHER
+        qemu_io(h.uri("d0.vhdx"), f"write -P 0x33 0 {MiB}")
+        for tid in os.listdir(f"/proc/{h.pid}/task"):       # its threads too, made after the reset
+            assert os.sched_getscheduler(int(tid)) == os.SCHED_OTHER, tid
+    finally:
+        assert h.detach() is True

@@ -1,0 +1,55 @@
+"""bench/guest_impact_runs.py: issue 12's targets judged by the median over full runs of guest_impact.py."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("guest_impact_runs",
+                                                  os.path.join(ROOT, "bench", "guest_impact_runs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(when, p999, worst, paused=1.0, steady=1.0, bound=False):
+    """One run's report as guest_impact.py writes it, one job, the same ratio in every phase."""
+    phases = dict(zip("abcd", p999))
+    worsts = dict(zip("abcd", worst))
+    return {"setup": {"when": when, "jobs": ["4k-qd1"]},
+            "phases": {"a": {"4k-qd1": {"rate_bound": bound}}},
+            "ratios": {"4k-qd1": {"paused_over_qemu_iops": paused, "steady_over_paused_iops": steady,
+                                  "p999_over_qemu": phases, "worst_minus_qemu_ms": worsts}}}
+
+
+def test_medians_spread_and_targets():
+    m = _module()
+    runs = [_run("r1", [1.0, 3.0, 2.5, 1.0], [0, 60, 10, 0], paused=0.9, steady=0.95),
+            _run("r2", [1.2, 1.5, 2.1, 1.0], [5, 10, 70, 0], paused=1.1, steady=0.8),
+            _run("r3", [0.8, 1.9, 1.0, 4.0], [1, 20, 80, 0], paused=1.3, steady=1.0)]
+    s = m.summarize(runs)
+    row = s["jobs"]["4k-qd1"]
+    assert row["p999_over_qemu"]["b"] == {"median": 1.9, "min": 1.5, "max": 3.0, "runs_met": 2}
+    assert row["p999_over_qemu"]["c"]["median"] == 2.1 and row["p999_over_qemu"]["c"]["runs_met"] == 1
+    assert row["worst_minus_qemu_ms"]["c"]["median"] == 70
+    assert row["paused_over_qemu_iops"]["median"] == 1.1 and row["steady_over_paused_iops"]["median"] == 0.95
+    assert row["targets"] == {"paused_ge_1.0x_qemu": True, "steady_ge_0.9x_paused": True,
+                              "worst_le_qemu_plus_50ms": False, "p999_le_2x_qemu": False}
+    assert (s["cells"], s["p999_cells_met_by_median"], s["worst_cells_met_by_median"]) == (4, 3, 3)
+    md = m.markdown(s)
+    assert "**2.100** [1.00, 2.50; 1/3]" in md and "**70.0**" in md
+    assert "By the medians: p99.9 met in 3 of 4 cells, worst completion in 3 of 4." in md
+
+
+def test_rate_bound_jobs_pass_the_iops_targets():
+    """At fio's rate cap both sides serve the same IOPS: the IOPS ratios say nothing and are not judged."""
+    m = _module()
+    s = m.summarize([_run("r1", [1] * 4, [0] * 4, paused=0.97, steady=0.5, bound=True)])
+    t = s["jobs"]["4k-qd1"]["targets"]
+    assert t["paused_ge_1.0x_qemu"] and t["steady_ge_0.9x_paused"]
+    s = m.summarize([_run("r1", [1] * 4, [0] * 4, paused=0.97, steady=0.5, bound=False)])
+    t = s["jobs"]["4k-qd1"]["targets"]
+    assert not t["paused_ge_1.0x_qemu"] and not t["steady_ge_0.9x_paused"]
