@@ -9,7 +9,8 @@ Everything runs as an operator runs it: replicatord processes from config files,
              cannot fill disks under ~1 GiB (its file set is ~700 MB): for those (--quick) the same sources
              are copied up to 55 % of the disk and the disk is built the same way (mke2fs -d, qemu-img).
   replica    a second replicatord, replica role, on loopback, mutual TLS (certificates from our own CA made
-             with `replicator certs init/issue`), storing under WORK/replica-root.
+             with `replicator certs init/issue`), storing under WORK/site-c/replica-root, or under
+             --replica-root (a folder on another file system, as the replica would be on another host).
   primary    replicatord protecting machine "vm" (one disk: a copy of corpus.vhdx) to it over HTTPS,
              frequency 30s, initial replication `scheduled` far ahead so it starts when the bench says
              (`POST /v1/machines/vm/cycle`, what `replicator machine vm cycle` does). fio writes to the URI
@@ -246,10 +247,12 @@ class Daemon:
 class Site:
     """A replica replicatord and a primary replicatord protecting machine vm (disk primary.vhdx) to it."""
 
-    def __init__(self, work: str, pki: str, corpus_vhdx: str, tag: str):
+    def __init__(self, work: str, pki: str, corpus_vhdx: str, tag: str, replica_root: str | None = None):
         self.work, self.pki = work, pki
         self.dir = os.path.join(work, f"site-{tag}")
         shutil.rmtree(self.dir, ignore_errors=True)
+        store = os.path.join(replica_root, f"site-{tag}") if replica_root else os.path.join(self.dir, "replica-root")
+        shutil.rmtree(store, ignore_errors=True)
         os.makedirs(self.dir)
         self.disk = os.path.join(self.dir, "primary.vhdx")
         sh("cp", "--sparse=always", corpus_vhdx, self.disk)
@@ -266,7 +269,7 @@ port = {rport}
 {tls("replica")}
 [[replica.allow]]
 principal = "primary"
-storage = "{self.dir}/replica-root"
+storage = "{store}"
 ''', ra)
         self.primary = Daemon(os.path.join(self.dir, "primary"), f'''[daemon]
 state_dir = "state"
@@ -473,7 +476,7 @@ def job_window(site: Site, job_id: str, until) -> tuple[float, float, dict]:
 
 def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region, logs: str, last: bool):
     """A fresh site, fio, and 0.5 s into it the initial replication; returns (result, site or None)."""
-    site = Site(work, pki, corpus_vhdx, "c").start()
+    site = Site(work, pki, corpus_vhdx, "c", args.replica_root).start()
     try:
         fio = Fio(logs, "c", job, site.uri, args, region).start(site.export_pid())
         time.sleep(0.5)
@@ -653,6 +656,8 @@ def main(argv=None) -> int:
                     "what keeps the tracker's log under 80%% of half the disk between cuts")
     ap.add_argument("--cycle-every", type=float, default=None, help="phase b: cycles through the admin API every "
                     "S seconds instead of the daemon's 30 s scheduler (--quick: 2)")
+    ap.add_argument("--replica-root", default=None, help="the replica's storage (default WORK/site-c/replica-root); "
+                    "a folder on another file system keeps the replica's writes out of the primary's journal")
     ap.add_argument("--note", default=None, help="what the machine was doing (default: shared and busy)")
     ap.add_argument("--out", default=None, help="JSON path; the .md beside it (default docs/bench/guest-impact.json; "
                     "--quick: WORK/guest-impact.json)")
@@ -697,7 +702,7 @@ def main(argv=None) -> int:
             for i, job in enumerate(jobs):
                 res["c"][job], site = phase_initial(work, pki, vhdx, job, args, region, logs, i == len(jobs) - 1)
         if site is None and any(p in phases for p in "abd"):         # no phase c: one initial replication
-            site = Site(work, pki, vhdx, "c").start()
+            site = Site(work, pki, vhdx, "c", args.replica_root).start()
             site.primary.ok("POST", "/v1/machines/vm/cycle?wait=1")
         if site is not None:
             wait_for(lambda: site.primary.machine()["state"] == "Replicating", "the initial replication to end",
@@ -728,6 +733,7 @@ def main(argv=None) -> int:
                   "cycles": (f"admin API every {args.cycle_every} s" if args.cycle_every
                              else "replicatord's scheduler, frequency 30s"),
                   "quick": q, "seconds": round(time.time() - t_start, 1),
+                  "replica_root": args.replica_root or "under --work (the primary's file system)",
                   "note": args.note or "Figures from a shared, busy 2-core machine." if not q else
                           "--quick: a smoke run (256 MiB disk, 5 s jobs); the figures mean little."},
         "phases": res, "ratios": compare(res, jobs) if all(res.get(p) for p in "ab") else {},
