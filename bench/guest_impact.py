@@ -45,7 +45,6 @@ Per phase and job: IOPS, median, p99, p99.9 and max of the total latency (submis
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -64,7 +63,7 @@ import numpy as np
 
 from replicator.disk.base import ExtentKind
 from replicator.disk.raw import file_extents
-from replicator.tracking.remote import shutdown_running
+from replicator.tracking.remote import shutdown_all_under
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -301,8 +300,7 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
         self.replica.stop(wait=False)
         self.primary.stop()
         self.replica.stop()
-        for control in glob.glob(os.path.join(self.dir, "**", "nbd", "*.control"), recursive=True):
-            shutdown_running(os.path.dirname(control), os.path.basename(control)[:-len(".control")])
+        shutdown_all_under(self.dir)
 
     def export_pid(self) -> int | None:
         """(Waited for a moment: one run measured no CPU when the export was looked for too early.)"""

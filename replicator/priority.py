@@ -16,3 +16,15 @@ def background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (OSError, AttributeError):
         pass
+
+
+def foreground_policy() -> None:
+    """replicatord run as background work (chrt -b/-i, systemd's CPUSchedulingPolicy) hands its policy to
+    the export it starts; the guest's requests are not background work. Every thread of the process made so
+    far is reset (the policy is per thread), and those made later inherit the reset."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) in (os.SCHED_BATCH, os.SCHED_IDLE):
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass    # gone, or not permitted (leaving SCHED_IDLE needs root or RLIMIT_NICE room)

@@ -7,6 +7,7 @@ caller's worker threads, so nothing here runs in the export process except track
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -342,6 +343,13 @@ class ExportHandle:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+
+
+def shutdown_all_under(folder: str) -> None:
+    """Stop every export whose control socket is somewhere under `folder` (tests and benchmarks, whose
+    daemons' exports outlive them for their idle grace)."""
+    for control in glob.glob(os.path.join(folder, "**", "nbd", "*.control"), recursive=True):
+        shutdown_running(os.path.dirname(control), os.path.basename(control)[:-len(".control")])
 
 
 def shutdown_running(run_dir: str, name: str) -> bool:

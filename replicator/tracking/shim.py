@@ -26,7 +26,7 @@ import uuid
 
 from .. import errors
 from ..errors import ReplicatorError
-from ..priority import background_priority
+from ..priority import background_priority, foreground_policy
 from .nbd import Export, NbdServer
 from .service import new_event_loop
 from .tracker import TrackedDisk, TrackingGroup
@@ -289,18 +289,6 @@ def _unlink_stale(path: str) -> None:
     raise errors.UsageError(f"{path} is in use by another running export")
 
 
-def _foreground_policy() -> None:
-    """replicatord run as background work (chrt -b/-i, systemd's CPUSchedulingPolicy) hands its policy to
-    this process; the guest's requests are not background work. Every thread made so far is reset (the
-    policy is per thread), and those made later inherit the reset."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            if os.sched_getscheduler(int(tid)) in (os.SCHED_BATCH, os.SCHED_IDLE):
-                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            pass    # gone, or not permitted (leaving SCHED_IDLE needs root or RLIMIT_NICE room)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="replicator-export", description="the export process of one machine")
     ap.add_argument("--name", required=True, help="the protected machine")
@@ -315,7 +303,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     disks = dict(d.split("=", 1) for d in args.disks)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)       # a reload of replicatord is not ours
-    _foreground_policy()
+    foreground_policy()
     try:        # the guest's requests before replication's encoding and hashing when CPUs are short
         os.setpriority(os.PRIO_PROCESS, 0, max(-20, os.getpriority(os.PRIO_PROCESS, 0) + PRIORITY_BOOST))
     except OSError:

@@ -426,9 +426,9 @@ class TrackedDisk:
         self.state.last_unique_id = ZERO_UUID
         self._new_cycle()
         self._start_log()
+        # sealed logs, or left open by a crash (anything else an operator put there is not ours)
         older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
-                       if n.endswith(".hrl") and n not in (self.state.active_log, SPARE_LOG))   # sealed, or
-        # left open by a crash (what else an operator put there is not ours)
+                       if n.endswith(".hrl") and n not in (self.state.active_log, SPARE_LOG))
         closed, self._closed_logs = self._closed_logs, []
         self._recycle_later(older, closed)
         return extents

@@ -88,13 +88,12 @@ def hv_b(site_b_libvirtd):
 def workdir():
     """A short folder for the test; any export process a daemon of the test left running (it outlives
     replicatord while a guest holds it, and writes its state when it ends) is stopped before the folder goes."""
-    from replicator.tracking.remote import shutdown_running
+    from replicator.tracking.remote import shutdown_all_under
     d = tempfile.mkdtemp(prefix="hv-", dir="/tmp")
     try:
         yield d
     finally:
-        for control in glob.glob(os.path.join(d, "**", "nbd", "*.control"), recursive=True):
-            shutdown_running(os.path.dirname(control), os.path.basename(control)[:-len(".control")])
+        shutdown_all_under(d)
         shutil.rmtree(d, ignore_errors=True)
 
 
