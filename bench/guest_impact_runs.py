@@ -94,9 +94,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runs = []
     for path in args.runs:
-        with open(path) as f:
-            runs.append(json.load(f))
+        try:
+            with open(path) as f:
+                run = json.load(f)
+            run["setup"]["jobs"], run["ratios"], run["phases"]["a"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"guest_impact_runs: {path}: not a full run of guest_impact.py ({e!r})") from None
+        runs.append(run)
     s = summarize(runs)
+    if not s["cells"]:
+        raise SystemExit("guest_impact_runs: no job has phases a-d in every run: nothing to judge")
     text = markdown(s)
     print(text, end="")
     if args.md:

@@ -53,3 +53,19 @@ def test_rate_bound_jobs_pass_the_iops_targets():
     s = m.summarize([_run("r1", [1] * 4, [0] * 4, paused=0.97, steady=0.5, bound=False)])
     t = s["jobs"]["4k-qd1"]["targets"]
     assert not t["paused_ge_1.0x_qemu"] and not t["steady_ge_0.9x_paused"]
+
+
+def test_files_that_are_not_full_runs_are_refused_in_one_line(tmp_path):
+    import json
+
+    import pytest
+    m = _module()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    quick = tmp_path / "quick.json"                     # a run without phases a and b has no ratios
+    quick.write_text(json.dumps({"setup": {"when": "w", "jobs": ["4k-qd1"]}, "ratios": {}, "phases": {"a": {}}}))
+    for path, says in ((bad, "not a full run"), (tmp_path / "missing.json", "not a full run"),
+                       (quick, "nothing to judge")):
+        with pytest.raises(SystemExit) as e:
+            m.main([str(path)])
+        assert says in str(e.value) and "\n" not in str(e.value)
