@@ -18,6 +18,7 @@ visible half-applied, and a failure while applying rolls the disk back with the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -176,8 +177,11 @@ class ReplicaStore:
             raise ImageLocked(f"disk {key} is being created in {self.root} by another process (pid {holder}): "
                               "try again once it has finished") from None
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)     # who holds it, for a waiter's message
+            except OSError as e:
+                raise self._cannot_create(key, e) from None
             self.sweep_leftovers()
             yield
         finally:
@@ -234,10 +238,21 @@ class ReplicaStore:
                 _remove_entry(path)
             os.rename(tmp, path)
             fsync_dir(base)
+        except (OSError, DiskIOError) as e:
+            _remove_entry(tmp)
+            raise self._cannot_create(key, e) from None
         except BaseException:
             _remove_entry(tmp)
             raise
         self._disks.pop(key, None)
+
+    def _cannot_create(self, key: str, e: OSError | DiskIOError) -> DiskIOError:
+        """One line naming the store and the disk (not the half-made file, which is gone by then)."""
+        if isinstance(e, OSError):
+            what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        else:
+            what = "disk full" if "disk full" in e.message else e.message
+        return DiskIOError(f"replica store {self.root}: cannot create the replica of disk {key}: {what}")
 
     def retire(self, disk_id: uuid.UUID | str) -> str | None:
         """Move a replica out of the way (to ROOT/retired/), kept for a look rather than deleted: after a

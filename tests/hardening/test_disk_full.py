@@ -127,3 +127,34 @@ def test_enospc_in_the_middle_of_an_apply_rolls_back(tmp_path, small_fs):
     reopened = ReplicaStore(os.path.join(small_fs, "root")).disk(p.disk_id)
     assert reopened.generation == 1 and image_bytes(reopened) == good
     os.unlink(filler)
+
+
+def test_a_new_replica_on_a_full_volume_is_refused_in_one_line(servers, pki, tmp_path, small_fs):
+    """Creating a disk's replica where the store's volume has no room: one line naming the store and the
+    disk (507 disk_full over the peer API), nothing half-made left behind, and the same call succeeds once
+    there is room."""
+    root = os.path.join(small_fs, "root")
+    store = ReplicaStore(root)
+    filler = os.path.join(small_fs, "filler")
+    with open(filler, "wb") as f:
+        try:
+            f.write(b"\1" * (12 * MiB))
+        except OSError:
+            pass
+    p = Primary(size=64 * MiB)
+    with pytest.raises(DiskIOError, match="disk full") as err:
+        store.ensure_disk(p.disk_id, p.size, block_size=MiB)
+    message = err.value.message
+    assert "\n" not in message and "Errno" not in message and str(p.disk_id) in message and root in message
+    leftovers = [n for n in os.listdir(os.path.join(root, "disks")) if not n.endswith(".lock")]
+    assert leftovers == []
+    server = servers.cert([AuthorizationEntry("primary1", root)])
+    peer = Peer(server, pki, tmp_path, "primary1")
+    with pytest.raises(ReplicaRefused, match="disk full") as refused:
+        peer.call("ensure_disk", p.disk_id, p.size, block_size=MiB)
+    assert (refused.value.status, refused.value.code) == (507, "disk_full")
+    assert "\n" not in str(refused.value) and "Errno" not in str(refused.value)
+    os.unlink(filler)
+    peer.call("ensure_disk", p.disk_id, p.size, block_size=MiB)
+    peer.send(p.disk_id, _stream(p, [(0, os.urandom(256 << 10))]))
+    assert image_bytes(server._stores[root].disk(p.disk_id)) == bytes(p.data)
