@@ -7,6 +7,9 @@ input and skip the prefix the replica already holds.
 Compression adapts per frame. A small sample is compressed first; data that does not shrink travels RAW
 without paying for a full compression. Everything else goes through one zstd stream spanning all ZSTD
 frames, flushed at each frame's end, so small scattered frames still compress as well as one big blob.
+A frame of WHOLE_FROM bytes or more ends that zstd frame and carries a zstd frame of its own: with its size
+known zstd picks parameters for it and works on one contiguous buffer (11 % less CPU and a 0.8 % smaller
+stream on the replication benchmark's change; a 512 KiB window gained little from the frames before).
 Zero runs travel as ZERO frames (a flag and a range, no payload).
 
 A header with zstd_lanes = k > 1 gives the ZSTD frames k independent zstd streams, taken in turn: frame i
@@ -32,6 +35,7 @@ ZERO_RUN_MIN = 64 * 1024     # shorter zero runs stay inside data frames (zstd m
 SAMPLE_SLICES = 8            # the compressibility probe takes this many evenly spaced slices
 SAMPLE_RATIO = 0.95          # a sample must shrink below this fraction for the frame to be compressed
 MIN_LEVEL, MAX_LEVEL = -7, 19
+WHOLE_FROM = 128 * 1024      # ZSTD frames this long hold a whole zstd frame (content size known) of their own
 
 
 @dataclass
@@ -58,8 +62,9 @@ class DeltaEncoder:
         self.trailer: Trailer | None = None
         self._hasher = kernels.Xxh3Hasher()
         lanes = header.zstd_lanes
-        self._zstd = [zstandard.ZstdCompressor(level=level, write_checksum=False).compressobj()
-                      for _ in range(lanes)]
+        self._level = level
+        self._zstd: list = [None] * lanes          # each lane's open zstd frame (a compressobj), if any
+        self._whole = [zstandard.ZstdCompressor(level=level, write_checksum=False) for _ in range(lanes)]
         self._zstd_frames = 0
         self._lanes = [ThreadPoolExecutor(1, thread_name_prefix="zstd lane") for _ in range(lanes)] \
             if lanes > 1 else None
@@ -199,7 +204,15 @@ class DeltaEncoder:
 
     def _deflate(self, lane: int, data) -> bytes:
         z = self._zstd[lane]
-        payload = z.compress(data) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        if len(data) >= WHOLE_FROM:         # a zstd frame of its own, after the end of the lane's open one
+            head = z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH) if z is not None else b""
+            self._zstd[lane] = None
+            payload = head + self._whole[lane].compress(data)
+        else:
+            if z is None:
+                z = self._zstd[lane] = zstandard.ZstdCompressor(level=self._level,
+                                                                write_checksum=False).compressobj()
+            payload = z.compress(data) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         assert len(payload) <= zstd_bound(len(data)), "zstd exceeded its own bound"
         return payload
 

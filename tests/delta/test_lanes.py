@@ -13,6 +13,8 @@ from replicator import delta
 from replicator.delta.format import DeltaFormatError
 from replicator.errors import UsageError
 
+from .helpers import records
+
 MiB = 1 << 20
 SIZE = 64 * MiB
 
@@ -81,3 +83,38 @@ def test_a_reader_that_uses_one_lane_for_a_two_lane_stream_fails():
 def test_lane_counts_outside_the_range_are_refused(lanes):
     with pytest.raises(UsageError, match="zstd_lanes"):
         delta.StreamHeader(uuid.UUID(int=7), SIZE, zstd_lanes=lanes)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_long_frames_carry_whole_zstd_frames_between_small_ones(lanes):
+    """Frames of WHOLE_FROM bytes or more end the lane's open zstd frame and hold one of their own (its
+    magic right after the few closing bytes); small frames before and after still share a zstd frame, and
+    every lane count decodes to the same bytes."""
+    from replicator.delta.encoder import WHOLE_FROM
+    rng = random.Random(lanes)
+    words = [rng.randbytes(8) for _ in range(64)]
+    ops, off = [], 0
+    for i in range(24):
+        n = [4096, 64 << 10, WHOLE_FROM, MiB, 8192][i % 5]
+        ops.append((off, b"".join(rng.choices(words, k=n // 8))))
+        off += n + 4096                             # not contiguous: every call is its own frame
+    header = delta.StreamHeader(uuid.UUID(int=9), SIZE, block_size=MiB, generation=1, zstd_lanes=lanes)
+    sink = io.BytesIO()
+    with delta.DeltaEncoder(header, sink) as enc:
+        for o, data in ops:
+            enc.add_data(o, data)
+        enc.finish()
+    stream = sink.getvalue()
+    got = [(f.offset, bytes(f.data)) for f in delta.DeltaDecoder(io.BytesIO(stream))]
+    assert got == ops
+    magic = b"\x28\xb5\x2f\xfd"
+    payloads = [stream[start:start + size] for what, start, size in records(stream) if what == "payload"]
+    assert len(payloads) == len(ops)
+    whole = small = 0
+    for (_, data), payload in zip(ops, payloads):
+        if len(data) >= WHOLE_FROM:
+            whole += 1
+            assert magic in payload[:8], "a long frame holds a zstd frame of its own"
+        elif magic not in payload[:8]:
+            small += 1                              # continues its lane's open zstd frame
+    assert whole == 10 and small > 0
