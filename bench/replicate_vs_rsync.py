@@ -376,7 +376,7 @@ def main() -> int:
                 if cmp.returncode:
                     problems.append(f"{case} run {i}: replica differs: {cmp.stdout.strip()} {cmp.stderr.strip()}")
                 # timed: rsync of the same change, every variant and cache state from the same before-state
-                for k, (name, extra, cache) in enumerate(measures):
+                for k, ((name, extra, cache), label) in enumerate(zip(measures, labels)):
                     if k:
                         sh("cp", "--sparse=always", "--reflink=never", f"{work}/before.raw", rdst)
                         os.sync()
@@ -389,7 +389,6 @@ def main() -> int:
                         drop_caches()
                     r = run_rsync(mirror, rport, extra)
                     r["equal"] = same_file(mirror, rdst)
-                    label = name if cache == "warm" else f"{name}-cold"
                     if not r["equal"]:
                         problems.append(f"{case} run {i}: {label} result differs")
                     run[label] = r

@@ -62,9 +62,8 @@ class DeltaEncoder:
         self.trailer: Trailer | None = None
         self._hasher = kernels.Xxh3Hasher()
         lanes = header.zstd_lanes
-        self._level = level
-        self._zstd: list = [None] * lanes          # each lane's open zstd frame (a compressobj), if any
-        self._whole = [zstandard.ZstdCompressor(level=level, write_checksum=False) for _ in range(lanes)]
+        self._cctx = [zstandard.ZstdCompressor(level=level, write_checksum=False) for _ in range(lanes)]
+        self._zstd: list = [None] * lanes          # each lane's open zstd frame (a compressobj of its cctx), if any
         self._zstd_frames = 0
         self._lanes = [ThreadPoolExecutor(1, thread_name_prefix="zstd lane") for _ in range(lanes)] \
             if lanes > 1 else None
@@ -207,11 +206,10 @@ class DeltaEncoder:
         if len(data) >= WHOLE_FROM:         # a zstd frame of its own, after the end of the lane's open one
             head = z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH) if z is not None else b""
             self._zstd[lane] = None
-            payload = head + self._whole[lane].compress(data)
+            payload = head + self._cctx[lane].compress(data)      # the lane's context is free again
         else:
             if z is None:
-                z = self._zstd[lane] = zstandard.ZstdCompressor(level=self._level,
-                                                                write_checksum=False).compressobj()
+                z = self._zstd[lane] = self._cctx[lane].compressobj()
             payload = z.compress(data) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         assert len(payload) <= zstd_bound(len(data)), "zstd exceeded its own bound"
         return payload
