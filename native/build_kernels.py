@@ -24,9 +24,9 @@ def _cdef_text() -> str:
     return match.group(1)
 
 
-def _source_path() -> str:
-    """kernels.c relative to the working directory when possible: setuptools dislikes absolute sources."""
-    path = os.path.join(HERE, "kernels.c")
+def _source_path(name: str) -> str:
+    """A source relative to the working directory when possible: setuptools dislikes absolute sources."""
+    path = os.path.join(HERE, name)
     try:
         rel = os.path.relpath(path)
     except ValueError:  # another drive (Windows)
@@ -46,7 +46,8 @@ ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "replicator.kernels._native",
     '#include "kernels.h"\n',
-    sources=[_source_path()],
+    sources=[_source_path("kernels.c"), _source_path("apply.c")],
+    libraries=["zstd"],
     include_dirs=[HERE],
     extra_compile_args=_compile_args(),
     extra_link_args=[] if sys.platform == "win32" else ["-pthread"],

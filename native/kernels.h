@@ -1,4 +1,5 @@
-/* Native hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block scan.
+/* Native hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block scan,
+ * and the replica's apply of a delta stream's data frames (apply.c).
  *
  * Everything between CDEF-BEGIN and CDEF-END is also fed to cffi's cdef() by native/build_kernels.py,
  * so that part must stay plain C declarations (no preprocessor lines, no macros).
@@ -54,6 +55,48 @@ int rk_min_bytes_per_thread(void);
 /* Test hook: sets flags[1] = 1, then waits up to timeout_ms for flags[0] != 0; returns 1 if it came.
  * Only another Python thread can set flags[0], so 1 proves the call ran without the GIL. */
 int rk_debug_wait_flag(volatile uint32_t *flags, uint32_t timeout_ms);
+/* The replica's apply (apply.c): decompress each data frame of a delta stream (a lane's zstd stream
+ * continuing across its frames), check its XXH3-128, and write its plain bytes where the caller planned.
+ * new() returns NULL when out of memory or given zero lanes. */
+typedef struct rk_applier rk_applier;
+
+enum { RK_FRAME_RAW = 1, RK_FRAME_ZSTD = 2 };
+enum { RK_APPLY_OK = 0, RK_APPLY_BAD_ZSTD = 1, RK_APPLY_TOO_LONG = 2, RK_APPLY_TOO_SHORT = 3,
+       RK_APPLY_DIGEST = 4, RK_APPLY_WRITE = 5, RK_APPLY_BAD_PLAN = 6, RK_APPLY_NO_MEMORY = 7,
+       RK_APPLY_BROKEN = 8 };
+
+typedef struct {
+    const char *payload;       /* as it is in the stream */
+    uint64_t payload_len;
+    uint64_t length;           /* plain bytes the frame declares (at most the applier's block size) */
+    unsigned char digest[16];  /* XXH3-128 of the plain bytes, canonical (big-endian) form */
+    uint32_t kind;             /* RK_FRAME_RAW or RK_FRAME_ZSTD */
+    uint32_t lane;             /* ZSTD: the lane whose zstd stream this payload continues */
+    uint32_t nsegs;            /* the frame's segments, next in the segment array */
+} rk_apply_frame;
+
+typedef struct {
+    uint64_t file_offset;      /* where in the file */
+    uint64_t frame_offset;     /* which of the frame's plain bytes */
+    uint64_t length;
+} rk_apply_seg;
+
+typedef struct {
+    int64_t frame;             /* index of the failed frame, -1: none */
+    int code;                  /* RK_APPLY_* */
+    int err;                   /* errno of a failed write */
+    uint64_t zstd_error;       /* zstd's error code (RK_APPLY_BAD_ZSTD): rk_zstd_error_name() */
+    uint64_t produced;         /* plain bytes the payload gave (RK_APPLY_TOO_SHORT) */
+} rk_apply_status;
+
+rk_applier *rk_applier_new(uint32_t lanes, uint64_t block_size, uint64_t max_window);
+void rk_applier_free(rk_applier *applier);
+/* Frames that overlap must not share a call. `threads` decoders, `writers` writes in flight (0: each
+ * decoder writes its own frames). Returns status->code; after a failure the applier refuses every later
+ * call (RK_APPLY_BROKEN): the lanes' zstd streams are no longer where the stream is. */
+int rk_apply_frames(rk_applier *applier, const rk_apply_frame *frames, size_t n, const rk_apply_seg *segs,
+                    size_t nsegs, int fd, int direct_fd, int threads, int writers, rk_apply_status *status);
+const char *rk_zstd_error_name(uint64_t code);
 /* CDEF-END */
 
 #endif

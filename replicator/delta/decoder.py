@@ -16,7 +16,6 @@ from typing import Iterator
 import zstandard
 
 from .. import kernels
-from ..pipeline import ahead
 from ..errors import UsageError
 from .format import (FRAME, FRAME_TAG, MAX_BLOCK, MAX_WINDOW, TAG_SIZE, TRAILER, TRAILER_TAG, DeltaFormatError,
                      FrameHeader, FrameKind, StreamHeader, Trailer, parse_frame, parse_trailer, read_header)
@@ -27,7 +26,11 @@ class Frame:
     offset: int
     length: int
     kind: FrameKind
-    data: bytes | None       # verified plain bytes for RAW and ZSTD; None for ZERO and TRIM
+    data: bytes | None       # verified plain bytes for RAW and ZSTD; None for ZERO and TRIM (and inflate=False)
+    payload: bytes | None = None    # inflate=False only: RAW and ZSTD payloads, not yet verified
+    digest: bytes | None = None     # inflate=False only: the XXH3-128 the plain bytes must have
+    lane: int = -1                  # ZSTD: the lane whose zstd stream the payload continues
+    position: int = 0               # where the payload starts in the stream
 
 
 class _Overflow(Exception):
@@ -77,11 +80,16 @@ class _Inflater:
 
 class DeltaDecoder:
     """Reads a stream from `source` (.read(n), short only at EOF). The header is parsed at once; iterate
-    for verified frames; after the last one `trailer` holds the verified trailer."""
+    for verified frames; after the last one `trailer` holds the verified trailer.
 
-    def __init__(self, source, *, max_block: int = MAX_BLOCK, path: str | None = None):
+    inflate=False hands RAW and ZSTD frames over with their payload and digest instead of their plain
+    bytes: everything else (headers, bounds, counts, the stream's digest) is still checked here, and the
+    caller must decompress and verify each payload itself (delta.apply's native path)."""
+
+    def __init__(self, source, *, max_block: int = MAX_BLOCK, path: str | None = None, inflate: bool = True):
         self.source = source
         self.path = path
+        self.inflate = inflate
         self.position = 0
         self._hasher = kernels.Xxh3Hasher()
         self.header, raw = read_header(self._read_hashed, path)
@@ -143,12 +151,18 @@ class DeltaDecoder:
     def _frame(self, fh: FrameHeader, where: str) -> Frame:
         pos = self.position
         payload = self._exact(fh.payload_length, where, "the payload") if fh.payload_length else b""
-        data = None
-        if fh.kind == FrameKind.RAW:
-            data = payload
-        elif fh.kind == FrameKind.ZSTD:            # ZSTD frames take turns in the stream's lanes
+        data, lane = None, -1
+        if fh.kind == FrameKind.ZSTD:              # ZSTD frames take turns in the stream's lanes
             lane = self._zstd_frames % len(self._inflaters)
             self._zstd_frames += 1
+        self._count(fh)
+        if not self.inflate:
+            plain = fh.kind in (FrameKind.RAW, FrameKind.ZSTD)
+            return Frame(fh.offset, fh.length, fh.kind, None, payload if plain else None,
+                         fh.digest if plain else None, lane, pos)
+        if fh.kind == FrameKind.RAW:
+            data = payload
+        elif fh.kind == FrameKind.ZSTD:
             if self._inflaters[lane] is None:
                 self._inflaters[lane] = _Inflater(self.header.block_size)
             data = self._inflaters[lane].inflate(payload, fh.length)
@@ -156,11 +170,13 @@ class DeltaDecoder:
                 raise DeltaFormatError(where, pos, data, self.path)
         if data is not None and kernels.xxh3_128(data) != fh.digest:
             raise DeltaFormatError(where, pos, "XXH3-128 of the plain data does not match", self.path)
+        return Frame(fh.offset, fh.length, fh.kind, data, lane=lane, position=pos)
+
+    def _count(self, fh: FrameHeader) -> None:
         c = self._counts
         c[fh.kind - 1] += 1
-        c[4 if data is not None else 5] += fh.length
+        c[4 if fh.kind in (FrameKind.RAW, FrameKind.ZSTD) else 5] += fh.length
         c[6] += fh.payload_length
-        return Frame(fh.offset, fh.length, fh.kind, data)
 
     def _finish(self, tag: bytes, pos: int, digest: bytes) -> None:
         rest = self._read(TRAILER.size - TAG_SIZE)
@@ -184,33 +200,3 @@ def verify_stream(source, *, max_block: int = MAX_BLOCK, path: str | None = None
     for _ in dec:
         pass
     return dec.header, dec.trailer
-
-
-@dataclass
-class ApplyStats:
-    header: StreamHeader
-    trailer: Trailer | None = None
-    frames: int = 0
-    written_bytes: int = 0
-    zeroed_bytes: int = 0
-
-
-def apply_stream(source, disk, *, max_block: int = MAX_BLOCK, path: str | None = None) -> ApplyStats:
-    """Decode and write each verified frame to `disk` (a BlockDevice) in stream order. Not atomic: on a
-    bad stream the frames before the fault are applied; verify first when that matters. Decoding runs a
-    few frames ahead on a second thread, so decompression and the disk writes overlap."""
-    dec = DeltaDecoder(source, max_block=max_block, path=path)
-    if disk.size != dec.header.disk_size:
-        raise UsageError(f"{disk.path or disk.format_name}: disk of {disk.size} bytes, but the delta stream is "
-                         f"for a disk of {dec.header.disk_size} bytes")
-    stats = ApplyStats(dec.header)
-    for f in ahead(dec, name="delta decode"):
-        if f.data is None:
-            disk.write_zeroes(f.offset, f.length)
-            stats.zeroed_bytes += f.length
-        else:
-            disk.write(f.offset, f.data)
-            stats.written_bytes += f.length
-        stats.frames += 1
-    stats.trailer = dec.trailer
-    return stats

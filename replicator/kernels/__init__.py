@@ -1,4 +1,5 @@
-"""Hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming) and zero-block detection.
+"""Hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block detection,
+and the replica's apply of a delta stream's data frames (FrameApplier, native only: see _apply.py).
 
 The native cffi module (native/kernels.c) is used when it imports and passes its known-answer self-test;
 otherwise the pure Python module gives identical results, slowly. REPLICATOR_KERNELS=python forces the
@@ -18,6 +19,7 @@ from replicator.errors import KernelSelfTestError
 
 from . import _pure as pure
 from . import _selftest
+from ._apply import ApplyFailure, ApplyFrame, make_applier_class
 from ._pure import block_count, crc_arg, default_threads, digest_bytes, file_range, open_fd, thread_arg
 
 __all__ = [
@@ -35,6 +37,9 @@ __all__ = [
     "native",
     "pure",
     "KernelSelfTestError",
+    "FrameApplier",
+    "ApplyFrame",
+    "ApplyFailure",
 ]
 
 _ffi = None
@@ -179,7 +184,7 @@ def _load_native(required: bool) -> types.SimpleNamespace | None:
         xxh3_128_blocks=_native_xxh3_128_blocks, xxh3_128_file_blocks=_native_xxh3_128_file_blocks,
         Xxh3Hasher=_NativeXxh3Hasher,
         zero_blocks=_native_zero_blocks, byte_sum=_native_byte_sum, digest_bytes=digest_bytes, isa=_native_isa,
-        ffi=_ffi, lib=_lib)
+        FrameApplier=make_applier_class(_ffi, _lib), ffi=_ffi, lib=_lib)
 
 
 def self_test(kernels=None) -> None:
@@ -213,6 +218,7 @@ xxh3_128_file_blocks = _active.xxh3_128_file_blocks
 Xxh3Hasher = _active.Xxh3Hasher
 zero_blocks = _active.zero_blocks
 byte_sum = _active.byte_sum
+FrameApplier = native.FrameApplier if native is not None and _active is native else None   # None: decode in Python
 
 
 def digest_prefix(read, length: int, chunk: int = 4 << 20) -> bytes:

@@ -40,6 +40,31 @@ def byte_sum(data: Buffer) -> int:
     """Sum of all bytes as an unsigned 64-bit integer (MS-HRL checksums)."""
 def digest_bytes(row: npt.NDArray[np.uint64] | tuple[SupportsIndex, SupportsIndex]) -> bytes: ...
 def default_threads() -> int: ...
+
+class ApplyFrame:
+    kind: int
+    lane: int
+    payload: bytes
+    length: int
+    digest: bytes
+    segments: list[tuple[int, int, int]]
+    def __init__(self, kind: int, lane: int, payload: bytes, length: int, digest: bytes,
+                 segments: list[tuple[int, int, int]]) -> None: ...
+
+class ApplyFailure(Exception):
+    index: int
+    code: int
+    message: str
+    errno: int
+    @property
+    def is_write(self) -> bool: ...
+
+class _FrameApplier:
+    block_size: int
+    def __init__(self, lanes: int, block_size: int, max_window: int) -> None: ...
+    def apply(self, frames: list[ApplyFrame], fd: int, direct_fd: int = ..., threads: int = ...) -> None: ...
+
+FrameApplier: type[_FrameApplier] | None
 def self_test(kernels: types.SimpleNamespace | types.ModuleType | None = None) -> None: ...
 
 implementation: Literal["native", "python"]

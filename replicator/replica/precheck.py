@@ -72,7 +72,7 @@ class Precheck:
         cap = None
         try:
             with open(self.spool_path, "rb") as f:
-                dec = delta.DeltaDecoder(_Follow(self, f.fileno()), path=self.spool_path)
+                dec = delta.checking_decoder(_Follow(self, f.fileno()), path=self.spool_path)
                 gen, image = self.disk.state.generation, self.disk.image_path
                 if not self._applicable(dec.header, gen):
                     return
@@ -80,12 +80,12 @@ class Precheck:
                 if self.disk._needs_undo():
                     cap = UndoCapture(self.undo_path)
                     with VhdxDisk.open(image, read_only=True) as img:
-                        for fr in dec:
+                        for fr in delta.verified(dec):
                             ranges.append((fr.offset, fr.length))
                             cap.add(img, fr.offset, fr.length)
                     cap.seal()
                 else:                       # no earlier points kept: nothing to capture (store._needs_undo)
-                    ranges = [(fr.offset, fr.length) for fr in dec]
+                    ranges = [(fr.offset, fr.length) for fr in delta.verified(dec)]
                 if self._applicable(dec.header, gen) and self.disk.image_path == image:
                     self._result = Prechecked(self.stream_id, dec.position, dec.header, ranges,
                                               self.undo_path if cap is not None else None, gen, image)

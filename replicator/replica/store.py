@@ -506,8 +506,8 @@ class ReplicaDisk:
                     ranges, header = pre.ranges, pre.header
                 else:
                     with open(spool, "rb") as f:    # one pass verifies every frame and lists what it will touch
-                        dec = delta.DeltaDecoder(f)
-                        ranges = [(fr.offset, fr.length) for fr in dec]
+                        dec = delta.checking_decoder(f)
+                        ranges = [(fr.offset, fr.length) for fr in delta.verified(dec)]
                         header = dec.header
                 self._check_header(header)
             except ReplicatorError:

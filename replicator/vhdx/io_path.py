@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..disk.base import Extent, ExtentKind
+from ..errors import UsageError
 from . import structures as S
 from .bat import OFFSET_MASK, BitmapState, PayloadState, make_entry
 from .log import SECTOR, DataUpdate, ZeroUpdate, apply_updates
@@ -216,10 +217,16 @@ class VhdxIOMixin:
         return start, memoryview(buf)
 
     def _write_piece(self, block: int, inblock: int, data: memoryview) -> None:
+        self.io.pwrite(data, self._place_piece(block, inblock, len(data)))
+        self._maybe_commit()
+
+    def _place_piece(self, block: int, inblock: int, n: int) -> int:
+        """Where a write of n bytes at `inblock` of `block` goes in the file, its block allocated and its
+        sectors marked present first; the metadata is left dirty for the caller's _maybe_commit."""
         state, foff = self._entry(block)
         bs = self.geometry.block_size
         if state not in (PayloadState.FULLY_PRESENT, PayloadState.PARTIALLY_PRESENT):
-            whole = inblock == 0 and len(data) == bs
+            whole = inblock == 0 and n == bs
             from_parent = self.parent is not None and state == PayloadState.NOT_PRESENT and not whole
             foff = self._allocate(bs)
             self._new_blocks_unsynced = True
@@ -227,11 +234,49 @@ class VhdxIOMixin:
             if from_parent:
                 self._ensure_bitmap_block(block * bs // self.logical_sector_size // S.SECTORS_PER_BITMAP_BLOCK)
             self._set_entry(self.layout.payload_index(block), state, foff)
-        self.io.pwrite(data, foff + inblock)
         if state == PayloadState.PARTIALLY_PRESENT:
             lss = self.logical_sector_size
             vstart = block * bs + inblock
-            self._set_bitmap_bits(vstart // lss, (vstart + len(data)) // lss)
+            self._set_bitmap_bits(vstart // lss, (vstart + n) // lss)
+        return foff + inblock
+
+    # ------------------------------------------------------------------ planned writes
+    def plan_write(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """For a caller that writes the bytes itself (the native apply): allocate what write(offset, data
+        of `length`) would and return where its bytes go, as (file offset, offset in data, length). The
+        caller writes them all, then calls end_planned_writes(), so metadata is committed only after the
+        data it describes, as _write_commit's order requires. Only where planned_write_fds() allows."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if self.parent is not None:
+            raise UsageError(f"{self.path}: a differencing disk's writes are not planned (write() instead)")
+        self._begin_modification(user_visible=True)
+        bs = self.geometry.block_size
+        pieces, pos = [], 0
+        while pos < length:
+            vo = offset + pos
+            n = min(bs - vo % bs, length - pos)
+            pieces.append((self._place_piece(vo // bs, vo % bs, n), pos, n))
+            pos += n
+        return pieces
+
+    def planned_write_fds(self) -> tuple[int, int] | None:
+        """(fd, O_DIRECT fd or -1) a planned writer may write the file through; None when it may not: a
+        read-only or differencing disk, or a file behind anything but the plain FileIO classes (a log
+        replay's overlay, the crash harness), whose writes must go through it."""
+        from .fileio import DirectWriteIO, FileIO
+        if self.read_only or self.parent is not None or type(self.io) not in (FileIO, DirectWriteIO):
+            return None
+        return self.io.fd, getattr(self.io, "direct_fd", -1)
+
+    def planned_room(self) -> bool:
+        """Whether more writes may be planned before end_planned_writes() must commit."""
+        if self._log_writer is None:
+            self._log_writer = self._new_log_writer()
+        return self._dirty_count() <= (self._log_writer.max_updates() - MAX_UPDATES_PER_OP) // 2
+
+    def end_planned_writes(self) -> None:
+        """The planned writes are done: commit their metadata when it is due, as write() would."""
         self._maybe_commit()
 
     def _allocate(self, length: int) -> int:

@@ -125,3 +125,14 @@ def refix(stream: bytes, start: int, size: int) -> bytes:
     buf = bytearray(stream)
     buf[start + size - 4:start + size] = struct.pack("<I", crc32c(bytes(buf[start:start + size - 4])))
     return bytes(buf)
+
+
+def run_with_bounded_memory(body: str, headroom: int = 256 << 20):
+    """Run `body` in a fresh Python whose address space may grow by at most `headroom` bytes beyond what
+    it holds after start-up: a decoder that allocates what a hostile payload claims fails there."""
+    import subprocess
+    import sys
+    code = ("import resource\n"
+            "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, (vm + {headroom}, resource.RLIM_INFINITY))\n") + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -210,7 +210,10 @@ def test_crash_during_apply_is_completed_on_restart(store, monkeypatch, phase):
 
 
 def fail_third_write(monkeypatch):
-    """The replica image's third write fails as on a full disk; returns the real VhdxDisk.write."""
+    """The replica image's third write fails as on a full disk; returns the real VhdxDisk.write. The
+    apply takes the Python path, whose writes can be counted (a real full volume under the native apply:
+    tests/hardening/test_disk_full.py)."""
+    monkeypatch.setattr(VhdxDisk, "planned_write_fds", lambda self: None)
     real_write = VhdxDisk.write
     calls = {"n": 0}
 
