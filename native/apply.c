@@ -14,11 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ZSTD_STATIC_LINKING_ONLY 0
 #include <zstd.h>
-
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 
 #if !defined(_WIN32)
 #  include <pthread.h>
@@ -130,7 +126,8 @@ typedef struct {
     wjob *queue;               /* decoded frames waiting for a writer (ring) */
     size_t qcap, qhead, qlen;
     uint32_t decoders_left;
-    int stop;
+    size_t stop_at;            /* the earliest failed frame so far (n: none): later frames are not worth
+                                * running, earlier ones still are, so the fault reported is the earliest */
     rk_apply_status status;    /* the failure earliest in the batch */
 } batch;
 
@@ -157,7 +154,8 @@ static void fail(batch *b, rk_apply_status st)
     lock(b);
     if (b->status.frame < 0 || st.frame < b->status.frame)
         b->status = st;
-    b->stop = 1;
+    if ((size_t)st.frame < b->stop_at)
+        b->stop_at = (size_t)st.frame;
     unlock_wake(b);
 }
 
@@ -226,9 +224,14 @@ static rk_apply_status decode(batch *b, size_t i, uint8_t *buf)
         code = RK_APPLY_BAD_PLAN;
     }
     if (!code) {
-        XXH128_canonical_t c;
-        XXH128_canonicalFromHash(&c, XXH3_128bits(buf, (size_t)f->length));
-        if (memcmp(c.digest, f->digest, 16) != 0)
+        uint64_t h[2];                  /* low64, high64: canonical is high64 then low64, big-endian */
+        unsigned char c[16];
+        rk_xxh3_128((const char *)buf, (size_t)f->length, h);     /* kernels.c: the CPU's best SIMD */
+        for (int k = 0; k < 8; k++) {
+            c[k] = (unsigned char)(h[1] >> (56 - 8 * k));
+            c[8 + k] = (unsigned char)(h[0] >> (56 - 8 * k));
+        }
+        if (memcmp(c, f->digest, 16) != 0)
             code = RK_APPLY_DIGEST;
     }
     return (rk_apply_status){code ? (int64_t)i : -1, code, 0, (uint64_t)zerr, (uint64_t)produced};
@@ -258,9 +261,9 @@ static void run_decoder(batch *b, uint32_t index)
         if (owner(&b->frames[i], b->decoders, &raw_seen) != index)
             continue;
         lock(b);
-        while (!b->nfree && !b->stop)
+        while (!b->nfree && i < b->stop_at)
             wait_change(b);
-        if (b->stop) {
+        if (i >= b->stop_at) {      /* a decoder's frames come in stream order: the rest are later still */
             unlock(b);
             break;
         }
@@ -299,9 +302,9 @@ static void run_writer(batch *b)
         wjob job = b->queue[b->qhead];
         b->qhead = (b->qhead + 1) % b->qcap;
         b->qlen--;
-        int stopped = b->stop;
+        int later = job.frame >= b->stop_at;
         unlock(b);
-        rk_apply_status st = stopped ? (rk_apply_status){-1, 0, 0, 0, 0} : write_frame(b, job.frame, job.buf);
+        rk_apply_status st = later ? (rk_apply_status){-1, 0, 0, 0, 0} : write_frame(b, job.frame, job.buf);
         lock(b);
         b->pool[b->nfree++] = job.buf;
         unlock_wake(b);
@@ -336,6 +339,8 @@ int rk_apply_frames(rk_applier *a, const rk_apply_frame *frames, size_t n, const
     if (!n)
         return 0;
     uint32_t d = threads < 1 ? 1 : (uint32_t)threads;
+    if (d > a->lanes + 1)           /* more decoders than lanes only help RAW frames: bound the buffers */
+        d = a->lanes + 1;
     if (d > n)
         d = (uint32_t)n;
     if (d > RK_APPLY_MAX_THREADS)
@@ -367,6 +372,7 @@ int rk_apply_frames(rk_applier *a, const rk_apply_frame *frames, size_t n, const
         goto out;
     }
     b.first_seg = first;
+    b.stop_at = n;
     b.decoders_left = d;
     b.status = (rk_apply_status){-1, 0, 0, 0, 0};
 #if RK_APPLY_THREADS

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import kernels
-from ..errors import DiskIOError, UsageError
+from ..errors import DiskIOError, ReplicatorError, UsageError
 from ..pipeline import ahead
 from .decoder import DeltaDecoder
 from .format import MAX_BLOCK, MAX_WINDOW, DeltaFormatError, StreamHeader, Trailer
@@ -80,7 +80,7 @@ def verified(dec: DeltaDecoder, threads: int | None = None) -> Iterator:
     while True:
         try:
             f = next(frames, None)
-        except DeltaFormatError:
+        except ReplicatorError:
             _check(applier, batch, where, dec.path, -1, -1, threads, 0)   # a fault read earlier comes first
             raise
         if f is not None:
@@ -105,6 +105,10 @@ def _check(applier, batch, where, path, fd, direct_fd, threads, writers, image: 
     except kernels.ApplyFailure as e:
         if e.is_write:
             raise DiskIOError(f"{image}: {e.message}") from None
+        if e.code == kernels.NO_MEMORY:
+            raise MemoryError(f"native apply: {e.message}") from None
+        if not e.is_stream:                 # our own plan or an earlier failure: not the sender's fault
+            raise RuntimeError(f"native apply: {e.message}") from None
         index, pos = where[e.index]
         raise DeltaFormatError(f"delta frame {index}", pos, e.message, path) from None
 
@@ -140,9 +144,9 @@ class _NativeApply:
     def run(self) -> None:
         try:
             self._frames()
-        except DeltaFormatError:
-            self.flush()       # the fault the Python loop would meet first may be in a frame read before
-            raise
+        except ReplicatorError:
+            self.flush()       # the frames before the fault are applied, as the Python loop applies them,
+            raise              # and a fault among them is the one the Python loop would meet first
 
     def _frames(self) -> None:
         index = 0
@@ -173,8 +177,6 @@ class _NativeApply:
             return
         batch, where = self.batch, self.where
         self.batch, self.where, self.starts, self.plain = [], [], [], 0
-        try:
-            _check(self.applier, batch, where, self.dec.path, self.fd, self.direct_fd, self.threads, WRITE_DEPTH,
-                   self.disk.path)
-        finally:
-            self.disk.end_planned_writes()
+        _check(self.applier, batch, where, self.dec.path, self.fd, self.direct_fd, self.threads, WRITE_DEPTH,
+               self.disk.path)
+        self.disk.end_planned_writes()     # only after the data: a failed batch leaves its metadata dirty

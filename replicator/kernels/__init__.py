@@ -19,7 +19,7 @@ from replicator.errors import KernelSelfTestError
 
 from . import _pure as pure
 from . import _selftest
-from ._apply import ApplyFailure, ApplyFrame, make_applier_class
+from ._apply import NO_MEMORY, ApplyFailure, ApplyFrame, make_applier_class
 from ._pure import block_count, crc_arg, default_threads, digest_bytes, file_range, open_fd, thread_arg
 
 __all__ = [

@@ -51,6 +51,8 @@ class ApplyFrame:
     def __init__(self, kind: int, lane: int, payload: bytes, length: int, digest: bytes,
                  segments: list[tuple[int, int, int]]) -> None: ...
 
+NO_MEMORY: int
+
 class ApplyFailure(Exception):
     index: int
     code: int
@@ -58,6 +60,8 @@ class ApplyFailure(Exception):
     errno: int
     @property
     def is_write(self) -> bool: ...
+    @property
+    def is_stream(self) -> bool: ...
 
 class _FrameApplier:
     block_size: int

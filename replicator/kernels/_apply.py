@@ -21,6 +21,8 @@ _WHY = {
     8: "an earlier batch failed",
 }
 WRITE_FAILED = 5
+STREAM_FAULTS = (1, 2, 3, 4)
+NO_MEMORY = 7
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,17 @@ class ApplyFailure(Exception):
     def is_write(self) -> bool:
         return self.code == WRITE_FAILED
 
+    @property
+    def is_stream(self) -> bool:
+        """The stream's fault (its payload or digest), not the caller's plan, memory or an earlier failure."""
+        return self.code in STREAM_FAULTS
+
 
 def make_applier_class(ffi, lib):
     class FrameApplier:
         """Decompresses, verifies and writes batches of data frames; keeps each lane's zstd stream
-        between batches. After a failure every later batch is refused."""
+        between batches. After a failure every later batch is refused. One thread at a time: the lanes'
+        zstd contexts are its state."""
 
         def __init__(self, lanes: int, block_size: int, max_window: int):
             handle = lib.rk_applier_new(lanes, block_size, max_window)

@@ -276,8 +276,12 @@ class VhdxIOMixin:
         return self._dirty_count() <= (self._log_writer.max_updates() - MAX_UPDATES_PER_OP) // 2
 
     def end_planned_writes(self) -> None:
-        """The planned writes are done: commit their metadata when it is due, as write() would."""
-        self._maybe_commit()
+        """The planned writes are done: commit their metadata when it is due. Due at planned_room()'s
+        threshold, not only at _maybe_commit's, or every later frame would make a batch of its own."""
+        if self.planned_room():
+            self._maybe_commit()
+        else:
+            self.commit_soon()
 
     def _allocate(self, length: int) -> int:
         """New space at the 1 MiB-aligned end of the file; extension reads as zeros."""

@@ -18,7 +18,7 @@ from replicator.vhdx import VhdxDisk, create_vhdx
 from replicator.vhdx.fileio import DirectWriteIO, FileIO
 
 from . import test_corruption as damaged
-from .helpers import MemDisk, run_with_bounded_memory, small_stream
+from .helpers import MemDisk, records, refix, run_with_bounded_memory, small_stream
 from .test_lanes import changes
 
 pytestmark = pytest.mark.skipif(kernels.FrameApplier is None, reason="the native kernels are not active")
@@ -250,3 +250,34 @@ def test_the_applier_refuses_a_bad_plan_and_everything_after_a_failure():
     finally:
         os.close(r)
         os.close(w)
+
+
+def with_bad_digests(stream: bytes, indexes) -> bytes:
+    """The stream with the digests of the given frames changed (their header CRCs recomputed)."""
+    frames = [r for r in records(stream) if r[0] == "frame"]
+    for i in indexes:
+        _, start, size = frames[i]
+        raw = bytearray(stream[start:start + size])
+        raw[24:40] = bytes(16)                  # FRAME: tag, kind, reserved, offset, length, plen, digest, crc
+        stream = refix(stream[:start] + bytes(raw) + stream[start + size:], start, size)
+    return stream
+
+
+def test_two_faults_in_two_lanes_report_the_earlier_and_apply_what_comes_before(tmp_path):
+    words = [os.urandom(8) for _ in range(64)]
+    ops = [("data", i * 2 * MiB, b"".join(words[(i + k) % 64] for k in range(MiB // 8))) for i in range(12)]
+    stream = stream_of(ops, 2)
+    kinds = [f.kind for f in delta.DeltaDecoder(io.BytesIO(stream))]
+    assert kinds == [FrameKind.ZSTD] * 12
+    bad = with_bad_digests(stream, [8, 9])      # lanes 0 and 1
+    path = str(tmp_path / "d.vhdx")
+    create_vhdx(path, SIZE).close()
+    for _ in range(10):
+        with VhdxDisk.open(path, read_only=False, io_factory=DirectWriteIO) as disk:
+            with pytest.raises(DeltaFormatError, match=r"^delta frame 9 at offset \d+ .*XXH3-128"):
+                apply_stream(io.BytesIO(bad), disk)
+    got = image_bytes(path)
+    for _, off, data in ops[:8]:                # every frame before the first fault is applied
+        assert got[off:off + len(data)] == data
+    for _, off, data in ops[8:10]:
+        assert got[off:off + len(data)] == bytes(len(data))
