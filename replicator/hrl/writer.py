@@ -77,8 +77,14 @@ class HrlWriter:
         self._closing = None
         self._opened = threading.Event()     # set once the file is open (or given up): see wait_open
         self._do(lambda: self._open(recycle))
-        self._write(self.header.pack(), 0)
-        self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
+        try:
+            self._write(self.header.pack(), 0)
+            self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
+        except DiskIOError:
+            if self._spool is None:
+                raise
+            # the open failed on the spool's thread already: as documented, the spool keeps the error for the
+            # next append, commit() or seal() to raise, not this constructor (which lost the race to it)
         self.cursor = HEADER_SIZE + metadata_size
         self.sealed = False
         self._buf = bytearray()              # appended data not yet written, from self._buf_at to the cursor

@@ -143,6 +143,29 @@ def test_a_log_that_cannot_be_created_fails_its_first_append_or_seal(tmp_path):
     assert (tmp_path / "taken.hrl").read_bytes() == b"someone else's"
 
 
+def test_a_creation_that_fails_before_the_constructor_queues_its_header_is_still_raised_later(tmp_path,
+                                                                                               monkeypatch):
+    """The race the test above can lose: the spool's thread has already failed to create the file when
+    the constructor queues the header. The constructor still returns; the next append or seal raises."""
+    real = HrlWriter._write
+
+    def after_the_open(self, data, offset):
+        deadline = time.monotonic() + 30
+        while self._spool.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)               # until the spool's thread has recorded its failure
+        assert self._spool.error is not None
+        return real(self, data, offset)
+    monkeypatch.setattr(HrlWriter, "_write", after_the_open)
+    (tmp_path / "taken.hrl").write_bytes(b"someone else's")
+    w = HrlWriter(str(tmp_path / "taken.hrl"), background=True)
+    monkeypatch.setattr(HrlWriter, "_write", real)
+    with pytest.raises(DiskIOError, match="taken.hrl: cannot create log"):
+        w.append(0, b"y" * 4096)
+        w.seal(durable=False)
+    w.close()
+    assert (tmp_path / "taken.hrl").read_bytes() == b"someone else's"
+
+
 def test_a_log_given_up_drops_its_queued_writes_and_lets_go_of_its_file(tmp_path):
     """A log closed with discard (the tracker gave it up for a resync) writes nothing more once its
     current job ends, and join() returns only when its thread has closed the file: the file may then be
