@@ -7,6 +7,7 @@ one thread per lane, so a stream's decompression, verification and O_DIRECT writ
 from __future__ import annotations
 
 import errno as _errno
+import os
 from dataclasses import dataclass
 
 RAW, ZSTD = 1, 2          # rk_apply_frame.kind; the same numbers as delta.format.FrameKind
@@ -96,7 +97,7 @@ def make_applier_class(ffi, lib):
                 f = frames[max(i, 0)]
                 if code == WRITE_FAILED:
                     e = int(status.err)
-                    what = "disk full" if e in (_errno.ENOSPC, _errno.EDQUOT) else _errno_text(e)
+                    what = "disk full" if e in (_errno.ENOSPC, _errno.EDQUOT) else os.strerror(e)
                     raise ApplyFailure(i, code, f"pwrite: {what}", e)
                 why = _WHY.get(code, f"native apply failed (code {code})").format(length=f.length, produced=int(status.produced))
                 if code == 1:
@@ -105,7 +106,3 @@ def make_applier_class(ffi, lib):
 
     return FrameApplier
 
-
-def _errno_text(e: int) -> str:
-    import os
-    return os.strerror(e) if e else "failed"

@@ -198,12 +198,17 @@ class VhdxIOMixin:
         if self.parent is not None and (offset % lss or len(data) % lss):
             offset, data = self._widen_to_sectors(offset, data)
         self._begin_modification(user_visible=True)
+        for block, inblock, pos, n in self._block_pieces(offset, len(data)):
+            self._write_piece(block, inblock, data[pos:pos + n])
+
+    def _block_pieces(self, offset: int, length: int):
+        """(block, offset in the block, offset in the range, length) of each block the range touches."""
         bs = self.geometry.block_size
         pos = 0
-        while pos < len(data):
+        while pos < length:
             vo = offset + pos
-            n = min(bs - vo % bs, len(data) - pos)
-            self._write_piece(vo // bs, vo % bs, data[pos:pos + n])
+            n = min(bs - vo % bs, length - pos)
+            yield vo // bs, vo % bs, pos, n
             pos += n
 
     def _widen_to_sectors(self, offset: int, data: memoryview):
@@ -251,14 +256,8 @@ class VhdxIOMixin:
         if self.parent is not None:
             raise UsageError(f"{self.path}: a differencing disk's writes are not planned (write() instead)")
         self._begin_modification(user_visible=True)
-        bs = self.geometry.block_size
-        pieces, pos = [], 0
-        while pos < length:
-            vo = offset + pos
-            n = min(bs - vo % bs, length - pos)
-            pieces.append((self._place_piece(vo // bs, vo % bs, n), pos, n))
-            pos += n
-        return pieces
+        return [(self._place_piece(block, inblock, n), pos, n)
+                for block, inblock, pos, n in self._block_pieces(offset, length)]
 
     def planned_write_fds(self) -> tuple[int, int] | None:
         """(fd, O_DIRECT fd or -1) a planned writer may write the file through; None when it may not: a

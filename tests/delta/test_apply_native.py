@@ -12,7 +12,7 @@ import pytest
 
 from replicator import delta, kernels
 from replicator.delta import DeltaFormatError, apply_stream
-from replicator.delta.format import FrameKind
+from replicator.delta.format import TRAILER, FrameKind
 from replicator.errors import DiskIOError
 from replicator.vhdx import VhdxDisk, create_vhdx
 from replicator.vhdx.fileio import DirectWriteIO, FileIO
@@ -87,7 +87,7 @@ def test_native_and_python_apply_write_the_same_bytes(tmp_path, lanes):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_large_aligned_frames_go_through_o_direct(tmp_path):
+def test_large_aligned_frames_written_with_an_o_direct_descriptor_open_land_right(tmp_path):
     data = b"".join(os.urandom(64) * 1024 for _ in range(8))          # 512 KiB, compressible
     stream = stream_of([("data", 2 * MiB, data), ("data", 8 * MiB + 4096, data[:256 << 10])], 2)
     path = str(tmp_path / "d.vhdx")
@@ -132,7 +132,7 @@ def small_vhdx(tmp_path):
         yield disk
 
 
-STREAM_DIGEST = ("delta trailer", len(damaged.STREAM) - 84, "payload")
+STREAM_DIGEST = ("delta trailer", len(damaged.STREAM) - TRAILER.size, "payload")
 
 
 @pytest.mark.parametrize("mask", [0x01, 0xFF])
