@@ -41,6 +41,7 @@ export + tracker + replicator) VmHWM, reset through /proc/self/clear_refs before
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -186,6 +187,15 @@ def run_cycle(svc, tracked, pki: str, port: int):
     target = PeerTarget(f"https://localhost:{port}", cert=f"{pki}/primary.pem", key=f"{pki}/primary.key",
                         ca=f"{pki}/ca.pem")
     rep = DiskReplicator(tracked, target)
+    commit, run_cycle.commit_s = target.commit, 0.0
+
+    async def timed_commit(*a, **kw):       # the replica's apply: the part that follows the whole upload
+        c0 = time.perf_counter()
+        try:
+            return await commit(*a, **kw)
+        finally:
+            run_cycle.commit_s += time.perf_counter() - c0
+    target.commit = timed_commit
 
     async def cycle():
         try:
@@ -248,6 +258,23 @@ def run_rsync(src: str, port: int, extra: list[str]) -> dict:
             "client_maxrss": int(rss.group(1)) * 1024 if rss else -1}
 
 
+@contextlib.contextmanager
+def perf_record(folder: str, name: str):
+    """`perf record -a -g` around the block when `folder` is set (for where a cycle's CPU goes)."""
+    if not folder:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    p = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-o", os.path.join(folder, f"{name}.data")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)         # perf needs a moment before it samples
+    try:
+        yield
+    finally:
+        p.send_signal(2)
+        p.wait()
+
+
 def warm(*paths: str) -> None:
     """Read files (or every file under folders) through once, so the timed step finds them cached."""
     files = []
@@ -293,6 +320,8 @@ def main() -> int:
     ap.add_argument("--corpus", default=os.path.join(HERE, "..", "var", "bench", "corpus"))
     ap.add_argument("--work", default=os.path.join(HERE, "..", "var", "bench", "replicate"))
     ap.add_argument("--seed", type=int, default=4)
+    ap.add_argument("--perf", default="", help="a folder: each timed cycle runs under `perf record -a -g` "
+                    "(system-wide: primary, replica and kernel), saved as CASE-RUN.data")
     args = ap.parse_args()
 
     from replicator.tracking import TrackedDisk
@@ -364,10 +393,12 @@ def main() -> int:
                 # timed: our cycle
                 proc, ready, stop, port = start_server(pki, root)
                 warm(tracked.sidecar.dir)
-                res, secs = run_cycle(svc, tracked, pki, port)
+                with perf_record(args.perf, f"{case}-{i}"):
+                    res, secs = run_cycle(svc, tracked, pki, port)
                 run["primary_hwm"] = tt.vm_hwm()
                 run["server_hwm"], counters = stop_server(proc, ready, stop)
                 run["cpu_primary_s"], run["cpu_replica_s"] = run_cycle.cpu, counters.get("cpu", 0.0)
+                run["commit_s"] = run_cycle.commit_s
                 run.update(ours_s=secs, kind=res.kind, bytes_sent=res.bytes_sent, stream_bytes=res.stream_bytes,
                            plain_bytes=res.plain_bytes, server_received=counters.get("bytes_received", 0))
                 cmp = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "raw",
@@ -432,7 +463,8 @@ def main() -> int:
              "replica_peak_rss_MiB": round(max(r["server_hwm"] for r in runs) / MiB, 1),
              "replica_equal_every_run": all(r["replica_equal"] for r in runs),
              "cpu_s_primary": round(med(r["cpu_primary_s"] for r in runs), 2),
-             "cpu_s_replica": round(med(r["cpu_replica_s"] for r in runs), 2)}
+             "cpu_s_replica": round(med(r["cpu_replica_s"] for r in runs), 2),
+             "commit_s": round(med(r["commit_s"] for r in runs), 2)}
         for name in labels:
             rs = med(r[name]["seconds"] for r in runs)
             c[name] = {"seconds": round(rs, 2),
