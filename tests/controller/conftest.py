@@ -15,13 +15,13 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
 import pytest
 
 from replicator.controller.db import Store
+from ..ports import free_port  # noqa: F401 (the tests import it from here)
 
 INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
@@ -29,12 +29,6 @@ INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 def pytest_configure(config):
     # starlette's TestClient warns about its httpx transport at every import: noise, not ours to fix
     config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass

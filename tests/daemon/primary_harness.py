@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from replicator.tracking.nbdclient import NbdClient
 from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import tool
+from ..ports import free_port  # noqa: F401 (the tests import it from here)
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
@@ -113,12 +113,6 @@ class Machine:
 
     async def close(self) -> None:
         await self.pm.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:

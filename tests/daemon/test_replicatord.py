@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from replicator.replica import ReplicaStore
 from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import qemu_compare, tool
+from ..ports import free_port  # noqa: F401 (the tests import it from here)
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Site:

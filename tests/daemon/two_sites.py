@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ from replicator.transport import certs
 from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import tool
+from ..ports import free_port  # noqa: F401 (the tests import it from here)
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_pki(folder) -> str:

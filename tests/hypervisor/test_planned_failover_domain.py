@@ -129,6 +129,9 @@ target = "https://127.0.0.1:{peer_port}"
         # the domain paused on the I/O error of the export's handover (failover export -> protected export)
         # is resumed by the daemon; B keeps its definition, shut off
         wait_state(hv, "vm", lambda s: s.state == "running", 60, "running on A's protected export")
+        # a guest resumed there may pause once more on a request that failed in the handover (the daemon
+        # resumes it again at its next look): guest-exec waits for the agent rather than the first "running"
+        hv.wait_agent("vm", 120)
         assert hv_b.state("vm").state == "shutoff"
         assert all_files_there(hv, "vm", FILES * rounds_b) == FILES * rounds_b
         log(f"{time.monotonic() - t0:.1f} s in all")

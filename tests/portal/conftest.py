@@ -107,7 +107,7 @@ class Browser:
 @pytest.fixture
 def browser(tmp_path):
     """A fresh headless Chromium profile; any request to a non-loopback host is aborted and fails the test."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     external: list[str] = []
 
@@ -127,6 +127,9 @@ def browser(tmp_path):
                                                    # certificate, which this fresh profile does not know
                                                    ignore_https_errors=True)
         ctx.set_default_timeout(10_000)
+        # expect() has its own timeout (5 s by default): the same 10 s, for a run with both cores busy
+        # (a clean-clone run once saw a page take longer than 5 s to show a locator)
+        expect.set_options(timeout=10_000)
         ctx.route("**/*", guard)
         browser = Browser(ctx, external)
         try:

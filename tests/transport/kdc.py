@@ -8,13 +8,9 @@ import socket
 import subprocess
 import time
 
+from ..ports import free_port  # noqa: F401 (the tests import it from here)
+
 REALM = "TEST.REPLICATOR"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tool(name: str) -> str:
