@@ -61,6 +61,7 @@ import urllib.request
 
 import numpy as np
 
+import hoststeal
 from replicator.disk.base import ExtentKind
 from replicator.disk.raw import file_extents
 from replicator.tracking.remote import shutdown_all_under
@@ -342,13 +343,13 @@ class Fio:
     def start(self, server_pid: int | None = None) -> "Fio":
         """server_pid: the process serving the disk (qemu-nbd, our export), whose CPU time is measured."""
         self.server_pid, self.cpu0 = server_pid, cpu_seconds(server_pid)
-        self.t0 = time.time()
+        self.t0, self.steal0 = time.time(), hoststeal.sample()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         return self
 
     def wait(self) -> "Fio":
         _, err = self.proc.communicate(timeout=3600)
-        self.cpu1, self.t1 = cpu_seconds(self.server_pid), time.time()
+        self.cpu1, self.t1, self.steal1 = cpu_seconds(self.server_pid), time.time(), hoststeal.sample()
         if self.proc.returncode:
             raise RuntimeError(f"fio failed ({self.proc.returncode}): {err.strip()[-2000:]}")
         return self
@@ -429,6 +430,7 @@ def measure(fio: Fio, windows=None) -> dict:
     r.update(summary)
     r["run_s"] = round(float(done.max() - (done - lat).min()), 2)
     r["rate_bound"] = bool(fio.rate) and bool(r["iops"] * fio.bs >= 0.95 * fio.rate)
+    r["steal"] = hoststeal.share(fio.steal0, fio.steal1)     # the host's share of our CPU time while fio ran
     if fio.cpu0 is not None and fio.cpu1 is not None:       # cores the server used while fio ran
         r["server_cores"] = round((fio.cpu1 - fio.cpu0) / max(1e-6, fio.t1 - fio.t0), 3)
     return r
@@ -617,14 +619,15 @@ def markdown(report: dict) -> str:
     if s.get("note"):
         lines += [s["note"], ""]
     for job in s["jobs"]:
-        lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s | server cores |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s | server cores "
+                  "| host steal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in ORDER:
             r = report["phases"].get(p, {}).get(job)
             if r:
                 star = " *" if r.get("rate_bound") else ""
                 lines.append(f"| {p}: {PHASES[p]} | {r['iops']:,.0f}{star} | {r['median_ms']} | {r['p99_ms']} | "
-                             f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} | {r.get('server_cores', '')} |")
+                             f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} | {r.get('server_cores', '')} | "
+                             f"{r.get('steal', 0):.0%} |")
         c = report["ratios"][job]
         lines += ["", f"steady/paused IOPS {c['steady_over_paused_iops']} (target >= 0.9), paused/qemu-nbd "
                   f"{c['paused_over_qemu_iops']} (>= 1.0), steady/qemu-nbd {c['steady_over_qemu_iops']}; worst "
@@ -632,7 +635,9 @@ def markdown(report: dict) -> str:
                       f"{p} {v} ms" for p, v in c["worst_minus_qemu_ms"].items()) + "; p99.9 / qemu-nbd's (<= 2): "
                   + ", ".join(f"{p} {v}" for p, v in c["p999_over_qemu"].items()), ""]
     lines += ["`*`: the job ran at the rate cap (IOPS there show only that the server kept up). Server cores: "
-              "CPU time of qemu-nbd (e) or of our export process (a-d) over fio's run, per second.", ""]
+              "CPU time of qemu-nbd (e) or of our export process (a-d) over fio's run, per second. Host steal: the "
+              "share of this machine's CPU time the host took away while fio ran (bench/hoststeal.py); above "
+              f"{hoststeal.NOISY:.0%} a phase says more about the host than about us.", ""]
     if report["problems"]:
         lines += ["Problems:", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(lines)
