@@ -293,18 +293,31 @@ class ReplicaStore:
 
 
 class Upload:
-    """An append-only spool file; its durable length is what a resuming sender continues from."""
+    """An append-only spool file; its durable length is what a resuming sender continues from.
+
+    A new upload writes over the last applied spool in place and cuts the old bytes past its end when it
+    closes, as the primary's outbox does: cutting first would free the file's cached pages, and the
+    upload would then copy into freshly allocated ones (on a VM whose free memory goes back to the host,
+    writing 424 MB that way cost 0.38-0.66 CPU s against 0.06 s in place). Until that cut the file is
+    marked (STALE_MARK, an extended attribute): an upload cut short by a crash has no known end, so the
+    next open of it starts it over from byte 0. Where extended attributes are not supported the old
+    bytes are cut at once, as before."""
 
     def __init__(self, path: str, recycle: str | None = None):
         """recycle: a spent spool file to reuse for a new upload (see ReplicaDisk.open_upload)."""
         self.path = path
         fresh = recycle is not None and not os.path.exists(path) and os.path.exists(recycle)
+        stale = fresh and _mark_stale(recycle)
         if fresh:
             os.replace(recycle, path)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        if fresh:
+        self.stale = stale
+        if fresh and not stale:
             os.ftruncate(self.fd, 0)
-        self.size = os.fstat(self.fd).st_size
+        elif not fresh and _marked_stale(self.fd):     # a recycled upload a crash cut short: its end is unknown
+            os.ftruncate(self.fd, 0)
+            self.stale = True
+        self.size = 0 if self.stale else os.fstat(self.fd).st_size
         self.durable = self.size
 
     def write(self, offset: int, data) -> None:
@@ -329,9 +342,43 @@ class Upload:
         return digest_prefix(lambda pos, n: os.pread(self.fd, n, pos), self.durable if length is None else length)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.fd < 0:
+            return
+        try:
+            if self.stale:                  # cut the old bytes past the upload, durably, then unmark
+                if os.fstat(self.fd).st_size > self.size:
+                    os.ftruncate(self.fd, self.size)
+                os.fsync(self.fd)
+                os.removexattr(self.fd, STALE_MARK)
+                self.stale = False
+        except OSError as e:                # still marked: its next open starts the upload over
+            log.warning("%s: could not cut the recycled spool to its upload's %d bytes: %s", self.path,
+                        self.size, e.strerror)
+        finally:
             os.close(self.fd)
             self.fd = -1
+
+
+STALE_MARK = "user.replicator.stale"       # on a recycled spool whose old bytes are not cut yet (Upload)
+
+
+def _mark_stale(path: str) -> bool:
+    """Mark a spool file about to be written over in place; False where extended attributes are not
+    supported (the caller then cuts it at once)."""
+    try:
+        os.setxattr(path, STALE_MARK, b"1")
+        return True
+    except OSError:
+        return False
+
+
+def _marked_stale(file) -> bool:
+    """Whether a spool (path or descriptor) is marked; a missing file is not."""
+    try:
+        os.getxattr(file, STALE_MARK)
+        return True
+    except OSError:
+        return False
 
 
 class ReplicaDisk:
@@ -500,6 +547,9 @@ class ReplicaDisk:
                 raise SequenceError(f"disk {self.state.name or self.state.disk_id} of machine "
                                     f"{self.state.machine or '(unknown)'} was failed over on the replica site: "
                                     "it takes no more cycles from the former primary")
+            if _marked_stale(spool):          # its upload never closed: the spool may end in an older stream
+                raise SequenceError(f"upload {stream_id} was not finished (its spool still holds bytes of an "
+                                    "earlier stream): upload it again")
             pre = self._usable_precheck(stream_id, spool)
             try:
                 if pre is not None:                 # verified and undo captured while it arrived

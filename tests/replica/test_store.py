@@ -201,6 +201,7 @@ def test_crash_during_apply_is_completed_on_restart(store, monkeypatch, phase):
     up = rd.open_upload(sid)
     up.write(0, stream)
     up.sync()
+    up.close()
     with pytest.raises(Crash):
         rd.commit(sid)
     monkeypatch.setattr(target, real)
