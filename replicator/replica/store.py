@@ -498,6 +498,16 @@ class ReplicaDisk:
             raise UsageError(f"invalid stream id {stream_id!r}")
         return os.path.join(self.path, "spool", f"{stream_id}.delta")
 
+    def upload_length(self, stream_id: str) -> int | None:
+        """The bytes an upload holds, as a resuming sender may continue from them (None: no such upload).
+        A spool still marked stale holds none (Upload: its next open starts it over)."""
+        path = self.spool_path(stream_id)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return None
+        return 0 if _marked_stale(path) else size
+
     def open_upload(self, stream_id: str) -> Upload:
         """A new upload takes over the last applied spool file: it stayed in the page cache since, and
         the pages it frees are taken again at once, where a new file would allocate cold ones (the largest

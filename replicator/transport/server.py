@@ -595,8 +595,7 @@ class ReplicaServer:
             raise UsageError("upload needs ?offset=N (the durable length the sender resumes from)")
         offset = int(raw)
         async with self._upload(request) as (store, disk_id, disk, stream):
-            path = disk.spool_path(stream)
-            held = os.path.getsize(path) if os.path.exists(path) else None
+            held = disk.upload_length(stream)
             if offset != (held or 0):                  # refused before any spool is created
                 await self._count(store, disk_id, "upload_refused_offset")
                 raise SequenceError(f"upload {stream} continues at byte {held or 0}, not at {offset}: "
@@ -812,8 +811,7 @@ def _empty_digest() -> bytes:
 
 
 def _disk_view(disk) -> dict:
-    spool = os.path.join(disk.path, "spool")
-    uploads = {n[:-len(".delta")]: os.path.getsize(os.path.join(spool, n)) for n in _spools(disk)}
+    uploads = {n[:-len(".delta")]: disk.upload_length(n[:-len(".delta")]) or 0 for n in _spools(disk)}
     s = disk.state
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,

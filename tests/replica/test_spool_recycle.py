@@ -131,3 +131,17 @@ def test_a_commit_of_an_upload_that_never_closed_is_refused_and_the_upload_start
     assert rd.generation == 1 and os.path.exists(rd.spool_path(sid))
     upload(rd, second, sid)                          # the sender's next try: resume token 0, then all of it
     assert rd.generation == 2 and replica_bytes(rd) == bytes(p.data)
+
+
+def test_the_length_a_sender_may_resume_from_ignores_a_marked_spool(tmp_path):
+    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=8)
+    upload(rd, p.cycle(t=1, n_writes=12))
+    sid = uuid.uuid4().hex
+    assert rd.upload_length(sid) is None
+    up = rd.open_upload(sid)
+    up.write(0, b"x" * 100)
+    assert rd.upload_length(sid) == 0                # marked: its next open starts over
+    up.sync()
+    up.close()
+    assert rd.upload_length(sid) == 100

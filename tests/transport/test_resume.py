@@ -93,6 +93,35 @@ def test_dropped_connection_resumes_with_only_the_missing_bytes(servers, pki, tm
     assert len(stream) - 5 * MiB < proxy.after_cut < len(stream) - MiB
 
 
+def test_a_dropped_upload_over_a_recycled_spool_resumes_with_only_the_missing_bytes(servers, pki, tmp_path):
+    """The second cycle's upload writes over the first one's spool in place (replica/store.py, Upload) and
+    its connection is cut: what the replica holds durably is the new stream's bytes only, and the resume
+    sends just the rest."""
+    server = servers.cert(sync_interval=MiB)
+    primary, first = big_cycle(seed=9)
+    second = primary.cycle(n_writes=24, max_write=MiB)
+    p1, p2 = write(tmp_path, "c1.delta", first), write(tmp_path, "c2.delta", second)
+
+    async def go():
+        async with ReplicaClient(server.url, **pki.pair("primary1")) as c:
+            await c.ensure_disk(primary.disk_id, primary.size)
+            await c.send_stream(primary.disk_id, "c1", p1)          # leaves spool/spent.bin behind
+        proxy = CuttingProxy(server.port, cut_after=5 * MiB)
+        port = await proxy.start()
+        try:
+            async with ReplicaClient(f"https://127.0.0.1:{port}", **pki.pair("primary1"), backoff=0.1) as c:
+                return await c.send_stream(primary.disk_id, "c2", p2), proxy
+        finally:
+            await proxy.stop()
+
+    result, proxy = run(go())
+    assert result["generation"] == 2 and not proxy.pending_cut
+    disk = server._stores[str(tmp_path / "root")].disk(primary.disk_id)
+    assert image_bytes(disk) == bytes(primary.data)
+    assert server.counters["bytes_received"] == len(first) + len(second)
+    assert disk.state.counters["upload_interrupted"] == 1
+
+
 def test_aborted_sender_resumes_where_the_replica_stopped(servers, pki, tmp_path):
     server = servers.cert(sync_interval=MiB)
     primary, stream = big_cycle(seed=8)
