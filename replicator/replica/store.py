@@ -509,10 +509,9 @@ class ReplicaDisk:
         return 0 if _marked_stale(path) else size
 
     def open_upload(self, stream_id: str) -> Upload:
-        """A new upload takes over the last applied spool file: it stayed in the page cache since, and
-        the pages it frees are taken again at once, where a new file would allocate cold ones (the largest
-        cost of spooling on a VM whose free memory goes back to the host; databases recycle log segments
-        for the same reason)."""
+        """A new upload takes over the last applied spool file and writes over its cached pages in place
+        (see Upload), where a new file would allocate cold ones (the largest cost of spooling on a VM whose
+        free memory goes back to the host; databases recycle log segments for the same reason)."""
         return Upload(self.spool_path(stream_id), recycle=os.path.join(self.path, "spool", SPENT_SPOOL))
 
     def precheck(self, stream_id: str, upload: Upload) -> Precheck | None:
