@@ -311,6 +311,8 @@ class Upload:
         if fresh:
             os.replace(recycle, path)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if stale and not _marked_stale(self.fd):      # a commit put another file at `recycle` meanwhile
+            stale = False
         self.stale = stale
         if fresh and not stale:
             os.ftruncate(self.fd, 0)
@@ -342,8 +344,11 @@ class Upload:
         return digest_prefix(lambda pos, n: os.pread(self.fd, n, pos), self.durable if length is None else length)
 
     def close(self) -> None:
+        """Close the spool, cutting a recycled one to the upload's length first. DiskIOError when that
+        cut fails: the spool stays marked, so its next open starts the upload over."""
         if self.fd < 0:
             return
+        failed = None
         try:
             if self.stale:                  # cut the old bytes past the upload, durably, then unmark
                 if os.fstat(self.fd).st_size > self.size:
@@ -351,12 +356,14 @@ class Upload:
                 os.fsync(self.fd)
                 os.removexattr(self.fd, STALE_MARK)
                 self.stale = False
-        except OSError as e:                # still marked: its next open starts the upload over
-            log.warning("%s: could not cut the recycled spool to its upload's %d bytes: %s", self.path,
-                        self.size, e.strerror)
+        except OSError as e:
+            failed = e.strerror
         finally:
             os.close(self.fd)
             self.fd = -1
+        if failed is not None:
+            raise DiskIOError(f"{self.path}: could not cut the recycled spool to its upload's {self.size} "
+                              f"bytes ({failed}): the upload starts over")
 
 
 STALE_MARK = "user.replicator.stale"       # on a recycled spool whose old bytes are not cut yet (Upload)
@@ -665,8 +672,8 @@ class ReplicaDisk:
             if not name.endswith(".delta") or name[:-len(".delta")] == journaled:
                 continue
             path = os.path.join(spool_dir, name)
-            try:
-                size = os.path.getsize(path)
+            try:                          # a marked spool is an upload still arriving (or starting over)
+                size = 0 if _marked_stale(path) else os.path.getsize(path)
                 if (size == 0 and not empty) or (size and self._spool_usable(path)):
                     continue
                 os.unlink(path)

@@ -811,7 +811,12 @@ def _empty_digest() -> bytes:
 
 
 def _disk_view(disk) -> dict:
-    uploads = {n[:-len(".delta")]: disk.upload_length(n[:-len(".delta")]) or 0 for n in _spools(disk)}
+    uploads = {}
+    for n in _spools(disk):
+        try:
+            uploads[n[:-len(".delta")]] = disk.upload_length(n[:-len(".delta")]) or 0
+        except UsageError:                # not a stream id: a file someone put there
+            continue
     s = disk.state
     return {"disk_id": s.disk_id, "name": s.name, "size": s.size, "block_size": s.block_size,
             "generation": s.generation, "points": [asdict(p) for p in s.points], "uploads": uploads,

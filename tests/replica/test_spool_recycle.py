@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from replicator.errors import SequenceError
+from replicator.errors import DiskIOError, SequenceError
 from replicator.kernels import xxh3_128
 from replicator.replica import ReplicaStore
 from replicator.replica import store as store_mod
@@ -145,3 +145,62 @@ def test_the_length_a_sender_may_resume_from_ignores_a_marked_spool(tmp_path):
     up.sync()
     up.close()
     assert rd.upload_length(sid) == 100
+
+
+def test_a_commit_keeps_a_recycled_upload_that_has_not_written_yet(tmp_path):
+    """An upload that just took spent.bin still shows the previous stream's header until its first write
+    lands; the sweep after a commit must not take it for an upload that can never apply."""
+    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=9)
+    upload(rd, p.cycle(t=1, n_writes=12))
+    sid = uuid.uuid4().hex
+    up = rd.open_upload(sid)
+    assert rd.sweep_spools(empty=False) == [] and os.path.exists(rd.spool_path(sid))
+    stream = p.cycle(t=2)
+    up.write(0, stream)
+    up.sync()
+    up.close()
+    rd.commit(sid)
+    assert replica_bytes(rd) == bytes(p.data)
+
+
+def test_a_spent_spool_replaced_while_it_is_taken_is_cut_at_once(tmp_path, monkeypatch):
+    """A commit may put another file at spent.bin between the mark and the rename: that file carries no
+    mark, so the upload cuts it at once instead of writing over bytes it never marked."""
+    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=10)
+    upload(rd, p.cycle(t=1, n_writes=12))
+    real = store_mod._mark_stale
+
+    def mark_then_swap(path):
+        done = real(path)
+        with open(path + ".other", "wb") as f:      # what a concurrent commit renames to spent.bin
+            f.write(b"y" * 5000)
+        os.replace(path + ".other", path)
+        return done
+    monkeypatch.setattr(store_mod, "_mark_stale", mark_then_swap)
+    sid = uuid.uuid4().hex
+    up = rd.open_upload(sid)
+    assert not up.stale and os.path.getsize(rd.spool_path(sid)) == 0 and rd.upload_length(sid) == 0
+    up.close()
+
+
+def test_a_recycled_spool_that_cannot_be_cut_fails_the_upload_and_starts_over(tmp_path, monkeypatch):
+    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=11)
+    upload(rd, p.cycle(t=1, n_writes=12))
+    stream = p.cycle(t=2, n_writes=2)
+    sid = uuid.uuid4().hex
+    up = rd.open_upload(sid)
+    up.write(0, stream)
+    up.sync()
+
+    def refused(*_a, **_kw):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "removexattr", refused)
+    with pytest.raises(DiskIOError, match="starts over"):
+        up.close()
+    monkeypatch.undo()
+    assert rd.upload_length(sid) == 0
+    upload(rd, stream, sid)
+    assert replica_bytes(rd) == bytes(p.data)
