@@ -31,6 +31,20 @@ def _marked(path: str) -> bool:
         return False
 
 
+def _second_upload_written(tmp_path, seed: int):
+    """A disk with one cycle applied (spool/spent.bin left behind) and a second cycle's stream written
+    and synced into a new upload over it, not closed: (disk, primary, stream, stream id, upload)."""
+    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
+    p = Primary(seed=seed)
+    upload(rd, p.cycle(t=1, n_writes=12))
+    stream = p.cycle(t=2, n_writes=2)
+    sid = uuid.uuid4().hex
+    up = rd.open_upload(sid)
+    up.write(0, stream)
+    up.sync()
+    return rd, p, stream, sid, up
+
+
 def test_a_new_upload_writes_over_the_spent_spool_and_cuts_it_at_close(tmp_path):
     rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
     p = Primary(seed=3)
@@ -116,14 +130,7 @@ def test_a_longer_stream_grows_the_recycled_file(tmp_path):
 
 
 def test_a_commit_of_an_upload_that_never_closed_is_refused_and_the_upload_starts_over(tmp_path):
-    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
-    p = Primary(seed=7)
-    upload(rd, p.cycle(t=1, n_writes=12))
-    second = p.cycle(t=2, n_writes=2)
-    sid = uuid.uuid4().hex
-    up = rd.open_upload(sid)
-    up.write(0, second)
-    up.sync()
+    rd, p, second, sid, up = _second_upload_written(tmp_path, seed=7)
     os.close(up.fd)                                  # as if close() never ran: the old bytes still follow
     up.fd = -1
     with pytest.raises(SequenceError, match="not finished"):
@@ -186,14 +193,7 @@ def test_a_spent_spool_replaced_while_it_is_taken_is_cut_at_once(tmp_path, monke
 
 
 def test_a_recycled_spool_that_cannot_be_cut_fails_the_upload_and_starts_over(tmp_path, monkeypatch):
-    rd = ReplicaStore(str(tmp_path / "root")).ensure_disk(DISK_ID, SIZE)
-    p = Primary(seed=11)
-    upload(rd, p.cycle(t=1, n_writes=12))
-    stream = p.cycle(t=2, n_writes=2)
-    sid = uuid.uuid4().hex
-    up = rd.open_upload(sid)
-    up.write(0, stream)
-    up.sync()
+    rd, p, stream, sid, up = _second_upload_written(tmp_path, seed=11)
 
     def refused(*_a, **_kw):
         raise OSError(errno.EPERM, "Operation not permitted")
