@@ -31,6 +31,14 @@ def _marked(path: str) -> bool:
         return False
 
 
+def _finish(rd, up, sid: str, stream: bytes) -> None:
+    """Write the whole stream into an open upload, close it and commit it."""
+    up.write(0, stream)
+    up.sync()
+    up.close()
+    rd.commit(sid)
+
+
 def _second_upload_written(tmp_path, seed: int):
     """A disk with one cycle applied (spool/spent.bin left behind) and a second cycle's stream written
     and synced into a new upload over it, not closed: (disk, primary, stream, stream id, upload)."""
@@ -108,11 +116,7 @@ def test_without_extended_attributes_the_spent_spool_is_cut_at_once(tmp_path, mo
     sid = uuid.uuid4().hex
     up = rd.open_upload(sid)
     assert os.path.getsize(rd.spool_path(sid)) == 0 and up.size == 0
-    stream = p.cycle(t=2)
-    up.write(0, stream)
-    up.sync()
-    up.close()
-    rd.commit(sid)
+    _finish(rd, up, sid, p.cycle(t=2))
     assert replica_bytes(rd) == bytes(p.data)
 
 
@@ -163,11 +167,7 @@ def test_a_commit_keeps_a_recycled_upload_that_has_not_written_yet(tmp_path):
     sid = uuid.uuid4().hex
     up = rd.open_upload(sid)
     assert rd.sweep_spools(empty=False) == [] and os.path.exists(rd.spool_path(sid))
-    stream = p.cycle(t=2)
-    up.write(0, stream)
-    up.sync()
-    up.close()
-    rd.commit(sid)
+    _finish(rd, up, sid, p.cycle(t=2))
     assert replica_bytes(rd) == bytes(p.data)
 
 
