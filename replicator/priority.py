@@ -1,21 +1,58 @@
 """Scheduling of the export's threads: the thread serving the guest first, its helpers after it."""
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import struct
 import threading
 
 BACKGROUND_NICE = 5        # how much lower than the guest's I/O path its helper threads run
+GUEST_SLICE_NS = 100_000   # the shortest slice Linux's EEVDF scheduler gives a thread (6.12 and later)
+_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
 
 
 def background_priority() -> None:
     """Lower the calling thread's priority below the thread serving the guest (Linux nice values are per
-    thread). Measured: at the same priority the export's helper threads, waking up, preempted its loop
-    thread for 70 ms in a 20 s run, up to 7 ms at a time."""
+    thread), with the scheduler's default slice (a thread inherits its creator's). Measured: at the same
+    priority the export's helper threads, waking up, preempted its loop thread for 70 ms in a 20 s run, up to
+    7 ms at a time."""
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (OSError, AttributeError):
         pass
+    _set_slice(0)
+
+
+def guest_first(boost: int) -> None:
+    """The calling thread serves the guest: ahead of replication's CPU work when the CPUs are short.
+    - Its session's autogroup gets `boost` nice steps (root only). With sched_autogroup_enabled, on in most
+      distributions' kernels, CPU time is shared between sessions first and nice values only count inside
+      one; the export runs in a session of its own (it outlives replicatord), so its own nice value did
+      nothing against replicatord's encoders.
+    - The thread gets the shortest slice: waking up, it then preempts a running encoder instead of waiting
+      for that one's slice to end (1.4 ms on 2 CPUs).
+    Measured with two CPU-bound processes in other sessions on this 2-CPU machine, a thread waking every
+    0.5 ms, p99.9 of its wake-up delay over 6 runs: median 3.9 ms as it was, 0.2 ms with the short slice,
+    0.5 ms with the autogroup's nice -5, 0.3 ms with both (0.10-1.6)."""
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(boost))
+    except OSError:
+        pass        # no autogroups, or not permitted
+    _set_slice(GUEST_SLICE_NS)
+
+
+def _set_slice(ns: int) -> None:
+    """The calling thread's EEVDF slice (sched_setattr's sched_runtime for SCHED_OTHER; 0: the default).
+    Older kernels ignore it."""
+    if _SCHED_SETATTR is None or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    # struct sched_attr: size, policy, flags, nice, priority, runtime, deadline, period, util_min, util_max
+    attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, os.SCHED_OTHER, 0, nice, 0, ns, 0, 0, 0, 0))
+    ctypes.CDLL(None, use_errno=True).syscall(_SCHED_SETATTR, 0, attr, 0)
 
 
 def foreground_policy() -> None:

@@ -26,7 +26,7 @@ import uuid
 
 from .. import errors
 from ..errors import ReplicatorError
-from ..priority import background_priority, foreground_policy
+from ..priority import background_priority, foreground_policy, guest_first
 from .nbd import Export, NbdServer
 from .service import new_event_loop
 from .tracker import TrackedDisk, TrackingGroup
@@ -308,6 +308,7 @@ def main(argv=None) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, max(-20, os.getpriority(os.PRIO_PROCESS, 0) + PRIORITY_BOOST))
     except OSError:
         pass    # not permitted (not root): the same priority as replicatord
+    guest_first(PRIORITY_BOOST)     # this thread runs the loop that serves every request
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         opened = open_disks(disks, args.lock_wait)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
+from replicator import priority
 from replicator.errors import ExportUnavailable
 from replicator.hrl import HrlReader
+from replicator.tracking import shim
 from replicator.tracking.remote import ExportHandle
 
 from .helpers import MiB, make_vhdx, pattern, qemu_io, read_vhdx, tracked, wait_until
@@ -161,6 +164,38 @@ def test_reads_from_the_file_equal_reads_through_the_export(tmp_path):
         assert direct[6 * MiB:8 * MiB] == b"\x22" * (2 * MiB) and direct[:MiB] == pattern(7, 4 * MiB)[:MiB]
     finally:
         h.shutdown()
+
+
+def _slice(pid: int, tid: int) -> int | None:
+    """A thread's EEVDF slice in ns (None: the kernel does not show one)."""
+    with open(f"/proc/{pid}/task/{tid}/sched") as f:
+        return next((int(line.split()[-1]) for line in f if line.startswith("se.slice")), None)
+
+
+def test_the_thread_serving_the_guest_gets_the_shortest_slice_and_its_session_the_cpu_first(tmp_path, disk):
+    """The loop thread preempts replication's encoders when it wakes (a short EEVDF slice), the export's
+    helpers do not (the default slice, though threads inherit their creator's), and its session's autogroup
+    outweighs replicatord's, where nice values across sessions count for nothing (priority.guest_first)."""
+    default, probed = _slice(os.getpid(), threading.get_native_id()), []
+    probe = threading.Thread(target=lambda: (priority._set_slice(priority.GUEST_SLICE_NS),
+                                             probed.append(_slice(os.getpid(), threading.get_native_id()))))
+    probe.start()
+    probe.join()
+    if probed != [priority.GUEST_SLICE_NS]:
+        pytest.skip("this kernel takes no slice per thread (Linux 6.12 and later do)")
+    h = _handle(tmp_path, disk)
+    try:
+        qemu_io(h.uri("d0.vhdx"), f"write -P 0x44 0 {4 * MiB}")
+        h.cut()                                          # the export's helper threads have run
+        helpers = [int(t) for t in os.listdir(f"/proc/{h.pid}/task") if int(t) != h.pid]
+        assert helpers
+        assert _slice(h.pid, h.pid) == priority.GUEST_SLICE_NS
+        assert all(_slice(h.pid, t) == default for t in helpers), [_slice(h.pid, t) for t in helpers]
+        if os.geteuid() == 0 and os.path.exists("/proc/self/autogroup"):
+            with open(f"/proc/{h.pid}/autogroup") as f:
+                assert f.read().split()[-1] == str(shim.PRIORITY_BOOST)
+    finally:
+        assert h.detach() is True
 
 
 def test_the_export_does_not_inherit_a_background_policy(tmp_path, disk):
