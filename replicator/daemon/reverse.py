@@ -104,6 +104,8 @@ class ReverseReplication:
     async def accept_reverse(self, name: str, principal: str | None = None, force: bool = False) -> dict:
         """On the former primary: stop protecting the machine and adopt its disks as the replica the other
         site (where it failed over) replicates back into."""
+        if principal is not None and not isinstance(principal, str):     # a peer's or an operator's JSON
+            raise UsageError(f"accept-reverse: from must be a principal, not {principal!r:.40}")
         pm = self.daemon.machines.get(name)
         if pm is None:
             from .replica_site import NotFound

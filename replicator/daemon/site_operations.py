@@ -97,9 +97,7 @@ async def _reverse(daemon, name: str, op: str, args: dict) -> dict:
         raise ReplicatorError(f"{op}: args must be an object, not {args!r:.40}")
     site = daemon.site
     if op == "accept-reverse":
-        principal = args.get("from")
-        if principal is not None and not isinstance(principal, str):
-            raise ReplicatorError(f"accept-reverse: from must be a principal, not {principal!r:.40}")
+        principal = args.get("from")         # checked by accept_reverse
         if name not in daemon.machines and daemon.replica_server is not None \
                 and name in site.machines() and site._role(name) == "replica":
             return {}                         # accepted before (a reverse asked again after its second step failed)

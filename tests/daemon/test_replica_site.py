@@ -121,6 +121,11 @@ def test_bad_requests_are_refused_with_their_reason(tmp_path):
             assert (got, text in answer["error"]) == (code, True), (path, got, answer)
         got, answer = a.api("POST", "/v1/replica/machines/vm01/accept-reverse", {})
         assert got == 409 and "is Replicating from this site" in answer["error"]
+        # a `from` that is not a principal is refused before anything happens, force or not (the admin
+        # fuzzer's case: it was a 500)
+        got, answer = a.api("POST", "/v1/replica/machines/vm01/accept-reverse", {"from": [False, "x"], "force": True})
+        assert got == 409 and "from must be a principal" in answer["error"], (got, answer)
+        assert a.machine("vm01")["state"] == "Replicating"
         for args, text in ((("replica-machine", "nope", "failover"), "holds no machine 'nope'"),
                            (("replica-machine", "vm01", "test-failover", "--point", "424242"), "no recovery point"),
                            (("plan", "nope", "test"), "no recovery plan 'nope'")):
