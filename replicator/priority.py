@@ -9,7 +9,7 @@ import threading
 
 BACKGROUND_NICE = 5        # how much lower than the guest's I/O path its helper threads run
 GUEST_SLICE_NS = 100_000   # the shortest slice Linux's EEVDF scheduler gives a thread (6.12 and later)
-_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
+_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
 
 
 def background_priority() -> None:
@@ -47,12 +47,15 @@ def guest_first(boost: int) -> None:
 def _set_slice(ns: int) -> None:
     """The calling thread's EEVDF slice (sched_setattr's sched_runtime for SCHED_OTHER; 0: the default).
     Older kernels ignore it."""
-    if _SCHED_SETATTR is None or os.sched_getscheduler(0) != os.SCHED_OTHER:
-        return
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
-    # struct sched_attr: size, policy, flags, nice, priority, runtime, deadline, period, util_min, util_max
-    attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, os.SCHED_OTHER, 0, nice, 0, ns, 0, 0, 0, 0))
-    ctypes.CDLL(None, use_errno=True).syscall(_SCHED_SETATTR, 0, attr, 0)
+    try:
+        if _SCHED_SETATTR is None or os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+        # struct sched_attr: size, policy, flags, nice, priority, runtime, deadline, period, util_min, util_max
+        attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, os.SCHED_OTHER, 0, nice, 0, ns, 0, 0, 0, 0))
+        ctypes.CDLL(None, use_errno=True).syscall(_SCHED_SETATTR, 0, attr, 0)
+    except (OSError, AttributeError, ValueError):
+        pass        # never in the way of the thread's work: a helper thread's initializer must not fail
 
 
 def foreground_policy() -> None:

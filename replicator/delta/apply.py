@@ -161,10 +161,11 @@ class _NativeApply:
         try:
             try:
                 self._frames()
-            except ReplicatorError:
-                if not self.failed:    # a fault the reader met: the frames before it are applied, as the
-                    self.settle()      # Python loop applies them, and a fault among them is the one the
-                raise                  # Python loop would meet first
+            except BaseException as e:
+                self._wait()           # a batch still in the kernel is earlier in the stream: its fault first
+                if isinstance(e, ReplicatorError) and not self.failed:
+                    self.settle()      # a fault the reader met: the frames before it are applied, as the Python
+                raise                  # loop applies them, and a fault among them is the one it would meet first
         finally:
             if self.runner is not None:
                 self.runner.shutdown(wait=True)

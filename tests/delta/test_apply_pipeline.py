@@ -19,7 +19,7 @@ from replicator.delta import apply as apply_mod
 from replicator.vhdx import VhdxDisk, create_vhdx
 from replicator.vhdx.fileio import DirectWriteIO
 
-from .helpers import MemDisk
+from .helpers import MemDisk, records
 from .test_apply_native import image_bytes, stream_of, with_bad_digests
 
 pytestmark = pytest.mark.skipif(kernels.FrameApplier is None, reason="the native kernels are not active")
@@ -127,4 +127,31 @@ def test_a_fault_in_one_batch_is_raised_and_the_batches_behind_it_are_not_writte
     for _, off, data in ops[:6]:                 # the batches before the fault
         assert got[off:off + len(data)] == data
     for _, off, data in ops[8:]:                 # planned behind it, never written
+        assert got[off:off + len(data)] == bytes(len(data))
+
+
+def test_a_batch_that_failed_in_the_kernel_comes_before_a_fault_the_reader_meets_later(tmp_path, monkeypatch,
+                                                                                      small_batches):
+    """Batch 2 (frames 3 and 4) fails its digest check in the kernel and is over before the reader meets a
+    truncated frame 6 in the batch being planned: the error raised is frame 3's, as the Python loop's
+    would be, not the later one."""
+    ops = [("data", i * 2 * MiB, os.urandom(64) * (MiB // 64)) for i in range(8)]
+    bad = with_bad_digests(stream_of(ops, 2), [2])
+    frames = [r for r in records(bad) if r[0] == "frame"]
+    bad = bad[:frames[5][1] + 10]                          # frame 6 ends inside its header
+    path = fresh(tmp_path, "d.vhdx")
+    with VhdxDisk.open(path, read_only=False, io_factory=DirectWriteIO) as disk:
+        plan = disk.plan_write
+
+        def slow_plan(offset, length):                     # frame 5 is planned once batch 2 is over
+            if offset == ops[4][1]:
+                time.sleep(0.3)
+            return plan(offset, length)
+        disk.plan_write = slow_plan
+        with pytest.raises(DeltaFormatError, match=r"^delta frame 3 at offset \d+ .*XXH3-128"):
+            apply_stream(io.BytesIO(bad), disk)
+    got = image_bytes(path)
+    for _, off, data in ops[:2]:
+        assert got[off:off + len(data)] == data
+    for _, off, data in ops[4:]:
         assert got[off:off + len(data)] == bytes(len(data))
