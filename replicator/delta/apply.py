@@ -228,8 +228,4 @@ class _NativeApply:
     def _wait(self) -> None:
         running, self.running = self.running, None
         if running is not None:
-            try:
-                running.result()
-            except BaseException:
-                self.batch, self.where, self.starts, self.plain = [], [], [], 0     # behind the fault
-                raise
+            running.result()        # a fault ends the apply: run() then submits nothing more
