@@ -8,6 +8,7 @@ import struct
 import threading
 
 BACKGROUND_NICE = 5        # how much lower than the guest's I/O path its helper threads run
+REPLICATION_NICE = 5      # replicatord's session behind the guests' sessions (its autogroup's nice value)
 GUEST_SLICE_NS = 100_000   # the shortest slice Linux's EEVDF scheduler gives a thread (6.12 and later)
 _SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
 
@@ -42,6 +43,23 @@ def guest_first(boost: int) -> None:
     except OSError:
         pass        # no autogroups, or not permitted
     _set_slice(GUEST_SLICE_NS)
+
+
+def replication_behind_guests() -> bool:
+    """replicatord's session yields the CPU to the guests' sessions: its autogroup at nice +5. With
+    sched_autogroup_enabled, CPU time is shared between sessions first; QEMU runs in a session of its own
+    (libvirt daemonizes it) and so does a service systemd starts, so replication's encoders and the replica's
+    apply otherwise weigh as much as a guest's vCPUs. Only a session leader does this: started from a
+    terminal, replicatord shares the terminal's session and is not to lower it. Its export processes are
+    sessions of their own (guest_first). Lowering needs no privilege."""
+    try:
+        if os.getsid(0) != os.getpid():
+            return False
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(REPLICATION_NICE))
+        return True
+    except OSError:
+        return False    # a kernel without autogroups
 
 
 def _set_slice(ns: int) -> None:

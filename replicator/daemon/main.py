@@ -32,6 +32,7 @@ import sys
 from aiohttp import web
 
 from ..errors import CannotListen, ReplicatorError
+from ..priority import replication_behind_guests
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
 from .primary import OPERATIONS, PrimaryMachine
@@ -389,6 +390,8 @@ def main(argv=None) -> int:
     if (args.config is None) == (args.state is None):
         ap.error("give --config FILE (standalone) or --state DIR (run from a controller, with --register the "
                  "first time)")
+    if not args.check_config:
+        replication_behind_guests()     # run from a controller too
     if args.state is not None:
         return run_from_controller(args, serve)
     try:

@@ -115,7 +115,8 @@ class PrimaryMachine:
                     self.export.detach()
                 raise
         self.disks = self.export.disks
-        self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n)
+        self.replicators = [DiskReplicator(d, self.target, compress=p.compression, name=n,
+                                           copy_rate=p.copy_rate_when_busy)
                             for n, d in self.disks.items()]
         self.state.data["protection"] = {      # what removing the protection later needs (removal.py)
             "target": p.target, "cert": p.cert, "key": p.key, "ca": p.ca, "kerberos": p.auth == "kerberos",
@@ -568,12 +569,16 @@ class PrimaryMachine:
                             "bytes_sent": sum(r.bytes_sent for r in results)}
         sent, secs = self.last_result["bytes_sent"], max((r.seconds for r in results), default=0.0)
         self.last_result["seconds"] = round(secs, 3)          # the controller's history charts it
+        paced = max((r.paced_seconds for r in results), default=0.0)
+        if paced:
+            self.last_result["paced_seconds"] = round(paced, 3)
         changed, stream = sum(r.plain_bytes for r in results), sum(r.stream_bytes for r in results)
         # every cycle leaves one line; which bytes: changed (the data the cycle carries), stream (encoded),
         # sent (uploaded now: less than the stream when an interrupted upload resumed)
         log.info("%s: %s cycle replicated %d stream(s): %.1f MiB changed, %.1f MiB encoded, %.1f MiB sent, "
-                 "in %.1f s", self.name, kind, sum(r.streams for r in results), changed / (1 << 20),
-                 stream / (1 << 20), sent / (1 << 20), secs)
+                 "in %.1f s%s", self.name, kind, sum(r.streams for r in results), changed / (1 << 20),
+                 stream / (1 << 20), sent / (1 << 20), secs,
+                 f" ({paced:.1f} s of it held back while the guest wrote)" if paced else "")
 
     def _after_failure(self, e: ReplicatorError) -> None:
         self.stats.record_failure(e)

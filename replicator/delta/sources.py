@@ -52,16 +52,17 @@ def encode_disk(disk, header: StreamHeader, sink, *, zero_extents: bool = False,
 
 
 def encode_extents(disk, extents: Iterable, header: StreamHeader, sink, *, compress: bool = True,
-                   level: int = 1, progress=None) -> EncodeStats:
+                   level: int = 1, progress=None, pace=None) -> EncodeStats:
     """The given ranges of a disk, in the order given ((offset, length) pairs or objects with .offset and
-    .length), as resync and scan find them. Zeros found in them travel as ZERO frames."""
+    .length), as resync and scan find them. Zeros found in them travel as ZERO frames. pace(n), if given,
+    is called after each chunk of n bytes is read (and may sleep: replication.pacing)."""
     _check_size(disk, header)
     buf = bytearray(header.block_size)
     ranges = [(ext.offset, ext.length) if hasattr(ext, "offset") else tuple(ext) for ext in extents]
     meter = _Meter(progress, sum(n for _, n in ranges))
     with DeltaEncoder(header, sink, compress=compress, level=level) as enc:
         for offset, length in ranges:
-            _copy_range(disk, enc, offset, length, buf, meter)
+            _copy_range(disk, enc, offset, length, buf, meter, pace)
         enc.finish()
     meter.done()
     return enc.stats
@@ -73,7 +74,8 @@ def _check_size(disk, header: StreamHeader) -> None:
                          f"says {header.disk_size}")
 
 
-def _copy_range(disk, enc: DeltaEncoder, offset: int, length: int, buf: bytearray, meter: "_Meter") -> None:
+def _copy_range(disk, enc: DeltaEncoder, offset: int, length: int, buf: bytearray, meter: "_Meter",
+                pace=None) -> None:
     view = memoryview(buf)
     end = offset + length
     while offset < end:
@@ -81,6 +83,8 @@ def _copy_range(disk, enc: DeltaEncoder, offset: int, length: int, buf: bytearra
         disk.readinto(offset, view[:n])
         enc.add_data(offset, view[:n])
         meter.add(n)
+        if pace is not None:
+            pace(n)
         offset += n
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..replica.limits import LIMITS, ReplicaLimits
+from ..replication.pacing import COPY_RATE_WHEN_BUSY
 from . import failover_ips
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
@@ -39,7 +40,8 @@ QUIESCE_PROVIDERS = {"script": ("pre_freeze", "post_thaw"), "qga": ("socket",), 
 DEFAULT_ADMIN = "127.0.0.1:8085"
 PROTECTION_KEYS = frozenset({
     "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
-    "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "resync", "resync_window",
+    "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "copy_rate_when_busy", "resync",
+    "resync_window",
     "target", "quiesce", "encryption_key_file", "rpo_threshold"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
@@ -93,6 +95,7 @@ class Protection:
     initial_replication: InitialReplication = InitialReplication()
     delete_replica_on_remove: bool = False
     bandwidth_limit: int | None = None          # bytes per second; None = unlimited
+    copy_rate_when_busy: int | None = COPY_RATE_WHEN_BUSY   # an initial copy or resync while the guest writes
     resync: str = "auto"
     resync_window: tuple[dt.time, dt.time] | None = None
     target: str | None = None
@@ -394,6 +397,7 @@ def _protection(t: _Table) -> dict:
     out: dict = {}
     _checked(t, "frequency", parse_frequency, out)
     _checked(t, "bandwidth_limit", parse_bandwidth, out)
+    _checked(t, "copy_rate_when_busy", parse_bandwidth, out)
     _checked(t, "rpo_threshold", parse_rpo_threshold, out)
     for key, lo, hi in (("additional_points", 0, 24), ("app_consistent_hours", 1, 12), ("port", 1, 65535)):
         if key in t.data and t.int(key, lo, hi) is not None:

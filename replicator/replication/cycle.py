@@ -33,6 +33,7 @@ from ..targets import ReplicaTarget
 from ..targets.outbox import OutboxStream
 from ..disk.base import ExtentKind
 from ..tracking import TrackedDisk
+from .pacing import COPY_RATE_WHEN_BUSY, CopyPacer
 
 STREAM_BLOCK = 1 << 20
 SEGMENT = 512 << 20         # disk bytes per stream of a copy read from a running export (scratch space bound)
@@ -51,18 +52,23 @@ class CycleResult:
     generation: int = 0
     seconds: float = 0.0
     points: list = field(default_factory=list)
+    paced_seconds: float = 0.0       # a copy held back while the guest wrote (replication.pacing)
 
     def then(self, later: "CycleResult") -> "CycleResult":
         """This cycle followed by `later` (a copy, then the log that makes it whole): one result of the
         first's kind, ending where the later one ends."""
         return CycleResult(self.kind, self.streams + later.streams, self.bytes_sent + later.bytes_sent,
                            self.stream_bytes + later.stream_bytes, self.plain_bytes + later.plain_bytes,
-                           later.generation, self.seconds + later.seconds, self.points + later.points)
+                           later.generation, self.seconds + later.seconds, self.points + later.points,
+                           self.paced_seconds + later.paced_seconds)
 
 
 class DiskReplicator:
-    def __init__(self, tracker: TrackedDisk, target: ReplicaTarget, *, compress: bool = True, name: str = ""):
-        self.tracker, self.target, self.compress = tracker, target, compress
+    def __init__(self, tracker: TrackedDisk, target: ReplicaTarget, *, compress: bool = True, name: str = "",
+                 copy_rate: int | None = COPY_RATE_WHEN_BUSY):
+        """copy_rate: bytes per second a copy read from a running export goes at while its guest writes
+        (replication.pacing); None or 0: as fast as it can."""
+        self.tracker, self.target, self.compress, self.copy_rate = tracker, target, compress, copy_rate
         self.name = name or os.path.basename(tracker.path)
         self.disk_id = getattr(tracker, "virtual_disk_id", None) or tracker.disk.virtual_disk_id
         self.outbox = os.path.join(tracker.sidecar.dir, "outbox")
@@ -161,6 +167,8 @@ class DiskReplicator:
                        if e.kind is ExtentKind.DATA]
         segments = split_ranges(extents, SEGMENT)
         total, done = sum(n for _, n in extents), 0
+        pace = CopyPacer(self.copy_rate, lambda: getattr(self.tracker, "guest_writes", None)) \
+            if self.copy_rate else None
         for i, ranges in enumerate(segments):
             # only the first stream of an initial copy may claim "full" (a target may zero the disk for it)
             header = self._header(generation, kind if i == 0 else "resync", "inconsistent", [])
@@ -171,7 +179,7 @@ class DiskReplicator:
 
             def encode(sink, ranges=ranges, header=header, progress=progress):
                 return delta.encode_extents(self.tracker.disk, ranges, header, sink, compress=self.compress,
-                                            progress=progress)
+                                            progress=progress, pace=pace)
             try:
                 generation = (await self._send_while_encoding(stream_id, path, encode, result)).generation
             except BaseException:
@@ -179,6 +187,8 @@ class DiskReplicator:
                     os.unlink(path)
                 raise
             done += sum(n for _, n in ranges)
+            if pace is not None:
+                result.paced_seconds = pace.slept
         return generation
 
     async def _ship_log(self, rec, generation, consistency, committed, result) -> int:

@@ -101,6 +101,7 @@ class RemoteTrackedDisk:
         self.size = status["size"]
         self.sidecar = Sidecar(self.path)
         self._disk: NbdDisk | None = None
+        self.guest_writes: int | None = None     # the machine's guest writes so far, as the last map answer said
         self._apply(status)
 
     def _apply(self, status: dict) -> None:
@@ -134,7 +135,9 @@ class RemoteTrackedDisk:
                        path=self.path, size=self.size)
 
     def _map(self, offset: int, length: int):
-        return self.export.control.call("map", disk=self.name, offset=offset, length=length)["map"]
+        out = self.export.control.call("map", disk=self.name, offset=offset, length=length)
+        self.guest_writes = out.get("writes")
+        return out["map"]
 
     def _extents(self, offset: int, length: int):
         return self.export.control.call("extents", disk=self.name, offset=offset, length=length)["extents"]

@@ -264,7 +264,9 @@ class ExportProcess:
         elif op == "dirty_extents":
             return {"extents": d.dirty_extents()}
         elif op == "map":
-            return {"map": d.disk.map_range(int(req["offset"]), int(req["length"]))}
+            # with the guest's writes to any of the machine's disks so far: a copy's pacing watches them
+            return {"map": d.disk.map_range(int(req["offset"]), int(req["length"])),
+                    "writes": sum(x.writes for x in self.disks.values())}
         elif op == "extents":
             off, n = int(req["offset"]), int(req["length"])
             return {"extents": [[e.offset, e.length, e.kind.value] for e in d.extents(off, n)]}

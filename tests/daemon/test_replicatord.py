@@ -14,7 +14,9 @@ import urllib.request
 
 import pytest
 
+from replicator import priority
 from replicator.replica import ReplicaStore
+from replicator.tracking.shim import PRIORITY_BOOST
 from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import qemu_compare, tool
@@ -46,10 +48,10 @@ additional_points = 2
 ''')
         self.proc = None
 
-    def start(self):
+    def start(self, own_session: bool = False):
         self.log = open(self.dir / "daemon.log", "ab")
         self.proc = subprocess.Popen([os.path.join(BIN, "replicatord"), "--config", self.config],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=own_session)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -90,6 +92,44 @@ def site(tmp_path):
     s.start()
     yield s
     if s.proc.poll() is None:
+        s.stop()
+
+
+def _autogroup_nice(pid: int) -> int:
+    with open(f"/proc/{pid}/autogroup") as f:          # "/autogroup-123 nice 5"
+        return int(f.read().split()[-1])
+
+
+def _export_pid(site) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"replicator.tracking.shim" in argv and any(str(site.dir).encode() in a for a in argv):
+            return int(pid)
+    raise AssertionError("no export process")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="a kernel without autogroups")
+def test_replicatord_in_a_session_of_its_own_puts_replication_behind_the_guests(tmp_path):
+    """Started as systemd starts a service, replicatord lowers its session's autogroup, so that replication's
+    CPU work weighs less than a guest's session; its export stays ahead (priority.guest_first). Started from
+    a terminal's session, it leaves that session alone."""
+    mine = _autogroup_nice(os.getpid())
+    s = Site(tmp_path)
+    s.start(own_session=True)
+    try:
+        assert _autogroup_nice(s.proc.pid) == priority.REPLICATION_NICE
+        export = _autogroup_nice(_export_pid(s))
+        assert export == (PRIORITY_BOOST if os.geteuid() == 0 else 0)
+    finally:
+        s.stop()
+    s.start()
+    try:
+        assert _autogroup_nice(s.proc.pid) == mine == _autogroup_nice(os.getpid())
+    finally:
         s.stop()
 
 
