@@ -56,9 +56,15 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _placement(run: dict) -> str:
+    """Where fio (the guest) and the daemons ran: runs from 2026-12-06 16:00 on record it."""
+    return run["setup"].get("sessions") or "fio and both replicatords in the bench's one session"
+
+
 def markdown(s: dict) -> str:
     n = len(s["runs"])
     lines = [f"Medians over {n} full runs ({', '.join(s['runs'])}); in brackets the lowest and highest run.", "",
+             f"Placement: {s.get('placement', '')}.", "",
              "| job | paused / qemu-nbd IOPS | cycles / paused IOPS |",
              "| --- | --- | --- |"]
     for job, row in s["jobs"].items():
@@ -101,7 +107,12 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"guest_impact_runs: {path}: not a full run of guest_impact.py ({e!r})") from None
         runs.append(run)
+    placements = {_placement(r) for r in runs}
+    if len(placements) > 1:
+        raise SystemExit("guest_impact_runs: these runs placed fio and the daemons differently (one shared session "
+                         "before 2026-12-06 16:00, sessions of their own after): summarize each kind apart")
     s = summarize(runs)
+    s["placement"] = placements.pop()
     if not s["cells"]:
         raise SystemExit("guest_impact_runs: no job has phases a-d in every run: nothing to judge")
     text = markdown(s)

@@ -69,3 +69,23 @@ def test_files_that_are_not_full_runs_are_refused_in_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             m.main([str(path)])
         assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_runs_with_fio_in_the_benchs_session_are_not_mixed_with_runs_in_sessions_of_their_own(tmp_path):
+    """Before 2026-12-06 16:00 fio shared the bench's session with replicatord, which flattered the guest
+    (autogroups): a median over both kinds would mean nothing."""
+    import json
+    import pytest
+    m = _module()
+    old, new = _run("r1", [1] * 4, [0] * 4), _run("r2", [1] * 4, [0] * 4)
+    new["setup"]["sessions"] = "fio, both replicatords and the export each in a session of their own"
+    paths = []
+    for name, run in (("old.json", old), ("new.json", new)):
+        (tmp_path / name).write_text(json.dumps(run))
+        paths.append(str(tmp_path / name))
+    with pytest.raises(SystemExit) as e:
+        m.main(paths)
+    assert "placed fio and the daemons differently" in str(e.value) and "\n" not in str(e.value)
+    assert m.main([paths[1], "--md", str(tmp_path / "s.md")]) == 0
+    assert "Placement: fio, both replicatords and the export each in a session of their own." in \
+        (tmp_path / "s.md").read_text()
