@@ -41,8 +41,7 @@ DEFAULT_ADMIN = "127.0.0.1:8085"
 PROTECTION_KEYS = frozenset({
     "frequency", "additional_points", "app_consistent_hours", "compression", "auth", "port", "cert", "key",
     "ca", "initial_replication", "delete_replica_on_remove", "bandwidth_limit", "copy_rate_when_busy", "resync",
-    "resync_window",
-    "target", "quiesce", "encryption_key_file", "rpo_threshold"})
+    "resync_window", "target", "quiesce", "encryption_key_file", "rpo_threshold"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
 _SPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$", re.I)

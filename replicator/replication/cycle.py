@@ -187,8 +187,8 @@ class DiskReplicator:
                     os.unlink(path)
                 raise
             done += sum(n for _, n in ranges)
-            if pace is not None:
-                result.paced_seconds = pace.slept
+        if pace is not None:
+            result.paced_seconds = pace.slept
         return generation
 
     async def _ship_log(self, rec, generation, consistency, committed, result) -> int:

@@ -31,9 +31,9 @@ class CopyPacer:
 
     def busy(self, now: float) -> bool:
         count = self.writes()
-        if count is not None and self._seen is not None and count != self._seen:
-            self._busy_until = now + BUSY_HOLD
         if count is not None:
+            if self._seen is not None and count != self._seen:
+                self._busy_until = now + BUSY_HOLD
             self._seen = count
         return now < self._busy_until
 

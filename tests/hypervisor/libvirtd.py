@@ -34,6 +34,8 @@ import signal
 import subprocess
 import time
 
+from ..processes import alive
+
 LIBVIRT_DIRS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
                 "cache": "/var/cache/libvirt", "log": "/var/log/libvirt"}
 LIBVIRT_QEMU_UID = 64055
@@ -69,14 +71,6 @@ def available() -> str | None:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 class PrivateLibvirtd:
@@ -166,7 +160,7 @@ class PrivateLibvirtd:
             with contextlib.suppress(OSError, ValueError):
                 with open(path) as f:
                     pids.append(int(f.read().strip()))
-        return [p for p in pids if _alive(p)]
+        return [p for p in pids if alive(p)]
 
     def destroy_all(self) -> None:
         """Every domain destroyed and undefined, every network destroyed and undefined."""

@@ -12,6 +12,8 @@ import pytest
 
 from replicator.azure.azurite import azurite_binary
 
+from ..processes import alive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "tools", "demo.py")
 
@@ -27,10 +29,9 @@ def processes_using(folder: str) -> list[str]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
         except OSError:
+            continue
+        if not alive(int(pid)):
             continue
         if folder in cmd:
             found.append(f"{pid}: {cmd}")

@@ -17,6 +17,7 @@ from replicator.hrl import HrlReader
 from replicator.tracking import shim
 from replicator.tracking.remote import ExportHandle
 
+from ..processes import alive
 from .helpers import MiB, make_vhdx, pattern, qemu_io, read_vhdx, tracked, wait_until
 
 
@@ -25,15 +26,6 @@ def disk(tmp_path):
     path = make_vhdx(tmp_path / "d0.vhdx", 64 * MiB, fill=[(0, pattern(1, MiB))])
     tracked(path).close()          # initial replication behind us: the disk is tracked
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def _handle(tmp_path, disk, **kw) -> ExportHandle:
@@ -45,7 +37,7 @@ def _handle(tmp_path, disk, **kw) -> ExportHandle:
 def test_serves_tracks_cuts_and_closes_when_detached_idle(tmp_path, disk):
     h = _handle(tmp_path, disk)
     try:
-        assert h.pid != os.getpid() and _alive(h.pid) and not h.adopted
+        assert h.pid != os.getpid() and alive(h.pid) and not h.adopted
         if os.geteuid() == 0:                          # the guest's requests win the CPU over replication
             assert os.getpriority(os.PRIO_PROCESS, h.pid) < os.getpriority(os.PRIO_PROCESS, 0)
         qemu_io(h.uri("d0.vhdx"), f"write -P 0x5a {4 * MiB} {MiB}")
@@ -62,7 +54,7 @@ def test_serves_tracks_cuts_and_closes_when_detached_idle(tmp_path, disk):
         assert bytes(buf) == b"\x5a" * MiB
     finally:
         assert h.detach() is True                      # no NBD client: the export closes
-    assert not _alive(h.pid)
+    assert not alive(h.pid)
     data = read_vhdx(disk)                             # closed cleanly: the lock and the log are released
     assert data[4 * MiB:5 * MiB] == b"\x5a" * MiB and data[:MiB] == pattern(1, MiB)
 
@@ -73,7 +65,7 @@ def test_outlives_its_controller_while_a_client_is_connected(tmp_path, disk):
     client.connect(h.nbd_socket)                      # a guest's connection (handshake not needed to count)
     try:
         wait_until(lambda: h.control.call("hello")["clients"] == 1, what="the client is counted")
-        assert h.detach() is False and _alive(h.pid)
+        assert h.detach() is False and alive(h.pid)
         again = _handle(tmp_path, disk)                # replicatord restarted: it attaches, nothing restarts
         assert again.adopted and again.pid == h.pid
         qemu_io(again.uri("d0.vhdx"), f"write -P 0x33 {8 * MiB} 4096")
@@ -82,13 +74,13 @@ def test_outlives_its_controller_while_a_client_is_connected(tmp_path, disk):
     finally:
         client.close()
     again.shutdown()
-    assert not _alive(h.pid)
+    assert not alive(h.pid)
 
 
 def test_exits_on_its_own_when_its_controller_dies_and_no_client_is_left(tmp_path, disk):
     h = _handle(tmp_path, disk, idle_grace=0.5)
     h._close()                                         # as a kill -9 of replicatord: the watch drops
-    wait_until(lambda: not _alive(h.pid), timeout=10, what="the idle export exits")
+    wait_until(lambda: not alive(h.pid), timeout=10, what="the idle export exits")
     read_vhdx(disk)
 
 
@@ -96,7 +88,7 @@ def test_a_killed_export_is_started_again_and_its_disk_needs_a_resync(tmp_path, 
     h = _handle(tmp_path, disk)
     qemu_io(h.uri("d0.vhdx"), f"write -P 0x44 0 {MiB}")
     os.kill(h.pid, signal.SIGKILL)
-    wait_until(lambda: not _alive(h.pid), what="the export dies")
+    wait_until(lambda: not alive(h.pid), what="the export dies")
     h2 = _handle(tmp_path, disk)
     try:
         assert h2.pid != h.pid and not h2.adopted

@@ -20,6 +20,7 @@ from replicator.tracking.nbdclient import NbdClient
 from replicator.tracking.state import Sidecar
 from replicator.tracking.tracker import SPARE_LOG
 
+from ..processes import alive
 from .helpers import MiB, make_vhdx, pattern, read_vhdx, serving, tracked, wait_until
 
 GiB = 1 << 30
@@ -328,16 +329,6 @@ def test_a_client_that_half_closes_after_its_requests_gets_every_reply(tmp_path)
     t.close()
 
 
-def _dead(pid: int) -> bool:
-    """Gone or a zombie. The handle's reaper thread may reap it between a look at /proc and the read of its
-    stat (ESRCH: seen once in a clean clone's run)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] == "Z"
-    except OSError:
-        return True
-
-
 # --------------------------------------------------------------------------- the real export process
 def test_kill9_of_the_export_keeps_every_region_marked_since_the_bits_were_cleared(tmp_path):
     """The first write to a region goes to the bitmap's page cache only (no fdatasync). Through the real export
@@ -379,7 +370,7 @@ def test_kill9_of_the_export_keeps_every_region_marked_since_the_bits_were_clear
             c.close()
         os.kill(h.pid, signal.SIGKILL)
         killed = True
-        wait_until(lambda: _dead(h.pid), what="the export dies")
+        wait_until(lambda: not alive(h.pid), what="the export dies")
     finally:
         if not killed:
             h.shutdown()
