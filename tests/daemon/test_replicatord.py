@@ -100,18 +100,6 @@ def _autogroup_nice(pid: int) -> int:
         return int(f.read().split()[-1])
 
 
-def _export_pid(site) -> int:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"replicator.tracking.shim" in argv and any(str(site.dir).encode() in a for a in argv):
-            return int(pid)
-    raise AssertionError("no export process")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="a kernel without autogroups")
 def test_replicatord_in_a_session_of_its_own_puts_replication_behind_the_guests(tmp_path):
     """Started as systemd starts a service, replicatord lowers its session's autogroup, so that replication's
@@ -122,7 +110,7 @@ def test_replicatord_in_a_session_of_its_own_puts_replication_behind_the_guests(
     s.start(own_session=True)
     try:
         assert _autogroup_nice(s.proc.pid) == priority.REPLICATION_NICE
-        export = _autogroup_nice(_export_pid(s))
+        export = _autogroup_nice(s.status()["machines"][0]["export"]["pid"])
         assert export == (PRIORITY_BOOST if os.geteuid() == 0 else 0)
     finally:
         s.stop()
