@@ -45,6 +45,17 @@ def guest_first(boost: int) -> None:
     _set_slice(GUEST_SLICE_NS)
 
 
+def autogroups_enabled() -> bool:
+    """Whether a new session gets an autogroup of its own (kernel.sched_autogroup_enabled). Where it is off, a
+    session stays in the root autogroup, whose /proc/PID/autogroup is empty and whose nice value cannot be
+    set (EINVAL)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def replication_behind_guests() -> bool:
     """replicatord's session yields the CPU to the guests' sessions: its autogroup at nice +5. With
     sched_autogroup_enabled, CPU time is shared between sessions first; QEMU runs in a session of its own
@@ -53,13 +64,13 @@ def replication_behind_guests() -> bool:
     terminal, replicatord shares the terminal's session and is not to lower it. Its export processes are
     sessions of their own (guest_first). Lowering needs no privilege."""
     try:
-        if os.getsid(0) != os.getpid():
+        if os.getsid(0) != os.getpid() or not autogroups_enabled():
             return False
         with open("/proc/self/autogroup", "w") as f:
             f.write(str(REPLICATION_NICE))
         return True
     except OSError:
-        return False    # a kernel without autogroups
+        return False    # the root autogroup (sessions made before autogroups were enabled), or not permitted
 
 
 def _set_slice(ns: int) -> None:

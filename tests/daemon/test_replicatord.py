@@ -21,6 +21,7 @@ from replicator.vhdx import VhdxDisk, create_vhdx
 
 from ..externals import qemu_compare, tool
 from ..ports import free_port  # noqa: F401 (the tests import it from here)
+from ..processes import autogroup_nice, sessions_get_autogroups
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
@@ -95,28 +96,24 @@ def site(tmp_path):
         s.stop()
 
 
-def _autogroup_nice(pid: int) -> int:
-    with open(f"/proc/{pid}/autogroup") as f:          # "/autogroup-123 nice 5"
-        return int(f.read().split()[-1])
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="a kernel without autogroups")
+@pytest.mark.skipif(not sessions_get_autogroups(), reason="a new session gets no autogroup of its own here "
+                    "(kernel.sched_autogroup_enabled is 0, or a sandbox without them)")
 def test_replicatord_in_a_session_of_its_own_puts_replication_behind_the_guests(tmp_path):
     """Started as systemd starts a service, replicatord lowers its session's autogroup, so that replication's
     CPU work weighs less than a guest's session; its export stays ahead (priority.guest_first). Started from
     a terminal's session, it leaves that session alone."""
-    mine = _autogroup_nice(os.getpid())
+    mine = autogroup_nice(os.getpid())
     s = Site(tmp_path)
     s.start(own_session=True)
     try:
-        assert _autogroup_nice(s.proc.pid) == priority.REPLICATION_NICE
-        export = _autogroup_nice(s.status()["machines"][0]["export"]["pid"])
+        assert autogroup_nice(s.proc.pid) == priority.REPLICATION_NICE
+        export = autogroup_nice(s.status()["machines"][0]["export"]["pid"])
         assert export == (PRIORITY_BOOST if os.geteuid() == 0 else 0)
     finally:
         s.stop()
     s.start()
     try:
-        assert _autogroup_nice(s.proc.pid) == mine == _autogroup_nice(os.getpid())
+        assert autogroup_nice(s.proc.pid) == mine == autogroup_nice(os.getpid())
     finally:
         s.stop()
 

@@ -17,7 +17,7 @@ from replicator.hrl import HrlReader
 from replicator.tracking import shim
 from replicator.tracking.remote import ExportHandle
 
-from ..processes import alive
+from ..processes import alive, autogroup_nice, sessions_get_autogroups
 from .helpers import MiB, make_vhdx, pattern, qemu_io, read_vhdx, tracked, wait_until
 
 
@@ -186,9 +186,8 @@ def test_the_thread_serving_the_guest_gets_the_shortest_slice_and_its_session_th
         assert helpers
         assert _slice(h.pid, h.pid) == priority.GUEST_SLICE_NS
         assert all(_slice(h.pid, t) == default for t in helpers), [_slice(h.pid, t) for t in helpers]
-        if os.geteuid() == 0 and os.path.exists("/proc/self/autogroup"):
-            with open(f"/proc/{h.pid}/autogroup") as f:
-                assert f.read().split()[-1] == str(shim.PRIORITY_BOOST)
+        if os.geteuid() == 0 and sessions_get_autogroups():
+            assert autogroup_nice(h.pid) == shim.PRIORITY_BOOST
     finally:
         assert h.detach() is True
 
