@@ -363,7 +363,7 @@ class PrimaryMachine:
                 # Cut it across the machine now and ship it: the replica's first consistent point. That cut is
                 # not quiesced (the scheduler's quiesce covered the first one): crash-consistent.
                 await self.cut()
-                logs = await self._all_disks("crash")
+                logs = await self._all_disks("crash", after_copy=True)
                 results = [copy.then(log) for copy, log in zip(results, logs)]
         finally:
             for r in self.replicators:
@@ -372,10 +372,10 @@ class PrimaryMachine:
             meter.settle()
         return results
 
-    async def _all_disks(self, consistency: str):
+    async def _all_disks(self, consistency: str, *, after_copy: bool = False):
         """One cycle of every disk; the disks' streams travel at the same time (one cut sealed them)."""
-        done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False) for r in self.replicators),
-                                    return_exceptions=True)
+        done = await asyncio.gather(*(r.run_cycle(consistency=consistency, cut=False, after_copy=after_copy)
+                                      for r in self.replicators), return_exceptions=True)
         failed = [x for x in done if isinstance(x, BaseException)]
         if failed:                          # a fenced disk says the most: the machine stops on it
             raise next((x for x in failed if isinstance(x, Fenced)), failed[0])

@@ -14,10 +14,10 @@ from .format import StreamHeader
 
 
 def encode_log(reader, header: StreamHeader, sink, *, compress: bool = True, level: int = 1,
-               progress=None) -> EncodeStats:
+               progress=None, pace=None) -> EncodeStats:
     """One stream from an HRL log's coalesced extents (last write wins). The log's DataChecksums are not
     rechecked here: call `reader.verify_data()` first when the log comes from untrusted storage.
-    `progress(done, total)` is called with changed bytes encoded so far."""
+    `progress(done, total)` is called with changed bytes encoded so far; pace(n) as in encode_extents."""
     step = header.block_size
     extents = list(reader.extents())
     meter = _Meter(progress, sum(ext.length for ext in extents))
@@ -27,6 +27,8 @@ def encode_log(reader, header: StreamHeader, sink, *, compress: bool = True, lev
                 n = min(step, ext.length - pos)
                 enc.add_data(ext.offset + pos, reader.read_raw(ext.data_location + pos, n))
                 meter.add(n)
+                if pace is not None:
+                    pace(n)
         enc.finish()
     meter.done()
     return enc.stats

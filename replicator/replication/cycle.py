@@ -52,7 +52,7 @@ class CycleResult:
     generation: int = 0
     seconds: float = 0.0
     points: list = field(default_factory=list)
-    paced_seconds: float = 0.0       # a copy held back while the guest wrote (replication.pacing)
+    paced_seconds: float = 0.0       # a copy and its log held back while the guest wrote (replication.pacing)
 
     def then(self, later: "CycleResult") -> "CycleResult":
         """This cycle followed by `later` (a copy, then the log that makes it whole): one result of the
@@ -98,7 +98,9 @@ class DiskReplicator:
         fn = getattr(self.tracker, method)
         return await asyncio.to_thread(fn, *args) if self.blocking else fn(*args)
 
-    async def run_cycle(self, consistency: str = "crash", cut: bool = True) -> CycleResult:
+    async def run_cycle(self, consistency: str = "crash", cut: bool = True, after_copy: bool = False) -> CycleResult:
+        """after_copy: the logs to ship were written during this disk's copy (they make it whole), and go
+        at the copy's pace (replication.pacing)."""
         start = time.monotonic()
         result = CycleResult()
         info = await self.target.ensure_disk(self.disk_id, self.tracker.size, self.name)
@@ -111,13 +113,18 @@ class DiskReplicator:
         if generation == 0 and not resyncing:
             raise SequenceError(f"the replica of {self.name} has no initial copy: import the offline seed "
                                 "(replicator seed import) or resynchronize before replicating")
+        # a copy read from a running export, and the log written meanwhile, give way to a writing guest
+        pace = CopyPacer(self.copy_rate, self.tracker.guest_quiet) \
+            if (resyncing or after_copy) and self.blocking and self.copy_rate else None
         if resyncing:
             result.kind = "initial" if generation == 0 else "resync"
-            generation = await self._resync(generation, consistency, result)
+            generation = await self._resync(generation, consistency, result, pace)
         if cut:
             self.tracker.cut()
         for rec in list(self.tracker.state.sealed_logs):
-            generation = await self._ship_log(rec, generation, consistency, info.committed, result)
+            generation = await self._ship_log(rec, generation, consistency, info.committed, result, pace)
+        if pace is not None:
+            result.paced_seconds = pace.slept
         result.generation = generation
         result.seconds = time.monotonic() - start
         return result
@@ -128,7 +135,7 @@ class DiskReplicator:
                                   source_logs=list(source_logs), created=time.time(), kind=kind, extra={},
                                   zstd_lanes=ZSTD_LANES)
 
-    async def _resync(self, generation: int, consistency: str, result: CycleResult) -> int:
+    async def _resync(self, generation: int, consistency: str, result: CycleResult, pace=None) -> int:
         """Send every region that may differ (all of it on first use), then resume normal tracking."""
         extents = await self._tracker("begin_resync")
         kind = "full" if result.kind == "initial" else "resync"
@@ -140,7 +147,7 @@ class DiskReplicator:
                 extents = self._differing(theirs, extents)   # on the loop: the export must not write meanwhile
             kind = result.kind = "resync"
         if self.blocking:
-            generation = await self._resync_segments(generation, kind, extents, result)
+            generation = await self._resync_segments(generation, kind, extents, result, pace)
         else:
             stream_id = uuid.uuid4().hex
             path = os.path.join(self.outbox, f"{stream_id}.delta")
@@ -156,7 +163,7 @@ class DiskReplicator:
         await self._tracker("end_resync")
         return generation
 
-    async def _resync_segments(self, generation: int, kind: str, extents, result: CycleResult) -> int:
+    async def _resync_segments(self, generation: int, kind: str, extents, result: CycleResult, pace) -> int:
         """The copy read through the export while the guest writes ("inconsistent": the log after it makes
         it whole), in streams of at most SEGMENT bytes of the disk each, sent as they are encoded and
         committed one by one: the primary's scratch space is one segment's stream (the outbox file is
@@ -167,8 +174,6 @@ class DiskReplicator:
                        if e.kind is ExtentKind.DATA]
         segments = split_ranges(extents, SEGMENT)
         total, done = sum(n for _, n in extents), 0
-        pace = CopyPacer(self.copy_rate, lambda: getattr(self.tracker, "guest_writes", None)) \
-            if self.copy_rate else None
         for i, ranges in enumerate(segments):
             # only the first stream of an initial copy may claim "full" (a target may zero the disk for it)
             header = self._header(generation, kind if i == 0 else "resync", "inconsistent", [])
@@ -187,11 +192,9 @@ class DiskReplicator:
                     os.unlink(path)
                 raise
             done += sum(n for _, n in ranges)
-        if pace is not None:
-            result.paced_seconds = pace.slept
         return generation
 
-    async def _ship_log(self, rec, generation, consistency, committed, result) -> int:
+    async def _ship_log(self, rec, generation, consistency, committed, result, pace=None) -> int:
         stream_id = uuid.UUID(rec.unique_id).hex
         if stream_id in committed:            # applied before, but our acknowledgement was lost
             await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
@@ -205,7 +208,8 @@ class DiskReplicator:
 
             def encode(sink):
                 with HrlReader(log_path, self.tracker.size) as reader:
-                    return delta.encode_log(reader, header, sink, compress=self.compress, progress=self.progress)
+                    return delta.encode_log(reader, header, sink, compress=self.compress, progress=self.progress,
+                                            pace=pace)
             point = await self._send_while_encoding(stream_id, path, encode, result)
         await self._tracker("acknowledge", uuid.UUID(rec.unique_id))
         return point.generation

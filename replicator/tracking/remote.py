@@ -101,7 +101,6 @@ class RemoteTrackedDisk:
         self.size = status["size"]
         self.sidecar = Sidecar(self.path)
         self._disk: NbdDisk | None = None
-        self.guest_writes: int | None = None     # the machine's guest writes so far, as the last map answer said
         self._apply(status)
 
     def _apply(self, status: dict) -> None:
@@ -135,9 +134,12 @@ class RemoteTrackedDisk:
                        path=self.path, size=self.size)
 
     def _map(self, offset: int, length: int):
-        out = self.export.control.call("map", disk=self.name, offset=offset, length=length)
-        self.guest_writes = out.get("writes")
-        return out["map"]
+        return self.export.control.call("map", disk=self.name, offset=offset, length=length)["map"]
+
+    def guest_quiet(self) -> float | None:
+        """Seconds since the guest last wrote to any of the machine's disks (a copy's pacing watches them);
+        None when it has not written since the export started."""
+        return self.export.control.call("quiet")["seconds"]
 
     def _extents(self, offset: int, length: int):
         return self.export.control.call("extents", disk=self.name, offset=offset, length=length)["extents"]

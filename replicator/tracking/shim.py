@@ -197,7 +197,7 @@ class ExportProcess:
                         self.watchers += 1
                     continue
                 try:
-                    if op in ("hello", "extents", "dirty_extents", "map"):
+                    if op in ("hello", "extents", "dirty_extents", "map", "quiet"):
                         reply = {"ok": await self._do(op, req)}
                     else:
                         async with self._changing:
@@ -230,6 +230,9 @@ class ExportProcess:
                     "disks": {n: d.path for n, d in self.disks.items()}, "clients": self.nbd_clients()}
         if op == "status":
             return {n: disk_status(d) for n, d in self.disks.items()}
+        if op == "quiet":             # seconds since the guest last wrote to any of the machine's disks (pacing)
+            last = max(d.last_write for d in self.disks.values())
+            return {"seconds": None if last == float("-inf") else time.monotonic() - last}
         if op == "cut":               # the guest's requests go on through the cut's fsyncs (tracker.cut)
             sealed = await self.group.cut_async()
             return {n: {"sealed": _sealed(s), "status": disk_status(d)}
@@ -264,9 +267,7 @@ class ExportProcess:
         elif op == "dirty_extents":
             return {"extents": d.dirty_extents()}
         elif op == "map":
-            # with the guest's writes to any of the machine's disks so far: a copy's pacing watches them
-            return {"map": d.disk.map_range(int(req["offset"]), int(req["length"])),
-                    "writes": sum(x.writes for x in self.disks.values())}
+            return {"map": d.disk.map_range(int(req["offset"]), int(req["length"]))}
         elif op == "extents":
             off, n = int(req["offset"]), int(req["length"])
             return {"extents": [[e.offset, e.length, e.kind.value] for e in d.extents(off, n)]}

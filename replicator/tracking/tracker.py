@@ -9,6 +9,7 @@ tracked in the dirty bitmap, so a resync knows which regions to compare; nothing
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ class TrackedDisk:
         self._deferred: list = []
         self._closed_logs: list = []    # logs given up (resync required) whose writer may still be finishing
         self.unsynced = 0        # bytes written since the last writeback() (the export's writeback pacing)
-        self.writes = 0          # the guest's writes (and zeroings, trims) so far: a copy's pacing watches them
+        self.last_write = float("-inf")   # time.monotonic() of the guest's last write, zeroing or trim (pacing)
         self.disk = VhdxDisk.open(path, read_only=False)
         self.size = self.disk.size
         try:
@@ -252,7 +253,7 @@ class TrackedDisk:
         self._mark(offset, len(data))
         self.disk.write(offset, data)
         self.unsynced += len(data)
-        self.writes += 1
+        self.last_write = time.monotonic()
         self._log(lambda log: log.append(offset, data))
         if fua:
             self.flush()
@@ -262,7 +263,7 @@ class TrackedDisk:
             return
         self._mark(offset, length)
         self.disk.write_zeroes(offset, length)
-        self.writes += 1
+        self.last_write = time.monotonic()
         self._log(lambda log: log.append_zeroes(offset, length))
         if fua:
             self.flush()

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from replicator.replication.pacing import BUSY_HOLD, CopyPacer
+from replicator.replication.pacing import BUSY_HOLD, POLL, CopyPacer
 from replicator.tracking.nbdclient import NbdClient
 
 from ..daemon.primary_harness import MiB, Machine
@@ -25,47 +25,70 @@ class Clock:
         self.now += s
 
 
-def _pacer(rate: int, counts: list):
+class Guest:
+    """The export's view: when the guest last wrote (None: not since the export started)."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.last, self.asked = clock, None, []
+
+    def quiet(self):
+        self.asked.append(self.clock.now)
+        return None if self.last is None else self.clock.now - self.last
+
+
+def _pacer(rate: int):
     clock = Clock()
-    return CopyPacer(rate, lambda: counts[0], clock=clock, sleep=clock.sleep), clock
+    guest = Guest(clock)
+    return CopyPacer(rate, guest.quiet, clock=clock, sleep=clock.sleep), clock, guest
 
 
 def test_idle_guest_full_speed_writing_guest_held_to_the_rate():
-    counts = [5]
-    pace, clock = _pacer(10 * MiB, counts)
-    for _ in range(3):                     # the guest does not write: no waiting at all
-        clock.now += 0.01
+    pace, clock, guest = _pacer(10 * MiB)
+    for _ in range(3):                     # the guest has not written: no waiting at all
+        clock.now += POLL
         pace(MiB)
+    guest.last = clock.now - 5             # it wrote long ago: still none
+    clock.now += POLL
+    pace(MiB)
     assert clock.slept == [] and pace.slept == 0
-    counts[0] = 6                          # it wrote: each MiB now takes 0.1 s, of which reading took 0.01
+    guest.last = clock.now                 # it writes: each MiB now takes 0.1 s, of which reading took 0.01
+    clock.now += POLL
+    pace(MiB)
     clock.now += 0.01
     pace(MiB)
     assert clock.slept == [pytest.approx(0.09)]
     clock.now += 0.25                      # a chunk slower than the rate anyway: no sleep on top
     pace(MiB)
     assert clock.slept == [pytest.approx(0.09)]
-    clock.now += 0.01                      # no new write, but within BUSY_HOLD of the last one seen
+    clock.now += 0.01                      # no new write, but within BUSY_HOLD of the last one
     pace(MiB)
     assert len(clock.slept) == 2 and pace.slept == pytest.approx(0.18)
 
 
-def test_busy_ends_busy_hold_after_the_last_write_and_without_a_count_never_starts():
-    counts = [1]
-    pace, clock = _pacer(MiB, counts)
-    pace(MiB)
-    counts[0] = 2
+def test_the_first_look_already_counts_and_busy_ends_busy_hold_after_the_last_write():
+    """No baseline is needed: a copy shorter than POLL is held back from its first chunk when the guest
+    writes (the export says when it last wrote, not how often)."""
+    pace, clock, guest = _pacer(MiB)
+    guest.last = clock.now - 0.1
     pace(MiB)
     assert len(clock.slept) == 1
-    clock.now += BUSY_HOLD + 0.01
+    clock.now += BUSY_HOLD + POLL
     pace(MiB)
     assert len(clock.slept) == 1           # the guest stopped writing a while ago
-    counts[0] = None                       # no count (an export that does not report one): never held back
-    for _ in range(3):
-        pace(MiB)
-    assert len(clock.slept) == 1
-    off, off_clock = _pacer(0, [1])        # rate 0: no pacing
+    off, off_clock, off_guest = _pacer(0)  # rate 0: no pacing, and the export is not even asked
+    off_guest.last = off_clock.now
     off(MiB)
-    assert off_clock.slept == []
+    assert off_clock.slept == [] and off_guest.asked == []
+
+
+def test_the_export_is_asked_at_most_every_poll_seconds():
+    """Each look is a control call the export answers; a copy reads a chunk every few milliseconds."""
+    pace, clock, guest = _pacer(MiB)
+    for _ in range(100):
+        clock.now += 0.01
+        pace(4096)
+    assert len(guest.asked) == 4           # at 100.01, 100.26, 100.51, 100.76
+    assert all(b - a >= POLL for a, b in zip(guest.asked, guest.asked[1:]))
 
 
 class Rewriter(threading.Thread):
@@ -85,7 +108,7 @@ class Rewriter(threading.Thread):
 @pytest.mark.parametrize("writing", [True, False])
 def test_an_initial_copy_is_held_back_only_while_the_guest_writes(tmp_path, writing):
     """6 MiB of data to copy at 2 MiB/s while the guest writes takes about 3 s, at least 1.5 of them held
-    back (the count of the guest's writes comes with the export's map answers); with the guest quiet, none.
+    back (the pacer asks the export when the guest last wrote); with the guest quiet, none.
     Either way the replica then equals the disk."""
     async def main():
         m = Machine(tmp_path, 'copy_rate_when_busy = "2M"', disks=(("d0.vhdx", 64),))
@@ -98,6 +121,8 @@ def test_an_initial_copy_is_held_back_only_while_the_guest_writes(tmp_path, writ
                 writer.start()
                 while writer.writes < 10:
                     await asyncio.sleep(0.01)
+            else:                                   # quiet: the setup's writes are over a BUSY_HOLD ago
+                await asyncio.sleep(BUSY_HOLD + 0.1)
             results = await m.tick()
             assert [r.kind for r in results] == ["initial"]
             if writing:
@@ -107,6 +132,57 @@ def test_an_initial_copy_is_held_back_only_while_the_guest_writes(tmp_path, writ
             writer.stop.set()
             if writing:
                 await asyncio.to_thread(writer.join)
+            await m.tick()
+            assert await m.replica_equals_primary()
+        finally:
+            writer.stop.set()
+            if writer.is_alive():
+                writer.join()
+            writer.client.close()
+            guest.close()
+            await m.close()
+    asyncio.run(main())
+
+
+class Spreader(threading.Thread):
+    """A guest writing 64 KiB blocks one after another over a 12 MiB region that held no data when the copy
+    began: the copy does not read them, the log written meanwhile holds them all."""
+
+    def __init__(self, socket_path: str):
+        super().__init__(daemon=True)
+        self.client, self.stop, self.writes = NbdClient(socket_path, "d0.vhdx"), threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.stop.wait(0.01):
+            self.client.pwrite(40 * MiB + (self.writes % 192) * 65536, bytes([self.writes % 251 + 1]) * 65536)
+            self.writes += 1
+
+
+def test_the_log_written_during_a_copy_goes_at_the_copys_pace_and_later_logs_do_not(tmp_path):
+    """The log that makes a copy whole ships right after it as part of the same catching up, held to the
+    same rate while the guest writes (shipped at full speed, it was a burst the guest waited behind). The
+    logs of later cycles are not held back: a guest writing faster than the rate would outrun them."""
+    rate = 4 * MiB
+
+    async def main():
+        m = Machine(tmp_path, f'copy_rate_when_busy = "{rate}"', disks=(("d0.vhdx", 64),))
+        guest = NbdClient(m.pm.export.nbd_socket, "d0.vhdx")
+        writer = Spreader(m.pm.export.nbd_socket)
+        try:
+            guest.pwrite(4 * MiB, b"\x5a" * (8 * MiB))
+            await asyncio.to_thread(m.pm.export.cut)      # the copy's extents: the 8 MiB, not the writer's
+            writer.start()
+            results = await m.tick()
+            assert [r.kind for r in results] == ["initial"]
+            copied = 8 * MiB
+            logged = results[0].plain_bytes - copied
+            assert logged >= 4 * MiB, results[0]            # the log after the copy carried real work
+            # held back for nearly all of copy and log at the rate; the copy alone would be 2 s
+            assert results[0].paced_seconds >= 0.8 * (copied + logged) / rate, results[0]
+            later = await m.tick()
+            assert later[0].kind == "delta" and later[0].plain_bytes > 0 and later[0].paced_seconds == 0
+            writer.stop.set()
+            await asyncio.to_thread(writer.join)
             await m.tick()
             assert await m.replica_equals_primary()
         finally:

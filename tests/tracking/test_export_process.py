@@ -130,6 +130,27 @@ def test_control_refuses_nonsense(tmp_path, disk):
     time.sleep(0)
 
 
+def test_the_export_says_how_long_the_guest_has_been_quiet(tmp_path, disk):
+    """A copy's pacing asks this (replication.pacing): nothing before the guest's first write, then the
+    seconds since its last write to any of the machine's disks, growing while it stays quiet. Reads and
+    flushes are not writes."""
+    h = _handle(tmp_path, disk)
+    try:
+        d = h.disks["d0.vhdx"]
+        assert d.guest_quiet() is None
+        qemu_io(h.uri("d0.vhdx"), "read 0 64k", "flush")
+        assert d.guest_quiet() is None
+        qemu_io(h.uri("d0.vhdx"), "write -z 1M 64k")
+        first = d.guest_quiet()
+        assert 0 <= first < 5
+        time.sleep(0.3)
+        assert d.guest_quiet() >= first + 0.25
+        qemu_io(h.uri("d0.vhdx"), "write -P 0x61 0 4k")
+        assert d.guest_quiet() < first + 0.25
+    finally:
+        h.shutdown()
+
+
 def test_reads_from_the_file_equal_reads_through_the_export(tmp_path):
     """The control plane reads fully present blocks from the file itself and the rest (a differencing
     disk's partly present blocks and its parent's) through the export: the same bytes either way."""
