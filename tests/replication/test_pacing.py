@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -91,18 +92,54 @@ def test_the_export_is_asked_at_most_every_poll_seconds():
     assert all(b - a >= POLL for a, b in zip(guest.asked, guest.asked[1:]))
 
 
-class Rewriter(threading.Thread):
-    """A guest that keeps writing one 4 KiB block every 2 ms until stopped (its log stays far below half
-    the disk, where the tracker would give up the copy and ask for another)."""
+class GuestWriter(threading.Thread):
+    """A guest writing through its own NBD connection every `every` seconds until stopped."""
+    every = 0.002
 
     def __init__(self, socket_path: str):
         super().__init__(daemon=True)
         self.client, self.stop, self.writes = NbdClient(socket_path, "d0.vhdx"), threading.Event(), 0
 
     def run(self) -> None:
-        while not self.stop.wait(0.002):
-            self.client.pwrite(40 * MiB, self.writes.to_bytes(4, "little") * 1024)
+        while not self.stop.wait(self.every):
+            self.write(self.writes)
             self.writes += 1
+
+    async def finish(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            await asyncio.to_thread(self.join)
+        self.client.close()
+
+
+class Rewriter(GuestWriter):
+    """One 4 KiB block over and over (its log stays far below half the disk, where the tracker would give
+    up the copy and ask for another)."""
+
+    def write(self, i: int) -> None:
+        self.client.pwrite(40 * MiB, i.to_bytes(4, "little") * 1024)
+
+
+class Spreader(GuestWriter):
+    """64 KiB blocks one after another over a 12 MiB region that held no data when the copy began: the copy
+    reads few of them, the log written meanwhile holds them."""
+    every = 0.01
+
+    def write(self, i: int) -> None:
+        self.client.pwrite(40 * MiB + (i % 192) * 65536, bytes([i % 251 + 1]) * 65536)
+
+
+@contextlib.asynccontextmanager
+async def machine_and_guest(tmp_path, rate: str, writer_class):
+    m = Machine(tmp_path, f'copy_rate_when_busy = "{rate}"', disks=(("d0.vhdx", 64),))
+    guest = NbdClient(m.pm.export.nbd_socket, "d0.vhdx")
+    writer = writer_class(m.pm.export.nbd_socket)
+    try:
+        yield m, guest, writer
+    finally:
+        await writer.finish()
+        guest.close()
+        await m.close()
 
 
 @pytest.mark.parametrize("writing", [True, False])
@@ -111,10 +148,7 @@ def test_an_initial_copy_is_held_back_only_while_the_guest_writes(tmp_path, writ
     back (the pacer asks the export when the guest last wrote); with the guest quiet, none.
     Either way the replica then equals the disk."""
     async def main():
-        m = Machine(tmp_path, 'copy_rate_when_busy = "2M"', disks=(("d0.vhdx", 64),))
-        guest = NbdClient(m.pm.export.nbd_socket, "d0.vhdx")
-        writer = Rewriter(m.pm.export.nbd_socket)
-        try:
+        async with machine_and_guest(tmp_path, "2M", Rewriter) as (m, guest, writer):
             for i in range(1, 6):
                 guest.pwrite(i * 4 * MiB, bytes([i]) * MiB)
             if writing:
@@ -129,33 +163,10 @@ def test_an_initial_copy_is_held_back_only_while_the_guest_writes(tmp_path, writ
                 assert results[0].paced_seconds >= 1.5, results[0]
             else:
                 assert results[0].paced_seconds == 0, results[0]
-            writer.stop.set()
-            if writing:
-                await asyncio.to_thread(writer.join)
+            await writer.finish()
             await m.tick()
             assert await m.replica_equals_primary()
-        finally:
-            writer.stop.set()
-            if writer.is_alive():
-                writer.join()
-            writer.client.close()
-            guest.close()
-            await m.close()
     asyncio.run(main())
-
-
-class Spreader(threading.Thread):
-    """A guest writing 64 KiB blocks one after another over a 12 MiB region that held no data when the copy
-    began: the copy does not read them, the log written meanwhile holds them all."""
-
-    def __init__(self, socket_path: str):
-        super().__init__(daemon=True)
-        self.client, self.stop, self.writes = NbdClient(socket_path, "d0.vhdx"), threading.Event(), 0
-
-    def run(self) -> None:
-        while not self.stop.wait(0.01):
-            self.client.pwrite(40 * MiB + (self.writes % 192) * 65536, bytes([self.writes % 251 + 1]) * 65536)
-            self.writes += 1
 
 
 def test_the_log_written_during_a_copy_goes_at_the_copys_pace_and_later_logs_do_not(tmp_path):
@@ -165,31 +176,19 @@ def test_the_log_written_during_a_copy_goes_at_the_copys_pace_and_later_logs_do_
     rate = 4 * MiB
 
     async def main():
-        m = Machine(tmp_path, f'copy_rate_when_busy = "{rate}"', disks=(("d0.vhdx", 64),))
-        guest = NbdClient(m.pm.export.nbd_socket, "d0.vhdx")
-        writer = Spreader(m.pm.export.nbd_socket)
-        try:
+        async with machine_and_guest(tmp_path, str(rate), Spreader) as (m, guest, writer):
             guest.pwrite(4 * MiB, b"\x5a" * (8 * MiB))
-            await asyncio.to_thread(m.pm.export.cut)      # the copy's extents: the 8 MiB, not the writer's
             writer.start()
             results = await m.tick()
             assert [r.kind for r in results] == ["initial"]
-            copied = 8 * MiB
+            copied = 8 * MiB                                # and what the guest wrote before the copy began
             logged = results[0].plain_bytes - copied
             assert logged >= 4 * MiB, results[0]            # the log after the copy carried real work
-            # held back for nearly all of copy and log at the rate; the copy alone would be 2 s
+            # held back for nearly all of copy and log at the rate; the copy alone would be about 2 s
             assert results[0].paced_seconds >= 0.8 * (copied + logged) / rate, results[0]
             later = await m.tick()
             assert later[0].kind == "delta" and later[0].plain_bytes > 0 and later[0].paced_seconds == 0
-            writer.stop.set()
-            await asyncio.to_thread(writer.join)
+            await writer.finish()
             await m.tick()
             assert await m.replica_equals_primary()
-        finally:
-            writer.stop.set()
-            if writer.is_alive():
-                writer.join()
-            writer.client.close()
-            guest.close()
-            await m.close()
     asyncio.run(main())
