@@ -166,7 +166,7 @@ def _create_body(area: str, args) -> dict:
         body = {"name": args.name}
         for key in ("target_kind", "frequency", "additional_points", "app_consistent_hours", "auth", "port",
                     "bandwidth_limit", "initial_method", "initial_at", "initial_seed_dir", "initial_path",
-                    "azure_storage_account", "azure_container", "rpo_threshold"):
+                    "azure_storage_account", "azure_container", "rpo_threshold", "copy_rate_when_busy"):
             if getattr(args, key) is not None:
                 body[key] = getattr(args, key)
         for key in ("compression", "delete_replica_on_remove", "azure_encrypt"):
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--port", type=int)
             c.add_argument("--bandwidth-limit", help='bytes/s: "100M", or "none"')
             c.add_argument("--rpo-threshold", help='Warning when nothing replicated this long: "15m", "1h"')
+            c.add_argument("--copy-rate-when-busy", help='bytes/s of a copy while the guest writes: "50M" (the '
+                           'default), or "none" for full speed')
             c.add_argument("--initial-method", choices=("network", "scheduled", "offline", "existing"))
             c.add_argument("--initial-at")
             c.add_argument("--initial-seed-dir")

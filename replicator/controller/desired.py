@@ -54,7 +54,8 @@ def _protection(policy: ProtectionPolicy, replica: Host, domain: bool) -> dict:
     out: dict = {"frequency": policy.frequency, "additional_points": policy.additional_points,
                  "compression": policy.compression, "auth": policy.auth, "resync": policy.resync,
                  "delete_replica_on_remove": policy.delete_replica_on_remove,
-                 "bandwidth_limit": policy.bandwidth_limit or "none", "rpo_threshold": policy.rpo_threshold}
+                 "bandwidth_limit": policy.bandwidth_limit or "none", "rpo_threshold": policy.rpo_threshold,
+                 "copy_rate_when_busy": policy.copy_rate_when_busy or "none"}
     # application-consistent points need a quiesce provider: a domain machine has libvirt's; a machine of
     # plain disk files has none the controller knows of, so its points stay crash-consistent
     if policy.app_consistent_hours and domain:

@@ -231,7 +231,8 @@ def _reverse_settings(x: m.Machine) -> dict:
     host, port = _listen(x.primary_host.data_url, 8084)
     return {"target": f"https://{host}:{port}", "frequency": policy.frequency,
             "additional_points": policy.additional_points, "compression": policy.compression,
-            "bandwidth_limit": policy.bandwidth_limit or "none"}
+            "bandwidth_limit": policy.bandwidth_limit or "none",
+            "copy_rate_when_busy": policy.copy_rate_when_busy or "none"}
 
 
 def _step_params(x: m.Machine, kind: str, index: int) -> tuple[m.Host, dict]:

@@ -16,6 +16,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Fl
                         MetaData, String, Text, TypeDecorator, UniqueConstraint, event)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from ..replication.pacing import COPY_RATE_WHEN_BUSY
+
 NAME_LEN = 64
 
 # Alembic needs stable constraint names to alter tables (SQLite batch mode recreates them by name).
@@ -181,6 +183,10 @@ class ProtectionPolicy(Base):
     azure_container: Mapped[str | None] = mapped_column(String(64))
     azure_encrypt: Mapped[bool] = mapped_column(Boolean, default=False)
     rpo_threshold: Mapped[int] = mapped_column(Integer, default=3600, server_default="3600")   # seconds: Warning
+    # bytes/s of a copy read while the guest writes (replication.pacing); 0: full speed (None would mean
+    # "unset" to the ORM, which then writes the default)
+    copy_rate_when_busy: Mapped[int] = mapped_column(BigInteger, default=COPY_RATE_WHEN_BUSY,
+                                                     server_default=str(COPY_RATE_WHEN_BUSY))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from ..orchestration import settings
 from ..orchestration.plans import KINDS as FAILOVER_KINDS
 from ..orchestration.plans import MAX_GROUPS, PlanError, PlanGroup, RecoveryPlan
+from ..replication.pacing import COPY_RATE_WHEN_BUSY
 from . import models as m
 
 NAME_PATTERN = settings._NAME.pattern
@@ -218,6 +219,9 @@ class PolicyIn(In):
     azure_encrypt: bool = False
     rpo_threshold: int | text(16, 1) = Field(3600, description="health turns Warning when nothing replicated this "
                                              "long: 90s, 15m, 1h (30 s to 24 h) or seconds")
+    copy_rate_when_busy: int | text(32, 1) | None = Field(
+        COPY_RATE_WHEN_BUSY, description="bytes/s an initial copy or resync goes at while the guest writes: "
+                                         "\"50M\", or none (stored as 0) for full speed")
 
     @field_validator("frequency", mode="after")
     @classmethod
@@ -230,6 +234,7 @@ class PolicyIn(In):
         return settings.parse_rpo_threshold(v)
 
     _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
+    _copy_rate = field_validator("copy_rate_when_busy", mode="after")(lambda v: _rate(v) or 0)
 
     @field_validator("resync_window", mode="after")
     @classmethod
@@ -293,6 +298,7 @@ class PolicyOut(Out):
     azure_container: str | None
     azure_encrypt: bool
     rpo_threshold: int
+    copy_rate_when_busy: int = Field(description="bytes/s; 0: full speed")
     pairs: list[str]
     created_at: dt.datetime
     updated_at: dt.datetime

@@ -95,14 +95,16 @@ def test_policy_validation_follows_replicatord(controller):
         "name": "full", "frequency": "30s", "additional_points": 24, "app_consistent_hours": 12,
         "compression": False, "auth": "kerberos", "port": 8083, "initial_method": "scheduled",
         "initial_at": "22:00:00", "delete_replica_on_remove": True, "bandwidth_limit": "100M",
-        "resync": "auto", "resync_window": "22:00-06:00", "rpo_threshold": "15m"}), 201)
+        "resync": "auto", "resync_window": "22:00-06:00", "rpo_threshold": "15m", "copy_rate_when_busy": "20M"}),
+        201)
     assert (good["frequency"], good["bandwidth_limit"], good["initial_at"]) == (30, 100 * 2 ** 20, "22:00:00")
-    assert good["rpo_threshold"] == 900
+    assert (good["rpo_threshold"], good["copy_rate_when_busy"]) == (900, 20 * 2 ** 20)
     azure = ok(c.post("/v1/policies", json={"name": "cloudy", "target_kind": "azure",
                                             "azure_storage_account": "drstore01", "azure_container": "replicas",
                                             "azure_encrypt": True, "initial_method": "offline",
                                             "initial_seed_dir": "/seed"}), 201)
     assert azure["azure_encrypt"] is True and azure["initial_seed_dir"] == "/seed"
+    assert azure["copy_rate_when_busy"] == 50 * 2 ** 20                     # replicatord's default
     cases = [
         ({"frequency": "7m"}, "must be 30s, 5m or 15m"),
         ({"frequency": True}, "frequency"),
@@ -123,12 +125,15 @@ def test_policy_validation_follows_replicatord(controller):
         ({"port": 0}, "port"),
         ({"rpo_threshold": "5s"}, "from 30s to 24h"),
         ({"rpo_threshold": "2d"}, "from 30s to 24h"),
+        ({"copy_rate_when_busy": "fast"}, "bytes per second"),
+        ({"copy_rate_when_busy": -5}, "copy_rate_when_busy"),
     ]
     for extra, message in cases:
         refused(c.post("/v1/policies", json={"name": "bad", **extra}), 422, message)
     assert {p["name"] for p in ok(c.get("/v1/policies"))} == {"full", "cloudy"}
-    changed = ok(c.put("/v1/policies/full", json={"name": "full", "frequency": "15m"}))
+    changed = ok(c.put("/v1/policies/full", json={"name": "full", "frequency": "15m", "copy_rate_when_busy": "none"}))
     assert changed["frequency"] == 900 and changed["auth"] == "certificate", "PUT replaces every setting"
+    assert changed["copy_rate_when_busy"] == 0                              # full speed
     refused(c.put("/v1/policies/full", json={"name": "other"}), 409, "not renamed")
     refused(c.put("/v1/policies/ghost", json={"name": "ghost"}), 404)
     assert c.delete("/v1/policies/cloudy").status_code == 204

@@ -49,7 +49,7 @@ def test_cli_story(running, capsys):
     run("cloud", "create", "gold", "--site", "a")
     run("cloud", "create", "silver", "--site", "b")
     run("policy", "create", "p5", "--frequency", "5m", "--additional-points", "2", "--compression", "off",
-        "--rpo-threshold", "20m")
+        "--rpo-threshold", "20m", "--copy-rate-when-busy", "30M")
     run("pair", "create", "gold-silver", "--primary", "gold", "--recovery", "silver", "--policy", "p5")
     with store.session() as s:          # hosts register through the host channel; here they are put in directly
         for hostname, site, cloud in (("pa1", "a", "gold"), ("rb1", "b", "silver")):
@@ -61,6 +61,7 @@ def test_cli_story(running, capsys):
     assert lines[2].split() == ["silver", "b", "gold-silver", "recovery", "rb1"]
     assert json.loads(run("policy", "show", "p5"))["compression"] is False
     assert json.loads(run("policy", "show", "p5"))["rpo_threshold"] == 1200
+    assert json.loads(run("policy", "show", "p5"))["copy_rate_when_busy"] == 30 << 20
 
     enabled = json.loads(run("machine", "enable", "vm01", "--cloud", "gold"))
     assert (enabled["domain"], enabled["primary_host"], enabled["replica_host"]) == ("vm01", "pa1", "rb1")

@@ -56,6 +56,11 @@ def test_rendering_is_a_valid_configuration_for_each_host(store, tmp_path):
         s.flush()
         again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
         assert again.machines[0].protection.rpo_threshold == 120
+        assert again.machines[0].protection.copy_rate_when_busy == 50 << 20   # the policy's copy pacing
+        policy.copy_rate_when_busy = 0
+        s.flush()
+        again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
+        assert again.machines[0].protection.copy_rate_when_busy is None       # full speed
 
         assert "machine" not in desired.current(s, hosts["p2"])["config"]          # vm03 is disabled
         r1 = desired.current(s, hosts["r1"])

@@ -38,13 +38,15 @@ def test_settings_create_with_the_apis_validation(portal, browser):
             rpo_threshold="10s")
     expect(error).to_contain_text("from 30s to 24h")
     _submit(page, "policy-form", name="gold-policy", frequency="15m", initial_method="network",
-            bandwidth_limit="100M", rpo_threshold="30m")
+            bandwidth_limit="100M", rpo_threshold="30m", copy_rate_when_busy="none")
     row = page.locator("#policies tbody tr", has_text="gold-policy")
     expect(row.locator("td[data-col=frequency]")).to_have_text("15 min")
     expect(row.locator("td[data-col=bandwidth_limit]")).to_have_text("100.0 MiB/s")
     expect(row.locator("td[data-col=rpo_threshold]")).to_have_text("30 min")
+    expect(row.locator("td[data-col=copy_rate_when_busy]")).to_have_text("full speed")
     policy = portal.api("GET", "/v1/policies/gold-policy").json()
     assert (policy["frequency"], policy["bandwidth_limit"], policy["rpo_threshold"]) == (900, 100 * 2**20, 1800)
+    assert policy["copy_rate_when_busy"] == 0
 
     _submit(page, "cloud-form", name="bad name!", site="alpha")
     expect(page.locator("#cloud-form .form-error")).to_contain_text("name: String should match pattern")
