@@ -322,8 +322,11 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
         return None
 
     def tracking(self) -> dict:
-        d = self.primary.machine()["disks"]["primary.vhdx"]
-        return {"tracking": d["tracking"], "reason": d["reason"]}
+        """The disk's tracking state, and how long the last cycle (a copy: with its log) was held back."""
+        m = self.primary.machine()
+        d = m["disks"]["primary.vhdx"]
+        return {"tracking": d["tracking"], "reason": d["reason"],
+                "paced_s": (m.get("last_cycle") or {}).get("paced_seconds", 0.0)}
 
 
 # ---------------------------------------------------------------------------------------------- fio
@@ -504,7 +507,8 @@ def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region,
         r["initial_bytes"] = j.get("bytes_done")
         r["overlap_of_run"] = round(r["window_s"] / max(r["run_s"], 1e-9), 3)
         r.update(site.tracking())
-        log("c", job, brief(r), f"(initial {r['initial_s']} s, {(r['initial_bytes'] or 0) / MiB:.0f} MiB)")
+        log("c", job, brief(r), f"(initial {r['initial_s']} s, {(r['initial_bytes'] or 0) / MiB:.0f} MiB, "
+            f"{r['paced_s']} s held back)")
         if last:
             return r, site
     except BaseException:
