@@ -35,6 +35,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..replication.pacing import COPY_RATE_WHEN_BUSY
 from . import failover
 from .models import (AuditEntry, Cloud, CloudPair, ExtendedPair, ExtendedPlacement, Host, Machine,
                      ProtectionPolicy)
@@ -49,13 +50,21 @@ def _listen(url: str | None, default_port: int) -> tuple[str, int]:
     return parts.hostname or "0.0.0.0", parts.port or default_port
 
 
+def copy_rate(policy: ProtectionPolicy) -> dict:
+    """The policy's copy_rate_when_busy as a protection key, left out at replicatord's default so that a
+    host from before the key still takes the configuration (0: full speed)."""
+    if policy.copy_rate_when_busy == COPY_RATE_WHEN_BUSY:
+        return {}
+    return {"copy_rate_when_busy": policy.copy_rate_when_busy or "none"}
+
+
 def _protection(policy: ProtectionPolicy, replica: Host, domain: bool) -> dict:
     """The [[machine]] protection keys of a policy, aimed at the replica host."""
     out: dict = {"frequency": policy.frequency, "additional_points": policy.additional_points,
                  "compression": policy.compression, "auth": policy.auth, "resync": policy.resync,
                  "delete_replica_on_remove": policy.delete_replica_on_remove,
                  "bandwidth_limit": policy.bandwidth_limit or "none", "rpo_threshold": policy.rpo_threshold,
-                 "copy_rate_when_busy": policy.copy_rate_when_busy or "none"}
+                 **copy_rate(policy)}
     # application-consistent points need a quiesce provider: a domain machine has libvirt's; a machine of
     # plain disk files has none the controller knows of, so its points stay crash-consistent
     if policy.app_consistent_hours and domain:

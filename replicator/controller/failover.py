@@ -226,13 +226,12 @@ STEPS = {
 def _reverse_settings(x: m.Machine) -> dict:
     """The protection of the way back (the host adds its certificate files): the machine's policy, aimed at
     its primary host's data URL, where that host's [replica] listens while reverse replication runs."""
-    from .desired import _listen, _machine_policy
+    from .desired import _listen, _machine_policy, copy_rate
     policy = _machine_policy(x)
     host, port = _listen(x.primary_host.data_url, 8084)
     return {"target": f"https://{host}:{port}", "frequency": policy.frequency,
             "additional_points": policy.additional_points, "compression": policy.compression,
-            "bandwidth_limit": policy.bandwidth_limit or "none",
-            "copy_rate_when_busy": policy.copy_rate_when_busy or "none"}
+            "bandwidth_limit": policy.bandwidth_limit or "none", **copy_rate(policy)}
 
 
 def _step_params(x: m.Machine, kind: str, index: int) -> tuple[m.Host, dict]:

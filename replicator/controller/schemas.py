@@ -234,7 +234,8 @@ class PolicyIn(In):
         return settings.parse_rpo_threshold(v)
 
     _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
-    _copy_rate = field_validator("copy_rate_when_busy", mode="after")(lambda v: _rate(v) or 0)
+    _copy_rate = field_validator("copy_rate_when_busy", mode="after")(
+        lambda v: 0 if v is None else _rate(settings.parse_copy_rate(v)) or 0)
 
     @field_validator("resync_window", mode="after")
     @classmethod

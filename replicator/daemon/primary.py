@@ -357,7 +357,9 @@ class PrimaryMachine:
         for r in self.replicators:
             r.progress = (lambda done, total, part=r.name: post(part, done, total)) if meter else None
         try:
-            results = await self._all_disks(consistency)
+            # a copy cut short after it was read (its log unsent) is retried as the same kind: that log is
+            # still the copy's, and goes at the copy's pace
+            results = await self._all_disks(consistency, after_copy=kind in ("initial", "resync"))
             if any(r.kind in ("initial", "resync") for r in results):
                 # The copies were read while the guest wrote: the log begun at their start makes them whole.
                 # Cut it across the machine now and ship it: the replica's first consistent point. That cut is

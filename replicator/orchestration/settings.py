@@ -293,6 +293,17 @@ def parse_bandwidth(v) -> int | None:
     return int(rate) or None
 
 
+MIN_COPY_RATE = 1 << 20     # bytes/s: a copy slower than this would hold a stop for long (one chunk per sleep)
+
+
+def parse_copy_rate(v) -> int | None:
+    """copy_rate_when_busy: bytes per second as parse_bandwidth, at least 1M; 0 or "none" = full speed."""
+    rate = parse_bandwidth(v)
+    if rate is not None and rate < MIN_COPY_RATE:
+        raise ValueError(f"must be at least 1M (a copy sleeps a chunk of 1 MiB at a time), or \"none\", not {v!r}")
+    return rate
+
+
 def parse_window(v: str) -> tuple[dt.time, dt.time]:
     m = _WINDOW.match(v)
     if not m or int(m.group(1)) > 23 or int(m.group(3)) > 23 or int(m.group(2)) > 59 or int(m.group(4)) > 59:
@@ -396,7 +407,7 @@ def _protection(t: _Table) -> dict:
     out: dict = {}
     _checked(t, "frequency", parse_frequency, out)
     _checked(t, "bandwidth_limit", parse_bandwidth, out)
-    _checked(t, "copy_rate_when_busy", parse_bandwidth, out)
+    _checked(t, "copy_rate_when_busy", parse_copy_rate, out)
     _checked(t, "rpo_threshold", parse_rpo_threshold, out)
     for key, lo, hi in (("additional_points", 0, 24), ("app_consistent_hours", 1, 12), ("port", 1, 65535)):
         if key in t.data and t.int(key, lo, hi) is not None:

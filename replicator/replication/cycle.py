@@ -99,8 +99,8 @@ class DiskReplicator:
         return await asyncio.to_thread(fn, *args) if self.blocking else fn(*args)
 
     async def run_cycle(self, consistency: str = "crash", cut: bool = True, after_copy: bool = False) -> CycleResult:
-        """after_copy: the logs to ship were written during this disk's copy (they make it whole), and go
-        at the copy's pace (replication.pacing)."""
+        """after_copy: the machine has no consistent point since its copy: the logs to ship were written
+        during it (they make it whole), and go at the copy's pace (replication.pacing). The pace is per disk."""
         start = time.monotonic()
         result = CycleResult()
         info = await self.target.ensure_disk(self.disk_id, self.tracker.size, self.name)

@@ -46,6 +46,7 @@ class CopyPacer:
     def __call__(self, nbytes: int) -> None:
         now = self.clock()
         if self.rate > 0 and self.busy(now):
+            now = self.clock()                    # the question may have waited for the export's answer
             wait = nbytes / self.rate - (now - self._last)
             if wait > 0:
                 self.sleep(wait)

@@ -101,6 +101,7 @@ class RemoteTrackedDisk:
         self.size = status["size"]
         self.sidecar = Sidecar(self.path)
         self._disk: NbdDisk | None = None
+        self._quiet_unknown = False
         self._apply(status)
 
     def _apply(self, status: dict) -> None:
@@ -136,10 +137,21 @@ class RemoteTrackedDisk:
     def _map(self, offset: int, length: int):
         return self.export.control.call("map", disk=self.name, offset=offset, length=length)["map"]
 
+    QUIET = "quiet"        # the control operation (an export from before it answers an error)
+
     def guest_quiet(self) -> float | None:
         """Seconds since the guest last wrote to any of the machine's disks (a copy's pacing watches them);
-        None when it has not written since the export started."""
-        return self.export.control.call("quiet")["seconds"]
+        None when it has not written since the export started, or when the export cannot say: one started
+        by an older replicatord (it outlives restarts and upgrades) knows no such call. Pacing is advice: a
+        copy never fails for want of it, and an export that is really gone fails the copy's own reads."""
+        try:
+            return self.export.control.call(self.QUIET)["seconds"]
+        except ReplicatorError as e:
+            if not self._quiet_unknown:
+                log.info("%s: the export cannot say when the guest last wrote (%s): the copy is not held back "
+                         "while it cannot", self.name, e.message)
+            self._quiet_unknown = True
+            return None
 
     def _extents(self, offset: int, length: int):
         return self.export.control.call("extents", disk=self.name, offset=offset, length=length)["extents"]

@@ -127,6 +127,7 @@ def test_policy_validation_follows_replicatord(controller):
         ({"rpo_threshold": "2d"}, "from 30s to 24h"),
         ({"copy_rate_when_busy": "fast"}, "bytes per second"),
         ({"copy_rate_when_busy": -5}, "copy_rate_when_busy"),
+        ({"copy_rate_when_busy": "512K"}, "at least 1M"),
     ]
     for extra, message in cases:
         refused(c.post("/v1/policies", json={"name": "bad", **extra}), 422, message)

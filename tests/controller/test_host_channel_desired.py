@@ -57,10 +57,12 @@ def test_rendering_is_a_valid_configuration_for_each_host(store, tmp_path):
         again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
         assert again.machines[0].protection.rpo_threshold == 120
         assert again.machines[0].protection.copy_rate_when_busy == 50 << 20   # the policy's copy pacing
-        policy.copy_rate_when_busy = 0
-        s.flush()
-        again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
-        assert again.machines[0].protection.copy_rate_when_busy is None       # full speed
+        assert "copy_rate_when_busy" not in cfg["machine"][0]     # the default is left out (older hosts)
+        for rate, seen in ((0, None), (20 << 20, 20 << 20)):      # 0: full speed
+            policy.copy_rate_when_busy = rate
+            s.flush()
+            again = parse_config_data(desired.render(s, hosts["p1"])["config"], base_dir=str(tmp_path))
+            assert again.machines[0].protection.copy_rate_when_busy == seen
 
         assert "machine" not in desired.current(s, hosts["p2"])["config"]          # vm03 is disabled
         r1 = desired.current(s, hosts["r1"])

@@ -104,6 +104,20 @@ def test_rpo_threshold_forms(tmp_path, disks, value, seconds):
     assert load(tmp_path, conf(tmp_path, extra)).machines[0].protection.rpo_threshold == seconds
 
 
+@pytest.mark.parametrize("value,rate", [(None, 50 << 20), ('"20M"', 20 << 20), ('"none"', None), ("0", None),
+                                        ('"1M"', 1 << 20)])
+def test_copy_rate_when_busy_forms(tmp_path, disks, value, rate):
+    extra = "" if value is None else f"copy_rate_when_busy = {value}"
+    assert load(tmp_path, conf(tmp_path, extra)).machines[0].protection.copy_rate_when_busy == rate
+
+
+@pytest.mark.parametrize("value,why", [('"512K"', "at least 1M"), ("1000", "at least 1M"), ('"fast"', "bytes per second"),
+                                       ("-1", "negative")])
+def test_copy_rate_when_busy_refused(tmp_path, disks, value, why):
+    """A rate that low would sleep a whole chunk for seconds at a time: a stop would wait for it."""
+    assert why in problems(tmp_path, conf(tmp_path, f"copy_rate_when_busy = {value}"))["machine[vm1].copy_rate_when_busy"]
+
+
 @pytest.mark.parametrize("value", ['"10s"', "29", '"25h"', "true", '"soon"', "-60"])
 def test_rpo_threshold_refused(tmp_path, disks, value):
     p = problems(tmp_path, conf(tmp_path, f"rpo_threshold = {value}"))

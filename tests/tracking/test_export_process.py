@@ -147,6 +147,9 @@ def test_the_export_says_how_long_the_guest_has_been_quiet(tmp_path, disk):
         assert d.guest_quiet() >= first + 0.25
         qemu_io(h.uri("d0.vhdx"), "write -P 0x61 0 4k")
         assert d.guest_quiet() < first + 0.25
+        d.QUIET = "quiet-as-a-later-version-asks"     # an export that does not know the call (an older one)
+        assert d.guest_quiet() is None                # unknown: the copy is not held back, and does not fail
+        assert h.control.call("hello")["pid"] == h.pid
     finally:
         h.shutdown()
 
