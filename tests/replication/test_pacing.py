@@ -192,3 +192,40 @@ def test_the_log_written_during_a_copy_goes_at_the_copys_pace_and_later_logs_do_
             await m.tick()
             assert await m.replica_equals_primary()
     asyncio.run(main())
+
+
+def test_a_copys_log_retried_after_a_failure_still_goes_at_the_copys_pace(tmp_path):
+    """The link fails as the log after a copy is committed; the machine retries. The replica still has no
+    consistent point, so the retried log is the copy's and goes at its pace; once it is applied, the
+    replica equals the disk."""
+    from replicator.targets.base import TargetUnavailable
+    rate = 4 * MiB
+
+    async def main():
+        async with machine_and_guest(tmp_path, str(rate), Spreader) as (m, guest, writer):
+            target = m.pm.replicators[0].target
+            commit, calls = target.commit, []
+
+            async def flaky_commit(disk_id, stream_id):
+                calls.append(stream_id)
+                if len(calls) == 2:                     # the copy's stream went; its log's does not
+                    raise TargetUnavailable("the link dropped (injected)")
+                return await commit(disk_id, stream_id)
+            target.commit = flaky_commit
+            guest.pwrite(4 * MiB, b"\x3c" * (4 * MiB))
+            writer.start()
+            with pytest.raises(TargetUnavailable):
+                await m.tick()
+            assert m.pm.replicators[0].tracker.state.sealed_logs      # the copy's log, still to ship
+            results = []
+            for _ in range(3):                          # the machine takes the initial replication up again
+                out = await m.tick()
+                if out:
+                    results = out
+                    break
+            assert results and results[0].plain_bytes >= 2 * MiB, results
+            assert results[0].paced_seconds >= 0.5 * results[0].plain_bytes / rate, results[0]
+            await writer.finish()
+            await m.tick()
+            assert await m.replica_equals_primary()
+    asyncio.run(main())
