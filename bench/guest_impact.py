@@ -53,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -321,12 +322,22 @@ initial_replication = {{ mode = "scheduled", at = {FAR_AHEAD} }}
             time.sleep(0.1)
         return None
 
+    def log_mark(self) -> int:
+        """Where the primary's log ends now (held_back counts the cycles after it)."""
+        return os.path.getsize(self.primary.logfile) if os.path.exists(self.primary.logfile) else 0
+
+    def held_back(self, since: int) -> float:
+        """Seconds the copies and their logs were held back (copy_rate_when_busy) in the initial and resync
+        cycles logged after `since`. From the cycle log lines: status's last_cycle is overwritten by the
+        next scheduled cycle, which may come right after a long copy."""
+        with open(self.primary.logfile, errors="replace") as f:
+            f.seek(since)
+            return round(sum(float(m.group(1)) for m in re.finditer(
+                r"(?:initial|resync) cycle replicated .*\(([\d.]+) s of it held back", f.read())), 2)
+
     def tracking(self) -> dict:
-        """The disk's tracking state, and how long the last cycle (a copy: with its log) was held back."""
-        m = self.primary.machine()
-        d = m["disks"]["primary.vhdx"]
-        return {"tracking": d["tracking"], "reason": d["reason"],
-                "paced_s": (m.get("last_cycle") or {}).get("paced_seconds", 0.0)}
+        d = self.primary.machine()["disks"]["primary.vhdx"]
+        return {"tracking": d["tracking"], "reason": d["reason"]}
 
 
 # ---------------------------------------------------------------------------------------------- fio
@@ -491,6 +502,7 @@ def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region,
     """A fresh site, fio, and 0.5 s into it the initial replication; returns (result, site or None)."""
     site = Site(work, pki, corpus_vhdx, "c", args.replica_root, args.copy_rate_when_busy).start()
     try:
+        mark = site.log_mark()
         fio = Fio(logs, "c", job, site.uri, args, region).start(site.export_pid())
         time.sleep(0.5)
         body = site.primary.ok("POST", "/v1/machines/vm/cycle?wait=0")
@@ -507,6 +519,7 @@ def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region,
         r["initial_bytes"] = j.get("bytes_done")
         r["overlap_of_run"] = round(r["window_s"] / max(r["run_s"], 1e-9), 3)
         r.update(site.tracking())
+        r["paced_s"] = site.held_back(mark)
         log("c", job, brief(r), f"(initial {r['initial_s']} s, {(r['initial_bytes'] or 0) / MiB:.0f} MiB, "
             f"{r['paced_s']} s held back)")
         if last:
@@ -577,6 +590,7 @@ def phase_steady(site: Site, job: str, args, region, logs: str) -> dict:
 
 
 def phase_resync(site: Site, job: str, args, region, logs: str) -> dict:
+    mark = site.log_mark()
     fio = Fio(logs, "d", job, site.uri, args, region).start(site.export_pid())
     time.sleep(0.5)
     windows, jobs = [], []
@@ -593,6 +607,7 @@ def phase_resync(site: Site, job: str, args, region, logs: str) -> dict:
     r = measure(fio, windows)
     r["resyncs"] = jobs
     r.update(site.tracking())
+    r["paced_s"] = site.held_back(mark)
     log("d", job, brief(r), f"({len(jobs)} resyncs)")
     return r
 
