@@ -7,6 +7,7 @@ to 100 % -- every step an API call the host carries out and reports."""
 from __future__ import annotations
 
 import os
+import re
 
 from playwright.sync_api import expect
 
@@ -82,7 +83,10 @@ def test_protect_pause_resume_on_a_real_fleet(tmp_path, browser):
         assert any(x["cycle_seconds"] is not None and x["cycle_seconds"] >= 0      # the host reports its cycles'
                    for x in ctl.ok("GET", "/v1/machines/vm01/history")["samples"])  # durations too
         wait(lambda: ctl.ok("GET", "/v1/machines/vm01/points")["points"], "r1 reports vm01's points", hosts)
-        expect(page.locator("#points-summary")).to_contain_text(" on r1, reported", timeout=30_000)
+        # the page refreshes its points every 15 s: it may still show an earlier report of none ("0 recovery
+        # points on r1"), so wait for one that has some
+        expect(page.locator("#points-summary")).to_have_text(re.compile(r"^[1-9]\d* recovery points? on r1, reported"),
+                                                            timeout=40_000)
         expect(page.locator("#machine-point-table tbody tr").first.locator("td[data-col=consistency]")).to_have_text(
             "crash")
         page.click("#machine-actions button[data-action=pause]")
