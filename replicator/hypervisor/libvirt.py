@@ -670,11 +670,19 @@ class LibvirtHypervisor(Hypervisor):
     def guest_ping(self, name, timeout=120):
         return self.wait_agent(name, timeout)
 
+    def _agent_answers(self, name: str) -> bool:
+        """A paused domain's agent cannot answer yet: not an error while waiting, since replicatord resumes
+        a domain paused on an I/O error of the export's handover at its next look."""
+        try:
+            return self.agent_ping(name, timeout=2)
+        except DomainStateError:
+            return False
+
     def wait_agent(self, name: str, timeout: float = 120) -> float:
         """Wait until the guest agent answers (a freshly started guest's agent connects when it runs);
         returns the seconds it took, raises GuestAgentError after `timeout`."""
         t0 = time.monotonic()
-        while not self.agent_ping(name, timeout=2):
+        while not self._agent_answers(name):
             st = self.state(name)
             if st.state in ("shutoff", "crashed"):
                 raise GuestAgentError(f"domain {name!r} is {st.state} ({st.reason}): no guest agent")
