@@ -158,11 +158,11 @@ class ExtendedIn(In):
     _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
 
 
-def _rate(v):
-    """A bandwidth limit as replicatord parses it (None: unlimited)."""
+def _rate(v, parse=settings.parse_bandwidth):
+    """A bandwidth limit (or another rate, with its parser) as replicatord parses it (None: unlimited)."""
     if v is None:
         return None
-    rate = settings.parse_bandwidth(v)
+    rate = parse(v)
     if rate is not None and rate >= 2 ** 63:
         raise ValueError("is beyond any link (at most 2^63-1 bytes per second)")
     return rate
@@ -235,7 +235,7 @@ class PolicyIn(In):
 
     _bandwidth = field_validator("bandwidth_limit", mode="after")(lambda v: _rate(v))
     _copy_rate = field_validator("copy_rate_when_busy", mode="after")(
-        lambda v: 0 if v is None else _rate(settings.parse_copy_rate(v)) or 0)
+        lambda v: _rate(v, settings.parse_copy_rate) or 0)
 
     @field_validator("resync_window", mode="after")
     @classmethod

@@ -59,6 +59,7 @@ CYCLING_STATES = {S.ReadyForInitialReplication, S.InitialReplicationInProgress, 
                   S.Replicating, S.Error, S.WaitingForStartResynchronize, S.Resynchronizing}
 OPERATIONS = ("resync", "cycle", "planned-failover", *azure_site.OPERATIONS)   # an operator's long operations
 LONG_KINDS = ("initial", "seed-export", "resync")          # cycles that run as a job of their own
+COPY_KINDS = ("initial", "resync")                         # cycles that read the disk while the guest writes
 SEED_VOLUME = (4 << 30) - (1 << 20)    # seed volumes FAT32/exFAT media take (a file under 4 GiB)
 
 
@@ -359,8 +360,8 @@ class PrimaryMachine:
         try:
             # a copy cut short after it was read (its log unsent) is retried as the same kind: that log is
             # still the copy's, and goes at the copy's pace
-            results = await self._all_disks(consistency, after_copy=kind in ("initial", "resync"))
-            if any(r.kind in ("initial", "resync") for r in results):
+            results = await self._all_disks(consistency, after_copy=kind in COPY_KINDS)
+            if any(r.kind in COPY_KINDS for r in results):
                 # The copies were read while the guest wrote: the log begun at their start makes them whole.
                 # Cut it across the machine now and ship it: the replica's first consistent point. That cut is
                 # not quiesced (the scheduler's quiesce covered the first one): crash-consistent.
