@@ -145,3 +145,19 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     done = 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def small_folios(fd: int, drop: bool = False) -> None:
+    """Keep the page cache of a guest's disk in small pages: no readahead through `fd` (and, with `drop`,
+    the image's clean cached pages dropped now). Why: Linux (ext4 since 6.16) caches a file in folios as
+    large as the reads or writes that brought them in, up to 2 MiB with readahead, and every later write
+    walks all of its folio's blocks. Measured on this project's machine: a 4 KiB pwrite costs 1.8 us into
+    4 KiB pages and 12-20 us into pages read or written in 1 MiB steps, the guest's random writes paying
+    that on the export's loop. A copy or resync reading the disk in large steps would otherwise leave the
+    whole disk in large folios. Advice only: where the kernel refuses it, nothing changes."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):       # pragma: no cover - a file system or platform without it
+        pass

@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 
-from ..disk.base import BlockDevice, Extent, ExtentKind, pread_exact
+from ..disk.base import BlockDevice, Extent, ExtentKind, pread_exact, small_folios
 from ..errors import DiskIOError
 
 NBDMAGIC, IHAVEOPT, OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
@@ -141,6 +141,7 @@ class NbdDisk(BlockDevice):
         if mapper is not None and path:
             try:
                 self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                small_folios(self._fd)      # a copy's reads must not leave the guest's disk in large folios
             except OSError as e:
                 self.close()
                 raise DiskIOError(f"{path}: cannot open for reading: {e.strerror}") from None

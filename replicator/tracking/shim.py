@@ -25,6 +25,7 @@ import time
 import uuid
 
 from .. import errors
+from ..disk.base import small_folios
 from ..errors import ReplicatorError
 from ..priority import background_priority, foreground_policy, guest_first
 from .nbd import Export, NbdServer
@@ -62,6 +63,7 @@ def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk
                     opened[name] = TrackedDisk(path, log_thread=True)
                     opened[name].disk.prepare_for_writes()     # the guest's first write pays no header flush
                     opened[name].disk.background_commits()     # nor a metadata commit's fsyncs
+                    small_folios(opened[name].disk.io.fd, drop=True)    # cheap 4 KiB writes (see there)
                     break
                 except ReplicatorError as e:
                     if locked is None or not isinstance(e, locked) or time.monotonic() > deadline:
