@@ -77,7 +77,7 @@ def test_reads_of_the_live_disk_bring_in_no_readahead(tmp_path, disk):
         finally:
             os.close(fd)
         ahead = resident(disk) - before - steps * step
-        if ahead < MiB:
+        if ahead < 128 * 1024:                     # more than the slack allowed below
             pytest.skip(f"no readahead on this device ({ahead} bytes beyond the reads)")
 
         # the guest's own sequential reads, through the export
