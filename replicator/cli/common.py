@@ -5,17 +5,19 @@ import os
 import re
 
 from ..errors import UsageError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from ..units import scaled
 
 
 def parse_size(text: str) -> int:
     """'512', '64M', '1.5G', '2T' (binary units, an optional trailing 'iB' or 'B')."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
-    if not m:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text, re.ASCII)
+    try:
+        value = scaled(m.group(1), m.group(2)) if m else None
+    except ValueError:
+        value = None
+    if value is None:
         raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value != int(value):
+    if value.denominator != 1:
         raise UsageError(f"size {text!r} is not a whole number of bytes")
     return int(value)
 

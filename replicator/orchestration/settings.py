@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from ..errors import UsageError
 from ..replica.limits import LIMITS, ReplicaLimits
 from ..replication.pacing import COPY_RATE_WHEN_BUSY
+from ..units import scaled
 from . import failover_ips
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
@@ -46,7 +47,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
 _SPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$", re.I)
 RPO_THRESHOLD = (30, 86400)          # seconds: what rpo_threshold may be (default an hour, Hyper-V's rule)
-_BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I)
+_BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I | re.ASCII)
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
@@ -285,9 +286,10 @@ def parse_bandwidth(v) -> int | None:
     if isinstance(v, str) and v.strip().lower() in ("none", "unlimited", "off"):
         return None
     m = _BW.match(v) if isinstance(v, str) else None
-    if isinstance(v, str) and not m:
-        raise ValueError(f"must be bytes per second like \"100M\" or \"512K\", or \"none\", not {v!r}")
-    rate = v if isinstance(v, int) else float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    try:
+        rate = v if isinstance(v, int) else int(scaled(m.group(1), m.group(2)))    # a part of a byte: down
+    except (AttributeError, ValueError):    # no match, or more digits than any rate has
+        raise ValueError(f"must be bytes per second like \"100M\" or \"512K\", or \"none\", not {v!r}") from None
     if rate < 0:
         raise ValueError(f"must not be negative, not {v!r}")
     return int(rate) or None

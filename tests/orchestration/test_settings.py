@@ -124,8 +124,9 @@ def test_rpo_threshold_refused(tmp_path, disks, value):
     assert "from 30s to 24h" in p["machine[vm1].rpo_threshold"]
 
 
-@pytest.mark.parametrize("value", ['"fast"', "-5", '"-5M"', '"10X"', "true"])
+@pytest.mark.parametrize("value", ['"fast"', "-5", '"-5M"', '"10X"', "true", '"' + "9" * 400 + 'M"'])
 def test_bandwidth_refused(tmp_path, disks, value):
+    """The long digit string was an OverflowError out of the configuration's loading (a float's infinity)."""
     assert "machine[vm1].bandwidth_limit" in problems(tmp_path, conf(tmp_path, f"bandwidth_limit = {value}"))
 
 
