@@ -2,7 +2,7 @@
 random places of the 3 GiB corpus, the change replicate_vs_rsync.py makes) encoded into a delta stream file
 the way a cycle writes its outbox (encode_log, ZSTD_LANES lanes), wall and CPU seconds.
 
-  .venv/bin/python bench/cycle_encode.py [--runs 5] [--corpus var/bench/corpus/corpus] [--case real|random]
+  .venv/bin/python bench/cycle_encode.py [--runs 5] [--corpus var/bench/corpus] [--case real|random]
 
 The log is written once (var/bench/cycle-encode/), read through before each run (a cycle reads a log
 written moments before). With a second checkout given by --other, the runs
@@ -62,7 +62,8 @@ def encode_once(root: str, log: str, size: int, out: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--corpus", default=os.path.join(ROOT, "var", "bench", "corpus", "corpus"))
+    ap.add_argument("--corpus", default=os.path.join(ROOT, "var", "bench", "corpus"),
+                    help="make-corpus's files without their suffix (default var/bench/corpus: .raw and .vhdx)")
     ap.add_argument("--case", default="real", choices=["real", "random"])
     ap.add_argument("--work", default=os.path.join(ROOT, "var", "bench", "cycle-encode"))
     ap.add_argument("--other", default="", help="a second checkout to alternate with (its kernels built)")
