@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 
+from benchcorpus import ensure
 import numpy as np
 
 from replicator import delta, kernels
@@ -209,9 +210,7 @@ def main() -> int:
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not os.path.exists(args.corpus):
-        print(f"{args.corpus}: corpus missing (see bench/delta_vs_zstd.py for how it is made)", file=sys.stderr)
-        return 2
+    ensure(args.corpus)
     res = asyncio.run(main_async(args))
     print(json.dumps(res, indent=1)) if args.json else report(res)
     return 0

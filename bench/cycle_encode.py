@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from benchcorpus import ensure
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 MiB, GiB = 1 << 20, 1 << 30
@@ -75,7 +77,7 @@ def main() -> None:
         return
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, f"{args.case}.hrl")
-    corpus = args.corpus + ".raw"
+    corpus = ensure(args.corpus + ".raw")
     size = os.path.getsize(corpus)
     if not os.path.exists(log):
         sys.path.insert(0, ROOT)

@@ -35,6 +35,7 @@ import sys
 import time
 import uuid
 
+from benchcorpus import ensure
 import numpy as np
 
 from replicator import kernels
@@ -184,6 +185,7 @@ def main() -> int:
         print("zstd is not installed (./tools/bootstrap installs it)", file=sys.stderr)
         return 1
     os.makedirs(args.work, exist_ok=True)
+    ensure(args.corpus)
     mutated = mutated_copy(args.corpus, args.work, 33, args.seed)
     disk_size = os.path.getsize(args.corpus)
     results = []

@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 
+from benchcorpus import ensure
 from replicator.cli.common import parse_size
 from replicator.hrl import HrlReader, HrlWriter
 
@@ -52,7 +53,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.path.exists(args.path):
         os.unlink(args.path)
-    make_log(args.path, parse_size(args.log_size), args.corpus, 3 << 30)
+    make_log(args.path, parse_size(args.log_size), ensure(args.corpus), 3 << 30)
     size = os.path.getsize(args.path)
     read_all(args.path)                       # warm the page cache
     times = []

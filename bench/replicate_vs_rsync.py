@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import transport_throughput as tt      # noqa: E402  (ceiling, _server, make_file, vm_hwm)
+from benchcorpus import ensure           # noqa: E402
 from hoststeal import NOISY, steal_share  # noqa: E402
 
 from replicator.disk.base import ExtentKind      # noqa: E402
@@ -324,7 +325,8 @@ def main() -> int:
     ap.add_argument("--rsync-cache", default="warm,cold",
                     help="page-cache states rsync is timed in: warm (its files read through first), cold "
                          "(the page cache dropped first; needs root)")
-    ap.add_argument("--corpus", default=os.path.join(HERE, "..", "var", "bench", "corpus"))
+    ap.add_argument("--corpus", default=os.path.join(HERE, "..", "var", "bench", "corpus"),
+                    help="make-corpus's files without their suffix (.raw, .vhdx); made with 3G when missing")
     ap.add_argument("--work", default=os.path.join(HERE, "..", "var", "bench", "replicate"))
     ap.add_argument("--seed", type=int, default=4)
     ap.add_argument("--perf", default="", help="a folder: each timed cycle runs under `perf record -a -g` "
@@ -339,7 +341,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)      # noqa: E731
-    corpus_raw, corpus_vhdx = args.corpus + ".raw", args.corpus + ".vhdx"
+    corpus_raw, corpus_vhdx = ensure(args.corpus + ".raw"), args.corpus + ".vhdx"
     primary, mirror, root = f"{work}/primary.vhdx", f"{work}/primary.raw", f"{work}/replica-root"
     sh("cp", "--sparse=always", corpus_vhdx, primary)
     sh("cp", "--sparse=always", corpus_raw, mirror)

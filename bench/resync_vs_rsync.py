@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 
+from benchcorpus import ensure
 from replicator.cli.resync import resync_files
 from replicator.disk.probe import open_disk
 from replicator.resync import manifest_path_for, scan
@@ -114,8 +115,7 @@ def main() -> int:
     ap.add_argument("--work", default="var/bench/resync")
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
-    if not os.path.exists(args.corpus):
-        sh(MAKE_CORPUS, os.path.dirname(args.corpus) or ".", "3G")
+    ensure(args.corpus)
     if shutil.which("rsync") is None:
         print("rsync is not installed", file=sys.stderr)
         return 2
