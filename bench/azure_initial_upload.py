@@ -29,9 +29,9 @@ import sys
 import time
 import uuid
 
-from benchcorpus import ensure
 import numpy as np
 
+from benchcorpus import ensure
 from replicator import delta, kernels
 from replicator.azure import AzureTarget
 from replicator.azure.azurite import Azurite, RequestCounter

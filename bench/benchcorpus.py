@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 MAKE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench-data",
-                           "make-corpus")
+                           "make-corpus")     # also --mutate FILE PCT SEED
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "var", "bench", "corpus.raw")
 
 

@@ -35,13 +35,12 @@ import sys
 import time
 import uuid
 
-from benchcorpus import ensure
 import numpy as np
 
+from benchcorpus import MAKE_CORPUS, ensure
 from replicator import kernels
 from replicator.delta import DeltaDecoder, DeltaEncoder, StreamHeader
 
-MAKE_CORPUS = "/work/shared/bench-data/make-corpus"
 BLOCK = 64 << 10
 MB = 1e6
 

@@ -68,6 +68,7 @@ import urllib.request
 import numpy as np
 
 import hoststeal
+from benchcorpus import MAKE_CORPUS
 from replicator.disk.base import ExtentKind
 from replicator.disk.raw import file_extents
 from replicator.tracking.remote import shutdown_all_under
@@ -75,7 +76,6 @@ from replicator.tracking.remote import shutdown_all_under
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
-MAKE_CORPUS = os.path.join(ROOT, "..", "shared", "bench-data", "make-corpus")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FAR_AHEAD = "2099-01-01T00:00:00"
 ALL_JOBS = ("4k-qd1", "4k-qd16", "64k-qd1", "64k-qd16")

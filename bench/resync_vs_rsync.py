@@ -33,12 +33,11 @@ import subprocess
 import sys
 import time
 
-from benchcorpus import ensure
+from benchcorpus import MAKE_CORPUS, ensure
 from replicator.cli.resync import resync_files
 from replicator.disk.probe import open_disk
 from replicator.resync import manifest_path_for, scan
 
-MAKE_CORPUS = "/work/shared/bench-data/make-corpus"
 BLOCK = 64 << 10
 
 

@@ -47,7 +47,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FREQ = re.compile(r"^\s*(\d+)\s*(s|sec|m|min)?\s*$", re.I)
 _SPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$", re.I)
 RPO_THRESHOLD = (30, 86400)          # seconds: what rpo_threshold may be (default an hour, Hyper-V's rule)
-_BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I | re.ASCII)
+_BW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?(/s)?\s*$", re.I)
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
@@ -288,11 +288,11 @@ def parse_bandwidth(v) -> int | None:
     m = _BW.match(v) if isinstance(v, str) else None
     try:
         rate = v if isinstance(v, int) else int(scaled(m.group(1), m.group(2)))    # a part of a byte: down
-    except (AttributeError, ValueError):    # no match, or more digits than any rate has
+    except (AttributeError, ValueError):    # no match, or digits scaled refuses (not ASCII, too many)
         raise ValueError(f"must be bytes per second like \"100M\" or \"512K\", or \"none\", not {v!r}") from None
     if rate < 0:
         raise ValueError(f"must not be negative, not {v!r}")
-    return int(rate) or None
+    return rate or None
 
 
 MIN_COPY_RATE = 1 << 20     # bytes/s: a copy slower than this would hold a stop for long (one chunk per sleep)
