@@ -1,4 +1,4 @@
-"""Scheduling of the export's threads: the thread serving the guest first, its helpers after it."""
+"""Scheduling: the export's thread serving the guest first, its helpers after it; replication on CPUs of its own."""
 from __future__ import annotations
 
 import ctypes
@@ -11,6 +11,8 @@ BACKGROUND_NICE = 5        # how much lower than the guest's I/O path its helper
 REPLICATION_NICE = 5      # replicatord's session behind the guests' sessions (its autogroup's nice value)
 GUEST_SLICE_NS = 100_000   # the shortest slice Linux's EEVDF scheduler gives a thread (6.12 and later)
 _SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
+MAX_CPUS = 8192            # the kernel's largest NR_CPUS
+_started_on: frozenset[int] | None = None      # the CPUs replicatord was started with, while it is pinned
 
 
 def background_priority() -> None:
@@ -97,3 +99,83 @@ def foreground_policy() -> None:
                 os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass    # gone, or not permitted (leaving SCHED_IDLE needs root or RLIMIT_NICE room)
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """A CPU list as `taskset -c` and systemd's CPUAffinity= write it ("1", "0-3,8"). ValueError says why."""
+    cpus: set[int] = set()
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        if not (first.isascii() and first.isdigit() and (not dash or (last.isascii() and last.isdigit()))):
+            raise ValueError(f"{text!r} is not a CPU list (like 1 or 0-3,8)")
+        if len(first) > 4 or len(last) > 4:
+            raise ValueError(f"{item.strip()!r} is not a range of CPUs 0-{MAX_CPUS - 1}")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if lo > hi or hi >= MAX_CPUS:
+            raise ValueError(f"{item.strip()!r} is not a range of CPUs 0-{MAX_CPUS - 1}")
+        cpus.update(range(lo, hi + 1))
+    return frozenset(cpus)
+
+
+def cpu_list(cpus) -> str:
+    """The short form of a set of CPUs ("0-3,8"), as parse_cpu_list reads it."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(c)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def allowed_cpus() -> frozenset[int]:
+    """The CPUs replicatord may run on: those it was started with (its cgroup's, taskset's, systemd's
+    CPUAffinity=), whatever replication_cpus later narrowed it to."""
+    return _started_on if _started_on is not None else frozenset(os.sched_getaffinity(0))
+
+
+def export_cpus() -> frozenset[int] | None:
+    """The CPUs an export process started now is to run on, when replication is pinned (else None: it
+    inherits replicatord's, which are then all of them)."""
+    return _started_on
+
+
+def check_replication_cpus(cpus: frozenset[int]) -> None:
+    """ValueError unless replicatord may run on every one of `cpus`."""
+    started = allowed_cpus()
+    if not cpus <= started:
+        raise ValueError(f"replicatord may run only on CPUs {cpu_list(started)}, not on {cpu_list(cpus - started)}")
+
+
+def run_on(cpus) -> None:
+    """Every thread of this process on `cpus` (affinity is per thread; those made later inherit it from their
+    creator). OSError when the calling thread cannot be moved (a CPU outside the process's cpuset)."""
+    own = threading.get_native_id()
+    os.sched_setaffinity(own, cpus)
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != own:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass    # ended meanwhile
+
+
+def pin_replication(cpus: frozenset[int] | None) -> None:
+    """replicatord's threads on `cpus` (`replication_cpus`), or back on every CPU it was started with (None).
+    Why: on a host with few cores, replication's encoders and the replica's apply delay the guest's requests
+    by taking the CPU the export and the guest's vCPUs wake up on; on CPUs of their own they cannot (measured
+    on 2 cores: p99.9 during an initial copy and a resync, docs/performance.md). The export processes it
+    starts run on the CPUs replicatord was started with (export_cpus), not on these. DRBD's cpu-mask and
+    libvirt's emulatorpin are the same idea."""
+    global _started_on
+    if cpus is None:
+        if _started_on is not None:
+            run_on(_started_on)
+            _started_on = None
+        return
+    check_replication_cpus(cpus)
+    started = allowed_cpus()
+    run_on(cpus)
+    _started_on = started

@@ -16,6 +16,7 @@ import socket
 import sys
 
 from ..errors import ReplicatorError
+from ..priority import parse_cpu_list, pin_replication
 
 
 def add_options(ap) -> None:
@@ -29,6 +30,8 @@ def add_options(ap) -> None:
                    help="where the admin API listens (loopback; default 127.0.0.1:8085)")
     g.add_argument("--data-url", metavar="URL", help="where other hosts reach this host's replica listener "
                    "(default https://HOSTNAME:8084)")
+    g.add_argument("--replication-cpus", metavar="LIST", help="run replicatord's threads on these CPUs (like "
+                   "0-3,8); its machines' exports stay on every CPU (replication_cpus, docs/operations.md)")
     g.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
                    help="how often to ask the controller for the desired configuration (default 10)")
 
@@ -52,6 +55,11 @@ def run_from_controller(args, serve) -> int:
             raise ValueError
     except ValueError:
         return fail(f"--admin-listen must be HOST:PORT on loopback (127.0.0.1:8085), not {args.admin_listen!r}", 2)
+    if args.replication_cpus is not None:
+        try:
+            pin_replication(parse_cpu_list(args.replication_cpus))
+        except (ValueError, OSError) as e:
+            return fail(f"--replication-cpus: {e}", 2)
     files = enrol.HostFiles(args.state)
     import uvloop
 

@@ -32,7 +32,7 @@ import sys
 from aiohttp import web
 
 from ..errors import CannotListen, ReplicatorError
-from ..priority import replication_behind_guests
+from ..priority import pin_replication, replication_behind_guests
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
 from .primary import OPERATIONS, PrimaryMachine
@@ -321,6 +321,15 @@ class Daemon:
         return web.json_response({**pm.status(), **({"job": job.summary()} if job else {})})
 
 
+def _place_replication(cpus) -> None:
+    """replication_cpus, as validated when the configuration was read; a cpuset that shrank since costs the
+    placement, never the protection."""
+    try:
+        pin_replication(cpus)
+    except (ValueError, OSError) as e:
+        log.warning("replication_cpus not applied; replication runs on every CPU replicatord may use: %s", e)
+
+
 async def serve(config, agent=None) -> None:
     """Run until SIGTERM/SIGINT. SIGHUP (or POST /v1/reload) reads the configuration again and restarts the
     daemon's parts on it; the export processes stay, so no guest loses its disk. An invalid configuration
@@ -332,6 +341,8 @@ async def serve(config, agent=None) -> None:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     while True:
+        if agent is None:               # from a controller, --replication-cpus placed it once (agent_cli.py)
+            _place_replication(config.daemon.replication_cpus)
         daemon = Daemon(config)
         daemon.stopping = stopping
         daemon.reload_requested = reload.set

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..priority import allowed_cpus, check_replication_cpus, cpu_list, parse_cpu_list
 from ..replica.limits import LIMITS, ReplicaLimits
 from ..replication.pacing import COPY_RATE_WHEN_BUSY
 from ..units import scaled
@@ -135,6 +136,7 @@ class DaemonSettings:
     metrics_host: str | None = None       # metrics_listen: GET /metrics for scrapers on other hosts (off: None)
     metrics_port: int = 9185
     metrics_token_file: str = ""
+    replication_cpus: frozenset | None = None   # replicatord's threads on these CPUs; its exports stay off them
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,26 @@ def _daemon(t: _Table) -> DaemonSettings:
         if metrics_host is not None and (metrics_host, metrics_port) == (host, port):
             t.rep.error(t.at("metrics_listen"), "must differ from admin_listen")
     metrics_token = t.file("metrics_token_file") or os.path.join(state_dir, "metrics.token")
-    return DaemonSettings(state_dir, host, port, token, metrics_host, metrics_port, metrics_token)
+    return DaemonSettings(state_dir, host, port, token, metrics_host, metrics_port, metrics_token,
+                          _replication_cpus(t))
+
+
+def _replication_cpus(t: _Table) -> frozenset | None:
+    """replication_cpus = "1": a CPU list, every CPU of it one replicatord may run on; all of them is a
+    warning (replication is then kept off none)."""
+    raw = t.str("replication_cpus")
+    if raw is None:
+        return None
+    try:
+        cpus = parse_cpu_list(raw)
+        check_replication_cpus(cpus)
+    except ValueError as e:
+        t.rep.error(t.at("replication_cpus"), str(e))
+        return None
+    if cpus == (allowed := allowed_cpus()):
+        t.rep.warn(t.at("replication_cpus"), f"names every CPU replicatord may run on ({cpu_list(allowed)}): "
+                   "replication is not kept off any")
+    return cpus
 
 
 def _allow(t: _Table) -> tuple[AllowEntry, ...]:
@@ -898,7 +919,8 @@ def parse_config_data(data: dict, *, base_dir: str = ".", source: str = "replica
     root = _Table(data, "", rep, {"daemon", "replica", "group", "machine", "plan", "extended"},
                   os.path.abspath(base_dir))
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
-        ("daemon", {"state_dir", "admin_listen", "admin_token_file", "metrics_listen", "metrics_token_file"}),
+        ("daemon", {"state_dir", "admin_listen", "admin_token_file", "metrics_listen", "metrics_token_file",
+                    "replication_cpus"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
                      "test_failover_dir", "reverse", "libvirt", "network_map", "test_network", "boot_timeout",
                      *(k.name for k in LIMITS)}))}

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from .. import errors
 from ..disk.base import Extent, ExtentKind
 from ..errors import ExportUnavailable, ReplicatorError
+from ..priority import cpu_list, export_cpus
 from .nbdclient import NbdDisk
 from .state import SealedLogRecord, Sidecar, SidecarState
 from .tracker import SealedLog
@@ -245,6 +246,8 @@ class ExportHandle:
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "replicator.tracking.shim", "--name", self.name, "--nbd-socket",
                self.nbd_socket, "--control", self.control_path, "--idle-grace", str(self.idle_grace)]
+        if (cpus := export_cpus()) is not None:        # replicatord is pinned (replication_cpus): not the export
+            cmd += ["--cpus", cpu_list(cpus)]
         cmd += [f"{n}={p}" for n, p in self.paths.items()]
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

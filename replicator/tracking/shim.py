@@ -27,7 +27,7 @@ import uuid
 from .. import errors
 from ..disk.base import small_folios
 from ..errors import ReplicatorError
-from ..priority import background_priority, foreground_policy, guest_first
+from ..priority import background_priority, cpu_list, foreground_policy, guest_first, parse_cpu_list, run_on
 from .nbd import Export, NbdServer
 from .service import new_event_loop
 from .tracker import TrackedDisk, TrackingGroup
@@ -303,12 +303,20 @@ def main(argv=None) -> int:
                     help="seconds with no replicatord and no NBD client before the export stops on its own")
     ap.add_argument("--lock-wait", type=float, default=10.0,
                     help="seconds to wait for an image lock held by an export on its way out")
+    ap.add_argument("--cpus", type=parse_cpu_list, metavar="LIST",
+                    help="run on these CPUs (replicatord passes the ones it was started with when replication is "
+                         "pinned to others: replication_cpus)")
     ap.add_argument("disks", nargs="+", metavar="NAME=PATH", help="the machine's disks")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     disks = dict(d.split("=", 1) for d in args.disks)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)       # a reload of replicatord is not ours
     foreground_policy()
+    if args.cpus is not None:
+        try:
+            run_on(args.cpus)
+        except OSError as e:        # the guest's disk is served on whatever CPUs it got
+            log.warning("cannot run on CPUs %s: %s", cpu_list(args.cpus), e.strerror)
     try:        # the guest's requests before replication's encoding and hashing when CPUs are short
         os.setpriority(os.PRIO_PROCESS, 0, max(-20, os.getpriority(os.PRIO_PROCESS, 0) + PRIORITY_BOOST))
     except OSError:
