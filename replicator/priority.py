@@ -1,6 +1,7 @@
 """Scheduling: the export's thread serving the guest first, its helpers after it; replication on CPUs of its own."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -102,7 +103,8 @@ def foreground_policy() -> None:
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
-    """A CPU list as `taskset -c` and systemd's CPUAffinity= write it ("1", "0-3,8"). ValueError says why."""
+    """A CPU list as `taskset -c` and /sys/devices/system/cpu/online write it ("1", "0-3,8"). ValueError says
+    why."""
     cpus: set[int] = set()
     for item in text.split(","):
         first, dash, last = item.strip().partition("-")
@@ -151,15 +153,37 @@ def check_replication_cpus(cpus: frozenset[int]) -> None:
 
 def run_on(cpus) -> None:
     """Every thread of this process on `cpus` (affinity is per thread; those made later inherit it from their
-    creator). OSError when the calling thread cannot be moved (a CPU outside the process's cpuset)."""
-    own = threading.get_native_id()
-    os.sched_setaffinity(own, cpus)
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) != own:
+    creator). Passes repeat until no new thread shows up: one not moved yet may have made another meanwhile.
+    OSError when a thread cannot be moved (a CPU outside the process's cpuset)."""
+    done: set[int] = set()
+    while True:
+        tids = {int(t) for t in os.listdir("/proc/self/task")} - done
+        if not tids:
+            return
+        for tid in sorted(tids, key=lambda t: t != threading.get_native_id()):     # the caller first
             try:
-                os.sched_setaffinity(int(tid), cpus)
-            except OSError:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
                 pass    # ended meanwhile
+        done |= tids
+
+
+@contextlib.contextmanager
+def guest_placement():
+    """Processes started inside run where the guests run, not on replication's CPUs (a child inherits the
+    affinity of the thread that starts it): an operator's scripts, such as the hooks that run while a guest is
+    frozen or a recovery plan's actions. Nothing to do unless replicatord is pinned."""
+    cpus = _started_on
+    if cpus is None:
+        yield
+        return
+    tid = threading.get_native_id()
+    own = os.sched_getaffinity(tid)
+    os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(tid, own)
 
 
 def pin_replication(cpus: frozenset[int] | None) -> None:

@@ -62,3 +62,24 @@ def test_pinning_moves_every_thread_and_unpinning_brings_them_back():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to move threads between")
+def test_an_operators_script_runs_where_the_guests_run():
+    """A hook or plan script started while replicatord is pinned gets the CPUs it was started with; the thread
+    that started it goes back to replication's."""
+    code = textwrap.dedent("""
+        import asyncio, os
+        from replicator import priority
+        from replicator.orchestration.scripts import run_script
+        start = frozenset(os.sched_getaffinity(0))
+        priority.pin_replication(frozenset({max(start)}))
+        rc, out = asyncio.run(run_script(["sh", "-c", "taskset -c -p $$"], {}))
+        assert rc == 0, out
+        seen = priority.parse_cpu_list(out.rsplit(":", 1)[1].strip())
+        assert seen == start, (seen, start)
+        assert frozenset(os.sched_getaffinity(0)) == {max(start)}
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -2,6 +2,7 @@
 
   replicatord --register https://controller:8086 --key host.key.json --state /var/lib/replicator
       [--hostname NAME] [--admin-listen 127.0.0.1:8085] [--data-url https://NAME:8084] [--poll SECONDS]
+      [--replication-cpus LIST]
 
 The first run registers (enrol.py) and then runs; later runs (`replicatord --state DIR`, or the same command:
 a host already registered with that key does not use it again) run from the controller's desired
@@ -16,7 +17,7 @@ import socket
 import sys
 
 from ..errors import ReplicatorError
-from ..priority import parse_cpu_list, pin_replication
+from ..priority import allowed_cpus, cpu_list, parse_cpu_list, pin_replication
 
 
 def add_options(ap) -> None:
@@ -55,9 +56,13 @@ def run_from_controller(args, serve) -> int:
             raise ValueError
     except ValueError:
         return fail(f"--admin-listen must be HOST:PORT on loopback (127.0.0.1:8085), not {args.admin_listen!r}", 2)
-    if args.replication_cpus is not None:
+    if args.replication_cpus is not None:      # the host's own choice: the controller's configuration lacks it
         try:
-            pin_replication(parse_cpu_list(args.replication_cpus))
+            cpus = parse_cpu_list(args.replication_cpus)
+            if cpus == allowed_cpus():
+                print(f"replicatord: warning: --replication-cpus names every CPU it may run on ({cpu_list(cpus)}): "
+                      "replication is kept off none", file=sys.stderr)
+            pin_replication(cpus)
         except (ValueError, OSError) as e:
             return fail(f"--replication-cpus: {e}", 2)
     files = enrol.HostFiles(args.state)

@@ -32,9 +32,10 @@ import sys
 from aiohttp import web
 
 from ..errors import CannotListen, ReplicatorError
-from ..priority import pin_replication, replication_behind_guests
+from ..priority import allowed_cpus, check_replication_cpus, cpu_list, pin_replication, replication_behind_guests
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
+from ..orchestration.settings import ConfigError
 from .primary import OPERATIONS, PrimaryMachine
 from .replica_site import ReplicaSite
 
@@ -250,7 +251,7 @@ class Daemon:
         if self.reload_requested is None:
             return web.json_response({"error": "this daemon cannot reload"}, status=409)
         try:
-            load_config(self.config.path)
+            load_daemon_config(self.config.path)
         except ReplicatorError as e:
             return web.json_response({"error": f"configuration not reloaded: {e.message}"}, status=409)
         self.reload_requested()
@@ -321,13 +322,28 @@ class Daemon:
         return web.json_response({**pm.status(), **({"job": job.summary()} if job else {})})
 
 
+def load_daemon_config(path: str):
+    """load_config, and what only the daemon can judge: replication_cpus against the CPUs it may run on."""
+    config = load_config(path)
+    if config.daemon.replication_cpus is not None:
+        try:
+            check_replication_cpus(config.daemon.replication_cpus)
+        except ValueError as e:
+            raise ConfigError([("daemon.replication_cpus", str(e))], path) from None
+    return config
+
+
 def _place_replication(cpus) -> None:
-    """replication_cpus, as validated when the configuration was read; a cpuset that shrank since costs the
-    placement, never the protection."""
+    """replication_cpus, as load_daemon_config checked it; a cpuset that shrank since costs the placement,
+    never the protection."""
+    if cpus is not None and cpus == allowed_cpus():
+        log.warning("replication_cpus names every CPU replicatord may run on (%s): replication is kept off none",
+                    cpu_list(cpus))
     try:
         pin_replication(cpus)
     except (ValueError, OSError) as e:
-        log.warning("replication_cpus not applied; replication runs on every CPU replicatord may use: %s", e)
+        log.warning("replication_cpus not applied, replicatord stays on CPUs %s: %s",
+                    cpu_list(os.sched_getaffinity(0)), e)
 
 
 async def serve(config, agent=None) -> None:
@@ -376,7 +392,7 @@ async def serve(config, agent=None) -> None:
                 return
             reload.clear()
             try:
-                new = load_config(config.path)
+                new = load_daemon_config(config.path) if agent is None else load_config(config.path)
             except ReplicatorError as e:
                 log.error("configuration not reloaded, the running one goes on: %s", e.message)
                 continue
@@ -405,8 +421,11 @@ def main(argv=None) -> int:
         replication_behind_guests()     # run from a controller too
     if args.state is not None:
         return run_from_controller(args, serve)
-    try:
-        config = load_config(args.config)
+    if args.replication_cpus is not None and args.config is not None:
+        ap.error("--replication-cpus is for a host run from a controller; standalone, set replication_cpus in "
+                 "[daemon]")
+    try:        # --check-config may run in a shell with fewer CPUs than the service: the syntax only
+        config = load_config(args.config) if args.check_config else load_daemon_config(args.config)
     except ReplicatorError as e:
         print(f"replicatord: {e.message}", file=sys.stderr)
         return e.exit_code

@@ -8,6 +8,8 @@ import os
 import shlex
 import signal
 
+from ..priority import guest_placement
+
 
 def argv_of(cmd: str | list) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
@@ -16,9 +18,10 @@ def argv_of(cmd: str | list) -> list[str]:
 async def run_script(cmd: str | list, env: dict, timeout: float | None = None) -> tuple[int, str]:
     """(exit status, output with stderr folded in). Raises OSError when it cannot start, and
     asyncio.TimeoutError after `timeout` seconds (None: as long as the caller waits)."""
-    proc = await asyncio.create_subprocess_exec(*argv_of(cmd), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
-                                                start_new_session=True)
+    with guest_placement():         # with replication_cpus, on the guests' CPUs
+        proc = await asyncio.create_subprocess_exec(*argv_of(cmd), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
+                                                    start_new_session=True)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except (asyncio.TimeoutError, asyncio.CancelledError):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
-from ..priority import allowed_cpus, check_replication_cpus, cpu_list, parse_cpu_list
+from ..priority import parse_cpu_list
 from ..replica.limits import LIMITS, ReplicaLimits
 from ..replication.pacing import COPY_RATE_WHEN_BUSY
 from ..units import scaled
@@ -518,21 +518,16 @@ def _daemon(t: _Table) -> DaemonSettings:
 
 
 def _replication_cpus(t: _Table) -> frozenset | None:
-    """replication_cpus = "1": a CPU list, every CPU of it one replicatord may run on; all of them is a
-    warning (replication is then kept off none)."""
+    """replication_cpus = "1": a CPU list. Which CPUs replicatord may run on only replicatord knows (a shell
+    running the CLI may have fewer): the daemon checks that (daemon/main.py, load_daemon_config)."""
     raw = t.str("replication_cpus")
     if raw is None:
         return None
     try:
-        cpus = parse_cpu_list(raw)
-        check_replication_cpus(cpus)
+        return parse_cpu_list(raw)
     except ValueError as e:
         t.rep.error(t.at("replication_cpus"), str(e))
         return None
-    if cpus == (allowed := allowed_cpus()):
-        t.rep.warn(t.at("replication_cpus"), f"names every CPU replicatord may run on ({cpu_list(allowed)}): "
-                   "replication is not kept off any")
-    return cpus
 
 
 def _allow(t: _Table) -> tuple[AllowEntry, ...]:

@@ -52,7 +52,7 @@ def test_reverse_replication_and_failback_through_the_controller(tmp_path, capsy
         back = r1.machine("vm01")
         assert back["state"] == "Replicating" and back["target"].endswith(str(p1.data)), back
         assert back["last_cycle"]["kinds"] == ["resync"], back["last_cycle"]      # only differences travel
-        assert all(x["name"] != "vm01" for x in p1.api("GET", "/v1/status")["machines"])   # p1 only receives
+        assert all(x["name"] != "vm01" for x in _get(p1, "/v1/status", hosts)["machines"])   # p1 only receives
         assert _get(p1, "/v1/replica/machines/vm01", hosts)["role"] == "replica"
 
         # more writes on r1 after the reverse: the failback's final cycle carries them
