@@ -189,10 +189,10 @@ def guest_placement():
 def pin_replication(cpus: frozenset[int] | None) -> None:
     """replicatord's threads on `cpus` (`replication_cpus`), or back on every CPU it was started with (None).
     Why: on a host with few cores, replication's encoders and the replica's apply delay the guest's requests
-    by taking the CPU the export and the guest's vCPUs wake up on; on CPUs of their own they cannot (measured
-    on 2 cores: p99.9 during an initial copy and a resync, docs/performance.md). The export processes it
-    starts run on the CPUs replicatord was started with (export_cpus), not on these. DRBD's cpu-mask and
-    libvirt's emulatorpin are the same idea."""
+    by taking the CPU the export and the guest's vCPUs wake up on; on CPUs of their own they leave the others
+    free (measured on 2 cores: p99.9 during an initial copy and a resync, docs/performance.md). The export
+    processes it starts run on the CPUs replicatord was started with (export_cpus), not on these. DRBD's
+    cpu-mask and libvirt's emulatorpin are the same idea."""
     global _started_on
     if cpus is None:
         if _started_on is not None:
