@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import platform
 import struct
@@ -201,5 +202,9 @@ def pin_replication(cpus: frozenset[int] | None) -> None:
         return
     check_replication_cpus(cpus)
     started = allowed_cpus()
+    if cpus == started:
+        logging.getLogger("replicatord").warning(
+            "replication_cpus names every CPU replicatord may run on (%s): replication is kept off none",
+            cpu_list(cpus))
     run_on(cpus)
     _started_on = started

@@ -17,7 +17,7 @@ import socket
 import sys
 
 from ..errors import ReplicatorError
-from ..priority import allowed_cpus, cpu_list, parse_cpu_list, pin_replication
+from ..priority import parse_cpu_list, pin_replication
 
 
 def add_options(ap) -> None:
@@ -58,11 +58,7 @@ def run_from_controller(args, serve) -> int:
         return fail(f"--admin-listen must be HOST:PORT on loopback (127.0.0.1:8085), not {args.admin_listen!r}", 2)
     if args.replication_cpus is not None:      # the host's own choice: the controller's configuration lacks it
         try:
-            cpus = parse_cpu_list(args.replication_cpus)
-            if cpus == allowed_cpus():
-                print(f"replicatord: warning: --replication-cpus names every CPU it may run on ({cpu_list(cpus)}): "
-                      "replication is kept off none", file=sys.stderr)
-            pin_replication(cpus)
+            pin_replication(parse_cpu_list(args.replication_cpus))
         except (ValueError, OSError) as e:
             return fail(f"--replication-cpus: {e}", 2)
     files = enrol.HostFiles(args.state)

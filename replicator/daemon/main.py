@@ -32,7 +32,7 @@ import sys
 from aiohttp import web
 
 from ..errors import CannotListen, ReplicatorError
-from ..priority import allowed_cpus, check_replication_cpus, cpu_list, pin_replication, replication_behind_guests
+from ..priority import check_replication_cpus, cpu_list, pin_replication, replication_behind_guests
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
 from ..orchestration.settings import ConfigError
@@ -336,9 +336,6 @@ def load_daemon_config(path: str):
 def _place_replication(cpus) -> None:
     """replication_cpus, as load_daemon_config checked it; a cpuset that shrank since costs the placement,
     never the protection."""
-    if cpus is not None and cpus == allowed_cpus():
-        log.warning("replication_cpus names every CPU replicatord may run on (%s): replication is kept off none",
-                    cpu_list(cpus))
     try:
         pin_replication(cpus)
     except (ValueError, OSError) as e:

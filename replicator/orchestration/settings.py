@@ -136,7 +136,7 @@ class DaemonSettings:
     metrics_host: str | None = None       # metrics_listen: GET /metrics for scrapers on other hosts (off: None)
     metrics_port: int = 9185
     metrics_token_file: str = ""
-    replication_cpus: frozenset | None = None   # replicatord's threads on these CPUs; its exports stay off them
+    replication_cpus: frozenset | None = None   # replicatord's threads on these CPUs; its exports on every CPU
 
 
 @dataclass(frozen=True)
