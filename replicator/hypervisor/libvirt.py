@@ -23,6 +23,7 @@ import libvirt_qemu
 
 from ..errors import (DomainExists, DomainNotFound, DomainStateError, GuestAgentError, HypervisorError,
                       NetworkError, QuiesceExpired)
+from ..priority import guest_placement
 from .base import (NEXT_BOOT, NOW, Boot, Defined, Disk, DiskSource, DomainConfig, DomainState, GuestInterface,
                    Hypervisor, Nic, Quiesced)
 
@@ -298,7 +299,9 @@ class LibvirtHypervisor(Hypervisor):
 
     @classmethod
     def connect(cls, uri: str) -> "LibvirtHypervisor":
-        with _mapped(f"connect to {uri}"):
+        # a per-user URI (qemu:///session) may start the user's libvirtd as a child of this thread, and the
+        # guests it runs after it: they belong on the guests' CPUs, not on replication_cpus
+        with _mapped(f"connect to {uri}"), guest_placement():
             return cls(libvirt.open(uri), uri)
 
     def close(self) -> None:
