@@ -30,19 +30,19 @@ from ..errors import ReplicatorError
 from ..priority import background_priority, cpu_list, foreground_policy, guest_first, parse_cpu_list, run_on
 from .nbd import Export, NbdServer
 from .service import new_event_loop
+from . import writeback
 from .tracker import TrackedDisk, TrackingGroup
 
 log = logging.getLogger("replicator.export")
 MAX_CONTROL_LINE = 1 << 20
 PRIORITY_BOOST = -5          # nice steps above replicatord (root only)
-WRITEBACK = 32 << 20         # the guest's written bytes a disk may have in the page cache before a writeback
 
 
 def disk_status(d: TrackedDisk) -> dict:
     from dataclasses import asdict
     return {"path": d.path, "size": d.size, "virtual_disk_id": str(d.disk.virtual_disk_id),
             "logical_sector_size": d.disk.logical_sector_size, "state": asdict(d.state),
-            "resync_required": d.resync_required, "reason": d.reason}
+            "resync_required": d.resync_required, "reason": d.reason, "unsynced": d.unsynced}
 
 
 def _sealed(s) -> dict | None:
@@ -134,16 +134,19 @@ class ExportProcess:
                 return
 
     async def _writeback(self) -> None:
-        """Write the guest's data back in steps of WRITEBACK bytes (or each second), on a worker thread:
-        a page cache full of dirty data makes the kernel stall every writer at once, the guest's first."""
-        quiet = 0.0
+        """Write a disk's data back on a worker thread once its guest has been quiet for a second, or in
+        steps while the host's dirty pages near the kernel's background threshold; else the kernel's
+        flusher does it, as for qemu-nbd (tracking/writeback.py says why)."""
+        host, checked = 0.0, float("-inf")
         while True:
             await asyncio.sleep(0.1)
-            quiet += 0.1
-            due = [d for d in self.disks.values() if d.disk is not None and
-                   (d.unsynced >= WRITEBACK or (d.unsynced and quiet >= 1.0))]
+            now = time.monotonic()
+            disks = [d for d in self.disks.values() if d.disk is not None and d.unsynced]
+            if now - checked >= 0.5 and any(d.unsynced >= writeback.STEP for d in disks):
+                checked = now               # /proc read off the loop, at most twice a second
+                host = await asyncio.to_thread(writeback.host_pressure)
+            due = [d for d in disks if writeback.due(d.unsynced, now - d.last_write, host)]
             if due:
-                quiet = 0.0
                 await asyncio.to_thread(lambda: [d.writeback() for d in due])
 
     async def stop_serving(self) -> None:

@@ -59,7 +59,7 @@ class TrackedDisk:
         self.deferring = False   # the export process: slow file work goes to run_deferred() (see _later)
         self._deferred: list = []
         self._closed_logs: list = []    # logs given up (resync required) whose writer may still be finishing
-        self.unsynced = 0        # bytes written since the last writeback() (the export's writeback pacing)
+        self.unsynced = 0        # bytes written since the last writeback() (tracking/writeback.py)
         self.last_write = float("-inf")   # time.monotonic() of the guest's last write, zeroing or trim (pacing)
         self.disk = VhdxDisk.open(path, read_only=False)
         self.size = self.disk.size
@@ -330,8 +330,9 @@ class TrackedDisk:
 
     def writeback(self) -> None:
         """Any thread: push the disk's and the active log's written data to the device (no metadata
-        commit), so that dirty pages never pile up: the kernel then never throttles the guest's writes, and
-        a cut's fsync has little left to do. A log closed meanwhile is simply skipped."""
+        commit), when the export's pacing says so (tracking/writeback.py): dirty pages never pile up to where
+        the kernel throttles the guest's writes, and a cut's fsync has less to do. A log closed meanwhile is
+        simply skipped."""
         self.unsynced = 0
         log = self.log
         for fd in (self.disk.io.fd, log.fd if log is not None else -1):
