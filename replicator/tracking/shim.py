@@ -28,9 +28,10 @@ from .. import errors
 from ..disk.base import small_folios
 from ..errors import ReplicatorError
 from ..priority import background_priority, cpu_list, foreground_policy, guest_first, parse_cpu_list, run_on
+from . import writeback
 from .nbd import Export, NbdServer
 from .service import new_event_loop
-from . import writeback
+from .state import TrackingState
 from .tracker import TrackedDisk, TrackingGroup
 
 log = logging.getLogger("replicator.export")
@@ -135,8 +136,8 @@ class ExportProcess:
 
     async def _writeback(self) -> None:
         """Write a disk's data back on a worker thread once its guest has been quiet for a second, or in
-        steps while the host's dirty pages near the kernel's background threshold; else the kernel's
-        flusher does it, as for qemu-nbd (tracking/writeback.py says why)."""
+        steps while it is being copied or the host's dirty pages near the kernel's background threshold;
+        else the kernel's flusher does it, as for qemu-nbd (tracking/writeback.py says why)."""
         host, checked = 0.0, float("-inf")
         while True:
             await asyncio.sleep(0.1)
@@ -145,7 +146,8 @@ class ExportProcess:
             if now - checked >= 0.5 and any(d.unsynced >= writeback.STEP for d in disks):
                 checked = now               # /proc read off the loop, at most twice a second
                 host = await asyncio.to_thread(writeback.host_pressure)
-            due = [d for d in disks if writeback.due(d.unsynced, now - d.last_write, host)]
+            due = [d for d in disks if writeback.due(d.unsynced, now - d.last_write, host,
+                                                     d.state.state == TrackingState.RESYNCHRONIZING.value)]
             if due:
                 await asyncio.to_thread(lambda: [d.writeback() for d in due])
 

@@ -8,9 +8,10 @@ and QEMU with cache=writeback leave it at that.
 
 The export used to write back in 32 MiB steps all the time, so that throttling never came near. Measured
 on the 2-core test host (docs/performance.md), that doubled the p99.9 of a guest's 4 KiB writes: 0.45-0.54 ms
-against 0.20-0.21 ms without it, and qemu-nbd's 0.19-0.22 ms on the same image. So it now writes back only
-when the host's dirty pages near the background threshold (PRESSURE of it, well before throttling), and
-once the guest has been quiet for a second (nothing to disturb then, and less for a cut's fsync to do)."""
+against 0.20-0.21 ms without it, and qemu-nbd's 0.19-0.22 ms on the same image. So it now writes back in
+steps only while the host's dirty pages near the background threshold (PRESSURE of it, well before
+throttling) or while a copy reads the disk (see due), and at once when the guest has been quiet for a
+second (nothing to disturb then, and less for a cut's fsync to do)."""
 from __future__ import annotations
 
 STEP = 32 << 20            # under pressure: a disk's written bytes that make it due
@@ -44,9 +45,31 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
+def memory_limited(cgroup: str, root: str = "/sys/fs/cgroup") -> bool:
+    """Whether the process whose /proc/PID/cgroup is `cgroup` sits in a cgroup v2 hierarchy with a memory
+    limit on its group or a parent's (systemd's MemoryMax=). The kernel then throttles writers at that
+    group's own dirty thresholds, which the host's figures do not show."""
+    path = next((line[3:].strip() for line in cgroup.splitlines() if line.startswith("0::")), None)
+    if path is None:
+        return False                    # cgroup v1 only: its memory controller does not throttle writers
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    for depth in range(len(parts), 0, -1):
+        try:
+            with open("/".join([root, *parts[:depth], "memory.max"])) as f:
+                if f.read().strip() != "max":
+                    return True
+        except OSError:
+            continue                    # no memory controller there (or no such group): nothing set
+    return False
+
+
 def host_pressure() -> float:
-    """pressure() of this host now; 1.0 (write back as before) when /proc cannot tell."""
+    """pressure() of this host now; 1.0 (write back in steps, as the export always did) when /proc cannot
+    tell, or when the export is in a memory-limited cgroup (see memory_limited)."""
     try:
+        with open("/proc/self/cgroup") as f:
+            if memory_limited(f.read()):
+                return 1.0
         with open("/proc/meminfo") as f:
             meminfo = parse_meminfo(f.read())
         with open("/proc/sys/vm/dirty_background_bytes") as f:
@@ -60,7 +83,10 @@ def host_pressure() -> float:
     return pressure(meminfo, background_bytes, background_ratio)
 
 
-def due(unsynced: int, quiet: float, host: float) -> bool:
+def due(unsynced: int, quiet: float, host: float, copying: bool = False) -> bool:
     """Whether a disk with `unsynced` bytes written since its last writeback goes back now, the guest having
-    been quiet for `quiet` seconds and the host at `host` pressure."""
-    return bool(unsynced) and (quiet >= QUIET or (unsynced >= STEP and host >= PRESSURE))
+    been quiet for `quiet` seconds and the host at `host` pressure. While a copy or a resync reads the disk
+    (`copying`) it goes back in steps whatever the pressure: the copy's reads that the export serves wait
+    for the device on its loop, and left to the kernel, the guest's worst completion during an initial copy
+    went from under 20 ms to 60-141 ms (three runs; docs/performance.md)."""
+    return bool(unsynced) and (quiet >= QUIET or (unsynced >= STEP and (copying or host >= PRESSURE)))

@@ -44,6 +44,25 @@ def test_the_background_threshold_is_the_ratio_of_dirtyable_memory_or_the_bytes_
     assert 0 <= writeback.host_pressure()
 
 
+def test_a_memory_limited_cgroup_keeps_the_steps(tmp_path):
+    """Under a cgroup v2 memory limit the kernel throttles at the group's own thresholds: the export then
+    writes back in steps whatever the host's figures say."""
+    svc = tmp_path / "system.slice" / "replicatord.service"
+    svc.mkdir(parents=True)
+    (tmp_path / "system.slice" / "memory.max").write_text("max\n")
+    (svc / "memory.max").write_text("max\n")
+    cgroup = "0::/system.slice/replicatord.service\n"
+    assert not writeback.memory_limited(cgroup, str(tmp_path))
+    (tmp_path / "system.slice" / "memory.max").write_text("2147483648\n")       # a parent's limit counts
+    assert writeback.memory_limited(cgroup, str(tmp_path))
+    assert not writeback.memory_limited("0::/\n", str(tmp_path))                 # the root group: no limit
+    assert not writeback.memory_limited("4:memory:/x\n", str(tmp_path))          # cgroup v1 only
+    assert not writeback.memory_limited("0::/../../etc\n", str(tmp_path))        # nothing outside the root
+    assert not writeback.memory_limited("0::/nowhere\n", str(tmp_path))          # no such group
+    with open("/proc/self/cgroup") as f:                                        # this host's, as read
+        writeback.memory_limited(f.read())
+
+
 @pytest.mark.parametrize("unsynced,quiet,host,expected", [
     (0, 10.0, 1.0, False),                      # nothing written: nothing to do
     (4096, 1.0, 0.0, True),                     # a quiet guest's data goes back at once
@@ -53,6 +72,11 @@ def test_the_background_threshold_is_the_ratio_of_dirtyable_memory_or_the_bytes_
 ])
 def test_when_a_disk_is_due(unsynced, quiet, host, expected):
     assert writeback.due(unsynced, quiet, host) is expected
+
+
+def test_a_disk_being_copied_goes_back_in_steps_without_pressure():
+    assert writeback.due(writeback.STEP, 0.2, 0.0, copying=True)
+    assert not writeback.due(writeback.STEP - 1, 0.2, 0.0, copying=True)
 
 
 def test_a_busy_guests_data_is_left_to_the_kernel_and_written_back_when_it_is_quiet(tmp_path):
