@@ -10,9 +10,11 @@ How a connection runs. The transmission phase parses requests straight out of th
 hands over (no coroutine per request), serves them in order, and queues the replies, which go out in one
 write per batch without waiting for the socket to drain. Only when the transport's buffer passes its high
 mark (pause_writing) does the connection stop parsing and pause reading, until resume_writing; so a client
-that does not read its replies holds at most the high mark plus one reply, and one unparsed request.
+that does not read its replies holds at most the high mark plus one reply, and one unparsed request, plus
+the replies of the reads still on worker threads (below: at most OFF_LOOP_BYTES and one more reply).
 After a batch, the connection polls its socket for the next request for a moment (adaptive, up to
-REPLICATOR_POLL_MAX_US, default 64 us) before it sleeps in the event loop again.
+REPLICATOR_POLL_MAX_US, default 64 us) before it sleeps in the event loop again, while no other connection
+is sending requests.
 
 Every request runs on the loop thread inside one data_received call, and cuts run on the same loop between
 those calls: each request is atomic with respect to the others and to log cuts. The one exception is the
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import functools
 import logging
 import os
 import socket
@@ -219,6 +223,8 @@ class NbdServer:
                       "reads_off_loop": 0}
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.off_loop = 0                # reads on the pool's threads now
+        self.latest: _Connection | None = None       # the connection of the latest batch of requests, its
+        self.latest_at = self.before_at = -(1 << 62)  # time, and that of the latest batch of another one
 
     async def start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -249,18 +255,26 @@ class NbdServer:
             self.pool.shutdown(wait=False)
             self.pool = None
 
-    def read_off_loop(self, conn: "_Connection", left, parts: list, cookie: int, cmd: int) -> None:
-        """Finish a read on a worker thread; the connection gets the outcome back on the loop."""
+    def read_off_loop(self, conn: "_Connection", work, parts: list, cookie: int, cmd: int) -> None:
+        """Run `work` (the rest of a read) on a worker thread; the connection gets the outcome back on the
+        loop. The count of reads in flight drops only once the thread is done with the file."""
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nbd-read")
+        loop = asyncio.get_running_loop()
         self.off_loop += 1
         self.stats["reads_off_loop"] += 1
-        done = asyncio.get_running_loop().run_in_executor(self.pool, FileReads.wait, left)
-        done.add_done_callback(lambda f: self._read_done(conn, f, parts, cookie, cmd))
 
-    def _read_done(self, conn: "_Connection", f: asyncio.Future, parts: list, cookie: int, cmd: int) -> None:
+        def finished(f: concurrent.futures.Future) -> None:          # on the worker thread
+            exc = f.exception() if not f.cancelled() else OSError(errno.ECANCELED, "read cancelled")
+            try:
+                loop.call_soon_threadsafe(self._read_done, conn, exc, parts, cookie, cmd)
+            except RuntimeError:
+                pass                                # the loop is closed: nobody is waiting any more
+        self.pool.submit(work).add_done_callback(finished)
+
+    def _read_done(self, conn: "_Connection", exc, parts: list, cookie: int, cmd: int) -> None:
         self.off_loop -= 1
-        conn.read_done(None if f.cancelled() else f.exception(), parts, cookie, cmd)
+        conn.read_done(exc, parts, cookie, cmd)
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -292,7 +306,6 @@ class _Connection(asyncio.Protocol):
         self.out_bytes = 0
         self.fd = -1
         self.poll: _AdaptivePoll | None = None
-        self.last_batch = 0              # perf_counter_ns of the last batch of requests
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport) -> None:
@@ -397,13 +410,10 @@ class _Connection(asyncio.Protocol):
 
     def _others_busy(self, at: int) -> bool:
         """Whether another connection sent requests in the last POLL_ALONE_NS."""
-        clients = self.server.clients
-        if len(clients) == 1:
-            return False
-        for c in clients:
-            if c is not self and at - c.last_batch < POLL_ALONE_NS:
-                return True
-        return False
+        server = self.server
+        if server.latest is not self:
+            return at - server.latest_at < POLL_ALONE_NS
+        return at - server.before_at < POLL_ALONE_NS
 
     def _receive(self, data) -> None:
         if self.closing:
@@ -417,6 +427,9 @@ class _Connection(asyncio.Protocol):
             self._run(data)
 
     def eof_received(self):
+        if self.in_flight:              # reads still on worker threads: answered first, then closed (read_done)
+            self.closing = self.disconnecting = True
+            return True
         return False                                       # the client is done: close our side too
 
     def drop(self) -> None:
@@ -429,7 +442,10 @@ class _Connection(asyncio.Protocol):
     def _run(self, data) -> None:
         """Serve every complete message in `data` (the buffer or a fresh chunk); keep the rest."""
         self.running = True
-        self.last_batch = time.perf_counter_ns()
+        server = self.server
+        if server.latest is not self:                  # which connections sent requests lately (_others_busy)
+            server.latest, server.before_at = self, server.latest_at
+        server.latest_at = time.perf_counter_ns()
         pos = 0
         try:
             pos = self._parse(data)
@@ -770,12 +786,17 @@ class _Connection(asyncio.Protocol):
             self.out.extend(parts)
             self.out_bytes += sum(len(p) for p in parts)
             return None
+        return self._off_loop(functools.partial(FileReads.wait, left), cmd, cookie, parts)
+
+    def _off_loop(self, work, cmd: int, cookie: int, parts: list) -> None:
+        """`work` on a worker thread, then `parts` (the reply) queued; past OFF_LOOP_MAX reads or
+        OFF_LOOP_BYTES of replies in flight the connection reads no more requests until one is done."""
         self.in_flight += 1
         self.in_flight_bytes += sum(len(p) for p in parts)
         if self.in_flight >= OFF_LOOP_MAX or self.in_flight_bytes >= OFF_LOOP_BYTES:
             self.held = True
             self.transport.pause_reading()
-        self.server.read_off_loop(self, left, parts, cookie, cmd)
+        self.server.read_off_loop(self, work, parts, cookie, cmd)
         return None
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
@@ -817,10 +838,12 @@ class _Connection(asyncio.Protocol):
 
     def _cache(self, disk, cookie: int, offset: int, length: int) -> None:
         """Read the data extents of the range (up to MAX_CACHE) so the host's page cache holds them; zero
-        extents need no caching. The reply, once they are read, says nothing more than that the request was
-        valid."""
+        extents need no caching. What lies in the file is read on a worker thread through one 1 MiB buffer;
+        the reply, once it is read, says nothing more than that the request was valid."""
         budget = MAX_CACHE
-        fills = []
+        reads = self.export.reads
+        pieces = []
+        scratch = None
         for ext in disk.extents(offset, length):
             if budget <= 0:
                 break
@@ -828,10 +851,18 @@ class _Connection(asyncio.Protocol):
                 continue
             n = min(ext.length, budget)
             budget -= n
-            fills.append((ext.offset, n))
-        scratch = memoryview(bytearray(sum(n for _, n in fills)))
-        views, pos = [], 0
-        for voff, n in fills:
-            views.append((voff, scratch[pos:pos + n]))
-            pos += n
-        return self._fill(CMD_CACHE, cookie, [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)], views)
+            if reads is not None:
+                pieces += reads.file_pieces(ext.offset, n)
+                continue
+            scratch = scratch or memoryview(bytearray(1 << 20))
+            pos, end = ext.offset, ext.offset + n
+            while pos < end:
+                k = min(len(scratch), end - pos)
+                disk.readinto(pos, scratch[:k])
+                pos += k
+        reply = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        if not pieces:
+            self.out.append(reply)
+            self.out_bytes += len(reply)
+            return None
+        return self._off_loop(functools.partial(FileReads.warm, pieces), CMD_CACHE, cookie, [reply])

@@ -25,6 +25,7 @@ from ..vhdx import VhdxDisk
 from ..vhdx.fileio import FileIO
 
 NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+WARM_STEP = 1 << 20                     # NBD_CMD_CACHE reads through a buffer this large
 
 
 class FileReads:
@@ -40,17 +41,20 @@ class FileReads:
     def _inner(self):
         return getattr(self.disk, "disk", self.disk)        # a TrackedDisk's VhdxDisk (None once closed)
 
+    def _plan(self, offset: int, length: int):
+        """(fd, [(virtual offset, length, kind, file offset)]) of the range; fd None when the disk is closed."""
+        inner = self._inner()
+        if isinstance(inner, VhdxDisk):
+            return inner.io.fd, inner.map_range(offset, length)
+        if isinstance(inner, RawDisk):
+            return inner.fd, [(offset, length, "file", offset)]
+        return None, []
+
     def now(self, offset: int, view: memoryview) -> list[tuple[memoryview, int, int]]:
         """Fill `view`, the disk's bytes from `offset`, with what needs no wait for the device. Returns
         what is left as (piece of view, file descriptor, file offset), for wait()."""
-        inner = self._inner()
-        if isinstance(inner, VhdxDisk):
-            fd = inner.io.fd
-            plan = inner.map_range(offset, len(view))
-        elif isinstance(inner, RawDisk):
-            fd = inner.fd
-            plan = ((offset, len(view), "file", offset),)
-        else:                                   # closed meanwhile: the disk's own read says so
+        fd, plan = self._plan(offset, len(view))
+        if fd is None:                          # closed meanwhile: the disk's own read says so
             self.disk.readinto(offset, view)
             return []
         left = []
@@ -65,6 +69,22 @@ class FileReads:
             else:                               # partly present, or in a parent: the disk's own read
                 self.disk.readinto(voff, piece)
         return left
+
+    def file_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """For NBD_CMD_CACHE: what of the range lies in the file, as (fd, file offset, length) for warm().
+        What the disk reads from elsewhere (partly present blocks, a parent) is read here and now."""
+        fd, plan = self._plan(offset, length)
+        if fd is None:
+            plan = [(offset, length, "other", 0)]
+        out, scratch = [], None
+        for voff, n, kind, foff in plan:
+            if kind == "file":
+                out.append((fd, foff, n))
+            elif kind != "zero":
+                scratch = scratch or memoryview(bytearray(WARM_STEP))
+                for pos in range(voff, voff + n, WARM_STEP):
+                    self.disk.readinto(pos, scratch[:min(WARM_STEP, voff + n - pos)])
+        return out
 
     def _cached(self, fd: int, piece: memoryview, foff: int) -> int:
         """How much of `piece` the page cache gave (the end of the file reads as zeros)."""
@@ -86,6 +106,16 @@ class FileReads:
                 return len(piece)
             done += n
         return done
+
+    @staticmethod
+    def warm(pieces: list[tuple[int, int, int]]) -> None:
+        """Read file_pieces() into the page cache, through one small buffer (on a worker thread)."""
+        buf = memoryview(bytearray(WARM_STEP))
+        for fd, foff, n in pieces:
+            for pos in range(foff, foff + n, WARM_STEP):
+                k = min(WARM_STEP, foff + n - pos)
+                if pread_exact(fd, buf[:k], pos) < k:
+                    break                       # the end of the file
 
     @staticmethod
     def wait(left: list[tuple[memoryview, int, int]]) -> None:
