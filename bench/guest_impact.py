@@ -67,6 +67,7 @@ import urllib.request
 
 import numpy as np
 
+import devicestats
 import hoststeal
 from benchcorpus import MAKE_CORPUS
 from replicator.disk.base import ExtentKind
@@ -367,6 +368,8 @@ class Fio:
         """server_pid: the process serving the disk (qemu-nbd, our export), whose CPU time is measured."""
         self.server_pid, self.cpu0 = server_pid, cpu_seconds(server_pid)
         self.t0, self.steal0 = time.time(), hoststeal.sample()
+        self.device = devicestats.device_of(self.prefix.rsplit("/", 1)[0])
+        self.dev0 = devicestats.sample(self.device)
         # a session of its own, as libvirt's QEMU is (it daemonizes it)
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
@@ -375,6 +378,7 @@ class Fio:
     def wait(self) -> "Fio":
         _, err = self.proc.communicate(timeout=3600)
         self.cpu1, self.t1, self.steal1 = cpu_seconds(self.server_pid), time.time(), hoststeal.sample()
+        self.dev1 = devicestats.sample(self.device)
         if self.proc.returncode:
             raise RuntimeError(f"fio failed ({self.proc.returncode}): {err.strip()[-2000:]}")
         return self
@@ -456,6 +460,7 @@ def measure(fio: Fio, windows=None) -> dict:
     r["run_s"] = round(float(done.max() - (done - lat).min()), 2)
     r["rate_bound"] = bool(fio.rate) and bool(r["iops"] * fio.bs >= 0.95 * fio.rate)
     r["steal"] = hoststeal.share(fio.steal0, fio.steal1)     # the host's share of our CPU time while fio ran
+    r.update(devicestats.moved(fio.dev0, fio.dev1))         # what reached the disk while fio ran
     if fio.cpu0 is not None and fio.cpu1 is not None:       # cores the server used while fio ran
         r["server_cores"] = round((fio.cpu1 - fio.cpu0) / max(1e-6, fio.t1 - fio.t0), 3)
     return r
@@ -655,14 +660,14 @@ def markdown(report: dict) -> str:
         lines += [s["note"], ""]
     for job in s["jobs"]:
         lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s | server cores "
-                  "| host steal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| host steal | disk writes MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in ORDER:
             r = report["phases"].get(p, {}).get(job)
             if r:
                 star = " *" if r.get("rate_bound") else ""
                 lines.append(f"| {p}: {PHASES[p]} | {r['iops']:,.0f}{star} | {r['median_ms']} | {r['p99_ms']} | "
                              f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} | {r.get('server_cores', '')} | "
-                             f"{r.get('steal', 0):.0%} |")
+                             f"{r.get('steal', 0):.0%} | {r.get('device_written_mib', '')} |")
         c = report["ratios"][job]
         lines += ["", f"steady/paused IOPS {c['steady_over_paused_iops']} (target >= 0.9), paused/qemu-nbd "
                   f"{c['paused_over_qemu_iops']} (>= 1.0), steady/qemu-nbd {c['steady_over_qemu_iops']}; worst "
@@ -672,7 +677,8 @@ def markdown(report: dict) -> str:
     lines += ["`*`: the job ran at the rate cap (IOPS there show only that the server kept up). Server cores: "
               "CPU time of qemu-nbd (e) or of our export process (a-d) over fio's run, per second. Host steal: the "
               "share of this machine's CPU time the host took away while fio ran (bench/hoststeal.py); above "
-              f"{hoststeal.NOISY:.0%} a phase says more about the host than about us.", ""]
+              f"{hoststeal.NOISY:.0%} a phase says more about the host than about us. Disk writes: what reached the "
+              "block device under the bench's folder while fio ran, from anyone (bench/devicestats.py).", ""]
     if report["problems"]:
         lines += ["Problems:", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(lines)
