@@ -87,6 +87,7 @@ def due(unsynced: int, quiet: float, host: float, copying: bool = False) -> bool
     """Whether a disk with `unsynced` bytes written since its last writeback goes back now, the guest having
     been quiet for `quiet` seconds and the host at `host` pressure. While a copy or a resync reads the disk
     (`copying`) it goes back in steps whatever the pressure: left to the kernel, the guest's worst completion
-    during an initial copy reached 60-141 ms in two runs, against 5-49 ms in 19 of 20 runs before, when the
-    copy's reads that the export served still waited for the device on its loop (docs/performance.md)."""
+    during an initial copy reached 60-141 ms in two runs, against 5-49 ms in 19 of 20 runs before
+    (docs/performance.md). Why is not known: that copy read every block from the file itself, not through
+    the export."""
     return bool(unsynced) and (quiet >= QUIET or (unsynced >= STEP and (copying or host >= PRESSURE)))
