@@ -10,6 +10,7 @@ import struct
 
 import pytest
 
+from replicator.disk.base import small_folios
 from replicator.tracking import nbd as N
 
 from ..externals import run
@@ -34,6 +35,7 @@ def cold(tmp_path):
     path = make_vhdx(tmp_path / "disk.vhdx", SIZE, fill=[(0, DATA)])
     t = tracked(path)
     with serving({"disk": t}, tmp_path / "nbd.sock") as svc:
+        small_folios(t.disk.io.fd)      # no readahead, as the export process opens it: every read stays cold
         drop_cache(path)
         yield svc, path
 
