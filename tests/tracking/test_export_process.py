@@ -233,3 +233,18 @@ def test_the_export_does_not_inherit_a_background_policy(tmp_path, disk):
             assert os.sched_getscheduler(int(tid)) == os.SCHED_OTHER, tid
     finally:
         assert h.detach() is True
+
+
+def test_a_clean_stop_leaves_no_error_in_the_log(tmp_path, disk):
+    """Stopped by replicatord (the control's shutdown, while its watch connection is open): the export's log
+    says it stopped cleanly and holds no error (control connections still open were once left as "Task was
+    destroyed but it is pending!" errors)."""
+    h = _handle(tmp_path, disk)
+    qemu_io(h.uri("d0.vhdx"), f"write -P 0x11 0 {MiB}")
+    pid = h.pid
+    h.shutdown()
+    assert not alive(pid)
+    with open(h.log_path) as f:
+        text = f.read()
+    assert "stopped cleanly" in text
+    assert "ERROR" not in text and "Traceback" not in text, text[-2000:]
