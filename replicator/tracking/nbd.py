@@ -41,7 +41,7 @@ from ..disk.base import Extent, ExtentKind
 from ..disk.raw import RawDisk
 from ..errors import DiskIOError, OutOfRange, ReadOnlyError, ReplicatorError
 from ..vhdx import VhdxDisk
-from .reads import FileReads, reads_for
+from .reads import FileReads, read_through, reads_for
 
 log = logging.getLogger("replicator.nbd")
 
@@ -843,7 +843,6 @@ class _Connection(asyncio.Protocol):
         budget = MAX_CACHE
         reads = self.export.reads
         pieces = []
-        scratch = None
         for ext in disk.extents(offset, length):
             if budget <= 0:
                 break
@@ -853,13 +852,8 @@ class _Connection(asyncio.Protocol):
             budget -= n
             if reads is not None:
                 pieces += reads.file_pieces(ext.offset, n)
-                continue
-            scratch = scratch or memoryview(bytearray(1 << 20))
-            pos, end = ext.offset, ext.offset + n
-            while pos < end:
-                k = min(len(scratch), end - pos)
-                disk.readinto(pos, scratch[:k])
-                pos += k
+            else:
+                read_through(disk, ext.offset, n)
         reply = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         if not pieces:
             self.out.append(reply)

@@ -76,14 +76,12 @@ class FileReads:
         fd, plan = self._plan(offset, length)
         if fd is None:
             plan = [(offset, length, "other", 0)]
-        out, scratch = [], None
+        out = []
         for voff, n, kind, foff in plan:
             if kind == "file":
                 out.append((fd, foff, n))
             elif kind != "zero":
-                scratch = scratch or memoryview(bytearray(WARM_STEP))
-                for pos in range(voff, voff + n, WARM_STEP):
-                    self.disk.readinto(pos, scratch[:min(WARM_STEP, voff + n - pos)])
+                read_through(self.disk, voff, n)
         return out
 
     def _cached(self, fd: int, piece: memoryview, foff: int) -> int:
@@ -124,6 +122,14 @@ class FileReads:
             got = pread_exact(fd, piece, foff)
             if got < len(piece):
                 piece[got:] = bytes(len(piece) - got)
+
+
+def read_through(disk, offset: int, length: int) -> None:
+    """Read [offset, offset+length) of the disk into the page cache, through one WARM_STEP buffer (NBD_CMD_CACHE
+    of what cannot be read from the file directly), on the calling thread."""
+    buf = memoryview(bytearray(min(WARM_STEP, length)))
+    for pos in range(offset, offset + length, WARM_STEP):
+        disk.readinto(pos, buf[:min(WARM_STEP, offset + length - pos)])
 
 
 def reads_for(disk) -> FileReads | None:
