@@ -256,7 +256,7 @@ class Site:
     """A replica replicatord and a primary replicatord protecting machine vm (disk primary.vhdx) to it."""
 
     def __init__(self, work: str, pki: str, corpus_vhdx: str, tag: str, replica_root: str | None = None,
-                 copy_rate: str | None = None, replication_cpus: str | None = None):
+                 copy_rate: str | None = None, replication_cpus: str | None = None, memory_logs: str | None = None):
         self.work, self.pki = work, pki
         self.dir = os.path.join(work, f"site-{tag}")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -268,6 +268,7 @@ class Site:
         rport, tls = free_port(), lambda n: f'cert = "{pki}/{n}.pem"\nkey = "{pki}/{n}.key"\nca = "{pki}/ca.pem"\n'
         ra, pa = free_port(), free_port()
         cpus = f'replication_cpus = "{replication_cpus}"\n' if replication_cpus else ""
+        mem = f'memory_logs = "{memory_logs}"\n' if memory_logs else ""
         self.replica = Daemon(os.path.join(self.dir, "replica"), f'''[daemon]
 state_dir = "state"
 admin_listen = "127.0.0.1:{ra}"
@@ -284,7 +285,7 @@ storage = "{store}"
         self.primary = Daemon(os.path.join(self.dir, "primary"), f'''[daemon]
 state_dir = "state"
 admin_listen = "127.0.0.1:{pa}"
-{cpus}
+{cpus}{mem}
 [[machine]]
 name = "vm"
 disks = ["{self.disk}"]
@@ -507,7 +508,7 @@ def job_window(site: Site, job_id: str, until) -> tuple[float, float, dict]:
 def phase_initial(work: str, pki: str, corpus_vhdx: str, job: str, args, region, logs: str, last: bool):
     """A fresh site, fio, and 0.5 s into it the initial replication; returns (result, site or None)."""
     site = Site(work, pki, corpus_vhdx, "c", args.replica_root, args.copy_rate_when_busy,
-                args.replication_cpus).start()
+                args.replication_cpus, args.memory_logs).start()
     try:
         mark = site.log_mark()
         fio = Fio(logs, "c", job, site.uri, args, region).start(site.export_pid())
@@ -655,7 +656,8 @@ def markdown(report: dict) -> str:
              f"run in a session of their own, as libvirt's QEMU and systemd's services do (from 2026-12-06 "
              f"16:00; before, fio and the replicatords shared the bench's session); copy_rate_when_busy: "
              f"{s.get('copy_rate_when_busy', 'none (before 2026-12-06 16:00)')}; replication_cpus: "
-             f"{s.get('replication_cpus', 'none (every CPU)')}.", ""]
+             f"{s.get('replication_cpus', 'none (every CPU)')}; memory_logs: "
+             f"{s.get('memory_logs', 'none (before 2026-12-07 14:00)')}.", ""]
     if s.get("note"):
         lines += [s["note"], ""]
     for job in s["jobs"]:
@@ -707,6 +709,9 @@ def main(argv=None) -> int:
     ap.add_argument("--replication-cpus", default=None, metavar="LIST",
                     help="both replicatords' replication_cpus (e.g. 1: replication on CPU 1, the export on every "
                          "CPU, fio unpinned); default: none, replication on every CPU")
+    ap.add_argument("--memory-logs", default=None, metavar="BUDGET",
+                    help="the primary's memory_logs (auto, none or a size like 2G: the export's active logs in "
+                         "memory); default: replicatord's (auto)")
     ap.add_argument("--note", default=None, help="what the machine was doing (default: shared and busy)")
     ap.add_argument("--out", default=None, help="JSON path; the .md beside it (default docs/bench/guest-impact.json; "
                     "--quick: WORK/guest-impact.json)")
@@ -752,7 +757,7 @@ def main(argv=None) -> int:
                 res["c"][job], site = phase_initial(work, pki, vhdx, job, args, region, logs, i == len(jobs) - 1)
         if site is None and any(p in phases for p in "abd"):         # no phase c: one initial replication
             site = Site(work, pki, vhdx, "c", args.replica_root, args.copy_rate_when_busy,
-                        args.replication_cpus).start()
+                        args.replication_cpus, args.memory_logs).start()
             site.primary.ok("POST", "/v1/machines/vm/cycle?wait=1")
         if site is not None:
             wait_for(lambda: site.primary.machine()["state"] == "Replicating", "the initial replication to end",
@@ -786,6 +791,7 @@ def main(argv=None) -> int:
                   "replica_root": args.replica_root or "under --work (the primary's file system)",
                   "copy_rate_when_busy": args.copy_rate_when_busy or "replicatord's default",
                   "replication_cpus": args.replication_cpus or "none (every CPU)",
+                  "memory_logs": args.memory_logs or "replicatord's default (auto)",
                   "sessions": "fio, both replicatords and the export each in a session of their own",
                   "note": args.note or "Figures from a shared, busy 2-core machine." if not q else
                           "--quick: a smoke run (256 MiB disk, 5 s jobs); the figures mean little."},

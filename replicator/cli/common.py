@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import os
-import re
 
 from ..errors import UsageError
-from ..units import scaled
+from ..units import size
 
 
 def parse_size(text: str) -> int:
     """'512', '64M', '1.5G', '2T' (binary units, an optional trailing 'iB' or 'B')."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
     try:
-        value = scaled(m.group(1), m.group(2))
-    except (AttributeError, ValueError):    # no match, or digits scaled refuses (not ASCII, too many)
+        return size(text)
+    except ValueError as e:
+        if "whole number" in str(e):
+            raise UsageError(f"size {text!r} is not a whole number of bytes") from None
         raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix") from None
-    if value.denominator != 1:
-        raise UsageError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
 
 
 def human(n: float, decimals: int = 2) -> str:

@@ -32,6 +32,7 @@ import sys
 from aiohttp import web
 
 from ..errors import CannotListen, ReplicatorError
+from ..tracking import memlogs
 from ..priority import check_replication_cpus, cpu_list, pin_replication, replication_behind_guests
 from ..orchestration import (JobRegistry, MachineStats, Scheduler, load_config, provider_from_settings,
                              render_prometheus)
@@ -356,6 +357,7 @@ async def serve(config, agent=None) -> None:
     while True:
         if agent is None:               # from a controller, --replication-cpus placed it once (agent_cli.py)
             _place_replication(config.daemon.replication_cpus)
+        memlogs.configure(config.daemon.memory_logs)     # for the exports started from now on
         daemon = Daemon(config)
         daemon.stopping = stopping
         daemon.reload_requested = reload.set

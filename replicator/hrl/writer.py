@@ -7,6 +7,7 @@ what makes the log readable: an unsealed log is by definition not closed cleanly
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -26,6 +27,8 @@ GROW = 64 << 20                       # the file is extended this far ahead of t
 ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are logged in 1 GiB pieces
 ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
 SPOOL_MAX = 64 << 20                  # a background writer's queued bytes before an append waits for it
+SPILL_PIECE = 1 << 20                 # a log moving to another file (spill_to): copied in pieces of this size
+_ZEROS = bytes(SPILL_PIECE)
 
 
 def take_spare(spare: str, path: str) -> int:
@@ -73,6 +76,11 @@ class HrlWriter:
         self.total_entries = 0
         self.data_bytes = 0
         self.last_metadata = HEADER_SIZE
+        self.written_end = 0                  # bytes below this are written for good (the log is append-only)
+        self._spill: _Spill | None = None     # the log moving to another file (spill_to)
+        self.spilling = False                 # spill_to() asked (the caller's view)
+        self.spilled = False                  # the move is done (set by the writer's thread)
+        self.spill_error: str | None = None   # why a move was given up
         self._spool = Spool(path, "log write failed", SPOOL_MAX) if background else None
         self._closing = None
         self._opened = threading.Event()     # set once the file is open (or given up): see wait_open
@@ -189,6 +197,8 @@ class HrlWriter:
                 self._spool.stop()
                 self._spool = None
             # the thread is done with the file once wait() returned: only its exit is left
+        if self._spill is not None:
+            self._spill_finish()
         if vhd2_data_write_guid is not None:
             self.header = self.header.evolve(vhd2_data_write_guid=vhd2_data_write_guid)
         self.header = self.header.evolve(current_size=self.cursor, eol_location=self.cursor,
@@ -208,6 +218,68 @@ class HrlWriter:
         self.sealed = True
         self.close()
         return self.header
+
+    def spill_to(self, path: str) -> None:
+        """Move the log, while it is being written, to a new file at `path` (a log written to memory that
+        outgrew its budget goes on on disk: tracking/memlogs.py). Nothing waits for it: the writer's own
+        thread copies what is written in pieces after each of its writes, and switches to the new file once
+        it has caught up; the old file is then removed. seal() and close() finish or drop a move under way.
+        A move that fails (no room on disk) is dropped, and the log stays where it is (spill_error says why)."""
+        if self.spilling or self.sealed:
+            return
+        self.spilling = True
+        self._do(lambda: self._spill_open(path))
+
+    def _spill_open(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            self.spill_error = f"{path}: cannot create log: {e.strerror}"
+            return
+        self._spill = _Spill(path, fd)
+        self._spill_step(0)
+
+    def _spill_step(self, written: int) -> None:
+        """After a write of `written` bytes: copy at least twice that (and a piece) of the old file, so that
+        the move catches up with any append rate the writer sustains."""
+        sp = self._spill
+        allowance = max(SPILL_PIECE, 2 * written)
+        try:
+            while sp.copied < self.written_end and allowance > 0:
+                n = min(SPILL_PIECE, self.written_end - sp.copied, allowance)
+                piece = os.pread(self.fd, n, sp.copied)
+                if not piece:
+                    break
+                if not _zero(piece):                   # logged zeroes are holes: they stay holes
+                    pwrite_all(sp.fd, piece, sp.copied)
+                sp.copied += len(piece)
+                allowance -= len(piece)
+            if sp.copied >= self.written_end:
+                os.ftruncate(sp.fd, self.file_end)
+        except OSError as e:                    # the old file is whole and still the log's: go on there
+            self.spill_error = f"{sp.path}: log write failed: {e.strerror}"
+            self._spill_drop()
+            return
+        if sp.copied >= self.written_end:
+            old_fd, old_path = self.fd, self.path
+            self.fd, self.path, self.stale_end, self._spill = sp.fd, sp.path, 0, None
+            self.spilled = True
+            os.close(old_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(old_path)
+
+    def _spill_finish(self) -> None:
+        while self._spill is not None:
+            self._spill_step(1 << 62)
+
+    def _spill_drop(self) -> None:
+        sp, self._spill = self._spill, None
+        if sp is not None:
+            os.close(sp.fd)
+            try:
+                os.unlink(sp.path)
+            except OSError:
+                pass
 
     def _drain(self) -> None:
         if self._buf:
@@ -232,6 +304,7 @@ class HrlWriter:
 
     def _close(self) -> None:
         self._opened.set()
+        self._spill_drop()                  # a move not finished: the log stays where it was (or goes, given up)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -257,9 +330,23 @@ class HrlWriter:
             pwrite_all(self.fd, data, offset)
         except OSError as e:
             raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+        self.written_end = max(self.written_end, end)
+        if self._spill is not None:
+            self._spill_step(len(data))
 
     def _fsync(self) -> None:
         try:
             os.fsync(self.fd)
         except OSError as e:
             raise DiskIOError(f"{self.path}: log flush failed: {e.strerror}") from None
+
+
+def _zero(piece: bytes) -> bool:
+    return piece == _ZEROS if len(piece) == SPILL_PIECE else not piece.strip(b"\0")
+
+
+class _Spill:
+    """A log's move to another file: the new file, and how far the old one is copied into it."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd, self.copied = path, fd, 0

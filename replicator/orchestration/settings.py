@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..priority import parse_cpu_list
 from ..replica.limits import LIMITS, ReplicaLimits
 from ..replication.pacing import COPY_RATE_WHEN_BUSY
-from ..units import scaled
+from ..units import scaled, size
 from . import failover_ips
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
@@ -137,6 +137,7 @@ class DaemonSettings:
     metrics_port: int = 9185
     metrics_token_file: str = ""
     replication_cpus: frozenset | None = None   # replicatord's threads on these CPUs; its exports on every CPU
+    memory_logs: int | None = None        # the host's budget for logs in memory (tracking/memlogs.py); None: auto
 
 
 @dataclass(frozen=True)
@@ -514,7 +515,22 @@ def _daemon(t: _Table) -> DaemonSettings:
             t.rep.error(t.at("metrics_listen"), "must differ from admin_listen")
     metrics_token = t.file("metrics_token_file") or os.path.join(state_dir, "metrics.token")
     return DaemonSettings(state_dir, host, port, token, metrics_host, metrics_port, metrics_token,
-                          _replication_cpus(t))
+                          _replication_cpus(t), _memory_logs(t))
+
+
+def _memory_logs(t: _Table) -> int | None:
+    """memory_logs = "auto" (an eighth of the host's memory, at most half its tmpfs), "none" (logs on disk
+    only) or a size ("2G"): the budget for the active logs the exports write to memory."""
+    raw = t.str("memory_logs")
+    if raw is None or raw.strip().lower() == "auto":
+        return None
+    if raw.strip().lower() in ("none", "off", "0"):
+        return 0
+    try:
+        return size(raw)
+    except ValueError:
+        t.rep.error(t.at("memory_logs"), f"must be \"auto\", \"none\" or a size like \"2G\", not {raw!r}")
+        return None
 
 
 def _replication_cpus(t: _Table) -> frozenset | None:
@@ -915,7 +931,7 @@ def parse_config_data(data: dict, *, base_dir: str = ".", source: str = "replica
                   os.path.abspath(base_dir))
     sub = {k: _Table(root.table(k) or {}, k, rep, keys, root.base) for k, keys in (
         ("daemon", {"state_dir", "admin_listen", "admin_token_file", "metrics_listen", "metrics_token_file",
-                    "replication_cpus"}),
+                    "replication_cpus", "memory_logs"}),
         ("replica", {"listen", "port", "auth", "cert", "key", "ca", "keytab", "allow", "failover_dir",
                      "test_failover_dir", "reverse", "libvirt", "network_map", "test_network", "boot_timeout",
                      *(k.name for k in LIMITS)}))}

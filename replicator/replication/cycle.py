@@ -203,7 +203,7 @@ class DiskReplicator:
         if self._complete(path):              # a stream from an interrupted run is resent byte for byte
             point = await self._send(stream_id, path, result, None)
         else:
-            log_path = os.path.join(self.tracker.sidecar.logs_dir, rec.name)
+            log_path = self.tracker.sidecar.log_path(rec.name, self.tracker.state.memory_dir)
             header = self._header(generation, "delta", consistency, [uuid.UUID(rec.unique_id)])
 
             def encode(sink):

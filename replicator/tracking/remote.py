@@ -25,6 +25,7 @@ from ..disk.base import Extent, ExtentKind
 from ..errors import ExportUnavailable, ReplicatorError
 from ..priority import cpu_list, export_cpus
 from .nbdclient import NbdDisk
+from . import memlogs
 from .state import SealedLogRecord, Sidecar, SidecarState
 from .tracker import SealedLog
 
@@ -196,12 +197,17 @@ class RemoteTrackedDisk:
 class ExportHandle:
     """One machine's export process, as replicatord sees it."""
 
-    def __init__(self, name: str, disks: dict[str, str], run_dir: str, *, idle_grace: float = 10.0):
+    def __init__(self, name: str, disks: dict[str, str], run_dir: str, *, idle_grace: float = 10.0,
+                 memory_logs: int | None = None, memory_root: str | None = None):
+        """memory_logs: the host's budget for logs in memory, in bytes (tracking/memlogs.py); None: the
+        export's own default (auto). memory_root: the tmpfs they go to (None: memlogs.ROOT)."""
         self.name, self.paths = name, {n: os.path.abspath(p) for n, p in disks.items()}
         self.nbd_socket = os.path.join(run_dir, f"{name}.sock")
         self.control_path = os.path.join(run_dir, f"{name}.control")
         self.log_path = os.path.join(run_dir, f"{name}.export.log")
         self.idle_grace = idle_grace
+        self.memory_logs = memory_logs if memory_logs is not None else memlogs.configured()
+        self.memory_root = memory_root
         self.control = ControlClient(self.control_path)
         self.disks: dict[str, RemoteTrackedDisk] = {}
         self.pid: int | None = None
@@ -248,6 +254,10 @@ class ExportHandle:
                self.nbd_socket, "--control", self.control_path, "--idle-grace", str(self.idle_grace)]
         if (cpus := export_cpus()) is not None:        # replicatord is pinned (replication_cpus): not the export
             cmd += ["--cpus", cpu_list(cpus)]
+        if self.memory_logs is not None:
+            cmd += ["--memory-logs", str(self.memory_logs)]
+        if self.memory_root is not None:
+            cmd += ["--memory-root", self.memory_root]
         cmd += [f"{n}={p}" for n, p in self.paths.items()]
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

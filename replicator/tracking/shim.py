@@ -29,6 +29,7 @@ from ..disk.base import small_folios
 from ..errors import ReplicatorError
 from ..priority import background_priority, cpu_list, foreground_policy, guest_first, parse_cpu_list, run_on
 from . import writeback
+from .memlogs import ROOT, MemoryLogs, parse_budget
 from .nbd import Export, NbdServer
 from .service import new_event_loop
 from .state import TrackingState
@@ -51,7 +52,7 @@ def _sealed(s) -> dict | None:
                                    "previous_unique_id": str(s.previous_unique_id), "data_bytes": s.data_bytes}
 
 
-def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk]:
+def open_disks(disks: dict[str, str], lock_wait: float, memory: MemoryLogs | None = None) -> dict[str, TrackedDisk]:
     """Open every disk read-write (taking its image lock); a lock still held by an export that is on its
     way out is waited for up to `lock_wait` seconds."""
     locked = getattr(errors, "ImageLocked", None)
@@ -61,7 +62,7 @@ def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk
         for name, path in disks.items():
             while True:
                 try:
-                    opened[name] = TrackedDisk(path, log_thread=True)
+                    opened[name] = TrackedDisk(path, log_thread=True, memory=memory)
                     opened[name].disk.prepare_for_writes()     # the guest's first write pays no header flush
                     opened[name].disk.background_commits()     # nor a metadata commit's fsyncs
                     small_folios(opened[name].disk.io.fd, drop=True)    # cheap 4 KiB writes (see there)
@@ -79,8 +80,9 @@ def open_disks(disks: dict[str, str], lock_wait: float) -> dict[str, TrackedDisk
 
 class ExportProcess:
     def __init__(self, name: str, disks: dict[str, TrackedDisk], nbd_socket: str, control: str,
-                 idle_grace: float):
+                 idle_grace: float, memory: MemoryLogs | None = None):
         self.name, self.disks = name, disks
+        self.memory = memory
         self.group = TrackingGroup(list(disks.values()))
         self.nbd_socket, self.control = nbd_socket, control
         self.idle_grace = idle_grace
@@ -139,10 +141,16 @@ class ExportProcess:
         """Write a disk's data back on a worker thread once its guest has been quiet for a second, or in
         steps while it is being copied or the host's dirty pages near the kernel's background threshold;
         else the kernel's flusher does it, as for qemu-nbd (tracking/writeback.py says why)."""
-        host, checked = 0.0, float("-inf")
+        host, checked, measured = 0.0, float("-inf"), float("-inf")
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            if self.memory is not None and now - measured >= 0.5:
+                measured = now              # the host's logs in memory, against its budget (memlogs.py)
+                if await asyncio.to_thread(self.memory.measure) > self.memory.budget:
+                    for d in self.disks.values():
+                        if d.disk is not None:
+                            d.spill_log()
             disks = [d for d in self.disks.values() if d.disk is not None and d.unsynced]
             if now - checked >= 0.5 and any(d.unsynced >= writeback.STEP for d in disks):
                 checked = now               # /proc read off the loop, at most twice a second
@@ -332,6 +340,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=parse_cpu_list, metavar="LIST",
                     help="run on these CPUs (replicatord passes the ones it was started with when replication is "
                          "pinned to others: replication_cpus)")
+    ap.add_argument("--memory-logs", type=parse_budget, default="auto", metavar="BYTES",
+                    help="the host's budget for logs written to memory (tmpfs) instead of the disk: auto (an "
+                         "eighth of the memory, at most half the tmpfs), 0 (none), or a size such as 2G")
+    ap.add_argument("--memory-root", default=ROOT, metavar="DIR",
+                    help=f"the tmpfs the logs in memory go to, in a folder of this user's (default {ROOT})")
     ap.add_argument("disks", nargs="+", metavar="NAME=PATH", help="the machine's disks")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
@@ -349,8 +362,14 @@ def main(argv=None) -> int:
         pass    # not permitted (not root): the same priority as replicatord
     guest_first(PRIORITY_BOOST)     # this thread runs the loop that serves every request
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    memory = None
+    if args.memory_logs > 0:
+        try:
+            memory = MemoryLogs.open(args.memory_logs, args.memory_root)
+        except ValueError as e:
+            log.warning("logs stay on disk: %s", e)
     try:
-        opened = open_disks(disks, args.lock_wait)
+        opened = open_disks(disks, args.lock_wait, memory)
     except ReplicatorError as e:
         print(f"replicator-export: {e.message}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -359,7 +378,7 @@ def main(argv=None) -> int:
     # the file work handed off the loop (writeback, cuts' seals, state saves) must not preempt the loop
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
         max_workers=4, thread_name_prefix="export-io", initializer=background_priority))
-    proc = ExportProcess(args.name, opened, args.nbd_socket, args.control, args.idle_grace)
+    proc = ExportProcess(args.name, opened, args.nbd_socket, args.control, args.idle_grace, memory)
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(proc.shutdown()))
     try:
         loop.run_until_complete(proc.run())

@@ -9,7 +9,8 @@ Next to DISK lives DISK.rpl/ with:
                off the I/O path; so after a crash of our processes the bitmap (the kernel's copy) is a
                superset of every change the replica may lack. After a crash of the host (state unclean,
                written under another boot_id) it is not trusted: every region is compared.
-- logs/        the active and sealed .hrl files.
+- logs/        the active and sealed .hrl files (those written to memory live in state.memory_dir instead,
+               under the same names: Sidecar.log_path).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class SidecarState:
     log_sequence: int = 0
     sealed_logs: list[SealedLogRecord] = field(default_factory=list)
     boot_id: str | None = None   # the kernel boot the tracker last opened the disk in (None: before 2026-12)
+    memory_dir: str | None = None    # where logs written to memory live (tracking/memlogs.py); None: none
 
 
 def pack_regions(bits: np.ndarray) -> str:
@@ -88,6 +90,15 @@ class Sidecar:
 
     def create_dirs(self) -> None:
         os.makedirs(self.logs_dir, exist_ok=True)
+
+    def log_path(self, name: str, memory_dir: str | None = None) -> str:
+        """Where log `name` is: in memory_dir while it is there (a log moves to disk at most once, and the
+        disk's copy is complete before the memory's goes: HrlWriter.spill_to), else in logs/."""
+        if memory_dir is not None:
+            path = os.path.join(memory_dir, name)
+            if os.path.exists(path):
+                return path
+        return os.path.join(self.logs_dir, name)
 
     def load(self) -> SidecarState:
         try:

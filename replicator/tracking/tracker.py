@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..durable import output_path
 from ..errors import DiskIOError, ReplicatorError
 from ..hrl import HrlReader, HrlWriter
 from ..hrl.reader import LogNotSealed
 from ..vhdx import VhdxDisk
+from .memlogs import MemoryLogs
 from .state import (DEFAULT_REGION_SIZE, SPARE_LOG, SealedLogRecord, Sidecar, SidecarState, TrackingState,
                     current_boot_id, pack_regions, unpack_regions)
 
@@ -50,10 +52,13 @@ class TrackedDisk:
     """A VHDX opened read-write with change tracking. Not thread-safe: one caller (the export's loop)."""
 
     def __init__(self, path: str, *, region_size: int = DEFAULT_REGION_SIZE, max_log_share: float = 0.5,
-                 log_thread: bool = False):
-        """log_thread: each log's file work on a thread of its own (the export: see HrlWriter)."""
+                 log_thread: bool = False, memory: MemoryLogs | None = None):
+        """log_thread: each log's file work on a thread of its own (the export: see HrlWriter).
+        memory: new logs are written to memory while the host's budget allows (tracking/memlogs.py)."""
         self.path = path
         self.log_thread = log_thread
+        self.memory = memory
+        self.log_in_memory = False
         self.max_log_share = max_log_share
         self.sidecar = Sidecar(path)
         self.deferring = False   # the export process: slow file work goes to run_deferred() (see _later)
@@ -95,6 +100,8 @@ class TrackedDisk:
             self._require_resync(reason, persist=False)
         self.state.clean = False
         self.state.boot_id = boot
+        if self.memory is not None:          # else the one recorded stays: logs may still be there
+            self.state.memory_dir = self.memory.dir_for(self.sidecar.dir)
         self.sidecar.rewrite_bitmap(self.dirty)      # durable, as is the state, before the first write
         self._start_log()
 
@@ -122,7 +129,7 @@ class TrackedDisk:
     def _check_chain(self) -> str | None:
         previous = None
         for rec in self.state.sealed_logs:
-            path = os.path.join(self.sidecar.logs_dir, rec.name)
+            path = self.log_path(rec.name)
             try:
                 with HrlReader(path, self.size) as r:
                     uid, prev = str(r.header.unique_id), str(r.header.previous_unique_id)
@@ -156,16 +163,30 @@ class TrackedDisk:
         else:
             self.state.log_sequence += 1
             name = f"{self.state.log_sequence:08d}.hrl"
+            # in memory while the host's logs there take less than its budget (memory.used: measured
+            # off this path); such a log is not written over a spare (that would hold memory for nothing)
+            self.log_in_memory = self.memory is not None and self.memory.room > 0
+            where = self.state.memory_dir if self.log_in_memory else self.sidecar.logs_dir
             try:
-                self.log = HrlWriter(os.path.join(self.sidecar.logs_dir, name),
+                self.log = HrlWriter(os.path.join(where, name),
                                      previous_unique_id=uuid.UUID(self.state.last_unique_id),
                                      vhd2_data_write_guid=self.disk.data_write_guid,
-                                     recycle=self.sidecar.spare_path, background=self.log_thread)
+                                     recycle=None if self.log_in_memory else self.sidecar.spare_path,
+                                     background=self.log_thread)
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
         if save:
             self._save_state()
+
+    def log_path(self, name: str) -> str:
+        return self.sidecar.log_path(name, self.state.memory_dir)
+
+    def spill_log(self) -> None:
+        """The host's logs in memory outgrew its budget: the active log goes on on disk (without waiting:
+        HrlWriter.spill_to)."""
+        if self.log is not None and self.log_in_memory and not self.log.spilling:
+            self.log.spill_to(os.path.join(self.sidecar.logs_dir, self.state.active_log))
 
     # ------------------------------------------------------------------ slow file work
     def _later(self, work) -> None:
@@ -375,7 +396,7 @@ class TrackedDisk:
                                                       str(header.previous_unique_id), pack_regions(pending.regions),
                                                       log.data_bytes))
         self.state.data_write_guid = str(pending.data_write_guid)
-        return SealedLog(os.path.join(self.sidecar.logs_dir, pending.name), header.unique_id,
+        return SealedLog(log.path, header.unique_id,
                          header.previous_unique_id, log.data_bytes)
 
     def _record_sealed(self, name: str, header, data_bytes: int) -> None:
@@ -394,7 +415,7 @@ class TrackedDisk:
             raise ReplicatorError(f"{self.path}: log {unique_id} is not pending")
         keep = self.state.sealed_logs[names.index(str(unique_id)) + 1:]
         acked = self.state.sealed_logs[:len(self.state.sealed_logs) - len(keep)]
-        self._recycle_later([os.path.join(self.sidecar.logs_dir, rec.name) for rec in acked])
+        self._recycle_later([self.log_path(rec.name) for rec in acked])
         self.state.sealed_logs = keep
         self._save_state()
         if self.state.state == TrackingState.TRACKING.value:   # otherwise the bitmap also holds changes no log has
@@ -432,11 +453,17 @@ class TrackedDisk:
         self._new_cycle()
         self._start_log()
         # sealed logs, or left open by a crash (anything else an operator put there is not ours)
-        older = sorted(os.path.join(self.sidecar.logs_dir, n) for n in os.listdir(self.sidecar.logs_dir)
+        older = sorted(os.path.join(d, n) for d in self._log_dirs() for n in os.listdir(d)
                        if n.endswith(".hrl") and n not in (self.state.active_log, SPARE_LOG))
         closed, self._closed_logs = self._closed_logs, []
         self._recycle_later(older, closed)
         return extents
+
+    def _log_dirs(self) -> list[str]:
+        dirs = [self.sidecar.logs_dir]
+        if self.state.memory_dir is not None and os.path.isdir(self.state.memory_dir):
+            dirs.append(self.state.memory_dir)
+        return dirs
 
     def _recycle_later(self, paths: list[str], closed=()) -> None:
         """recycle_logs, off the I/O path, once the logs' writers are done with the files: the `closed`
@@ -450,7 +477,9 @@ class TrackedDisk:
                 w.join()
             if active is not None:
                 active.wait_open()
-            recycle_logs(paths, spare)
+            on_disk = [p for p in paths if os.path.dirname(p) == self.sidecar.logs_dir]
+            recycle_logs(on_disk, spare)
+            remove_files([p for p in paths if p not in on_disk])   # memory is not kept for a spare
         self._later(recycle)
 
     def end_resync(self) -> None:
@@ -498,12 +527,44 @@ class TrackedDisk:
             self.disk.close()
             self.state.data_write_guid = str(self.disk.data_write_guid)
             self.state.active_log = None
+            self._logs_to_disk()
             self.state.clean = True
             self.sidecar.sync_bitmap()                 # a clean state vouches for the bitmap, after a reboot too
             self.sidecar.save(self.state)
         finally:
             self.sidecar.close()
             self.disk = None
+
+    def _logs_to_disk(self) -> None:
+        """Clean stop: the pending logs held in memory are copied to logs/ (and made durable), so that a
+        clean state's chain outlives a reboot; the disk's memory directory goes."""
+        mem = self.state.memory_dir
+        if mem is None or not os.path.isdir(mem):
+            return
+        for rec in self.state.sealed_logs:
+            src = os.path.join(mem, rec.name)
+            if os.path.exists(src):
+                copy_durably(src, os.path.join(self.sidecar.logs_dir, rec.name))
+                os.unlink(src)
+        remove_files(os.path.join(mem, n) for n in os.listdir(mem) if n.endswith(".hrl"))
+        try:
+            os.rmdir(mem)
+        except OSError:
+            pass
+
+
+def copy_durably(src: str, dst: str) -> None:
+    """src to dst, fsynced, published by rename (output_path); holes stay holes."""
+    try:
+        with output_path(dst, replace=True) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while (piece := fi.read(4 << 20)):
+                if piece.strip(b"\0"):
+                    fo.write(piece)
+                else:
+                    fo.seek(len(piece), os.SEEK_CUR)
+            fo.truncate()
+    except OSError as e:
+        raise DiskIOError(f"{dst}: cannot keep the log: {e.strerror}") from None
 
 
 def recycle_logs(paths, spare: str) -> None:

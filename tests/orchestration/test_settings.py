@@ -393,3 +393,17 @@ def test_replication_cpus(tmp_path, disks):
     assert p == {"daemon.replication_cpus": "'0-' is not a CPU list (like 1 or 0-3,8)"}
     assert problems(tmp_path, conf(tmp_path, extra="replication_cpus = 1")) == {
         "daemon.replication_cpus": "must be a string, not an integer"}
+
+
+def test_memory_logs(tmp_path, disks):
+    """The host's budget for change logs in memory (tracking/memlogs.py): auto (None), none (0) or a size."""
+    assert load(tmp_path, conf(tmp_path)).daemon.memory_logs is None
+    assert load(tmp_path, conf(tmp_path, extra='memory_logs = "auto"')).daemon.memory_logs is None
+    assert load(tmp_path, conf(tmp_path, extra='memory_logs = "none"')).daemon.memory_logs == 0
+    assert load(tmp_path, conf(tmp_path, extra='memory_logs = "1.5G"')).daemon.memory_logs == 3 << 29
+    assert load(tmp_path, conf(tmp_path, extra='memory_logs = "512MiB"')).daemon.memory_logs == 512 << 20
+    for bad in ('"2G/s"', '"lots"', '"-1G"', '"0.5"'):
+        p = problems(tmp_path, conf(tmp_path, extra=f"memory_logs = {bad}"))
+        assert list(p) == ["daemon.memory_logs"] and "auto" in p["daemon.memory_logs"], (bad, p)
+    assert problems(tmp_path, conf(tmp_path, extra="memory_logs = 1")) == {
+        "daemon.memory_logs": "must be a string, not an integer"}

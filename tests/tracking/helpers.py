@@ -55,7 +55,8 @@ def read_vhdx(path) -> bytes:
 
 def sealed_log_paths(disk_path) -> list[str]:
     sc = Sidecar(str(disk_path))
-    return [os.path.join(sc.logs_dir, r.name) for r in sc.load().sealed_logs]
+    state = sc.load()
+    return [sc.log_path(r.name, state.memory_dir) for r in state.sealed_logs]
 
 
 def log_ranges(paths, disk_size: int) -> list[tuple[int, int]]:
