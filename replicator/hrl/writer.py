@@ -8,6 +8,7 @@ what makes the log readable: an unsealed log is by definition not closed cleanly
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -57,8 +58,10 @@ def take_spare(spare: str, path: str) -> int:
 class HrlWriter:
     def __init__(self, path: str, *, previous_unique_id: uuid.UUID = uuid.UUID(int=0),
                  vhd2_data_write_guid: uuid.UUID = uuid.UUID(int=0), metadata_size: int = DEFAULT_METADATA_SIZE,
-                 unique_id: uuid.UUID | None = None, recycle: str | None = None, background: bool = False):
+                 unique_id: uuid.UUID | None = None, recycle: str | None = None, background: bool = False,
+                 overflow: str | None = None):
         """recycle: an old log file to write this one over, if it exists (see take_spare).
+        overflow: where the log moves (spill_to) when its file system is full (a log in memory: tmpfs).
         background: the file work (creating, writing, growing) runs in order on a thread of its own
         (disk.spool); a failure is raised by a later append, commit() or seal()."""
         self.path = path
@@ -81,6 +84,7 @@ class HrlWriter:
         self.spilling = False                 # spill_to() asked (the caller's view)
         self.spilled = False                  # the move is done (set by the writer's thread)
         self.spill_error: str | None = None   # why a move was given up
+        self._overflow = overflow
         self._spool = Spool(path, "log write failed", SPOOL_MAX) if background else None
         self._closing = None
         self._opened = threading.Event()     # set once the file is open (or given up): see wait_open
@@ -320,19 +324,39 @@ class HrlWriter:
         self._do(lambda: self._pwrite(data, offset), len(data))
 
     def _pwrite(self, data, offset: int) -> None:
+        end = offset + len(data)
         try:
-            end = offset + len(data)
-            if end > self.file_end:
-                # The file grows in steps, not with every append, so that appends do not change its size
-                # (an inode update can wait while a writeback writes the inode out). Not measured alone.
-                self.file_end = end + GROW
-                os.ftruncate(self.fd, self.file_end)
-            pwrite_all(self.fd, data, offset)
+            self._pwrite_here(data, offset)
         except OSError as e:
-            raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+            if not (e.errno == errno.ENOSPC and self._move_now()):
+                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
+            try:                            # the whole write again, in the new file
+                self._pwrite_here(data, offset)
+            except OSError as e:
+                raise DiskIOError(f"{self.path}: log write failed: {e.strerror}") from None
         self.written_end = max(self.written_end, end)
         if self._spill is not None:
             self._spill_step(len(data))
+
+    def _pwrite_here(self, data, offset: int) -> None:
+        end = offset + len(data)
+        if end > self.file_end:
+            # The file grows in steps, not with every append, so that appends do not change its size
+            # (an inode update can wait while a writeback writes the inode out). Not measured alone.
+            self.file_end = end + GROW
+            os.ftruncate(self.fd, self.file_end)
+        pwrite_all(self.fd, data, offset)
+
+    def _move_now(self) -> bool:
+        """The log's file system is full: move the log to `overflow` at once (on this thread; what is
+        written so far is copied, the write that failed is made again there). Whether it moved."""
+        if self._overflow is None or self.spilled:
+            return False
+        self.spilling = True
+        if self._spill is None:
+            self._spill_open(self._overflow)
+        self._spill_finish()
+        return self.spilled
 
     def _fsync(self) -> None:
         try:

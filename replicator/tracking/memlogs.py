@@ -25,8 +25,13 @@ SHARE_OF_TMPFS = 2           # ... and at most this share of what the tmpfs has 
 
 
 def auto_budget(root: str = ROOT) -> int:
-    """The host's default budget for logs in memory (0: no tmpfs to put them on)."""
+    """The host's default budget for logs in memory (0: no tmpfs to put them on, or a memory-limited cgroup,
+    whose limit tmpfs pages count against and which would kill the export rather than swap them)."""
+    from .writeback import memory_limited
     try:
+        with open("/proc/self/cgroup") as f:
+            if memory_limited(f.read()):
+                return 0
         with open("/proc/meminfo") as f:
             total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         fs = os.statvfs(root)

@@ -8,6 +8,7 @@ tracked in the dirty bitmap, so a resync knows which regions to compare; nothing
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -24,6 +25,7 @@ from .memlogs import MemoryLogs
 from .state import (DEFAULT_REGION_SIZE, SPARE_LOG, SealedLogRecord, Sidecar, SidecarState, TrackingState,
                     current_boot_id, pack_regions, unpack_regions)
 
+log = logging.getLogger("replicator.export")
 RECYCLE_MAX = 2 << 30          # the most of it kept (disk space held for it while no log uses it)
 
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -81,6 +83,7 @@ class TrackedDisk:
         boot = current_boot_id()
         if sc.exists():
             self.state = sc.load()
+            self.state.memory_dir = self._memory_dir()
             host_crashed = (not self.state.clean and self.state.boot_id is not None and boot is not None
                             and self.state.boot_id != boot)
             reason = ("the host went down while the disk was in use: its dirty regions may not all have "
@@ -100,10 +103,22 @@ class TrackedDisk:
             self._require_resync(reason, persist=False)
         self.state.clean = False
         self.state.boot_id = boot
-        if self.memory is not None:          # else the one recorded stays: logs may still be there
-            self.state.memory_dir = self.memory.dir_for(self.sidecar.dir)
+        self.state.memory_dir = self._memory_dir()
         self.sidecar.rewrite_bitmap(self.dirty)      # durable, as is the state, before the first write
         self._start_log()
+
+    def _memory_dir(self) -> str | None:
+        """This disk's folder in the host's private memory folder, or None. Never the one state.json
+        recorded: a clean stop leaves no log in memory, and after an unclean one the disk resyncs anyway;
+        a folder it names may by now be anyone's (a reboot empties the tmpfs)."""
+        if self.memory is None:
+            return None
+        try:
+            return self.memory.dir_for(self.sidecar.dir)
+        except OSError as e:
+            log.warning("%s: logs stay on disk: %s", self.path, e)
+            self.memory = None
+            return None
 
     @staticmethod
     def _bitmap_trustworthy(reason: str) -> bool:
@@ -168,11 +183,12 @@ class TrackedDisk:
             self.log_in_memory = self.memory is not None and self.memory.room > 0
             where = self.state.memory_dir if self.log_in_memory else self.sidecar.logs_dir
             try:
+                on_disk = os.path.join(self.sidecar.logs_dir, name)
                 self.log = HrlWriter(os.path.join(where, name),
                                      previous_unique_id=uuid.UUID(self.state.last_unique_id),
                                      vhd2_data_write_guid=self.disk.data_write_guid,
                                      recycle=None if self.log_in_memory else self.sidecar.spare_path,
-                                     background=self.log_thread)
+                                     background=self.log_thread, overflow=on_disk if self.log_in_memory else None)
                 self.state.active_log = name
             except ReplicatorError as e:
                 self._require_resync(f"log write failed: {e.message}", persist=False)
@@ -186,7 +202,10 @@ class TrackedDisk:
         """The host's logs in memory outgrew its budget: the active log goes on on disk (without waiting:
         HrlWriter.spill_to)."""
         if self.log is not None and self.log_in_memory and not self.log.spilling:
-            self.log.spill_to(os.path.join(self.sidecar.logs_dir, self.state.active_log))
+            try:
+                self.log.spill_to(os.path.join(self.sidecar.logs_dir, self.state.active_log))
+            except ReplicatorError:
+                pass                 # the log failed already: its next append or commit says so
 
     # ------------------------------------------------------------------ slow file work
     def _later(self, work) -> None:
@@ -392,6 +411,9 @@ class TrackedDisk:
             self._require_resync(f"disk flush failed: {e.message}", persist=False)
             return None
         header, log = pending.header, pending.log
+        if log.spill_error:
+            logging.getLogger("replicator.export").warning("%s: log %s stayed in memory: %s", self.path,
+                                                           pending.name, log.spill_error)
         self.state.sealed_logs.append(SealedLogRecord(pending.name, str(header.unique_id),
                                                       str(header.previous_unique_id), pack_regions(pending.regions),
                                                       log.data_bytes))
@@ -551,6 +573,7 @@ class TrackedDisk:
             os.rmdir(mem)
         except OSError:
             pass
+        self.state.memory_dir = None
 
 
 def copy_durably(src: str, dst: str) -> None:

@@ -3,8 +3,10 @@ budget allows, moves to disk while it is written once the host's logs outgrow it
 in memory, moved, or kept over a clean stop -- replays onto the replica to exactly the disk as of its cut."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import uuid
 
 import pytest
@@ -305,3 +307,55 @@ def test_the_export_moves_its_log_to_disk_once_over_budget(tmp_path, tracked_dis
         assert bytes(buf) == b"\x22" * MiB
     finally:
         h.shutdown()
+
+
+def test_a_full_tmpfs_moves_the_log_to_disk_at_once(tmp_path):
+    """A real tmpfs of 1 MiB (mounted for the test; root only): the append that finds it full moves the log
+    to its overflow path and is written there; nothing is lost, the log is not given up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small-tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        w = HrlWriter(str(mnt / "e.hrl"), background=True, overflow=str(tmp_path / "e.hrl"))
+        writes = [(i * MiB, pattern(i, 192 * KiB)) for i in range(12)]     # 2.3 MiB: twice the tmpfs
+        for off, data in writes:
+            w.append(off, data)
+        w.seal()
+        assert w.spilled and w.path == str(tmp_path / "e.hrl") and not os.listdir(mnt)
+        assert [(o, d) for o, _, d in _entries(w.path)] == writes
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_recorded_memory_folder_is_never_trusted(tmp_path, shm_root):
+    """state.json names the memory folder of the last run; after a reboot that name is anyone's to take.
+    A forged log put there is not read: the chain is checked against logs/ (and the folder is not used)."""
+    path, _ = _disk(tmp_path)
+    t = tracked(path, region_size=REGION, memory=MemoryLogs.open(1 << 30, shm_root))
+    t.write(5 * MiB, pattern(5, 1 * MiB))
+    t.cut()
+    recorded = t.memory.dir_for(t.sidecar.dir)
+    t.close()
+    assert t.state.memory_dir is None
+    state = json.loads(open(t.sidecar.state_path).read())
+    state["memory_dir"] = recorded            # as if the clean stop had left it (an older state)
+    with open(t.sidecar.state_path, "w") as f:
+        json.dump(state, f)
+    os.makedirs(recorded, exist_ok=True)
+    for rec in state["sealed_logs"]:          # forged logs under the real names
+        with open(os.path.join(recorded, rec["name"]), "wb") as f:
+            f.write(b"not a log" * 100)
+    t = TrackedDisk(path, region_size=REGION)     # memory logs off this time
+    try:
+        assert not t.resync_required, t.reason
+        assert t.state.memory_dir is None
+        assert all(os.path.dirname(t.log_path(r.name)) == t.sidecar.logs_dir for r in t.state.sealed_logs)
+        t.begin_resync()                       # cleans its own folders only
+        t.run_deferred()
+        assert sorted(os.listdir(recorded)) == sorted(r["name"] for r in state["sealed_logs"])
+    finally:
+        t.close()
