@@ -33,6 +33,8 @@ def add_options(ap) -> None:
                    "(default https://HOSTNAME:8084)")
     g.add_argument("--replication-cpus", metavar="LIST", help="run replicatord's threads on these CPUs (like "
                    "0-3,8); its machines' exports stay on every CPU (replication_cpus, docs/operations.md)")
+    g.add_argument("--memory-logs", metavar="BUDGET", help="the host's budget for change logs in memory: auto "
+                   "(default), none, or a size like 2G (memory_logs, docs/operations.md)")
     g.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
                    help="how often to ask the controller for the desired configuration (default 10)")
 
@@ -61,6 +63,12 @@ def run_from_controller(args, serve) -> int:
             pin_replication(parse_cpu_list(args.replication_cpus))
         except (ValueError, OSError) as e:
             return fail(f"--replication-cpus: {e}", 2)
+    if args.memory_logs is not None:           # the host's own choice too
+        from ..tracking import memlogs
+        try:
+            memlogs.configure(memlogs.parse_setting(args.memory_logs))
+        except ValueError:
+            return fail(f"--memory-logs must be auto, none or a size like 2G, not {args.memory_logs!r}", 2)
     files = enrol.HostFiles(args.state)
     import uvloop
 

@@ -355,9 +355,9 @@ async def serve(config, agent=None) -> None:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     while True:
-        if agent is None:               # from a controller, --replication-cpus placed it once (agent_cli.py)
+        if agent is None:               # from a controller, --replication-cpus and --memory-logs (agent_cli.py)
             _place_replication(config.daemon.replication_cpus)
-        memlogs.configure(config.daemon.memory_logs)     # for the exports started from now on
+            memlogs.configure(config.daemon.memory_logs)     # for the exports started from now on
         daemon = Daemon(config)
         daemon.stopping = stopping
         daemon.reload_requested = reload.set

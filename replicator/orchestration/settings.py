@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..priority import parse_cpu_list
 from ..replica.limits import LIMITS, ReplicaLimits
 from ..replication.pacing import COPY_RATE_WHEN_BUSY
-from ..units import scaled, size
+from ..units import scaled
 from . import failover_ips
 from .plans import KINDS as FAILOVER_KINDS
 from .plans import MAX_GROUPS, ManualAction, PlanGroup, RecoveryPlan, ScriptAction
@@ -521,13 +521,12 @@ def _daemon(t: _Table) -> DaemonSettings:
 def _memory_logs(t: _Table) -> int | None:
     """memory_logs = "auto" (an eighth of the host's memory, at most half its tmpfs), "none" (logs on disk
     only) or a size ("2G"): the budget for the active logs the exports write to memory."""
+    from ..tracking.memlogs import parse_setting
     raw = t.str("memory_logs")
-    if raw is None or raw.strip().lower() == "auto":
+    if raw is None:
         return None
-    if raw.strip().lower() in ("none", "off", "0"):
-        return 0
     try:
-        return size(raw)
+        return parse_setting(raw)
     except ValueError:
         t.rep.error(t.at("memory_logs"), f"must be \"auto\", \"none\" or a size like \"2G\", not {raw!r}")
         return None

@@ -107,7 +107,19 @@ def configured() -> int | None:
     return _configured
 
 
-def parse_budget(text: str) -> int:
-    """--memory-logs: "auto", "0" (logs on disk only) or a byte count ("2G")."""
+def parse_setting(text: str) -> int | None:
+    """memory_logs as an operator writes it: "auto" (None: the export reckons it), "none" (0: logs on disk
+    only) or a size ("2G"); ValueError for anything else."""
     from ..units import size
-    return auto_budget() if text == "auto" else size(text)
+    choice = text.strip().lower()
+    if choice == "auto":
+        return None
+    if choice in ("none", "off", "0"):
+        return 0
+    return size(text)
+
+
+def parse_budget(text: str) -> int:
+    """The export's --memory-logs, in bytes."""
+    budget = parse_setting(text)
+    return auto_budget() if budget is None else budget

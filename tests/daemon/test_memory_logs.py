@@ -50,3 +50,15 @@ def test_the_export_gets_the_hosts_budget(tmp_path, setting, budget):
         assert d.replica_equals_primary()
     finally:
         d.stop()
+
+
+def test_a_host_run_from_a_controller_says_its_own_budget_or_refuses_it(tmp_path):
+    """From a controller the budget is the host's own choice (--memory-logs), as --replication-cpus: a value
+    that is not one is refused in one line before anything else happens."""
+    import subprocess
+
+    from .primary_harness import BIN
+    p = subprocess.run([os.path.join(BIN, "replicatord"), "--state", str(tmp_path / "s"), "--memory-logs", "lots"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "--memory-logs must be auto, none or a size like 2G, not 'lots'" in p.stderr
