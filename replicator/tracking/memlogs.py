@@ -24,14 +24,33 @@ SHARE_OF_MEMORY = 8          # the budget by default: this share of the host's m
 SHARE_OF_TMPFS = 2           # ... and at most this share of what the tmpfs has free
 
 
+def limited_v1(cgroup: str, root: str = "/sys/fs/cgroup/memory") -> bool:
+    """Whether the process whose /proc/PID/cgroup is `cgroup` has a cgroup v1 memory limit (its group's or a
+    parent's memory.limit_in_bytes below the kernel's "unlimited")."""
+    path = next((line.split(":", 2)[2].strip() for line in cgroup.splitlines()
+                 if line.count(":") >= 2 and "memory" in line.split(":", 2)[1].split(",")), None)
+    if path is None:
+        return False
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    for depth in range(len(parts), 0, -1):
+        try:
+            with open("/".join([root, *parts[:depth], "memory.limit_in_bytes"])) as f:
+                if int(f.read()) < 1 << 62:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def auto_budget(root: str = ROOT) -> int:
     """The host's default budget for logs in memory (0: no tmpfs to put them on, or a memory-limited cgroup,
-    whose limit tmpfs pages count against and which would kill the export rather than swap them)."""
+    v2 or v1, whose limit tmpfs pages count against and which would kill the export rather than swap them)."""
     from .writeback import memory_limited
     try:
         with open("/proc/self/cgroup") as f:
-            if memory_limited(f.read()):
-                return 0
+            cgroup = f.read()
+        if memory_limited(cgroup) or limited_v1(cgroup):
+            return 0
         with open("/proc/meminfo") as f:
             total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         fs = os.statvfs(root)

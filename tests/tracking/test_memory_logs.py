@@ -359,3 +359,22 @@ def test_a_recorded_memory_folder_is_never_trusted(tmp_path, shm_root):
         assert sorted(os.listdir(recorded)) == sorted(r["name"] for r in state["sealed_logs"])
     finally:
         t.close()
+
+
+def test_auto_is_nothing_in_a_memory_limited_cgroup(tmp_path):
+    """tmpfs pages count against a cgroup's memory limit, v2 (memory.max) or v1 (memory.limit_in_bytes)."""
+    from replicator.tracking.memlogs import auto_budget, limited_v1
+    from replicator.tracking.writeback import memory_limited
+    grp = tmp_path / "process_api" / "abc"
+    grp.mkdir(parents=True)
+    (tmp_path / "process_api" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (grp / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    cgroup = "9:name=systemd:/\n4:memory:/process_api/abc\n0::/\n"
+    assert not limited_v1(cgroup, str(tmp_path))
+    (tmp_path / "process_api" / "memory.limit_in_bytes").write_text("4294967296\n")    # a parent's limit counts
+    assert limited_v1(cgroup, str(tmp_path))
+    assert not limited_v1("4:memory:/../../etc\n", str(tmp_path))
+    assert not limited_v1("0::/\n", str(tmp_path))
+    with open("/proc/self/cgroup") as f:          # this host, as the export reads it
+        here = f.read()
+    assert (auto_budget() == 0) == (limited_v1(here) or memory_limited(here) or not os.path.isdir(SHM))
