@@ -15,6 +15,7 @@ the sealed logs still pending to disk, so that they outlive a reboot (TrackedDis
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -22,6 +23,7 @@ import stat
 ROOT = "/dev/shm"            # tmpfs on every Linux host systemd or an init script sets up
 SHARE_OF_MEMORY = 8          # the budget by default: this share of the host's memory ...
 SHARE_OF_TMPFS = 2           # ... and at most this share of what the tmpfs has free
+OWNER = "owner"              # in a disk's folder: the real path of the sidecar it belongs to (sweep)
 
 
 def limited_v1(cgroup: str, root: str = "/sys/fs/cgroup/memory") -> bool:
@@ -81,16 +83,48 @@ class MemoryLogs:
         st = os.lstat(logs.dir)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise ValueError(f"{logs.dir} is not a directory private to this user")
+        logs.sweep()
         logs.measure()
         return logs
 
     def dir_for(self, sidecar_dir: str) -> str:
         """A disk's own directory (named after its sidecar's real path: one per disk, found again by the
         export that opens the disk next)."""
-        key = hashlib.sha256(os.path.realpath(sidecar_dir).encode()).hexdigest()[:24]
-        path = os.path.join(self.dir, key)
+        real = os.path.realpath(sidecar_dir)
+        path = os.path.join(self.dir, hashlib.sha256(real.encode()).hexdigest()[:24])
         os.makedirs(path, mode=0o700, exist_ok=True)
+        owner = os.path.join(path, OWNER)
+        if not os.path.exists(owner):
+            with open(owner + ".tmp", "w") as f:
+                f.write(real)
+            os.replace(owner + ".tmp", owner)
         return path
+
+    def sweep(self) -> list[str]:
+        """Remove the folders of disks that are gone (an export killed, then its disk deleted or moved:
+        nobody would open it again to clean up). A folder without its owner file yet is being made: kept.
+        Returns the folders removed."""
+        gone = []
+        try:
+            folders = [d.path for d in os.scandir(self.dir) if d.is_dir(follow_symlinks=False)]
+        except OSError:
+            return gone
+        for folder in folders:
+            try:
+                with open(os.path.join(folder, OWNER)) as f:
+                    sidecar = f.read()
+            except OSError:
+                continue
+            if os.path.isdir(sidecar):
+                continue
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".hrl") or entry.name == OWNER:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+                gone.append(folder)
+        return gone
 
     def measure(self) -> int:
         """What the logs of every disk on the host take now (bytes allocated); a few stat calls on tmpfs."""

@@ -21,7 +21,7 @@ from ..errors import DiskIOError, ReplicatorError
 from ..hrl import HrlReader, HrlWriter
 from ..hrl.reader import LogNotSealed
 from ..vhdx import VhdxDisk
-from .memlogs import MemoryLogs
+from .memlogs import OWNER, MemoryLogs
 from .state import (DEFAULT_REGION_SIZE, SPARE_LOG, SealedLogRecord, Sidecar, SidecarState, TrackingState,
                     current_boot_id, pack_regions, unpack_regions)
 
@@ -568,7 +568,7 @@ class TrackedDisk:
             if os.path.exists(src):
                 copy_durably(src, os.path.join(self.sidecar.logs_dir, rec.name))
                 os.unlink(src)
-        remove_files(os.path.join(mem, n) for n in os.listdir(mem) if n.endswith(".hrl"))
+        remove_files(os.path.join(mem, n) for n in os.listdir(mem) if n.endswith(".hrl") or n == OWNER)
         try:
             os.rmdir(mem)
         except OSError:

@@ -155,7 +155,7 @@ def test_over_budget_the_active_log_moves_to_disk_and_new_logs_start_there(tmp_p
         image = t.read(0, SIZE)
         first = t.cut()
         assert os.path.dirname(first.path) == t.sidecar.logs_dir, "the log did not move to disk"
-        assert not os.listdir(t.state.memory_dir)
+        assert not [n for n in os.listdir(t.state.memory_dir) if n.endswith(".hrl")]
         assert not t.log_in_memory, "a log started in memory while the budget was spent"
         memory.measure()
         assert memory.room > 0
@@ -378,3 +378,21 @@ def test_auto_is_nothing_in_a_memory_limited_cgroup(tmp_path):
     with open("/proc/self/cgroup") as f:          # this host, as the export reads it
         here = f.read()
     assert (auto_budget() == 0) == (limited_v1(here) or memory_limited(here) or not os.path.isdir(SHM))
+
+
+def test_the_folders_of_disks_that_are_gone_are_swept(tmp_path, shm_root):
+    """An export killed, its disk then deleted: nobody opens that disk again to clean its memory folder, so
+    the next export to start on the host removes it. The folders of disks that exist stay."""
+    gone, kept = tmp_path / "gone.vhdx.rpl", tmp_path / "kept.vhdx.rpl"
+    gone.mkdir()
+    kept.mkdir()
+    memory = MemoryLogs.open(1 << 30, shm_root)
+    g, k = memory.dir_for(str(gone)), memory.dir_for(str(kept))
+    for folder in (g, k):
+        with open(os.path.join(folder, "00000001.hrl"), "wb") as f:
+            f.write(b"x" * 8192)
+    making = os.path.join(memory.dir, "f" * 24)       # another export making its folder: no owner yet
+    os.mkdir(making)
+    shutil.rmtree(gone)
+    assert MemoryLogs.open(1 << 30, shm_root).measure() >= 8192
+    assert not os.path.exists(g) and os.listdir(k) and os.path.isdir(making)
