@@ -126,7 +126,8 @@ def cmd_status(args) -> int:
         print(f"   last replication {ago}; cycles ok {st.get('successful_cycles')}, missed "
               f"{st.get('missed_cycles')}, failed {st.get('failed_cycles')}")
         for name, d in m["disks"].items():
-            print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}  "
+            log = f", log in {d['log']}" if d.get("log") else ""
+            print(f"   {name}: {d['tracking']}{' (' + d['reason'] + ')' if d['reason'] else ''}{log}  "
                   f"{d['nbd'] or '(not exported: the primary is stopped)'}")
         if m.get("domain"):
             print(f"   {_domain_line(m['domain'])}")

@@ -724,7 +724,7 @@ class PrimaryMachine:
                 "since": self.state.since, "stats": self.stats.to_dict(now), "target": self.settings.target,
                 "initial_replication": self.initial.mode, "starts_at": self.due_at(), "jobs": self.running_jobs(),
                 "disks": {n: {"disk_id": str(d.virtual_disk_id), "tracking": d.state.state, "reason": d.reason,
-                              "nbd": self.export.uri(n) if self.exporting else None}
+                              "nbd": self.export.uri(n) if self.exporting else None, "log": _log_place(d)}
                           for n, d in self.disks.items()},
                 "export": {"pid": self.export.pid, "serving": self.exporting},
                 "last_cycle": self.last_result, "epoch": self.epoch, "fenced": self.state.fenced,
@@ -742,3 +742,13 @@ class PrimaryMachine:
             await asyncio.to_thread(self.export.shutdown)
         elif not await asyncio.to_thread(self.export.detach):
             log.info("%s: its export (pid %d) keeps serving the guest", self.name, self.export.pid)
+
+
+def _log_place(d) -> str | None:
+    """Where the disk's active change log is written, as of its last known state: "memory" (tmpfs,
+    tracking/memlogs.py), "disk", or None (no log: a resync is due)."""
+    active = d.state.active_log
+    if active is None:
+        return None
+    where = d.sidecar.log_path(active, d.state.memory_dir)
+    return "memory" if d.state.memory_dir and os.path.dirname(where) == d.state.memory_dir else "disk"

@@ -48,6 +48,9 @@ def test_the_export_gets_the_hosts_budget(tmp_path, setting, budget):
         assert os.path.exists(os.path.join(sc.logs_dir, active)) == (budget == "0")
         d.run("machine", "vm01", "cycle")
         assert d.replica_equals_primary()
+        place = d.machine()["disks"]["d0.vhdx"]["log"]
+        assert place == ("disk" if budget == "0" else "memory"), place
+        assert f"log in {place}" in d.cli("status")
     finally:
         d.stop()
 
