@@ -7,13 +7,14 @@ zeros (as qemu-img convert does with -S 4k), so the copy stays sparse.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
 from ..pipeline import ahead_in
-from .base import BlockDevice, ExtentKind
+from .base import BlockDevice, ExtentKind, pwrite_all
 
 CHUNK = 4 << 20
 RING = 4
@@ -25,6 +26,16 @@ class CopyStats:
     data_bytes: int = 0        # bytes read from data extents
     written_bytes: int = 0     # bytes written to the target
     zero_bytes: int = 0        # bytes of zero extents, never read
+
+
+def copy_range_sparse(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    """[offset, offset + length) of one file to the same place in another, its all-zero grains left
+    unwritten (holes in a new file); returns the bytes read (fewer at the end of src)."""
+    piece = os.pread(src_fd, length, offset)
+    view = memoryview(piece)
+    for a, b in nonzero_runs(piece):
+        pwrite_all(dst_fd, view[a:b], offset + a)
+    return len(piece)
 
 
 def nonzero_runs(buf, grain: int = SPARSE_GRAIN):

@@ -16,6 +16,7 @@ import time
 import uuid
 
 from ..disk.base import pwrite_all
+from ..disk.copy import copy_range_sparse
 from ..disk.raw import zero_range
 from ..disk.spool import Spool
 from ..errors import DiskIOError
@@ -29,7 +30,6 @@ ZERO_PIECE = 1 << 30                  # DataLength is 32 bits: zero runs are log
 ZERO_CHECKSUM = 0xFFFFFFFF            # the one's complement of a sum of zero bytes
 SPOOL_MAX = 64 << 20                  # a background writer's queued bytes before an append waits for it
 SPILL_PIECE = 1 << 20                 # a log moving to another file (spill_to): copied in pieces of this size
-_ZEROS = bytes(SPILL_PIECE)
 
 
 def take_spare(spare: str, path: str) -> int:
@@ -251,13 +251,11 @@ class HrlWriter:
         try:
             while sp.copied < self.written_end and allowance > 0:
                 n = min(SPILL_PIECE, self.written_end - sp.copied, allowance)
-                piece = os.pread(self.fd, n, sp.copied)
-                if not piece:
+                got = copy_range_sparse(self.fd, sp.fd, sp.copied, n)     # logged zeroes stay holes
+                if not got:
                     break
-                if not _zero(piece):                   # logged zeroes are holes: they stay holes
-                    pwrite_all(sp.fd, piece, sp.copied)
-                sp.copied += len(piece)
-                allowance -= len(piece)
+                sp.copied += got
+                allowance -= got
             if sp.copied >= self.written_end:
                 os.ftruncate(sp.fd, self.file_end)
         except OSError as e:                    # the old file is whole and still the log's: go on there
@@ -363,10 +361,6 @@ class HrlWriter:
             os.fsync(self.fd)
         except OSError as e:
             raise DiskIOError(f"{self.path}: log flush failed: {e.strerror}") from None
-
-
-def _zero(piece: bytes) -> bool:
-    return piece == _ZEROS if len(piece) == SPILL_PIECE else not piece.strip(b"\0")
 
 
 class _Spill:

@@ -33,15 +33,8 @@ def limited_v1(cgroup: str, root: str = "/sys/fs/cgroup/memory") -> bool:
                  if line.count(":") >= 2 and "memory" in line.split(":", 2)[1].split(",")), None)
     if path is None:
         return False
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    for depth in range(len(parts), 0, -1):
-        try:
-            with open("/".join([root, *parts[:depth], "memory.limit_in_bytes"])) as f:
-                if int(f.read()) < 1 << 62:
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False
+    from .writeback import limit_above
+    return limit_above(root, path, "memory.limit_in_bytes", lambda text: int(text) < 1 << 62)
 
 
 def auto_budget(root: str = ROOT) -> int:

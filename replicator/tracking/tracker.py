@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..disk.copy import copy_range_sparse
 from ..durable import output_path
 from ..errors import DiskIOError, ReplicatorError
 from ..hrl import HrlReader, HrlWriter
@@ -25,7 +26,7 @@ from .memlogs import OWNER, MemoryLogs
 from .state import (DEFAULT_REGION_SIZE, SPARE_LOG, SealedLogRecord, Sidecar, SidecarState, TrackingState,
                     current_boot_id, pack_regions, unpack_regions)
 
-log = logging.getLogger("replicator.export")
+_log = logging.getLogger("replicator.export")
 RECYCLE_MAX = 2 << 30          # the most of it kept (disk space held for it while no log uses it)
 
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -81,9 +82,10 @@ class TrackedDisk:
         sc = self.sidecar
         host_crashed = False
         boot = current_boot_id()
+        memory_dir = self._memory_dir()      # before the chain check, which reads the logs
         if sc.exists():
             self.state = sc.load()
-            self.state.memory_dir = self._memory_dir()
+            self.state.memory_dir = memory_dir
             host_crashed = (not self.state.clean and self.state.boot_id is not None and boot is not None
                             and self.state.boot_id != boot)
             reason = ("the host went down while the disk was in use: its dirty regions may not all have "
@@ -103,7 +105,7 @@ class TrackedDisk:
             self._require_resync(reason, persist=False)
         self.state.clean = False
         self.state.boot_id = boot
-        self.state.memory_dir = self._memory_dir()
+        self.state.memory_dir = memory_dir
         self.sidecar.rewrite_bitmap(self.dirty)      # durable, as is the state, before the first write
         self._start_log()
 
@@ -116,7 +118,7 @@ class TrackedDisk:
         try:
             return self.memory.dir_for(self.sidecar.dir)
         except OSError as e:
-            log.warning("%s: logs stay on disk: %s", self.path, e)
+            _log.warning("%s: logs stay on disk: %s", self.path, e)
             self.memory = None
             return None
 
@@ -412,8 +414,7 @@ class TrackedDisk:
             return None
         header, log = pending.header, pending.log
         if log.spill_error:
-            logging.getLogger("replicator.export").warning("%s: log %s stayed in memory: %s", self.path,
-                                                           pending.name, log.spill_error)
+            _log.warning("%s: log %s stayed in memory: %s", self.path, pending.name, log.spill_error)
         self.state.sealed_logs.append(SealedLogRecord(pending.name, str(header.unique_id),
                                                       str(header.previous_unique_id), pack_regions(pending.regions),
                                                       log.data_bytes))
@@ -580,12 +581,10 @@ def copy_durably(src: str, dst: str) -> None:
     """src to dst, fsynced, published by rename (output_path); holes stay holes."""
     try:
         with output_path(dst, replace=True) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while (piece := fi.read(4 << 20)):
-                if piece.strip(b"\0"):
-                    fo.write(piece)
-                else:
-                    fo.seek(len(piece), os.SEEK_CUR)
-            fo.truncate()
+            size, at = os.fstat(fi.fileno()).st_size, 0
+            while at < size and (got := copy_range_sparse(fi.fileno(), fo.fileno(), at, min(4 << 20, size - at))):
+                at += got
+            fo.truncate(size)
     except OSError as e:
         raise DiskIOError(f"{dst}: cannot keep the log: {e.strerror}") from None
 

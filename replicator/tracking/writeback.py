@@ -52,13 +52,19 @@ def memory_limited(cgroup: str, root: str = "/sys/fs/cgroup") -> bool:
     path = next((line[3:].strip() for line in cgroup.splitlines() if line.startswith("0::")), None)
     if path is None:
         return False                    # cgroup v1 only: its memory controller does not throttle writers
+    return limit_above(root, path, "memory.max", lambda text: text.strip() != "max")
+
+
+def limit_above(root: str, path: str, name: str, limited) -> bool:
+    """Whether the group `path` under `root`, or a parent of it, has a file `name` whose text `limited`
+    says is a limit (a group without the file, or that cannot be read, sets none)."""
     parts = [p for p in path.split("/") if p and p not in (".", "..")]
     for depth in range(len(parts), 0, -1):
         try:
-            with open("/".join([root, *parts[:depth], "memory.max"])) as f:
-                if f.read().strip() != "max":
+            with open("/".join([root, *parts[:depth], name])) as f:
+                if limited(f.read()):
                     return True
-        except OSError:
+        except (OSError, ValueError):
             continue                    # no memory controller there (or no such group): nothing set
     return False
 
