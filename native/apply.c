@@ -159,7 +159,7 @@ static void fail(batch *b, rk_apply_status st)
     unlock_wake(b);
 }
 
-static int pwrite_full(int fd, const uint8_t *p, size_t n, uint64_t off)
+int rk_pwrite_full(int fd, const uint8_t *p, size_t n, uint64_t off)
 {
     while (n) {
         ssize_t put = pwrite(fd, p, n, (off_t)off);
@@ -247,7 +247,7 @@ static rk_apply_status write_frame(const batch *b, size_t i, const uint8_t *plai
         const uint8_t *p = plain + s->frame_offset;
         int direct = b->direct_fd >= 0 && s->length >= RK_DIRECT_MIN && s->length % RK_DIRECT_ALIGN == 0
                      && s->file_offset % RK_DIRECT_ALIGN == 0 && (uintptr_t)p % RK_DIRECT_ALIGN == 0;
-        int e = pwrite_full(direct ? b->direct_fd : b->fd, p, (size_t)s->length, s->file_offset);
+        int e = rk_pwrite_full(direct ? b->direct_fd : b->fd, p, (size_t)s->length, s->file_offset);
         if (e)
             return (rk_apply_status){(int64_t)i, RK_APPLY_WRITE, e, 0, 0};
     }

@@ -1,5 +1,5 @@
 /* Native hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block scan,
- * and the replica's apply of a delta stream's data frames (apply.c).
+ * the replica's apply of a delta stream's data frames (apply.c), and the export's write path (nbdwrite.c).
  *
  * Everything between CDEF-BEGIN and CDEF-END is also fed to cffi's cdef() by native/build_kernels.py,
  * so that part must stay plain C declarations (no preprocessor lines, no macros).
@@ -97,6 +97,42 @@ void rk_applier_free(rk_applier *applier);
 int rk_apply_frames(rk_applier *applier, const rk_apply_frame *frames, size_t n, const rk_apply_seg *segs,
                     size_t nsegs, int fd, int direct_fd, int threads, int writers, rk_apply_status *status);
 const char *rk_zstd_error_name(uint64_t code);
+/* The export's write path (nbdwrite.c): serve the plain NBD_CMD_WRITE requests at data[pos..len) whose
+ * blocks the VHDX holds and whose regions are marked, stopping at the first it does not serve (returned:
+ * where that one starts). Each is written to fd, staged for the log (when log_buf is not NULL: its data at
+ * log_buf + log_len, its MS-HRL metadata entry at entries + 32 * entries_n) and answered with a simple
+ * reply at replies + replies_len; the counters move on. err: the errno of a failed write (that request is
+ * not served: the caller serves it again and answers with the error). */
+typedef struct {
+    int fd;                    /* the VHDX file */
+    uint64_t disk_size;        /* virtual size */
+    const uint64_t *bat;       /* the BAT as in the file (MS-VHDX 2.5), bat_len entries */
+    uint64_t bat_len;
+    uint64_t block_size;
+    uint64_t chunk_ratio;      /* payload blocks per sector bitmap block */
+    const uint8_t *marked;     /* nonzero: region r is marked in this cycle's and the dirty bitmaps */
+    uint64_t n_regions;
+    uint64_t region_size;
+    uint32_t max_len;          /* longest write served here */
+    char *log_buf;             /* the log's staged data (NULL: no log) */
+    uint64_t log_cap;
+    uint64_t log_len;
+    char *entries;             /* the log's pending metadata entries, 32 bytes each */
+    uint32_t entries_cap;
+    uint32_t entries_n;
+    char *replies;
+    uint32_t replies_cap;
+    uint32_t replies_len;
+    uint32_t served;           /* out: requests served by the last call, and their bytes */
+    uint64_t bytes;
+    int err;
+} rk_nbd_writes;
+
+size_t rk_nbd_serve_writes(rk_nbd_writes *w, const char *data, size_t len, size_t pos);
 /* CDEF-END */
+
+/* Internal to the C sources (not for cffi): write all n bytes at off, retrying short writes and EINTR;
+ * 0 or the errno. */
+int rk_pwrite_full(int fd, const uint8_t *p, size_t n, uint64_t off);
 
 #endif

@@ -31,6 +31,7 @@ HEADER_CHECKSUM_AT = 40
 MD_HEADER_CHECKSUM_AT = 12
 ENTRY_CHECKSUM_AT = 8
 assert _HEADER.size == 126 and _MD_HEADER.size == 32 and _MD_ENTRY.size == 32
+ENTRY_SIZE = _MD_ENTRY.size
 
 
 def checksum(buf, ignore_at: int | None = None) -> int:
@@ -117,10 +118,19 @@ class MetadataEntry:
     data_checksum: int = 0
 
     def pack(self) -> bytes:
-        buf = bytearray(_MD_ENTRY.pack(self.byte_offset, 0, self.data_length, self.timestamp,
-                                       self.meta_operation, self.data_checksum, 0, b""))
-        struct.pack_into("<I", buf, ENTRY_CHECKSUM_AT, checksum(buf, ENTRY_CHECKSUM_AT))
+        buf = bytearray(ENTRY_SIZE)
+        pack_entry_into(buf, 0, self.byte_offset, self.data_length, self.timestamp, self.data_checksum,
+                        self.meta_operation)
         return bytes(buf)
+
+
+def pack_entry_into(buf, at: int, byte_offset: int, data_length: int, timestamp: int, data_checksum: int,
+                    meta_operation: int = META_WRITE) -> None:
+    """§2.4: one metadata entry, its checksum included, at buf[at:at + ENTRY_SIZE] (the export's native write
+    path packs the same bytes: native/nbdwrite.c)."""
+    _MD_ENTRY.pack_into(buf, at, byte_offset, 0, data_length, timestamp, meta_operation, data_checksum, 0, b"")
+    struct.pack_into("<I", buf, at + ENTRY_CHECKSUM_AT,
+                     checksum(memoryview(buf)[at:at + ENTRY_SIZE], ENTRY_CHECKSUM_AT))
 
 
 @dataclass(frozen=True)
@@ -134,12 +144,12 @@ def entries_per_block(metadata_size: int) -> int:
     return (metadata_size - _MD_HEADER.size) // _MD_ENTRY.size
 
 
-def pack_metadata(previous_relative: int, entries, metadata_size: int) -> bytes:
+def pack_metadata(previous_relative: int, packed_entries, count: int, metadata_size: int) -> bytes:
+    """A metadata block: its header, then `count` entries already packed (pack_entry_into), in order."""
     buf = bytearray(metadata_size)
-    _MD_HEADER.pack_into(buf, 0, previous_relative, len(entries), 0, b"")
+    _MD_HEADER.pack_into(buf, 0, previous_relative, count, 0, b"")
     struct.pack_into("<I", buf, MD_HEADER_CHECKSUM_AT, checksum(buf[:_MD_HEADER.size], MD_HEADER_CHECKSUM_AT))
-    for i, e in enumerate(entries):
-        buf[_MD_HEADER.size + i * _MD_ENTRY.size:_MD_HEADER.size + (i + 1) * _MD_ENTRY.size] = e.pack()
+    buf[_MD_HEADER.size:_MD_HEADER.size + count * ENTRY_SIZE] = memoryview(packed_entries)[:count * ENTRY_SIZE]
     return bytes(buf)
 
 

@@ -20,8 +20,8 @@ from ..disk.copy import copy_range_sparse
 from ..disk.raw import zero_range
 from ..disk.spool import Spool
 from ..errors import DiskIOError
-from .format import (DEFAULT_METADATA_SIZE, HEADER_SIZE, VERSION_2, LogHeader, MetadataEntry, checksum,
-                     entries_per_block, hrl_time, pack_metadata)
+from .format import (DEFAULT_METADATA_SIZE, ENTRY_SIZE, HEADER_SIZE, VERSION_2, LogHeader, checksum,
+                     entries_per_block, hrl_time, pack_entry_into, pack_metadata)
 
 
 BUFFER = 256 << 10                     # appended data is written in pieces of about this size
@@ -75,7 +75,8 @@ class HrlWriter:
                                 current_size=HEADER_SIZE + metadata_size, metadata_size=metadata_size,
                                 unique_id=unique_id or uuid.uuid4(), previous_unique_id=previous_unique_id,
                                 last_modified_timestamp=now, vhd2_data_write_guid=vhd2_data_write_guid)
-        self.pending: list[MetadataEntry] = []
+        self.pending = bytearray(self.per_block * ENTRY_SIZE)  # the batch's metadata entries, packed
+        self.pending_n = 0
         self.total_entries = 0
         self.data_bytes = 0
         self.last_metadata = HEADER_SIZE
@@ -91,7 +92,7 @@ class HrlWriter:
         self._do(lambda: self._open(recycle))
         try:
             self._write(self.header.pack(), 0)
-            self._write(pack_metadata(0, [], metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
+            self._write(pack_metadata(0, b"", 0, metadata_size), HEADER_SIZE)   # as Hyper-V: an empty first block
         except DiskIOError:
             if self._spool is None:
                 raise
@@ -99,7 +100,10 @@ class HrlWriter:
             # next append, commit() or seal() to raise, not this constructor (which lost the race to it)
         self.cursor = HEADER_SIZE + metadata_size
         self.sealed = False
-        self._buf = bytearray()              # appended data not yet written, from self._buf_at to the cursor
+        # appended data not yet written: _buf[:_buf_len], from _buf_at in the log to the cursor. A fixed
+        # buffer (it never moves: the export's native write path stages into it as well)
+        self._buf = bytearray(BUFFER)
+        self._buf_len = 0
         self._buf_at = self.cursor
 
     def wait_open(self) -> None:
@@ -142,21 +146,45 @@ class HrlWriter:
     def append(self, disk_offset: int, data) -> None:
         """Record one write: its data now, its metadata entry with the batch."""
         mv = memoryview(data).cast("B")
-        if len(mv) >= BUFFER:
+        n = len(mv)
+        if n >= BUFFER:
             self._drain()
             # the caller may reuse its buffer once we return: a queued write keeps its own copy
             self._write(mv if self._spool is None or isinstance(mv.obj, bytes) else bytes(mv), self.cursor)
         else:                                # small writes leave in batches: one pwrite, not one each
-            if not self._buf:
+            if self._buf_len + n > BUFFER:
+                self._drain()
+            if not self._buf_len:
                 self._buf_at = self.cursor
-            self._buf += mv
-        self.cursor += len(mv)
-        if len(self._buf) >= BUFFER:
-            self._drain()
-        self.data_bytes += len(mv)
-        self.pending.append(MetadataEntry(disk_offset, len(mv), hrl_time(time.time()), 1, checksum(mv)))
-        if len(self.pending) == self.per_block:
+            self._buf[self._buf_len:self._buf_len + n] = mv
+            self._buf_len += n
+        self.cursor += n
+        self.data_bytes += n
+        self._entry(disk_offset, n, checksum(mv))
+
+    def _entry(self, disk_offset: int, length: int, data_checksum: int) -> None:
+        pack_entry_into(self.pending, self.pending_n * ENTRY_SIZE, disk_offset, length, hrl_time(time.time()),
+                        data_checksum)
+        self.pending_n += 1
+        if self.pending_n == self.per_block:
             self.commit()
+
+    def staged(self, buf_len: int, pending_n: int) -> None:
+        """The native write path appended to _buf (now filled to buf_len) and to pending (pending_n
+        entries), never past their ends; what append does after that follows here."""
+        nbytes = buf_len - self._buf_len
+        if not nbytes:
+            return
+        if not self._buf_len:                # the stage was empty: its data starts at the cursor
+            self._buf_at = self.cursor
+        self._buf_len = buf_len
+        self.cursor += nbytes
+        self.data_bytes += nbytes
+        self.pending_n = pending_n
+        if pending_n == self.per_block:
+            self.commit()
+        elif buf_len >= BUFFER:
+            self._drain()
 
     def append_zeroes(self, disk_offset: int, length: int) -> None:
         """Record zeroing as writes of zeros (MS-HRL knows only writes). The zeros are a hole in the log
@@ -167,22 +195,20 @@ class HrlWriter:
             n = min(length, ZERO_PIECE)
             self._do(lambda at=self.cursor, n=n: self._zero_stale(at, n))   # each piece where it lands:
             self.cursor += n                                                 # a metadata block may come between
-            self.pending.append(MetadataEntry(disk_offset, n, hrl_time(time.time()), 1, ZERO_CHECKSUM))
-            if len(self.pending) == self.per_block:
-                self.commit()
+            self._entry(disk_offset, n, ZERO_CHECKSUM)
             disk_offset += n
             length -= n
 
     def commit(self, durable: bool = False) -> None:
         """Write the metadata block for the pending entries; durable=True also flushes the log."""
         self._drain()
-        if self.pending:
-            block = pack_metadata(self.cursor - self.last_metadata, self.pending, self.metadata_size)
+        if self.pending_n:
+            block = pack_metadata(self.cursor - self.last_metadata, self.pending, self.pending_n, self.metadata_size)
             self._write(block, self.cursor)
             self.last_metadata = self.cursor
             self.cursor += self.metadata_size
-            self.total_entries += len(self.pending)
-            self.pending = []
+            self.total_entries += self.pending_n
+            self.pending_n = 0
         if durable:
             if self._spool is not None:
                 self._spool.wait()
@@ -284,9 +310,10 @@ class HrlWriter:
                 pass
 
     def _drain(self) -> None:
-        if self._buf:
-            self._write(self._buf, self._buf_at)
-            self._buf = bytearray()
+        if self._buf_len:
+            piece = memoryview(self._buf)[:self._buf_len]
+            self._write(piece if self._spool is None else bytes(piece), self._buf_at)   # a queued write: a copy
+            self._buf_len = 0
 
     def close(self, discard: bool = False) -> None:
         """Without waiting: a background writer's queued work is done (or dropped after a failure, or

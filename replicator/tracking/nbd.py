@@ -16,6 +16,10 @@ After a batch, the connection polls its socket for the next request for a moment
 REPLICATOR_POLL_MAX_US, default 64 us) before it sleeps in the event loop again, while no other connection
 is sending requests.
 
+A run of plain writes into blocks the disk already holds, in regions already marked this cycle, is served
+in C when the native kernels are active (tracking/native_writes.py): the disk write, the log's entry and
+the reply, the same bytes the Python path gives. Anything else in the stream is served here, in order.
+
 Every request runs on the loop thread inside one data_received call, and cuts run on the same loop between
 those calls: each request is atomic with respect to the others and to log cuts. The one exception is the
 part of a read that would wait for the device: that part is read on a worker thread and its reply sent when
@@ -41,6 +45,7 @@ from ..disk.base import Extent, ExtentKind
 from ..disk.raw import RawDisk
 from ..errors import DiskIOError, OutOfRange, ReadOnlyError, ReplicatorError
 from ..vhdx import VhdxDisk
+from .native_writes import NativeWrites
 from .reads import FileReads, read_through, reads_for
 
 log = logging.getLogger("replicator.nbd")
@@ -95,6 +100,7 @@ def _poll_max_ns() -> int:
 
 
 POLL_MAX_NS = _poll_max_ns()
+NATIVE_WRITES = os.environ.get("REPLICATOR_NATIVE_WRITES", "1") != "0"    # 0: the Python path only (A/B runs)
 POLL_START_NS = 4000
 POLL_TURN_NS = 500_000               # the longest a connection polls before the loop's other work runs
 POLL_ALONE_NS = 2_000_000            # a connection polls only when no other has sent a request this recently
@@ -163,6 +169,8 @@ class Export:
     def __init__(self, name: str, disk, read_only: bool = False, description: str = ""):
         self.name, self.disk, self.read_only, self.description = name, disk, read_only, description
         self.reads = reads_for(disk)     # None: a disk read on the loop, waits and all
+        # plain writes served in C (native_writes.py); None: every request in Python
+        self.native = None if read_only or not NATIVE_WRITES else NativeWrites.for_disk(disk)
 
     @property
     def flags(self) -> int:
@@ -494,7 +502,18 @@ class _Connection(asyncio.Protocol):
         mv = memoryview(data)
         unpack = _REQ.unpack_from
         serve = self._serve
+        native = self.export.native
         while n - pos >= _REQ_SIZE and not self.paused and not self.held and not self.closing:
+            if native is not None and data[pos + 7] == CMD_WRITE:     # a run of plain writes, in C
+                pos, served, replies = native.serve(data, pos)
+                if served:
+                    self.stats["requests"] += served
+                    self.out.append(replies)
+                    self.out_bytes += len(replies)
+                    if self.out_bytes >= FLUSH_REPLIES_AT:
+                        self._flush()
+                    if n - pos < _REQ_SIZE or self.paused:
+                        break
             magic, flags, cmd, cookie, offset, length = unpack(data, pos)
             if magic != REQUEST_MAGIC:
                 raise Disconnect(f"bad request magic 0x{magic:x}")

@@ -300,6 +300,13 @@ class TrackedDisk:
         if fua:
             self.flush()
 
+    def written_natively(self, nbytes: int, log_len: int, entries_n: int) -> None:
+        """The export's native write path (native_writes.py) wrote `nbytes` into marked regions and staged
+        them in the active log, whose buffers it filled to log_len bytes and entries_n entries."""
+        self.unsynced += nbytes
+        self.last_write = time.monotonic()
+        self._log(lambda log: log.staged(log_len, entries_n))
+
     def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
             return

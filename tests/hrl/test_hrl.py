@@ -49,9 +49,9 @@ def test_worked_example_metadata_and_entry_checksums_follow_from_the_printed_fie
     checksum follows from its fields with DataChecksum 0. (The example's file-header checksum, 4294959739,
     does not follow from its printed fields under any layout, so it is not used as a vector.)"""
     entries = [MetadataEntry(off, length, ts, 1, 0) for _, length, off, ts, _ in EXAMPLE_ENTRIES]
-    block = pack_metadata(324096, entries, 4096)
+    block = pack_metadata(324096, b"".join(e.pack() for e in entries), len(entries), 4096)
     assert struct.unpack_from("<I", block, 12)[0] == 4294966991
-    assert pack_metadata(0, [], 4096)[12:16] == struct.pack("<I", 4294967295)     # metadata #1
+    assert pack_metadata(0, b"", 0, 4096)[12:16] == struct.pack("<I", 4294967295)     # metadata #1
     for (ident, *_rest, expected), e in zip(EXAMPLE_ENTRIES, entries):
         assert struct.unpack_from("<I", e.pack(), 8)[0] == expected, f"entry {ident}"
     parsed = parse_metadata(block, 328192, 4096)
@@ -69,9 +69,9 @@ def _example_log(path):
                        vhd2_data_write_guid=uuid.UUID("b9be5c57-f8be-5503-98bb-6c44faf9ac87"))
     with open(path, "wb") as f:
         f.write(header.pack())
-        f.write(pack_metadata(0, [], 4096))
+        f.write(pack_metadata(0, b"", 0, 4096))
         f.write(bytes(sum(e.data_length for e in entries)))
-        f.write(pack_metadata(324096, entries, 4096))
+        f.write(pack_metadata(324096, b"".join(e.pack() for e in entries), len(entries), 4096))
     return entries
 
 

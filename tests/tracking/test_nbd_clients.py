@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from replicator.hrl import apply_chain
+from replicator.tracking import nbd
 from replicator.vhdx import VhdxDisk
 
 from ..externals import qemu_compare, run, tool
@@ -18,8 +19,10 @@ SIZE = 64 * MiB
 
 
 @pytest.fixture
-def served(tmp_path):
-    """One 64 MiB disk (1 MiB VHDX blocks), tracking, served on a Unix socket; its calls recorded."""
+def served(tmp_path, monkeypatch):
+    """One 64 MiB disk (1 MiB VHDX blocks), tracking, served on a Unix socket; its calls recorded (on the
+    Python path: the native one writes without calling the disk's methods; test_native_writes covers it)."""
+    monkeypatch.setattr(nbd, "NATIVE_WRITES", False)
     path = make_vhdx(tmp_path / "disk.vhdx", SIZE, fill=[(5 * MiB, b"\x11" * MiB)])
     t = tracked(path)
     calls = {"flush": [], "write": [], "write_zeroes": [], "trim": []}
