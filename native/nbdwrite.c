@@ -102,6 +102,8 @@ size_t rk_nbd_serve_writes(rk_nbd_writes *w, const char *data, size_t len, size_
     w->served = 0;
     w->bytes = 0;
     w->err = 0;
+    if (pos > len)
+        return pos;
     while (len - pos >= NBD_REQ_SIZE) {
         const unsigned char *req = (const unsigned char *)data + pos;
         uint32_t magic = get_be32(req), length = get_be32(req + 24);

@@ -210,3 +210,53 @@ def test_the_native_path_writes_only_where_the_block_map_says(tmp_path):
         assert data.count(b"\xee") == 4096, "a byte was written outside the one served request"
     finally:
         os.close(fd)
+
+
+def test_fuzzed_buffers_write_exactly_the_requests_served(tmp_path):
+    """Random streams, mostly plain writes with some bytes of them broken: C serves a prefix of the stream,
+    and the file then holds exactly what a model applying that prefix gives (nothing else is touched), the
+    staged log data is those writes' bytes in order, and each reply carries its request's cookie."""
+    import numpy as np
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 4 * MiB)
+        bat = np.array([(1 << 20) | 6, (3 << 20) | 6, 0], dtype=np.uint64)    # blocks 0, 1 at 1 and 3 MiB
+        model = bytearray(4 * MiB)
+        rnd = random.Random(4)
+        for _ in range(300):
+            w = kernels.NbdWrites()
+            w.bind_disk(fd, 2 * MiB + 4096, bat, MiB, 256, BUFFER - 1)
+            w.bind_regions(bytearray(b"\x01\x01\x01"), MiB)
+            stage, entries = bytearray(BUFFER), bytearray(127 * 32)
+            w.bind_log(stage, entries, 127)
+            reqs = []
+            for i in range(rnd.randrange(1, 12)):
+                length = rnd.choice([1, 100, 4096, 70000])
+                off = rnd.randrange(2 * MiB + 8192)
+                raw = bytearray(struct.pack(">IHHQQI", N.REQUEST_MAGIC, 0, N.CMD_WRITE, i, off, length)
+                                + rnd.randbytes(length))
+                if rnd.random() < 0.15:
+                    raw[rnd.randrange(28)] ^= 1 << rnd.randrange(8)
+                reqs.append(bytes(raw))
+            stream = b"".join(reqs)
+            cut = rnd.choice([len(stream), rnd.randrange(len(stream) + 1)])
+            end, served, nbytes, log_len, n_entries, replies, err = w.serve(stream[:cut], 0, 0, 0)
+            assert err == 0 and n_entries == served and len(replies) == 16 * served
+            pos, logged = 0, b""
+            for k in range(served):
+                _, flags, cmd, cookie, off, length = struct.unpack_from(">IHHQQI", stream, pos)
+                payload = stream[pos + 28:pos + 28 + length]
+                assert flags == 0 and cmd == N.CMD_WRITE and off + length <= 2 * MiB + 4096
+                assert replies[16 * k:16 * k + 16] == struct.pack(">IIQ", N.SIMPLE_REPLY_MAGIC, 0, cookie)
+                first = min(length, MiB - off % MiB)
+                at = (1 << 20) + off if off < MiB else (3 << 20) + off - MiB
+                model[at:at + first] = payload[:first]
+                if first < length:
+                    model[(3 << 20):(3 << 20) + length - first] = payload[first:]
+                logged += payload
+                pos += 28 + length
+            assert end == pos and nbytes == len(logged) and stage[:log_len] == logged
+            assert os.pread(fd, 4 * MiB, 0) == bytes(model)
+    finally:
+        os.close(fd)
