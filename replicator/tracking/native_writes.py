@@ -13,10 +13,15 @@ against the other.
 """
 from __future__ import annotations
 
+import logging
+
 from .. import kernels
+from ..errors import ReplicatorError
 from ..hrl.writer import BUFFER
 from ..vhdx import VhdxDisk
 from ..vhdx.fileio import FileIO
+
+_log = logging.getLogger("replicator.nbd")
 
 
 class NativeWrites:
@@ -58,4 +63,16 @@ class NativeWrites:
         if served:
             self.served += served
             t.written_natively(nbytes, log_len, entries_n)
+            if disk._dirty_count():
+                self._commit_due(disk)
         return end, served, replies
+
+    @staticmethod
+    def _commit_due(disk: VhdxDisk) -> None:
+        """What each write on the Python path does after its data (io_path._write_piece): hand the block
+        map's pending changes to a commit once they pass the mark. A commit that failed before is not
+        answered here (these writes are answered already): it stays pending, and the next flush reports it."""
+        try:
+            disk._maybe_commit()
+        except ReplicatorError as e:
+            _log.error("%s: metadata commit failed: %s", disk.path, e.message)

@@ -11,11 +11,13 @@ import os
 import random
 import shutil
 import struct
+import time
 
 import pytest
 
 from replicator import kernels
 from replicator.hrl import HrlReader, apply_chain
+from replicator.hrl.format import hrl_time
 from replicator.hrl.writer import BUFFER
 from replicator.tracking import nbd as N
 from replicator.tracking.service import ExportService
@@ -27,6 +29,7 @@ from .test_nbd_malformed import Raw
 pytestmark = pytest.mark.skipif(kernels.NbdWrites is None, reason="the native kernels are not active")
 
 SIZE = 16 * MiB
+STARTED = hrl_time(time.time())
 ALLOCATED = [b for b in range(16) if b not in (3, 9, 10)]      # blocks 3, 9 and 10 are holes at the start
 
 
@@ -78,23 +81,34 @@ def read(off: int, length: int):
 
 
 def log_contents(paths) -> list:
-    out = []
+    """Every entry and its data; each entry's timestamp must be a time this test ran."""
+    out, now = [], hrl_time(time.time())
     for p in paths:
         with HrlReader(p, SIZE) as r:
-            out += [(w.offset, w.length, w.data_checksum, r.read_data(w)) for w in r.writes]
+            for w in r.writes:
+                assert STARTED - 1 <= w.timestamp <= now, f"timestamp {w.timestamp} outside [{STARTED}, {now}]"
+                out.append((w.offset, w.length, w.data_checksum, r.read_data(w)))
     return out
 
 
-def check_same(svc, original, disks, *request_lists, chunks: int = 1) -> None:
+def cut_both(svc, disks) -> dict:
+    """A cut of both disks: their sealed logs by name."""
+    sealed = dict(zip(disks, svc.cut()))             # the service's disks, in the order given
+    assert None not in sealed.values(), "a log was given up: " + str([d.reason for d in disks.values()])
+    return {name: s.path for name, s in sealed.items()}
+
+
+def check_same(svc, original, disks, *request_lists, chunks: int = 1, earlier: dict | None = None) -> None:
+    """Send each list to both disks; compare replies, bitmaps, bytes and every log since the original
+    (`earlier`: logs sealed before, by name), and replay each disk's chain onto the original."""
     for requests in request_lists:
         assert run(svc, "native", requests, chunks) == run(svc, "python", requests, chunks)
     native, python = disks["native"], disks["python"]
     assert (native.dirty == python.dirty).all() and (native.cycle == python.cycle).all(), "regions not marked alike"
-    sealed = dict(zip(disks, svc.cut()))             # the service's disks, in the order given
+    last = cut_both(svc, disks)
     svc.stop()                                        # the disks closed cleanly, to be read as files
-    assert None not in sealed.values(), "a log was given up: " + str([d.reason for d in disks.values()])
     assert read_vhdx(disks["native"].path) == read_vhdx(disks["python"].path)
-    logs = {name: [s.path] for name, s in sealed.items()}
+    logs = {name: (earlier or {}).get(name, []) + [last[name]] for name in disks}
     assert log_contents(logs["native"]) == log_contents(logs["python"])
     for name, paths in logs.items():                  # each log replays the original into the disk as it is
         copy = str(disks[name].path) + ".replayed.vhdx"
@@ -194,7 +208,7 @@ def test_the_native_path_writes_only_where_the_block_map_says(tmp_path):
         w.bind_log(bytearray(BUFFER), bytearray(127 * 32), 127)
 
         def one(off, length, flags=0, cmd=N.CMD_WRITE, magic=N.REQUEST_MAGIC):
-            req = struct.pack(">IHHQQI", magic, flags, cmd, 1, off, length) + b"\xee" * min(length, 1 << 16)
+            req = struct.pack(">IHHQQI", magic, flags, cmd, 1, off, length) + b"\xee" * min(length, BUFFER)
             return w.serve(req, 0, 0, 0)[1]
 
         assert one(0, 4096) == 1
@@ -260,3 +274,88 @@ def test_fuzzed_buffers_write_exactly_the_requests_served(tmp_path):
             assert os.pread(fd, 4 * MiB, 0) == bytes(model)
     finally:
         os.close(fd)
+
+
+def test_writes_after_a_cut_go_to_the_new_log(pair):
+    """Writes, a cut, then writes to the same regions: the native path follows the new log and the new
+    cycle's marks (the first write to each region is Python's again), and both logs match the Python path's."""
+    svc, original, disks = pair
+    rnd = random.Random(5)
+    first = [write(b * MiB + rnd.randrange(MiB - 4096), rnd.randbytes(4096)) for b in ALLOCATED for _ in range(4)]
+    second = [write(b * MiB + rnd.randrange(MiB - 4096), rnd.randbytes(4096)) for b in ALLOCATED for _ in range(4)]
+    assert run(svc, "native", first) == run(svc, "python", first)
+    served = svc.server.exports["native"].native.served
+    earlier = {name: [path] for name, path in cut_both(svc, disks).items()}
+    assert not disks["native"]._marked.count(1), "the new cycle starts with no region marked"
+    check_same(svc, original, disks, second, earlier=earlier)
+    assert svc.server.exports["native"].native.served - served >= len(ALLOCATED) * 3
+
+
+def test_the_first_write_of_a_session_changes_the_guids_in_python(tmp_path):
+    """Without prepare_for_writes, the session's first write must change the disk's DataWriteGuid (a log's
+    successor checks it): that write goes through Python; the ones after it are native."""
+    fill = [(b * MiB, bytes([b + 1]) * MiB) for b in range(4)]
+    path = make_vhdx(tmp_path / "d.vhdx", 4 * MiB, fill=fill)
+    with VhdxDisk.open(path) as d:
+        before = d.data_write_guid
+    t = tracked(path)
+    svc = ExportService({"d": t}, socket_path=str(tmp_path / "nbd.sock")).start()
+    try:
+        c = Raw(svc.socket_path).flags()
+        assert c.go("d") == 4 * MiB
+        for i in range(8):
+            c.request(N.CMD_WRITE, (i % 4) * MiB, 4096, bytes([0xa0 + i]) * 4096, handle=i)
+        assert [c.simple_reply()[:2] for _ in range(8)] == [(0, i) for i in range(8)]
+        c.close()
+        # Python: the first write (new GUIDs, marks region 0 of 2 MiB) and the first to region 1
+        assert svc.server.exports["d"].native.served == 6
+        assert t.disk.data_write_guid != before
+    finally:
+        svc.stop()
+
+
+def test_a_log_past_its_share_is_given_up_on_the_native_path_too(tmp_path):
+    """The log-size limit holds when the writes are native: the log is given up (a resync) as on Python's."""
+    fill = [(b * MiB, bytes([b + 1]) * MiB) for b in range(4)]
+    path = make_vhdx(tmp_path / "d.vhdx", 4 * MiB, fill=fill)
+    t = tracked(path, max_log_share=0.05)                  # 205 KiB of log
+    t.disk.prepare_for_writes()
+    svc = ExportService({"d": t}, socket_path=str(tmp_path / "nbd.sock")).start()
+    try:
+        c = Raw(svc.socket_path).flags()
+        assert c.go("d") == 4 * MiB
+        for i in range(100):
+            c.request(N.CMD_WRITE, (i % 4) * MiB + 8192 * i, 4096, bytes(4096), handle=i)
+        assert all(c.simple_reply()[0] == 0 for _ in range(100))
+        c.close()
+        assert svc.server.exports["d"].native.served > 50
+        assert t.resync_required and "grew past" in t.reason, t.reason
+    finally:
+        svc.stop()
+
+
+def test_native_runs_hand_pending_block_map_changes_to_a_commit(tmp_path):
+    """After a new block (its BAT entry not committed yet), native writes give the VHDX the same chance to
+    commit it that each Python write does (io_path._write_piece calls _maybe_commit); with none pending they
+    do not ask."""
+    fill = [(b * MiB, bytes([b + 1]) * MiB) for b in range(2)]
+    path = make_vhdx(tmp_path / "d.vhdx", 4 * MiB, fill=fill)
+    t = tracked(path)
+    t.disk.prepare_for_writes()
+    asked = []
+    maybe_commit = t.disk._maybe_commit
+    t.disk._maybe_commit = lambda: (asked.append(t.disk._dirty_count()), maybe_commit())[1]
+    svc = ExportService({"d": t}, socket_path=str(tmp_path / "nbd.sock")).start()
+    try:
+        c = Raw(svc.socket_path).flags()
+        assert c.go("d") == 4 * MiB
+        for i, off in enumerate([0, 4096, 3 * MiB, 8192, 12288]):     # 3 MiB: a new block (Python)
+            c.request(N.CMD_WRITE, off, 4096, b"\x5a" * 4096, handle=i)
+            assert c.simple_reply()[:2] == (0, i)
+        c.close()
+        assert svc.server.exports["d"].native.served == 3     # 4096, 8192, 12288
+        # Python's two writes ask each time (nothing pending, then the new block's BAT page); of the native
+        # runs only the two after the new block ask
+        assert asked == [0, 1, 1, 1], asked
+    finally:
+        svc.stop()
