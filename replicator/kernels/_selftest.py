@@ -1,4 +1,5 @@
-"""Known-answer self-test run at import: a miscompiled or mis-dispatched native build must not hash disks.
+"""Known-answer self-test run at import: a miscompiled or mis-dispatched native build must not hash disks
+(nor serve a guest's writes: one NBD write through the native write path, into a memory file).
 
 The constants were checked against the `xxhash` PyPI package (xxh3_128_hexdigest) and `xxhsum -H2`;
 CRC-32C of "123456789" is the standard check value. It costs a few tens of microseconds.
@@ -33,7 +34,38 @@ def _cases(k):
         ("zero_blocks", lambda: k.zero_blocks(zeros, 256).tolist(),
          [True, False, True, True, True, True, True, False]),
         ("byte_sum", lambda: k.byte_sum(PATTERN[:1000] + b"\xff" * 77), BYTE_SUM_PATTERN),
-    ]
+    ] + ([("NbdWrites", lambda: _nbd_write(k), NBD_WRITE)] if getattr(k, "NbdWrites", None) else [])
+
+
+# One NBD write of PATTERN[:100] at 4096 (cookie 0x1122334455667788) through the export's native write path:
+# (end of the request, served, errno, bytes in the file, bytes staged, entry's offset, length, operation and
+# data checksum, whether the entry's own checksum holds, the reply)
+NBD_WRITE = (128, 1, 0, PATTERN[:100], PATTERN[:100], 4096, 100, 1, ~sum(PATTERN[:100]) & 0xFFFFFFFF, True,
+             bytes.fromhex("67446698000000001122334455667788"))
+
+
+def _nbd_write(k) -> tuple:
+    """The write into a memory file whose block 0 sits at 1 MiB; the entry is read back field by field."""
+    import os
+    import struct
+
+    import numpy as np
+    fd = os.memfd_create("replicator-selftest")
+    try:
+        os.ftruncate(fd, 2 << 20)
+        w = k.NbdWrites()
+        w.bind_disk(fd, 1 << 20, np.array([(1 << 20) | 6], dtype=np.uint64), 1 << 20, 256, 4096)
+        w.bind_regions(bytearray(b"\x01"), 1 << 20)
+        stage, entries = bytearray(4096), bytearray(32)
+        w.bind_log(stage, entries, 1)
+        request = struct.pack(">IHHQQI", 0x25609513, 0, 1, 0x1122334455667788, 4096, 100) + PATTERN[:100]
+        end, served, _, log_len, _, reply, err = w.serve(request, 0, 0, 0)
+        landed = os.pread(fd, 100, (1 << 20) + 4096)
+    finally:
+        os.close(fd)
+    offset, stored, length, _, op, data_ck = struct.unpack_from("<QIIIBI", entries)
+    own = ~(sum(entries) - sum(entries[8:12])) & 0xFFFFFFFF
+    return (end, served, err, landed, bytes(stage[:log_len]), offset, length, op, data_ck, own == stored, reply)
 
 
 def _streamed(k) -> bytes:
