@@ -8,7 +8,6 @@
  */
 #include "kernels.h"
 
-#include <errno.h>
 #include <string.h>
 #include <time.h>
 
