@@ -68,6 +68,7 @@ import urllib.request
 import numpy as np
 
 import devicestats
+import cpufreeze
 import hoststeal
 from benchcorpus import MAKE_CORPUS
 from replicator.disk.base import ExtentKind
@@ -427,9 +428,10 @@ def export_pid(nbd_socket: str) -> int | None:
     return None
 
 
-def stats(done: np.ndarray, lat: np.ndarray, windows: list[tuple[float, float]] | None) -> dict:
+def stats(done: np.ndarray, lat: np.ndarray, windows: list[tuple[float, float]] | None, freezes=None) -> dict:
     """IOPS and latency percentiles. windows=None: the whole run; otherwise the I/Os in flight during the
-    windows count for latency, those completed inside them for IOPS."""
+    windows count for latency, those completed inside them for IOPS. freezes: the CPUs' freezes meanwhile
+    (bench/cpufreeze.py), for the worst completion less the time some CPU was frozen during it."""
     start = done - lat
     if windows is None:
         t0, t1 = float(start.min()), float(done.max())
@@ -449,14 +451,25 @@ def stats(done: np.ndarray, lat: np.ndarray, windows: list[tuple[float, float]] 
         ms = sel * 1e3
         out.update(median_ms=round(float(np.median(ms)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3),
                    p999_ms=round(float(np.percentile(ms, 99.9)), 3), max_ms=round(float(ms.max()), 2))
+        if freezes is not None:
+            less = cpufreeze.less_freezes(start[inflight], done[inflight], freezes) * 1e3
+            out["max_ms_less_freezes"] = round(float(less.max()), 2)
     else:
         out.update(median_ms=None, p99_ms=None, p999_ms=None, max_ms=None)
     return out
 
 
+FREEZES: cpufreeze.Watch | None = None     # the run's CPU freeze watchers (main starts them)
+
+
 def measure(fio: Fio, windows=None) -> dict:
     done, lat, summary = fio.results()
-    r = stats(done, lat, windows)
+    freezes = FREEZES.freezes(fio.t0, fio.t1) if FREEZES is not None else None
+    r = stats(done, lat, windows, freezes)
+    if freezes is not None:             # what the host took while fio ran: count, longest, total (any CPU)
+        r["freezes"] = len(freezes)
+        r["freeze_max_ms"] = round(max((d for _, _, d in freezes), default=0.0) * 1e3, 1)
+        r["frozen_ms"] = round(sum(e - s for s, e in cpufreeze.union(freezes)) * 1e3, 1)
     r.update(summary)
     r["run_s"] = round(float(done.max() - (done - lat).min()), 2)
     r["rate_bound"] = bool(fio.rate) and bool(r["iops"] * fio.bs >= 0.95 * fio.rate)
@@ -636,11 +649,18 @@ def compare(res: dict, jobs) -> dict:
              "worst_minus_qemu_ms": {p: (round(g(p, "max_ms") - q["max_ms"], 2) if g(p, "max_ms") is not None
                                          else None) for p in "abcd"},
              "p999_over_qemu": {p: ratio(g(p, "p999_ms"), q["p999_ms"]) for p in "abcd"}}
+        if q.get("max_ms_less_freezes") is not None:        # the same, each less what the host froze meanwhile
+            r["worst_minus_qemu_less_freezes_ms"] = {
+                p: (round(g(p, "max_ms_less_freezes") - q["max_ms_less_freezes"], 2)
+                    if g(p, "max_ms_less_freezes") is not None else None) for p in "abcd"}
         r["targets"] = {
             "steady_ge_0.9x_paused": (r["steady_over_paused_iops"] or 0) >= 0.9,
             "paused_ge_1.0x_qemu": (r["paused_over_qemu_iops"] or 0) >= 1.0,
             "worst_le_qemu_plus_50ms": all(v is not None and v <= 50 for v in r["worst_minus_qemu_ms"].values()),
             "p999_le_2x_qemu": all(v is not None and v <= 2 for v in r["p999_over_qemu"].values())}
+        if "worst_minus_qemu_less_freezes_ms" in r:     # beside the target, not instead of it
+            r["targets"]["worst_le_qemu_plus_50ms_less_freezes"] = all(
+                v is not None and v <= 50 for v in r["worst_minus_qemu_less_freezes_ms"].values())
         out[job] = r
     return out
 
@@ -662,25 +682,35 @@ def markdown(report: dict) -> str:
         lines += [s["note"], ""]
     for job in s["jobs"]:
         lines += [f"## {job}", "", "| phase | IOPS | median ms | p99 ms | p99.9 ms | max ms | window s | server cores "
-                  "| host steal | disk writes MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| host steal | disk writes MiB | CPU freezes | max ms less freezes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in ORDER:
             r = report["phases"].get(p, {}).get(job)
             if r:
                 star = " *" if r.get("rate_bound") else ""
                 lines.append(f"| {p}: {PHASES[p]} | {r['iops']:,.0f}{star} | {r['median_ms']} | {r['p99_ms']} | "
                              f"{r['p999_ms']} | {r['max_ms']} | {r['window_s']} | {r.get('server_cores', '')} | "
-                             f"{r.get('steal', 0):.0%} | {r.get('device_written_mib', '')} |")
+                             f"{r.get('steal', 0):.0%} | {r.get('device_written_mib', '')} | "
+                             + (f"{r['freezes']}, longest {r['freeze_max_ms']} ms | {r.get('max_ms_less_freezes')} |"
+                                if "freezes" in r else " | |"))
         c = report["ratios"][job]
         lines += ["", f"steady/paused IOPS {c['steady_over_paused_iops']} (target >= 0.9), paused/qemu-nbd "
                   f"{c['paused_over_qemu_iops']} (>= 1.0), steady/qemu-nbd {c['steady_over_qemu_iops']}; worst "
                   "completion minus qemu-nbd's (<= 50 ms): " + ", ".join(
                       f"{p} {v} ms" for p, v in c["worst_minus_qemu_ms"].items()) + "; p99.9 / qemu-nbd's (<= 2): "
-                  + ", ".join(f"{p} {v}" for p, v in c["p999_over_qemu"].items()), ""]
+                  + ", ".join(f"{p} {v}" for p, v in c["p999_over_qemu"].items())
+                  + ("; worst completion minus qemu-nbd's, each less the CPUs' freezes meanwhile: " + ", ".join(
+                      f"{p} {v} ms" for p, v in c["worst_minus_qemu_less_freezes_ms"].items())
+                     if "worst_minus_qemu_less_freezes_ms" in c else ""), ""]
     lines += ["`*`: the job ran at the rate cap (IOPS there show only that the server kept up). Server cores: "
               "CPU time of qemu-nbd (e) or of our export process (a-d) over fio's run, per second. Host steal: the "
               "share of this machine's CPU time the host took away while fio ran (bench/hoststeal.py); above "
               f"{hoststeal.NOISY:.0%} a phase says more about the host than about us. Disk writes: what reached the "
-              "block device under the bench's folder while fio ran, from anyone (bench/devicestats.py).", ""]
+              "block device under the bench's folder while fio ran, from anyone (bench/devicestats.py). CPU "
+              "freezes: the times a CPU ran nothing at all for 5 ms or more while fio ran (the host took it; "
+              "bench/cpufreeze.py), how many and the longest; max ms less freezes: the worst completion once the "
+              "time some CPU was frozen during each I/O is taken off it (an upper bound on what the host explains). "
+              "The targets are judged on max ms.", ""]
     if report["problems"]:
         lines += ["Problems:", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(lines)
@@ -712,6 +742,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-logs", default=None, metavar="BUDGET",
                     help="the primary's memory_logs (auto, none or a size like 2G: the export's active logs in "
                          "memory); default: replicatord's (auto)")
+    ap.add_argument("--no-freeze-watch", action="store_true", help="no CPU freeze watchers (bench/cpufreeze.py: "
+                    "one SCHED_FIFO sleeper per CPU, under 1%% of it)")
     ap.add_argument("--note", default=None, help="what the machine was doing (default: shared and busy)")
     ap.add_argument("--out", default=None, help="JSON path; the .md beside it (default docs/bench/guest-impact.json; "
                     "--quick: WORK/guest-impact.json)")
@@ -750,6 +782,8 @@ def main(argv=None) -> int:
     res: dict = {p: {} for p in phases}
     problems: list[str] = []
     site = None
+    global FREEZES
+    FREEZES = None if args.no_freeze_watch else cpufreeze.Watch(os.path.join(work, "freezes")).start()
     try:
         res["e"] = phase_qemu(work, vhdx, jobs, args, region, logs)
         if "c" in phases:
@@ -772,6 +806,8 @@ def main(argv=None) -> int:
     finally:
         if site is not None:
             site.stop()
+        if FREEZES is not None:
+            FREEZES.stop()
 
     for p in phases:
         for job, r in res[p].items():
@@ -792,6 +828,9 @@ def main(argv=None) -> int:
                   "copy_rate_when_busy": args.copy_rate_when_busy or "replicatord's default",
                   "replication_cpus": args.replication_cpus or "none (every CPU)",
                   "memory_logs": args.memory_logs or "replicatord's default (auto)",
+                  "freeze_watch": ("none" if FREEZES is None else
+                                   f"every {cpufreeze.PERIOD * 1e3:.0f} ms per CPU, "
+                                   f"{'SCHED_FIFO' if FREEZES.realtime else 'not SCHED_FIFO: busy CPUs count'}"),
                   "sessions": "fio, both replicatords and the export each in a session of their own",
                   "note": args.note or "Figures from a shared, busy 2-core machine." if not q else
                           "--quick: a smoke run (256 MiB disk, 5 s jobs); the figures mean little."},

@@ -37,13 +37,15 @@ def test_guest_impact_quick(tmp_path):
             assert r["iops"] > 0 and r["ios"] > 0, (phase, job, r)
             assert 0 < r["median_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"] < 30_000, (phase, job, r)
             assert r["window_s"] > 0
+            # the CPU freeze watchers ran: a worst completion less the freezes is never above the worst
+            assert r["freezes"] >= 0 and 0 <= r["max_ms_less_freezes"] <= r["max_ms"], (phase, job, r)
             if phase != "e" or r.get("server_cores") is not None:
                 assert r["server_cores"] > 0, (phase, job, r)     # the export (a-d) was found and measured
     for job in jobs:
         ratios = report["ratios"][job]
         for key in ("steady_over_paused_iops", "paused_over_qemu_iops", "steady_over_qemu_iops"):
             assert ratios[key] > 0, (job, key, ratios)
-        assert set(ratios["worst_minus_qemu_ms"]) == set("abcd")
+        assert set(ratios["worst_minus_qemu_ms"]) == set("abcd") == set(ratios["worst_minus_qemu_less_freezes_ms"])
         assert all(v > 0 for v in ratios["p999_over_qemu"].values()), ratios
     assert report["phases"]["b"][jobs[0]]["cycles"] >= 1
     assert all(report["phases"]["d"][j]["resyncs"] for j in jobs)

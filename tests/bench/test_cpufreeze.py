@@ -1,0 +1,59 @@
+"""bench/cpufreeze.py: the times a CPU ran nothing at all, and a worst completion less them."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("cpufreeze", os.path.join(ROOT, "bench", "cpufreeze.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_latency_loses_only_the_frozen_part_of_its_flight_counted_once():
+    cf = _module()
+    freezes = [(0, 10.0, 0.100), (1, 10.05, 0.100), (1, 20.0, 0.010)]      # CPU 1 overlaps CPU 0's freeze
+    assert cf.union(freezes) == [(10.0, 10.15), (20.0, 20.01)]
+    start = np.array([9.99, 10.10, 11.0, 19.995, 9.0])
+    done = np.array([10.20, 10.12, 11.5, 20.02, 21.0])
+    less = cf.less_freezes(start, done, freezes)
+    assert np.allclose(less, [0.21 - 0.15, 0.0, 0.5, 0.025 - 0.01, 12.0 - 0.16])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root here (the bench runs as root)")
+def test_a_cpu_held_by_a_higher_realtime_task_shows_as_a_freeze_of_that_cpu_only():
+    """A SCHED_FIFO task of a higher priority spinning 80 ms on one CPU keeps the watcher there from running,
+    as the host stopping that vCPU would: the watcher reports a freeze of about that long on that CPU, inside
+    the spin, and none as long on another."""
+    cf = _module()
+    cpu = min(os.sched_getaffinity(0))
+    spin = ("import os, time\n"
+            f"os.sched_setaffinity(0, {{{cpu}}})\n"
+            "os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(2))\n"
+            "t0 = time.time(); end = time.monotonic() + 0.08\n"
+            "while time.monotonic() < end: pass\n"
+            "print(t0, time.time())\n")
+    with tempfile.TemporaryDirectory() as folder, cf.Watch(folder) as watch:
+        assert watch.realtime
+        time.sleep(0.2)
+        out = subprocess.run([sys.executable, "-c", spin], capture_output=True, text=True, check=True).stdout
+        t0, t1 = (float(x) for x in out.split())
+        time.sleep(0.2)
+        watch.stop()
+        found = watch.freezes()
+    mine = [f for f in found if f[0] == cpu and f[2] >= 0.05]
+    assert mine, found
+    _, start, seconds = max(mine, key=lambda f: f[2])
+    assert seconds <= 0.08 + 0.02 and t0 - 0.01 <= start and start + seconds <= t1 + 0.01, (mine, t0, t1)
+    assert not [f for f in found if f[0] != cpu and f[2] >= 0.05], found
