@@ -1,5 +1,5 @@
 /* Native hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block scan,
- * the replica's apply of a delta stream's data frames (apply.c), and the export's write path (nbdwrite.c).
+ * the replica's apply of a delta stream's data frames (apply.c), and the export's write path (nbdserve.c).
  *
  * Everything between CDEF-BEGIN and CDEF-END is also fed to cffi's cdef() by native/build_kernels.py,
  * so that part must stay plain C declarations (no preprocessor lines, no macros).
@@ -97,12 +97,16 @@ void rk_applier_free(rk_applier *applier);
 int rk_apply_frames(rk_applier *applier, const rk_apply_frame *frames, size_t n, const rk_apply_seg *segs,
                     size_t nsegs, int fd, int direct_fd, int threads, int writers, rk_apply_status *status);
 const char *rk_zstd_error_name(uint64_t code);
-/* The export's write path (nbdwrite.c): serve the plain NBD_CMD_WRITE requests at data[pos..len) whose
- * blocks the VHDX holds and whose regions are marked, stopping at the first it does not serve (returned:
- * where that one starts). Each is written to fd, staged for the log (when log_buf is not NULL: its data at
- * log_buf + log_len, its MS-HRL metadata entry at entries + 32 * entries_n) and answered with a simple
- * reply at replies + replies_len; the counters move on. err: the errno of a failed write (that request is
- * not served: the caller serves it again and answers with the error). */
+/* The export's request path (nbdserve.c): serve the requests at data[pos..len) it can, stopping at the
+ * first it does not serve (returned: where that one starts).
+ * - NBD_CMD_WRITE (when `writes`): plain writes whose blocks the VHDX holds and whose regions are marked.
+ *   Each is written to fd, staged for the log (when log_buf is not NULL: its data at log_buf + log_len, its
+ *   MS-HRL metadata entry at entries + 32 * entries_n) and answered with a simple reply.
+ * - NBD_CMD_READ (when `reads`): reads of at most max_read bytes of blocks the VHDX holds, from the page
+ *   cache only, answered with their data (one OFFSET_DATA chunk when `structured`, else a simple reply).
+ * Replies go at replies + replies_len; the counters move on. full: the last call stopped for want of reply
+ * room (call again once the replies are taken). err: the errno of a failed write (that request is not
+ * served: the caller serves it again and answers with the error). */
 typedef struct {
     int fd;                    /* the VHDX file */
     uint64_t disk_size;        /* virtual size */
@@ -114,6 +118,10 @@ typedef struct {
     uint64_t n_regions;
     uint64_t region_size;
     uint32_t max_len;          /* longest write served here */
+    uint32_t max_read;         /* longest read served here */
+    int writes;                /* serve writes (0: every write goes to Python) */
+    int reads;                 /* serve reads */
+    int structured;            /* the connection negotiated structured replies */
     char *log_buf;             /* the log's staged data (NULL: no log) */
     uint64_t log_cap;
     uint64_t log_len;
@@ -123,12 +131,14 @@ typedef struct {
     char *replies;
     uint32_t replies_cap;
     uint32_t replies_len;
-    uint32_t served;           /* out: requests served by the last call, and their bytes */
+    uint32_t served;           /* out: requests served by the last call, the bytes written and read */
     uint64_t bytes;
+    uint64_t read_bytes;
     int err;
-} rk_nbd_writes;
+    int full;
+} rk_nbd_export;
 
-size_t rk_nbd_serve_writes(rk_nbd_writes *w, const char *data, size_t len, size_t pos);
+size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos);
 /* CDEF-END */
 
 /* Internal to the C sources (not for cffi): write all n bytes at off, retrying short writes and EINTR;

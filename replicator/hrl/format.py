@@ -127,7 +127,7 @@ class MetadataEntry:
 def pack_entry_into(buf, at: int, byte_offset: int, data_length: int, timestamp: int, data_checksum: int,
                     meta_operation: int = META_WRITE) -> None:
     """§2.4: one metadata entry, its checksum included, at buf[at:at + ENTRY_SIZE] (the export's native write
-    path packs the same bytes: native/nbdwrite.c)."""
+    path packs the same bytes: native/nbdserve.c)."""
     _MD_ENTRY.pack_into(buf, at, byte_offset, 0, data_length, timestamp, meta_operation, data_checksum, 0, b"")
     struct.pack_into("<I", buf, at + ENTRY_CHECKSUM_AT,
                      checksum(memoryview(buf)[at:at + ENTRY_SIZE], ENTRY_CHECKSUM_AT))

@@ -34,7 +34,7 @@ def _cases(k):
         ("zero_blocks", lambda: k.zero_blocks(zeros, 256).tolist(),
          [True, False, True, True, True, True, True, False]),
         ("byte_sum", lambda: k.byte_sum(PATTERN[:1000] + b"\xff" * 77), BYTE_SUM_PATTERN),
-    ] + ([("NbdWrites", lambda: _nbd_write(k), NBD_WRITE)] if getattr(k, "NbdWrites", None) else [])
+    ] + ([("NbdExport", lambda: _nbd_write(k), NBD_WRITE)] if getattr(k, "NbdExport", None) else [])
 
 
 # One NBD write of PATTERN[:100] at 4096 (cookie 0x1122334455667788) through the export's native write path:
@@ -53,7 +53,7 @@ def _nbd_write(k) -> tuple:
     fd = os.memfd_create("replicator-selftest")
     try:
         os.ftruncate(fd, 2 << 20)
-        w = k.NbdWrites()
+        w = k.NbdExport()
         w.bind_disk(fd, 1 << 20, np.array([(1 << 20) | 6], dtype=np.uint64), 1 << 20, 256, 4096)
         w.bind_regions(bytearray(b"\x01"), 1 << 20)
         stage, entries = bytearray(4096), bytearray(32)

@@ -16,9 +16,10 @@ After a batch, the connection polls its socket for the next request for a moment
 REPLICATOR_POLL_MAX_US, default 64 us) before it sleeps in the event loop again, while no other connection
 is sending requests.
 
-A run of plain writes into blocks the disk already holds, in regions already marked this cycle, is served
-in C when the native kernels are active (tracking/native_writes.py): the disk write, the log's entry and
-the reply, the same bytes the Python path gives. Anything else in the stream is served here, in order.
+A run of plain writes into blocks the disk already holds, in regions already marked this cycle, and of
+reads of such blocks from the page cache, is served in C when the native kernels are active
+(tracking/native_io.py): the disk write, the log's entry and the reply, or the read's data reply, the same
+bytes the Python path gives. Anything else in the stream is served here, in order.
 
 Every request runs on the loop thread inside one data_received call, and cuts run on the same loop between
 those calls: each request is atomic with respect to the others and to log cuts. The one exception is the
@@ -45,7 +46,7 @@ from ..disk.base import Extent, ExtentKind
 from ..disk.raw import RawDisk
 from ..errors import DiskIOError, OutOfRange, ReadOnlyError, ReplicatorError
 from ..vhdx import VhdxDisk
-from .native_writes import NativeWrites
+from .native_io import NativeIO
 from .reads import FileReads, read_through, reads_for
 
 log = logging.getLogger("replicator.nbd")
@@ -100,7 +101,8 @@ def _poll_max_ns() -> int:
 
 
 POLL_MAX_NS = _poll_max_ns()
-NATIVE_WRITES = os.environ.get("REPLICATOR_NATIVE_WRITES", "1") != "0"    # 0: the Python path only (A/B runs)
+NATIVE_IO = os.environ.get("REPLICATOR_NATIVE_IO", "1") != "0"    # 0: the Python path only (A/B runs)
+NATIVE_READS = os.environ.get("REPLICATOR_NATIVE_READS", "1") != "0"  # 0: reads in Python, writes in C
 POLL_START_NS = 4000
 POLL_TURN_NS = 500_000               # the longest a connection polls before the loop's other work runs
 POLL_ALONE_NS = 2_000_000            # a connection polls only when no other has sent a request this recently
@@ -169,8 +171,8 @@ class Export:
     def __init__(self, name: str, disk, read_only: bool = False, description: str = ""):
         self.name, self.disk, self.read_only, self.description = name, disk, read_only, description
         self.reads = reads_for(disk)     # None: a disk read on the loop, waits and all
-        # plain writes served in C (native_writes.py); None: every request in Python
-        self.native = None if read_only or not NATIVE_WRITES else NativeWrites.for_disk(disk)
+        # plain writes and warm reads served in C (native_io.py); None: every request in Python
+        self.native = None if read_only or not NATIVE_IO else NativeIO.for_disk(disk, NATIVE_READS)
 
     @property
     def flags(self) -> int:
@@ -504,16 +506,16 @@ class _Connection(asyncio.Protocol):
         serve = self._serve
         native = self.export.native
         while n - pos >= _REQ_SIZE and not self.paused and not self.held and not self.closing:
-            if native is not None and data[pos + 7] == CMD_WRITE:     # a run of plain writes, in C
-                pos, served, replies = native.serve(data, pos)
+            if native is not None and data[pos + 7] <= CMD_WRITE:     # a run of plain writes and reads, in C
+                pos, served, replies, full = native.serve(data, pos, self.structured)
                 if served:
                     self.stats["requests"] += served
                     self.out.append(replies)
                     self.out_bytes += len(replies)
                     if self.out_bytes >= FLUSH_REPLIES_AT:
                         self._flush()
-                    if n - pos < _REQ_SIZE or self.paused:
-                        break
+                    if full or n - pos < _REQ_SIZE or self.paused:
+                        continue                # C again (its replies were taken), or the loop's test ends it
             magic, flags, cmd, cookie, offset, length = unpack(data, pos)
             if magic != REQUEST_MAGIC:
                 raise Disconnect(f"bad request magic 0x{magic:x}")

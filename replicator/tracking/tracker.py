@@ -301,7 +301,7 @@ class TrackedDisk:
             self.flush()
 
     def written_natively(self, nbytes: int, log_len: int, entries_n: int) -> None:
-        """The export's native write path (native_writes.py) wrote `nbytes` into marked regions and staged
+        """The export's native write path (native_io.py) wrote `nbytes` into marked regions and staged
         them in the active log, whose buffers it filled to log_len bytes and entries_n entries."""
         self.unsynced += nbytes
         self.last_write = time.monotonic()

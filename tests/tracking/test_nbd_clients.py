@@ -21,8 +21,8 @@ SIZE = 64 * MiB
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """One 64 MiB disk (1 MiB VHDX blocks), tracking, served on a Unix socket; its calls recorded (on the
-    Python path: the native one writes without calling the disk's methods; test_native_writes covers it)."""
-    monkeypatch.setattr(nbd, "NATIVE_WRITES", False)
+    Python path: the native one writes without calling the disk's methods; test_native_io covers it)."""
+    monkeypatch.setattr(nbd, "NATIVE_IO", False)
     path = make_vhdx(tmp_path / "disk.vhdx", SIZE, fill=[(5 * MiB, b"\x11" * MiB)])
     t = tracked(path)
     calls = {"flush": [], "write": [], "write_zeroes": [], "trim": []}
