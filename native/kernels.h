@@ -106,7 +106,8 @@ const char *rk_zstd_error_name(uint64_t code);
  *   cache only, answered with their data (one OFFSET_DATA chunk when `structured`, else a simple reply).
  * Replies go at replies + replies_len; the counters move on. full: the last call stopped for want of reply
  * room (call again once the replies are taken). err: the errno of a failed write (that request is not
- * served: the caller serves it again and answers with the error). */
+ * served: the caller serves it again and answers with the error). A file that refuses RWF_NOWAIT sets
+ * nowait_refused, and reads are left to the caller from then on. */
 typedef struct {
     int fd;                    /* the VHDX file */
     uint64_t disk_size;        /* virtual size */
@@ -131,11 +132,14 @@ typedef struct {
     char *replies;
     uint32_t replies_cap;
     uint32_t replies_len;
-    uint32_t served;           /* out: requests served by the last call, the bytes written and read */
+    uint32_t served;           /* out: requests served by the last call (reads_served of them reads), the
+                                  bytes written and read */
+    uint32_t reads_served;
     uint64_t bytes;
     uint64_t read_bytes;
     int err;
     int full;
+    int nowait_refused;        /* the file refused RWF_NOWAIT once: no more reads here (sticky) */
 } rk_nbd_export;
 
 size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos);

@@ -11,6 +11,7 @@
 #define _GNU_SOURCE                         /* preadv2, RWF_NOWAIT */
 #include "kernels.h"
 
+#include <errno.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -105,11 +106,15 @@ static void log_entry(rk_nbd_export *w, uint64_t offset, const char *data, uint3
 }
 
 /* All n bytes at off from the page cache, or 0: a page not cached (RWF_NOWAIT), a short read, an error.
- * Python then serves the read (a worker thread reads what the cache does not hold). */
-static int read_cached(int fd, char *dst, size_t n, uint64_t off)
+ * Python then serves the read (a worker thread reads what the cache does not hold). A file system that
+ * refuses RWF_NOWAIT turns native reads off for good, as tracking/reads.py does for its own. */
+static int read_cached(rk_nbd_export *w, char *dst, size_t n, uint64_t off)
 {
     struct iovec iov = {dst, n};
-    return preadv2(fd, &iov, 1, (off_t)off, RWF_NOWAIT) == (ssize_t)n;
+    ssize_t got = preadv2(w->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+    if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+        w->nowait_refused = 1;
+    return got == (ssize_t)n;
 }
 
 static int serve_write(rk_nbd_export *w, const unsigned char *req, uint16_t flags, uint64_t offset,
@@ -153,7 +158,7 @@ static int serve_read(rk_nbd_export *w, const unsigned char *req, uint16_t flags
 {
     uint64_t where[2] = {0, 0};
     /* DF (one chunk) is met by the one data chunk sent; it needs structured replies, as FUA is Python's */
-    if (!w->reads || length == 0 || length > w->max_read || (flags & ~NBD_CMD_FLAG_DF)
+    if (!w->reads || w->nowait_refused || length == 0 || length > w->max_read || (flags & ~NBD_CMD_FLAG_DF)
             || (flags && !w->structured))
         return 0;
     uint32_t head = w->structured ? NBD_DATA_HEAD : NBD_SIMPLE_SIZE;
@@ -167,8 +172,8 @@ static int serve_read(rk_nbd_export *w, const unsigned char *req, uint16_t flags
     unsigned char *reply = (unsigned char *)w->replies + w->replies_len;
     char *dst = (char *)reply + head;
     uint32_t first = pieces == 1 ? length : (uint32_t)(w->block_size - offset % w->block_size);
-    if (!read_cached(w->fd, dst, first, where[0])
-            || (pieces == 2 && !read_cached(w->fd, dst + first, length - first, where[1])))
+    if (!read_cached(w, dst, first, where[0])
+            || (pieces == 2 && !read_cached(w, dst + first, length - first, where[1])))
         return 0;
     if (w->structured) {
         put_be32(reply, NBD_STRUCTURED_REPLY_MAGIC);
@@ -196,6 +201,7 @@ size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos)
     w->served = 0;
     w->bytes = 0;
     w->read_bytes = 0;
+    w->reads_served = 0;
     w->err = 0;
     w->full = 0;
     if (pos > len)
@@ -216,6 +222,7 @@ size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos)
             if (!serve_read(w, req, flags, offset, length))
                 break;
             w->read_bytes += length;
+            w->reads_served++;
             pos += NBD_REQ_SIZE;
         } else {
             break;

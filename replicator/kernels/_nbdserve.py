@@ -51,6 +51,11 @@ def make_nbd_export_class(ffi, lib):
             """The last call stopped for want of reply room: call again."""
             return bool(self._w.full)
 
+        @property
+        def reads_served(self) -> int:
+            """How many of the last call's requests served were reads."""
+            return self._w.reads_served
+
         def bind_regions(self, marked, region_size: int) -> None:
             """marked: a byte per region, nonzero where a write needs no marking first."""
             w = self._w

@@ -39,6 +39,7 @@ class NativeIO:
         self._log = None
         self._mode: tuple[bool, bool] | None = None       # (writes, structured) as last set in C
         self.served = 0                 # requests served here (a figure for tests and profiles)
+        self.reads_served = 0           # of which reads
 
     @classmethod
     def for_disk(cls, tracked, reads: bool = True) -> "NativeIO | None":
@@ -77,6 +78,7 @@ class NativeIO:
             end, served, nbytes, log_len, entries_n, replies, _ = self.native.serve(data, pos, 0, 0)
         if served:
             self.served += served
+            self.reads_served += self.native.reads_served
             if nbytes:
                 t.written_natively(nbytes, log_len, entries_n)
                 if disk._dirty_count():

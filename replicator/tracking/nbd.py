@@ -101,7 +101,8 @@ def _poll_max_ns() -> int:
 
 
 POLL_MAX_NS = _poll_max_ns()
-NATIVE_IO = os.environ.get("REPLICATOR_NATIVE_IO", "1") != "0"    # 0: the Python path only (A/B runs)
+# 0: the Python path only (A/B runs); REPLICATOR_NATIVE_WRITES=0, its name before reads were native too, still works
+NATIVE_IO = "0" not in (os.environ.get("REPLICATOR_NATIVE_IO", "1"), os.environ.get("REPLICATOR_NATIVE_WRITES", "1"))
 NATIVE_READS = os.environ.get("REPLICATOR_NATIVE_READS", "1") != "0"  # 0: reads in Python, writes in C
 POLL_START_NS = 4000
 POLL_TURN_NS = 500_000               # the longest a connection polls before the loop's other work runs

@@ -328,8 +328,8 @@ def test_a_log_past_its_share_is_given_up_on_the_native_path_too(tmp_path):
             c.request(N.CMD_WRITE, (i % 4) * MiB + 8192 * i, 4096, bytes(4096), handle=i)
         assert all(c.simple_reply()[0] == 0 for _ in range(100))
         c.close()
-        # the share is 51 writes' worth; how many more pass before a run's end checks it depends on how the
-        # stream arrived (50-60 here): most of the log was written natively
+        # the share is 205 KiB, 51 writes' worth, checked once per native run: how many are served before
+        # the check gives the log up depends on how the stream arrived (50-54 seen; 50 once in 30 runs)
         assert svc.server.exports["d"].native.served > 40
         assert t.resync_required and "grew past" in t.reason, t.reason
     finally:
