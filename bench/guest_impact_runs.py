@@ -12,6 +12,9 @@ import statistics
 
 PHASES = {"a": "paused", "b": "cycles", "c": "initial", "d": "resync"}
 LIMITS = {"p999_over_qemu": 2.0, "worst_minus_qemu_ms": 50.0}   # issue 12: at most 2x, at most 50 ms more
+# beside the targets, where every run has it (from 2026-12-07 20:46): the worst completion less the CPUs'
+# freezes (bench/cpufreeze.py), judged by the same limit but not instead of it
+LESS_FREEZES = "worst_minus_qemu_less_freezes_ms"
 
 
 def _median(values):
@@ -33,7 +36,10 @@ def summarize(runs: list[dict]) -> dict:
         for key in ("paused_over_qemu_iops", "steady_over_paused_iops"):
             vals = [x[key] for x in rs if x.get(key) is not None]
             row[key] = {"median": _median(vals), "min": min(vals), "max": max(vals)}
-        for key, limit in LIMITS.items():
+        keys = dict(LIMITS)
+        if all(LESS_FREEZES in x for x in rs):
+            keys[LESS_FREEZES] = LIMITS["worst_minus_qemu_ms"]
+        for key, limit in keys.items():
             row[key] = {}
             for ph in PHASES:
                 vals = [x[key][ph] for x in rs if x.get(key, {}).get(ph) is not None]
@@ -52,6 +58,9 @@ def summarize(runs: list[dict]) -> dict:
     cells = [(j, ph) for j in out["jobs"] for ph in out["jobs"][j]["p999_over_qemu"]]
     for key, name in (("p999_over_qemu", "p999"), ("worst_minus_qemu_ms", "worst")):
         out[f"{name}_cells_met_by_median"] = sum(out["jobs"][j][key][ph]["median"] <= LIMITS[key] for j, ph in cells)
+    if cells and all(LESS_FREEZES in out["jobs"][j] for j, _ in cells):
+        out["worst_less_freezes_cells_met_by_median"] = sum(
+            out["jobs"][j][LESS_FREEZES][ph]["median"] <= LIMITS["worst_minus_qemu_ms"] for j, ph in cells)
     out["cells"] = len(cells)
     return out
 
@@ -72,14 +81,17 @@ def markdown(s: dict) -> str:
         cols = [f"{row[k]['median']:.2f} [{row[k]['min']:.2f}-{row[k]['max']:.2f}]{cap}"
                 for k in ("paused_over_qemu_iops", "steady_over_paused_iops")]
         lines.append(f"| {job} | {cols[0]} | {cols[1]} |")
-    for key, title, fmt in (("p999_over_qemu", "p99.9 / qemu-nbd's (target <= 2; in brackets: lowest, highest, runs meeting it)", "{:.2f}"),
-                            ("worst_minus_qemu_ms", "worst completion minus qemu-nbd's, ms (target <= 50; same brackets)",
-                             "{:.1f}")):
+    tables = [("p999_over_qemu", "p99.9 / qemu-nbd's (target <= 2; in brackets: lowest, highest, runs meeting it)", "{:.2f}"),
+              ("worst_minus_qemu_ms", "worst completion minus qemu-nbd's, ms (target <= 50; same brackets)", "{:.1f}")]
+    if "worst_less_freezes_cells_met_by_median" in s:
+        tables.append((LESS_FREEZES, "the same, each worst completion less the CPUs' freezes during it "
+                       "(bench/cpufreeze.py; not a target, what the host does not explain)", "{:.1f}"))
+    for key, title, fmt in tables:
         lines += ["", title, "", "| job | " + " | ".join(PHASES.values()) + " |",
                   "| --- |" + " --- |" * len(PHASES)]
         for job, row in s["jobs"].items():
             cells = []
-            limit = LIMITS[key]
+            limit = LIMITS.get(key, LIMITS["worst_minus_qemu_ms"])
             for ph in PHASES:
                 c = row[key].get(ph)
                 med = fmt.format(c["median"]) if c else ""
@@ -89,7 +101,9 @@ def markdown(s: dict) -> str:
                              f"{med} [{fmt.format(c['min'])}, {fmt.format(c['max'])}; {c['runs_met']}/{n}]")
             lines.append(f"| {job} | " + " | ".join(cells) + " |")
     lines += ["", f"By the medians: p99.9 met in {s['p999_cells_met_by_median']} of {s['cells']} cells, worst "
-              f"completion in {s['worst_cells_met_by_median']} of {s['cells']}."]
+              f"completion in {s['worst_cells_met_by_median']} of {s['cells']}"
+              + (f" ({s['worst_less_freezes_cells_met_by_median']} of {s['cells']} less the freezes)."
+                 if "worst_less_freezes_cells_met_by_median" in s else ".")]
     return "\n".join(lines) + "\n"
 
 

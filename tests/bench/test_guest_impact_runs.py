@@ -44,6 +44,22 @@ def test_medians_spread_and_targets():
     assert "By the medians: p99.9 met in 3 of 4 cells, worst completion in 3 of 4." in md
 
 
+def test_worst_completion_less_freezes_is_shown_beside_the_target_only_when_every_run_has_it():
+    m = _module()
+    runs = [_run("r1", [1] * 4, [0, 60, 10, 0]), _run("r2", [1] * 4, [0, 70, 10, 0])]
+    runs[0]["ratios"]["4k-qd1"]["worst_minus_qemu_less_freezes_ms"] = dict(zip("abcd", [0, 5, 10, 0]))
+    md = m.markdown(m.summarize(runs))                 # one run without it: no such table
+    assert "less the CPUs' freezes" not in md and md.endswith("worst completion in 3 of 4.\n")
+    runs[1]["ratios"]["4k-qd1"]["worst_minus_qemu_less_freezes_ms"] = dict(zip("abcd", [0, 65, 10, 0]))
+    s = m.summarize(runs)
+    row = s["jobs"]["4k-qd1"]
+    assert row["worst_minus_qemu_less_freezes_ms"]["b"] == {"median": 35.0, "min": 5, "max": 65, "runs_met": 1}
+    assert row["targets"]["worst_le_qemu_plus_50ms"] is False          # judged on the raw figure still
+    md = m.markdown(s)
+    assert "less the CPUs' freezes" in md and "| 4k-qd1 | 0.0 [0.0, 0.0; 2/2] | 35.0 [5.0, 65.0; 1/2] |" in md
+    assert md.endswith("worst completion in 3 of 4 (4 of 4 less the freezes).\n")
+
+
 def test_rate_bound_jobs_pass_the_iops_targets():
     """At fio's rate cap both sides serve the same IOPS: the IOPS ratios say nothing and are not judged."""
     m = _module()
