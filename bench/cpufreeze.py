@@ -46,7 +46,8 @@ class Watch:
             self.paths.append(path)
             self.procs.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--cpu", str(cpu), "--out", path,
-                 "--period", str(self.period), "--late", str(self.late)], start_new_session=True))
+                 "--period", str(self.period), "--late", str(self.late), "--parent", str(os.getpid())],
+                start_new_session=True))
         deadline = time.monotonic() + 10
         while not all(os.path.exists(p) for p in self.paths):      # each writes its header once it runs
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
@@ -116,7 +117,8 @@ def less_freezes(start: np.ndarray, done: np.ndarray, freezes) -> np.ndarray:
     return lat
 
 
-def _watch(cpu: int, out: str, period: float, late: float) -> None:
+def _watch(cpu: int, out: str, period: float, late: float, parent: int = 0) -> None:
+    """parent: the bench's pid; the watcher ends when that process is gone (killed, its cleanup not run)."""
     os.sched_setaffinity(0, {cpu})
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
@@ -130,7 +132,7 @@ def _watch(cpu: int, out: str, period: float, late: float) -> None:
     os.rename(out + ".part", out)
     with open(out, "a", buffering=1) as f:
         mono, wall, sleep = time.monotonic, time.time, time.sleep
-        while not stop:
+        while not stop and (not parent or os.getppid() == parent):
             t = mono()
             sleep(period)
             lost = mono() - t - period
@@ -144,5 +146,6 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--period", type=float, default=PERIOD)
     ap.add_argument("--late", type=float, default=LATE)
+    ap.add_argument("--parent", type=int, default=0)
     a = ap.parse_args()
-    _watch(a.cpu, a.out, a.period, a.late)
+    _watch(a.cpu, a.out, a.period, a.late, a.parent)

@@ -57,3 +57,22 @@ def test_a_cpu_held_by_a_higher_realtime_task_shows_as_a_freeze_of_that_cpu_only
     _, start, seconds = max(mine, key=lambda f: f[2])
     assert seconds <= 0.08 + 0.02 and t0 - 0.01 <= start and start + seconds <= t1 + 0.01, (mine, t0, t1)
     assert not [f for f in found if f[0] != cpu and f[2] >= 0.05], found
+
+
+def test_the_watchers_end_with_the_process_that_started_them(tmp_path):
+    """A bench killed before its cleanup (SIGKILL, or SIGTERM's default) leaves no SCHED_FIFO watcher behind."""
+    script = ("import sys, time\n"
+              f"sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})\n"
+              "import cpufreeze\n"
+              f"w = cpufreeze.Watch({str(tmp_path)!r}).start()\n"
+              "print(' '.join(str(p.pid) for p in w.procs), flush=True)\n"
+              "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert pids and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
