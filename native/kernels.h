@@ -133,10 +133,9 @@ typedef struct {
     uint32_t replies_cap;
     uint32_t replies_len;
     uint32_t served;           /* out: requests served by the last call (reads_served of them reads), the
-                                  bytes written and read */
+                                  bytes written */
     uint32_t reads_served;
     uint64_t bytes;
-    uint64_t read_bytes;
     int err;
     int full;
     int nowait_refused;        /* the file refused RWF_NOWAIT once: no more reads here (sticky) */

@@ -55,9 +55,10 @@ static void put_le(unsigned char *p, uint64_t v, int n)
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* The file offset of each block piece of [offset, offset+length), or 0 when a piece's block is not
- * fully present (the caller then leaves the request to Python, which allocates). */
-static int map_pieces(const rk_nbd_export *w, uint64_t offset, uint64_t length, uint64_t *where, int max)
+/* The file offset of each block piece of [offset, offset+length) and the first piece's length; -1 when a
+ * piece's block is not fully present (the caller then leaves the request to Python, which allocates). */
+static int map_pieces(const rk_nbd_export *w, uint64_t offset, uint64_t length, uint64_t *where, int max,
+                      uint32_t *first)
 {
     int n = 0;
     uint64_t pos = offset, end = offset + length;
@@ -72,7 +73,16 @@ static int map_pieces(const rk_nbd_export *w, uint64_t offset, uint64_t length, 
         where[n++] = (entry & BAT_OFFSET_MASK) + inblock;
         pos += w->block_size - inblock;
     }
+    *first = n == 1 ? (uint32_t)length : (uint32_t)(w->block_size - offset % w->block_size);
     return n;
+}
+
+/* The simple reply to the request at req: no error, its cookie as it came. */
+static void put_simple_reply(unsigned char *reply, const unsigned char *req)
+{
+    put_be32(reply, NBD_SIMPLE_REPLY_MAGIC);
+    put_be32(reply + 4, 0);
+    memcpy(reply + 8, req + 8, 8);
 }
 
 static int regions_marked(const rk_nbd_export *w, uint64_t offset, uint64_t length)
@@ -131,11 +141,11 @@ static int serve_write(rk_nbd_export *w, const unsigned char *req, uint16_t flag
     }
     if (!regions_marked(w, offset, length))
         return 0;
-    int pieces = map_pieces(w, offset, length, where, 2);
+    uint32_t first;
+    int pieces = map_pieces(w, offset, length, where, 2, &first);
     if (pieces < 0)
         return 0;
     const char *payload = (const char *)req + NBD_REQ_SIZE;
-    uint32_t first = pieces == 1 ? length : (uint32_t)(w->block_size - offset % w->block_size);
     int err = rk_pwrite_full(w->fd, (const uint8_t *)payload, first, where[0]);
     if (!err && pieces == 2)
         err = rk_pwrite_full(w->fd, (const uint8_t *)payload + first, length - first, where[1]);
@@ -145,10 +155,7 @@ static int serve_write(rk_nbd_export *w, const unsigned char *req, uint16_t flag
     }
     if (w->log_buf != NULL)
         log_entry(w, offset, payload, length, now);
-    unsigned char *reply = (unsigned char *)w->replies + w->replies_len;
-    put_be32(reply, NBD_SIMPLE_REPLY_MAGIC);
-    put_be32(reply + 4, 0);
-    memcpy(reply + 8, req + 8, 8);          /* the cookie, as it came */
+    put_simple_reply((unsigned char *)w->replies + w->replies_len, req);
     w->replies_len += NBD_SIMPLE_SIZE;
     return 1;
 }
@@ -166,12 +173,12 @@ static int serve_read(rk_nbd_export *w, const unsigned char *req, uint16_t flags
         w->full = 1;
         return 0;
     }
-    int pieces = map_pieces(w, offset, length, where, 2);
+    uint32_t first;
+    int pieces = map_pieces(w, offset, length, where, 2, &first);
     if (pieces < 0)
         return 0;
     unsigned char *reply = (unsigned char *)w->replies + w->replies_len;
     char *dst = (char *)reply + head;
-    uint32_t first = pieces == 1 ? length : (uint32_t)(w->block_size - offset % w->block_size);
     if (!read_cached(w, dst, first, where[0])
             || (pieces == 2 && !read_cached(w, dst + first, length - first, where[1])))
         return 0;
@@ -186,9 +193,7 @@ static int serve_read(rk_nbd_export *w, const unsigned char *req, uint16_t flags
         put_be32(reply + 20, (uint32_t)(offset >> 32));
         put_be32(reply + 24, (uint32_t)offset);
     } else {
-        put_be32(reply, NBD_SIMPLE_REPLY_MAGIC);
-        put_be32(reply + 4, 0);
-        memcpy(reply + 8, req + 8, 8);
+        put_simple_reply(reply, req);
     }
     w->replies_len += head + length;
     return 1;
@@ -200,7 +205,6 @@ size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos)
     const uint32_t now = t > 0 ? (uint32_t)t : 0;
     w->served = 0;
     w->bytes = 0;
-    w->read_bytes = 0;
     w->reads_served = 0;
     w->err = 0;
     w->full = 0;
@@ -221,7 +225,6 @@ size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos)
         } else if (cmd == NBD_CMD_READ) {
             if (!serve_read(w, req, flags, offset, length))
                 break;
-            w->read_bytes += length;
             w->reads_served++;
             pos += NBD_REQ_SIZE;
         } else {

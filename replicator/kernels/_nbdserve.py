@@ -31,13 +31,12 @@ def make_nbd_export_class(ffi, lib):
             self._held[name] = handle
             return handle
 
-        def bind_disk(self, fd: int, disk_size: int, bat, block_size: int, chunk_ratio: int, max_len: int,
-                      max_read: int = MAX_READ) -> None:
+        def bind_disk(self, fd: int, disk_size: int, bat, block_size: int, chunk_ratio: int, max_len: int) -> None:
             """bat: the BAT as a uint64 array (MS-VHDX 2.5); only writes of at most max_len bytes and reads of
-            at most max_read are served."""
+            at most MAX_READ are served."""
             w = self._w
             w.fd, w.disk_size, w.block_size, w.chunk_ratio, w.max_len = fd, disk_size, block_size, chunk_ratio, max_len
-            w.max_read = min(max_read, MAX_READ)
+            w.max_read = MAX_READ
             w.bat, w.bat_len = self._hold("bat", bat, "uint64_t[]"), len(bat)
 
         def modes(self, writes: bool, reads: bool, structured: bool) -> None:

@@ -65,6 +65,7 @@ class NativeIO:
         if (writes, structured) != self._mode:
             self.native.modes(writes, self.reads, structured)
             self._mode = (writes, structured)
+        log_len = entries_n = 0
         if writes:
             if log is not self._log:
                 self.native.bind_log(log._buf, log.pending, log.per_block)
@@ -72,10 +73,8 @@ class NativeIO:
             if t._marked is not self._marked:
                 self.native.bind_regions(t._marked, t.state.region_size)
                 self._marked = t._marked
-            end, served, nbytes, log_len, entries_n, replies, _ = self.native.serve(data, pos, log._buf_len,
-                                                                                     log.pending_n)
-        else:
-            end, served, nbytes, log_len, entries_n, replies, _ = self.native.serve(data, pos, 0, 0)
+            log_len, entries_n = log._buf_len, log.pending_n
+        end, served, nbytes, log_len, entries_n, replies, _ = self.native.serve(data, pos, log_len, entries_n)
         if served:
             self.served += served
             self.reads_served += self.native.reads_served

@@ -1,7 +1,6 @@
 """bench/cpufreeze.py: the times a CPU ran nothing at all, and a worst completion less them."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,14 +10,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .helpers import ROOT, bench_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("cpufreeze", os.path.join(ROOT, "bench", "cpufreeze.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("cpufreeze")
 
 
 def test_a_latency_loses_only_the_frozen_part_of_its_flight_counted_once():

@@ -1,20 +1,17 @@
 """bench/devicestats.py: what reached the disk under a folder, from /proc/diskstats."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .helpers import ROOT, bench_module
+
 MiB = 1 << 20
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("devicestats", os.path.join(ROOT, "bench", "devicestats.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("devicestats")
 
 
 def test_an_fsynced_file_is_counted_on_its_disk():

@@ -1,18 +1,11 @@
 """bench/guest_impact_runs.py: issue 12's targets judged by the median over full runs of guest_impact.py."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .helpers import bench_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("guest_impact_runs",
-                                                  os.path.join(ROOT, "bench", "guest_impact_runs.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("guest_impact_runs")
 
 
 def _run(when, p999, worst, paused=1.0, steady=1.0, bound=False):

@@ -54,12 +54,17 @@ def pair(request, tmp_path):
         svc.stop()
 
 
+def pack(requests: list) -> bytes:
+    """The requests as one stream, each request's index its cookie."""
+    return b"".join(struct.pack(">IHHQQI", N.REQUEST_MAGIC, flags, cmd, i, off, length) + payload
+                    for i, (cmd, flags, off, length, payload) in enumerate(requests))
+
+
 def run(svc, name: str, requests: list, chunks: int = 1) -> list:
     """Send every request at once (in `chunks` pieces, split anywhere), then read every reply in order."""
     c = Raw(svc.socket_path).flags()
     assert c.go(name) == SIZE
-    stream = b"".join(struct.pack(">IHHQQI", N.REQUEST_MAGIC, flags, cmd, i, off, length) + payload
-                      for i, (cmd, flags, off, length, payload) in enumerate(requests))
+    stream = pack(requests)
     cuts = sorted(random.Random(len(stream)).sample(range(1, len(stream)), chunks - 1)) if chunks > 1 else []
     for a, b in zip([0] + cuts, cuts + [len(stream)]):
         c.send(stream[a:b])
