@@ -452,7 +452,7 @@ def stats(done: np.ndarray, lat: np.ndarray, windows: list[tuple[float, float]] 
         out.update(median_ms=round(float(np.median(ms)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3),
                    p999_ms=round(float(np.percentile(ms, 99.9)), 3), max_ms=round(float(ms.max()), 2))
         if freezes is not None:
-            less = cpufreeze.less_freezes(start[inflight], done[inflight], freezes) * 1e3
+            less = cpufreeze.less_freezes(start[inflight], lat[inflight], freezes) * 1e3
             out["max_ms_less_freezes"] = round(float(less.max()), 2)
     else:
         out.update(median_ms=None, p99_ms=None, p999_ms=None, max_ms=None)

@@ -23,8 +23,20 @@ def test_a_latency_loses_only_the_frozen_part_of_its_flight_counted_once():
     assert cf.union(freezes) == [(10.0, 10.15), (20.0, 20.01)]
     start = np.array([9.99, 10.10, 11.0, 19.995, 9.0])
     done = np.array([10.20, 10.12, 11.5, 20.02, 21.0])
-    less = cf.less_freezes(start, done, freezes)
+    less = cf.less_freezes(start, done - start, freezes)
     assert np.allclose(less, [0.21 - 0.15, 0.0, 0.5, 0.025 - 0.01, 12.0 - 0.16])
+
+
+def test_latencies_at_epoch_times_come_back_exactly_where_no_freeze_touches_them():
+    """Completion times near 1.8e9 s hold a latency only to about 0.2 us: the worst completion less the
+    freezes must never come out above the worst completion for that (the smoke test holds them to it)."""
+    cf = _module()
+    rnd = np.random.default_rng(1)
+    lat = rnd.uniform(20e-6, 0.02, 100_000)
+    start = 1_796_683_277.0 + np.sort(rnd.uniform(0, 30, lat.size))
+    assert (cf.less_freezes(start, lat, []) == lat).all()
+    frozen = cf.less_freezes(start, lat, [(0, start[500], 0.005)])
+    assert (frozen <= lat).all() and (frozen >= 0).all() and (frozen < lat).any()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root here (the bench runs as root)")
