@@ -46,7 +46,8 @@ ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "replicator.kernels._native",
     '#include "kernels.h"\n',
-    sources=[_source_path("kernels.c"), _source_path("apply.c"), _source_path("nbdserve.c")],
+    sources=[_source_path("kernels.c"), _source_path("apply.c"), _source_path("nbdserve.c"),
+             _source_path("readpool.c")],
     libraries=["zstd"],
     include_dirs=[HERE],
     extra_compile_args=_compile_args(),

@@ -102,12 +102,18 @@ const char *rk_zstd_error_name(uint64_t code);
  * - NBD_CMD_WRITE (when `writes`): plain writes whose blocks the VHDX holds and whose regions are marked.
  *   Each is written to fd, staged for the log (when log_buf is not NULL: its data at log_buf + log_len, its
  *   MS-HRL metadata entry at entries + 32 * entries_n) and answered with a simple reply.
- * - NBD_CMD_READ (when `reads`): reads of at most max_read bytes of blocks the VHDX holds, from the page
- *   cache only, answered with their data (one OFFSET_DATA chunk when `structured`, else a simple reply).
+ * - NBD_CMD_READ (when `reads`): reads of at most max_read bytes of blocks the VHDX holds or that read as
+ *   zeros (but not structured reads of sparse_from bytes or more with zeros in them, which go as hole
+ *   chunks), from the page cache, answered with their data (one OFFSET_DATA chunk when `structured`, else a
+ *   simple reply).
  * Replies go at replies + replies_len; the counters move on. full: the last call stopped for want of reply
  * room (call again once the replies are taken). err: the errno of a failed write (that request is not
  * served: the caller serves it again and answers with the error). A file that refuses RWF_NOWAIT sets
- * nowait_refused, and reads are left to the caller from then on. */
+ * nowait_refused, and reads are left to the caller from then on.
+ * A read whose pages are not all cached is queued on `pool` (when not NULL, and while queued < queue_max and
+ * queued_bytes < queue_bytes_max) with `token`, its reply to be taken from the pool when read; such reads
+ * count in served and reads_served, and in queued and queued_bytes (their replies' bytes). */
+typedef struct rk_read_pool rk_read_pool;
 typedef struct {
     int fd;                    /* the VHDX file */
     uint64_t disk_size;        /* virtual size */
@@ -120,6 +126,7 @@ typedef struct {
     uint64_t region_size;
     uint32_t max_len;          /* longest write served here */
     uint32_t max_read;         /* longest read served here */
+    uint32_t sparse_from;      /* structured reads this long with zeros in them are left to the caller */
     int writes;                /* serve writes (0: every write goes to Python) */
     int reads;                 /* serve reads */
     int structured;            /* the connection negotiated structured replies */
@@ -139,9 +146,37 @@ typedef struct {
     int err;
     int full;
     int nowait_refused;        /* the file refused RWF_NOWAIT once: no more reads here (sticky) */
+    rk_read_pool *pool;        /* where reads that wait for the device go (NULL: to the caller) */
+    uint64_t token;            /* the connection's, carried to the reads' completions */
+    uint32_t queue_max;        /* in: how many reads may be queued by this call, and the reply bytes */
+    uint64_t queue_bytes_max;
+    uint32_t queued;           /* out: reads queued by the last call, and their replies' bytes */
+    uint64_t queued_bytes;
 } rk_nbd_export;
 
 size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos);
+
+/* The pool of threads reading for rk_nbd_serve (readpool.c). A finished read waits until taken; the
+ * eventfd becomes readable when the list of finished ones was empty and one arrives. take() clears the
+ * eventfd and moves up to max finished reads: each one's reply (header and data) into out at off (len
+ * bytes; 0 when err, an errno: the caller answers with an error), size the bytes counted when queued.
+ * free() waits for every queued read to finish. */
+typedef struct {
+    uint64_t token;
+    uint64_t cookie;
+    uint32_t off;
+    uint32_t len;
+    uint32_t size;
+    int err;
+} rk_read_done;
+rk_read_pool *rk_read_pool_new(int threads);
+int rk_read_pool_eventfd(const rk_read_pool *pool);
+uint32_t rk_read_pool_pending(const rk_read_pool *pool);
+/* where: each piece's file offset, 0 for zeros. */
+int rk_read_pool_submit(rk_read_pool *pool, uint64_t token, int fd, const uint64_t *where, int pieces,
+                        uint32_t first, const char *head, uint32_t head_len, uint32_t length);
+size_t rk_read_pool_take(rk_read_pool *pool, rk_read_done *done, size_t max, char *out, size_t cap);
+void rk_read_pool_free(rk_read_pool *pool);
 /* CDEF-END */
 
 /* Internal to the C sources (not for cffi): write all n bytes at off, retrying short writes and EINTR;

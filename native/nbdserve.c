@@ -28,6 +28,7 @@
 #define NBD_SIMPLE_SIZE 16
 #define NBD_DATA_HEAD 28                    /* a structured reply's chunk header and the data's offset */
 #define BAT_FULLY_PRESENT 6
+#define BAT_PARTIALLY_PRESENT 7
 #define BAT_OFFSET_MASK (~(uint64_t)0xFFFFF)
 #define HRL_ENTRY_SIZE 32
 #define HRL_EPOCH_2000 946684800
@@ -56,9 +57,11 @@ static void put_le(unsigned char *p, uint64_t v, int n)
 }
 
 /* The file offset of each block piece of [offset, offset+length) and the first piece's length; -1 when a
- * piece's block is not fully present (the caller then leaves the request to Python, which allocates). */
+ * piece's block is not fully present (the caller then leaves the request to Python, which allocates), or,
+ * with `zeros`, where 0 for a block that reads as zeros (any state but fully or partially present: this is
+ * never a differencing disk) and -1 only for a partly present one. */
 static int map_pieces(const rk_nbd_export *w, uint64_t offset, uint64_t length, uint64_t *where, int max,
-                      uint32_t *first)
+                      uint32_t *first, int zeros)
 {
     int n = 0;
     uint64_t pos = offset, end = offset + length;
@@ -67,10 +70,13 @@ static int map_pieces(const rk_nbd_export *w, uint64_t offset, uint64_t length, 
         uint64_t index = block + block / w->chunk_ratio;
         if (n == max || index >= w->bat_len)
             return -1;
-        uint64_t entry = w->bat[index];
-        if ((entry & 7) != BAT_FULLY_PRESENT || !(entry & BAT_OFFSET_MASK))
+        uint64_t entry = w->bat[index], state = entry & 7;
+        if (zeros && state != BAT_FULLY_PRESENT && state != BAT_PARTIALLY_PRESENT)
+            where[n++] = 0;
+        else if (state != BAT_FULLY_PRESENT || !(entry & BAT_OFFSET_MASK))
             return -1;
-        where[n++] = (entry & BAT_OFFSET_MASK) + inblock;
+        else
+            where[n++] = (entry & BAT_OFFSET_MASK) + inblock;
         pos += w->block_size - inblock;
     }
     *first = n == 1 ? (uint32_t)length : (uint32_t)(w->block_size - offset % w->block_size);
@@ -115,16 +121,44 @@ static void log_entry(rk_nbd_export *w, uint64_t offset, const char *data, uint3
     w->entries_n++;
 }
 
-/* All n bytes at off from the page cache, or 0: a page not cached (RWF_NOWAIT), a short read, an error.
- * Python then serves the read (a worker thread reads what the cache does not hold). A file system that
- * refuses RWF_NOWAIT turns native reads off for good, as tracking/reads.py does for its own. */
+/* 1: all n bytes at off came from the page cache (off 0: a block that reads as zeros); 0: not all of them
+ * are cached (RWF_NOWAIT), or the file ends within them (the reading thread gives zeros past the end); -1: an
+ * error (Python serves the read and answers with it). A file system that refuses RWF_NOWAIT turns native
+ * reads off for good, as tracking/reads.py does for its own. */
 static int read_cached(rk_nbd_export *w, char *dst, size_t n, uint64_t off)
 {
+    if (!off) {
+        memset(dst, 0, n);
+        return 1;
+    }
     struct iovec iov = {dst, n};
     ssize_t got = preadv2(w->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
-    if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+    if (got == (ssize_t)n)
+        return 1;
+    if (got >= 0 || errno == EAGAIN)
+        return 0;
+    if (errno == EOPNOTSUPP || errno == EINVAL)
         w->nowait_refused = 1;
-    return got == (ssize_t)n;
+    return -1;
+}
+
+/* A read's reply header at reply: one OFFSET_DATA chunk's (structured) or the simple reply's. */
+static void put_read_head(const rk_nbd_export *w, unsigned char *reply, const unsigned char *req, uint64_t offset,
+                          uint32_t length)
+{
+    if (!w->structured) {
+        put_simple_reply(reply, req);
+        return;
+    }
+    put_be32(reply, NBD_STRUCTURED_REPLY_MAGIC);
+    reply[4] = 0;
+    reply[5] = NBD_REPLY_FLAG_DONE;
+    reply[6] = 0;
+    reply[7] = NBD_REPLY_TYPE_OFFSET_DATA;
+    memcpy(reply + 8, req + 8, 8);
+    put_be32(reply + 16, 8 + length);
+    put_be32(reply + 20, (uint32_t)(offset >> 32));
+    put_be32(reply + 24, (uint32_t)offset);
 }
 
 static int serve_write(rk_nbd_export *w, const unsigned char *req, uint16_t flags, uint64_t offset,
@@ -142,7 +176,7 @@ static int serve_write(rk_nbd_export *w, const unsigned char *req, uint16_t flag
     if (!regions_marked(w, offset, length))
         return 0;
     uint32_t first;
-    int pieces = map_pieces(w, offset, length, where, 2, &first);
+    int pieces = map_pieces(w, offset, length, where, 2, &first, 0);
     if (pieces < 0)
         return 0;
     const char *payload = (const char *)req + NBD_REQ_SIZE;
@@ -174,28 +208,28 @@ static int serve_read(rk_nbd_export *w, const unsigned char *req, uint16_t flags
         return 0;
     }
     uint32_t first;
-    int pieces = map_pieces(w, offset, length, where, 2, &first);
+    int pieces = map_pieces(w, offset, length, where, 2, &first, 1);
     if (pieces < 0)
+        return 0;
+    /* a long structured read with zeros in it is sent as data and hole chunks: Python's (nbd.py) */
+    if (w->structured && length >= w->sparse_from && !(flags & NBD_CMD_FLAG_DF) && (!where[0] || !where[pieces - 1]))
         return 0;
     unsigned char *reply = (unsigned char *)w->replies + w->replies_len;
     char *dst = (char *)reply + head;
-    if (!read_cached(w, dst, first, where[0])
-            || (pieces == 2 && !read_cached(w, dst + first, length - first, where[1])))
-        return 0;
-    if (w->structured) {
-        put_be32(reply, NBD_STRUCTURED_REPLY_MAGIC);
-        reply[4] = 0;
-        reply[5] = NBD_REPLY_FLAG_DONE;
-        reply[6] = 0;
-        reply[7] = NBD_REPLY_TYPE_OFFSET_DATA;
-        memcpy(reply + 8, req + 8, 8);
-        put_be32(reply + 16, 8 + length);
-        put_be32(reply + 20, (uint32_t)(offset >> 32));
-        put_be32(reply + 24, (uint32_t)offset);
-    } else {
-        put_simple_reply(reply, req);
+    put_read_head(w, reply, req, offset, length);
+    int got = read_cached(w, dst, first, where[0]);
+    if (got > 0 && pieces == 2)
+        got = read_cached(w, dst + first, length - first, where[1]);
+    if (got > 0) {
+        w->replies_len += head + length;
+        return 1;
     }
-    w->replies_len += head + length;
+    /* not all cached: a thread of the pool reads it, and its reply goes out when the loop takes it */
+    if (got < 0 || !w->pool || w->queued >= w->queue_max || w->queued_bytes >= w->queue_bytes_max
+            || rk_read_pool_submit(w->pool, w->token, w->fd, where, pieces, first, (const char *)reply, head, length))
+        return 0;
+    w->queued++;
+    w->queued_bytes += head + length;
     return 1;
 }
 
@@ -206,6 +240,8 @@ size_t rk_nbd_serve(rk_nbd_export *w, const char *data, size_t len, size_t pos)
     w->served = 0;
     w->bytes = 0;
     w->reads_served = 0;
+    w->queued = 0;
+    w->queued_bytes = 0;
     w->err = 0;
     w->full = 0;
     if (pos > len)

@@ -1,6 +1,7 @@
 """Hot loops of replicator: CRC-32C, XXH3-128 (one-shot, per block, streaming), zero-block detection,
 the replica's apply of a delta stream's data frames (FrameApplier, native only: see _apply.py), and the
-export's request path for plain writes and warm reads (NbdExport, native only: see _nbdserve.py).
+export's request path for plain writes and reads (NbdExport, with ReadPool's threads for reads that wait for
+the device; native only: see _nbdserve.py).
 
 The native cffi module (native/kernels.c) is used when it imports and passes its known-answer self-test;
 otherwise the pure Python module gives identical results, slowly. REPLICATOR_KERNELS=python forces the
@@ -21,7 +22,7 @@ from replicator.errors import KernelSelfTestError
 from . import _pure as pure
 from . import _selftest
 from ._apply import NO_MEMORY, ApplyFailure, ApplyFrame, make_applier_class
-from ._nbdserve import make_nbd_export_class
+from ._nbdserve import make_nbd_export_class, make_read_pool_class
 from ._pure import block_count, crc_arg, default_threads, digest_bytes, file_range, open_fd, thread_arg
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "ApplyFrame",
     "ApplyFailure",
     "NbdExport",
+    "ReadPool",
 ]
 
 _ffi = None
@@ -187,7 +189,8 @@ def _load_native(required: bool) -> types.SimpleNamespace | None:
         xxh3_128_blocks=_native_xxh3_128_blocks, xxh3_128_file_blocks=_native_xxh3_128_file_blocks,
         Xxh3Hasher=_NativeXxh3Hasher,
         zero_blocks=_native_zero_blocks, byte_sum=_native_byte_sum, digest_bytes=digest_bytes, isa=_native_isa,
-        FrameApplier=make_applier_class(_ffi, _lib), NbdExport=make_nbd_export_class(_ffi, _lib), ffi=_ffi,
+        FrameApplier=make_applier_class(_ffi, _lib), NbdExport=make_nbd_export_class(_ffi, _lib),
+        ReadPool=make_read_pool_class(_ffi, _lib), ffi=_ffi,
         lib=_lib)
 
 
@@ -224,6 +227,7 @@ zero_blocks = _active.zero_blocks
 byte_sum = _active.byte_sum
 FrameApplier = native.FrameApplier if native is not None and _active is native else None   # None: decode in Python
 NbdExport = native.NbdExport if native is not None and _active is native else None   # None: the export's Python path
+ReadPool = native.ReadPool if NbdExport is not None else None     # None: cold reads on Python's worker threads
 
 
 def digest_prefix(read, length: int, chunk: int = 4 << 20) -> bytes:

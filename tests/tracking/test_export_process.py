@@ -191,9 +191,15 @@ def _slice(pid: int, tid: int) -> int | None:
         return None
 
 
+def _comm(pid: int, tid: int) -> str:
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return f.read().strip()
+
+
 def test_the_thread_serving_the_guest_gets_the_shortest_slice_and_its_session_the_cpu_first(tmp_path, disk):
-    """The loop thread preempts replication's encoders when it wakes (a short EEVDF slice), the export's
-    helpers do not (the default slice, though threads inherit their creator's), and its session's autogroup
+    """The loop thread preempts replication's encoders when it wakes (a short EEVDF slice), and so do the
+    threads of C that read for it; the export's other helpers do not (the default slice, though threads
+    inherit their creator's), and its session's autogroup
     outweighs replicatord's, where nice values across sessions count for nothing (priority.guest_first)."""
     default, probed = _slice(os.getpid(), threading.get_native_id()), []
     probe = threading.Thread(target=lambda: (priority._set_slice(priority.GUEST_SLICE_NS),
@@ -209,7 +215,10 @@ def test_the_thread_serving_the_guest_gets_the_shortest_slice_and_its_session_th
         helpers = [int(t) for t in os.listdir(f"/proc/{h.pid}/task") if int(t) != h.pid]
         assert helpers
         assert _slice(h.pid, h.pid) == priority.GUEST_SLICE_NS
-        assert all(_slice(h.pid, t) == default for t in helpers), [_slice(h.pid, t) for t in helpers]
+        readers = [t for t in helpers if _comm(h.pid, t) == "nbd-read"]      # the C read pool's: the guest's reads
+        assert readers and all(_slice(h.pid, t) == priority.GUEST_SLICE_NS for t in readers)
+        assert all(_slice(h.pid, t) == default for t in helpers if t not in readers), \
+            [(_comm(h.pid, t), _slice(h.pid, t)) for t in helpers]
         if os.geteuid() == 0 and sessions_get_autogroups():
             assert autogroup_nice(h.pid) == shim.PRIORITY_BOOST
     finally:

@@ -1,8 +1,8 @@
 """The export's native reads (native/nbdserve.c, tracking/native_io.py) against the Python path.
 
-Reads of blocks the VHDX holds, whose pages the page cache holds, are answered in C; everything else a
-read can meet (holes, pages not cached, the end of the disk, flags, lengths C does not take) is left to
-Python. Two copies of one disk are served side by side, one with the native path and one without, and a
+Reads of blocks the VHDX holds are answered in C: from the page cache at once, or, for pages not cached, by
+the server's pool of C threads; everything else a read can meet (holes, the end of the disk, flags, lengths C
+does not take) is left to Python. Two copies of one disk are served side by side, one with the native path and one without, and a
 socket client sends both the same requests, with simple and with structured replies: every reply must be
 the same, byte for byte.
 """
@@ -62,12 +62,17 @@ def reads_served(svc, name: str = "native") -> int:
     return svc.server.exports[name].native.reads_served
 
 
-def c_takes(request) -> bool:
+def c_takes(request, structured: bool = False) -> bool:
     """Whether C serves this read of the fixture's disk (its pages cached): a read of 1 byte to MAX_READ,
-    flags none (or DF on a structured connection), inside blocks allocated from the start, at most two."""
+    flags none (or DF on a structured connection), in at most two blocks; with structured replies, one of
+    HOLE_CHUNKS_FROM or more only if those blocks were allocated from the start (else it may be sent as hole
+    chunks)."""
     cmd, flags, off, length, _ = request
-    return (cmd == N.CMD_READ and 0 < length <= MAX_READ and off + length <= SIZE and flags in (0, N.CMD_FLAG_DF)
-            and all(b in ALLOCATED for b in range(off // MiB, (off + length - 1) // MiB + 1)))
+    spans = range(off // MiB, (off + length - 1) // MiB + 1)
+    return (cmd == N.CMD_READ and 0 < length <= MAX_READ and off + length <= SIZE and len(spans) <= 2
+            and flags in ((0, N.CMD_FLAG_DF) if structured else (0,))
+            and (not structured or length < N.HOLE_CHUNKS_FROM or flags & N.CMD_FLAG_DF
+                 or all(b in ALLOCATED for b in spans)))
 
 
 def mixed_reads(rnd: random.Random) -> list:
@@ -82,8 +87,9 @@ def mixed_reads(rnd: random.Random) -> list:
         read(5 * MiB - 5, MAX_READ),                    # the longest, across two blocks (4 and 5)
         read(5 * MiB, MAX_READ + 1),                    # one byte longer: Python
         read(6 * MiB + 1, 1),                           # one byte
-        read(3 * MiB, 4096),                            # a hole: Python answers zeros
+        read(3 * MiB, 4096),                            # a hole: zeros, from C
         read(3 * MiB - 2048, 4096),                     # half data, half hole
+        read(3 * MiB - 64 * KiB, MAX_READ),             # the same, long: with structured replies, hole chunks
         read(9 * MiB - 100, 200 * KiB),                 # into two holes
         write(7 * MiB + 10, blob[:5000]),               # a write, then reads of what it wrote
         read(7 * MiB, 8192),
@@ -106,7 +112,7 @@ def test_simple_replies_to_reads_are_the_same_both_ways(pair):
     native = run(svc, "native", requests)
     assert native == run(svc, "python", requests)
     # every read C takes was served in C (a block filled during the run may add more): none fell to Python
-    assert reads_served(svc) - before >= sum(map(c_takes, requests)) >= 2 * len(ALLOCATED) + 10
+    assert reads_served(svc) - before >= sum(map(c_takes, requests)) >= 2 * len(ALLOCATED) + 13
     expected = random.Random(1).randbytes(MiB)          # block 1 as the fixture wrote it
     assert native[2 * len(ALLOCATED) + 1] == (0, 2 * len(ALLOCATED) + 1, expected[:MAX_READ])
 
@@ -121,7 +127,7 @@ def test_structured_replies_to_reads_are_the_same_both_ways(pair):
     before = reads_served(svc)
     native = structured_run(svc, "native", requests)
     assert native == structured_run(svc, "python", requests)
-    assert reads_served(svc) - before >= sum(map(c_takes, requests)) >= 3 * len(ALLOCATED) + 10
+    assert reads_served(svc) - before >= sum(c_takes(r, True) for r in requests) >= 3 * len(ALLOCATED) + 12
     for cookie, (cmd, _, off, length, _) in enumerate(requests):
         if cmd == N.CMD_READ and length and off + length <= SIZE and off // MiB in ALLOCATED \
                 and (off + length - 1) // MiB in ALLOCATED and length <= MAX_READ:
@@ -148,19 +154,39 @@ def test_one_export_answers_each_connection_in_its_own_reply_form(pair):
     plain.close()
 
 
-def test_reads_of_pages_not_cached_are_left_to_python(pair):
-    """A read whose pages are not in the page cache is not served in C (it would wait for the device on
-    the loop): Python reads it on a worker thread, and its reply is right."""
-    svc, _, disks = pair
-    path = disks["native"].path
+def _cold(path) -> None:
     drop_cache(path)
     if _cached(path):
         pytest.skip("the page cache kept the file's pages (they could not be dropped here)")
+
+
+def test_reads_of_pages_not_cached_go_to_the_read_pool(pair):
+    """A read whose pages are not in the page cache does not wait on the loop: C queues it on the server's
+    pool of C threads, and its reply, taken from the pool, is right."""
+    svc, _, disks = pair
+    _cold(disks["native"].path)
+    native_io = svc.server.exports["native"].native
+    before, queued_before = reads_served(svc), native_io.reads_queued
+    requests = [read(a * MiB + 64 * KiB, 4096) for a in ALLOCATED]
+    native = any_order_run(svc, "native", requests)
+    assert native_io.reads_queued - queued_before == len(requests)        # every one went to the pool
+    assert reads_served(svc) - before == len(requests)
+    assert native == any_order_run(svc, "python", requests)
+    expected = {i: (0, random.Random(a).randbytes(MiB)[64 * KiB:68 * KiB]) for i, a in enumerate(ALLOCATED)}
+    assert native == expected
+    assert svc.server.off_loop == 0 and svc.server.read_pool.pending == 0
+
+
+def test_without_the_read_pool_reads_of_pages_not_cached_are_left_to_python(pair, monkeypatch):
+    """REPLICATOR_NATIVE_READ_POOL=0 (A/B runs): C leaves such reads to Python, which reads them on its own
+    worker threads."""
+    monkeypatch.setattr(N, "NATIVE_READ_POOL", False)
+    svc, _, disks = pair
+    _cold(disks["native"].path)
     before = reads_served(svc)
     requests = [read(a * MiB + 64 * KiB, 4096) for a in ALLOCATED]
     native = any_order_run(svc, "native", requests)
-    assert reads_served(svc) == before
-    assert native == any_order_run(svc, "python", requests)
+    assert reads_served(svc) == before and svc.server.read_pool is None
     expected = {i: (0, random.Random(a).randbytes(MiB)[64 * KiB:68 * KiB]) for i, a in enumerate(ALLOCATED)}
     assert native == expected
 
@@ -207,32 +233,34 @@ def _cached(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- C alone
-def _file_disk(tmp_path, blocks: int, present: set[int]):
+def _file_disk(tmp_path, blocks: int, present: set[int], states: dict[int, int] | None = None):
     """A file whose block b (of 1 MiB, the smallest VHDX block) lies at (1 + b) MiB, and a BAT saying which
-    are present."""
+    are present; the others in the state `states` gives (default: not present, which reads as zeros)."""
     content = random.Random(blocks).randbytes((1 + blocks) * MiB)
     path = tmp_path / "f"
     path.write_bytes(content)
     bat = np.zeros(blocks + blocks // 4 + 1, dtype=np.uint64)
     for b in range(blocks):
         index = b + b // 4                              # chunk ratio 4: a bitmap entry after every 4
-        bat[index] = (((1 + b) * MiB) | 6) if b in present else 0
+        bat[index] = (((1 + b) * MiB) | 6) if b in present else (states or {}).get(b, 0)
     return path, content, bat, MiB
 
 
 def test_fuzzed_read_requests_reply_exactly_with_the_file_s_bytes(tmp_path):
     """Random requests, partly broken, cut anywhere: C serves a prefix of them; each served read's reply is
-    the header the protocol wants and the bytes the block map points at, nothing else is served, and a
-    stop for want of reply room is only that."""
-    blocks, present = 10, {b for b in range(10) if b % 5 != 2}
-    path, content, bat, block = _file_disk(tmp_path, blocks, present)
+    the header the protocol wants and the bytes the block map points at (zeros for a block not present, in
+    state 0 or 3), nothing else is served (a partly present block, state 7, nor a long structured read with
+    zeros in it), and a stop for want of reply room is only that."""
+    blocks, present, sparse_from = 10, {b for b in range(10) if b % 5 not in (2, 3)}, 64 * KiB
+    states = {2: 0, 3: 3, 7: 7, 8: 6}                   # 8: fully present at file offset 0, which is refused
+    path, content, bat, block = _file_disk(tmp_path, blocks, present, states)
     size = blocks * block
     fd = os.open(path, os.O_RDONLY)
     try:
         if not _cached(str(path)):
             pytest.skip("the page cache does not hold a file just written")
         w = kernels.NbdExport()
-        w.bind_disk(fd, size, bat, block, 4, 1 << 20)
+        w.bind_disk(fd, size, bat, block, 4, 1 << 20, sparse_from)
         rnd = random.Random(7)
         for trial in range(400):
             structured = rnd.random() < 0.5
@@ -256,13 +284,18 @@ def test_fuzzed_read_requests_reply_exactly_with_the_file_s_bytes(tmp_path):
             for magic, flags, cmd, cookie, off, length in model:
                 if pos + 28 > cut:
                     break
+                spans = range(off // block, (off + length - 1) // block + 1)
+                zeros = any(states.get(b) in (0, 3) for b in spans)
                 ok = (magic == N.REQUEST_MAGIC and cmd == N.CMD_READ and 0 < length <= MAX_READ
                       and off + length <= size and flags in ((0, N.CMD_FLAG_DF) if structured else (0,))
-                      and all(b in present for b in range(off // block, (off + length - 1) // block + 1))
-                      and (off + length - 1) // block - off // block <= 1)
+                      and all(b in present or states[b] in (0, 3) for b in spans) and len(spans) <= 2
+                      and not (structured and zeros and length >= sparse_from and not flags & N.CMD_FLAG_DF))
                 if not ok:
                     break
-                data = content[MiB + off: MiB + off + length]   # blocks lie in order: the file's bytes
+                # blocks lie in order: the file's bytes, or zeros
+                data = b"".join(content[MiB + max(off, b * block):MiB + min(off + length, (b + 1) * block)]
+                                if b in present else bytes(min(off + length, (b + 1) * block) - max(off, b * block))
+                                for b in spans)
                 head = (struct.pack(">IHHQIQ", N.STRUCTURED_REPLY_MAGIC, N.REPLY_FLAG_DONE,
                                     N.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, off) if structured
                         else struct.pack(">IIQ", N.SIMPLE_REPLY_MAGIC, 0, cookie))

@@ -1,4 +1,4 @@
-"""An adversarial pass over the export's reads off the loop (tracking/reads.py, nbd.py's _fill/read_done):
+"""An adversarial pass over the export's reads off the loop (tracking/reads.py, nbd.py's _fill/reads_done):
 memory bounds for a hostile client, flow control with reads in flight, the stream's end, the disk's space
 while a worker thread reads it, and shutdown while reads are in flight.
 
@@ -118,7 +118,7 @@ def test_a_client_that_reads_nothing_while_cold_reads_finish_stays_bounded_then_
 def test_a_cold_reads_reply_survives_the_clients_half_close(cold):
     """A client that sends its requests and then shuts down its sending side (no NBD_CMD_DISC) still got
     every reply before the change: the requests were served before eof_received, and the transport's close
-    sends what is queued. A read that went to a worker thread is dropped instead (read_done sees the
+    sends what is queued. A read that went to a worker thread is dropped instead (reads_done sees the
     transport closing)."""
     svc, path = cold
     raw = connect(svc)
