@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -126,11 +127,15 @@ rk_read_pool *rk_read_pool_new(int threads)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 << 10);     /* a worker needs only a few frames */
+    sigset_t all, before;                   /* signals go to the process's own threads, never to a worker */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &before);
     for (int i = 0; i < threads; i++) {
         if (pthread_create(&pool->threads[i], &attr, worker, pool) != 0)
-            break;
+            break;                          /* fewer threads: still a pool */
         pool->nthreads++;
     }
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
     pthread_attr_destroy(&attr);
     if (pool->nthreads == 0) {
         rk_read_pool_free(pool);

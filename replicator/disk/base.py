@@ -90,6 +90,12 @@ class BlockDevice:
     def flush(self) -> None:
         pass
 
+    def flush_begin(self):
+        """flush() in two halves, for a caller that must not wait on the device (the export's loop): this
+        one, cheap, on the calling thread, and the one it returns, for any thread, which makes every write
+        made before this call durable. None: there is no second half; call flush() itself."""
+        return None
+
     def close(self) -> None:
         pass
 

@@ -23,11 +23,12 @@ bytes the Python path gives. Anything else in the stream is served here, in orde
 
 Every request runs on the loop thread inside one data_received call, and cuts run on the same loop between
 those calls: each request is atomic with respect to the others and to log cuts. The one exception is the
-part of a read that would wait for the device: that part is read on a worker thread and its reply sent when
-it is done, so a cold read holds up no other request. Reads C serves go to the server's pool of C threads
+part of a read or of a flush that would wait for the device: that part runs on a worker thread and the
+reply is sent when it is done, so a cold read or a guest's FLUSH (or FUA) holds up no other request. Reads C serves go to the server's pool of C threads
 (kernels.ReadPool), whose finished replies the loop takes in batches when its eventfd wakes it; the others
-to a pool of Python threads (tracking/reads.py). A connection has at most OFF_LOOP_MAX of those in flight
-(OFF_LOOP_BYTES of replies) either way; past that it stops parsing until one is done.
+to a pool of Python threads (tracking/reads.py), as do flushes (BlockDevice.flush_begin). A connection has at
+most OFF_LOOP_MAX of those in flight (OFF_LOOP_BYTES of replies); past that it stops parsing until one is
+done.
 
 A malformed request gets the protocol's error reply or, when the stream can no longer be trusted, a clean
 disconnect of that client alone.
@@ -230,6 +231,16 @@ class _AdaptivePoll:
                 self.window = 0
 
 
+def _name_worker() -> None:
+    """The pool's threads named as the C pool's are (they serve the guest too, and keep the loop's
+    priority), for top -H and the tests: Python names its threads only for itself."""
+    try:
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write("nbd-read")
+    except OSError:
+        pass
+
+
 class NbdServer:
     def __init__(self, exports: list[Export]):
         self.exports = {e.name: e for e in exports}
@@ -237,10 +248,11 @@ class NbdServer:
         self.clients: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.stats = {"connections": 0, "protocol_errors": 0, "requests": 0, "block_status": 0,
-                      "reads_off_loop": 0}
+                      "reads_off_loop": 0, "flushes_off_loop": 0}
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.off_loop = 0                # reads on either pool's threads now
         self.read_pool = None            # kernels.ReadPool: the C threads that read for the native path
+        self.read_pool_failed = False
         self.by_token: dict[int, _Connection] = {}      # connections by the token their pool reads carry
         self.next_token = 1
         self.latest: _Connection | None = None       # the connection of the latest batch of requests, its
@@ -283,11 +295,17 @@ class NbdServer:
             self.read_pool = None
 
     def bind_read_pool(self, export: Export) -> None:
-        """Give the export's native path the server's pool of C read threads, started on first use."""
-        if not NATIVE_READ_POOL or kernels.ReadPool is None or not export.native.reads:
+        """Give the export's native path the server's pool of C read threads, started on first use. A pool
+        that cannot start leaves such reads to Python's worker threads (said once)."""
+        if not NATIVE_READ_POOL or kernels.ReadPool is None or not export.native.reads or self.read_pool_failed:
             return
         if self.read_pool is None:
-            self.read_pool = kernels.ReadPool(NATIVE_READ_THREADS)
+            try:
+                self.read_pool = kernels.ReadPool(NATIVE_READ_THREADS)
+            except OSError as e:
+                self.read_pool_failed = True
+                log.warning("the export's C read threads did not start (%s); reads go to Python's", e)
+                return
             asyncio.get_running_loop().add_reader(self.read_pool.fd, self.reads_taken)
         export.native.bind_pool(self.read_pool)
 
@@ -313,20 +331,25 @@ class NbdServer:
                 acc[1] += size
                 if err:
                     log.error("NBD read failed: %s", os.strerror(err))
-                    acc[3].append((cookie, os.strerror(err)))
+                    acc[3].append((cookie, EIO, os.strerror(err)))
                 else:
                     acc[2].append(reply)
             if not pool.pending:
                 break
         for conn, (n, nbytes, parts, errors) in got.items():
-            conn.reads_done(n, nbytes, parts, errors)
+            try:
+                conn.reads_done(n, nbytes, parts, errors)
+            except Exception:                   # a bug: that client alone is dropped, the others answered
+                log.exception("NBD connection failed; disconnecting the client")
+                conn._abort()
 
-    def read_off_loop(self, conn: "_Connection", work, parts: list, cookie: int, cmd: int) -> None:
-        """Run `work` (the rest of a read) on a worker thread; the connection gets the outcome back on the
-        loop. The count of reads in flight (raised by _Connection._queued) drops only once the thread is done
-        with the file."""
+    def run_off_loop(self, conn: "_Connection", work, parts: list, cookie: int, cmd: int) -> None:
+        """Run `work` (the rest of a read, or a flush's fsync) on a worker thread; the connection gets the
+        outcome back on the loop. The count of requests in flight (raised by _Connection._queued) drops only
+        once the thread is done with the file."""
         if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nbd-read")
+            self.pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nbd-read",
+                                                              initializer=_name_worker)
         loop = asyncio.get_running_loop()
 
         def finished(f: concurrent.futures.Future) -> None:          # on the worker thread
@@ -340,11 +363,13 @@ class NbdServer:
     def _read_done(self, conn: "_Connection", exc, parts: list, cookie: int, cmd: int) -> None:
         self.off_loop -= 1
         if exc is None:
-            conn.reads_done(1, sum(len(p) for p in parts), parts, ())
+            return conn.reads_done(1, sum(len(p) for p in parts), parts, ())
+        if isinstance(exc, ReplicatorError):
+            err, message = errno_for(exc), exc.message
         else:
-            log.error("NBD command %d failed: %s", cmd, exc)
-            conn.reads_done(1, sum(len(p) for p in parts), (), [(cookie, str(exc) if isinstance(exc, OSError)
-                                                                 else "read failed")], cmd)
+            err, message = EIO, str(exc) if isinstance(exc, OSError) else "request failed"
+        log.error("NBD command %d failed: %s", cmd, message)
+        conn.reads_done(1, sum(len(p) for p in parts), (), [(cookie, err, message)], cmd)
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -417,15 +442,15 @@ class _Connection(asyncio.Protocol):
             self._run(self.buf)
 
     def reads_done(self, n: int, nbytes: int, parts, errors, cmd: int = CMD_READ) -> None:
-        """n reads finished on worker threads (nbytes of replies counted in flight): their replies `parts`,
-        and an error reply for each (cookie, message) of `errors`, go out now."""
+        """n requests finished on worker threads (nbytes of replies counted in flight): their replies
+        `parts`, and an error reply for each (cookie, NBD error, message) of `errors`, go out now."""
         self.in_flight -= n
         self.in_flight_bytes -= nbytes
         if self.transport is None or self.transport.is_closing():
             return                                       # dropped, or the client went away
         self.out.extend(parts)
-        for cookie, message in errors:
-            self._error(cmd, cookie, EIO, message)
+        for cookie, err, message in errors:
+            self._error(cmd, cookie, err, message)
         self._flush()
         if self.disconnecting:
             if not self.in_flight:
@@ -479,7 +504,7 @@ class _Connection(asyncio.Protocol):
             self._receive(data)
             if self._others_busy(now()):
                 return
-            if self.in_flight and server.read_pool is not None and server.read_pool.pending:
+            if server.read_pool is not None and server.read_pool.pending:
                 server.reads_taken()            # replies of the C pool's reads need not wait for the loop
 
     def _others_busy(self, at: int) -> bool:
@@ -583,6 +608,7 @@ class _Connection(asyncio.Protocol):
                             self._flush()
                     queued, queued_bytes = native.queued
                     if queued:
+                        self.stats["reads_off_loop"] += queued
                         self._queued(queued, queued_bytes)
                     if full or n - pos < _REQ_SIZE or self.paused or self.held:
                         continue                # C again (its replies were taken), or the loop's test ends it
@@ -765,9 +791,11 @@ class _Connection(asyncio.Protocol):
                     return self._error(cmd, cookie, EPERM, "the export is read-only")
                 if offset + length > disk.size:
                     return self._error(cmd, cookie, ENOSPC, "write beyond the end of the disk")
-                disk.write(offset, payload, fua=bool(fua))
+                disk.write(offset, payload)
+                if fua:
+                    return self._durable(cmd, cookie)
             elif cmd == CMD_FLUSH:
-                disk.flush()
+                return self._durable(cmd, cookie)
             elif cmd == CMD_WRITE_ZEROES or cmd == CMD_TRIM:
                 if export.read_only:
                     return self._error(cmd, cookie, EPERM, "the export is read-only")
@@ -775,15 +803,17 @@ class _Connection(asyncio.Protocol):
                     return self._error(cmd, cookie, ENOSPC if cmd == CMD_WRITE_ZEROES else EINVAL,
                                        "request beyond the end of the disk")
                 if cmd == CMD_TRIM:
-                    disk.trim(offset, length, fua=bool(fua))
+                    disk.trim(offset, length)
                 elif flags & CMD_FLAG_NO_HOLE:
                     if flags & CMD_FLAG_FAST_ZERO:     # provisioning means writing every zero: not fast
                         return self._error(cmd, cookie, ENOTSUP, "zeroing without a hole is not fast here")
-                    self._write_provisioned_zeroes(disk, offset, length, fua)
+                    self._write_provisioned_zeroes(disk, offset, length)
                 else:
                     # Without NO_HOLE the disk deallocates whole blocks and writes zeros only into the
                     # partial blocks at the ends: never slower than the same WRITE, so FAST_ZERO is met.
-                    disk.write_zeroes(offset, length, fua=bool(fua))
+                    disk.write_zeroes(offset, length)
+                if fua:
+                    return self._durable(cmd, cookie)
             elif cmd == CMD_CACHE:
                 if offset + length > disk.size:
                     return self._error(cmd, cookie, EINVAL, "request beyond the end of the disk")
@@ -879,12 +909,13 @@ class _Connection(asyncio.Protocol):
             self.out.extend(parts)
             self.out_bytes += sum(len(p) for p in parts)
             return None
+        self.stats["reads_off_loop"] += 1
         return self._off_loop(functools.partial(FileReads.wait, left), cmd, cookie, parts)
 
     def _off_loop(self, work, cmd: int, cookie: int, parts: list) -> None:
         """`work` on a worker thread, then `parts` (the reply) queued."""
         self._queued(1, sum(len(p) for p in parts))
-        self.server.read_off_loop(self, work, parts, cookie, cmd)
+        self.server.run_off_loop(self, work, parts, cookie, cmd)
         return None
 
     def _queued(self, n: int, nbytes: int) -> None:
@@ -893,7 +924,6 @@ class _Connection(asyncio.Protocol):
         self.in_flight += n
         self.in_flight_bytes += nbytes
         self.server.off_loop += n
-        self.stats["reads_off_loop"] += n
         if self.in_flight >= OFF_LOOP_MAX or self.in_flight_bytes >= OFF_LOOP_BYTES:
             self.held = True
             self.transport.pause_reading()
@@ -924,7 +954,7 @@ class _Connection(asyncio.Protocol):
         return None
 
     @staticmethod
-    def _write_provisioned_zeroes(disk, offset: int, length: int, fua: int) -> None:
+    def _write_provisioned_zeroes(disk, offset: int, length: int) -> None:
         """WRITE_ZEROES with NO_HOLE: the range must stay allocated, and the disk's write_zeroes deallocates
         whole blocks, so zeros are written (and logged) as data."""
         end = offset + length
@@ -932,8 +962,21 @@ class _Connection(asyncio.Protocol):
             n = min(len(_ZEROS), end - offset)
             disk.write(offset, memoryview(_ZEROS)[:n])
             offset += n
-        if fua:
+
+    def _durable(self, cmd: int, cookie: int) -> None:
+        """FLUSH, or FUA after its write: every write answered so far made durable, then the reply. The
+        device's part (fsync, the disk's metadata commits) runs on a worker thread where the disk can
+        split it off (flush_begin), as qemu-nbd's flushes run on its thread pool: on the loop, a guest's
+        journal commit held every other request of the machine's disks for as long as the device took."""
+        disk = self.export.disk
+        rest = disk.flush_begin()
+        if rest is None:
             disk.flush()
+            self.out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self.out_bytes += _SIMPLE_SIZE
+            return None
+        self.stats["flushes_off_loop"] += 1
+        return self._off_loop(rest, cmd, cookie, [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)])
 
     def _cache(self, disk, cookie: int, offset: int, length: int) -> None:
         """Read the data extents of the range (up to MAX_CACHE) so the host's page cache holds them; zero
@@ -958,4 +1001,5 @@ class _Connection(asyncio.Protocol):
             self.out.append(reply)
             self.out_bytes += len(reply)
             return None
+        self.stats["reads_off_loop"] += 1
         return self._off_loop(functools.partial(FileReads.warm, pieces), CMD_CACHE, cookie, [reply])

@@ -332,6 +332,17 @@ class TrackedDisk:
 
     def flush(self) -> None:
         self.disk.flush()
+        self._commit_log()
+
+    def flush_begin(self):
+        """flush() in two halves (BlockDevice.flush_begin): the disk's first half and the log's entries
+        written out here; the disk's second half returned, or None where the disk has none."""
+        rest = self.disk.flush_begin()
+        if rest is not None:
+            self._commit_log()
+        return rest
+
+    def _commit_log(self) -> None:
         if self.log is not None:
             # The log is trusted only once sealed: after a crash an unsealed log makes the disk resync its
             # dirty regions (their bits are durable before any write), so an fsync of the log on every

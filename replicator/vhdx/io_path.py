@@ -363,9 +363,10 @@ class VhdxIOMixin:
         if self._spool is None and not self.read_only:
             self._spool = Spool(self.path, "metadata commit failed", 1)
 
-    def commit_soon(self) -> None:
+    def commit_soon(self, bounded: bool = True) -> None:
         """The metadata changed so far committed: on the commit thread if there is one (not waited
-        for: wait_commits()), else now."""
+        for: wait_commits()), else now. bounded: wait first while another commit is queued (so that
+        commits do not pile up); flush_begin() does not, it never waits."""
         if self._spool is None:
             if self._dirty_count():
                 self._commit()
@@ -374,7 +375,7 @@ class VhdxIOMixin:
         taken = self._take_commit()
         if taken is not None:
             self._clear_dirty()
-            self._spool.put(lambda: self._write_commit(*taken), 1)
+            self._spool.put(lambda: self._write_commit(*taken), 1 if bounded else 0)
 
     def wait_commits(self) -> None:
         """Until the commits handed to the commit thread are durable (raises the first failure)."""
@@ -389,6 +390,20 @@ class VhdxIOMixin:
             self._commit()
         else:
             self.io.fsync()
+
+    def flush_begin(self):
+        """With background commits: the metadata changed so far handed to the commit thread here; the half
+        returned waits for that thread's commits (each makes the data before it durable first) and then
+        makes the data durable itself, for writes into blocks allocated before."""
+        if self.read_only or self._spool is None:
+            return None
+        self.commit_soon(bounded=False)
+        spool, io = self._spool, self.io
+
+        def rest() -> None:
+            spool.wait()
+            io.fsync()
+        return rest
 
     def _commit(self) -> None:
         taken = self._take_commit()

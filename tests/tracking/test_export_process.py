@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from replicator import priority
+from replicator import kernels, priority
 from replicator.errors import ExportUnavailable
 from replicator.hrl import HrlReader
-from replicator.tracking import shim
+from replicator.tracking import nbd, shim
 from replicator.tracking.remote import ExportHandle
 
 from ..processes import alive, autogroup_nice, sessions_get_autogroups
@@ -215,8 +215,9 @@ def test_the_thread_serving_the_guest_gets_the_shortest_slice_and_its_session_th
         helpers = [int(t) for t in os.listdir(f"/proc/{h.pid}/task") if int(t) != h.pid]
         assert helpers
         assert _slice(h.pid, h.pid) == priority.GUEST_SLICE_NS
-        readers = [t for t in helpers if _comm(h.pid, t) == "nbd-read"]      # the C read pool's: the guest's reads
-        assert readers and all(_slice(h.pid, t) == priority.GUEST_SLICE_NS for t in readers)
+        readers = [t for t in helpers if _comm(h.pid, t) == "nbd-read"]      # the read pools': the guest's reads
+        assert readers or not nbd.NATIVE_READ_POOL or kernels.ReadPool is None
+        assert all(_slice(h.pid, t) == priority.GUEST_SLICE_NS for t in readers)
         assert all(_slice(h.pid, t) == default for t in helpers if t not in readers), \
             [(_comm(h.pid, t), _slice(h.pid, t)) for t in helpers]
         if os.geteuid() == 0 and sessions_get_autogroups():

@@ -26,14 +26,17 @@ def served(tmp_path, monkeypatch):
     path = make_vhdx(tmp_path / "disk.vhdx", SIZE, fill=[(5 * MiB, b"\x11" * MiB)])
     t = tracked(path)
     calls = {"flush": [], "write": [], "write_zeroes": [], "trim": []}
+    order = []                          # (name, offset) of every call, in turn
 
     def recording(name, fn):
         def wrapper(*a, **kw):
             calls[name].append((a[:2], kw.get("fua", False)))
+            order.append((name, a[0] if a else None))
             return fn(*a, **kw)
         return wrapper
     for name in calls:
         setattr(t, name, recording(name, getattr(t, name)))
+    calls["order"] = order
     with serving({"disk": t}, tmp_path / "nbd.sock") as svc:
         yield svc, t, calls, path
 
@@ -75,8 +78,10 @@ def test_qemu_io_write_read_zero_discard_flush_fua(served):
     wb("write -P 0xab 0 1M", "write -P 0x5c 1536 4k", "read -P 0xab 0 1536", "read -P 0x5c 1536 4k",
        "read -P 0xab 5632 1042944")
     assert [fua for _, fua in calls["write"]] == [False, False]
-    wb("write -f -P 0x3d 3M 64k")                                   # FUA
-    assert calls["write"][-1] == ((3 * MiB, b"\x3d" * 64 * KiB), True), "the FUA flag did not arrive"
+    wb("write -f -P 0x3d 3M 64k")                                   # FUA: the write, then a flush
+    assert calls["write"][-1] == ((3 * MiB, b"\x3d" * 64 * KiB), False)
+    at = calls["order"].index(("write", 3 * MiB))
+    assert calls["order"][at + 1] == ("flush", None), "the FUA flag did not arrive"
     # WRITE_ZEROES over data written before tracking; -u (may unmap) so qemu does not set NO_HOLE, which
     # asks for provisioned zeros (test_nbd_protocol checks that path)
     wb("write -z -u 5M 512k")
@@ -93,10 +98,10 @@ def test_qemu_io_write_read_zero_discard_flush_fua(served):
         c.ok("flush")
         c.ok("flush")
         assert len(calls["flush"]) == n0 + 2, "NBD_CMD_FLUSH did not reach the disk"
-        c.ok("pwrite", off=7 * MiB + 4096, len=100, seed=1, fua=True)
-        assert calls["write"][-1][1] is True and len(calls["flush"]) == n0 + 3
+        c.ok("pwrite", off=7 * MiB + 4096, len=100, seed=1, fua=True)       # FUA: the write and a flush
+        assert calls["order"][-2:] == [("write", 7 * MiB + 4096), ("flush", None)]
         c.ok("pwrite", off=7 * MiB + 4096, len=100, seed=2, fua=False)
-        assert calls["write"][-1][1] is False and len(calls["flush"]) == n0 + 3
+        assert calls["order"][-1] == ("write", 7 * MiB + 4096) and len(calls["flush"]) == n0 + 3
         c.ok("close")
     finally:
         c.close()
