@@ -1,13 +1,17 @@
 """Issue 12: a guest's writes beside its own reads on another connection (another disk queue, or another
 disk of the machine), through the export as replicatord starts it and through qemu-nbd, in one run.
 
-  .venv/bin/python bench/export_mixed_io.py [--runtime 20] [--rounds 2] [--out docs/bench/export-mixed-io.json]
+  .venv/bin/python bench/export_mixed_io.py [--runtime 20] [--rounds 2] [--beside reads|flushes]
+                                           [--export-root DIR] [--out docs/bench/export-mixed-io.json]
 
 One fio, two jobs on two NBD connections to the same disk (a copy of the 4 GiB corpus VHDX that
 bench/guest_impact.py builds):
   w  4 KiB random writes, queue depth 1, guest_impact's rate cap (54 MiB/s) and region: the latency-sensitive
      guest;
-  r  4 KiB random reads, queue depth 4, anywhere on the disk, as fast as they come.
+  r  4 KiB random reads, queue depth 4, anywhere on the disk, as fast as they come; or, with
+     --beside flushes, a guest's journal: 64 KiB writes at queue depth 1 elsewhere on the disk, a FLUSH after
+     every 4 (fio's fsync=4).
+--export-root runs the export from another checkout (an A/B against older code, in the same run).
 The file's page cache is dropped before each server starts, so reads begin cold. Servers, alternated per
 round: `python -m replicator.tracking.shim` (the export process replicatord starts; no replication runs)
 and `qemu-nbd -f vhdx --cache=writeback -t`. Each in a session of its own, as is fio.
@@ -51,7 +55,7 @@ def drop_cache(path: str) -> None:
         os.close(fd)
 
 
-def start_server(kind: str, disk: str, work: str) -> tuple[subprocess.Popen, str]:
+def start_server(kind: str, disk: str, work: str, root: str = ROOT) -> tuple[subprocess.Popen, str]:
     sock, control = os.path.join(work, "nbd.sock"), os.path.join(work, "control.sock")
     for p in (sock, control):
         if os.path.exists(p):
@@ -63,7 +67,7 @@ def start_server(kind: str, disk: str, work: str) -> tuple[subprocess.Popen, str
                 "--control", control, f"disk={disk}"]
         uri = f"nbd+unix:///disk?socket={sock}"
     out = open(os.path.join(work, f"{kind}.log"), "a")
-    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=root, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -73,9 +77,16 @@ def start_server(kind: str, disk: str, work: str) -> tuple[subprocess.Popen, str
     return proc, uri
 
 
-def run_one(kind: str, disk: str, work: str, runtime: int) -> dict:
+BESIDE = {
+    "reads": ["--rw=randread", "--bs=4k", "--iodepth=4", "--norandommap", "--randrepeat=0"],
+    "flushes": ["--rw=randwrite", "--bs=64k", "--iodepth=1", "--fsync=4", f"--offset={REGION[0] + REGION[1]}",
+                "--size=1g", "--refill_buffers=1", "--randrepeat=0"],
+}
+
+
+def run_one(kind: str, disk: str, work: str, runtime: int, beside: str = "reads", root: str = ROOT) -> dict:
     drop_cache(disk)
-    proc, uri = start_server(kind, disk, work)
+    proc, uri = start_server(kind, disk, work, root)
     prefix = os.path.join(work, f"w-{kind}")
     for suffix in ("_lat.1.log", "_clat.1.log", "_slat.1.log"):
         if os.path.exists(prefix + suffix):
@@ -85,7 +96,7 @@ def run_one(kind: str, disk: str, work: str, runtime: int) -> dict:
             "--name=w", *common, "--rw=randwrite", "--bs=4k", "--iodepth=1", f"--offset={REGION[0]}",
             f"--size={REGION[1]}", f"--rate={RATE}", "--refill_buffers=1", "--buffer_compress_percentage=50",
             "--randrepeat=1", f"--write_lat_log={prefix}", "--log_avg_msec=0",
-            "--name=r", *common, "--rw=randread", "--bs=4k", "--iodepth=4", "--norandommap", "--randrepeat=0"]
+            "--name=r", *common, *BESIDE[beside]]
     steal0 = hoststeal.sample()
     try:
         subprocess.run(argv, check=True, start_new_session=True, stdout=subprocess.DEVNULL)
@@ -100,7 +111,7 @@ def run_one(kind: str, disk: str, work: str, runtime: int) -> dict:
     pct = lambda q: round(float(np.percentile(lat, q)), 3)       # noqa: E731
     return {"server": kind, "w_iops": round(jobs["w"]["write"]["iops"]), "w_median_ms": pct(50),
             "w_p99_ms": pct(99), "w_p999_ms": pct(99.9), "w_max_ms": round(float(lat.max()), 2),
-            "r_iops": round(jobs["r"]["read"]["iops"]), "steal": steal}
+            "r_iops": round(jobs["r"]["read" if beside == "reads" else "write"]["iops"]), "steal": steal}
 
 
 def main() -> int:
@@ -108,6 +119,8 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=20, help="seconds per run")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, each running both servers (alternating first)")
     ap.add_argument("--corpus", default=os.path.join(ROOT, "var", "bench", "guest-impact-corpus", "4096M"))
+    ap.add_argument("--beside", choices=sorted(BESIDE), default="reads", help="the second job (see above)")
+    ap.add_argument("--export-root", default=ROOT, help="the checkout the export runs from")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     _, corpus_vhdx = ensure_corpus(args.corpus, 4 * GiB)
@@ -119,7 +132,7 @@ def main() -> int:
         for i in range(args.rounds):
             order = ("export", "qemu-nbd") if i % 2 == 0 else ("qemu-nbd", "export")
             for kind in order:
-                r = run_one(kind, disk, work, args.runtime)
+                r = run_one(kind, disk, work, args.runtime, args.beside, os.path.abspath(args.export_root))
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 runs.append(r)
     finally:
@@ -130,6 +143,7 @@ def main() -> int:
         med[kind] = {k: statistics.median(r[k] for r in mine) for k in mine[0] if k != "server"}
     e, q = med["export"], med["qemu-nbd"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "runtime_s": args.runtime, "rounds": args.rounds,
+              "beside": args.beside, "export_root": args.export_root,
               "runs": runs, "median": med,
               "ratios": {"w_iops": round(e["w_iops"] / q["w_iops"], 3), "w_p99": round(e["w_p99_ms"] / q["w_p99_ms"], 2),
                          "w_p999": round(e["w_p999_ms"] / q["w_p999_ms"], 2), "r_iops": round(e["r_iops"] / q["r_iops"], 3)}}

@@ -172,7 +172,7 @@ typedef struct {
 rk_read_pool *rk_read_pool_new(int threads);
 int rk_read_pool_eventfd(const rk_read_pool *pool);
 uint32_t rk_read_pool_pending(const rk_read_pool *pool);
-/* where: each piece's file offset, 0 for zeros. */
+/* where: each piece's file offset, 0 for zeros. No pieces (and length 0): fsync(fd), then the reply head. */
 int rk_read_pool_submit(rk_read_pool *pool, uint64_t token, int fd, const uint64_t *where, int pieces,
                         uint32_t first, const char *head, uint32_t head_len, uint32_t length);
 size_t rk_read_pool_take(rk_read_pool *pool, rk_read_done *done, size_t max, char *out, size_t cap);

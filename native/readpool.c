@@ -6,6 +6,9 @@
  * header already written, a worker reads it with plain preads, and the finished replies wait in a list
  * until the loop takes them, many per call, woken through an eventfd written only when the list was empty.
  *
+ * The same threads make a file durable for a guest's FLUSH when that is one fsync (a job of no pieces), so
+ * that it too waits neither on the loop nor for Python's threads.
+ *
  * A job holds the disk's file descriptor, not a reference to the file: the caller keeps the file open
  * until every job it queued is taken (tracking/nbd.py waits for them before the disks close).
  */
@@ -88,7 +91,10 @@ static void *worker(void *arg)
         pthread_mutex_unlock(&pool->lock);
 
         char *data = job->reply + job->head;
-        job->err = pread_full(job->fd, data, job->first, job->where[0]);
+        if (job->pieces == 0)               /* a flush: the reply once the file's data is durable */
+            job->err = fsync(job->fd) ? errno : 0;
+        else
+            job->err = pread_full(job->fd, data, job->first, job->where[0]);
         if (!job->err && job->pieces == 2)
             job->err = pread_full(job->fd, data + job->first, job->length - job->first, job->where[1]);
 
@@ -157,7 +163,8 @@ uint32_t rk_read_pool_pending(const rk_read_pool *pool)
 int rk_read_pool_submit(rk_read_pool *pool, uint64_t token, int fd, const uint64_t *where, int pieces,
                         uint32_t first, const char *head, uint32_t head_len, uint32_t length)
 {
-    if (pieces < 1 || pieces > 2 || head_len < 16 || first > length || (pieces == 1 && first != length))
+    if (pieces < 0 || pieces > 2 || head_len < 16 || first > length || (pieces < 2 && first != length)
+            || (pieces == 0 && length != 0))
         return EINVAL;
     rk_read_job *job = malloc(sizeof *job + (size_t)head_len + length);
     if (!job)
@@ -167,7 +174,7 @@ int rk_read_pool_submit(rk_read_pool *pool, uint64_t token, int fd, const uint64
     job->cookie = 0;
     for (int i = 8; i < 16; i++)            /* both reply forms carry the cookie at 8..15, big-endian */
         job->cookie = job->cookie << 8 | (unsigned char)head[i];
-    job->where[0] = where[0];
+    job->where[0] = pieces ? where[0] : 0;
     job->where[1] = pieces == 2 ? where[1] : 0;
     job->first = first;
     job->head = head_len;

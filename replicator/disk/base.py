@@ -30,6 +30,19 @@ class Extent:
         return self.offset + self.length
 
 
+class FileSync:
+    """A flush's second half that is one fsync of `fd` (and nothing of Python's): callable on any thread,
+    and what the export's C read threads can run themselves (tracking/nbd.py)."""
+
+    __slots__ = ("fd", "_sync")
+
+    def __init__(self, fd: int, sync):
+        self.fd, self._sync = fd, sync
+
+    def __call__(self) -> None:
+        self._sync()
+
+
 class BlockDevice:
     """Base class of the disk drivers (raw, VHD, VHDX). Subclasses implement the `_`-prefixed methods."""
 
@@ -93,7 +106,8 @@ class BlockDevice:
     def flush_begin(self):
         """flush() in two halves, for a caller that must not wait on the device (the export's loop): this
         one, cheap, on the calling thread, and the one it returns, for any thread, which makes every write
-        made before this call durable. None: there is no second half; call flush() itself."""
+        made before this call durable (a FileSync where that is one fsync of a file). None: there is no
+        second half; call flush() itself."""
         return None
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import os
 from typing import Iterator
 
 from ..errors import DiskIOError, UsageError
-from .base import BlockDevice, Extent, ExtentKind, pread_exact, pwrite_all
+from .base import BlockDevice, Extent, ExtentKind, FileSync, pread_exact, pwrite_all
 from .locks import lock_image
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -150,7 +150,9 @@ class RawDisk(BlockDevice):
                 os.fsync(self.fd)
 
     def flush_begin(self):
-        return self.flush                  # no metadata of its own: the fsync is all, on any thread
+        if self.read_only or self.fd < 0:
+            return None
+        return FileSync(self.fd, self.flush)        # no metadata of its own: the fsync is all
 
     def close(self) -> None:
         if self.fd >= 0:

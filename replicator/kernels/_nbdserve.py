@@ -48,9 +48,14 @@ def make_read_pool_class(ffi, lib):
             return [(d.token, d.cookie, d.err, d.size, data[d.off:d.off + d.len]) for d in done[0:n]]
 
         def submit(self, token: int, fd: int, where: list[int], first: int, head: bytes, length: int) -> int:
-            """Queue one read directly (tests): 0 or an errno."""
+            """Queue one read directly (tests), or with no pieces (`where` empty, length 0) an fsync of fd:
+            0 or an errno. Either way `head` is the reply's start (with the cookie at 8..15)."""
             return lib.rk_read_pool_submit(self._p, token, fd, ffi.new("uint64_t[2]", where + [0] * (2 - len(where))),
                                            len(where), first, head, len(head), length)
+
+        def sync(self, token: int, fd: int, reply: bytes) -> int:
+            """Queue an fsync of fd whose completion carries `reply` (a FLUSH's simple reply): 0 or an errno."""
+            return self.submit(token, fd, [], 0, reply, 0)
 
         def close(self) -> None:
             if self._p is not None:

@@ -46,7 +46,7 @@ import struct
 import time
 
 from .. import kernels
-from ..disk.base import Extent, ExtentKind
+from ..disk.base import Extent, ExtentKind, FileSync
 from ..disk.raw import RawDisk
 from ..errors import DiskIOError, OutOfRange, ReadOnlyError, ReplicatorError
 from ..vhdx import VhdxDisk
@@ -976,7 +976,12 @@ class _Connection(asyncio.Protocol):
             self.out_bytes += _SIMPLE_SIZE
             return None
         self.stats["flushes_off_loop"] += 1
-        return self._off_loop(rest, cmd, cookie, [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)])
+        reply = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        pool = self.server.read_pool
+        if type(rest) is FileSync and pool is not None and not pool.sync(self.token, rest.fd, reply):
+            self._queued(1, _SIMPLE_SIZE)           # an fsync alone: on the C threads, no Python hand-off
+            return None
+        return self._off_loop(rest, cmd, cookie, [reply])
 
     def _cache(self, disk, cookie: int, offset: int, length: int) -> None:
         """Read the data extents of the range (up to MAX_CACHE) so the host's page cache holds them; zero

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..disk.base import Extent, ExtentKind
+from ..disk.base import Extent, ExtentKind, FileSync
 from ..errors import UsageError
 from . import structures as S
 from .bat import OFFSET_MASK, BitmapState, PayloadState, make_entry
@@ -399,6 +399,8 @@ class VhdxIOMixin:
             return None
         self.commit_soon(bounded=False)
         spool, io = self._spool, self.io
+        if spool.idle:                  # no commit to wait for (only this thread queues them): an fsync
+            return FileSync(io.fd, io.fsync)
 
         def rest() -> None:
             spool.wait()

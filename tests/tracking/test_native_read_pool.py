@@ -106,6 +106,17 @@ def test_a_read_that_fails_comes_back_as_its_errno_with_its_cookie(pool, data_fi
     assert got[3][:3] == [9, 0, 32] and got[3][3][16:] == data_file[1][1:17]
 
 
+def test_a_job_of_no_pieces_is_an_fsync(pool, data_file, tmp_path):
+    """A FLUSH's job: fsync(fd), then its reply as given; an fsync that fails comes back as its errno."""
+    fd, _ = data_file
+    reply = struct.pack(">IIQ", N.SIMPLE_REPLY_MAGIC, 0, 31)
+    assert pool.sync(1, fd, reply) == 0
+    assert pool.sync(2, -1, reply) == 0
+    got = {t: rest for t, *rest in _take_all(pool, 2)}
+    assert got == {1: [31, 0, 16, reply], 2: [31, errno.EBADF, 16, b""]}
+    assert pool.submit(3, fd, [], 0, reply, 10) == errno.EINVAL        # no pieces, yet a length
+
+
 def test_a_malformed_job_is_refused(pool, data_file):
     fd, _ = data_file
     assert pool.submit(1, fd, [0, 0], 100, _head(1), 50) == errno.EINVAL       # first piece past the length

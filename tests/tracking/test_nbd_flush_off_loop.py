@@ -1,5 +1,6 @@
 """A guest's FLUSH, and FUA, with the device's part off the export's loop (BlockDevice.flush_begin, nbd.py's
-_durable): the reply waits for the device, the other requests do not.
+_durable): the reply waits for the device, the other requests do not. A flush that is one fsync (no
+metadata commit queued) runs on the export's C read threads; one that waits for commits, on Python's.
 
 The disk commits its metadata on a thread of its own, as the export process sets it up (shim.py:
 background_commits). A job that waits on an event, put on that thread's queue, stands in for a device that
@@ -141,3 +142,29 @@ def test_a_failed_commit_fails_the_flush_with_its_message(tmp_path, structured):
         with pytest.raises(DiskIOError, match="the device went away"):     # and closing the disk says so
             svc.stop()
     assert svc.server.off_loop == 0
+
+
+def test_a_flush_with_no_commit_queued_is_an_fsync_on_the_c_threads(tmp_path):
+    """No metadata commit queued: the flush is one fsync, run by the C read threads (Python's pool of worker
+    threads is never started); its reply, and the writes' data, are right."""
+    path = make_vhdx(tmp_path / "d.vhdx", SIZE, fill=[(0, pattern(1, 4 * MiB))])
+    t = tracked(path)
+    t.disk.background_commits()
+    with serving({"disk": t}, tmp_path / "nbd.sock") as svc:
+        if svc.server.exports["disk"].native is None or not N.NATIVE_READ_POOL:
+            pytest.skip("no native read pool here")
+        c = _opened(svc)
+        for i in range(20):
+            c.request(N.CMD_WRITE, i * 8192, 4096, bytes([i]) * 4096, handle=2 * i)
+            c.request(N.CMD_FLUSH, 0, 0, handle=2 * i + 1)
+        got = sorted(c.simple_reply()[:2] for _ in range(40))
+        assert got == [(0, h) for h in range(40)]
+        c.request(N.CMD_WRITE, MiB, 4096, b"\x33" * 4096, handle=50, flags=N.CMD_FLAG_FUA)
+        assert c.simple_reply() == (0, 50, b"")
+        assert svc.server.stats["flushes_off_loop"] == 21
+        assert svc.server.pool is None, "a flush went to Python's worker threads"
+        assert svc.server.off_loop == 0
+        c.close()
+    data = read_vhdx(path)
+    assert all(data[i * 8192:i * 8192 + 4096] == bytes([i]) * 4096 for i in range(20))
+    assert data[MiB:MiB + 4096] == b"\x33" * 4096
