@@ -6,10 +6,10 @@ write, the log's entry and data staged in the HrlWriter's own buffers, the reply
 bookkeeping once per run. A read of such blocks is the other common case: C copies the data into its reply
 (one OFFSET_DATA chunk with structured replies) when the page cache holds it, and otherwise queues it on the
 server's read pool (kernels.ReadPool), whose threads read it and whose replies the loop takes in batches
-(tracking/nbd.py). Everything else (the first write to a region in a cycle, a new block, FUA, zeroes, reads of
-holes, errors) goes through the Python path in tracking/nbd.py as before, and a request C stops at is
-served there. Measured on this project's machine: a 4 KiB write cost the loop about 15 us of Python around a 3 us pwrite; see
-docs/performance.md.
+(tracking/nbd.py). Everything else (the first write to a region in a cycle, a new block, FUA, zeroes,
+structured reads with hole chunks, errors) goes through the Python path in tracking/nbd.py as before, and a
+request C stops at is served there. Measured on this project's machine: a 4 KiB write cost the loop about 15
+us of Python around a 3 us pwrite; see docs/performance.md.
 
 The two paths must give the same bytes: tests/tracking/test_native_writes.py replays the logs of one
 against the other, tests/tracking/test_native_reads.py compares the replies.

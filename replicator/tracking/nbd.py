@@ -24,11 +24,11 @@ bytes the Python path gives. Anything else in the stream is served here, in orde
 Every request runs on the loop thread inside one data_received call, and cuts run on the same loop between
 those calls: each request is atomic with respect to the others and to log cuts. The one exception is the
 part of a read or of a flush that would wait for the device: that part runs on a worker thread and the
-reply is sent when it is done, so a cold read or a guest's FLUSH (or FUA) holds up no other request. Reads C serves go to the server's pool of C threads
-(kernels.ReadPool), whose finished replies the loop takes in batches when its eventfd wakes it; the others
-to a pool of Python threads (tracking/reads.py), as do flushes (BlockDevice.flush_begin). A connection has at
-most OFF_LOOP_MAX of those in flight (OFF_LOOP_BYTES of replies); past that it stops parsing until one is
-done.
+reply is sent when it is done, so a cold read or a guest's FLUSH (or FUA) holds up no other request. Reads
+C serves, and flushes that are one fsync, go to the server's pool of C threads (kernels.ReadPool), whose
+finished replies the loop takes in batches when its eventfd wakes it; the others to a pool of Python threads
+(tracking/reads.py, BlockDevice.flush_begin). A connection has at most OFF_LOOP_MAX of those in flight
+(OFF_LOOP_BYTES of replies); past that it stops parsing until one is done.
 
 A malformed request gets the protocol's error reply or, when the stream can no longer be trusted, a clean
 disconnect of that client alone.
@@ -362,14 +362,15 @@ class NbdServer:
 
     def _read_done(self, conn: "_Connection", exc, parts: list, cookie: int, cmd: int) -> None:
         self.off_loop -= 1
+        size = sum(len(p) for p in parts)
         if exc is None:
-            return conn.reads_done(1, sum(len(p) for p in parts), parts, ())
+            return conn.reads_done(1, size, parts, ())
         if isinstance(exc, ReplicatorError):
             err, message = errno_for(exc), exc.message
         else:
             err, message = EIO, str(exc) if isinstance(exc, OSError) else "request failed"
         log.error("NBD command %d failed: %s", cmd, message)
-        conn.reads_done(1, sum(len(p) for p in parts), (), [(cookie, err, message)], cmd)
+        conn.reads_done(1, size, (), [(cookie, err, message)], cmd)
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -608,8 +609,7 @@ class _Connection(asyncio.Protocol):
                             self._flush()
                     queued, queued_bytes = native.queued
                     if queued:
-                        self.stats["reads_off_loop"] += queued
-                        self._queued(queued, queued_bytes)
+                        self._queued(queued, queued_bytes, "reads_off_loop")
                     if full or n - pos < _REQ_SIZE or self.paused or self.held:
                         continue                # C again (its replies were taken), or the loop's test ends it
             magic, flags, cmd, cookie, offset, length = unpack(data, pos)
@@ -792,10 +792,11 @@ class _Connection(asyncio.Protocol):
                 if offset + length > disk.size:
                     return self._error(cmd, cookie, ENOSPC, "write beyond the end of the disk")
                 disk.write(offset, payload)
-                if fua:
-                    return self._durable(cmd, cookie)
+                if fua and self._durable(cmd, cookie):
+                    return None
             elif cmd == CMD_FLUSH:
-                return self._durable(cmd, cookie)
+                if self._durable(cmd, cookie):
+                    return None
             elif cmd == CMD_WRITE_ZEROES or cmd == CMD_TRIM:
                 if export.read_only:
                     return self._error(cmd, cookie, EPERM, "the export is read-only")
@@ -812,8 +813,8 @@ class _Connection(asyncio.Protocol):
                     # Without NO_HOLE the disk deallocates whole blocks and writes zeros only into the
                     # partial blocks at the ends: never slower than the same WRITE, so FAST_ZERO is met.
                     disk.write_zeroes(offset, length)
-                if fua:
-                    return self._durable(cmd, cookie)
+                if fua and self._durable(cmd, cookie):
+                    return None
             elif cmd == CMD_CACHE:
                 if offset + length > disk.size:
                     return self._error(cmd, cookie, EINVAL, "request beyond the end of the disk")
@@ -909,21 +910,23 @@ class _Connection(asyncio.Protocol):
             self.out.extend(parts)
             self.out_bytes += sum(len(p) for p in parts)
             return None
-        self.stats["reads_off_loop"] += 1
         return self._off_loop(functools.partial(FileReads.wait, left), cmd, cookie, parts)
 
     def _off_loop(self, work, cmd: int, cookie: int, parts: list) -> None:
         """`work` on a worker thread, then `parts` (the reply) queued."""
-        self._queued(1, sum(len(p) for p in parts))
+        self._queued(1, sum(len(p) for p in parts),
+                     "reads_off_loop" if cmd in (CMD_READ, CMD_CACHE) else "flushes_off_loop")
         self.server.run_off_loop(self, work, parts, cookie, cmd)
         return None
 
-    def _queued(self, n: int, nbytes: int) -> None:
-        """n reads went to worker threads (nbytes of replies): past OFF_LOOP_MAX reads or OFF_LOOP_BYTES
-        of replies in flight the connection reads no more requests until one is done."""
+    def _queued(self, n: int, nbytes: int, stat: str) -> None:
+        """n requests went to worker threads (nbytes of replies; counted in stats[stat]): past OFF_LOOP_MAX
+        of them or OFF_LOOP_BYTES of replies in flight the connection reads no more requests until one is
+        done."""
         self.in_flight += n
         self.in_flight_bytes += nbytes
         self.server.off_loop += n
+        self.stats[stat] += n
         if self.in_flight >= OFF_LOOP_MAX or self.in_flight_bytes >= OFF_LOOP_BYTES:
             self.held = True
             self.transport.pause_reading()
@@ -963,25 +966,24 @@ class _Connection(asyncio.Protocol):
             disk.write(offset, memoryview(_ZEROS)[:n])
             offset += n
 
-    def _durable(self, cmd: int, cookie: int) -> None:
-        """FLUSH, or FUA after its write: every write answered so far made durable, then the reply. The
-        device's part (fsync, the disk's metadata commits) runs on a worker thread where the disk can
-        split it off (flush_begin), as qemu-nbd's flushes run on its thread pool: on the loop, a guest's
-        journal commit held every other request of the machine's disks for as long as the device took."""
+    def _durable(self, cmd: int, cookie: int) -> bool:
+        """FLUSH, or FUA after its write: every write answered so far made durable. True: the device's part
+        (fsync, the disk's metadata commits) went to a worker thread, where the disk can split it off
+        (flush_begin), and the reply goes out when it is done, as qemu-nbd's flushes run on its thread pool:
+        on the loop, a guest's journal commit held every other request of the machine's disks for as long
+        as the device took. False: flushed here; the caller replies."""
         disk = self.export.disk
         rest = disk.flush_begin()
         if rest is None:
             disk.flush()
-            self.out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-            self.out_bytes += _SIMPLE_SIZE
-            return None
-        self.stats["flushes_off_loop"] += 1
+            return False
         reply = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         pool = self.server.read_pool
         if type(rest) is FileSync and pool is not None and not pool.sync(self.token, rest.fd, reply):
-            self._queued(1, _SIMPLE_SIZE)           # an fsync alone: on the C threads, no Python hand-off
-            return None
-        return self._off_loop(rest, cmd, cookie, [reply])
+            self._queued(1, _SIMPLE_SIZE, "flushes_off_loop")   # an fsync alone: on the C threads
+        else:
+            self._off_loop(rest, cmd, cookie, [reply])
+        return True
 
     def _cache(self, disk, cookie: int, offset: int, length: int) -> None:
         """Read the data extents of the range (up to MAX_CACHE) so the host's page cache holds them; zero
@@ -1006,5 +1008,4 @@ class _Connection(asyncio.Protocol):
             self.out.append(reply)
             self.out_bytes += len(reply)
             return None
-        self.stats["reads_off_loop"] += 1
         return self._off_loop(functools.partial(FileReads.warm, pieces), CMD_CACHE, cookie, [reply])
